@@ -1,0 +1,151 @@
+// pushbook/booking_engine.hpp: validates booking requests and ACKs them at once, decides them on
+// a worker pool, never overbooks, honours idempotency keys and publishes every state change.
+#pragma once
+
+#include <pushbook/booking.hpp>
+#include <pushbook/booking_store.hpp>
+#include <pushbook/error.hpp>
+#include <pushbook/event_bus.hpp>
+#include <pushbook/export.hpp>
+#include <pushbook/metrics.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace pushbook {
+
+namespace detail {
+struct engine_core;
+}
+
+/// The host's answer for one booking.
+struct Decision {
+  bool approve = true;
+  /// Why it was declined; becomes the booking's reason_message.
+  std::string message;
+
+  static Decision approved() { return {true, {}}; }
+  static Decision declined(std::string why) { return {false, std::move(why)}; }
+};
+
+/// Delivers a handler's decision, once. Copyable; any copy may be called from any thread, now
+/// or later. Calls after the first, or after the handler timeout fired, are ignored.
+class PUSHBOOK_EXPORT Completion {
+public:
+  struct state;
+  explicit Completion(std::shared_ptr<state> s) : state_(std::move(s)) {}
+  /// Returns true when this call decided the booking.
+  bool operator()(Decision decision) const;
+
+private:
+  std::shared_ptr<state> state_;
+};
+
+/// The business step (payment, fraud check, ...). Runs on an engine worker with the capacity
+/// already reserved. Answer by calling `done`, before returning or later from any thread.
+/// An exception thrown by the handler rejects the booking with RejectReason::handler_error.
+using BookingHandler = std::function<void(const Booking& booking, Completion done)>;
+
+struct EngineOptions {
+  /// Worker threads that decide bookings.
+  std::size_t workers = 2;
+  /// Bookings accepted but not yet picked by a worker, at most; beyond, submit() fails with
+  /// errc::overloaded.
+  std::size_t max_queue = 65536;
+  /// Optional business step; without one every booking that fits is approved.
+  BookingHandler handler;
+  /// How long the handler may take before the booking is rejected with handler_timeout.
+  std::chrono::milliseconds handler_timeout = std::chrono::seconds(10);
+  /// How long idempotency keys are remembered...
+  std::chrono::milliseconds idempotency_window = std::chrono::hours(24);
+  /// ...and how many at most (the oldest are forgotten first).
+  std::size_t max_idempotency_keys = 1'000'000;
+  /// Lines per request, at most.
+  std::size_t max_lines = 64;
+  /// Longest hold a request may ask for.
+  std::chrono::milliseconds max_hold = std::chrono::hours(24);
+  /// Where state changes are written before they are published (default: a MemoryStore).
+  std::shared_ptr<BookingStore> store;
+  /// This process's node id, part of every booking id (default: random). Give each engine of a
+  /// deployment its own to make ids unique by construction rather than by probability.
+  std::optional<std::uint32_t> node_id;
+};
+
+/// Counters of an engine, read with BookingEngine::stats().
+struct EngineStats {
+  std::uint64_t accepted = 0;
+  std::uint64_t confirmed = 0;
+  std::uint64_t rejected = 0;
+  std::uint64_t held = 0;
+  std::uint64_t cancelled = 0;
+  std::uint64_t released = 0;
+  std::uint64_t expired = 0;
+  std::uint64_t idempotent_replays = 0;
+  std::uint64_t invalid = 0;
+  std::uint64_t overloaded = 0;
+  std::uint64_t store_errors = 0;
+  /// Accepted and not decided yet.
+  std::uint64_t in_flight = 0;
+  /// Accepted and waiting for a worker.
+  std::uint64_t queue_depth = 0;
+  /// From submit() called to submit() returning the ACK.
+  LatencySummary ack_latency;
+  /// From submit() called to the decision being published.
+  LatencySummary decision_latency;
+};
+
+/// The booking engine. Thread-safe.
+///
+/// Bookings publish to "booking/<id>" and "user/<user>" (the booking's JSON, see to_json), and
+/// every change of a resource's availability to "resource/<id>".
+class PUSHBOOK_EXPORT BookingEngine {
+public:
+  explicit BookingEngine(EventBusPtr bus, EngineOptions options = {});
+  /// Calls shutdown().
+  ~BookingEngine();
+  BookingEngine(const BookingEngine&) = delete;
+  BookingEngine& operator=(const BookingEngine&) = delete;
+
+  /// Adds a resource. Errors: bad_request (invalid id), already_exists.
+  result<void> add_resource(std::string_view id, std::uint32_t capacity);
+  /// Changes a resource's capacity. Errors: not_found, capacity_in_use (below what is reserved
+  /// plus confirmed).
+  result<void> set_capacity(std::string_view id, std::uint32_t capacity);
+  result<ResourceState> resource(std::string_view id) const;
+  /// Units free now. Errors: not_found.
+  result<std::uint32_t> availability(std::string_view id) const;
+  std::vector<ResourceState> resources() const;
+
+  /// Validates `request` and returns the ACK (status processing) at once; the decision follows
+  /// on "booking/<id>". Errors, never an ACK: bad_request, not_found (unknown resource),
+  /// exceeds_capacity, idempotency_conflict, overloaded, shutting_down, store_failed.
+  result<Ack> submit(BookingRequest request);
+
+  /// The booking as stored now. Errors: not_found.
+  result<Booking> get(std::string_view booking_id) const;
+  /// confirmed -> cancelled, releasing capacity. Errors: not_found, invalid_transition.
+  result<Booking> cancel(std::string_view booking_id);
+  /// held -> confirmed. Errors: not_found, invalid_transition (naming the state it reached).
+  result<Booking> confirm(std::string_view booking_id);
+  /// held -> released, releasing capacity. Errors: not_found, invalid_transition.
+  result<Booking> release(std::string_view booking_id);
+
+  /// Stops taking bookings (submit() then fails with shutting_down), rejects those still queued
+  /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
+  /// and joins the workers. Idempotent; the destructor calls it. Must not be called from a
+  /// handler or a worker thread.
+  void shutdown();
+
+  EngineStats stats() const;
+  const EventBusPtr& bus() const noexcept;
+
+private:
+  std::shared_ptr<detail::engine_core> impl_;
+};
+
+}  // namespace pushbook

@@ -1,0 +1,213 @@
+// pushbook/event_bus.hpp: topic publish/subscribe with per-topic sequence numbers, history,
+// resume by sequence number and bounded subscriber queues.
+//
+// EventBus is the interface the engine and the gateway use; LocalBus is the in-process
+// implementation. A bus that spans machines (e.g. Redis-backed) implements the same interface.
+#pragma once
+
+#include <pushbook/error.hpp>
+#include <pushbook/executor.hpp>
+#include <pushbook/export.hpp>
+
+#include <boost/json/value.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace pushbook {
+
+/// One published event: immutable once published and shared by every subscriber.
+class PUSHBOOK_EXPORT Event {
+public:
+  Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+        boost::json::value data);
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  const std::string& topic() const noexcept { return topic_; }
+  /// Position in its topic: 1 for the first event ever published to the topic, then +1.
+  std::uint64_t seq() const noexcept { return seq_; }
+  /// When it was published.
+  std::chrono::system_clock::time_point time() const noexcept { return time_; }
+  const boost::json::value& data() const noexcept { return data_; }
+
+  /// The event in pushbook's wire form, serialized once on first use and then shared:
+  /// {"type":"event","topic":"...","seq":N,"ts":<unix ms>,"data":{...}}
+  /// With `snapshot`, the same object with "snapshot":true (it carries current state).
+  std::shared_ptr<const std::string> wire(bool snapshot = false) const;
+
+private:
+  struct cache;
+  std::string topic_;
+  std::uint64_t seq_;
+  std::chrono::system_clock::time_point time_;
+  boost::json::value data_;
+  std::unique_ptr<cache> cache_;
+};
+
+using EventPtr = std::shared_ptr<const Event>;
+
+/// What a subscription's callback receives.
+struct Delivery {
+  enum class Kind {
+    /// A change: replayed from history or live. `event` is set.
+    event,
+    /// The topic's current state, sent where the subscriber's history no longer reaches (or it
+    /// gave no `since_seq`). `event` is set; events before it were not delivered.
+    snapshot,
+    /// Events were dropped because the subscriber fell behind (OverflowPolicy::drop_oldest).
+    /// `dropped` counts them; resubscribe with `since_seq` to recover them from history.
+    gap,
+    /// The subscription ended by itself (`reason`, e.g. errc::slow_consumer). The last delivery.
+    ended,
+  };
+  Kind kind = Kind::event;
+  EventPtr event;
+  std::uint64_t dropped = 0;
+  Error reason;
+};
+
+/// What a subscription does when its queue is full.
+enum class OverflowPolicy {
+  /// Drop the oldest queued event and deliver a gap marker before the rest.
+  drop_oldest,
+  /// End the subscription with errc::slow_consumer.
+  end_subscription,
+};
+
+struct SubscribeOptions {
+  /// Resume point. nullopt: deliver the topic's last event as a snapshot (if it has one), then
+  /// live events. N: replay every event with seq > N from history, then live events; where
+  /// history no longer reaches back to N+1, the last event as a snapshot instead.
+  /// Must be nullopt for a wildcard pattern (wildcards are live only).
+  std::optional<std::uint64_t> since_seq;
+  /// With since_seq nullopt: whether to deliver the last event as a snapshot first.
+  bool snapshot = true;
+  /// Where the callback runs (nullptr: the bus's own delivery threads). Callbacks of one
+  /// subscription never run concurrently, whatever the executor.
+  ExecutorPtr executor;
+  /// Live events queued and not yet delivered, at most (replayed events do not count).
+  std::size_t max_queue = 4096;
+  OverflowPolicy overflow = OverflowPolicy::drop_oldest;
+};
+
+using DeliveryCallback = std::function<void(const Delivery&)>;
+
+namespace detail {
+/// The part of a subscription its handle talks to; implemented by each bus.
+class PUSHBOOK_EXPORT SubscriptionState {
+public:
+  virtual ~SubscriptionState();
+  virtual void cancel() noexcept = 0;
+  virtual bool active() const noexcept = 0;
+};
+}  // namespace detail
+
+/// A live subscription. Destroying or cancelling it unsubscribes. After cancel() returns no new
+/// callback starts, and a callback running on another thread has finished (unless cancel() is
+/// called from inside the callback itself, which is allowed). Move-only.
+class PUSHBOOK_EXPORT Subscription {
+public:
+  Subscription() = default;
+  explicit Subscription(std::shared_ptr<detail::SubscriptionState> state) : state_(std::move(state)) {}
+  Subscription(Subscription&&) noexcept = default;
+  Subscription& operator=(Subscription&& other) noexcept {
+    if (this != &other) {
+      cancel();
+      state_ = std::move(other.state_);
+    }
+    return *this;
+  }
+  ~Subscription() { cancel(); }
+
+  void cancel() noexcept {
+    if (state_) state_->cancel();
+  }
+  /// False once cancelled or ended by the bus.
+  bool active() const noexcept { return state_ && state_->active(); }
+
+private:
+  std::shared_ptr<detail::SubscriptionState> state_;
+};
+
+/// Publish/subscribe on `/`-separated topics ("booking/<id>", "user/<id>", "resource/<id>").
+/// Thread-safe. Publishing never blocks on subscribers.
+class PUSHBOOK_EXPORT EventBus {
+public:
+  virtual ~EventBus();
+
+  /// Publishes `data` to `topic`, assigning the topic's next sequence number and a timestamp.
+  /// Errors: errc::invalid_topic, errc::shutting_down.
+  virtual result<EventPtr> publish(std::string_view topic, boost::json::value data) = 0;
+
+  /// Subscribes `callback` to an exact topic or a trailing wildcard ("booking/*" matches every
+  /// topic below "booking/"; "*" matches all). See SubscribeOptions for replay and bounds.
+  /// Errors: errc::invalid_topic, errc::bad_request (since_seq with a wildcard).
+  virtual result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                         SubscribeOptions options = {}) = 0;
+
+  /// The topic's last event, or nullptr when it has none.
+  virtual EventPtr last(std::string_view topic) const = 0;
+
+  /// The events of `topic` with seq > since_seq still in history, oldest first.
+  virtual std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const = 0;
+};
+
+using EventBusPtr = std::shared_ptr<EventBus>;
+
+/// Whether `topic` is a valid topic: 1..256 characters, non-empty segments separated by '/',
+/// made of letters, digits and "-_.:@", no '*'.
+PUSHBOOK_EXPORT bool is_valid_topic(std::string_view topic) noexcept;
+
+struct LocalBusOptions {
+  /// History kept per topic: at most this many events...
+  std::size_t history_limit = 256;
+  /// ...and none older than this.
+  std::chrono::milliseconds history_max_age = std::chrono::minutes(10);
+  /// A topic with no subscriber and no publish for this long is forgotten (with its last value
+  /// and sequence counter), so that one-off topics such as booking/<id> do not grow memory.
+  std::chrono::milliseconds topic_idle_ttl = std::chrono::hours(1);
+  /// Threads of the default delivery executor (used by subscriptions that name none).
+  std::size_t delivery_threads = 1;
+};
+
+/// Counters of a LocalBus.
+struct LocalBusStats {
+  std::uint64_t published = 0;
+  std::uint64_t delivered = 0;
+  std::uint64_t dropped = 0;
+  std::uint64_t slow_consumer_ends = 0;
+  std::uint64_t topics = 0;
+  std::uint64_t subscriptions = 0;
+};
+
+/// The in-process EventBus.
+class PUSHBOOK_EXPORT LocalBus final : public EventBus {
+public:
+  explicit LocalBus(LocalBusOptions options = {});
+  /// Ends every subscription (no more callbacks start) and waits for running callbacks.
+  ~LocalBus() override;
+  LocalBus(const LocalBus&) = delete;
+  LocalBus& operator=(const LocalBus&) = delete;
+
+  result<EventPtr> publish(std::string_view topic, boost::json::value data) override;
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options = {}) override;
+  EventPtr last(std::string_view topic) const override;
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override;
+
+  LocalBusStats stats() const;
+
+private:
+  struct impl;
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace pushbook

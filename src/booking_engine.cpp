@@ -1,0 +1,586 @@
+// BookingEngine.
+//
+// Threads: callers of submit()/cancel()/confirm()/release(); `workers` decider threads; one
+// timer thread (handler timeouts, hold expiry); any thread a host handler completes on.
+//
+// Locks, always taken in this order (never the reverse):
+//   queue_mutex -> resources_mutex          (a worker hands over between them, see worker())
+//   booking lock (per id, striped) -> resources_mutex -> bus shard locks
+//   idempotency_mutex (never held with another engine lock)
+// A booking's state changes happen under its booking lock, and its events are published under
+// it too, so "booking/<id>" sees the changes in the order they happened. Resource availability
+// events are published under resources_mutex for the same reason. Callbacks of subscribers that
+// use inline_executor() therefore run under these locks and must not call back into the engine.
+#include <pushbook/booking_engine.hpp>
+
+#include "detail/booking_id.hpp"
+#include "detail/timer_queue.hpp"
+
+#include <boost/json/serialize.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace pushbook {
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+struct string_hash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
+// The request as the idempotency check compares it: equal strings mean the same request.
+std::string fingerprint(const BookingRequest& r) {
+  std::string f;
+  for (const auto& l : r.lines) fmt::format_to(std::back_inserter(f), "{}:{};", l.resource, l.quantity);
+  f += '|';
+  if (r.hold_for) f += std::to_string(r.hold_for->count());
+  f += '|';
+  f += boost::json::serialize(r.metadata);
+  return f;
+}
+
+}  // namespace
+
+struct Completion::state {
+  std::weak_ptr<detail::engine_core> engine;
+  Booking booking;
+  steady::time_point submitted;
+  std::atomic<bool> done{false};
+  std::mutex timer_mutex;
+  std::optional<detail::TimerQueue::timer_id> timer;
+};
+
+struct detail::engine_core : std::enable_shared_from_this<engine_core> {
+  struct job {
+    Booking booking;
+    steady::time_point submitted;
+  };
+  struct idempotency_entry {
+    std::string fingerprint;
+    std::string booking_id;
+    steady::time_point expires;
+  };
+
+  EventBusPtr bus;
+  EngineOptions options;
+  std::shared_ptr<BookingStore> store;
+  detail::BookingIdGenerator ids;
+
+  mutable std::shared_mutex resources_mutex;
+  std::unordered_map<std::string, ResourceState, string_hash, std::equal_to<>> resources;
+
+  std::array<std::mutex, 64> booking_locks;
+
+  std::mutex idempotency_mutex;
+  std::unordered_map<std::string, idempotency_entry> idempotency;
+  std::deque<std::pair<steady::time_point, std::string>> idempotency_order;
+
+  std::mutex queue_mutex;
+  std::condition_variable queue_cv;
+  std::deque<job> queue;
+  std::atomic<std::size_t> queued{0};  // slots taken, including ones being filled by submit()
+  std::atomic<bool> stopping{false};
+  std::vector<std::thread> workers;
+  std::mutex shutdown_mutex;
+
+  std::mutex in_flight_mutex;
+  std::condition_variable in_flight_cv;
+  std::atomic<std::uint64_t> in_flight{0};
+
+  std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0},
+      released{0}, expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0};
+  LatencyHistogram ack_latency, decision_latency;
+
+  // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
+  detail::TimerQueue timers;
+
+  engine_core(EventBusPtr b, EngineOptions o)
+      : bus(std::move(b)), options(std::move(o)),
+        store(options.store ? options.store : std::make_shared<MemoryStore>()),
+        ids(options.node_id.value_or(detail::BookingIdGenerator::random_node_id()),
+            detail::BookingIdGenerator::random_counter_start()) {}
+
+  std::mutex& lock_for(std::string_view booking_id) {
+    return booking_locks[string_hash{}(booking_id) % booking_locks.size()];
+  }
+
+  // --- publishing ---------------------------------------------------------------------------
+
+  void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
+    (void)bus->publish("resource/" + r.id, to_json(r));
+  }
+
+  // Stores the booking and publishes it to booking/<id> and user/<user>. Caller holds the
+  // booking's lock.
+  result<void> commit(const Booking& b) {
+    StateChange change;
+    change.booking = b;
+    auto data = to_json(b);
+    change.events.push_back({"booking/" + b.id, data});
+    change.events.push_back({"user/" + b.user, std::move(data)});
+    if (auto r = store->commit(change); !r) {
+      store_errors.fetch_add(1, std::memory_order_relaxed);
+      return r;
+    }
+    for (auto& ev : change.events) (void)bus->publish(ev.topic, std::move(ev.data));
+    return {};
+  }
+
+  // --- capacity ----------------------------------------------------------------------------
+
+  // Caller holds resources_mutex exclusively. All lines or none.
+  std::optional<std::string> try_reserve(const std::vector<BookingLine>& lines) {
+    for (const auto& l : lines) {
+      auto it = resources.find(l.resource);
+      if (it == resources.end()) return fmt::format("resource '{}' was removed", l.resource);
+      if (it->second.available() < l.quantity)
+        return fmt::format("'{}' has {} of {} units free", l.resource, it->second.available(), l.quantity);
+    }
+    for (const auto& l : lines) {
+      auto& r = resources.find(l.resource)->second;
+      r.reserved += l.quantity;
+      publish_resource(r);
+    }
+    return std::nullopt;
+  }
+
+  // Moves units between the reserved and confirmed counts, or frees them. Caller holds
+  // resources_mutex exclusively.
+  enum class capacity_change { reserved_to_confirmed, free_reserved, free_confirmed };
+  void apply(const std::vector<BookingLine>& lines, capacity_change change) {
+    for (const auto& l : lines) {
+      auto it = resources.find(l.resource);
+      if (it == resources.end()) continue;
+      auto& r = it->second;
+      switch (change) {
+        case capacity_change::reserved_to_confirmed:
+          r.reserved -= l.quantity;
+          r.confirmed += l.quantity;
+          break;  // availability unchanged: nothing to announce
+        case capacity_change::free_reserved:
+          r.reserved -= l.quantity;
+          publish_resource(r);
+          break;
+        case capacity_change::free_confirmed:
+          r.confirmed -= l.quantity;
+          publish_resource(r);
+          break;
+      }
+    }
+  }
+
+  void change_capacity(const std::vector<BookingLine>& lines, capacity_change change) {
+    std::unique_lock lock(resources_mutex);
+    apply(lines, change);
+  }
+
+  // --- validation --------------------------------------------------------------------------
+
+  result<void> validate(const BookingRequest& r) const {
+    if (!is_valid_id(r.user))
+      return Error(errc::bad_request, "user must be 1-128 characters of letters, digits and -_.:@+=~");
+    if (r.lines.empty()) return Error(errc::bad_request, "a booking needs at least one line");
+    if (r.lines.size() > options.max_lines)
+      return Error(errc::bad_request, fmt::format("a booking may have at most {} lines", options.max_lines));
+    if (!r.idempotency_key.empty() && !is_valid_id(r.idempotency_key))
+      return Error(errc::bad_request, "idempotency_key must be 1-128 characters of letters, digits and -_.:@+=~");
+    if (r.hold_for && (r.hold_for->count() <= 0 || *r.hold_for > options.max_hold))
+      return Error(errc::bad_request, fmt::format("a hold must last from 1 ms to {} ms", options.max_hold.count()));
+    std::shared_lock lock(resources_mutex);
+    for (std::size_t i = 0; i < r.lines.size(); ++i) {
+      const auto& l = r.lines[i];
+      if (!is_valid_id(l.resource)) return Error(errc::bad_request, fmt::format("lines[{}]: invalid resource id", i));
+      if (l.quantity < 1) return Error(errc::bad_request, fmt::format("lines[{}]: quantity must be at least 1", i));
+      for (std::size_t j = 0; j < i; ++j)
+        if (r.lines[j].resource == l.resource)
+          return Error(errc::bad_request, fmt::format("lines[{}]: resource '{}' appears twice", i, l.resource));
+      auto it = resources.find(l.resource);
+      if (it == resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", l.resource));
+      if (l.quantity > it->second.capacity)
+        return Error(errc::exceeds_capacity, fmt::format("'{}' has only {} units, {} asked", l.resource,
+                                                         it->second.capacity, l.quantity));
+    }
+    return {};
+  }
+
+  // --- idempotency -------------------------------------------------------------------------
+
+  static std::string idempotency_slot(const BookingRequest& r) { return r.user + '\n' + r.idempotency_key; }
+
+  void forget_expired_keys(steady::time_point now) {  // caller holds idempotency_mutex
+    while (!idempotency_order.empty() &&
+           (idempotency_order.front().first <= now || idempotency.size() > options.max_idempotency_keys)) {
+      auto it = idempotency.find(idempotency_order.front().second);
+      if (it != idempotency.end() && it->second.expires == idempotency_order.front().first) idempotency.erase(it);
+      idempotency_order.pop_front();
+    }
+  }
+
+  void forget_key(const std::string& slot) {
+    std::lock_guard lock(idempotency_mutex);
+    idempotency.erase(slot);
+  }
+
+  // --- deciding ----------------------------------------------------------------------------
+
+  void finish_in_flight(steady::time_point submitted) {
+    decision_latency.record(steady::now() - submitted);
+    if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard lock(in_flight_mutex);
+      in_flight_cv.notify_all();
+    }
+  }
+
+  // Decides a processing booking whose capacity is reserved (or not, when `reserved` is false).
+  void decide(Booking b, steady::time_point submitted, bool approve, RejectReason reason,
+              std::string message, bool reserved) {
+    {
+      std::lock_guard lock(lock_for(b.id));
+      const auto now = wall_clock::now();
+      b.updated_at = now;
+      ++b.version;
+      if (approve && b.hold_for) {
+        b.status = BookingStatus::held;
+        b.expires_at = now + *b.hold_for;
+      } else if (approve) {
+        b.status = BookingStatus::confirmed;
+        change_capacity(b.lines, capacity_change::reserved_to_confirmed);
+      } else {
+        b.status = BookingStatus::rejected;
+        b.reason = reason;
+        b.reason_message = std::move(message);
+        if (reserved) change_capacity(b.lines, capacity_change::free_reserved);
+      }
+      (void)commit(b);
+    }
+    switch (b.status) {
+      case BookingStatus::held: {
+        held.fetch_add(1, std::memory_order_relaxed);
+        std::weak_ptr<engine_core> weak = weak_from_this();
+        timers.schedule(steady::now() + *b.hold_for, [weak, id = b.id] {
+          if (auto self = weak.lock()) self->expire(id);
+        });
+        break;
+      }
+      case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
+      default: rejected.fetch_add(1, std::memory_order_relaxed); break;
+    }
+    finish_in_flight(submitted);
+  }
+
+  // Returns true when this call decided the booking (the first of handler answer and timeout).
+  bool complete(const std::shared_ptr<Completion::state>& st, Decision d, RejectReason reason) {
+    if (st->done.exchange(true, std::memory_order_acq_rel)) return false;
+    {
+      std::lock_guard lock(st->timer_mutex);
+      if (st->timer) timers.cancel(*st->timer);
+    }
+    decide(st->booking, st->submitted, d.approve, d.approve ? RejectReason::none : reason,
+           std::move(d.message), true);
+    return true;
+  }
+
+  void run_handler(job j) {
+    auto st = std::make_shared<Completion::state>();
+    st->engine = weak_from_this();
+    st->booking = std::move(j.booking);
+    st->submitted = j.submitted;
+    try {
+      options.handler(st->booking, Completion(st));
+    } catch (const std::exception& e) {
+      complete(st, Decision::declined(e.what()), RejectReason::handler_error);
+    } catch (...) {
+      complete(st, Decision::declined("handler threw"), RejectReason::handler_error);
+    }
+    if (st->done.load(std::memory_order_acquire)) return;
+    std::lock_guard lock(st->timer_mutex);
+    if (st->done.load(std::memory_order_acquire)) return;  // completed meanwhile
+    std::weak_ptr<Completion::state> weak = st;
+    st->timer = timers.schedule(steady::now() + options.handler_timeout, [this, weak] {
+      // The timer queue is destroyed before the rest of the engine, so `this` is valid here.
+      if (auto s = weak.lock())
+        complete(s, Decision::declined(fmt::format("no answer within {} ms", options.handler_timeout.count())),
+                 RejectReason::handler_timeout);
+    });
+  }
+
+  void worker() {
+    for (;;) {
+      std::unique_lock qlock(queue_mutex);
+      queue_cv.wait(qlock, [&] { return stopping.load() || !queue.empty(); });
+      if (queue.empty()) return;
+      job j = std::move(queue.front());
+      queue.pop_front();
+      queued.fetch_sub(1, std::memory_order_relaxed);
+      if (stopping.load()) {
+        qlock.unlock();
+        decide(std::move(j.booking), j.submitted, false, RejectReason::shutdown, "engine shut down", false);
+        continue;
+      }
+      // Take the resources lock before letting go of the queue: reservations then happen in the
+      // order bookings arrived, whichever worker picks them.
+      std::unique_lock rlock(resources_mutex);
+      qlock.unlock();
+      auto sold_out = try_reserve(j.booking.lines);
+      rlock.unlock();
+      if (sold_out) {
+        decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*sold_out), false);
+      } else if (!options.handler) {
+        decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, true);
+      } else {
+        run_handler(std::move(j));
+      }
+    }
+  }
+
+  // --- transitions after the decision ------------------------------------------------------
+
+  // Applies `to` to a booking currently in `from`, with its capacity change, under its lock.
+  result<Booking> transition(std::string_view id, BookingStatus from, BookingStatus to,
+                             std::optional<capacity_change> change, std::string_view verb) {
+    std::lock_guard lock(lock_for(id));
+    auto b = store->load(id);
+    if (!b) return Error(errc::not_found, fmt::format("no booking '{}'", id));
+    if (b->status != from) {
+      if (from == BookingStatus::held && is_decided(b->status) && b->hold_for)
+        return Error(errc::invalid_transition,
+                     fmt::format("cannot {} booking '{}': its hold already reached '{}'", verb, id, to_string(b->status)));
+      return Error(errc::invalid_transition, fmt::format("cannot {} booking '{}': it is '{}', not '{}'", verb, id,
+                                                         to_string(b->status), to_string(from)));
+    }
+    if (change) change_capacity(b->lines, *change);
+    b->status = to;
+    b->updated_at = wall_clock::now();
+    if (to != BookingStatus::held) b->expires_at.reset();
+    ++b->version;
+    if (auto r = commit(*b); !r) return r.error();
+    return std::move(*b);
+  }
+
+  void expire(const std::string& id) {
+    auto r = transition(id, BookingStatus::held, BookingStatus::expired, capacity_change::free_reserved, "expire");
+    if (r) expired.fetch_add(1, std::memory_order_relaxed);
+  }
+};
+
+bool Completion::operator()(Decision decision) const {
+  auto engine = state_->engine.lock();
+  if (!engine) return false;
+  return engine->complete(state_, std::move(decision), RejectReason::rejected_by_handler);
+}
+
+BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
+  if (!bus) throw Exception(Error(errc::bad_request, "BookingEngine needs an event bus"));
+  impl_ = std::make_shared<detail::engine_core>(std::move(bus), std::move(options));
+  const auto n = std::max<std::size_t>(1, impl_->options.workers);
+  for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+}
+
+BookingEngine::~BookingEngine() { shutdown(); }
+
+void BookingEngine::shutdown() {
+  std::lock_guard once(impl_->shutdown_mutex);
+  {
+    std::lock_guard lock(impl_->queue_mutex);
+    impl_->stopping.store(true);
+  }
+  impl_->queue_cv.notify_all();
+  for (auto& t : impl_->workers)
+    if (t.joinable()) t.join();
+  // Handlers still deciding finish, or time out, before the engine goes.
+  std::unique_lock lock(impl_->in_flight_mutex);
+  impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
+}
+
+result<void> BookingEngine::add_resource(std::string_view id, std::uint32_t capacity) {
+  if (!is_valid_id(id))
+    return Error(errc::bad_request, "resource id must be 1-128 characters of letters, digits and -_.:@+=~");
+  std::unique_lock lock(impl_->resources_mutex);
+  auto [it, inserted] = impl_->resources.try_emplace(std::string(id));
+  if (!inserted) return Error(errc::already_exists, fmt::format("resource '{}' already exists", id));
+  it->second.id = std::string(id);
+  it->second.capacity = capacity;
+  impl_->publish_resource(it->second);
+  return {};
+}
+
+result<void> BookingEngine::set_capacity(std::string_view id, std::uint32_t capacity) {
+  std::unique_lock lock(impl_->resources_mutex);
+  auto it = impl_->resources.find(id);
+  if (it == impl_->resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", id));
+  auto& r = it->second;
+  if (capacity < r.reserved + r.confirmed)
+    return Error(errc::capacity_in_use, fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}",
+                                                    id, r.reserved + r.confirmed, capacity));
+  r.capacity = capacity;
+  impl_->publish_resource(r);
+  return {};
+}
+
+result<ResourceState> BookingEngine::resource(std::string_view id) const {
+  std::shared_lock lock(impl_->resources_mutex);
+  auto it = impl_->resources.find(id);
+  if (it == impl_->resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", id));
+  return it->second;
+}
+
+result<std::uint32_t> BookingEngine::availability(std::string_view id) const {
+  auto r = resource(id);
+  if (!r) return r.error();
+  return r->available();
+}
+
+std::vector<ResourceState> BookingEngine::resources() const {
+  std::shared_lock lock(impl_->resources_mutex);
+  std::vector<ResourceState> out;
+  out.reserve(impl_->resources.size());
+  for (const auto& [id, r] : impl_->resources) out.push_back(r);
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+  return out;
+}
+
+result<Ack> BookingEngine::submit(BookingRequest request) {
+  const auto t0 = steady::now();
+  auto& m = *impl_;
+  if (m.stopping.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "engine is shutting down");
+  if (auto v = m.validate(request); !v) {
+    m.invalid.fetch_add(1, std::memory_order_relaxed);
+    return v.error();
+  }
+
+  std::string booking_id;
+  std::string slot;
+  if (!request.idempotency_key.empty()) {
+    slot = detail::engine_core::idempotency_slot(request);
+    auto fp = fingerprint(request);
+    std::unique_lock lock(m.idempotency_mutex);
+    m.forget_expired_keys(t0);
+    if (auto it = m.idempotency.find(slot); it != m.idempotency.end()) {
+      if (it->second.fingerprint != fp) {
+        m.invalid.fetch_add(1, std::memory_order_relaxed);
+        return Error(errc::idempotency_conflict,
+                     fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
+                                 request.idempotency_key, it->second.booking_id));
+      }
+      Ack ack{it->second.booking_id, BookingStatus::processing, true};
+      lock.unlock();
+      // The first submit may still be storing it; then it is processing.
+      if (auto b = m.store->load(ack.booking_id)) ack.status = b->status;
+      m.replays.fetch_add(1, std::memory_order_relaxed);
+      m.ack_latency.record(steady::now() - t0);
+      return ack;
+    }
+    booking_id = m.ids.next();
+    const auto expires = t0 + m.options.idempotency_window;
+    m.idempotency.emplace(slot, detail::engine_core::idempotency_entry{std::move(fp), booking_id, expires});
+    m.idempotency_order.emplace_back(expires, slot);
+  } else {
+    booking_id = m.ids.next();
+  }
+
+  // Take a queue slot before anything is published, so "overloaded" never leaves a booking behind.
+  if (m.queued.fetch_add(1, std::memory_order_acq_rel) >= m.options.max_queue) {
+    m.queued.fetch_sub(1, std::memory_order_acq_rel);
+    if (!slot.empty()) m.forget_key(slot);
+    m.overloaded.fetch_add(1, std::memory_order_relaxed);
+    return Error(errc::overloaded, fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue));
+  }
+
+  Booking b;
+  b.id = std::move(booking_id);
+  b.user = std::move(request.user);
+  b.lines = std::move(request.lines);
+  b.metadata = std::move(request.metadata);
+  b.idempotency_key = std::move(request.idempotency_key);
+  b.hold_for = request.hold_for;
+  b.created_at = b.updated_at = wall_clock::now();
+  {
+    std::lock_guard lock(m.lock_for(b.id));
+    if (auto r = m.commit(b); !r) {
+      m.queued.fetch_sub(1, std::memory_order_acq_rel);
+      if (!slot.empty()) m.forget_key(slot);
+      return r.error();
+    }
+  }
+  Ack ack{b.id, BookingStatus::processing, false};
+  m.in_flight.fetch_add(1, std::memory_order_acq_rel);
+  m.accepted.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::unique_lock lock(m.queue_mutex);
+    if (m.stopping.load()) {
+      // shutdown() began after the check above; the workers may be gone, so decide it here.
+      lock.unlock();
+      m.queued.fetch_sub(1, std::memory_order_acq_rel);
+      m.decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down", false);
+      m.ack_latency.record(steady::now() - t0);
+      return ack;
+    }
+    m.queue.push_back({std::move(b), t0});
+  }
+  m.queue_cv.notify_one();
+  m.ack_latency.record(steady::now() - t0);
+  return ack;
+}
+
+result<Booking> BookingEngine::get(std::string_view booking_id) const {
+  auto b = impl_->store->load(booking_id);
+  if (!b) return Error(errc::not_found, fmt::format("no booking '{}'", booking_id));
+  return std::move(*b);
+}
+
+result<Booking> BookingEngine::cancel(std::string_view booking_id) {
+  auto r = impl_->transition(booking_id, BookingStatus::confirmed, BookingStatus::cancelled,
+                             detail::engine_core::capacity_change::free_confirmed, "cancel");
+  if (r) impl_->cancelled.fetch_add(1, std::memory_order_relaxed);
+  return r;
+}
+
+result<Booking> BookingEngine::confirm(std::string_view booking_id) {
+  auto r = impl_->transition(booking_id, BookingStatus::held, BookingStatus::confirmed,
+                             detail::engine_core::capacity_change::reserved_to_confirmed, "confirm");
+  if (r) impl_->confirmed.fetch_add(1, std::memory_order_relaxed);
+  return r;
+}
+
+result<Booking> BookingEngine::release(std::string_view booking_id) {
+  auto r = impl_->transition(booking_id, BookingStatus::held, BookingStatus::released,
+                             detail::engine_core::capacity_change::free_reserved, "release");
+  if (r) impl_->released.fetch_add(1, std::memory_order_relaxed);
+  return r;
+}
+
+EngineStats BookingEngine::stats() const {
+  const auto& m = *impl_;
+  EngineStats s;
+  s.accepted = m.accepted.load();
+  s.confirmed = m.confirmed.load();
+  s.rejected = m.rejected.load();
+  s.held = m.held.load();
+  s.cancelled = m.cancelled.load();
+  s.released = m.released.load();
+  s.expired = m.expired.load();
+  s.idempotent_replays = m.replays.load();
+  s.invalid = m.invalid.load();
+  s.overloaded = m.overloaded.load();
+  s.store_errors = m.store_errors.load();
+  s.in_flight = m.in_flight.load();
+  s.queue_depth = m.queued.load();
+  s.ack_latency = m.ack_latency.summary();
+  s.decision_latency = m.decision_latency.summary();
+  return s;
+}
+
+const EventBusPtr& BookingEngine::bus() const noexcept { return impl_->bus; }
+
+}  // namespace pushbook

@@ -1,0 +1,129 @@
+#include <pushbook/booking.hpp>
+
+#include "detail/booking_id.hpp"
+
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <doctest/doctest.h>
+
+#include <set>
+
+using namespace pushbook;
+
+namespace {
+result<BookingRequest> parse(std::string_view text, std::string_view user = {}) {
+  return booking_request_from_json(boost::json::parse(text), user);
+}
+}  // namespace
+
+TEST_CASE("a booking request parses from JSON, with lines or the one-line shorthand") {
+  auto r = parse(R"({"user":"u1","lines":[{"resource":"room-1","quantity":2},{"resource":"room-2"}],
+                     "idempotency_key":"k1","metadata":{"note":"x"},"hold_ms":60000})").value();
+  CHECK(r.user == "u1");
+  CHECK(r.lines == std::vector<BookingLine>{{"room-1", 2}, {"room-2", 1}});
+  CHECK(r.idempotency_key == "k1");
+  CHECK(boost::json::serialize(r.metadata) == R"({"note":"x"})");
+  CHECK(r.hold_for == std::chrono::milliseconds(60000));
+
+  auto s = parse(R"({"user":"u1","resource":"room-101","quantity":1})").value();
+  CHECK(s.lines == std::vector<BookingLine>{{"room-101", 1}});
+  CHECK_FALSE(s.hold_for.has_value());
+}
+
+TEST_CASE("a user override fills in the authenticated user and refuses another one") {
+  auto r = parse(R"({"resource":"r"})", "alice").value();
+  CHECK(r.user == "alice");
+  auto other = parse(R"({"user":"bob","resource":"r"})", "alice");
+  CHECK(other.error().is(errc::forbidden));
+  CHECK(other.error().message == "you may book only as yourself ('alice')");
+}
+
+TEST_CASE("malformed booking requests name the offending field") {
+  struct Case {
+    const char* json;
+    const char* message;
+  };
+  for (auto c : {
+           Case{R"([1,2])", "a booking request must be a JSON object"},
+           Case{R"({"resource":"r"})", "\"user\" is required"},
+           Case{R"({"user":5,"resource":"r"})", "\"user\" must be a string"},
+           Case{R"({"user":"u"})", "a booking request needs \"lines\" or \"resource\""},
+           Case{R"({"user":"u","lines":{}})", "\"lines\" must be an array"},
+           Case{R"({"user":"u","lines":[3]})", "lines[0] must be an object"},
+           Case{R"({"user":"u","lines":[{"quantity":1}]})", "lines[0]: \"resource\" must be a string"},
+           Case{R"({"user":"u","lines":[{"resource":"r","quantity":1.5}]})",
+                "lines[0]: \"quantity\" must be an integer of at least 1"},
+           Case{R"({"user":"u","lines":[{"resource":"r","quantity":-1}]})",
+                "lines[0]: \"quantity\" must be an integer of at least 1"},
+           Case{R"({"user":"u","lines":[{"resource":"r","quantity":99999999999}]})",
+                "lines[0]: \"quantity\" must be an integer of at least 1"},
+           Case{R"({"user":"u","resource":"r","lines":[]})",
+                "give either \"lines\" or \"resource\"/\"quantity\", not both"},
+           Case{R"({"user":"u","resource":"r","quantity":"2"})",
+                "request: \"quantity\" must be an integer of at least 1"},
+           Case{R"({"user":"u","resource":"r","idempotency_key":7})", "\"idempotency_key\" must be a string"},
+           Case{R"({"user":"u","resource":"r","metadata":[]})", "\"metadata\" must be an object"},
+           Case{R"({"user":"u","resource":"r","hold_ms":0})",
+                "\"hold_ms\" must be a positive integer (milliseconds)"},
+       }) {
+    CAPTURE(c.json);
+    auto r = parse(c.json);
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().is(errc::bad_request));
+    CHECK(r.error().message == c.message);
+  }
+}
+
+TEST_CASE("a booking serializes to the JSON its events carry") {
+  Booking b;
+  b.id = "01ABC";
+  b.user = "u1";
+  b.lines = {{"room-1", 2}};
+  b.status = BookingStatus::rejected;
+  b.reason = RejectReason::sold_out;
+  b.reason_message = "'room-1' has 1 of 2 units free";
+  b.version = 2;
+  b.created_at = wall_clock::time_point(std::chrono::milliseconds(1700000000000));
+  b.updated_at = wall_clock::time_point(std::chrono::milliseconds(1700000000250));
+  CHECK(boost::json::serialize(to_json(b)) ==
+        R"({"booking_id":"01ABC","status":"rejected","reason":"sold_out",)"
+        R"("reason_message":"'room-1' has 1 of 2 units free","user":"u1",)"
+        R"("lines":[{"resource":"room-1","quantity":2}],"version":2,)"
+        R"("created_at":1700000000000,"updated_at":1700000000250})");
+  ResourceState r{"room-1", 5, 1, 2};
+  CHECK(r.available() == 2);
+  CHECK(boost::json::serialize(to_json(r)) ==
+        R"({"resource":"room-1","capacity":5,"available":2,"reserved":1,"confirmed":2})");
+}
+
+TEST_CASE("statuses and reasons have stable names") {
+  CHECK(std::string(to_string(BookingStatus::processing)) == "processing");
+  CHECK(std::string(to_string(BookingStatus::expired)) == "expired");
+  CHECK(std::string(to_string(RejectReason::handler_timeout)) == "handler_timeout");
+  CHECK(parse_booking_status("held") == BookingStatus::held);
+  CHECK_FALSE(parse_booking_status("nope").has_value());
+  CHECK(is_final(BookingStatus::cancelled));
+  CHECK_FALSE(is_final(BookingStatus::confirmed));
+  CHECK(is_valid_id("alice@example.com"));
+  CHECK_FALSE(is_valid_id("a/b"));
+  CHECK_FALSE(is_valid_id(""));
+}
+
+TEST_CASE("booking ids: 26 Crockford base32 characters carrying time, node and counter") {
+  detail::BookingIdGenerator gen(0x12345678, 0);
+  const auto t = wall_clock::time_point(std::chrono::milliseconds(1700000000123));
+  auto a = gen.next(t);
+  auto b = gen.next(t);
+  CHECK(a.size() == 26);
+  CHECK(a != b);
+  CHECK(a < b);  // same millisecond: the counter orders them
+  CHECK(detail::BookingIdGenerator::timestamp_ms(a) == 1700000000123);
+  CHECK(detail::BookingIdGenerator::timestamp_ms("not-an-id") == -1);
+  auto later = gen.next(t + std::chrono::milliseconds(1));
+  CHECK(later > b);
+  detail::BookingIdGenerator other(0x12345679, 0);
+  CHECK(other.next(t) != a);  // another node, same time and counter
+  std::set<std::string> many;
+  for (int i = 0; i < 10000; ++i) many.insert(gen.next());
+  CHECK(many.size() == 10000);
+}

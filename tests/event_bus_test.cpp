@@ -1,0 +1,406 @@
+#include <pushbook/event_bus.hpp>
+
+#include "wait.hpp"
+
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <latch>
+#include <thread>
+
+using namespace pushbook;
+using namespace std::chrono_literals;
+using pushbook::test::Collector;
+using pushbook::test::eventually;
+
+namespace {
+
+// What a test sees of a delivery, comparable with literals.
+struct Seen {
+  Delivery::Kind kind;
+  std::string topic;
+  std::uint64_t seq;  // 0 for gap / ended
+  std::uint64_t dropped;
+  friend bool operator==(const Seen&, const Seen&) = default;
+};
+
+Seen seen(const Delivery& d) {
+  return {d.kind, d.event ? d.event->topic() : "", d.event ? d.event->seq() : 0, d.dropped};
+}
+
+constexpr auto ev = Delivery::Kind::event;
+constexpr auto snap = Delivery::Kind::snapshot;
+
+boost::json::value num(int n) { return boost::json::object{{"n", n}}; }
+
+}  // namespace
+
+TEST_CASE("publish assigns per-topic sequence numbers from 1 and a timestamp") {
+  LocalBus bus;
+  const auto before = std::chrono::system_clock::now();
+  auto a1 = bus.publish("booking/a", num(1));
+  auto a2 = bus.publish("booking/a", num(2));
+  auto b1 = bus.publish("booking/b", num(3));
+  REQUIRE(a1);
+  REQUIRE(a2);
+  REQUIRE(b1);
+  CHECK((*a1)->seq() == 1);
+  CHECK((*a2)->seq() == 2);
+  CHECK((*b1)->seq() == 1);
+  CHECK((*a1)->topic() == "booking/a");
+  CHECK((*a1)->time() >= before);
+  CHECK((*a2)->data().at("n").as_int64() == 2);
+  CHECK(bus.last("booking/a") == *a2);
+  CHECK(bus.last("booking/none") == nullptr);
+}
+
+TEST_CASE("invalid topics and patterns are refused with invalid_topic") {
+  LocalBus bus;
+  for (const char* t : {"", "/a", "a/", "a//b", "a b", "a/*", "*", "booking/\"x"}) {
+    auto r = bus.publish(t, num(1));
+    CHECK_FALSE(r.has_value());
+    CHECK(r.error().is(errc::invalid_topic));
+  }
+  auto s = bus.subscribe("a/*/b", [](const Delivery&) {});
+  CHECK(s.error().is(errc::invalid_topic));
+  CHECK(is_valid_topic("user/alice@example.com"));
+  CHECK_FALSE(is_valid_topic(std::string(257, 'a')));
+}
+
+TEST_CASE("the wire form is serialized once and shared") {
+  LocalBus bus;
+  auto e = bus.publish("resource/r1", boost::json::object{{"available", 3}}).value();
+  auto w1 = e->wire();
+  auto w2 = e->wire();
+  CHECK(w1 == w2);  // the same buffer
+  auto parsed = boost::json::parse(*w1).as_object();
+  CHECK(parsed.at("type") == "event");
+  CHECK(parsed.at("topic") == "resource/r1");
+  CHECK(parsed.at("seq") == 1);
+  CHECK(parsed.at("data") == boost::json::parse(R"({"available":3})"));
+  CHECK_FALSE(parsed.contains("snapshot"));
+  CHECK(w1->starts_with(R"({"type":"event","topic":"resource/r1","seq":1,"ts":)"));
+  CHECK(w1->ends_with(R"(,"data":{"available":3}})"));
+  auto snapshot = boost::json::parse(*e->wire(true)).as_object();
+  CHECK(snapshot.at("snapshot") == true);
+}
+
+TEST_CASE("a subscriber sees live events of its topic in order") {
+  LocalBus bus;
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) { got.push(seen(d)); }).value();
+  for (int i = 1; i <= 3; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+  REQUIRE(bus.publish("booking/b", num(9)));
+  auto items = got.wait_for(3);
+  CHECK(items == std::vector<Seen>{{ev, "booking/a", 1, 0}, {ev, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}});
+}
+
+TEST_CASE("subscribing without since delivers the last event as a snapshot, then live ones") {
+  LocalBus bus;
+  REQUIRE(bus.publish("booking/a", num(1)));
+  REQUIRE(bus.publish("booking/a", num(2)));
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) { got.push(seen(d)); }).value();
+  REQUIRE(bus.publish("booking/a", num(3)));
+  CHECK(got.wait_for(2) == std::vector<Seen>{{snap, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}});
+
+  SUBCASE("no snapshot when asked for none") {
+    Collector<Seen> live;
+    SubscribeOptions o;
+    o.snapshot = false;
+    auto s2 = bus.subscribe("booking/a", [&](const Delivery& d) { live.push(seen(d)); }, o).value();
+    REQUIRE(bus.publish("booking/a", num(4)));
+    CHECK(live.wait_for(1) == std::vector<Seen>{{ev, "booking/a", 4, 0}});
+  }
+}
+
+TEST_CASE("since replays the missed events from history, then goes live") {
+  LocalBus bus;
+  for (int i = 1; i <= 5; ++i) REQUIRE(bus.publish("user/u1", num(i)));
+  Collector<Seen> got;
+  SubscribeOptions o;
+  o.since_seq = 2;
+  auto sub = bus.subscribe("user/u1", [&](const Delivery& d) { got.push(seen(d)); }, o).value();
+  REQUIRE(bus.publish("user/u1", num(6)));
+  CHECK(got.wait_for(4) == std::vector<Seen>{{ev, "user/u1", 3, 0}, {ev, "user/u1", 4, 0},
+                                             {ev, "user/u1", 5, 0}, {ev, "user/u1", 6, 0}});
+  SUBCASE("since equal to the current seq replays nothing") {
+    Collector<Seen> none;
+    o.since_seq = 6;
+    auto s2 = bus.subscribe("user/u1", [&](const Delivery& d) { none.push(seen(d)); }, o).value();
+    REQUIRE(bus.publish("user/u1", num(7)));
+    CHECK(none.wait_for(1) == std::vector<Seen>{{ev, "user/u1", 7, 0}});
+  }
+}
+
+TEST_CASE("where history no longer reaches back, the last event comes as a snapshot") {
+  LocalBusOptions bo;
+  bo.history_limit = 3;
+  LocalBus bus(bo);
+  for (int i = 1; i <= 10; ++i) REQUIRE(bus.publish("booking/x", num(i)));
+  CHECK(bus.history("booking/x").size() == 3);
+  CHECK(bus.history("booking/x").front()->seq() == 8);
+
+  Collector<Seen> got;
+  SubscribeOptions o;
+  o.since_seq = 2;  // needs 3..10, history has 8..10
+  auto sub = bus.subscribe("booking/x", [&](const Delivery& d) { got.push(seen(d)); }, o).value();
+  CHECK(got.wait_for(1) == std::vector<Seen>{{snap, "booking/x", 10, 0}});
+
+  Collector<Seen> exact;
+  o.since_seq = 7;  // needs 8..10: history reaches
+  auto sub2 = bus.subscribe("booking/x", [&](const Delivery& d) { exact.push(seen(d)); }, o).value();
+  CHECK(exact.wait_for(3) ==
+        std::vector<Seen>{{ev, "booking/x", 8, 0}, {ev, "booking/x", 9, 0}, {ev, "booking/x", 10, 0}});
+}
+
+TEST_CASE("history is also bounded by age") {
+  LocalBusOptions bo;
+  bo.history_max_age = 0ms;
+  LocalBus bus(bo);
+  REQUIRE(bus.publish("booking/x", num(1)));
+  CHECK(eventually([&] { return bus.history("booking/x").empty(); }));
+  CHECK(bus.last("booking/x") != nullptr);  // the last value outlives history
+}
+
+TEST_CASE("replay and live join without gap or duplicate while publishing goes on") {
+  LocalBus bus;
+  constexpr int total = 20000;
+  std::atomic<int> published{0};
+  std::thread publisher([&] {
+    for (int i = 1; i <= total; ++i) {
+      REQUIRE(bus.publish("booking/race", num(i)));
+      published.store(i);
+    }
+  });
+  REQUIRE(eventually([&] { return published.load() > 100; }));
+  Collector<std::uint64_t> got;
+  SubscribeOptions o;
+  o.since_seq = 0;
+  o.max_queue = total;
+  auto sub = bus.subscribe("booking/race", [&](const Delivery& d) { got.push(d.event->seq()); }, o).value();
+  publisher.join();
+  // History holds only 256 events, so a replay from 0 after >100 publishes may start with a
+  // snapshot; either way what follows must be contiguous up to `total`.
+  auto items = got.wait_for(1);
+  REQUIRE(eventually([&] { return !got.items().empty() && got.items().back() == std::uint64_t{total}; }));
+  items = got.items();
+  for (std::size_t i = 1; i < items.size(); ++i) REQUIRE(items[i] == items[i - 1] + 1);
+}
+
+TEST_CASE("wildcards match every topic below a prefix and are live only") {
+  LocalBus bus;
+  Collector<Seen> bookings, all;
+  auto s1 = bus.subscribe("booking/*", [&](const Delivery& d) { bookings.push(seen(d)); }).value();
+  auto s2 = bus.subscribe("*", [&](const Delivery& d) { all.push(seen(d)); }).value();
+  REQUIRE(bus.publish("booking/a", num(1)));
+  REQUIRE(bus.publish("user/u", num(2)));
+  REQUIRE(bus.publish("booking/b", num(3)));
+  REQUIRE(bus.publish("booking/a", num(4)));
+  CHECK(bookings.wait_for(3) ==
+        std::vector<Seen>{{ev, "booking/a", 1, 0}, {ev, "booking/b", 1, 0}, {ev, "booking/a", 2, 0}});
+  CHECK(all.wait_for(4).size() == 4);
+
+  SubscribeOptions o;
+  o.since_seq = 0;
+  auto bad = bus.subscribe("booking/*", [](const Delivery&) {}, o);
+  CHECK(bad.error().is(errc::bad_request));
+}
+
+TEST_CASE("callbacks of one subscription never overlap, even on a multi-threaded executor") {
+  LocalBus bus;
+  auto pool = std::make_shared<ThreadPool>(4);
+  std::atomic<int> inside{0}, max_inside{0};
+  Collector<std::uint64_t> got;
+  SubscribeOptions o;
+  o.executor = pool;
+  o.max_queue = 100000;
+  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) {
+                  int now = ++inside;
+                  int prev = max_inside.load();
+                  while (prev < now && !max_inside.compare_exchange_weak(prev, now)) {
+                  }
+                  got.push(d.event->seq());
+                  --inside;
+                }, o).value();
+  std::vector<std::thread> publishers;
+  for (int t = 0; t < 4; ++t)
+    publishers.emplace_back([&] {
+      for (int i = 0; i < 500; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+    });
+  for (auto& t : publishers) t.join();
+  auto items = got.wait_for(2000);
+  REQUIRE(items.size() == 2000);
+  CHECK(max_inside.load() == 1);
+  for (std::size_t i = 0; i < items.size(); ++i) CHECK(items[i] == i + 1);
+}
+
+TEST_CASE("a callback may run on the publisher's thread with inline_executor") {
+  LocalBus bus;
+  std::thread::id where;
+  SubscribeOptions o;
+  o.executor = inline_executor();
+  auto sub = bus.subscribe("booking/a", [&](const Delivery&) { where = std::this_thread::get_id(); }, o).value();
+  REQUIRE(bus.publish("booking/a", num(1)));
+  CHECK(where == std::this_thread::get_id());
+}
+
+namespace {
+// A subscriber whose first callback blocks until released, so events pile up behind it.
+struct Blocked {
+  std::latch entered{1};
+  std::latch release{1};
+  std::atomic<bool> first{true};
+  Collector<Seen> got;
+  DeliveryCallback callback() {
+    return [this](const Delivery& d) {
+      if (first.exchange(false)) {
+        entered.count_down();
+        release.wait();
+      }
+      got.push(seen(d));
+    };
+  }
+};
+}  // namespace
+
+TEST_CASE("a slow subscriber with drop_oldest gets a gap marker and the newest events") {
+  LocalBus bus;
+  Blocked slow;
+  Collector<std::uint64_t> fast;
+  SubscribeOptions o;
+  o.max_queue = 4;
+  auto s = bus.subscribe("booking/a", slow.callback(), o).value();
+  SubscribeOptions fo;
+  fo.executor = std::make_shared<ThreadPool>(1);
+  auto f = bus.subscribe("booking/a", [&](const Delivery& d) { fast.push(d.event->seq()); }, fo).value();
+  REQUIRE(bus.publish("booking/a", num(1)));
+  slow.entered.wait();
+  for (int i = 2; i <= 11; ++i) REQUIRE(bus.publish("booking/a", num(i)));  // never blocks
+  slow.release.count_down();
+  auto items = slow.got.wait_for(6);
+  CHECK(items == std::vector<Seen>{{ev, "booking/a", 1, 0},
+                                   {Delivery::Kind::gap, "", 0, 6},
+                                   {ev, "booking/a", 8, 0},
+                                   {ev, "booking/a", 9, 0},
+                                   {ev, "booking/a", 10, 0},
+                                   {ev, "booking/a", 11, 0}});
+  CHECK(fast.wait_for(11).size() == 11);  // the fast subscriber lost nothing
+  CHECK(bus.stats().dropped == 6);
+}
+
+TEST_CASE("a slow subscriber with end_subscription is ended with slow_consumer") {
+  LocalBus bus;
+  Blocked slow;
+  Collector<Error> reasons;
+  SubscribeOptions o;
+  o.max_queue = 2;
+  o.overflow = OverflowPolicy::end_subscription;
+  auto s = bus.subscribe("booking/a", [&, cb = slow.callback()](const Delivery& d) {
+                if (d.kind == Delivery::Kind::ended) reasons.push(d.reason);
+                cb(d);
+              }, o).value();
+  REQUIRE(bus.publish("booking/a", num(1)));
+  slow.entered.wait();
+  for (int i = 2; i <= 5; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+  CHECK_FALSE(s.active());
+  slow.release.count_down();
+  auto r = reasons.wait_for(1);
+  REQUIRE(r.size() == 1);
+  CHECK(r[0].is(errc::slow_consumer));
+  CHECK(r[0].message == "subscriber to 'booking/a' fell 2 events behind");
+  auto items = slow.got.wait_for(2);
+  CHECK(items == std::vector<Seen>{{ev, "booking/a", 1, 0}, {Delivery::Kind::ended, "", 0, 0}});
+  CHECK(bus.stats().slow_consumer_ends == 1);
+}
+
+TEST_CASE("unsubscribe from inside the callback stops further deliveries") {
+  LocalBus bus;
+  Subscription sub;
+  std::atomic<int> calls{0};
+  std::latch third{1};
+  sub = bus.subscribe("booking/a", [&](const Delivery& d) {
+              ++calls;
+              if (d.event->seq() == 3) {
+                sub.cancel();
+                third.count_down();
+              }
+            }).value();
+  for (int i = 1; i <= 10; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+  third.wait();
+  // Flush the delivery thread: a later subscription's callback runs after ours would have.
+  Collector<int> flush;
+  auto probe = bus.subscribe("booking/b", [&](const Delivery&) { flush.push(1); }).value();
+  REQUIRE(bus.publish("booking/b", num(1)));
+  REQUIRE(flush.wait_for(1).size() == 1);
+  CHECK(calls.load() == 3);
+  CHECK_FALSE(sub.active());
+}
+
+TEST_CASE("after cancel() returns no callback runs, even with publishers racing") {
+  LocalBus bus;
+  std::atomic<bool> cancelled{false};
+  std::atomic<int> after_cancel{0};
+  std::atomic<int> calls{0};
+  auto sub = bus.subscribe("booking/a", [&](const Delivery&) {
+                  ++calls;
+                  if (cancelled.load()) ++after_cancel;
+                }).value();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> publishers;
+  for (int t = 0; t < 3; ++t)
+    publishers.emplace_back([&] {
+      while (!stop.load()) (void)bus.publish("booking/a", num(1));
+    });
+  REQUIRE(eventually([&] { return calls.load() > 50; }));
+  sub.cancel();
+  cancelled.store(true);
+  const int frozen = calls.load();
+  stop.store(true);
+  for (auto& t : publishers) t.join();
+  CHECK(after_cancel.load() == 0);
+  CHECK(calls.load() == frozen);
+}
+
+TEST_CASE("destroying the bus ends subscriptions; handles outliving it stay safe") {
+  Subscription survivor;
+  std::atomic<int> calls{0};
+  {
+    LocalBus bus;
+    survivor = bus.subscribe("booking/a", [&](const Delivery&) { ++calls; }).value();
+    REQUIRE(bus.publish("booking/a", num(1)));
+    REQUIRE(eventually([&] { return calls.load() == 1; }));
+  }
+  CHECK_FALSE(survivor.active());
+  survivor.cancel();
+  CHECK(calls.load() == 1);
+}
+
+TEST_CASE("a throwing callback does not stop later deliveries") {
+  LocalBus bus;
+  Collector<std::uint64_t> got;
+  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) {
+                  got.push(d.event->seq());
+                  if (d.event->seq() == 1) throw std::runtime_error("boom");
+                }).value();
+  REQUIRE(bus.publish("booking/a", num(1)));
+  REQUIRE(bus.publish("booking/a", num(2)));
+  CHECK(got.wait_for(2) == std::vector<std::uint64_t>{1, 2});
+}
+
+TEST_CASE("idle topics without subscribers are forgotten after topic_idle_ttl") {
+  LocalBusOptions bo;
+  bo.topic_idle_ttl = 0ms;
+  LocalBus bus(bo);
+  Collector<std::uint64_t> got;
+  auto keep = bus.subscribe("booking/kept", [&](const Delivery& d) { got.push(d.event->seq()); }).value();
+  REQUIRE(bus.publish("booking/kept", num(1)));
+  REQUIRE(bus.publish("booking/gone", num(1)));
+  CHECK(bus.last("booking/gone") == nullptr);
+  CHECK(bus.last("booking/kept") != nullptr);
+  REQUIRE(bus.publish("booking/kept", num(2)));
+  CHECK(got.wait_for(2) == std::vector<std::uint64_t>{1, 2});
+  CHECK(bus.stats().topics == 1);
+}
