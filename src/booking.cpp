@@ -33,24 +33,23 @@ const char* to_string(RejectReason r) noexcept {
 }
 
 std::optional<BookingStatus> parse_booking_status(std::string_view s) noexcept {
-  for (auto st : {BookingStatus::processing, BookingStatus::held, BookingStatus::confirmed,
-                  BookingStatus::rejected, BookingStatus::cancelled, BookingStatus::released,
-                  BookingStatus::expired})
+  for (auto st :
+       {BookingStatus::processing, BookingStatus::held, BookingStatus::confirmed, BookingStatus::rejected,
+        BookingStatus::cancelled, BookingStatus::released, BookingStatus::expired})
     if (s == to_string(st)) return st;
   return std::nullopt;
 }
 
 bool is_final(BookingStatus s) noexcept {
-  return s == BookingStatus::rejected || s == BookingStatus::cancelled ||
-         s == BookingStatus::released || s == BookingStatus::expired;
+  return s == BookingStatus::rejected || s == BookingStatus::cancelled || s == BookingStatus::released ||
+         s == BookingStatus::expired;
 }
 
 bool is_valid_id(std::string_view s) noexcept {
   if (s.empty() || s.size() > 128) return false;
   for (char c : s) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '.' || c == ':' || c == '@' || c == '+' ||
-                    c == '=' || c == '~';
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                    c == '_' || c == '.' || c == ':' || c == '@' || c == '+' || c == '=' || c == '~';
     if (!ok) return false;
   }
   return true;
@@ -94,7 +93,8 @@ result<BookingLine> line_from(const boost::json::object& o, std::string_view whe
 
 }  // namespace
 
-result<BookingRequest> booking_request_from_json(const boost::json::value& v, std::string_view user_override) {
+result<BookingRequest> booking_request_from_json(const boost::json::value& v,
+                                                 std::string_view user_override) {
   if (!v.is_object()) return Error(errc::bad_request, "a booking request must be a JSON object");
   const auto& o = v.get_object();
   BookingRequest req;
@@ -156,7 +156,8 @@ boost::json::object to_json(const Booking& b) {
   o["user"] = b.user;
   boost::json::array lines;
   lines.reserve(b.lines.size());
-  for (const auto& l : b.lines) lines.push_back(boost::json::object{{"resource", l.resource}, {"quantity", std::int64_t{l.quantity}}});
+  for (const auto& l : b.lines)
+    lines.push_back(boost::json::object{{"resource", l.resource}, {"quantity", std::int64_t{l.quantity}}});
   o["lines"] = std::move(lines);
   if (!b.metadata.empty()) o["metadata"] = b.metadata;
   if (b.hold_for) o["hold_ms"] = b.hold_for->count();

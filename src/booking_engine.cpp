@@ -16,8 +16,8 @@
 #include "detail/booking_id.hpp"
 #include "detail/timer_queue.hpp"
 
-#include <boost/json/serialize.hpp>
 #include <fmt/format.h>
+#include <boost/json/serialize.hpp>
 
 #include <algorithm>
 #include <array>
@@ -90,6 +90,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::condition_variable queue_cv;
   std::deque<job> queue;
   std::atomic<std::size_t> queued{0};  // slots taken, including ones being filled by submit()
+  std::size_t parked_workers = 0;      // guarded by queue_mutex
   std::atomic<bool> stopping{false};
   std::vector<std::thread> workers;
   std::mutex shutdown_mutex;
@@ -98,15 +99,16 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::condition_variable in_flight_cv;
   std::atomic<std::uint64_t> in_flight{0};
 
-  std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0},
-      released{0}, expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0};
+  std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
+      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0};
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
   detail::TimerQueue timers;
 
   engine_core(EventBusPtr b, EngineOptions o)
-      : bus(std::move(b)), options(std::move(o)),
+      : bus(std::move(b)),
+        options(std::move(o)),
         store(options.store ? options.store : std::make_shared<MemoryStore>()),
         ids(options.node_id.value_or(detail::BookingIdGenerator::random_node_id()),
             detail::BookingIdGenerator::random_counter_start()) {}
@@ -124,9 +126,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // Stores the booking and publishes it to booking/<id> and user/<user>. Caller holds the
   // booking's lock.
   result<void> commit(const Booking& b) {
-    StateChange change;
-    change.booking = b;
-    auto data = to_json(b);
+    // One JSON value, shared by both events and every subscriber.
+    auto data = std::make_shared<const boost::json::value>(to_json(b));
+    StateChange change{b, {}};
+    change.events.reserve(2);
     change.events.push_back({"booking/" + b.id, data});
     change.events.push_back({"user/" + b.user, std::move(data)});
     if (auto r = store->commit(change); !r) {
@@ -139,8 +142,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   // --- capacity ----------------------------------------------------------------------------
 
-  // Caller holds resources_mutex exclusively. All lines or none.
-  std::optional<std::string> try_reserve(const std::vector<BookingLine>& lines) {
+  // Caller holds resources_mutex exclusively. All lines or none. With `confirm`, the units go
+  // straight to confirmed (no handler and no hold: nothing can still reject the booking).
+  // Resources whose availability changed are added to `touched`, to be announced once.
+  std::optional<std::string> try_reserve(const std::vector<BookingLine>& lines, bool confirm,
+                                         std::vector<ResourceState*>& touched) {
     for (const auto& l : lines) {
       auto it = resources.find(l.resource);
       if (it == resources.end()) return fmt::format("resource '{}' was removed", l.resource);
@@ -149,8 +155,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
     for (const auto& l : lines) {
       auto& r = resources.find(l.resource)->second;
-      r.reserved += l.quantity;
-      publish_resource(r);
+      (confirm ? r.confirmed : r.reserved) += l.quantity;
+      if (std::find(touched.begin(), touched.end(), &r) == touched.end()) touched.push_back(&r);
     }
     return std::nullopt;
   }
@@ -194,19 +200,25 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (r.lines.size() > options.max_lines)
       return Error(errc::bad_request, fmt::format("a booking may have at most {} lines", options.max_lines));
     if (!r.idempotency_key.empty() && !is_valid_id(r.idempotency_key))
-      return Error(errc::bad_request, "idempotency_key must be 1-128 characters of letters, digits and -_.:@+=~");
+      return Error(errc::bad_request,
+                   "idempotency_key must be 1-128 characters of letters, digits and -_.:@+=~");
     if (r.hold_for && (r.hold_for->count() <= 0 || *r.hold_for > options.max_hold))
-      return Error(errc::bad_request, fmt::format("a hold must last from 1 ms to {} ms", options.max_hold.count()));
+      return Error(errc::bad_request,
+                   fmt::format("a hold must last from 1 ms to {} ms", options.max_hold.count()));
     std::shared_lock lock(resources_mutex);
     for (std::size_t i = 0; i < r.lines.size(); ++i) {
       const auto& l = r.lines[i];
-      if (!is_valid_id(l.resource)) return Error(errc::bad_request, fmt::format("lines[{}]: invalid resource id", i));
-      if (l.quantity < 1) return Error(errc::bad_request, fmt::format("lines[{}]: quantity must be at least 1", i));
+      if (!is_valid_id(l.resource))
+        return Error(errc::bad_request, fmt::format("lines[{}]: invalid resource id", i));
+      if (l.quantity < 1)
+        return Error(errc::bad_request, fmt::format("lines[{}]: quantity must be at least 1", i));
       for (std::size_t j = 0; j < i; ++j)
         if (r.lines[j].resource == l.resource)
-          return Error(errc::bad_request, fmt::format("lines[{}]: resource '{}' appears twice", i, l.resource));
+          return Error(errc::bad_request,
+                       fmt::format("lines[{}]: resource '{}' appears twice", i, l.resource));
       auto it = resources.find(l.resource);
-      if (it == resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", l.resource));
+      if (it == resources.end())
+        return Error(errc::not_found, fmt::format("unknown resource '{}'", l.resource));
       if (l.quantity > it->second.capacity)
         return Error(errc::exceeds_capacity, fmt::format("'{}' has only {} units, {} asked", l.resource,
                                                          it->second.capacity, l.quantity));
@@ -222,7 +234,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     while (!idempotency_order.empty() &&
            (idempotency_order.front().first <= now || idempotency.size() > options.max_idempotency_keys)) {
       auto it = idempotency.find(idempotency_order.front().second);
-      if (it != idempotency.end() && it->second.expires == idempotency_order.front().first) idempotency.erase(it);
+      if (it != idempotency.end() && it->second.expires == idempotency_order.front().first)
+        idempotency.erase(it);
       idempotency_order.pop_front();
     }
   }
@@ -242,9 +255,12 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
   }
 
-  // Decides a processing booking whose capacity is reserved (or not, when `reserved` is false).
-  void decide(Booking b, steady::time_point submitted, bool approve, RejectReason reason,
-              std::string message, bool reserved) {
+  // Where a booking's units are when it is decided.
+  enum class units { none, reserved, confirmed };
+
+  // Decides a processing booking.
+  void decide(Booking b, steady::time_point submitted, bool approve, RejectReason reason, std::string message,
+              units held_units) {
     {
       std::lock_guard lock(lock_for(b.id));
       const auto now = wall_clock::now();
@@ -255,12 +271,13 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         b.expires_at = now + *b.hold_for;
       } else if (approve) {
         b.status = BookingStatus::confirmed;
-        change_capacity(b.lines, capacity_change::reserved_to_confirmed);
+        if (held_units == units::reserved) change_capacity(b.lines, capacity_change::reserved_to_confirmed);
       } else {
         b.status = BookingStatus::rejected;
         b.reason = reason;
         b.reason_message = std::move(message);
-        if (reserved) change_capacity(b.lines, capacity_change::free_reserved);
+        if (held_units == units::reserved) change_capacity(b.lines, capacity_change::free_reserved);
+        if (held_units == units::confirmed) change_capacity(b.lines, capacity_change::free_confirmed);
       }
       (void)commit(b);
     }
@@ -287,7 +304,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       if (st->timer) timers.cancel(*st->timer);
     }
     decide(st->booking, st->submitted, d.approve, d.approve ? RejectReason::none : reason,
-           std::move(d.message), true);
+           std::move(d.message), units::reserved);
     return true;
   }
 
@@ -310,36 +327,76 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     st->timer = timers.schedule(steady::now() + options.handler_timeout, [this, weak] {
       // The timer queue is destroyed before the rest of the engine, so `this` is valid here.
       if (auto s = weak.lock())
-        complete(s, Decision::declined(fmt::format("no answer within {} ms", options.handler_timeout.count())),
+        complete(s,
+                 Decision::declined(fmt::format("no answer within {} ms", options.handler_timeout.count())),
                  RejectReason::handler_timeout);
     });
   }
 
-  void worker() {
-    for (;;) {
-      std::unique_lock qlock(queue_mutex);
-      queue_cv.wait(qlock, [&] { return stopping.load() || !queue.empty(); });
-      if (queue.empty()) return;
-      job j = std::move(queue.front());
-      queue.pop_front();
-      queued.fetch_sub(1, std::memory_order_relaxed);
-      if (stopping.load()) {
-        qlock.unlock();
-        decide(std::move(j.booking), j.submitted, false, RejectReason::shutdown, "engine shut down", false);
-        continue;
-      }
-      // Take the resources lock before letting go of the queue: reservations then happen in the
-      // order bookings arrived, whichever worker picks them.
-      std::unique_lock rlock(resources_mutex);
+  // Waits for work, spinning briefly before parking (see ThreadPool). Returns false when the
+  // engine stops and the queue is drained. Caller holds queue_mutex.
+  bool wait_for_work(std::unique_lock<std::mutex>& qlock) {
+    if (queue.empty() && !stopping.load()) {
       qlock.unlock();
-      auto sold_out = try_reserve(j.booking.lines);
-      rlock.unlock();
-      if (sold_out) {
-        decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*sold_out), false);
-      } else if (!options.handler) {
-        decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, true);
-      } else {
-        run_handler(std::move(j));
+      const auto until = steady::now() + std::chrono::microseconds(50);
+      while (queued.load(std::memory_order_relaxed) == 0 && steady::now() < until) std::this_thread::yield();
+      qlock.lock();
+      while (queue.empty() && !stopping.load()) {
+        ++parked_workers;
+        queue_cv.wait(qlock);
+        --parked_workers;
+      }
+    }
+    return !queue.empty();
+  }
+
+  void worker() {
+    // Without a handler deciding is quick, so a worker takes a batch: one lock hand-off and one
+    // availability event per resource for many bookings. With a handler (which may block) it
+    // takes one booking at a time so that the other workers share the load.
+    const std::size_t max_batch = options.handler ? 1 : 64;
+    std::vector<job> batch;
+    std::vector<std::optional<std::string>> outcome;
+    std::vector<ResourceState*> touched;
+    for (;;) {
+      batch.clear();
+      outcome.clear();
+      touched.clear();
+      {
+        std::unique_lock qlock(queue_mutex);
+        if (!wait_for_work(qlock)) return;
+        const auto n = std::min(queue.size(), max_batch);
+        for (std::size_t i = 0; i < n; ++i) {
+          batch.push_back(std::move(queue.front()));
+          queue.pop_front();
+        }
+        queued.fetch_sub(n, std::memory_order_relaxed);
+        if (stopping.load()) {
+          qlock.unlock();
+          for (auto& j : batch)
+            decide(std::move(j.booking), j.submitted, false, RejectReason::shutdown, "engine shut down",
+                   units::none);
+          continue;
+        }
+        // Take the resources lock before letting go of the queue: reservations then happen in the
+        // order bookings arrived, whichever worker picks them.
+        std::unique_lock rlock(resources_mutex);
+        qlock.unlock();
+        for (const auto& j : batch)
+          outcome.push_back(try_reserve(j.booking.lines, !options.handler && !j.booking.hold_for, touched));
+        for (auto* r : touched) publish_resource(*r);
+      }
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        auto& j = batch[i];
+        if (outcome[i]) {
+          decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*outcome[i]),
+                 units::none);
+        } else if (!options.handler) {
+          const auto where = j.booking.hold_for ? units::reserved : units::confirmed;
+          decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, where);
+        } else {
+          run_handler(std::move(j));
+        }
       }
     }
   }
@@ -355,9 +412,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (b->status != from) {
       if (from == BookingStatus::held && is_decided(b->status) && b->hold_for)
         return Error(errc::invalid_transition,
-                     fmt::format("cannot {} booking '{}': its hold already reached '{}'", verb, id, to_string(b->status)));
-      return Error(errc::invalid_transition, fmt::format("cannot {} booking '{}': it is '{}', not '{}'", verb, id,
-                                                         to_string(b->status), to_string(from)));
+                     fmt::format("cannot {} booking '{}': its hold already reached '{}'", verb, id,
+                                 to_string(b->status)));
+      return Error(errc::invalid_transition, fmt::format("cannot {} booking '{}': it is '{}', not '{}'", verb,
+                                                         id, to_string(b->status), to_string(from)));
     }
     if (change) change_capacity(b->lines, *change);
     b->status = to;
@@ -369,7 +427,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
 
   void expire(const std::string& id) {
-    auto r = transition(id, BookingStatus::held, BookingStatus::expired, capacity_change::free_reserved, "expire");
+    auto r =
+        transition(id, BookingStatus::held, BookingStatus::expired, capacity_change::free_reserved, "expire");
     if (r) expired.fetch_add(1, std::memory_order_relaxed);
   }
 };
@@ -421,8 +480,9 @@ result<void> BookingEngine::set_capacity(std::string_view id, std::uint32_t capa
   if (it == impl_->resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", id));
   auto& r = it->second;
   if (capacity < r.reserved + r.confirmed)
-    return Error(errc::capacity_in_use, fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}",
-                                                    id, r.reserved + r.confirmed, capacity));
+    return Error(errc::capacity_in_use,
+                 fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}", id,
+                             r.reserved + r.confirmed, capacity));
   r.capacity = capacity;
   impl_->publish_resource(r);
   return {};
@@ -453,7 +513,8 @@ std::vector<ResourceState> BookingEngine::resources() const {
 result<Ack> BookingEngine::submit(BookingRequest request) {
   const auto t0 = steady::now();
   auto& m = *impl_;
-  if (m.stopping.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "engine is shutting down");
+  if (m.stopping.load(std::memory_order_relaxed))
+    return Error(errc::shutting_down, "engine is shutting down");
   if (auto v = m.validate(request); !v) {
     m.invalid.fetch_add(1, std::memory_order_relaxed);
     return v.error();
@@ -494,7 +555,8 @@ result<Ack> BookingEngine::submit(BookingRequest request) {
     m.queued.fetch_sub(1, std::memory_order_acq_rel);
     if (!slot.empty()) m.forget_key(slot);
     m.overloaded.fetch_add(1, std::memory_order_relaxed);
-    return Error(errc::overloaded, fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue));
+    return Error(errc::overloaded,
+                 fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue));
   }
 
   Booking b;
@@ -516,19 +578,22 @@ result<Ack> BookingEngine::submit(BookingRequest request) {
   Ack ack{b.id, BookingStatus::processing, false};
   m.in_flight.fetch_add(1, std::memory_order_acq_rel);
   m.accepted.fetch_add(1, std::memory_order_relaxed);
+  bool wake;
   {
     std::unique_lock lock(m.queue_mutex);
     if (m.stopping.load()) {
       // shutdown() began after the check above; the workers may be gone, so decide it here.
       lock.unlock();
       m.queued.fetch_sub(1, std::memory_order_acq_rel);
-      m.decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down", false);
+      m.decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down",
+               detail::engine_core::units::none);
       m.ack_latency.record(steady::now() - t0);
       return ack;
     }
     m.queue.push_back({std::move(b), t0});
+    wake = m.parked_workers > 0;
   }
-  m.queue_cv.notify_one();
+  if (wake) m.queue_cv.notify_one();
   m.ack_latency.record(steady::now() - t0);
   return ack;
 }

@@ -4,7 +4,7 @@ namespace pushbook {
 namespace {
 
 class category final : public std::error_category {
-public:
+ public:
   const char* name() const noexcept override { return "pushbook"; }
   std::string message(int value) const override {
     switch (static_cast<errc>(value)) {

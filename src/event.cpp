@@ -12,8 +12,11 @@ struct Event::cache {
 };
 
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-             boost::json::value data)
-    : topic_(std::move(topic)), seq_(seq), time_(time), data_(std::move(data)),
+             std::shared_ptr<const boost::json::value> data)
+    : topic_(std::move(topic)),
+      seq_(seq),
+      time_(time),
+      data_(std::move(data)),
       cache_(std::make_unique<cache>()) {}
 
 Event::~Event() = default;
@@ -32,7 +35,7 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
     out += std::to_string(ts);
     if (snap) out += R"(,"snapshot":true)";
     out += R"(,"data":)";
-    out += boost::json::serialize(data_);
+    out += boost::json::serialize(*data_);
     out += '}';
     return std::make_shared<const std::string>(std::move(out));
   };
@@ -49,8 +52,8 @@ detail::SubscriptionState::~SubscriptionState() = default;
 
 namespace {
 bool topic_char(char c) noexcept {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-         c == '_' || c == '.' || c == ':' || c == '@' || c == '+' || c == '=' || c == '~';
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+         c == '.' || c == ':' || c == '@' || c == '+' || c == '=' || c == '~';
 }
 }  // namespace
 

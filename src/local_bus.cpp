@@ -14,7 +14,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
-#include <list>
 #include <mutex>
 #include <shared_mutex>
 #include <thread>
@@ -32,7 +31,8 @@ struct string_hash {
 
 bool is_valid_pattern(std::string_view pattern) {
   if (pattern == "*") return true;
-  if (pattern.size() > 2 && pattern.ends_with("/*")) return is_valid_topic(pattern.substr(0, pattern.size() - 2));
+  if (pattern.size() > 2 && pattern.ends_with("/*"))
+    return is_valid_topic(pattern.substr(0, pattern.size() - 2));
   return is_valid_topic(pattern);
 }
 
@@ -45,18 +45,33 @@ struct LocalBus::impl {
 
   struct topic {
     std::uint64_t seq = 0;
-    std::deque<EventPtr> history;
+    std::vector<EventPtr> history;  // oldest first; a vector: most topics hold a handful of events
     EventPtr last;
     std::vector<sub_ptr> subs;
     steady::time_point last_activity;
-    std::list<topic*>::iterator lru_pos;
+    topic* lru_prev = nullptr;  // intrusive LRU list of the shard: no allocation per topic
+    topic* lru_next = nullptr;
     std::string name;
   };
 
   struct shard {
     std::mutex mutex;
-    std::unordered_map<std::string, std::unique_ptr<topic>, string_hash, std::equal_to<>> topics;
-    std::list<topic*> lru;  // least recently active first
+    // Keys view the topic's own name, so a topic costs one string, not two.
+    std::unordered_map<std::string_view, std::unique_ptr<topic>, string_hash, std::equal_to<>> topics;
+    topic* lru_head = nullptr;  // least recently active
+    topic* lru_tail = nullptr;  // most recently active
+
+    void lru_unlink(topic* t) {
+      (t->lru_prev ? t->lru_prev->lru_next : lru_head) = t->lru_next;
+      (t->lru_next ? t->lru_next->lru_prev : lru_tail) = t->lru_prev;
+      t->lru_prev = t->lru_next = nullptr;
+    }
+    void lru_push_back(topic* t) {
+      t->lru_prev = lru_tail;
+      t->lru_next = nullptr;
+      (lru_tail ? lru_tail->lru_next : lru_head) = t;
+      lru_tail = t;
+    }
   };
 
   static constexpr std::size_t shard_count = 32;
@@ -73,11 +88,10 @@ struct LocalBus::impl {
   std::atomic<std::uint64_t> topic_count{0};
 
   explicit impl(LocalBusOptions o)
-      : options(o), delivery_pool(std::make_shared<ThreadPool>(std::max<std::size_t>(1, o.delivery_threads))) {}
+      : options(o),
+        delivery_pool(std::make_shared<ThreadPool>(std::max<std::size_t>(1, o.delivery_threads))) {}
 
-  shard& shard_for(std::string_view topic_name) {
-    return shards[string_hash{}(topic_name) % shard_count];
-  }
+  shard& shard_for(std::string_view topic_name) { return shards[string_hash{}(topic_name) % shard_count]; }
 
   topic& find_or_create(shard& s, std::string_view name, steady::time_point now) {
     auto it = s.topics.find(name);
@@ -85,23 +99,27 @@ struct LocalBus::impl {
     auto t = std::make_unique<topic>();
     t->name = std::string(name);
     t->last_activity = now;
-    s.lru.push_back(t.get());
-    t->lru_pos = std::prev(s.lru.end());
+    s.lru_push_back(t.get());
     auto& ref = *t;
-    s.topics.emplace(t->name, std::move(t));
+    s.topics.emplace(std::string_view(ref.name), std::move(t));
     topic_count.fetch_add(1, std::memory_order_relaxed);
     return ref;
   }
 
   void touch(shard& s, topic& t, steady::time_point now) {
     t.last_activity = now;
-    s.lru.splice(s.lru.end(), s.lru, t.lru_pos);
+    if (s.lru_tail != &t) {
+      s.lru_unlink(&t);
+      s.lru_push_back(&t);
+    }
   }
 
   void trim_history(topic& t, std::chrono::system_clock::time_point now) {
-    while (t.history.size() > options.history_limit) t.history.pop_front();
+    std::size_t drop =
+        t.history.size() > options.history_limit ? t.history.size() - options.history_limit : 0;
     const auto oldest_allowed = now - options.history_max_age;
-    while (!t.history.empty() && t.history.front()->time() < oldest_allowed) t.history.pop_front();
+    while (drop < t.history.size() && t.history[drop]->time() < oldest_allowed) ++drop;
+    if (drop > 0) t.history.erase(t.history.begin(), t.history.begin() + static_cast<std::ptrdiff_t>(drop));
   }
 
   void evict_idle(shard& s, steady::time_point now);
@@ -128,12 +146,12 @@ struct LocalBus::impl::subscription final : detail::SubscriptionState,
   mutable std::mutex mutex;
   std::condition_variable idle;
   std::deque<item> queue;
-  std::size_t replay_pending = 0;   // leading queue items that came from replay
+  std::size_t replay_pending = 0;  // leading queue items that came from replay
   std::uint64_t dropped_pending = 0;
-  bool scheduled = false;            // a drain is posted or running
-  bool running = false;              // a callback is executing
+  bool scheduled = false;  // a drain is posted or running
+  bool running = false;    // a callback is executing
   std::thread::id runner;
-  bool ended = false;                // ended by the bus; `ended` delivery still owed
+  bool ended = false;  // ended by the bus; `ended` delivery still owed
   bool end_delivered = false;
   Error end_reason;
   std::atomic<bool> cancelled{false};
@@ -144,9 +162,7 @@ struct LocalBus::impl::subscription final : detail::SubscriptionState,
     return !ended;
   }
 
-  bool matches(std::string_view topic_name) const noexcept {
-    return topic_name.starts_with(prefix);
-  }
+  bool matches(std::string_view topic_name) const noexcept { return topic_name.starts_with(prefix); }
 
   // Called with the topic's shard lock held. Never blocks. Appends to `to_post` when a drain
   // must be posted once the shard lock is released.
@@ -270,16 +286,17 @@ struct LocalBus::impl::subscription final : detail::SubscriptionState,
 // Forgets up to a few idle topics nobody subscribes to. Amortised over publishes and
 // subscribes, so no sweeper thread is needed.
 void LocalBus::impl::evict_idle(shard& s, steady::time_point now) {
-  for (int i = 0; i < 4 && !s.lru.empty(); ++i) {
-    topic* t = s.lru.front();
-    if (now - t->last_activity < options.topic_idle_ttl) return;
+  const std::size_t shard_limit = std::max<std::size_t>(1, options.max_topics / shard_count);
+  for (int i = 0; i < 4 && s.lru_head; ++i) {
+    topic* t = s.lru_head;
+    if (now - t->last_activity < options.topic_idle_ttl && s.topics.size() <= shard_limit) return;
     std::erase_if(t->subs, [](const sub_ptr& sub) { return !sub->active(); });
     if (!t->subs.empty()) {
       touch(s, *t, now);  // still wanted: look again after another ttl
       continue;
     }
-    s.lru.pop_front();
-    s.topics.erase(t->name);
+    s.lru_unlink(t);
+    s.topics.erase(s.topics.find(std::string_view(t->name)));  // destroys t
     topic_count.fetch_sub(1, std::memory_order_relaxed);
   }
 }
@@ -317,7 +334,8 @@ LocalBus::~LocalBus() {
   for (auto& sub : impl_->all_subscriptions()) sub->cancel();
 }
 
-result<EventPtr> LocalBus::publish(std::string_view topic_name, boost::json::value data) {
+result<EventPtr> LocalBus::publish(std::string_view topic_name, std::shared_ptr<const boost::json::value> data) {
+  if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
   if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
@@ -367,8 +385,9 @@ result<Subscription> LocalBus::subscribe(std::string_view pattern, DeliveryCallb
 
   if (pattern == "*" || pattern.ends_with("/*")) {
     if (options.since_seq)
-      return Error(errc::bad_request, "since_seq cannot be used with a wildcard pattern; "
-                                      "wildcard subscriptions are live only");
+      return Error(errc::bad_request,
+                   "since_seq cannot be used with a wildcard pattern; "
+                   "wildcard subscriptions are live only");
     impl_->live_subs.fetch_add(1, std::memory_order_relaxed);
     sub->wildcard = true;
     sub->prefix = std::string(pattern.substr(0, pattern.size() - 1));  // "booking/" or ""

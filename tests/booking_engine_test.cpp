@@ -33,9 +33,14 @@ struct Watcher {
   Watcher(std::shared_ptr<LocalBus> b, const std::string& topic) : bus(std::move(b)) {
     SubscribeOptions o;
     o.since_seq = 0;
-    sub = bus->subscribe(topic, [this](const Delivery& d) {
-                if (d.event) got.push({d.event->seq(), std::string(d.event->data().at("status").as_string())});
-              }, o).value();
+    sub = bus->subscribe(
+                 topic,
+                 [this](const Delivery& d) {
+                   if (d.event)
+                     got.push({d.event->seq(), std::string(d.event->data().at("status").as_string())});
+                 },
+                 o)
+              .value();
   }
   std::vector<std::pair<std::uint64_t, std::string>> wait_for(std::size_t n) { return got.wait_for(n); }
 };
@@ -90,8 +95,10 @@ TEST_CASE("submit refuses bad requests at once, with no ACK and no event") {
   expect(one("u1", "room-9"), errc::not_found, "unknown resource 'room-9'");
   expect(one("u1", "room-1", 0), errc::bad_request, "lines[0]: quantity must be at least 1");
   expect(one("u1", "room-1", 3), errc::exceeds_capacity, "'room-1' has only 2 units, 3 asked");
-  expect(one("", "room-1"), errc::bad_request, "user must be 1-128 characters of letters, digits and -_.:@+=~");
-  expect(one("u 1", "room-1"), errc::bad_request, "user must be 1-128 characters of letters, digits and -_.:@+=~");
+  expect(one("", "room-1"), errc::bad_request,
+         "user must be 1-128 characters of letters, digits and -_.:@+=~");
+  expect(one("u 1", "room-1"), errc::bad_request,
+         "user must be 1-128 characters of letters, digits and -_.:@+=~");
   BookingRequest empty;
   empty.user = "u1";
   expect(empty, errc::bad_request, "a booking needs at least one line");
@@ -154,7 +161,8 @@ TEST_CASE("requests for one resource are decided in arrival order across workers
   BookingEngine engine(bus, o);
   REQUIRE(engine.add_resource("r", 30));
   std::vector<std::string> ids;
-  for (int i = 0; i < 100; ++i) ids.push_back(engine.submit(one("u" + std::to_string(i), "r")).value().booking_id);
+  for (int i = 0; i < 100; ++i)
+    ids.push_back(engine.submit(one("u" + std::to_string(i), "r")).value().booking_id);
   REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
   for (int i = 0; i < 100; ++i) {
     CAPTURE(i);
@@ -294,7 +302,8 @@ TEST_CASE("holds: held with expires_at, then confirm, release or expiry, exactly
   auto c = held(30ms);
   CHECK(await_status(engine, c, BookingStatus::expired).status == BookingStatus::expired);
   CHECK(*engine.availability("r") == 2);
-  CHECK(engine.confirm(c).error().message == "cannot confirm booking '" + c + "': its hold already reached 'expired'");
+  CHECK(engine.confirm(c).error().message ==
+        "cannot confirm booking '" + c + "': its hold already reached 'expired'");
   auto st = engine.stats();
   CHECK(st.held == 3);
   CHECK(st.released == 1);
@@ -394,7 +403,7 @@ TEST_CASE("shutdown rejects queued bookings with reason shutdown and publishes i
 namespace {
 // A store that records what was committed and can be told to fail.
 class RecordingStore final : public BookingStore {
-public:
+ public:
   std::atomic<bool> fail{false};
   result<void> commit(const StateChange& change) override {
     if (fail.load()) return Error(errc::store_failed, "disk full");
@@ -411,7 +420,7 @@ public:
     return versions_[id];
   }
 
-private:
+ private:
   MemoryStore inner_;
   std::mutex mutex_;
   std::map<std::string, std::uint64_t> versions_;
@@ -428,12 +437,17 @@ TEST_CASE("every change is stored before it is published; a failing store means 
   std::atomic<int> checked{0}, unstored{0};
   SubscribeOptions so;
   so.executor = inline_executor();  // runs inside publish: sees the store at that instant
-  auto sub = bus->subscribe("booking/*", [&](const Delivery& d) {
-                  const auto id = std::string(d.event->data().at("booking_id").as_string());
-                  const auto version = static_cast<std::uint64_t>(d.event->data().at("version").as_int64());
-                  if (store->version(id) < version) ++unstored;
-                  ++checked;
-                }, so).value();
+  auto sub = bus->subscribe(
+                    "booking/*",
+                    [&](const Delivery& d) {
+                      const auto id = std::string(d.event->data().at("booking_id").as_string());
+                      const auto version =
+                          static_cast<std::uint64_t>(d.event->data().at("version").as_int64());
+                      if (store->version(id) < version) ++unstored;
+                      ++checked;
+                    },
+                    so)
+                 .value();
   for (int i = 0; i < 20; ++i) REQUIRE(engine.submit(one("u", "r")));
   REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
   CHECK(checked.load() == 40);

@@ -2,9 +2,9 @@
 
 #include "detail/booking_id.hpp"
 
+#include <doctest/doctest.h>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
-#include <doctest/doctest.h>
 
 #include <set>
 
@@ -18,7 +18,8 @@ result<BookingRequest> parse(std::string_view text, std::string_view user = {}) 
 
 TEST_CASE("a booking request parses from JSON, with lines or the one-line shorthand") {
   auto r = parse(R"({"user":"u1","lines":[{"resource":"room-1","quantity":2},{"resource":"room-2"}],
-                     "idempotency_key":"k1","metadata":{"note":"x"},"hold_ms":60000})").value();
+                     "idempotency_key":"k1","metadata":{"note":"x"},"hold_ms":60000})")
+               .value();
   CHECK(r.user == "u1");
   CHECK(r.lines == std::vector<BookingLine>{{"room-1", 2}, {"room-2", 1}});
   CHECK(r.idempotency_key == "k1");

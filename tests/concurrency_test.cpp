@@ -34,9 +34,9 @@ std::uint64_t seed_from_env() {
 
 bool legal(const std::string& from, const std::string& to) {
   static const std::multimap<std::string, std::string> allowed = {
-      {"", "processing"},       {"processing", "confirmed"}, {"processing", "rejected"},
-      {"processing", "held"},   {"held", "confirmed"},       {"held", "released"},
-      {"held", "expired"},      {"confirmed", "cancelled"}};
+      {"", "processing"},     {"processing", "confirmed"}, {"processing", "rejected"},
+      {"processing", "held"}, {"held", "confirmed"},       {"held", "released"},
+      {"held", "expired"},    {"confirmed", "cancelled"}};
   auto [a, b] = allowed.equal_range(from);
   for (auto it = a; it != b; ++it)
     if (it->second == to) return true;
@@ -59,7 +59,8 @@ struct BookingWatcher {
     auto& [seq, status] = last[d.event->topic()];
     const std::string to(d.event->data().at("status").as_string());
     if (d.event->seq() != seq + 1)
-      problems.push_back(d.event->topic() + ": seq " + std::to_string(d.event->seq()) + " after " + std::to_string(seq));
+      problems.push_back(d.event->topic() + ": seq " + std::to_string(d.event->seq()) + " after " +
+                         std::to_string(seq));
     if (!legal(status, to)) problems.push_back(d.event->topic() + ": " + status + " -> " + to);
     seq = d.event->seq();
     status = to;
@@ -103,14 +104,21 @@ TEST_CASE("randomised concurrent operations never overbook and lose no event") {
   SubscribeOptions wo;
   wo.max_queue = 1u << 24;
   wo.overflow = OverflowPolicy::end_subscription;
-  auto watch = bus->subscribe("booking/*", [&](const Delivery& d) { watcher.on(d); }, wo).value();
+  auto watch = bus->subscribe(
+                      "booking/*", [&](const Delivery& d) { watcher.on(d); }, wo)
+                   .value();
 
   std::atomic<int> overbooked{0};
-  auto monitor = bus->subscribe("resource/*", [&](const Delivery& d) {
-                       const auto& o = d.event->data().as_object();
-                       if (o.at("reserved").as_int64() + o.at("confirmed").as_int64() > o.at("capacity").as_int64())
-                         ++overbooked;
-                     }, wo).value();
+  auto monitor =
+      bus->subscribe(
+             "resource/*",
+             [&](const Delivery& d) {
+               const auto& o = d.event->data().as_object();
+               if (o.at("reserved").as_int64() + o.at("confirmed").as_int64() > o.at("capacity").as_int64())
+                 ++overbooked;
+             },
+             wo)
+          .value();
 
   std::mutex acked_mutex;
   std::vector<std::string> acked;
@@ -134,9 +142,9 @@ TEST_CASE("randomised concurrent operations never overbook and lose no event") {
         BookingRequest r;
         r.user = user;
         const int first = pick(4);
-        r.lines.push_back({resource_ids[static_cast<std::size_t>(first)], static_cast<std::uint32_t>(1 + pick(3))});
-        if (pick(4) == 0)
-          r.lines.push_back({resource_ids[static_cast<std::size_t>((first + 1) % 4)], 1});
+        r.lines.push_back(
+            {resource_ids[static_cast<std::size_t>(first)], static_cast<std::uint32_t>(1 + pick(3))});
+        if (pick(4) == 0) r.lines.push_back({resource_ids[static_cast<std::size_t>((first + 1) % 4)], 1});
         if (pick(10) == 0) r.hold_for = std::chrono::milliseconds(5 + pick(25));
         return r;
       };
@@ -165,7 +173,8 @@ TEST_CASE("randomised concurrent operations never overbook and lose no event") {
             if (expect_conflict) complain("conflicting retry was accepted");
             if (!key.empty()) {
               auto it = keys.find(key);
-              if (it != keys.end() && it->second.second != res->booking_id) complain("retry got another booking id");
+              if (it != keys.end() && it->second.second != res->booking_id)
+                complain("retry got another booking id");
               if (it == keys.end()) keys.emplace(key, std::pair{r, res->booking_id});
             }
             if (!res->replayed) {
@@ -201,19 +210,23 @@ TEST_CASE("randomised concurrent operations never overbook and lose no event") {
   CHECK(unexpected.load() == 0);
   CHECK(first_unexpected == "");
   // Every ACKed booking is decided, and every hold resolves (they expire within 30 ms).
-  REQUIRE(test::eventually([&] {
-    for (const auto& id : acked) {
-      auto b = engine.get(id);
-      if (!b || b->status == BookingStatus::processing || b->status == BookingStatus::held) return false;
-    }
-    return true;
-  }, 60s));
+  REQUIRE(test::eventually(
+      [&] {
+        for (const auto& id : acked) {
+          auto b = engine.get(id);
+          if (!b || b->status == BookingStatus::processing || b->status == BookingStatus::held) return false;
+        }
+        return true;
+      },
+      60s));
   // The watcher saw each booking's final state.
-  REQUIRE(test::eventually([&] {
-    for (const auto& id : acked)
-      if (watcher.status_of(id) != to_string(engine.get(id)->status)) return false;
-    return true;
-  }, 60s));
+  REQUIRE(test::eventually(
+      [&] {
+        for (const auto& id : acked)
+          if (watcher.status_of(id) != to_string(engine.get(id)->status)) return false;
+        return true;
+      },
+      60s));
 
   {
     std::lock_guard lock(watcher.mutex);
@@ -239,9 +252,10 @@ TEST_CASE("randomised concurrent operations never overbook and lose no event") {
   auto st = engine.stats();
   CHECK(st.in_flight == 0);
   CHECK(st.accepted == acked.size());
-  std::printf("concurrency_test: %zu bookings accepted, %llu confirmed, %llu rejected, %llu held, "
-              "%llu events checked\n",
-              acked.size(), static_cast<unsigned long long>(st.confirmed),
-              static_cast<unsigned long long>(st.rejected), static_cast<unsigned long long>(st.held),
-              static_cast<unsigned long long>(watcher.seen.load()));
+  std::printf(
+      "concurrency_test: %zu bookings accepted, %llu confirmed, %llu rejected, %llu held, "
+      "%llu events checked\n",
+      acked.size(), static_cast<unsigned long long>(st.confirmed),
+      static_cast<unsigned long long>(st.rejected), static_cast<unsigned long long>(st.held),
+      static_cast<unsigned long long>(watcher.seen.load()));
 }

@@ -2,9 +2,9 @@
 
 #include "wait.hpp"
 
+#include <doctest/doctest.h>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
-#include <doctest/doctest.h>
 
 #include <atomic>
 #include <latch>
@@ -94,7 +94,8 @@ TEST_CASE("a subscriber sees live events of its topic in order") {
   for (int i = 1; i <= 3; ++i) REQUIRE(bus.publish("booking/a", num(i)));
   REQUIRE(bus.publish("booking/b", num(9)));
   auto items = got.wait_for(3);
-  CHECK(items == std::vector<Seen>{{ev, "booking/a", 1, 0}, {ev, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}});
+  CHECK(items ==
+        std::vector<Seen>{{ev, "booking/a", 1, 0}, {ev, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}});
 }
 
 TEST_CASE("subscribing without since delivers the last event as a snapshot, then live ones") {
@@ -110,7 +111,9 @@ TEST_CASE("subscribing without since delivers the last event as a snapshot, then
     Collector<Seen> live;
     SubscribeOptions o;
     o.snapshot = false;
-    auto s2 = bus.subscribe("booking/a", [&](const Delivery& d) { live.push(seen(d)); }, o).value();
+    auto s2 = bus.subscribe(
+                     "booking/a", [&](const Delivery& d) { live.push(seen(d)); }, o)
+                  .value();
     REQUIRE(bus.publish("booking/a", num(4)));
     CHECK(live.wait_for(1) == std::vector<Seen>{{ev, "booking/a", 4, 0}});
   }
@@ -122,14 +125,19 @@ TEST_CASE("since replays the missed events from history, then goes live") {
   Collector<Seen> got;
   SubscribeOptions o;
   o.since_seq = 2;
-  auto sub = bus.subscribe("user/u1", [&](const Delivery& d) { got.push(seen(d)); }, o).value();
+  auto sub = bus.subscribe(
+                    "user/u1", [&](const Delivery& d) { got.push(seen(d)); }, o)
+                 .value();
   REQUIRE(bus.publish("user/u1", num(6)));
-  CHECK(got.wait_for(4) == std::vector<Seen>{{ev, "user/u1", 3, 0}, {ev, "user/u1", 4, 0},
-                                             {ev, "user/u1", 5, 0}, {ev, "user/u1", 6, 0}});
+  CHECK(got.wait_for(4) ==
+        std::vector<Seen>{
+            {ev, "user/u1", 3, 0}, {ev, "user/u1", 4, 0}, {ev, "user/u1", 5, 0}, {ev, "user/u1", 6, 0}});
   SUBCASE("since equal to the current seq replays nothing") {
     Collector<Seen> none;
     o.since_seq = 6;
-    auto s2 = bus.subscribe("user/u1", [&](const Delivery& d) { none.push(seen(d)); }, o).value();
+    auto s2 = bus.subscribe(
+                     "user/u1", [&](const Delivery& d) { none.push(seen(d)); }, o)
+                  .value();
     REQUIRE(bus.publish("user/u1", num(7)));
     CHECK(none.wait_for(1) == std::vector<Seen>{{ev, "user/u1", 7, 0}});
   }
@@ -146,12 +154,16 @@ TEST_CASE("where history no longer reaches back, the last event comes as a snaps
   Collector<Seen> got;
   SubscribeOptions o;
   o.since_seq = 2;  // needs 3..10, history has 8..10
-  auto sub = bus.subscribe("booking/x", [&](const Delivery& d) { got.push(seen(d)); }, o).value();
+  auto sub = bus.subscribe(
+                    "booking/x", [&](const Delivery& d) { got.push(seen(d)); }, o)
+                 .value();
   CHECK(got.wait_for(1) == std::vector<Seen>{{snap, "booking/x", 10, 0}});
 
   Collector<Seen> exact;
   o.since_seq = 7;  // needs 8..10: history reaches
-  auto sub2 = bus.subscribe("booking/x", [&](const Delivery& d) { exact.push(seen(d)); }, o).value();
+  auto sub2 = bus.subscribe(
+                     "booking/x", [&](const Delivery& d) { exact.push(seen(d)); }, o)
+                  .value();
   CHECK(exact.wait_for(3) ==
         std::vector<Seen>{{ev, "booking/x", 8, 0}, {ev, "booking/x", 9, 0}, {ev, "booking/x", 10, 0}});
 }
@@ -180,7 +192,9 @@ TEST_CASE("replay and live join without gap or duplicate while publishing goes o
   SubscribeOptions o;
   o.since_seq = 0;
   o.max_queue = total;
-  auto sub = bus.subscribe("booking/race", [&](const Delivery& d) { got.push(d.event->seq()); }, o).value();
+  auto sub = bus.subscribe(
+                    "booking/race", [&](const Delivery& d) { got.push(d.event->seq()); }, o)
+                 .value();
   publisher.join();
   // History holds only 256 events, so a replay from 0 after >100 publishes may start with a
   // snapshot; either way what follows must be contiguous up to `total`.
@@ -205,7 +219,8 @@ TEST_CASE("wildcards match every topic below a prefix and are live only") {
 
   SubscribeOptions o;
   o.since_seq = 0;
-  auto bad = bus.subscribe("booking/*", [](const Delivery&) {}, o);
+  auto bad = bus.subscribe(
+      "booking/*", [](const Delivery&) {}, o);
   CHECK(bad.error().is(errc::bad_request));
 }
 
@@ -217,14 +232,18 @@ TEST_CASE("callbacks of one subscription never overlap, even on a multi-threaded
   SubscribeOptions o;
   o.executor = pool;
   o.max_queue = 100000;
-  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) {
-                  int now = ++inside;
-                  int prev = max_inside.load();
-                  while (prev < now && !max_inside.compare_exchange_weak(prev, now)) {
-                  }
-                  got.push(d.event->seq());
-                  --inside;
-                }, o).value();
+  auto sub = bus.subscribe(
+                    "booking/a",
+                    [&](const Delivery& d) {
+                      int now = ++inside;
+                      int prev = max_inside.load();
+                      while (prev < now && !max_inside.compare_exchange_weak(prev, now)) {
+                      }
+                      got.push(d.event->seq());
+                      --inside;
+                    },
+                    o)
+                 .value();
   std::vector<std::thread> publishers;
   for (int t = 0; t < 4; ++t)
     publishers.emplace_back([&] {
@@ -242,7 +261,9 @@ TEST_CASE("a callback may run on the publisher's thread with inline_executor") {
   std::thread::id where;
   SubscribeOptions o;
   o.executor = inline_executor();
-  auto sub = bus.subscribe("booking/a", [&](const Delivery&) { where = std::this_thread::get_id(); }, o).value();
+  auto sub = bus.subscribe(
+                    "booking/a", [&](const Delivery&) { where = std::this_thread::get_id(); }, o)
+                 .value();
   REQUIRE(bus.publish("booking/a", num(1)));
   CHECK(where == std::this_thread::get_id());
 }
@@ -275,7 +296,9 @@ TEST_CASE("a slow subscriber with drop_oldest gets a gap marker and the newest e
   auto s = bus.subscribe("booking/a", slow.callback(), o).value();
   SubscribeOptions fo;
   fo.executor = std::make_shared<ThreadPool>(1);
-  auto f = bus.subscribe("booking/a", [&](const Delivery& d) { fast.push(d.event->seq()); }, fo).value();
+  auto f = bus.subscribe(
+                  "booking/a", [&](const Delivery& d) { fast.push(d.event->seq()); }, fo)
+               .value();
   REQUIRE(bus.publish("booking/a", num(1)));
   slow.entered.wait();
   for (int i = 2; i <= 11; ++i) REQUIRE(bus.publish("booking/a", num(i)));  // never blocks
@@ -298,10 +321,14 @@ TEST_CASE("a slow subscriber with end_subscription is ended with slow_consumer")
   SubscribeOptions o;
   o.max_queue = 2;
   o.overflow = OverflowPolicy::end_subscription;
-  auto s = bus.subscribe("booking/a", [&, cb = slow.callback()](const Delivery& d) {
-                if (d.kind == Delivery::Kind::ended) reasons.push(d.reason);
-                cb(d);
-              }, o).value();
+  auto s = bus.subscribe(
+                  "booking/a",
+                  [&, cb = slow.callback()](const Delivery& d) {
+                    if (d.kind == Delivery::Kind::ended) reasons.push(d.reason);
+                    cb(d);
+                  },
+                  o)
+               .value();
   REQUIRE(bus.publish("booking/a", num(1)));
   slow.entered.wait();
   for (int i = 2; i <= 5; ++i) REQUIRE(bus.publish("booking/a", num(i)));
@@ -321,13 +348,15 @@ TEST_CASE("unsubscribe from inside the callback stops further deliveries") {
   Subscription sub;
   std::atomic<int> calls{0};
   std::latch third{1};
-  sub = bus.subscribe("booking/a", [&](const Delivery& d) {
-              ++calls;
-              if (d.event->seq() == 3) {
-                sub.cancel();
-                third.count_down();
-              }
-            }).value();
+  sub = bus.subscribe("booking/a",
+                      [&](const Delivery& d) {
+                        ++calls;
+                        if (d.event->seq() == 3) {
+                          sub.cancel();
+                          third.count_down();
+                        }
+                      })
+            .value();
   for (int i = 1; i <= 10; ++i) REQUIRE(bus.publish("booking/a", num(i)));
   third.wait();
   // Flush the delivery thread: a later subscription's callback runs after ours would have.
@@ -344,10 +373,12 @@ TEST_CASE("after cancel() returns no callback runs, even with publishers racing"
   std::atomic<bool> cancelled{false};
   std::atomic<int> after_cancel{0};
   std::atomic<int> calls{0};
-  auto sub = bus.subscribe("booking/a", [&](const Delivery&) {
-                  ++calls;
-                  if (cancelled.load()) ++after_cancel;
-                }).value();
+  auto sub = bus.subscribe("booking/a",
+                           [&](const Delivery&) {
+                             ++calls;
+                             if (cancelled.load()) ++after_cancel;
+                           })
+                 .value();
   std::atomic<bool> stop{false};
   std::vector<std::thread> publishers;
   for (int t = 0; t < 3; ++t)
@@ -381,10 +412,12 @@ TEST_CASE("destroying the bus ends subscriptions; handles outliving it stay safe
 TEST_CASE("a throwing callback does not stop later deliveries") {
   LocalBus bus;
   Collector<std::uint64_t> got;
-  auto sub = bus.subscribe("booking/a", [&](const Delivery& d) {
-                  got.push(d.event->seq());
-                  if (d.event->seq() == 1) throw std::runtime_error("boom");
-                }).value();
+  auto sub = bus.subscribe("booking/a",
+                           [&](const Delivery& d) {
+                             got.push(d.event->seq());
+                             if (d.event->seq() == 1) throw std::runtime_error("boom");
+                           })
+                 .value();
   REQUIRE(bus.publish("booking/a", num(1)));
   REQUIRE(bus.publish("booking/a", num(2)));
   CHECK(got.wait_for(2) == std::vector<std::uint64_t>{1, 2});
@@ -403,4 +436,18 @@ TEST_CASE("idle topics without subscribers are forgotten after topic_idle_ttl") 
   REQUIRE(bus.publish("booking/kept", num(2)));
   CHECK(got.wait_for(2) == std::vector<std::uint64_t>{1, 2});
   CHECK(bus.stats().topics == 1);
+}
+
+TEST_CASE("at most max_topics topics are kept; the least recently active go first") {
+  LocalBusOptions bo;
+  bo.max_topics = 64;  // 2 per shard
+  LocalBus bus(bo);
+  Collector<std::uint64_t> got;
+  auto keep = bus.subscribe("booking/kept", [&](const Delivery& d) { got.push(d.event->seq()); }).value();
+  for (int i = 0; i < 10000; ++i) REQUIRE(bus.publish("booking/" + std::to_string(i), num(i)));
+  CHECK(bus.stats().topics <= 64 + 1);
+  CHECK(bus.last("booking/9999") != nullptr);  // the most recent survive
+  CHECK(bus.last("booking/0") == nullptr);
+  REQUIRE(bus.publish("booking/kept", num(1)));  // a topic with a subscriber is never forgotten
+  CHECK(got.wait_for(1) == std::vector<std::uint64_t>{1});
 }

@@ -8,7 +8,8 @@
 using namespace pushbook;
 
 TEST_CASE("values below 64 are exact; larger ones land within 3.2%") {
-  for (std::uint64_t v : {0, 1, 17, 63}) CHECK(LatencyHistogram::value_of(LatencyHistogram::bucket_of(v)) == v);
+  for (std::uint64_t v : {0, 1, 17, 63})
+    CHECK(LatencyHistogram::value_of(LatencyHistogram::bucket_of(v)) == v);
   for (std::uint64_t v : {64ull, 100ull, 1000ull, 123456ull, 1ull << 40, ~0ull >> 1}) {
     CAPTURE(v);
     const auto r = LatencyHistogram::value_of(LatencyHistogram::bucket_of(v));

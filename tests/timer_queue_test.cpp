@@ -8,8 +8,8 @@ using namespace pushbook;
 using namespace std::chrono_literals;
 
 TEST_CASE("timers fire in deadline order, whatever the order they were scheduled in") {
+  test::Collector<int> fired;  // declared first: outlives the timer thread
   detail::TimerQueue q;
-  test::Collector<int> fired;
   const auto now = detail::TimerQueue::clock::now();
   q.schedule(now + 30ms, [&] { fired.push(3); });
   q.schedule(now + 10ms, [&] { fired.push(1); });
@@ -19,8 +19,8 @@ TEST_CASE("timers fire in deadline order, whatever the order they were scheduled
 }
 
 TEST_CASE("a cancelled timer does not fire") {
+  test::Collector<int> fired;  // declared first: outlives the timer thread
   detail::TimerQueue q;
-  test::Collector<int> fired;
   const auto now = detail::TimerQueue::clock::now();
   auto id = q.schedule(now + 10ms, [&] { fired.push(1); });
   q.schedule(now + 20ms, [&] { fired.push(2); });

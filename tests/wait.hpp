@@ -23,7 +23,7 @@ inline bool eventually(const std::function<bool()>& pred,
 /// Collects values from any thread; waiters block until enough arrived or a deadline passes.
 template <class T>
 class Collector {
-public:
+ public:
   void push(T v) {
     {
       std::lock_guard lock(mutex_);
@@ -46,7 +46,7 @@ public:
     return items_.size();
   }
 
-private:
+ private:
   std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<T> items_;

@@ -16,11 +16,11 @@ namespace pushbook {
 template <class AsioExecutor>
 ExecutorPtr make_executor(AsioExecutor executor) {
   class adapter final : public Executor {
-  public:
+   public:
     explicit adapter(AsioExecutor ex) : ex_(std::move(ex)) {}
     void post(std::function<void()> task) override { boost::asio::post(ex_, std::move(task)); }
 
-  private:
+   private:
     AsioExecutor ex_;
   };
   return std::make_shared<adapter>(std::move(executor));

@@ -73,7 +73,7 @@ struct BookingRequest {
 /// `user` may be omitted from the JSON and given as `user_override` (a gateway passes the
 /// authenticated user). Errors: errc::bad_request naming the field.
 PUSHBOOK_EXPORT result<BookingRequest> booking_request_from_json(const boost::json::value& v,
-                                                                  std::string_view user_override = {});
+                                                                 std::string_view user_override = {});
 
 /// The answer submit() gives at once.
 struct Ack {

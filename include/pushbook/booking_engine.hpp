@@ -36,13 +36,13 @@ struct Decision {
 /// Delivers a handler's decision, once. Copyable; any copy may be called from any thread, now
 /// or later. Calls after the first, or after the handler timeout fired, are ignored.
 class PUSHBOOK_EXPORT Completion {
-public:
+ public:
   struct state;
   explicit Completion(std::shared_ptr<state> s) : state_(std::move(s)) {}
   /// Returns true when this call decided the booking.
   bool operator()(Decision decision) const;
 
-private:
+ private:
   std::shared_ptr<state> state_;
 };
 
@@ -104,7 +104,7 @@ struct EngineStats {
 /// Bookings publish to "booking/<id>" and "user/<user>" (the booking's JSON, see to_json), and
 /// every change of a resource's availability to "resource/<id>".
 class PUSHBOOK_EXPORT BookingEngine {
-public:
+ public:
   explicit BookingEngine(EventBusPtr bus, EngineOptions options = {});
   /// Calls shutdown().
   ~BookingEngine();
@@ -144,7 +144,7 @@ public:
   EngineStats stats() const;
   const EventBusPtr& bus() const noexcept;
 
-private:
+ private:
   std::shared_ptr<detail::engine_core> impl_;
 };
 

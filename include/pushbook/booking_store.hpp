@@ -17,7 +17,7 @@ namespace pushbook {
 /// An event the engine will publish once a change is stored.
 struct OutboxEvent {
   std::string topic;
-  boost::json::value data;
+  std::shared_ptr<const boost::json::value> data;
 };
 
 /// One state change of one booking: the booking as it is after the change, and the events that
@@ -25,14 +25,14 @@ struct OutboxEvent {
 /// succeeds. A store with a transactional outbox may write `events` in the same transaction and
 /// publish them itself; see docs/architecture.md.
 struct StateChange {
-  Booking booking;
+  const Booking& booking;
   std::vector<OutboxEvent> events;
 };
 
 /// Persistence of bookings. Called concurrently, but never concurrently for the same booking id
 /// (the engine serialises changes per booking).
 class PUSHBOOK_EXPORT BookingStore {
-public:
+ public:
   virtual ~BookingStore();
   /// Stores `change.booking`, replacing the previous version. Errors: errc::store_failed.
   virtual result<void> commit(const StateChange& change) = 0;
@@ -42,7 +42,7 @@ public:
 
 /// A thread-safe in-memory BookingStore.
 class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
-public:
+ public:
   MemoryStore();
   ~MemoryStore() override;
   result<void> commit(const StateChange& change) override;
@@ -50,7 +50,7 @@ public:
   /// Number of bookings stored.
   std::size_t size() const;
 
-private:
+ private:
   struct impl;
   std::unique_ptr<impl> impl_;
 };

@@ -54,9 +54,7 @@ enum class errc {
 /// The error category of `errc`.
 PUSHBOOK_EXPORT const std::error_category& error_category() noexcept;
 
-inline std::error_code make_error_code(errc e) noexcept {
-  return {static_cast<int>(e), error_category()};
-}
+inline std::error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), error_category()}; }
 
 /// The stable snake_case name of an error code, as used on the wire ("sold_out").
 PUSHBOOK_EXPORT const char* to_string(errc e) noexcept;
@@ -76,23 +74,32 @@ struct Error {
 
 /// Thrown by `result<T>::value()` when it holds an error.
 class PUSHBOOK_EXPORT Exception : public std::system_error {
-public:
+ public:
   explicit Exception(const Error& error) : std::system_error(error.code, error.message) {}
 };
 
 /// Either a value or an `Error` (std::expected is C++23; this is the subset pushbook needs).
 template <class T>
 class [[nodiscard]] result {
-public:
+ public:
   result(T value) : v_(std::in_place_index<0>, std::move(value)) {}
   result(Error error) : v_(std::in_place_index<1>, std::move(error)) {}
 
   bool has_value() const noexcept { return v_.index() == 0; }
   explicit operator bool() const noexcept { return has_value(); }
 
-  T& value() & { check(); return std::get<0>(v_); }
-  const T& value() const& { check(); return std::get<0>(v_); }
-  T&& value() && { check(); return std::get<0>(std::move(v_)); }
+  T& value() & {
+    check();
+    return std::get<0>(v_);
+  }
+  const T& value() const& {
+    check();
+    return std::get<0>(v_);
+  }
+  T&& value() && {
+    check();
+    return std::get<0>(std::move(v_));
+  }
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
@@ -101,7 +108,7 @@ public:
   /// The error; only valid when `!has_value()`.
   const Error& error() const { return std::get<1>(v_); }
 
-private:
+ private:
   void check() const {
     if (v_.index() != 0) throw Exception(std::get<1>(v_));
   }
@@ -110,7 +117,7 @@ private:
 
 template <>
 class [[nodiscard]] result<void> {
-public:
+ public:
   result() = default;
   result(Error error) : error_(std::move(error)), failed_(true) {}
 
@@ -121,7 +128,7 @@ public:
   }
   const Error& error() const { return error_; }
 
-private:
+ private:
   Error error_;
   bool failed_ = false;
 };

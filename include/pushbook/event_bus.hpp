@@ -24,9 +24,9 @@ namespace pushbook {
 
 /// One published event: immutable once published and shared by every subscriber.
 class PUSHBOOK_EXPORT Event {
-public:
+ public:
   Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-        boost::json::value data);
+        std::shared_ptr<const boost::json::value> data);
   ~Event();
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
@@ -36,19 +36,21 @@ public:
   std::uint64_t seq() const noexcept { return seq_; }
   /// When it was published.
   std::chrono::system_clock::time_point time() const noexcept { return time_; }
-  const boost::json::value& data() const noexcept { return data_; }
+  const boost::json::value& data() const noexcept { return *data_; }
+  /// The payload, shareable: events published with the same pointer share one JSON value.
+  const std::shared_ptr<const boost::json::value>& shared_data() const noexcept { return data_; }
 
   /// The event in pushbook's wire form, serialized once on first use and then shared:
   /// {"type":"event","topic":"...","seq":N,"ts":<unix ms>,"data":{...}}
   /// With `snapshot`, the same object with "snapshot":true (it carries current state).
   std::shared_ptr<const std::string> wire(bool snapshot = false) const;
 
-private:
+ private:
   struct cache;
   std::string topic_;
   std::uint64_t seq_;
   std::chrono::system_clock::time_point time_;
-  boost::json::value data_;
+  std::shared_ptr<const boost::json::value> data_;
   std::unique_ptr<cache> cache_;
 };
 
@@ -103,7 +105,7 @@ using DeliveryCallback = std::function<void(const Delivery&)>;
 namespace detail {
 /// The part of a subscription its handle talks to; implemented by each bus.
 class PUSHBOOK_EXPORT SubscriptionState {
-public:
+ public:
   virtual ~SubscriptionState();
   virtual void cancel() noexcept = 0;
   virtual bool active() const noexcept = 0;
@@ -114,7 +116,7 @@ public:
 /// callback starts, and a callback running on another thread has finished (unless cancel() is
 /// called from inside the callback itself, which is allowed). Move-only.
 class PUSHBOOK_EXPORT Subscription {
-public:
+ public:
   Subscription() = default;
   explicit Subscription(std::shared_ptr<detail::SubscriptionState> state) : state_(std::move(state)) {}
   Subscription(Subscription&&) noexcept = default;
@@ -133,19 +135,25 @@ public:
   /// False once cancelled or ended by the bus.
   bool active() const noexcept { return state_ && state_->active(); }
 
-private:
+ private:
   std::shared_ptr<detail::SubscriptionState> state_;
 };
 
 /// Publish/subscribe on `/`-separated topics ("booking/<id>", "user/<id>", "resource/<id>").
 /// Thread-safe. Publishing never blocks on subscribers.
 class PUSHBOOK_EXPORT EventBus {
-public:
+ public:
   virtual ~EventBus();
 
   /// Publishes `data` to `topic`, assigning the topic's next sequence number and a timestamp.
-  /// Errors: errc::invalid_topic, errc::shutting_down.
-  virtual result<EventPtr> publish(std::string_view topic, boost::json::value data) = 0;
+  /// The same `data` may be published to several topics without being copied.
+  /// Errors: errc::invalid_topic, errc::bad_request (null data), errc::shutting_down.
+  virtual result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) = 0;
+
+  /// Convenience: publishes a JSON value it takes ownership of.
+  result<EventPtr> publish(std::string_view topic, boost::json::value data) {
+    return publish(topic, std::make_shared<const boost::json::value>(std::move(data)));
+  }
 
   /// Subscribes `callback` to an exact topic or a trailing wildcard ("booking/*" matches every
   /// topic below "booking/"; "*" matches all). See SubscribeOptions for replay and bounds.
@@ -174,6 +182,9 @@ struct LocalBusOptions {
   /// A topic with no subscriber and no publish for this long is forgotten (with its last value
   /// and sequence counter), so that one-off topics such as booking/<id> do not grow memory.
   std::chrono::milliseconds topic_idle_ttl = std::chrono::hours(1);
+  /// At most this many topics are kept: beyond, the least recently active topics without a
+  /// subscriber are forgotten before their ttl (a bound on memory at high booking rates).
+  std::size_t max_topics = 1'000'000;
   /// Threads of the default delivery executor (used by subscriptions that name none).
   std::size_t delivery_threads = 1;
 };
@@ -190,14 +201,15 @@ struct LocalBusStats {
 
 /// The in-process EventBus.
 class PUSHBOOK_EXPORT LocalBus final : public EventBus {
-public:
+ public:
   explicit LocalBus(LocalBusOptions options = {});
   /// Ends every subscription (no more callbacks start) and waits for running callbacks.
   ~LocalBus() override;
   LocalBus(const LocalBus&) = delete;
   LocalBus& operator=(const LocalBus&) = delete;
 
-  result<EventPtr> publish(std::string_view topic, boost::json::value data) override;
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) override;
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
   EventPtr last(std::string_view topic) const override;
@@ -205,7 +217,7 @@ public:
 
   LocalBusStats stats() const;
 
-private:
+ private:
   struct impl;
   std::shared_ptr<impl> impl_;
 };

@@ -14,7 +14,7 @@ namespace pushbook {
 
 /// Something that runs posted tasks, later and possibly on another thread.
 class PUSHBOOK_EXPORT Executor {
-public:
+ public:
   virtual ~Executor();
   /// Queues `task` to run. Must not run it before returning unless the executor is inline.
   /// Thread-safe.
@@ -25,7 +25,7 @@ using ExecutorPtr = std::shared_ptr<Executor>;
 
 /// A fixed set of threads running posted tasks in FIFO order.
 class PUSHBOOK_EXPORT ThreadPool final : public Executor {
-public:
+ public:
   /// Starts `threads` threads (at least one).
   explicit ThreadPool(std::size_t threads = 1);
   /// Runs the tasks already queued, then joins. Must not be called from one of its own threads.
@@ -40,7 +40,7 @@ public:
   /// True when called from one of this pool's threads.
   bool running_in_this_thread() const noexcept;
 
-private:
+ private:
   struct impl;
   std::shared_ptr<impl> impl_;  // shared with the threads, so a self-destroying pool is safe
 };

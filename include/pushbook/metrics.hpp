@@ -25,7 +25,7 @@ struct LatencySummary {
 /// A log-linear histogram of durations (HDR-style: 32 sub-buckets per power of two, so any
 /// recorded value is reported within 3.2% of itself). Recording is wait-free and thread-safe.
 class PUSHBOOK_EXPORT LatencyHistogram {
-public:
+ public:
   static constexpr int sub_bucket_bits = 5;
   static constexpr int sub_buckets = 1 << sub_bucket_bits;
   static constexpr int bucket_count = 2 * sub_buckets + (63 - sub_bucket_bits) * sub_buckets;
@@ -51,7 +51,7 @@ public:
   static int bucket_of(std::uint64_t value) noexcept;
   static std::uint64_t value_of(int bucket) noexcept;
 
-private:
+ private:
   std::array<std::atomic<std::uint64_t>, bucket_count> buckets_{};
   std::atomic<std::uint64_t> count_{0};
   std::atomic<std::uint64_t> sum_{0};

@@ -13,7 +13,7 @@
 namespace pushbook::detail {
 
 class BookingIdGenerator {
-public:
+ public:
   explicit BookingIdGenerator(std::uint32_t node_id, std::uint64_t counter_start)
       : node_id_(node_id), counter_(counter_start) {}
 
@@ -26,7 +26,7 @@ public:
   /// Decodes the millisecond timestamp of an id made here; -1 when malformed.
   static std::int64_t timestamp_ms(const std::string& id);
 
-private:
+ private:
   std::uint32_t node_id_;
   std::atomic<std::uint64_t> counter_;
 };

@@ -52,8 +52,9 @@ void TimerQueue::run() {
       continue;
     }
     auto first = timers_.begin();
-    if (clock::now() < first->first.first) {
-      wake_.wait_until(lock, first->first.first);
+    const auto deadline = first->first.first;  // a copy: cancel() may erase the node while we wait
+    if (clock::now() < deadline) {
+      wake_.wait_until(lock, deadline);
       continue;
     }
     auto fn = std::move(first->second);

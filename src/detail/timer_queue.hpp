@@ -14,7 +14,7 @@
 namespace pushbook::detail {
 
 class TimerQueue {
-public:
+ public:
   using clock = std::chrono::steady_clock;
   using timer_id = std::uint64_t;
 
@@ -30,7 +30,7 @@ public:
   bool cancel(timer_id id);
   std::size_t pending() const;
 
-private:
+ private:
   void run();
 
   mutable std::mutex mutex_;

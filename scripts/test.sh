@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "Run the tests"). Installs missing Debian
+# packages, then:
+#   1. builds everything with -Wall -Wextra -Werror and runs every test (ctest)
+#   2. installs pushbook and builds two consumer projects against it: find_package() on the
+#      installed static library, add_subdirectory() as a shared library
+#   3. runs every test again under AddressSanitizer + UndefinedBehaviorSanitizer
+#   4. runs the concurrency tests under ThreadSanitizer
+# Set PUSHBOOK_SKIP_SANITIZERS=1 to stop after step 2 (quick local runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+bash scripts/setup.sh
+
+jobs=$(nproc)
+passed=0
+failed_steps=()
+step() { printf '\n==> %s\n' "$*"; }
+run_step() {  # name, command...
+  local name=$1
+  shift
+  if "$@"; then passed=$((passed + 1)); else failed_steps+=("$name"); fi
+}
+
+configure_build() {  # dir, extra cmake args...
+  local dir=$1
+  shift
+  cmake -S "$root" -B "$dir" -G Ninja -DPUSHBOOK_WERROR=ON "$@" >"$dir.configure.log" 2>&1 ||
+    { cat "$dir.configure.log"; return 1; }
+  cmake --build "$dir" -j "$jobs"
+}
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+
+step "1/4 build (-Werror) and run all tests"
+mkdir -p build
+run_step "tests" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
+  configure_build build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_BUILD_TESTS=ON \
+    -DPUSHBOOK_BUILD_EXAMPLES=ON -DPUSHBOOK_BUILD_BENCH=ON &&
+  ctest --test-dir build --output-on-failure -j $jobs"
+
+step "2/4 consumer projects: find_package (installed, static) and add_subdirectory (shared)"
+run_step "consumers" bash -c "
+  set -e
+  rm -rf build/_install build/consumer-find build/consumer-sub
+  cmake --install build --prefix build/_install >/dev/null
+  cmake -S tests/consumers/find_package -B build/consumer-find -G Ninja \
+    -DCMAKE_PREFIX_PATH='$root/build/_install' >/dev/null
+  cmake --build build/consumer-find
+  build/consumer-find/consumer
+  cmake -S tests/consumers/add_subdirectory -B build/consumer-sub -G Ninja \
+    -DPUSHBOOK_SOURCE_DIR='$root' -DBUILD_SHARED_LIBS=ON >/dev/null
+  cmake --build build/consumer-sub
+  build/consumer-sub/consumer"
+
+if [ "${PUSHBOOK_SKIP_SANITIZERS:-0}" != 1 ]; then
+  step "3/4 AddressSanitizer + UndefinedBehaviorSanitizer: all tests"
+  mkdir -p build-asan
+  run_step "asan+ubsan" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
+    configure_build build-asan -DCMAKE_BUILD_TYPE=Debug -DPUSHBOOK_SANITIZE=address,undefined \
+      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF &&
+    ctest --test-dir build-asan --output-on-failure -j $jobs"
+
+  step "4/4 ThreadSanitizer: concurrency tests"
+  mkdir -p build-tsan
+  # setarch -R: GCC 12's TSan runtime cannot map its shadow memory with the high ASLR entropy of
+  # recent kernels; running without address randomisation avoids that.
+  run_step "tsan" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
+    configure_build build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_SANITIZE=thread \
+      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF &&
+    setarch \"\$(uname -m)\" -R ctest --test-dir build-tsan --output-on-failure -L concurrency -j $jobs"
+fi
+
+echo
+if ((${#failed_steps[@]})); then
+  echo "FAILED steps: ${failed_steps[*]}"
+  echo "steps: $passed passed, ${#failed_steps[@]} failed"
+  exit 1
+fi
+echo "steps: $passed passed, 0 failed"
