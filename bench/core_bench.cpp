@@ -210,7 +210,9 @@ int main(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc)
       opt.only = argv[++i];
     else {
-      fmt::print(stderr, "usage: pushbook-core-bench [--runs N] [--bookings N] [--subscribers N] [--only WHAT] [--json]\n");
+      fmt::print(
+          stderr,
+          "usage: pushbook-core-bench [--runs N] [--bookings N] [--subscribers N] [--only WHAT] [--json]\n");
       return a == "--help" ? 0 : 2;
     }
   }
