@@ -148,7 +148,8 @@ class PUSHBOOK_EXPORT EventBus {
   /// Publishes `data` to `topic`, assigning the topic's next sequence number and a timestamp.
   /// The same `data` may be published to several topics without being copied.
   /// Errors: errc::invalid_topic, errc::bad_request (null data), errc::shutting_down.
-  virtual result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) = 0;
+  virtual result<EventPtr> publish(std::string_view topic,
+                                   std::shared_ptr<const boost::json::value> data) = 0;
 
   /// Convenience: publishes a JSON value it takes ownership of.
   result<EventPtr> publish(std::string_view topic, boost::json::value data) {

@@ -1,0 +1,177 @@
+// pushbook-server: LocalBus + BookingEngine + PushGateway wired into a runnable server.
+//
+//   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
+//                   [--resource ID:CAPACITY]... [--secret S | --dev-insecure]
+//                   [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]
+//   pushbook-server --token-for USER [--secret S] [--ttl-s N]    print a client token and exit
+//
+// The secret may also come from PUSHBOOK_SECRET. SIGINT and SIGTERM stop it gracefully.
+#include <pushbook/auth.hpp>
+#include <pushbook/booking_engine.hpp>
+#include <pushbook/event_bus.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include <fmt/format.h>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <csignal>
+#include <cstdlib>
+#include <string_view>
+#include <thread>
+
+namespace {
+
+struct Options {
+  pushbook::GatewayOptions gateway;
+  std::size_t workers = 2;
+  std::vector<std::pair<std::string, std::uint32_t>> resources;
+  int decision_delay_ms = 0;
+  std::string token_for;
+  long ttl_s = 3600;
+};
+
+[[noreturn]] void usage(int code) {
+  fmt::print(code ? stderr : stdout,
+             "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
+             "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
+             "                       [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]\n"
+             "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n");
+  std::exit(code);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  o.gateway.port = 8080;
+  if (const char* s = std::getenv("PUSHBOOK_SECRET")) o.gateway.secret = s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        fmt::print(stderr, "{} needs a value\n", a);
+        usage(2);
+      }
+      return argv[++i];
+    };
+    auto number = [&]() -> long {
+      const auto v = value();
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || n < 0) {
+        fmt::print(stderr, "{} needs a non-negative number, not '{}'\n", a, v);
+        usage(2);
+      }
+      return n;
+    };
+    if (a == "--port")
+      o.gateway.port = static_cast<std::uint16_t>(number());
+    else if (a == "--bind")
+      o.gateway.host = value();
+    else if (a == "--threads")
+      o.gateway.threads = static_cast<std::size_t>(number());
+    else if (a == "--workers")
+      o.workers = static_cast<std::size_t>(number());
+    else if (a == "--secret")
+      o.gateway.secret = value();
+    else if (a == "--dev-insecure")
+      o.gateway.dev_insecure = true;
+    else if (a == "--decision-delay-ms")
+      o.decision_delay_ms = static_cast<int>(number());
+    else if (a == "--allow-origin")
+      o.gateway.allowed_origins.push_back(value());
+    else if (a == "--static-dir")
+      o.gateway.static_dir = value();
+    else if (a == "--token-for")
+      o.token_for = value();
+    else if (a == "--ttl-s")
+      o.ttl_s = number();
+    else if (a == "--resource") {
+      const auto spec = value();
+      const auto colon = spec.rfind(':');
+      char* end = nullptr;
+      const long cap = colon == std::string::npos ? -1 : std::strtol(spec.c_str() + colon + 1, &end, 10);
+      if (colon == std::string::npos || cap < 0 || *end) {
+        fmt::print(stderr, "--resource needs ID:CAPACITY, not '{}'\n", spec);
+        usage(2);
+      }
+      o.resources.emplace_back(spec.substr(0, colon), static_cast<std::uint32_t>(cap));
+    } else if (a == "--help" || a == "-h")
+      usage(0);
+    else {
+      fmt::print(stderr, "unknown option '{}'\n", a);
+      usage(2);
+    }
+  }
+  if (o.resources.empty()) o.resources = {{"room-101", 10}, {"room-102", 10}, {"concert", 100}};
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto opt = parse(argc, argv);
+  if (!opt.token_for.empty()) {
+    if (opt.gateway.secret.empty()) {
+      fmt::print(stderr, "--token-for needs --secret or PUSHBOOK_SECRET\n");
+      return 2;
+    }
+    fmt::print("{}\n", pushbook::sign_token(
+                           opt.token_for, std::chrono::system_clock::now() + std::chrono::seconds(opt.ttl_s),
+                           opt.gateway.secret));
+    return 0;
+  }
+
+  // Block the stop signals in every thread; main waits for them with sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  // The simulated business step (a payment call) answers after --decision-delay-ms, on a timer.
+  boost::asio::io_context timers;
+  auto guard = boost::asio::make_work_guard(timers);
+  std::thread timer_thread([&] { timers.run(); });
+
+  try {
+    auto bus = std::make_shared<pushbook::LocalBus>();
+    pushbook::EngineOptions eo;
+    eo.workers = opt.workers;
+    if (opt.decision_delay_ms > 0)
+      eo.handler = [&timers, delay = std::chrono::milliseconds(opt.decision_delay_ms)](
+                       const pushbook::Booking&, pushbook::Completion done) {
+        auto timer = std::make_shared<boost::asio::steady_timer>(timers, delay);
+        timer->async_wait([timer, done](boost::system::error_code) { done(pushbook::Decision::approved()); });
+      };
+    auto engine = std::make_shared<pushbook::BookingEngine>(bus, eo);
+    for (const auto& [id, capacity] : opt.resources) engine->add_resource(id, capacity).value();
+
+    pushbook::PushGateway gateway(bus, engine, opt.gateway);
+    auto port = gateway.listen();
+    if (!port) {
+      fmt::print(stderr, "pushbook-server: {}\n", port.error().message);
+      return 1;
+    }
+    fmt::print("pushbook-server listening on http://{}:{} ({} resources, decision delay {} ms)\n",
+               opt.gateway.host, *port, opt.resources.size(), opt.decision_delay_ms);
+    std::fflush(stdout);
+
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    fmt::print("pushbook-server: {} received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    std::fflush(stdout);
+    gateway.stop();
+    engine->shutdown();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "pushbook-server: {}\n", e.what());
+    guard.reset();
+    timers.stop();
+    timer_thread.join();
+    return 1;
+  }
+  guard.reset();
+  timer_thread.join();
+  fmt::print("pushbook-server: stopped\n");
+  return 0;
+}

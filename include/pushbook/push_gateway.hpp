@@ -1,0 +1,153 @@
+// pushbook/push_gateway.hpp: the HTTP + WebSocket + Server-Sent Events server that pushes booking
+// events to the right, authenticated clients. Protocol: docs/protocol.md.
+//
+// Boost.Asio and Beast stay out of this header (pimpl); hosts with their own Beast server hand
+// connections over with the functions of pushbook/beast.hpp.
+#pragma once
+
+#include <pushbook/booking_engine.hpp>
+#include <pushbook/error.hpp>
+#include <pushbook/event_bus.hpp>
+#include <pushbook/export.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace boost::asio {
+class io_context;
+}
+
+namespace pushbook {
+
+enum class LogLevel { debug, info, warning, error };
+/// Receives the gateway's log lines. Tokens never appear in them.
+using LogFunction = std::function<void(LogLevel, std::string_view)>;
+
+/// Decides whether `user` may subscribe to `topic` (exact topic, already validated).
+using TopicAuthorizer = std::function<bool(std::string_view user, std::string_view topic)>;
+
+/// What happens to a client whose unsent data exceeds GatewayOptions::max_queued_bytes.
+enum class SlowConsumerPolicy {
+  /// Close the WebSocket with 1013 "try again later" (the client resumes with `since`).
+  disconnect,
+  /// Drop the oldest queued events and send a gap marker naming their topics.
+  drop_with_gap,
+};
+
+struct GatewayOptions {
+  /// Where listen() binds. Port 0 picks a free port (see PushGateway::port()).
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 0;
+  /// Threads of the gateway's own (each runs an io_context; connections are spread over them).
+  /// 0: one per core. Ignored when the host passes its io_context.
+  std::size_t threads = 0;
+
+  /// HS256 secret for client tokens. Required unless dev_insecure.
+  std::string secret;
+  /// Development only: accept clients without a verified token (identity from ?user=, the
+  /// X-Pushbook-User header or an unverified token's "sub"). Logged loudly at start-up.
+  bool dev_insecure = false;
+  /// How far token expiry may be off (clock skew).
+  std::chrono::seconds token_leeway = std::chrono::seconds(5);
+  /// After a WebSocket's token expires the client gets this long to send {"op":"refresh"}.
+  std::chrono::milliseconds token_refresh_grace = std::chrono::seconds(30);
+  /// Allowed Origin values for WebSocket upgrades and SSE (exact match, e.g.
+  /// "https://app.example.com"). Empty: any origin. Requests without Origin (not browsers) pass.
+  std::vector<std::string> allowed_origins;
+  /// Replaces the default rule (pushbook::default_topic_rule) for who may see which topic.
+  TopicAuthorizer authorize;
+
+  /// Largest WebSocket message a client may send (closed with 1009 beyond).
+  std::size_t max_message_bytes = 64 * 1024;
+  /// Largest HTTP request body (413 beyond).
+  std::size_t max_body_bytes = 64 * 1024;
+  /// Subscriptions one connection may hold.
+  std::size_t max_subscriptions = 256;
+  /// Client messages per second per connection (token bucket) and the burst allowed.
+  double rate_limit_per_second = 100;
+  std::size_t rate_limit_burst = 200;
+  /// Time to send the HTTP request head, and to finish the WebSocket handshake (slow-loris).
+  std::chrono::milliseconds handshake_timeout = std::chrono::seconds(10);
+  /// A WebSocket with no traffic is pinged after half of this and closed after all of it; an
+  /// idle keep-alive HTTP connection is closed after it.
+  std::chrono::milliseconds idle_timeout = std::chrono::seconds(60);
+  /// Unsent bytes per connection, at most; then SlowConsumerPolicy applies.
+  std::size_t max_queued_bytes = 1024 * 1024;
+  SlowConsumerPolicy slow_consumer = SlowConsumerPolicy::disconnect;
+  /// Open connections per process; beyond, new ones get HTTP 503.
+  std::size_t max_connections = 100'000;
+  /// Longest ?wait= a long-poll may ask for.
+  std::chrono::seconds max_long_poll = std::chrono::seconds(60);
+  /// SSE comment lines keep idle streams open through proxies.
+  std::chrono::milliseconds sse_keepalive = std::chrono::seconds(15);
+  /// permessage-deflate (off unless asked: it costs CPU and memory per connection).
+  bool permessage_deflate = false;
+  /// How long stop() waits for connections to close before cutting them.
+  std::chrono::milliseconds shutdown_timeout = std::chrono::seconds(5);
+  /// Static files served under "/" (e.g. a demo page); empty: none.
+  std::string static_dir;
+  /// Log sink (default: one line per message on stderr).
+  LogFunction log;
+};
+
+/// Counters of a gateway (the same as /metrics).
+struct GatewayStats {
+  std::int64_t websocket_connections = 0;
+  std::int64_t sse_connections = 0;
+  std::int64_t http_connections = 0;
+  std::uint64_t connections_total = 0;
+  std::int64_t subscriptions = 0;
+  std::uint64_t messages_pushed = 0;
+  std::uint64_t frames_written = 0;
+  std::uint64_t bytes_pushed = 0;
+  std::uint64_t slow_consumer_disconnects = 0;
+  std::uint64_t dropped_messages = 0;
+};
+
+/// The push gateway. Thread-safe.
+class PUSHBOOK_EXPORT PushGateway {
+ public:
+  /// A gateway running on threads of its own (GatewayOptions::threads).
+  /// Throws pushbook::Exception (bad_request) for invalid options, e.g. no secret without
+  /// dev_insecure.
+  PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options = {});
+  /// A gateway running on the host's io_context: the host runs it on as many threads as it likes.
+  PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options,
+              boost::asio::io_context& io_context);
+  /// Calls stop().
+  ~PushGateway();
+  PushGateway(const PushGateway&) = delete;
+  PushGateway& operator=(const PushGateway&) = delete;
+
+  /// Binds host:port and starts accepting. Returns the bound port. Errors: bad_request (bad
+  /// address), internal (bind failed, e.g. port in use; the message says why).
+  result<std::uint16_t> listen();
+  /// The bound port (0 before listen()).
+  std::uint16_t port() const noexcept;
+  /// Serves a TCP connection the host accepted itself (its native socket handle; the gateway
+  /// takes ownership).
+  void accept_socket(int native_handle);
+  /// Graceful shutdown: stop accepting, close every WebSocket with 1001 "going away" and every
+  /// SSE stream, let in-flight HTTP responses finish, cut what is left after shutdown_timeout,
+  /// then join the gateway's threads. Idempotent. With a host io_context it must not be called
+  /// from a thread running that io_context.
+  void stop();
+
+  GatewayStats stats() const;
+  /// The Prometheus text exposition served at /metrics.
+  std::string metrics_text() const;
+
+  struct impl;
+
+ private:
+  std::shared_ptr<impl> impl_;
+  friend struct impl;
+  friend class GatewayAccess;
+};
+
+}  // namespace pushbook

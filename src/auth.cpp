@@ -1,0 +1,161 @@
+#include <pushbook/auth.hpp>
+#include <pushbook/booking.hpp>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+#include <array>
+
+namespace pushbook {
+namespace {
+
+constexpr char b64url_chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+std::string base64url_encode(std::string_view in) {
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  std::size_t i = 0;
+  auto byte = [&](std::size_t k) { return static_cast<unsigned char>(in[k]); };
+  for (; i + 3 <= in.size(); i += 3) {
+    const unsigned v = (byte(i) << 16) | (byte(i + 1) << 8) | byte(i + 2);
+    out += b64url_chars[(v >> 18) & 63];
+    out += b64url_chars[(v >> 12) & 63];
+    out += b64url_chars[(v >> 6) & 63];
+    out += b64url_chars[v & 63];
+  }
+  if (in.size() - i == 1) {
+    const unsigned v = byte(i) << 16;
+    out += b64url_chars[(v >> 18) & 63];
+    out += b64url_chars[(v >> 12) & 63];
+  } else if (in.size() - i == 2) {
+    const unsigned v = (byte(i) << 16) | (byte(i + 1) << 8);
+    out += b64url_chars[(v >> 18) & 63];
+    out += b64url_chars[(v >> 12) & 63];
+    out += b64url_chars[(v >> 6) & 63];
+  }
+  return out;  // unpadded, as JWT requires
+}
+
+std::optional<std::string> base64url_decode(std::string_view in) {
+  if (in.size() % 4 == 1) return std::nullopt;
+  std::string out;
+  out.reserve(in.size() * 3 / 4);
+  unsigned acc = 0;
+  int bits = 0;
+  for (char c : in) {
+    int v;
+    if (c >= 'A' && c <= 'Z')
+      v = c - 'A';
+    else if (c >= 'a' && c <= 'z')
+      v = c - 'a' + 26;
+    else if (c >= '0' && c <= '9')
+      v = c - '0' + 52;
+    else if (c == '-')
+      v = 62;
+    else if (c == '_')
+      v = 63;
+    else
+      return std::nullopt;
+    acc = (acc << 6) | static_cast<unsigned>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += static_cast<char>((acc >> bits) & 0xFF);
+    }
+  }
+  return out;
+}
+
+std::array<unsigned char, 32> hmac_sha256(std::string_view key, std::string_view data) {
+  std::array<unsigned char, 32> mac{};
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(data.data()), data.size(), mac.data(), &len);
+  return mac;
+}
+
+Error unauthorized(std::string why) { return Error(errc::unauthorized, std::move(why)); }
+
+std::optional<std::int64_t> integer(const boost::json::object& o, std::string_view key) {
+  auto v = o.if_contains(key);
+  if (!v) return std::nullopt;
+  if (v->is_int64()) return v->get_int64();
+  if (v->is_uint64() && v->get_uint64() <= static_cast<std::uint64_t>(INT64_MAX))
+    return static_cast<std::int64_t>(v->get_uint64());
+  if (v->is_double()) return static_cast<std::int64_t>(v->get_double());
+  return std::nullopt;
+}
+
+}  // namespace
+
+result<TokenClaims> verify_token(std::string_view token, std::string_view secret,
+                                 std::chrono::system_clock::time_point now, std::chrono::seconds leeway) {
+  if (token.empty()) return unauthorized("missing token");
+  if (token.size() > 8192) return unauthorized("token too long");
+  const auto dot1 = token.find('.');
+  const auto dot2 = dot1 == std::string_view::npos ? dot1 : token.find('.', dot1 + 1);
+  if (dot2 == std::string_view::npos || token.find('.', dot2 + 1) != std::string_view::npos)
+    return unauthorized("malformed token: a JWT has three dot-separated parts");
+  const auto header_b64 = token.substr(0, dot1);
+  const auto payload_b64 = token.substr(dot1 + 1, dot2 - dot1 - 1);
+  const auto signature_b64 = token.substr(dot2 + 1);
+
+  auto header_json = base64url_decode(header_b64);
+  if (!header_json) return unauthorized("malformed token header");
+  boost::system::error_code ec;
+  auto header = boost::json::parse(*header_json, ec);
+  if (ec || !header.is_object()) return unauthorized("malformed token header");
+  auto alg = header.as_object().if_contains("alg");
+  if (!alg || !alg->is_string() || alg->get_string() != "HS256")
+    return unauthorized("unsupported token algorithm: only HS256 is accepted");
+
+  auto signature = base64url_decode(signature_b64);
+  if (!signature || signature->size() != 32) return unauthorized("bad token signature");
+  const auto expected = hmac_sha256(secret, token.substr(0, dot2));
+  if (CRYPTO_memcmp(expected.data(), signature->data(), expected.size()) != 0)
+    return unauthorized("bad token signature");
+
+  auto payload_json = base64url_decode(payload_b64);
+  if (!payload_json) return unauthorized("malformed token payload");
+  auto payload = boost::json::parse(*payload_json, ec);
+  if (ec || !payload.is_object()) return unauthorized("malformed token payload");
+  const auto& claims = payload.as_object();
+  auto sub = claims.if_contains("sub");
+  if (!sub || !sub->is_string() || !is_valid_id(sub->get_string()))
+    return unauthorized("token has no valid \"sub\" claim");
+  auto exp = integer(claims, "exp");
+  if (!exp) return unauthorized("token has no \"exp\" claim");
+  const auto now_s = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
+  if (*exp + leeway.count() <= now_s) return unauthorized("token expired");
+  if (auto nbf = integer(claims, "nbf"); nbf && *nbf - leeway.count() > now_s)
+    return unauthorized("token not valid yet");
+  TokenClaims out;
+  out.subject = std::string(sub->get_string());
+  out.expires_at = std::chrono::system_clock::time_point(std::chrono::seconds(*exp));
+  return out;
+}
+
+std::string sign_token(std::string_view subject, std::chrono::system_clock::time_point expires_at,
+                       std::string_view secret) {
+  const auto exp = std::chrono::duration_cast<std::chrono::seconds>(expires_at.time_since_epoch()).count();
+  boost::json::object payload{{"sub", subject}, {"exp", exp}};
+  const std::string signing_input = base64url_encode(R"({"alg":"HS256","typ":"JWT"})") + "." +
+                                    base64url_encode(boost::json::serialize(payload));
+  const auto mac = hmac_sha256(secret, signing_input);
+  return signing_input + "." +
+         base64url_encode(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size()));
+}
+
+bool default_topic_rule(std::string_view user, std::string_view topic,
+                        const std::optional<std::string>& booking_owner) {
+  if (topic.starts_with("resource/")) return true;
+  if (topic.starts_with("user/")) return topic.substr(5) == user;
+  if (topic.starts_with("booking/")) return booking_owner && *booking_owner == user;
+  return false;
+}
+
+}  // namespace pushbook

@@ -1,0 +1,81 @@
+// What the gateway's sessions share: the protocol context, metrics, the io_contexts connections
+// are spread over, and the registry of live sessions (for graceful shutdown). Asio lives here
+// and in the session files only.
+#pragma once
+
+#include <pushbook/push_gateway.hpp>
+
+#include "gateway/metrics.hpp"
+#include "gateway/protocol.hpp"
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace pushbook::detail {
+
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+
+/// A connection the gateway can shut down.
+class Session {
+ public:
+  virtual ~Session() = default;
+  /// Graceful: WebSockets close with 1001, SSE streams end, HTTP finishes its response. Any thread.
+  virtual void shutdown() = 0;
+  /// Cuts the connection now. Any thread.
+  virtual void abort() = 0;
+};
+
+/// The live sessions, weakly held.
+class SessionRegistry {
+ public:
+  void add(const std::shared_ptr<Session>& s);
+  void remove(const Session* s);
+  std::vector<std::shared_ptr<Session>> snapshot();
+  /// Waits until no session is left or the deadline passes; true when empty.
+  bool wait_empty(std::chrono::steady_clock::time_point deadline);
+  std::size_t size();
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable empty_;
+  std::unordered_map<const Session*, std::weak_ptr<Session>> sessions_;
+};
+
+class Listener;
+
+struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
+  std::shared_ptr<GatewayContext> ctx;
+  GatewayMetrics metrics;
+  SessionRegistry registry;
+  std::vector<std::unique_ptr<net::io_context>> own_contexts;
+  std::vector<net::executor_work_guard<net::io_context::executor_type>> guards;
+  std::vector<std::thread> threads;
+  net::io_context* host_context = nullptr;
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> stopping{false};
+  std::atomic<std::int64_t> open_connections{0};
+  std::shared_ptr<Listener> listener;
+  std::atomic<std::uint16_t> port{0};
+
+  /// The io_context for the next connection (round robin over the gateway's threads).
+  net::io_context& next_context();
+  void log(LogLevel level, std::string_view message) const;
+  /// Starts serving an accepted TCP connection (HTTP first; upgrades and SSE from there).
+  void serve(tcp::socket socket);
+};
+
+/// Removes `access_token=...` values from a request target before it is logged.
+std::string redact_target(std::string_view target);
+
+}  // namespace pushbook::detail

@@ -1,0 +1,527 @@
+#include "gateway/http_session.hpp"
+
+#include "gateway/sse_session.hpp"
+#include "gateway/websocket_session.hpp"
+
+#include <fmt/format.h>
+#include <boost/asio/post.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/write.hpp>
+#include <boost/beast/websocket/rfc6455.hpp>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/url/parse.hpp>
+
+#include <fstream>
+#include <sstream>
+
+namespace pushbook::detail {
+
+namespace websocket = beast::websocket;
+
+namespace {
+
+constexpr std::size_t header_limit = 16 * 1024;
+constexpr std::string_view server_name = "pushbook";
+
+std::optional<std::string> query_param(const boost::urls::url_view& url, std::string_view key) {
+  for (auto p : url.params())
+    if (p.key == key) return std::string(p.value);
+  return std::nullopt;
+}
+
+bool origin_allowed(const GatewayContext& ctx, const Request& req) {
+  if (ctx.options.allowed_origins.empty()) return true;
+  auto it = req.find(http::field::origin);
+  if (it == req.end()) return true;  // not a browser: the allow-list guards against cross-site use
+  const std::string_view origin = it->value();
+  for (const auto& allowed : ctx.options.allowed_origins)
+    if (origin == allowed) return true;
+  return false;
+}
+
+std::string trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return std::string(s);
+}
+
+std::string etag_of(const Booking& b) { return fmt::format("\"{}.{}\"", b.id, b.version); }
+
+std::string booking_body(const Booking& b) {
+  auto o = to_json(b);
+  o["seq"] = static_cast<std::int64_t>(b.version);  // booking/<id> carries one event per version
+  return boost::json::serialize(o);
+}
+
+std::string_view content_type_for(std::string_view path) {
+  auto ends = [&](std::string_view ext) { return path.ends_with(ext); };
+  if (ends(".html")) return "text/html; charset=utf-8";
+  if (ends(".js") || ends(".mjs")) return "text/javascript; charset=utf-8";
+  if (ends(".css")) return "text/css; charset=utf-8";
+  if (ends(".json")) return "application/json";
+  if (ends(".svg")) return "image/svg+xml";
+  if (ends(".png")) return "image/png";
+  if (ends(".ico")) return "image/x-icon";
+  return "application/octet-stream";
+}
+
+}  // namespace
+
+result<Identity> authenticate(const GatewayContext& ctx, const Request& req, bool allow_subprotocol) {
+  std::string token;
+  if (auto it = req.find(http::field::authorization); it != req.end()) {
+    const std::string_view v = it->value();
+    if (v.size() < 7 || (v.substr(0, 7) != "Bearer " && v.substr(0, 7) != "bearer "))
+      return Error(errc::unauthorized, "Authorization must be \"Bearer <token>\"");
+    token = trim(v.substr(7));
+  }
+  auto url = boost::urls::parse_origin_form(req.target());
+  if (token.empty() && url) {
+    if (auto t = query_param(*url, "access_token")) token = *t;
+  }
+  if (token.empty() && allow_subprotocol) {
+    if (auto it = req.find(http::field::sec_websocket_protocol); it != req.end()) {
+      std::string_view list = it->value();
+      while (!list.empty()) {
+        const auto comma = list.find(',');
+        const auto item = trim(list.substr(0, comma));
+        if (item.starts_with("bearer.")) token = item.substr(7);
+        list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
+      }
+    }
+  }
+  if (!token.empty()) {
+    auto claims = ctx.verify(token);
+    if (!claims) return claims.error();
+    return Identity{claims->subject, claims->expires_at};
+  }
+  if (ctx.options.dev_insecure) {
+    std::string user;
+    if (url) user = query_param(*url, "user").value_or("");
+    if (user.empty())
+      if (auto it = req.find("X-Pushbook-User"); it != req.end()) user = std::string(it->value());
+    if (is_valid_id(user)) return Identity{user, std::nullopt};
+    return Error(errc::unauthorized, "dev mode: name the user with ?user=<id> or X-Pushbook-User");
+  }
+  return Error(errc::unauthorized,
+               "missing token: send \"Authorization: Bearer <jwt>\" (or access_token=<jwt> in the query)");
+}
+
+HttpSession::HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse)
+    : core_(std::move(core)), stream_(std::move(socket)), refuse_(refuse) {
+  core_->metrics.http_connections.fetch_add(1);
+  counted_ = true;
+}
+
+HttpSession::~HttpSession() {
+  if (counted_) core_->metrics.http_connections.fetch_sub(1);
+  if (!handed_over_) core_->open_connections.fetch_sub(1);
+  core_->registry.remove(this);
+}
+
+void HttpSession::run() {
+  core_->registry.add(shared_from_this());
+  net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->do_read(); });
+}
+
+void HttpSession::run_with(Request request) {
+  core_->registry.add(shared_from_this());
+  net::dispatch(stream_.get_executor(), [self = shared_from_this(), req = std::move(request)]() mutable {
+    self->handle(std::move(req));
+  });
+}
+
+void HttpSession::shutdown() {
+  net::post(stream_.get_executor(), [self = shared_from_this()] {
+    self->shutdown_requested_ = true;
+    if (self->poll_) {
+      self->poll_->keep_alive = false;
+      self->finish_long_poll(true);
+    } else if (!self->handed_over_ && self->parser_ && !self->parser_->got_some()) {
+      self->do_close();  // idle between requests: nothing to finish
+    }
+  });
+}
+
+void HttpSession::abort() {
+  net::post(stream_.get_executor(), [self = shared_from_this()] {
+    boost::system::error_code ec;
+    self->stream_.socket().close(ec);
+  });
+}
+
+void HttpSession::do_read() {
+  if (refuse_) {
+    Request dummy;
+    dummy.version(11);
+    core_->metrics.connections_refused.fetch_add(1);
+    auto res = error_response(dummy, http::status::service_unavailable, "overloaded",
+                              "too many connections; retry later");
+    res.keep_alive(false);
+    return send(std::move(res), "refused");
+  }
+  parser_.emplace();
+  parser_->body_limit(core_->ctx->options.max_body_bytes);
+  parser_->header_limit(header_limit);
+  // The first request must arrive within the handshake timeout (slow-loris); later ones on a
+  // keep-alive connection within the idle timeout.
+  stream_.expires_after(first_request_ ? core_->ctx->options.handshake_timeout
+                                       : core_->ctx->options.idle_timeout);
+  http::async_read(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](boost::system::error_code ec, std::size_t n) { self->on_read(ec, n); });
+}
+
+void HttpSession::on_read(boost::system::error_code ec, std::size_t) {
+  if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
+      ec == net::error::operation_aborted || ec == net::error::connection_reset || ec == net::error::eof)
+    return do_close();
+  Request blank;
+  blank.version(11);
+  if (ec == http::error::body_limit) {
+    auto res =
+        error_response(blank, http::status::payload_too_large, "too_large",
+                       fmt::format("request body larger than {} bytes", core_->ctx->options.max_body_bytes));
+    res.keep_alive(false);
+    return send(std::move(res), "error");
+  }
+  if (ec == http::error::header_limit) {
+    auto res = error_response(blank, http::status::request_header_fields_too_large, "too_large",
+                              "request header too large");
+    res.keep_alive(false);
+    return send(std::move(res), "error");
+  }
+  if (ec) {
+    auto res = error_response(blank, http::status::bad_request, "bad_request",
+                              fmt::format("malformed HTTP request: {}", ec.message()));
+    res.keep_alive(false);
+    return send(std::move(res), "error");
+  }
+  first_request_ = false;
+  stream_.expires_never();
+  handle(parser_->release());
+}
+
+Response HttpSession::json_response(const Request& req, http::status status, std::string body) const {
+  Response res{status, req.version()};
+  res.set(http::field::server, server_name);
+  res.set(http::field::content_type, "application/json");
+  res.set(http::field::cache_control, "no-store");
+  res.keep_alive(req.keep_alive() && !shutdown_requested_);
+  res.body() = std::move(body);
+  res.prepare_payload();
+  return res;
+}
+
+Response HttpSession::error_response(const Request& req, http::status status, std::string_view code,
+                                     std::string_view message) const {
+  return json_response(req, status, http_error_body(code, message));
+}
+
+Response HttpSession::error_response(const Request& req, const Error& e) const {
+  const auto w = wire_error(e.code);
+  auto res = error_response(req, static_cast<http::status>(w.http_status), w.code, e.message);
+  if (w.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
+  return res;
+}
+
+void HttpSession::handle(Request&& req) {
+  const auto& ctx = *core_->ctx;
+  core_->log(LogLevel::debug,
+             fmt::format("{} {}", std::string_view(req.method_string()), redact_target(req.target())));
+  auto url = boost::urls::parse_origin_form(req.target());
+  if (!url)
+    return send(error_response(req, http::status::bad_request, "bad_request", "malformed request target"),
+                "error");
+  const std::string path(url->path());
+
+  if (websocket::is_upgrade(req)) {
+    if (path != "/v1/ws")
+      return send(error_response(req, http::status::not_found, "not_found", "WebSocket endpoint is /v1/ws"),
+                  "other");
+    if (!origin_allowed(ctx, req))
+      return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"), "/v1/ws");
+    auto who = authenticate(ctx, req, true);
+    if (!who) return send(error_response(req, who.error()), "/v1/ws");
+    if (core_->stopping.load())
+      return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
+                  "/v1/ws");
+    core_->metrics.count_request("/v1/ws", 101);
+    handed_over_ = true;
+    auto ws = std::make_shared<WebSocketSession>(core_, stream_.release_socket());
+    ws->run(std::move(req), std::move(who->user), who->expires);
+    return;
+  }
+
+  if (path == "/healthz") {
+    if (req.method() != http::verb::get)
+      return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
+                  "/healthz");
+    const bool up = !core_->stopping.load();
+    return send(json_response(req, up ? http::status::ok : http::status::service_unavailable,
+                              up ? R"({"status":"ok"})" : R"({"status":"stopping"})"),
+                "/healthz");
+  }
+  if (path == "/metrics") {
+    auto stats = ctx.engine->stats();
+    auto res = json_response(req, http::status::ok, core_->metrics.render(&stats));
+    res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+    res.prepare_payload();
+    return send(std::move(res), "/metrics");
+  }
+  if (path == "/v1/events") {
+    if (req.method() != http::verb::get)
+      return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
+                  "/v1/events");
+    if (!origin_allowed(ctx, req))
+      return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"),
+                  "/v1/events");
+    auto who = authenticate(ctx, req, false);
+    if (!who) return send(error_response(req, who.error()), "/v1/events");
+    auto topic = query_param(*url, "topic");
+    if (!topic || !is_valid_topic(*topic))
+      return send(error_response(req, http::status::bad_request, "bad_request", "give one valid ?topic="),
+                  "/v1/events");
+    if (!ctx.may_subscribe(who->user, *topic))
+      return send(error_response(req, http::status::forbidden, "forbidden",
+                                 fmt::format("you may not subscribe to '{}'", *topic)),
+                  "/v1/events");
+    std::optional<std::uint64_t> since;
+    std::string since_text;
+    if (auto it = req.find("Last-Event-ID"); it != req.end())
+      since_text = std::string(it->value());
+    else if (auto s = query_param(*url, "since"))
+      since_text = *s;
+    if (!since_text.empty()) {
+      try {
+        std::size_t used = 0;
+        since = std::stoull(since_text, &used);
+        if (used != since_text.size()) throw std::invalid_argument("trailing");
+      } catch (...) {
+        return send(error_response(req, http::status::bad_request, "bad_request",
+                                   "Last-Event-ID / since must be a sequence number"),
+                    "/v1/events");
+      }
+    }
+    core_->metrics.count_request("/v1/events", 200);
+    handed_over_ = true;
+    auto sse = std::make_shared<SseSession>(core_, std::move(stream_));
+    sse->run(req.version(), *topic, since);
+    return;
+  }
+  if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
+    return route_bookings(std::move(req), std::string_view(path).substr(12));
+  if (path.starts_with("/v1/resources/")) return route_resources(req, std::string_view(path).substr(14));
+  if (!ctx.options.static_dir.empty() && !path.starts_with("/v1/")) return route_static(req);
+  send(error_response(req, http::status::not_found, "not_found",
+                      fmt::format("no route for {}", path.substr(0, 200))),
+       "other");
+}
+
+void HttpSession::route_bookings(Request&& req, std::string_view rest) {
+  const auto& ctx = *core_->ctx;
+  auto who = authenticate(ctx, req, false);
+  if (rest.empty() || rest == "/") {
+    if (req.method() != http::verb::post) {
+      auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST to book");
+      res.set(http::field::allow, "POST");
+      return send(std::move(res), "/v1/bookings");
+    }
+    if (!who) return send(error_response(req, who.error()), "/v1/bookings");
+    boost::system::error_code ec;
+    auto body = boost::json::parse(req.body(), ec);
+    if (ec)
+      return send(error_response(req, http::status::bad_request, "bad_request",
+                                 fmt::format("body is not valid JSON: {}", ec.message())),
+                  "/v1/bookings");
+    auto request = booking_request_from_json(body, who->user);
+    if (!request) return send(error_response(req, request.error()), "/v1/bookings");
+    if (auto it = req.find("Idempotency-Key"); it != req.end()) {
+      std::string key(it->value());
+      if (key.size() >= 2 && key.front() == '"' && key.back() == '"')
+        key = key.substr(1, key.size() - 2);  // sf-string
+      if (!request->idempotency_key.empty() && request->idempotency_key != key)
+        return send(error_response(req, http::status::bad_request, "bad_request",
+                                   "Idempotency-Key header and idempotency_key in the body differ"),
+                    "/v1/bookings");
+      request->idempotency_key = key;
+    }
+    auto ack = ctx.engine->submit(std::move(*request));
+    if (!ack) return send(error_response(req, ack.error()), "/v1/bookings");
+    boost::json::object out{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
+    if (ack->replayed) out["replayed"] = true;
+    auto res = json_response(req, http::status::accepted, boost::json::serialize(out));
+    res.set(http::field::location, "/v1/bookings/" + ack->booking_id);
+    if (ack->replayed) res.set("Idempotent-Replayed", "true");
+    return send(std::move(res), "/v1/bookings");
+  }
+  const std::string id(rest.substr(1));
+  const std::string route = "/v1/bookings/{id}";
+  if (id.find('/') != std::string::npos)
+    return send(error_response(req, http::status::not_found, "not_found", "no such route"), "other");
+  if (req.method() != http::verb::get && req.method() != http::verb::delete_) {
+    auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use GET or DELETE");
+    res.set(http::field::allow, "GET, DELETE");
+    return send(std::move(res), route);
+  }
+  if (!who) return send(error_response(req, who.error()), route);
+  auto booking = ctx.engine->get(id);
+  if (!booking) return send(error_response(req, booking.error()), route);
+  if (booking->user != who->user)
+    return send(error_response(req, http::status::forbidden, "forbidden", "this booking is not yours"),
+                route);
+
+  if (req.method() == http::verb::delete_) {
+    auto cancelled = ctx.engine->cancel(id);
+    if (!cancelled) return send(error_response(req, cancelled.error()), route);
+    auto res = json_response(req, http::status::ok, booking_body(*cancelled));
+    res.set(http::field::etag, etag_of(*cancelled));
+    return send(std::move(res), route);
+  }
+
+  const auto etag = etag_of(*booking);
+  std::string if_none_match;
+  if (auto it = req.find(http::field::if_none_match); it != req.end())
+    if_none_match = std::string(it->value());
+  std::chrono::seconds wait{0};
+  if (auto u = boost::urls::parse_origin_form(req.target())) {
+    for (auto p : u->params()) {
+      if (p.key != "wait") continue;
+      try {
+        std::size_t used = 0;
+        const double seconds = std::stod(std::string(p.value), &used);
+        if (used != p.value.size() || seconds < 0) throw std::invalid_argument("wait");
+        wait = std::min(std::chrono::seconds(static_cast<std::int64_t>(seconds)), ctx.options.max_long_poll);
+      } catch (...) {
+        return send(
+            error_response(req, http::status::bad_request, "bad_request", "wait must be a number of seconds"),
+            route);
+      }
+    }
+  }
+  const bool client_is_current = if_none_match == etag;
+  // Long-poll while the client already has this version (If-None-Match), or, without one, while
+  // the booking is still being decided.
+  if (wait.count() > 0 &&
+      (client_is_current || (if_none_match.empty() && booking->status == BookingStatus::processing)))
+    return start_long_poll(req, *booking, wait);
+  if (client_is_current) {
+    Response res{http::status::not_modified, req.version()};
+    res.set(http::field::server, server_name);
+    res.set(http::field::etag, etag);
+    res.keep_alive(req.keep_alive() && !shutdown_requested_);
+    return send(std::move(res), route);
+  }
+  auto res = json_response(req, http::status::ok, booking_body(*booking));
+  res.set(http::field::etag, etag);
+  send(std::move(res), route);
+}
+
+void HttpSession::start_long_poll(const Request& req, const Booking& booking, std::chrono::seconds wait) {
+  poll_.emplace();
+  poll_->booking_id = booking.id;
+  poll_->known_version = booking.version;
+  poll_->http_version = req.version();
+  poll_->keep_alive = req.keep_alive();
+  poll_->timer = std::make_unique<net::steady_timer>(stream_.get_executor());
+  poll_->timer->expires_after(wait);
+  poll_->timer->async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (!ec) self->finish_long_poll(true);
+  });
+  SubscribeOptions so;
+  so.since_seq = booking.version;  // the next version wakes us, even if it came already
+  so.executor = inline_executor();
+  std::weak_ptr<HttpSession> weak = shared_from_this();
+  auto sub = core_->ctx->bus->subscribe(
+      "booking/" + booking.id,
+      [weak](const Delivery&) {
+        if (auto self = weak.lock())
+          net::post(self->stream_.get_executor(), [self] { self->finish_long_poll(false); });
+      },
+      so);
+  if (sub) poll_->subscription = std::move(*sub);
+}
+
+void HttpSession::finish_long_poll(bool timed_out) {
+  if (!poll_) return;
+  auto poll = std::move(*poll_);
+  poll_.reset();
+  poll.subscription.cancel();
+  poll.timer->cancel();
+  Request req;
+  req.version(poll.http_version);
+  req.keep_alive(poll.keep_alive);
+  auto booking = core_->ctx->engine->get(poll.booking_id);
+  if (!booking) return send(error_response(req, booking.error()), "/v1/bookings/{id}");
+  if (timed_out && booking->version == poll.known_version) {
+    Response res{http::status::not_modified, req.version()};
+    res.set(http::field::server, server_name);
+    res.set(http::field::etag, etag_of(*booking));
+    res.keep_alive(poll.keep_alive && !shutdown_requested_);
+    return send(std::move(res), "/v1/bookings/{id}");
+  }
+  auto res = json_response(req, http::status::ok, booking_body(*booking));
+  res.set(http::field::etag, etag_of(*booking));
+  send(std::move(res), "/v1/bookings/{id}");
+}
+
+void HttpSession::route_resources(const Request& req, std::string_view id) {
+  const std::string route = "/v1/resources/{id}";
+  if (req.method() != http::verb::get) {
+    auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use GET");
+    res.set(http::field::allow, "GET");
+    return send(std::move(res), route);
+  }
+  auto r = core_->ctx->engine->resource(id);
+  if (!r) return send(error_response(req, r.error()), route);
+  send(json_response(req, http::status::ok, boost::json::serialize(to_json(*r))), route);
+}
+
+void HttpSession::route_static(const Request& req) {
+  if (req.method() != http::verb::get && req.method() != http::verb::head)
+    return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"), "static");
+  auto url = boost::urls::parse_origin_form(req.target());
+  std::string path(url->path());
+  if (path.empty() || path.back() == '/') path += "index.html";
+  if (path.find("..") != std::string::npos || path.find('\\') != std::string::npos ||
+      path.find('\0') != std::string::npos)
+    return send(error_response(req, http::status::bad_request, "bad_request", "bad path"), "static");
+  std::ifstream file(core_->ctx->options.static_dir + path, std::ios::binary);
+  if (!file) return send(error_response(req, http::status::not_found, "not_found", "no such file"), "static");
+  std::ostringstream content;
+  content << file.rdbuf();
+  Response res{http::status::ok, req.version()};
+  res.set(http::field::server, server_name);
+  res.set(http::field::content_type, content_type_for(path));
+  res.set(http::field::cache_control, "no-cache");
+  res.keep_alive(req.keep_alive() && !shutdown_requested_);
+  if (req.method() != http::verb::head) res.body() = content.str();
+  res.prepare_payload();
+  send(std::move(res), "static");
+}
+
+void HttpSession::send(Response&& res, std::string_view route) {
+  core_->metrics.count_request(route, static_cast<unsigned>(res.result_int()));
+  response_ = std::move(res);
+  const bool keep_alive = response_.keep_alive();
+  stream_.expires_after(core_->ctx->options.idle_timeout);  // a client that does not read is cut
+  http::async_write(stream_, response_,
+                    [self = shared_from_this(), keep_alive](boost::system::error_code ec, std::size_t n) {
+                      self->on_write(keep_alive, ec, n);
+                    });
+}
+
+void HttpSession::on_write(bool keep_alive, boost::system::error_code ec, std::size_t) {
+  if (ec || !keep_alive || shutdown_requested_) return do_close();
+  response_ = {};
+  do_read();
+}
+
+void HttpSession::do_close() {
+  boost::system::error_code ec;
+  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  stream_.socket().close(ec);
+}
+
+}  // namespace pushbook::detail

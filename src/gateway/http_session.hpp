@@ -1,0 +1,88 @@
+// One HTTP/1.1 connection: reads requests (with a header deadline against slow-loris), answers
+// the REST routes, long-polls, and hands the connection over to a WebSocket or SSE session when
+// the request asks for one.
+#pragma once
+
+#include "gateway/core.hpp"
+
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/string_body.hpp>
+
+#include <optional>
+
+namespace pushbook::detail {
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
+
+/// Who a request comes from.
+struct Identity {
+  std::string user;
+  std::optional<std::chrono::system_clock::time_point> expires;
+};
+
+/// Authenticates a request: Authorization: Bearer, the access_token query parameter, or (for
+/// WebSocket upgrades) a "bearer.<token>" entry of Sec-WebSocket-Protocol; in dev_insecure mode
+/// also ?user= and X-Pushbook-User.
+result<Identity> authenticate(const GatewayContext& ctx, const Request& req, bool allow_subprotocol);
+
+class HttpSession : public Session, public std::enable_shared_from_this<HttpSession> {
+ public:
+  /// `refuse`: answer 503 (connection limit) and close.
+  HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse);
+  ~HttpSession() override;
+  void run();
+  /// Serves a request the host already read from `stream` (pushbook/beast.hpp).
+  void run_with(Request request);
+  void shutdown() override;
+  void abort() override;
+
+ private:
+  void do_read();
+  void on_read(boost::system::error_code ec, std::size_t bytes);
+  void handle(Request&& req);
+  void send(Response&& res, std::string_view route);
+  void on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes);
+  void do_close();
+
+  Response json_response(const Request& req, http::status status, std::string body) const;
+  Response error_response(const Request& req, const Error& e) const;
+  Response error_response(const Request& req, http::status status, std::string_view code,
+                          std::string_view message) const;
+
+  void route_bookings(Request&& req, std::string_view rest);
+  void route_resources(const Request& req, std::string_view id);
+  void route_static(const Request& req);
+  void start_long_poll(const Request& req, const Booking& booking, std::chrono::seconds wait);
+  void finish_long_poll(bool timed_out);
+
+  std::shared_ptr<GatewayCore> core_;
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  Response response_;  // the one in flight
+  bool refuse_;
+  bool first_request_ = true;
+  bool handed_over_ = false;
+  std::atomic<bool> shutdown_requested_{false};
+  bool counted_ = false;
+
+  // Long-poll state (strand only).
+  struct LongPoll {
+    std::string booking_id;
+    std::uint64_t known_version = 0;
+    unsigned http_version = 11;
+    bool keep_alive = true;
+    Subscription subscription;
+    std::unique_ptr<net::steady_timer> timer;
+  };
+  std::optional<LongPoll> poll_;
+};
+
+}  // namespace pushbook::detail

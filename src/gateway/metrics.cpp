@@ -1,0 +1,96 @@
+#include "gateway/metrics.hpp"
+
+#include <fmt/format.h>
+
+namespace pushbook::detail {
+
+void GatewayMetrics::count_request(std::string_view route, unsigned status) {
+  std::lock_guard lock(mutex_);
+  ++requests_[{std::string(route), status}];
+}
+
+namespace {
+void metric(std::string& out, std::string_view name, std::string_view type, std::string_view help) {
+  fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+template <class T>
+void value(std::string& out, std::string_view name, T v, std::string_view labels = {}) {
+  if (labels.empty())
+    fmt::format_to(std::back_inserter(out), "{} {}\n", name, v);
+  else
+    fmt::format_to(std::back_inserter(out), "{}{{{}}} {}\n", name, labels, v);
+}
+void summary(std::string& out, std::string_view name, std::string_view help, const LatencySummary& s) {
+  metric(out, name, "summary", help);
+  value(out, name, static_cast<double>(s.p50_ns) / 1e9, "quantile=\"0.5\"");
+  value(out, name, static_cast<double>(s.p90_ns) / 1e9, "quantile=\"0.9\"");
+  value(out, name, static_cast<double>(s.p99_ns) / 1e9, "quantile=\"0.99\"");
+  value(out, fmt::format("{}_sum", name), s.mean_ns * static_cast<double>(s.count) / 1e9);
+  value(out, fmt::format("{}_count", name), s.count);
+}
+}  // namespace
+
+std::string GatewayMetrics::render(const EngineStats* engine) const {
+  std::string out;
+  out.reserve(4096);
+  metric(out, "pushbook_connections", "gauge", "Open client connections by kind.");
+  value(out, "pushbook_connections", websocket_connections.load(), "kind=\"websocket\"");
+  value(out, "pushbook_connections", sse_connections.load(), "kind=\"sse\"");
+  value(out, "pushbook_connections", http_connections.load(), "kind=\"http\"");
+  metric(out, "pushbook_connections_total", "counter", "Connections accepted.");
+  value(out, "pushbook_connections_total", connections_total.load());
+  metric(out, "pushbook_connections_refused_total", "counter",
+         "Connections refused at the connection limit.");
+  value(out, "pushbook_connections_refused_total", connections_refused.load());
+  metric(out, "pushbook_subscriptions", "gauge", "Topic subscriptions held by clients.");
+  value(out, "pushbook_subscriptions", subscriptions.load());
+  metric(out, "pushbook_messages_pushed_total", "counter",
+         "Messages (events, replies, notices) sent to clients.");
+  value(out, "pushbook_messages_pushed_total", messages_pushed.load());
+  metric(out, "pushbook_frames_written_total", "counter", "WebSocket frames and SSE writes sent to clients.");
+  value(out, "pushbook_frames_written_total", frames_written.load());
+  metric(out, "pushbook_bytes_pushed_total", "counter", "Payload bytes sent to clients.");
+  value(out, "pushbook_bytes_pushed_total", bytes_pushed.load());
+  metric(out, "pushbook_queued_bytes", "gauge", "Bytes waiting in per-connection send queues.");
+  value(out, "pushbook_queued_bytes", queued_bytes.load());
+  metric(out, "pushbook_slow_consumer_disconnects_total", "counter",
+         "Connections closed for falling behind.");
+  value(out, "pushbook_slow_consumer_disconnects_total", slow_consumer_disconnects.load());
+  metric(out, "pushbook_dropped_messages_total", "counter",
+         "Events dropped for slow consumers (gap policy).");
+  value(out, "pushbook_dropped_messages_total", dropped_messages.load());
+  metric(out, "pushbook_client_messages_total", "counter", "Messages received from WebSocket clients.");
+  value(out, "pushbook_client_messages_total", client_messages.load());
+  metric(out, "pushbook_client_errors_total", "counter", "Client messages answered with an error.");
+  value(out, "pushbook_client_errors_total", client_errors.load());
+  metric(out, "pushbook_rate_limited_total", "counter", "Client messages refused by the rate limit.");
+  value(out, "pushbook_rate_limited_total", rate_limited.load());
+  metric(out, "pushbook_http_requests_total", "counter", "HTTP requests by route and status.");
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [key, n] : requests_)
+      value(out, "pushbook_http_requests_total", n,
+            fmt::format("route=\"{}\",status=\"{}\"", key.first, key.second));
+  }
+  if (engine) {
+    metric(out, "pushbook_bookings_total", "counter", "Bookings by outcome.");
+    value(out, "pushbook_bookings_total", engine->accepted, "outcome=\"accepted\"");
+    value(out, "pushbook_bookings_total", engine->confirmed, "outcome=\"confirmed\"");
+    value(out, "pushbook_bookings_total", engine->rejected, "outcome=\"rejected\"");
+    value(out, "pushbook_bookings_total", engine->held, "outcome=\"held\"");
+    value(out, "pushbook_bookings_total", engine->cancelled, "outcome=\"cancelled\"");
+    value(out, "pushbook_bookings_total", engine->released, "outcome=\"released\"");
+    value(out, "pushbook_bookings_total", engine->expired, "outcome=\"expired\"");
+    value(out, "pushbook_bookings_total", engine->overloaded, "outcome=\"overloaded\"");
+    metric(out, "pushbook_bookings_in_flight", "gauge", "Bookings accepted and not decided yet.");
+    value(out, "pushbook_bookings_in_flight", engine->in_flight);
+    metric(out, "pushbook_engine_queue_depth", "gauge", "Bookings waiting for an engine worker.");
+    value(out, "pushbook_engine_queue_depth", engine->queue_depth);
+    summary(out, "pushbook_booking_ack_latency_seconds", "From submit to ACK.", engine->ack_latency);
+    summary(out, "pushbook_booking_decision_latency_seconds", "From submit to the published decision.",
+            engine->decision_latency);
+  }
+  return out;
+}
+
+}  // namespace pushbook::detail

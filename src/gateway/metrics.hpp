@@ -1,0 +1,40 @@
+// Gateway counters and their Prometheus text form. No I/O here.
+#pragma once
+
+#include <pushbook/booking_engine.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace pushbook::detail {
+
+struct GatewayMetrics {
+  std::atomic<std::int64_t> websocket_connections{0};
+  std::atomic<std::int64_t> sse_connections{0};
+  std::atomic<std::int64_t> http_connections{0};
+  std::atomic<std::uint64_t> connections_total{0};
+  std::atomic<std::uint64_t> connections_refused{0};
+  std::atomic<std::int64_t> subscriptions{0};
+  std::atomic<std::uint64_t> messages_pushed{0};
+  std::atomic<std::uint64_t> frames_written{0};
+  std::atomic<std::uint64_t> bytes_pushed{0};
+  std::atomic<std::int64_t> queued_bytes{0};
+  std::atomic<std::uint64_t> slow_consumer_disconnects{0};
+  std::atomic<std::uint64_t> dropped_messages{0};
+  std::atomic<std::uint64_t> client_messages{0};
+  std::atomic<std::uint64_t> client_errors{0};
+  std::atomic<std::uint64_t> rate_limited{0};
+
+  void count_request(std::string_view route, unsigned status);
+  /// The Prometheus text exposition (format 0.0.4) of these counters and the engine's.
+  std::string render(const EngineStats* engine) const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<std::pair<std::string, unsigned>, std::uint64_t> requests_;
+};
+
+}  // namespace pushbook::detail

@@ -1,0 +1,342 @@
+#include "gateway/protocol.hpp"
+
+#include <fmt/format.h>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+
+namespace pushbook::detail {
+
+WireError wire_error(const std::error_code& ec) {
+  if (ec.category() != error_category()) return {"internal", 500};
+  switch (static_cast<errc>(ec.value())) {
+    case errc::bad_request: return {"bad_request", 400};
+    case errc::not_found: return {"not_found", 404};
+    case errc::already_exists: return {"bad_request", 409};
+    case errc::exceeds_capacity: return {"bad_request", 422};
+    case errc::idempotency_conflict: return {"idempotency_conflict", 422};
+    case errc::sold_out: return {"sold_out", 409};
+    case errc::invalid_transition: return {"bad_request", 409};
+    case errc::capacity_in_use: return {"bad_request", 409};
+    case errc::overloaded: return {"overloaded", 503};
+    case errc::slow_consumer: return {"overloaded", 503};
+    case errc::invalid_topic: return {"bad_request", 400};
+    case errc::shutting_down: return {"overloaded", 503};
+    case errc::store_failed: return {"internal", 500};
+    case errc::unauthorized: return {"unauthorized", 401};
+    case errc::forbidden: return {"forbidden", 403};
+    case errc::rate_limited: return {"rate_limited", 429};
+    case errc::too_large: return {"too_large", 413};
+    case errc::internal: return {"internal", 500};
+  }
+  return {"internal", 500};
+}
+
+std::string http_error_body(std::string_view code, std::string_view message) {
+  return boost::json::serialize(boost::json::object{{"error", {{"code", code}, {"message", message}}}});
+}
+
+std::string reply_ok(const boost::json::value& id, boost::json::object result) {
+  return boost::json::serialize(
+      boost::json::object{{"type", "reply"}, {"id", id}, {"ok", true}, {"result", std::move(result)}});
+}
+
+std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message) {
+  return boost::json::serialize(boost::json::object{
+      {"type", "reply"}, {"id", id}, {"ok", false}, {"error", {{"code", code}, {"message", message}}}});
+}
+
+// --- GatewayContext --------------------------------------------------------------------------
+
+result<TokenClaims> GatewayContext::verify(std::string_view token) const {
+  if (!options.dev_insecure || !options.secret.empty())
+    return verify_token(token, options.secret, std::chrono::system_clock::now(), options.token_leeway);
+  // Development mode: take "sub" without checking the signature.
+  const auto dot1 = token.find('.');
+  const auto dot2 = dot1 == std::string_view::npos ? dot1 : token.find('.', dot1 + 1);
+  if (dot2 == std::string_view::npos) return Error(errc::unauthorized, "malformed token");
+  std::string payload;
+  unsigned acc = 0;
+  int bits = 0;
+  for (char c : token.substr(dot1 + 1, dot2 - dot1 - 1)) {
+    int v = (c >= 'A' && c <= 'Z')   ? c - 'A'
+            : (c >= 'a' && c <= 'z') ? c - 'a' + 26
+            : (c >= '0' && c <= '9') ? c - '0' + 52
+            : c == '-'               ? 62
+            : c == '_'               ? 63
+                                     : -1;
+    if (v < 0) return Error(errc::unauthorized, "malformed token");
+    acc = (acc << 6) | static_cast<unsigned>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      payload += static_cast<char>((acc >> bits) & 0xFF);
+    }
+  }
+  boost::system::error_code ec;
+  auto v = boost::json::parse(payload, ec);
+  if (ec || !v.is_object()) return Error(errc::unauthorized, "malformed token");
+  auto sub = v.as_object().if_contains("sub");
+  if (!sub || !sub->is_string() || !is_valid_id(sub->get_string()))
+    return Error(errc::unauthorized, "token has no valid \"sub\" claim");
+  return TokenClaims{std::string(sub->get_string()), std::chrono::system_clock::time_point::max()};
+}
+
+bool GatewayContext::may_subscribe(std::string_view user, std::string_view topic) const {
+  if (options.authorize) return options.authorize(user, topic);
+  std::optional<std::string> owner;
+  if (topic.starts_with("booking/")) {
+    if (auto b = engine->get(topic.substr(8))) owner = b->user;
+  }
+  return default_topic_rule(user, topic, owner);
+}
+
+// --- ConnectionLogic -------------------------------------------------------------------------
+
+ConnectionLogic::ConnectionLogic(std::shared_ptr<const GatewayContext> ctx,
+                                 std::weak_ptr<ConnectionSink> sink, std::string user,
+                                 std::optional<std::chrono::system_clock::time_point> token_expires)
+    : ctx_(std::move(ctx)),
+      sink_(std::move(sink)),
+      user_(std::move(user)),
+      tokens_(static_cast<double>(ctx_->options.rate_limit_burst)),
+      refilled_(steady::now()) {
+  set_expiry(token_expires, steady::now());
+}
+
+ConnectionLogic::~ConnectionLogic() { unsubscribe_all(); }
+
+void ConnectionLogic::unsubscribe_all() {
+  ctx_->metrics->subscriptions.fetch_sub(static_cast<std::int64_t>(subscriptions_.size()));
+  subscriptions_.clear();  // each Subscription cancels itself
+}
+
+void ConnectionLogic::set_expiry(std::optional<std::chrono::system_clock::time_point> expires,
+                                 steady::time_point now) {
+  in_grace_ = false;
+  if (!expires || *expires == std::chrono::system_clock::time_point::max()) {
+    deadline_.reset();
+    return;
+  }
+  const auto left = *expires - std::chrono::system_clock::now();
+  deadline_ = now + std::chrono::duration_cast<steady::duration>(left);
+}
+
+void ConnectionLogic::on_deadline(steady::time_point now) {
+  if (!deadline_ || now < *deadline_) return;
+  auto sink = sink_.lock();
+  if (!sink) return;
+  if (!in_grace_) {
+    in_grace_ = true;
+    deadline_ = now + ctx_->options.token_refresh_grace;
+    sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
+        {"type", "notice"},
+        {"code", "token_expired"},
+        {"message", fmt::format("token expired: send {{\"op\":\"refresh\",\"token\":...}} within {} ms",
+                                ctx_->options.token_refresh_grace.count())}})));
+    return;
+  }
+  deadline_.reset();
+  sink->close(4001, "token expired");
+}
+
+void ConnectionLogic::reply(const boost::json::value& id, boost::json::object result) {
+  if (auto sink = sink_.lock())
+    sink->send_text(std::make_shared<const std::string>(reply_ok(id, std::move(result))));
+}
+
+void ConnectionLogic::fail(const boost::json::value& id, std::string_view code, std::string_view message) {
+  ctx_->metrics->client_errors.fetch_add(1, std::memory_order_relaxed);
+  if (auto sink = sink_.lock())
+    sink->send_text(std::make_shared<const std::string>(reply_error(id, code, message)));
+}
+
+void ConnectionLogic::fail(const boost::json::value& id, const Error& e) {
+  fail(id, wire_error(e.code).code, e.message);
+}
+
+bool ConnectionLogic::take_token(steady::time_point now) {
+  const double rate = ctx_->options.rate_limit_per_second;
+  const double burst = static_cast<double>(ctx_->options.rate_limit_burst);
+  tokens_ = std::min(burst, tokens_ + std::chrono::duration<double>(now - refilled_).count() * rate);
+  refilled_ = now;
+  if (tokens_ >= 1.0) {
+    tokens_ -= 1.0;
+    strikes_ = 0;
+    return true;
+  }
+  return false;
+}
+
+void ConnectionLogic::on_message(std::string_view text, steady::time_point now) {
+  ctx_->metrics->client_messages.fetch_add(1, std::memory_order_relaxed);
+  if (!take_token(now)) {
+    ctx_->metrics->rate_limited.fetch_add(1, std::memory_order_relaxed);
+    // Keep sending while refused and the connection goes: a client gets one burst of grace.
+    if (++strikes_ > ctx_->options.rate_limit_burst) {
+      if (auto sink = sink_.lock()) sink->close(1008, "rate limit exceeded");
+      return;
+    }
+    fail(nullptr, "rate_limited",
+         fmt::format("more than {} messages per second; slow down", ctx_->options.rate_limit_per_second));
+    return;
+  }
+  boost::system::error_code ec;
+  auto v = boost::json::parse(text, ec);
+  if (ec) return fail(nullptr, "bad_request", fmt::format("not valid JSON: {}", ec.message()));
+  if (!v.is_object()) return fail(nullptr, "bad_request", "a client message must be a JSON object");
+  const auto& msg = v.as_object();
+  boost::json::value id = nullptr;
+  if (auto i = msg.if_contains("id")) {
+    if (!i->is_int64() && !i->is_uint64()) return fail(nullptr, "bad_request", "\"id\" must be an integer");
+    id = *i;
+  } else {
+    return fail(nullptr, "bad_request", "every request needs an integer \"id\"");
+  }
+  auto op = msg.if_contains("op");
+  if (!op || !op->is_string()) return fail(id, "bad_request", "every request needs a string \"op\"");
+  handle(msg, id, op->get_string());
+}
+
+void ConnectionLogic::handle(const boost::json::object& msg, const boost::json::value& id,
+                             std::string_view op) {
+  if (op == "book") return op_book(msg, id);
+  if (op == "subscribe") return op_subscribe(msg, id);
+  if (op == "unsubscribe") return op_unsubscribe(msg, id);
+  if (op == "cancel") return op_cancel(msg, id);
+  if (op == "refresh") return op_refresh(msg, id);
+  if (op == "ping") {
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::system_clock::now().time_since_epoch());
+    return reply(id, {{"pong", true}, {"time", ms.count()}});
+  }
+  fail(
+      id, "bad_request",
+      fmt::format("unknown op '{}' (book, subscribe, unsubscribe, cancel, ping, refresh)", op.substr(0, 64)));
+}
+
+void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json::value& id) {
+  auto req = booking_request_from_json(msg, user_);
+  if (!req) return fail(id, req.error());
+  if (subscriptions_.size() >= ctx_->options.max_subscriptions)
+    return fail(id, "too_large",
+                fmt::format("at most {} subscriptions per connection; unsubscribe first",
+                            ctx_->options.max_subscriptions));
+  auto ack = ctx_->engine->submit(std::move(*req));
+  if (!ack) return fail(id, ack.error());
+  boost::json::object result{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
+  if (ack->replayed) result["replayed"] = true;
+  reply(id, std::move(result));
+  // The decision follows on this socket: the subscription starts with the booking's current
+  // state, so nothing decided in between is missed.
+  subscribe("booking/" + ack->booking_id, std::nullopt);
+}
+
+void ConnectionLogic::op_subscribe(const boost::json::object& msg, const boost::json::value& id) {
+  auto t = msg.if_contains("topic");
+  if (!t || !t->is_string()) return fail(id, "bad_request", "subscribe needs a string \"topic\"");
+  const std::string topic(t->get_string());
+  if (!is_valid_topic(topic))
+    return fail(id, "bad_request", "invalid topic: '/'-separated segments of letters, digits and -_.:@+=~");
+  std::optional<std::uint64_t> since;
+  if (auto s = msg.if_contains("since"); s && !s->is_null()) {
+    if (s->is_uint64())
+      since = s->get_uint64();
+    else if (s->is_int64() && s->get_int64() >= 0)
+      since = static_cast<std::uint64_t>(s->get_int64());
+    else
+      return fail(id, "bad_request", "\"since\" must be a non-negative integer (a sequence number)");
+  }
+  if (!ctx_->may_subscribe(user_, topic))
+    return fail(id, "forbidden", fmt::format("you may not subscribe to '{}'", topic));
+  if (!subscriptions_.contains(topic) && subscriptions_.size() >= ctx_->options.max_subscriptions)
+    return fail(id, "too_large",
+                fmt::format("at most {} subscriptions per connection; unsubscribe first",
+                            ctx_->options.max_subscriptions));
+  reply(id, {{"topic", topic}});
+  subscribe(topic, since);
+}
+
+void ConnectionLogic::op_unsubscribe(const boost::json::object& msg, const boost::json::value& id) {
+  auto t = msg.if_contains("topic");
+  if (!t || !t->is_string()) return fail(id, "bad_request", "unsubscribe needs a string \"topic\"");
+  auto it = subscriptions_.find(std::string_view(t->get_string()));
+  if (it == subscriptions_.end())
+    return fail(id, "not_found",
+                fmt::format("not subscribed to '{}'", std::string_view(t->get_string()).substr(0, 300)));
+  subscriptions_.erase(it);
+  ctx_->metrics->subscriptions.fetch_sub(1);
+  reply(id, {{"topic", t->get_string()}});
+}
+
+void ConnectionLogic::op_cancel(const boost::json::object& msg, const boost::json::value& id) {
+  auto b = msg.if_contains("booking_id");
+  if (!b || !b->is_string()) return fail(id, "bad_request", "cancel needs a string \"booking_id\"");
+  const std::string_view booking_id = b->get_string();
+  auto booking = ctx_->engine->get(booking_id);
+  if (!booking) return fail(id, booking.error());
+  if (booking->user != user_) return fail(id, "forbidden", "you may cancel only your own bookings");
+  auto r = ctx_->engine->cancel(booking_id);
+  if (!r) return fail(id, r.error());
+  reply(id, to_json(*r));
+}
+
+void ConnectionLogic::op_refresh(const boost::json::object& msg, const boost::json::value& id) {
+  auto t = msg.if_contains("token");
+  if (!t || !t->is_string()) return fail(id, "bad_request", "refresh needs a string \"token\"");
+  auto claims = ctx_->verify(t->get_string());
+  if (!claims) return fail(id, claims.error());
+  if (claims->subject != user_) return fail(id, "forbidden", "a refreshed token must be for the same user");
+  set_expiry(claims->expires_at, steady::now());
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(claims->expires_at.time_since_epoch());
+  reply(id, {{"expires_at", ms.count()}});
+}
+
+void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since) {
+  auto it = subscriptions_.find(topic);
+  if (it != subscriptions_.end()) {
+    subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
+    ctx_->metrics->subscriptions.fetch_sub(1);
+  }
+  SubscribeOptions so;
+  so.since_seq = since;
+  // Events go straight into the connection's bounded send queue on the publisher's thread; the
+  // queue (not the bus) applies the slow-consumer policy.
+  so.executor = inline_executor();
+  std::weak_ptr<ConnectionSink> weak = sink_;
+  auto sub = ctx_->bus->subscribe(
+      topic,
+      [weak, topic](const Delivery& d) {
+        auto sink = weak.lock();
+        if (!sink) return;
+        switch (d.kind) {
+          case Delivery::Kind::event: sink->send_event(d.event, false); break;
+          case Delivery::Kind::snapshot: sink->send_event(d.event, true); break;
+          case Delivery::Kind::gap:
+            sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
+                {"type", "gap"}, {"topics", boost::json::array{topic}}, {"dropped", d.dropped}})));
+            break;
+          case Delivery::Kind::ended:
+            sink->send_text(std::make_shared<const std::string>(
+                boost::json::serialize(boost::json::object{{"type", "notice"},
+                                                           {"code", "subscription_ended"},
+                                                           {"topic", topic},
+                                                           {"message", d.reason.message}})));
+            break;
+        }
+      },
+      so);
+  if (!sub) {
+    if (auto sink = sink_.lock())
+      sink->send_text(std::make_shared<const std::string>(
+          boost::json::serialize(boost::json::object{{"type", "notice"},
+                                                     {"code", "subscription_ended"},
+                                                     {"topic", topic},
+                                                     {"message", sub.error().message}})));
+    return;
+  }
+  subscriptions_.emplace(topic, std::move(*sub));
+  ctx_->metrics->subscriptions.fetch_add(1);
+}
+
+}  // namespace pushbook::detail

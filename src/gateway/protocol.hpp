@@ -1,0 +1,117 @@
+// The wire protocol v1 without sockets (docs/protocol.md): parsing client frames, deciding what
+// to do, and the JSON the server sends. The I/O layer (websocket_session, http_session,
+// sse_session) only carries these decisions out, so all of this is tested without a socket
+// (tests/protocol_test.cpp).
+#pragma once
+
+#include <pushbook/auth.hpp>
+#include <pushbook/booking_engine.hpp>
+#include <pushbook/event_bus.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include "gateway/metrics.hpp"
+
+#include <boost/json/object.hpp>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace pushbook::detail {
+
+using steady = std::chrono::steady_clock;
+
+/// A wire error code ("bad_request", ...) and the HTTP status that goes with it.
+struct WireError {
+  const char* code;
+  unsigned http_status;
+};
+/// Maps pushbook's error codes onto the protocol's stable error codes.
+WireError wire_error(const std::error_code& ec);
+
+/// {"error":{"code":...,"message":...}} for HTTP bodies.
+std::string http_error_body(std::string_view code, std::string_view message);
+/// {"type":"reply","id":ID,"ok":true,"result":{...}}
+std::string reply_ok(const boost::json::value& id, boost::json::object result);
+/// {"type":"reply","id":ID,"ok":false,"error":{"code":...,"message":...}}
+std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message);
+
+/// Everything the connections of one gateway share. Immutable after start.
+struct GatewayContext {
+  EventBusPtr bus;
+  std::shared_ptr<BookingEngine> engine;
+  GatewayOptions options;
+  GatewayMetrics* metrics = nullptr;
+
+  /// Verifies a token (or, in dev_insecure mode, reads its "sub" unverified).
+  result<TokenClaims> verify(std::string_view token) const;
+  /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
+  bool may_subscribe(std::string_view user, std::string_view topic) const;
+};
+
+/// Where a connection's output goes. Implemented by the sessions; every call is non-blocking and
+/// thread-safe (events arrive on publisher threads).
+class ConnectionSink {
+ public:
+  virtual ~ConnectionSink() = default;
+  /// A reply or notice: counted against the byte bound, never dropped.
+  virtual void send_text(std::shared_ptr<const std::string> message) = 0;
+  /// An event (shared serialized bytes): the slow-consumer policy may drop it.
+  virtual void send_event(const EventPtr& event, bool snapshot) = 0;
+  /// Closes the connection with a WebSocket close code and reason.
+  virtual void close(std::uint16_t code, std::string reason) = 0;
+};
+
+/// The per-connection protocol state of a WebSocket client: identity, subscriptions, rate
+/// limit, token expiry. Called on the connection's strand only (not thread-safe itself).
+class ConnectionLogic {
+ public:
+  ConnectionLogic(std::shared_ptr<const GatewayContext> ctx, std::weak_ptr<ConnectionSink> sink,
+                  std::string user, std::optional<std::chrono::system_clock::time_point> token_expires);
+  /// Cancels every subscription.
+  ~ConnectionLogic();
+  ConnectionLogic(const ConnectionLogic&) = delete;
+  ConnectionLogic& operator=(const ConnectionLogic&) = delete;
+
+  /// Handles one client frame (a JSON object as text).
+  void on_message(std::string_view text, steady::time_point now = steady::now());
+  /// When on_deadline() wants to be called next (token expiry), if ever.
+  std::optional<steady::time_point> next_deadline() const noexcept { return deadline_; }
+  void on_deadline(steady::time_point now = steady::now());
+  /// Cancels every subscription (no more events reach the sink).
+  void unsubscribe_all();
+
+  const std::string& user() const noexcept { return user_; }
+  std::size_t subscriptions() const noexcept { return subscriptions_.size(); }
+
+ private:
+  void reply(const boost::json::value& id, boost::json::object result);
+  void fail(const boost::json::value& id, std::string_view code, std::string_view message);
+  void fail(const boost::json::value& id, const Error& e);
+  bool take_token(steady::time_point now);
+  void handle(const boost::json::object& msg, const boost::json::value& id, std::string_view op);
+  void op_book(const boost::json::object& msg, const boost::json::value& id);
+  void op_subscribe(const boost::json::object& msg, const boost::json::value& id);
+  void op_unsubscribe(const boost::json::object& msg, const boost::json::value& id);
+  void op_cancel(const boost::json::object& msg, const boost::json::value& id);
+  void op_refresh(const boost::json::object& msg, const boost::json::value& id);
+  /// Subscribes the sink to `topic` (replacing an existing subscription to it).
+  void subscribe(const std::string& topic, std::optional<std::uint64_t> since);
+  void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
+
+  std::shared_ptr<const GatewayContext> ctx_;
+  std::weak_ptr<ConnectionSink> sink_;
+  std::string user_;
+  std::map<std::string, Subscription, std::less<>> subscriptions_;
+  // Token bucket.
+  double tokens_;
+  steady::time_point refilled_;
+  std::size_t strikes_ = 0;
+  // Token expiry: at deadline_, either warn (then grace) or close.
+  std::optional<steady::time_point> deadline_;
+  bool in_grace_ = false;
+};
+
+}  // namespace pushbook::detail

@@ -1,0 +1,234 @@
+#include <pushbook/beast.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include "gateway/core.hpp"
+#include "gateway/http_session.hpp"
+#include "gateway/listener.hpp"
+
+#include <fmt/chrono.h>
+#include <fmt/format.h>
+#include <boost/asio/post.hpp>
+
+#include <sys/socket.h>
+#include <unistd.h>
+#include <cstdio>
+
+namespace pushbook {
+namespace detail {
+
+// --- SessionRegistry -------------------------------------------------------------------------
+
+void SessionRegistry::add(const std::shared_ptr<Session>& s) {
+  std::lock_guard lock(mutex_);
+  sessions_[s.get()] = s;
+}
+
+void SessionRegistry::remove(const Session* s) {
+  std::lock_guard lock(mutex_);
+  sessions_.erase(s);
+  if (sessions_.empty()) empty_.notify_all();
+}
+
+std::vector<std::shared_ptr<Session>> SessionRegistry::snapshot() {
+  std::lock_guard lock(mutex_);
+  std::vector<std::shared_ptr<Session>> out;
+  out.reserve(sessions_.size());
+  for (auto& [p, weak] : sessions_)
+    if (auto s = weak.lock()) out.push_back(std::move(s));
+  return out;
+}
+
+bool SessionRegistry::wait_empty(std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock lock(mutex_);
+  return empty_.wait_until(lock, deadline, [&] { return sessions_.empty(); });
+}
+
+std::size_t SessionRegistry::size() {
+  std::lock_guard lock(mutex_);
+  return sessions_.size();
+}
+
+// --- GatewayCore -----------------------------------------------------------------------------
+
+net::io_context& GatewayCore::next_context() {
+  if (host_context) return *host_context;
+  return *own_contexts[next.fetch_add(1, std::memory_order_relaxed) % own_contexts.size()];
+}
+
+void GatewayCore::log(LogLevel level, std::string_view message) const {
+  if (ctx->options.log) return ctx->options.log(level, message);
+  if (level == LogLevel::debug) return;
+  static const char* names[] = {"debug", "info", "warning", "error"};
+  std::fprintf(stderr, "%s pushbook-gateway %s: %.*s\n",
+               fmt::format("{:%FT%TZ}", fmt::gmtime(std::time(nullptr))).c_str(),
+               names[static_cast<int>(level)], static_cast<int>(message.size()), message.data());
+}
+
+void GatewayCore::serve(tcp::socket socket) {
+  metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
+  const auto open = open_connections.fetch_add(1) + 1;
+  const bool refuse = static_cast<std::size_t>(open) > ctx->options.max_connections || stopping.load();
+  std::make_shared<HttpSession>(shared_from_this(), std::move(socket), refuse)->run();
+}
+
+std::string redact_target(std::string_view target) {
+  std::string out(target);
+  for (std::size_t pos = 0; (pos = out.find("access_token=", pos)) != std::string::npos;) {
+    if (pos > 0 && out[pos - 1] != '?' && out[pos - 1] != '&') {
+      pos += 13;
+      continue;
+    }
+    const auto start = pos + 13;
+    const auto end = out.find('&', start);
+    out.replace(start, (end == std::string::npos ? out.size() : end) - start, "REDACTED");
+    pos = start;
+  }
+  return out;
+}
+
+}  // namespace detail
+
+struct PushGateway::impl {
+  std::shared_ptr<detail::GatewayCore> core;
+  std::mutex stop_mutex;
+  bool stopped = false;
+
+  void start(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options,
+             boost::asio::io_context* host) {
+    if (!bus) throw Exception(Error(errc::bad_request, "PushGateway needs an event bus"));
+    if (!engine) throw Exception(Error(errc::bad_request, "PushGateway needs a booking engine"));
+    if (options.secret.empty() && !options.dev_insecure)
+      throw Exception(Error(
+          errc::bad_request,
+          "PushGateway needs a token secret (GatewayOptions::secret), or dev_insecure for development"));
+    if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 || options.rate_limit_per_second <= 0)
+      throw Exception(Error(errc::bad_request, "limits must be positive"));
+    core = std::make_shared<detail::GatewayCore>();
+    auto ctx = std::make_shared<detail::GatewayContext>();
+    ctx->bus = std::move(bus);
+    ctx->engine = std::move(engine);
+    ctx->options = std::move(options);
+    ctx->metrics = &core->metrics;
+    core->ctx = std::move(ctx);
+    if (core->ctx->options.dev_insecure)
+      core->log(LogLevel::warning,
+                "*** DEVELOPMENT MODE: clients are NOT authenticated (--dev-insecure). Never expose this "
+                "server. ***");
+    if (host) {
+      core->host_context = host;
+      return;
+    }
+    std::size_t n = core->ctx->options.threads;
+    if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+    for (std::size_t i = 0; i < n; ++i) {
+      core->own_contexts.push_back(std::make_unique<boost::asio::io_context>(1));
+      core->guards.push_back(boost::asio::make_work_guard(*core->own_contexts.back()));
+    }
+    for (std::size_t i = 0; i < n; ++i)
+      core->threads.emplace_back([ioc = core->own_contexts[i].get()] { ioc->run(); });
+  }
+};
+
+PushGateway::PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options)
+    : impl_(std::make_shared<impl>()) {
+  impl_->start(std::move(bus), std::move(engine), std::move(options), nullptr);
+}
+
+PushGateway::PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options,
+                         boost::asio::io_context& io_context)
+    : impl_(std::make_shared<impl>()) {
+  impl_->start(std::move(bus), std::move(engine), std::move(options), &io_context);
+}
+
+PushGateway::~PushGateway() { stop(); }
+
+result<std::uint16_t> PushGateway::listen() {
+  auto& core = impl_->core;
+  if (core->stopping.load()) return Error(errc::shutting_down, "the gateway is stopped");
+  if (core->listener) return Error(errc::bad_request, "listen() was called already");
+  auto listener = std::make_shared<detail::Listener>(core, core->next_context());
+  auto port = listener->open(core->ctx->options.host, core->ctx->options.port);
+  if (!port) return port.error();
+  core->listener = listener;
+  core->port = *port;
+  listener->run();
+  core->log(LogLevel::info, fmt::format("listening on {}:{}", core->ctx->options.host, *port));
+  return *port;
+}
+
+std::uint16_t PushGateway::port() const noexcept { return impl_->core->port.load(); }
+
+void PushGateway::accept_socket(int native_handle) {
+  auto& core = impl_->core;
+  detail::tcp::socket socket(boost::asio::make_strand(core->next_context()));
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(native_handle, reinterpret_cast<sockaddr*>(&addr), &len);
+  boost::system::error_code ec;
+  socket.assign(addr.ss_family == AF_INET6 ? detail::tcp::v6() : detail::tcp::v4(), native_handle, ec);
+  if (ec) {
+    core->log(LogLevel::warning, fmt::format("accept_socket: {}", ec.message()));
+    ::close(native_handle);
+    return;
+  }
+  core->serve(std::move(socket));
+}
+
+void PushGateway::stop() {
+  std::lock_guard once(impl_->stop_mutex);
+  if (impl_->stopped) return;
+  impl_->stopped = true;
+  auto& core = impl_->core;
+  core->stopping.store(true);
+  if (core->listener) core->listener->stop();
+  const auto deadline = std::chrono::steady_clock::now() + core->ctx->options.shutdown_timeout;
+  for (auto& s : core->registry.snapshot()) s->shutdown();
+  if (!core->registry.wait_empty(deadline)) {
+    core->log(LogLevel::warning,
+              fmt::format("{} connections still open after the shutdown timeout; cutting them",
+                          core->registry.size()));
+    for (auto& s : core->registry.snapshot()) s->abort();
+    core->registry.wait_empty(std::chrono::steady_clock::now() + std::chrono::seconds(2));
+  }
+  for (auto& g : core->guards) g.reset();
+  for (auto& ioc : core->own_contexts) ioc->stop();
+  for (auto& t : core->threads)
+    if (t.joinable()) t.join();
+  if (core->port.load() != 0) core->log(LogLevel::info, "stopped");
+}
+
+GatewayStats PushGateway::stats() const {
+  const auto& m = impl_->core->metrics;
+  GatewayStats s;
+  s.websocket_connections = m.websocket_connections.load();
+  s.sse_connections = m.sse_connections.load();
+  s.http_connections = m.http_connections.load();
+  s.connections_total = m.connections_total.load();
+  s.subscriptions = m.subscriptions.load();
+  s.messages_pushed = m.messages_pushed.load();
+  s.frames_written = m.frames_written.load();
+  s.bytes_pushed = m.bytes_pushed.load();
+  s.slow_consumer_disconnects = m.slow_consumer_disconnects.load();
+  s.dropped_messages = m.dropped_messages.load();
+  return s;
+}
+
+std::string PushGateway::metrics_text() const {
+  auto stats = impl_->core->ctx->engine->stats();
+  return impl_->core->metrics.render(&stats);
+}
+
+class GatewayAccess {
+ public:
+  static std::shared_ptr<detail::GatewayCore>& core(PushGateway& g) { return g.impl_->core; }
+};
+
+void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
+                   boost::beast::http::request<boost::beast::http::string_body> request) {
+  auto& core = GatewayAccess::core(gateway);
+  core->metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
+  core->open_connections.fetch_add(1);
+  std::make_shared<detail::HttpSession>(core, stream.release_socket(), false)->run_with(std::move(request));
+}
+
+}  // namespace pushbook

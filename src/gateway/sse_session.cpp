@@ -1,0 +1,161 @@
+#include "gateway/sse_session.hpp"
+
+#include <fmt/format.h>
+#include <boost/asio/post.hpp>
+#include <boost/asio/write.hpp>
+
+namespace pushbook::detail {
+
+SseSession::SseSession(std::shared_ptr<GatewayCore> core, beast::tcp_stream stream)
+    : core_(std::move(core)), stream_(std::move(stream)), keepalive_(stream_.get_executor()) {
+  core_->metrics.sse_connections.fetch_add(1);
+}
+
+SseSession::~SseSession() {
+  core_->metrics.sse_connections.fetch_sub(1);
+  core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
+  core_->open_connections.fetch_sub(1);
+  core_->registry.remove(this);
+}
+
+void SseSession::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since) {
+  core_->registry.add(shared_from_this());
+  stream_.expires_never();
+  enqueue(
+      fmt::format("HTTP/1.{} 200 OK\r\nServer: pushbook\r\nContent-Type: text/event-stream\r\n"
+                  "Cache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n"
+                  "retry: 2000\n\n",
+                  http_version == 10 ? 0 : 1));
+  SubscribeOptions so;
+  so.since_seq = since;
+  so.executor = inline_executor();
+  std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(shared_from_this());
+  auto sub = core_->ctx->bus->subscribe(
+      topic,
+      [weak](const Delivery& d) {
+        auto sink = weak.lock();
+        if (!sink) return;
+        if (d.event) return sink->send_event(d.event, d.kind == Delivery::Kind::snapshot);
+        if (d.kind == Delivery::Kind::gap)
+          sink->send_text(std::make_shared<const std::string>(
+              fmt::format(R"({{"type":"gap","dropped":{}}})", d.dropped)));
+        else
+          sink->close(1011, d.reason.message);
+      },
+      so);
+  if (sub) subscription_ = std::move(*sub);
+  net::dispatch(stream_.get_executor(), [self = shared_from_this()] {
+    self->do_watch();
+    self->arm_keepalive();
+  });
+}
+
+void SseSession::send_event(const EventPtr& event, bool snapshot) {
+  // No "event:" line: everything arrives as a plain message (EventSource.onmessage); the JSON
+  // says whether it is a snapshot. "id:" lets EventSource resume with Last-Event-ID.
+  const auto& wire = *event->wire(snapshot);
+  std::string chunk;
+  chunk.reserve(wire.size() + 32);
+  fmt::format_to(std::back_inserter(chunk), "id: {}\ndata: ", event->seq());
+  chunk += wire;
+  chunk += "\n\n";
+  enqueue(std::move(chunk));
+}
+
+void SseSession::send_text(std::shared_ptr<const std::string> message) {
+  enqueue("data: " + *message + "\n\n");
+}
+
+void SseSession::close(std::uint16_t, std::string reason) {
+  core_->log(LogLevel::info, fmt::format("closing SSE stream: {}", reason));
+  net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+}
+
+void SseSession::enqueue(std::string chunk) {
+  bool post = false;
+  {
+    std::lock_guard lock(mutex_);
+    if (closing_) return;
+    if (queued_bytes_ + chunk.size() > core_->ctx->options.max_queued_bytes) {
+      closing_ = true;  // EventSource reconnects with Last-Event-ID and misses nothing
+      core_->metrics.slow_consumer_disconnects.fetch_add(1);
+      net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+      return;
+    }
+    queued_bytes_ += chunk.size();
+    core_->metrics.queued_bytes.fetch_add(static_cast<std::int64_t>(chunk.size()));
+    core_->metrics.messages_pushed.fetch_add(1, std::memory_order_relaxed);
+    queue_.push_back(std::move(chunk));
+    if (!write_scheduled_) post = write_scheduled_ = true;
+  }
+  if (post) net::post(stream_.get_executor(), [self = shared_from_this()] { self->do_write(); });
+}
+
+void SseSession::do_write() {
+  if (finished_) return;
+  {
+    std::lock_guard lock(mutex_);
+    writing_.clear();
+    while (!queue_.empty() && writing_.size() < 256 * 1024) {
+      writing_ += queue_.front();
+      queue_.pop_front();
+    }
+    queued_bytes_ -= writing_.size();
+    core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(writing_.size()));
+    if (writing_.empty()) {
+      write_scheduled_ = false;
+      return;
+    }
+  }
+  net::async_write(
+      stream_, net::buffer(writing_),
+      [self = shared_from_this()](boost::system::error_code ec, std::size_t) { self->on_write(ec); });
+}
+
+void SseSession::on_write(boost::system::error_code ec) {
+  if (ec) return finish();
+  core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
+  core_->metrics.bytes_pushed.fetch_add(writing_.size(), std::memory_order_relaxed);
+  arm_keepalive();
+  do_write();
+}
+
+// Reads (and discards) until the client goes away: that is how a closed EventSource shows.
+void SseSession::do_watch() {
+  stream_.async_read_some(net::buffer(discard_),
+                          [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+                            if (ec) return self->finish();
+                            self->do_watch();
+                          });
+}
+
+void SseSession::arm_keepalive() {
+  if (finished_) return;
+  keepalive_.expires_after(core_->ctx->options.sse_keepalive);
+  keepalive_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (ec) return;
+    self->enqueue(": keep-alive\n\n");
+  });
+}
+
+void SseSession::shutdown() {
+  net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+}
+
+void SseSession::abort() { shutdown(); }
+
+void SseSession::finish() {
+  if (finished_) return;
+  finished_ = true;
+  {
+    std::lock_guard lock(mutex_);
+    closing_ = true;
+  }
+  subscription_.cancel();
+  keepalive_.cancel();
+  boost::system::error_code ec;
+  stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+  stream_.socket().close(ec);
+}
+
+}  // namespace pushbook::detail

@@ -1,0 +1,79 @@
+#include <pushbook/auth.hpp>
+
+#include "gateway/core.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace pushbook;
+using namespace std::chrono_literals;
+
+namespace {
+const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
+}
+
+TEST_CASE("a token signed with the secret verifies and yields its claims") {
+  const auto t = sign_token("alice", now + 1h, "k");
+  auto c = verify_token(t, "k", now);
+  REQUIRE(c.has_value());
+  CHECK(c->subject == "alice");
+  CHECK(c->expires_at == now + 1h);
+}
+
+TEST_CASE("a known HS256 token from outside pushbook verifies") {
+  // {"alg":"HS256","typ":"JWT"}.{"sub":"1234567890","exp":4102444800} signed with "secret" by
+  // Python's hmac module, not by pushbook.
+  const char* token =
+      "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwiZXhwIjo0MTAyNDQ0ODAwfQ."
+      "B87ky_xnfSw6IuujR-udaBU_p6EHZ2WcNiTbiFXAmHg";  // computed with Python hmac
+  auto c = verify_token(token, "secret", now);
+  REQUIRE(c.has_value());
+  CHECK(c->subject == "1234567890");
+}
+
+TEST_CASE("bad tokens are refused with a reason and never echoed") {
+  const auto good = sign_token("alice", now + 1h, "k");
+  struct Case {
+    std::string token;
+    const char* message;
+  };
+  for (const auto& c : {
+           Case{"", "missing token"},
+           Case{"abc", "malformed token: a JWT has three dot-separated parts"},
+           Case{"a.b.c.d", "malformed token: a JWT has three dot-separated parts"},
+           Case{sign_token("alice", now - 1h, "k"), "token expired"},
+           Case{sign_token("alice", now + 1h, "other"), "bad token signature"},
+           Case{good.substr(0, good.size() - 2) + "AA", "bad token signature"},
+           Case{"eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.",
+                "unsupported token algorithm: only HS256 is accepted"},
+           Case{sign_token("bad user", now + 1h, "k"), "token has no valid \"sub\" claim"},
+       }) {
+    CAPTURE(c.token);
+    auto r = verify_token(c.token, "k", now);
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().is(errc::unauthorized));
+    CHECK(r.error().message == c.message);
+  }
+}
+
+TEST_CASE("leeway tolerates small clock skew") {
+  const auto t = sign_token("alice", now - 3s, "k");
+  CHECK(verify_token(t, "k", now, 5s).has_value());
+  CHECK_FALSE(verify_token(t, "k", now, 0s).has_value());
+}
+
+TEST_CASE("the default topic rule") {
+  CHECK(default_topic_rule("alice", "resource/room-1", std::nullopt));
+  CHECK(default_topic_rule("alice", "user/alice", std::nullopt));
+  CHECK_FALSE(default_topic_rule("alice", "user/bob", std::nullopt));
+  CHECK(default_topic_rule("alice", "booking/B1", std::string("alice")));
+  CHECK_FALSE(default_topic_rule("alice", "booking/B1", std::string("bob")));
+  CHECK_FALSE(default_topic_rule("alice", "booking/B1", std::nullopt));
+  CHECK_FALSE(default_topic_rule("alice", "admin/x", std::nullopt));
+}
+
+TEST_CASE("access tokens are redacted from logged targets") {
+  CHECK(detail::redact_target("/v1/events?topic=user/a&access_token=SECRET.TOKEN.X") ==
+        "/v1/events?topic=user/a&access_token=REDACTED");
+  CHECK(detail::redact_target("/v1/ws?access_token=abc&user=x") == "/v1/ws?access_token=REDACTED&user=x");
+  CHECK(detail::redact_target("/v1/ws?my_access_token=abc") == "/v1/ws?my_access_token=abc");
+}

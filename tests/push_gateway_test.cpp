@@ -1,0 +1,630 @@
+// The gateway through real sockets on 127.0.0.1: pushbook's own client, plus raw sockets for
+// clients that misbehave.
+#include <pushbook/auth.hpp>
+#include <pushbook/client.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include "raw_socket.hpp"
+#include "wait.hpp"
+
+#include <doctest/doctest.h>
+#include <boost/json/serialize.hpp>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+
+using namespace pushbook;
+using namespace std::chrono_literals;
+using client::WsClient;
+using test::Collector;
+using test::RawSocket;
+
+namespace {
+
+constexpr const char* secret = "test-secret";
+
+struct Server {
+  std::mutex log_mutex;  // declared first: the gateway logs while it stops
+  std::vector<std::string> log_lines;
+  std::shared_ptr<LocalBus> bus = std::make_shared<LocalBus>();
+  std::shared_ptr<BookingEngine> engine;
+  std::unique_ptr<PushGateway> gateway;
+  std::uint16_t port = 0;
+
+  explicit Server(GatewayOptions o = {}, EngineOptions eo = {}) {
+    engine = std::make_shared<BookingEngine>(bus, std::move(eo));
+    engine->add_resource("room-1", 1).value();
+    engine->add_resource("room-10", 10).value();
+    engine->add_resource("hall", 1000).value();
+    if (o.secret.empty() && !o.dev_insecure) o.secret = secret;
+    if (o.threads == 0) o.threads = 2;
+    o.log = [this](LogLevel, std::string_view line) {
+      std::lock_guard lock(log_mutex);
+      log_lines.emplace_back(line);
+    };
+    gateway = std::make_unique<PushGateway>(bus, engine, std::move(o));
+    port = gateway->listen().value();
+  }
+
+  static std::string token(const std::string& user, std::chrono::seconds ttl = 1h) {
+    return sign_token(user, std::chrono::system_clock::now() + ttl, secret);
+  }
+
+  std::unique_ptr<WsClient> ws(const std::string& user) {
+    client::ConnectOptions o;
+    o.port = port;
+    o.token = token(user);
+    return WsClient::connect(o).value();
+  }
+
+  client::HttpClient http() { return client::HttpClient("127.0.0.1", port); }
+};
+
+boost::json::object book(const std::string& resource, int quantity = 1) {
+  return {{"op", "book"}, {"resource", resource}, {"quantity", quantity}};
+}
+
+std::string status_of(const boost::json::object& event) {
+  return std::string(event.at("data").at("status").as_string());
+}
+
+// Reads events until one for `topic` has a final status; returns that status.
+std::string await_decision(WsClient& ws, const std::string& topic) {
+  for (int i = 0; i < 20; ++i) {
+    auto ev = ws.next(5s);
+    if (!ev) return "timeout";
+    if (ev->at("type") != "event" || ev->at("topic").as_string() != topic) continue;
+    auto s = status_of(*ev);
+    if (s != "processing") return s;
+  }
+  return "none";
+}
+
+}  // namespace
+
+TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") {
+  Server s;
+  auto ws = s.ws("alice");
+  auto reply = ws->request(book("room-10")).value();
+  CHECK(reply.at("type") == "reply");
+  CHECK(reply.at("ok") == true);
+  const std::string id(reply.at("result").at("booking_id").as_string());
+  CHECK(reply.at("result").at("status") == "processing");
+  CHECK(await_decision(*ws, "booking/" + id) == "confirmed");
+}
+
+TEST_CASE("two users race for capacity 1: exactly one is confirmed") {
+  Server s;
+  auto a = s.ws("alice");
+  auto b = s.ws("bob");
+  std::string id_a, id_b;
+  std::thread ta([&] {
+    id_a = std::string(a->request(book("room-1")).value().at("result").at("booking_id").as_string());
+  });
+  std::thread tb([&] {
+    id_b = std::string(b->request(book("room-1")).value().at("result").at("booking_id").as_string());
+  });
+  ta.join();
+  tb.join();
+  const auto da = await_decision(*a, "booking/" + id_a);
+  const auto db = await_decision(*b, "booking/" + id_b);
+  CHECK(((da == "confirmed" && db == "rejected") || (da == "rejected" && db == "confirmed")));
+  CHECK(s.engine->availability("room-1").value() == 0);
+}
+
+TEST_CASE("a late subscriber gets the decision as a snapshot") {
+  Server s;
+  auto ack = s.engine->submit(BookingRequest{"alice", {{"room-10", 1}}, {}, {}, {}}).value();
+  REQUIRE(
+      test::eventually([&] { return s.engine->get(ack.booking_id)->status == BookingStatus::confirmed; }));
+  auto ws = s.ws("alice");
+  auto reply = ws->request({{"op", "subscribe"}, {"topic", "booking/" + ack.booking_id}}).value();
+  CHECK(reply.at("ok") == true);
+  auto ev = ws->next(5s).value();
+  CHECK(ev.at("type") == "event");
+  CHECK(ev.at("snapshot") == true);
+  CHECK(ev.at("seq") == 2);
+  CHECK(status_of(ev) == "confirmed");
+}
+
+TEST_CASE("since replays what was missed, without gap or duplicate") {
+  Server s;
+  for (int i = 0; i < 3; ++i) REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
+  REQUIRE(test::eventually([&] { return s.engine->stats().in_flight == 0; }));
+  // user/alice has 6 events now: processing and confirmed of each booking.
+  auto ws = s.ws("alice");
+  REQUIRE(ws->request({{"op", "subscribe"}, {"topic", "user/alice"}, {"since", 2}}).value().at("ok") == true);
+  std::vector<std::int64_t> seqs;
+  for (int i = 0; i < 4; ++i) seqs.push_back(ws->next(5s).value().at("seq").as_int64());
+  REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
+  seqs.push_back(ws->next(5s).value().at("seq").as_int64());
+  seqs.push_back(ws->next(5s).value().at("seq").as_int64());
+  CHECK(seqs == std::vector<std::int64_t>{3, 4, 5, 6, 7, 8});
+}
+
+TEST_CASE("another user's topics are forbidden; resource topics are public") {
+  Server s;
+  auto bob_booking = s.engine->submit(BookingRequest{"bob", {{"room-10", 1}}, {}, {}, {}}).value();
+  auto ws = s.ws("alice");
+  auto r1 = ws->request({{"op", "subscribe"}, {"topic", "user/bob"}}).value();
+  CHECK(r1.at("ok") == false);
+  CHECK(r1.at("error").at("code") == "forbidden");
+  CHECK(r1.at("error").at("message") == "you may not subscribe to 'user/bob'");
+  auto r2 = ws->request({{"op", "subscribe"}, {"topic", "booking/" + bob_booking.booking_id}}).value();
+  CHECK(r2.at("error").at("code") == "forbidden");
+  auto r3 = ws->request({{"op", "cancel"}, {"booking_id", bob_booking.booking_id}}).value();
+  CHECK(r3.at("error").at("code") == "forbidden");
+  auto r4 = ws->request({{"op", "subscribe"}, {"topic", "resource/room-10"}}).value();
+  CHECK(r4.at("ok") == true);
+  auto r5 = ws->request({{"op", "book"}, {"user", "bob"}, {"resource", "room-10"}}).value();
+  CHECK(r5.at("error").at("code") == "forbidden");
+}
+
+TEST_CASE("missing, expired and forged tokens are refused at the handshake") {
+  Server s;
+  client::ConnectOptions o;
+  o.port = s.port;
+  auto none = WsClient::connect(o);
+  REQUIRE_FALSE(none.has_value());
+  CHECK(none.error().is(errc::unauthorized));
+  CHECK(none.error().message.starts_with("HTTP 401: missing token"));
+
+  o.token = sign_token("alice", std::chrono::system_clock::now() - 1h, secret);
+  auto expired = WsClient::connect(o);
+  CHECK(expired.error().is(errc::unauthorized));
+  CHECK(expired.error().message == "HTTP 401: token expired");
+
+  o.token = sign_token("alice", std::chrono::system_clock::now() + 1h, "another-secret");
+  auto forged = WsClient::connect(o);
+  CHECK(forged.error().message == "HTTP 401: bad token signature");
+
+  o.token = Server::token("alice");
+  o.token_as_subprotocol = true;  // as browsers send it
+  auto ok = WsClient::connect(o);
+  REQUIRE(ok.has_value());
+  CHECK((*ok)->request({{"op", "ping"}}).value().at("ok") == true);
+}
+
+TEST_CASE("tokens may come as access_token for HTTP and SSE; they are never logged") {
+  Server s;
+  auto http = s.http();
+  const auto t = Server::token("alice");
+  auto r = http.request("POST", "/v1/bookings?access_token=" + t, R"({"resource":"room-10"})").value();
+  CHECK(r.status == 202);
+  std::lock_guard lock(s.log_mutex);
+  for (const auto& line : s.log_lines) CHECK(line.find(t) == std::string::npos);
+}
+
+TEST_CASE("a frame over max_message_bytes closes the connection with 1009") {
+  GatewayOptions o;
+  o.max_message_bytes = 1024;
+  Server s(o);
+  auto ws = s.ws("alice");
+  REQUIRE(ws->send_text(std::string(2000, 'x')));
+  auto closed = ws->wait_closed(5s);
+  REQUIRE(closed.has_value());
+  CHECK(closed->code == 1009);
+  auto other = s.ws("bob");  // the server carries on
+  CHECK(other->request({{"op", "ping"}}).value().at("ok") == true);
+}
+
+TEST_CASE("malformed messages get error replies and the connection stays usable") {
+  Server s;
+  auto ws = s.ws("alice");
+  REQUIRE(ws->send_text("not json"));
+  auto r1 = ws->next_unmatched_reply(5s).value();
+  CHECK(r1.at("ok") == false);
+  CHECK(r1.at("error").at("code") == "bad_request");
+  REQUIRE(ws->send_text(R"([1,2,3])"));
+  CHECK(ws->next_unmatched_reply(5s).value().at("error").at("message") ==
+        "a client message must be a JSON object");
+  REQUIRE(ws->send_text(R"({"op":"ping"})"));
+  CHECK(ws->next_unmatched_reply(5s).value().at("error").at("message") ==
+        "every request needs an integer \"id\"");
+  REQUIRE(ws->send_binary("\x01\x02"));
+  CHECK(ws->next_unmatched_reply(5s).value().at("error").at("message") ==
+        "binary frames are not supported; send JSON text");
+  auto unknown = ws->request({{"op", "teleport"}}).value();
+  CHECK(unknown.at("error").at("message") ==
+        "unknown op 'teleport' (book, subscribe, unsubscribe, cancel, ping, refresh)");
+  auto bad_types = ws->request({{"op", "book"}, {"resource", 5}}).value();
+  CHECK(bad_types.at("error").at("message") == "request: \"resource\" must be a string");
+  auto bad_since = ws->request({{"op", "subscribe"}, {"topic", "user/alice"}, {"since", -3}}).value();
+  CHECK(bad_since.at("error").at("code") == "bad_request");
+  auto unknown_resource = ws->request(book("room-99")).value();
+  CHECK(unknown_resource.at("error").at("code") == "not_found");
+  CHECK(ws->request({{"op", "ping"}}).value().at("result").at("pong") == true);
+}
+
+TEST_CASE("a slow consumer is disconnected with 1013 while a fast one on the same topic gets everything") {
+  GatewayOptions o;
+  o.max_queued_bytes = 512 * 1024;
+  o.handshake_timeout = 1s;  // also bounds the close handshake the slow client never answers
+  Server s(o);
+  auto fast = s.ws("fast");
+  REQUIRE(fast->request({{"op", "subscribe"}, {"topic", "resource/hall"}}).value().at("ok") == true);
+  REQUIRE(fast->next(5s));  // the snapshot
+
+  // The slow client subscribes and then never reads; a small receive buffer fills quickly.
+  RawSocket slow(s.port, 4096);
+  REQUIRE(slow.send(test::ws_upgrade_request(Server::token("slow"))));
+  REQUIRE(slow.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
+  REQUIRE(slow.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"resource/hall"})")));
+  REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == 2; }));
+
+  // Publish in chunks the fast client keeps up with: ~16 MB in all, far more than the kernel's
+  // socket buffers plus the 512 KiB queue can hold for the slow one.
+  const std::string filler(2000, 'x');
+  constexpr int chunks = 80, per_chunk = 100;
+  std::int64_t expected_seq = 2;  // seq 1 was the snapshot
+  bool in_order = true;
+  int received = 0;
+  for (int c = 0; c < chunks; ++c) {
+    for (int i = 0; i < per_chunk; ++i)
+      REQUIRE(s.bus->publish("resource/hall", boost::json::object{{"pad", filler}}));
+    for (int i = 0; i < per_chunk; ++i) {
+      auto ev = fast->next(10s);
+      REQUIRE(ev.has_value());
+      in_order = in_order && ev->at("seq").as_int64() == expected_seq++;
+      ++received;
+    }
+  }
+  CHECK(received == chunks * per_chunk);
+  CHECK(in_order);
+  CHECK(fast->is_open());
+  CHECK(s.gateway->stats().slow_consumer_disconnects == 1);
+  // The server closes the slow client's socket (its close handshake times out: it never reads).
+  CHECK(slow.wait_closed(20s));
+}
+
+TEST_CASE("with drop_with_gap a slow consumer gets a gap marker naming the topic instead") {
+  GatewayOptions o;
+  o.max_queued_bytes = 32 * 1024;
+  o.slow_consumer = SlowConsumerPolicy::drop_with_gap;
+  Server s(o);
+  RawSocket slow(s.port, 4096);
+  REQUIRE(slow.send(test::ws_upgrade_request(Server::token("slow"))));
+  REQUIRE(slow.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
+  REQUIRE(slow.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"resource/hall"})")));
+  REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == 1; }));
+  const std::string filler(2000, 'x');
+  for (int i = 0; i < 8000; ++i)
+    REQUIRE(s.bus->publish("resource/hall", boost::json::object{{"pad", filler}}));
+  REQUIRE(test::eventually([&] { return s.gateway->stats().dropped_messages > 0; }));
+  CHECK(s.gateway->stats().slow_consumer_disconnects == 0);
+  // Drain: somewhere in the stream is {"type":"gap",...,"topics":["resource/hall"]}.
+  const auto all = slow.receive_until(R"("topics":["resource/hall"])", 20s);
+  CHECK(all.find(R"({"type":"gap","dropped":)") != std::string::npos);
+}
+
+TEST_CASE("HTTP: POST 202 with Location, GET with ETag and 304, long-poll, DELETE") {
+  EngineOptions eo;
+  Collector<Completion> pending;
+  eo.handler = [&](const Booking&, Completion done) { pending.push(done); };
+  Server s({}, eo);
+  auto http = s.http();
+  const std::vector<std::pair<std::string, std::string>> auth = {
+      {"Authorization", "Bearer " + Server::token("alice")}};
+  auto post = http.request("POST", "/v1/bookings", R"({"resource":"room-10","quantity":2})", auth).value();
+  CHECK(post.status == 202);
+  const std::string id(post.json().at("booking_id").as_string());
+  CHECK(post.header("location") == "/v1/bookings/" + id);
+  CHECK(post.json().at("status") == "processing");
+
+  auto get = http.request("GET", "/v1/bookings/" + id, {}, auth).value();
+  CHECK(get.status == 200);
+  CHECK(get.header("etag") == "\"" + id + ".1\"");
+  CHECK(get.json().at("status") == "processing");
+  CHECK(get.json().at("seq") == 1);
+  auto with_etag = auth;
+  with_etag.emplace_back("If-None-Match", get.header("etag"));
+  CHECK(http.request("GET", "/v1/bookings/" + id, {}, with_etag).value().status == 304);
+
+  // Long-poll: answered when the decision is published.
+  std::thread decider([&] {
+    auto done = pending.wait_for(1);
+    test::eventually([] { return false; }, 100ms);  // let the long-poll start waiting
+    done.at(0)(Decision::approved());
+  });
+  auto polled = http.request("GET", "/v1/bookings/" + id + "?wait=10", {}, with_etag).value();
+  decider.join();
+  CHECK(polled.status == 200);
+  CHECK(polled.json().at("status") == "confirmed");
+  CHECK(polled.header("etag") == "\"" + id + ".2\"");
+
+  // A long-poll that sees no change answers 304 when its time is up.
+  auto current = auth;
+  current.emplace_back("If-None-Match", polled.header("etag"));
+  CHECK(http.request("GET", "/v1/bookings/" + id + "?wait=1", {}, current).value().status == 304);
+
+  auto del = http.request("DELETE", "/v1/bookings/" + id, {}, auth).value();
+  CHECK(del.status == 200);
+  CHECK(del.json().at("status") == "cancelled");
+  auto again = http.request("DELETE", "/v1/bookings/" + id, {}, auth).value();
+  CHECK(again.status == 409);
+  CHECK(again.json().at("error").at("code") == "bad_request");
+
+  auto bob =
+      std::vector<std::pair<std::string, std::string>>{{"Authorization", "Bearer " + Server::token("bob")}};
+  CHECK(http.request("GET", "/v1/bookings/" + id, {}, bob).value().status == 403);
+  CHECK(http.request("GET", "/v1/bookings/" + id).value().status == 401);
+  CHECK(http.request("GET", "/v1/bookings/NOPE", {}, auth).value().status == 404);
+  auto res = http.request("GET", "/v1/resources/room-10").value();
+  CHECK(res.status == 200);
+  CHECK(res.json().at("available") == 10);
+}
+
+TEST_CASE("HTTP: Idempotency-Key retries return the same booking; a different body is 422") {
+  Server s;
+  auto http = s.http();
+  std::vector<std::pair<std::string, std::string>> h = {{"Authorization", "Bearer " + Server::token("alice")},
+                                                        {"Idempotency-Key", "order-1"}};
+  auto first = http.request("POST", "/v1/bookings", R"({"resource":"room-10"})", h).value();
+  auto retry = http.request("POST", "/v1/bookings", R"({"resource":"room-10"})", h).value();
+  CHECK(first.status == 202);
+  CHECK(retry.status == 202);
+  CHECK(retry.json().at("booking_id") == first.json().at("booking_id"));
+  CHECK(retry.header("idempotent-replayed") == "true");
+  auto conflict = http.request("POST", "/v1/bookings", R"({"resource":"room-10","quantity":2})", h).value();
+  CHECK(conflict.status == 422);
+  CHECK(conflict.json().at("error").at("code") == "idempotency_conflict");
+}
+
+TEST_CASE("HTTP: bad input gets a JSON error with the right status") {
+  GatewayOptions o;
+  o.max_body_bytes = 1000;
+  Server s(o);
+  auto http = s.http();
+  const std::vector<std::pair<std::string, std::string>> auth = {
+      {"Authorization", "Bearer " + Server::token("alice")}};
+  auto bad_json = http.request("POST", "/v1/bookings", "{nope", auth).value();
+  CHECK(bad_json.status == 400);
+  CHECK(bad_json.json().at("error").at("code") == "bad_request");
+  CHECK(http.request("POST", "/v1/bookings", R"({"resource":"room-10","quantity":0})", auth).value().status ==
+        400);
+  CHECK(
+      http.request("POST", "/v1/bookings", R"({"resource":"room-10","quantity":11})", auth).value().status ==
+      422);
+  CHECK(http.request("GET", "/v1/nothing").value().status == 404);
+  auto wrong_method = http.request("PUT", "/v1/bookings").value();
+  CHECK(wrong_method.status == 405);
+  CHECK(wrong_method.header("allow") == "POST");
+  auto big = s.http().request("POST", "/v1/bookings", std::string(5000, ' '), auth).value();
+  CHECK(big.status == 413);
+  CHECK(big.json().at("error").at("code") == "too_large");
+  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok"})");
+}
+
+TEST_CASE("SSE: events with id, resume with Last-Event-ID") {
+  Server s;
+  for (int i = 0; i < 2; ++i) REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
+  REQUIRE(test::eventually([&] { return s.engine->stats().in_flight == 0; }));  // user/alice: seq 1..4
+  RawSocket sse(s.port);
+  REQUIRE(sse.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                   Server::token("alice") + "\r\nLast-Event-ID: 2\r\n\r\n"));
+  auto got = sse.receive_until("id: 4\n", 5s);
+  CHECK(got.starts_with("HTTP/1.1 200 OK\r\n"));
+  CHECK(got.find("Content-Type: text/event-stream") != std::string::npos);
+  CHECK(got.find("id: 2\n") == std::string::npos);
+  CHECK(got.find("id: 3\ndata: {\"type\":\"event\",\"topic\":\"user/alice\",\"seq\":3,") !=
+        std::string::npos);
+  CHECK(got.find("id: 4\n") != std::string::npos);
+  REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
+  CHECK(sse.receive_until("id: 6\n", 5s).find("id: 6\n") != std::string::npos);
+
+  RawSocket forbidden(s.port);
+  REQUIRE(forbidden.send("GET /v1/events?topic=user/bob HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                         Server::token("alice") + "\r\n\r\n"));
+  CHECK(forbidden.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 403"));
+}
+
+TEST_CASE("graceful shutdown closes WebSockets with 1001 going away") {
+  Server s;
+  auto ws = s.ws("alice");
+  REQUIRE(ws->request({{"op", "ping"}}).value().at("ok") == true);
+  std::thread stopper([&] { s.gateway->stop(); });
+  auto closed = ws->wait_closed(10s);
+  stopper.join();
+  REQUIRE(closed.has_value());
+  CHECK(closed->code == 1001);
+  CHECK(closed->reason == "going away");
+}
+
+TEST_CASE("the Origin allow-list refuses cross-site WebSocket upgrades") {
+  GatewayOptions o;
+  o.allowed_origins = {"https://app.example.com"};
+  Server s(o);
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.token = Server::token("alice");
+  c.origin = "https://evil.example.net";
+  auto refused = WsClient::connect(c);
+  CHECK(refused.error().is(errc::forbidden));
+  c.origin = "https://app.example.com";
+  CHECK(WsClient::connect(c).has_value());
+}
+
+TEST_CASE("rate limit: rate_limited replies, then close 1008 when it goes on") {
+  GatewayOptions o;
+  o.rate_limit_per_second = 1;
+  o.rate_limit_burst = 3;
+  Server s(o);
+  auto ws = s.ws("alice");
+  for (int i = 0; i < 3; ++i) REQUIRE(ws->request({{"op", "ping"}}).value().at("ok") == true);
+  auto limited = ws->request({{"op", "ping"}}, 2s);
+  // The refusal carries no id (the message was not read): it comes as an unmatched reply.
+  auto refusal = ws->next_unmatched_reply(5s).value();
+  CHECK(refusal.at("error").at("code") == "rate_limited");
+  for (int i = 0; i < 10; ++i) (void)ws->send_text(R"({"id":99,"op":"ping"})");
+  auto closed = ws->wait_closed(5s);
+  REQUIRE(closed.has_value());
+  CHECK(closed->code == 1008);
+  CHECK(closed->reason == "rate limit exceeded");
+}
+
+TEST_CASE("at most max_subscriptions per connection") {
+  GatewayOptions o;
+  o.max_subscriptions = 2;
+  Server s(o);
+  auto ws = s.ws("alice");
+  CHECK(ws->request({{"op", "subscribe"}, {"topic", "resource/hall"}}).value().at("ok") == true);
+  CHECK(ws->request({{"op", "subscribe"}, {"topic", "resource/room-1"}}).value().at("ok") == true);
+  auto third = ws->request({{"op", "subscribe"}, {"topic", "resource/room-10"}}).value();
+  CHECK(third.at("error").at("code") == "too_large");
+  CHECK(ws->request({{"op", "unsubscribe"}, {"topic", "resource/hall"}}).value().at("ok") == true);
+  CHECK(ws->request({{"op", "subscribe"}, {"topic", "resource/room-10"}}).value().at("ok") == true);
+  CHECK(ws->request({{"op", "unsubscribe"}, {"topic", "resource/hall"}}).value().at("error").at("code") ==
+        "not_found");
+}
+
+TEST_CASE("an expiring token gets a notice; refresh keeps the socket, silence closes it with 4001") {
+  GatewayOptions o;
+  o.token_leeway = 0s;
+  o.token_refresh_grace = 300ms;
+  Server s(o);
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.token = sign_token("alice", std::chrono::system_clock::now() + 1s, secret);
+  auto refresher = WsClient::connect(c).value();
+  auto silent = WsClient::connect(c).value();
+  auto notice = refresher->next(5s).value();
+  CHECK(notice.at("type") == "notice");
+  CHECK(notice.at("code") == "token_expired");
+  auto r = refresher->request({{"op", "refresh"}, {"token", Server::token("alice")}}).value();
+  CHECK(r.at("ok") == true);
+  auto wrong_user = refresher->request({{"op", "refresh"}, {"token", Server::token("bob")}}).value();
+  CHECK(wrong_user.at("error").at("code") == "forbidden");
+  auto closed = silent->wait_closed(5s);
+  REQUIRE(closed.has_value());
+  CHECK(closed->code == 4001);
+  CHECK(closed->reason == "token expired");
+  CHECK(refresher->request({{"op", "ping"}}).value().at("ok") == true);
+}
+
+TEST_CASE("beyond max_connections new connections get 503") {
+  GatewayOptions o;
+  o.max_connections = 2;
+  Server s(o);
+  auto a = s.ws("a");
+  auto b = s.ws("b");
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.token = Server::token("c");
+  auto refused = WsClient::connect(c);
+  CHECK(refused.error().is(errc::overloaded));
+  a.reset();
+  CHECK(test::eventually([&] { return WsClient::connect(c).has_value(); }));
+}
+
+TEST_CASE("a client that sends its request head too slowly is cut (slow-loris)") {
+  GatewayOptions o;
+  o.handshake_timeout = 200ms;
+  Server s(o);
+  RawSocket loris(s.port);
+  REQUIRE(loris.send("GET /healthz HTTP/1.1\r\nHost: x\r\n"));  // never finishes the head
+  CHECK(loris.wait_closed(5s));
+  CHECK(s.http().request("GET", "/healthz").value().status == 200);
+}
+
+TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without it, no gateway") {
+  GatewayOptions o;
+  o.dev_insecure = true;
+  Server s(o);
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.target = "/v1/ws?user=dev";
+  auto ws = WsClient::connect(c).value();
+  auto reply = ws->request(book("room-10")).value();
+  CHECK(reply.at("ok") == true);
+  {
+    std::lock_guard lock(s.log_mutex);
+    CHECK(s.log_lines.at(0).find("DEVELOPMENT MODE") != std::string::npos);
+  }
+  auto bus = std::make_shared<LocalBus>();
+  auto engine = std::make_shared<BookingEngine>(bus);
+  CHECK_THROWS_AS(PushGateway(bus, engine, GatewayOptions{}), Exception);
+}
+
+TEST_CASE("/metrics speaks the Prometheus text format") {
+  Server s;
+  auto ws = s.ws("alice");
+  REQUIRE(ws->request(book("room-10")).value().at("ok") == true);
+  auto m = s.http().request("GET", "/metrics").value();
+  CHECK(m.status == 200);
+  CHECK(m.header("content-type") == "text/plain; version=0.0.4; charset=utf-8");
+  CHECK(m.body.find("# TYPE pushbook_connections gauge\n") != std::string::npos);
+  CHECK(m.body.find("pushbook_connections{kind=\"websocket\"} 1\n") != std::string::npos);
+  CHECK(m.body.find("pushbook_bookings_total{outcome=\"accepted\"} 1\n") != std::string::npos);
+  CHECK(m.body.find("pushbook_booking_decision_latency_seconds{quantile=\"0.99\"}") != std::string::npos);
+}
+
+TEST_CASE("a socket the host accepted itself can be handed over") {
+  Server s;
+  // Accept on a listener of our own, then hand the socket to the gateway.
+  int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::listen(lfd, 4) == 0);
+  socklen_t len = sizeof addr;
+  ::getsockname(lfd, reinterpret_cast<sockaddr*>(&addr), &len);
+  RawSocket c(ntohs(addr.sin_port));
+  int accepted = ::accept(lfd, nullptr, nullptr);
+  REQUIRE(accepted >= 0);
+  s.gateway->accept_socket(accepted);
+  REQUIRE(c.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+  CHECK(c.receive_until("\"ok\"", 5s).starts_with("HTTP/1.1 200 OK"));
+  ::close(lfd);
+}
+
+TEST_CASE("garbage on the wire never takes the server down") {
+  Server s;
+  const auto seed = std::random_device{}();
+  std::printf("push_gateway_test garbage: seed %u\n", seed);
+  INFO("seed = ", seed);
+  std::mt19937 rng(seed);
+  auto random_bytes = [&](std::size_t n) {
+    std::string b(n, '\0');
+    for (auto& c : b) c = static_cast<char>(rng() & 0xFF);
+    return b;
+  };
+  const std::string valid_head = "POST /v1/bookings HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n";
+  for (int round = 0; round < 60; ++round) {
+    RawSocket raw(s.port);
+    REQUIRE(raw.connected());
+    switch (round % 6) {
+      case 0: raw.send(random_bytes(1 + rng() % 2000)); break;                   // noise
+      case 1: raw.send(valid_head.substr(0, rng() % valid_head.size())); break;  // truncated head
+      case 2: raw.send(valid_head + random_bytes(rng() % 30)); break;            // truncated body
+      case 3: raw.send("GET /v1/bookings/" + random_bytes(20) + " HTTP/1.1\r\n\r\n"); break;
+      case 4: {  // a WebSocket that sends random frames
+        raw.send(test::ws_upgrade_request(Server::token("fuzz")));
+        raw.receive_until("\r\n\r\n", 2s);
+        raw.send(test::ws_frame(random_bytes(rng() % 300), static_cast<std::uint8_t>(rng() % 16), rng() % 2));
+        raw.send(random_bytes(rng() % 100));
+        break;
+      }
+      case 5: {  // valid frames with random JSON-ish text
+        raw.send(test::ws_upgrade_request(Server::token("fuzz")));
+        raw.receive_until("\r\n\r\n", 2s);
+        const char* texts[] = {
+            R"({"id":1,"op":"book","lines":[{"resource":null}]})",
+            R"({"id":1e400,"op":"ping"})",
+            R"({"id":1,"op":"subscribe","topic":"../../etc"})",
+            R"({"id":1,"op":"book","resource":"room-10","quantity":18446744073709551615})",
+            R"({"id":1,"op":"book","lines":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})",
+            "\xff\xfe invalid utf-8"};
+        raw.send(test::ws_frame(texts[rng() % 6]));
+        break;
+      }
+    }
+    raw.receive(std::chrono::milliseconds(rng() % 20));
+  }
+  // Still serving: a well-behaved client books.
+  auto ws = s.ws("alice");
+  auto reply = ws->request(book("room-10")).value();
+  CHECK(reply.at("ok") == true);
+  CHECK(s.http().request("GET", "/healthz").value().status == 200);
+}
