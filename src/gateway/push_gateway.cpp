@@ -226,9 +226,24 @@ class GatewayAccess {
 void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
                    boost::beast::http::request<boost::beast::http::string_body> request) {
   auto& core = GatewayAccess::core(gateway);
+  // Move the connection onto the gateway's own threads, whatever executor the host used.
+  auto socket = stream.release_socket();
+  boost::system::error_code ec;
+  const auto protocol = socket.local_endpoint(ec).protocol();
+  const auto fd = ec ? -1 : socket.release(ec);
+  if (ec || fd < 0) {
+    core->log(LogLevel::warning, fmt::format("serve_request: cannot take the connection: {}", ec.message()));
+    return;
+  }
+  detail::tcp::socket own(boost::asio::make_strand(core->next_context()));
+  own.assign(protocol, fd, ec);
+  if (ec) {
+    ::close(fd);
+    return;
+  }
   core->metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
   core->open_connections.fetch_add(1);
-  std::make_shared<detail::HttpSession>(core, stream.release_socket(), false)->run_with(std::move(request));
+  std::make_shared<detail::HttpSession>(core, std::move(own), false)->run_with(std::move(request));
 }
 
 }  // namespace pushbook
