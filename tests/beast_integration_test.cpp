@@ -5,12 +5,12 @@
 #include <pushbook/client.hpp>
 #include <pushbook/push_gateway.hpp>
 
+#include <doctest/doctest.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <doctest/doctest.h>
 
 #include <thread>
 

@@ -134,6 +134,10 @@ struct WsClient::impl : std::enable_shared_from_this<impl> {
   }
 
   result<void> write(std::string text, bool binary) {
+    {
+      std::lock_guard lock(mutex);
+      if (!open) return failure("connection closed");
+    }
     auto done = std::make_shared<std::promise<beast::error_code>>();
     auto future = done->get_future();
     net::post(ioc, [self = shared_from_this(), text = std::make_shared<std::string>(std::move(text)), binary,
@@ -192,11 +196,15 @@ result<std::unique_ptr<WsClient>> WsClient::connect(ConnectOptions o) {
 WsClient::WsClient(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
 
 WsClient::~WsClient() {
-  net::post(impl_->ioc, [p = impl_] {
+  net::post(impl_->ioc, [p = impl_.get()] {
     beast::error_code ec;
     beast::get_lowest_layer(p->ws).socket().close(ec);
   });
   if (impl_->thread.joinable()) impl_->thread.join();
+  // The io thread ends by itself once the connection is gone, possibly before running what was
+  // posted after that: run it here, so that no handler (and the reference it holds) is left.
+  impl_->ioc.restart();
+  impl_->ioc.poll();
 }
 
 result<boost::json::object> WsClient::request(boost::json::object req, std::chrono::milliseconds timeout) {
@@ -247,7 +255,8 @@ std::optional<CloseInfo> WsClient::wait_closed(std::chrono::milliseconds timeout
 }
 
 void WsClient::close(std::uint16_t code, std::string_view reason) {
-  net::post(impl_->ioc, [p = impl_, code, reason = std::string(reason)] {
+  if (!is_open()) return;
+  net::post(impl_->ioc, [p = impl_.get(), code, reason = std::string(reason)] {
     p->ws.async_close(websocket::close_reason(static_cast<websocket::close_code>(code), reason),
                       [](beast::error_code) {});
   });

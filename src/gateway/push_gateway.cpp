@@ -160,6 +160,10 @@ std::uint16_t PushGateway::port() const noexcept { return impl_->core->port.load
 
 void PushGateway::accept_socket(int native_handle) {
   auto& core = impl_->core;
+  if (core->stopping.load()) {
+    ::close(native_handle);
+    return;
+  }
   detail::tcp::socket socket(boost::asio::make_strand(core->next_context()));
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
@@ -194,6 +198,11 @@ void PushGateway::stop() {
   for (auto& ioc : core->own_contexts) ioc->stop();
   for (auto& t : core->threads)
     if (t.joinable()) t.join();
+  // Destroying our io_contexts destroys the handlers that never ran (a cancelled accept, say)
+  // and with them the last references they hold; the listener refers back to the core.
+  core->listener.reset();
+  core->guards.clear();
+  core->own_contexts.clear();
   if (core->port.load() != 0) core->log(LogLevel::info, "stopped");
 }
 
@@ -226,6 +235,7 @@ class GatewayAccess {
 void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
                    boost::beast::http::request<boost::beast::http::string_body> request) {
   auto& core = GatewayAccess::core(gateway);
+  if (core->stopping.load()) return;  // the stream closes the connection as it goes
   // Move the connection onto the gateway's own threads, whatever executor the host used.
   auto socket = stream.release_socket();
   boost::system::error_code ec;

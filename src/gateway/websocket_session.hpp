@@ -1,7 +1,6 @@
 // One WebSocket client: the handshake (auth checked before), the read loop feeding
-// ConnectionLogic, and a bounded send queue written with one frame per write: every message
-// pending for the client goes out in a single frame, newline-delimited, gathered from the shared
-// serialized event buffers without copying them.
+// ConnectionLogic, and a bounded send queue of shared serialized events written with one frame
+// per write: every message pending for the client goes out in a single newline-delimited frame.
 #pragma once
 
 #include "gateway/core.hpp"
@@ -69,7 +68,7 @@ class WebSocketSession : public Session,
 
   // Strand only.
   std::vector<std::shared_ptr<const std::string>> writing_;
-  std::vector<net::const_buffer> buffers_;
+  std::string frame_;  // the frame being written
   bool write_in_flight_ = false;
   std::optional<websocket::close_reason> close_pending_;
   bool close_sent_ = false;

@@ -1,0 +1,436 @@
+// pushbook-gateway-bench: the gateway end to end on loopback.
+//
+//   latency  N WebSocket clients (default 10,000) connected to a pushbook-server process; they
+//            book at a steady aggregate rate with no business delay; book-to-confirmation time
+//            is measured from each booking's *scheduled* send time (no coordinated omission).
+//   fanout   one topic, 1,000 subscribers (in-process gateway), small events: deliveries/s.
+//   memory   server RSS growth per idle WebSocket (10,000 idle connections).
+//
+//   pushbook-gateway-bench [--only latency|fanout|memory] [--clients N] [--rate R]
+//                          [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
+#include <pushbook/auth.hpp>
+#include <pushbook/metrics.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include <fmt/format.h>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/websocket.hpp>
+
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <csignal>
+#include <cstdio>
+#include <deque>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+extern char** environ;
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace websocket = beast::websocket;
+using tcp = net::ip::tcp;
+using steady = std::chrono::steady_clock;
+using namespace pushbook;
+
+namespace {
+
+const std::string secret = "bench-secret";
+
+struct Options {
+  std::string only;
+  int clients = 10'000;
+  int rate = 2'000;
+  int seconds = 10;
+  int subscribers = 1'000;
+  int events = 20'000;
+  int runs = 3;
+  bool json = false;
+};
+
+void raise_fd_limit() {
+  rlimit r{};
+  getrlimit(RLIMIT_NOFILE, &r);
+  r.rlim_cur = r.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &r);
+}
+
+std::string self_dir() {
+  char buf[4096];
+  const auto n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  std::string p(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
+  return p.substr(0, p.rfind('/'));
+}
+
+// A pushbook-server child process on a free port.
+struct ServerProcess {
+  pid_t pid = -1;
+  std::uint16_t port = 0;
+  explicit ServerProcess(std::vector<std::string> extra) {
+    int out[2];
+    if (pipe(out) != 0) throw std::runtime_error("pipe");
+    std::vector<std::string> args = {self_dir() + "/pushbook-server",
+                                     "--port",
+                                     "0",
+                                     "--secret",
+                                     secret,
+                                     "--threads",
+                                     "1",
+                                     "--resource",
+                                     "hall:100000000"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_addclose(&fa, out[0]);
+    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0)
+      throw std::runtime_error("cannot start " + args[0]);
+    close(out[1]);
+    std::string line;
+    char c;
+    while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
+    close(out[0]);
+    const auto at = line.find("127.0.0.1:");
+    if (at == std::string::npos) throw std::runtime_error("server did not start: " + line);
+    port = static_cast<std::uint16_t>(std::stoi(line.substr(at + 10)));
+  }
+  ~ServerProcess() {
+    kill(pid, SIGTERM);
+    int status;
+    waitpid(pid, &status, 0);
+  }
+  long rss_kib() const {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+    std::string key;
+    long value = 0;
+    while (f >> key) {
+      if (key == "VmRSS:") {
+        f >> value;
+        return value;
+      }
+      f.ignore(4096, '\n');
+    }
+    return 0;
+  }
+  double cpu_seconds() const {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string s((std::istreambuf_iterator<char>(f)), {});
+    std::istringstream rest(s.substr(s.rfind(')') + 2));
+    std::string field;
+    long utime = 0, stime = 0;
+    for (int i = 3; i <= 15; ++i) {
+      rest >> field;
+      if (i == 14) utime = std::stol(field);
+      if (i == 15) stime = std::stol(field);
+    }
+    return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+};
+
+// One WebSocket client connection, asynchronous. `on_line` sees every message line.
+struct Conn : std::enable_shared_from_this<Conn> {
+  websocket::stream<beast::tcp_stream> ws;
+  beast::flat_buffer buffer;
+  std::function<void(Conn&, std::string_view)> on_line;
+  std::deque<std::string> out;
+  bool writing = false;
+  bool open = false;
+  int index = 0;
+  steady::time_point sent_at;  // scheduled time of the booking in flight
+  bool waiting = false;
+
+  explicit Conn(net::io_context& ioc) : ws(net::make_strand(ioc)) {}
+
+  void start(const tcp::endpoint& ep, const std::string& token, std::function<void(bool)> done) {
+    beast::get_lowest_layer(ws).expires_after(std::chrono::seconds(30));
+    beast::get_lowest_layer(ws).async_connect(
+        ep, [self = shared_from_this(), ep, token, done](beast::error_code ec) {
+          if (ec) return done(false);
+          beast::get_lowest_layer(self->ws).expires_never();
+          self->ws.set_option(websocket::stream_base::decorator([token](websocket::request_type& req) {
+            req.set(beast::http::field::authorization, "Bearer " + token);
+          }));
+          self->ws.async_handshake("127.0.0.1", "/v1/ws", [self, done](beast::error_code hec) {
+            if (hec) return done(false);
+            self->open = true;
+            self->read();
+            done(true);
+          });
+        });
+  }
+  void read() {
+    ws.async_read(buffer, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      if (ec) {
+        self->open = false;
+        return;
+      }
+      const auto data = beast::buffers_to_string(self->buffer.data());
+      self->buffer.consume(self->buffer.size());
+      std::string_view rest = data;
+      while (!rest.empty()) {
+        const auto nl = rest.find('\n');
+        if (self->on_line) self->on_line(*self, rest.substr(0, nl));
+        rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
+      }
+      self->read();
+    });
+  }
+  void send(std::string text) {  // on the connection's strand
+    out.push_back(std::move(text));
+    write();
+  }
+  void write() {
+    if (writing || out.empty()) return;
+    writing = true;
+    ws.async_write(net::buffer(out.front()), [self = shared_from_this()](beast::error_code, std::size_t) {
+      self->out.pop_front();
+      self->writing = false;
+      self->write();
+    });
+  }
+};
+
+// Connects `n` clients; returns them once all are open.
+std::vector<std::shared_ptr<Conn>> connect_all(net::io_context& ioc, std::uint16_t port, int n,
+                                               const std::function<void(Conn&, std::string_view)>& on_line) {
+  const tcp::endpoint ep(net::ip::make_address("127.0.0.1"), port);
+  std::vector<std::shared_ptr<Conn>> conns;
+  std::atomic<int> done{0}, ok{0};
+  // At most 256 handshakes in flight: a burst of 10,000 SYNs overflows the listen backlog.
+  std::atomic<int> next{0};
+  std::function<void()> launch = [&] {
+    const int i = next.fetch_add(1);
+    if (i >= n) return;
+    auto c = conns[static_cast<std::size_t>(i)];
+    c->start(
+        ep,
+        sign_token("u" + std::to_string(i), std::chrono::system_clock::now() + std::chrono::hours(1), secret),
+        [&](bool success) {
+          if (success) ++ok;
+          ++done;
+          launch();
+        });
+  };
+  for (int i = 0; i < n; ++i) {
+    conns.push_back(std::make_shared<Conn>(ioc));
+    conns.back()->index = i;
+    conns.back()->on_line = on_line;
+  }
+  net::post(ioc, [&] {
+    for (int i = 0; i < 256; ++i) launch();
+  });
+  while (done.load() < n) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (ok.load() != n) throw std::runtime_error(fmt::format("only {} of {} clients connected", ok.load(), n));
+  return conns;
+}
+
+struct LatencyResult {
+  LatencySummary latency;
+  std::uint64_t bookings = 0;
+  double server_cpu_per_booking_us = 0;
+};
+
+LatencyResult bench_latency(const Options& o) {
+  ServerProcess server({});
+  net::io_context ioc(1);
+  auto guard = net::make_work_guard(ioc);
+  std::thread io([&] { ioc.run(); });
+  LatencyHistogram hist;
+  std::atomic<std::uint64_t> decided{0};
+  auto conns = connect_all(ioc, server.port, o.clients, [&](Conn& c, std::string_view line) {
+    // Only the decision matters here: the first booking event whose status is final.
+    if (!c.waiting || line.find("\"type\":\"event\"") == std::string_view::npos) return;
+    if (line.find("\"status\":\"confirmed\"") == std::string_view::npos &&
+        line.find("\"status\":\"rejected\"") == std::string_view::npos)
+      return;
+    hist.record(steady::now() - c.sent_at);
+    c.waiting = false;
+    ++decided;
+    // Unsubscribe so the connection holds one subscription at a time.
+    const auto t = line.find("\"topic\":\"");
+    const auto topic = line.substr(t + 9, line.find('"', t + 9) - t - 9);
+    c.send(fmt::format(R"({{"id":2,"op":"unsubscribe","topic":"{}"}})", topic));
+  });
+  // Steady aggregate rate: every tick, the bookings scheduled since the last tick go out, each
+  // stamped with its scheduled time.
+  const auto interval = std::chrono::nanoseconds(1'000'000'000LL / o.rate);
+  const auto start = steady::now();
+  const auto end = start + std::chrono::seconds(o.seconds);
+  const double cpu_before = server.cpu_seconds();
+  std::uint64_t scheduled = 0;
+  net::steady_timer tick(ioc);
+  std::function<void()> on_tick = [&] {
+    const auto now = steady::now();
+    while (start + interval * static_cast<long>(scheduled) <= std::min(now, end)) {
+      auto& c = *conns[scheduled % conns.size()];
+      const auto at = start + interval * static_cast<long>(scheduled);
+      ++scheduled;
+      if (c.waiting) continue;  // still waiting for its last one: skip (rare at these rates)
+      c.waiting = true;
+      c.sent_at = at;
+      net::dispatch(c.ws.get_executor(), [&c] { c.send(R"({"id":1,"op":"book","resource":"hall"})"); });
+    }
+    if (now < end) {
+      tick.expires_after(std::chrono::microseconds(200));
+      tick.async_wait([&](beast::error_code) { on_tick(); });
+    }
+  };
+  net::post(ioc, on_tick);
+  while (steady::now() < end + std::chrono::seconds(2))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  LatencyResult r;
+  r.latency = hist.summary();
+  r.bookings = decided.load();
+  r.server_cpu_per_booking_us =
+      (server.cpu_seconds() - cpu_before) * 1e6 / static_cast<double>(std::max<std::uint64_t>(1, r.bookings));
+  for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
+  guard.reset();
+  ioc.stop();
+  io.join();
+  return r;
+}
+
+double bench_fanout(const Options& o) {
+  auto bus = std::make_shared<LocalBus>();
+  auto engine = std::make_shared<BookingEngine>(bus);
+  GatewayOptions go;
+  go.secret = secret;
+  go.threads = 1;
+  go.log = [](LogLevel, std::string_view) {};
+  PushGateway gw(bus, engine, go);
+  const auto port = gw.listen().value();
+  net::io_context ioc(1);
+  auto guard = net::make_work_guard(ioc);
+  std::thread io([&] { ioc.run(); });
+  std::atomic<std::uint64_t> delivered{0};
+  auto conns = connect_all(ioc, port, o.subscribers, [&](Conn&, std::string_view line) {
+    if (line.starts_with(R"({"type":"event")")) delivered.fetch_add(1, std::memory_order_relaxed);
+  });
+  for (auto& c : conns)
+    net::post(c->ws.get_executor(), [c] { c->send(R"({"id":1,"op":"subscribe","topic":"resource/fan"})"); });
+  while (gw.stats().subscriptions < o.subscribers) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const std::uint64_t expected =
+      static_cast<std::uint64_t>(o.events) * static_cast<std::uint64_t>(o.subscribers);
+  const auto t0 = steady::now();
+  // Publish in bursts that keep each connection's queue well under its 1 MiB bound.
+  constexpr int burst = 500;
+  for (int i = 0; i < o.events; i += burst) {
+    for (int j = i; j < std::min(o.events, i + burst); ++j)
+      (void)bus->publish("resource/fan", boost::json::object{{"n", j}});
+    // Sleep, not spin: this thread must leave the 2 cores to the server and the clients.
+    while (delivered.load(std::memory_order_relaxed) + static_cast<std::uint64_t>(burst) * o.subscribers <
+           static_cast<std::uint64_t>(std::min(o.events, i + burst)) * o.subscribers)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  while (delivered.load() < expected && steady::now() - t0 < std::chrono::seconds(120))
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  const double secs = std::chrono::duration<double>(steady::now() - t0).count();
+  for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
+  guard.reset();
+  ioc.stop();
+  io.join();
+  return static_cast<double>(delivered.load()) / secs;
+}
+
+double bench_memory(const Options& o) {
+  ServerProcess server({});
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const long before = server.rss_kib();
+  net::io_context ioc(1);
+  auto guard = net::make_work_guard(ioc);
+  std::thread io([&] { ioc.run(); });
+  auto conns = connect_all(ioc, server.port, o.clients, {});
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const long after = server.rss_kib();
+  for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
+  guard.reset();
+  ioc.stop();
+  io.join();
+  return static_cast<double>(after - before) * 1024.0 / o.clients;
+}
+
+template <class T>
+T median(std::vector<T> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        fmt::print(stderr, "{} needs a value\n", a);
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--only")
+      o.only = value();
+    else if (a == "--clients")
+      o.clients = std::stoi(value());
+    else if (a == "--rate")
+      o.rate = std::stoi(value());
+    else if (a == "--seconds")
+      o.seconds = std::stoi(value());
+    else if (a == "--subscribers")
+      o.subscribers = std::stoi(value());
+    else if (a == "--events")
+      o.events = std::stoi(value());
+    else if (a == "--runs")
+      o.runs = std::stoi(value());
+    else if (a == "--json")
+      o.json = true;
+    else {
+      fmt::print(stderr,
+                 "usage: pushbook-gateway-bench [--only latency|fanout|memory] [--clients N] [--rate R] "
+                 "[--seconds S]\n"
+                 "                              [--subscribers N] [--events N] [--runs N] [--json]\n");
+      return a == "--help" ? 0 : 2;
+    }
+  }
+  raise_fd_limit();
+  std::signal(SIGPIPE, SIG_IGN);
+  auto want = [&](std::string_view what) { return o.only.empty() || o.only == what; };
+  std::vector<LatencyResult> lat;
+  std::vector<double> fan, mem;
+  for (int r = 0; r < o.runs; ++r) {
+    if (want("latency")) lat.push_back(bench_latency(o));
+    if (want("fanout")) fan.push_back(bench_fanout(o));
+    if (want("memory")) mem.push_back(bench_memory(o));
+    if (!o.json) fmt::print(stderr, "run {}/{} done\n", r + 1, o.runs);
+  }
+  if (!lat.empty()) {
+    std::sort(lat.begin(), lat.end(),
+              [](const auto& a, const auto& b) { return a.latency.p99_ns < b.latency.p99_ns; });
+    const auto& m = lat[lat.size() / 2];
+    fmt::print("book -> confirmation, {} WebSocket clients, {} bookings/s for {} s (median of {} runs):\n",
+               o.clients, o.rate, o.seconds, lat.size());
+    fmt::print(
+        "  bookings {}  p50 {:.3f} ms  p90 {:.3f} ms  p99 {:.3f} ms  max {:.3f} ms  server CPU {:.1f} "
+        "us/booking\n",
+        m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
+        m.latency.max_ns / 1e6, m.server_cpu_per_booking_us);
+  }
+  if (!fan.empty())
+    fmt::print("fan-out, 1 topic, {} subscribers, {} events: {:.0f} deliveries/s (median of {} runs)\n",
+               o.subscribers, o.events, median(fan), fan.size());
+  if (!mem.empty())
+    fmt::print("server memory per idle WebSocket ({} connections): {:.0f} bytes (median of {} runs)\n",
+               o.clients, median(mem), mem.size());
+  return 0;
+}
