@@ -527,6 +527,21 @@ TEST_CASE("a client that sends its request head too slowly is cut (slow-loris)")
   CHECK(s.http().request("GET", "/healthz").value().status == 200);
 }
 
+TEST_CASE("an idle WebSocket that answers no ping is closed after idle_timeout") {
+  GatewayOptions o;
+  o.idle_timeout = 400ms;  // pinged after 200 ms, closed after 400 ms of silence
+  Server s(o);
+  RawSocket silent(s.port);
+  REQUIRE(silent.send(test::ws_upgrade_request(Server::token("alice"))));
+  REQUIRE(silent.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(silent.wait_closed(5s));  // never answers the server's ping
+  CHECK(std::chrono::steady_clock::now() - t0 >= 300ms);
+  auto alive = s.ws("bob");  // a client that answers pings (Beast does) stays
+  CHECK_FALSE(alive->wait_closed(900ms).has_value());  // still open after two idle timeouts
+  CHECK(alive->request({{"op", "ping"}}).value().at("ok") == true);
+}
+
 TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without it, no gateway") {
   GatewayOptions o;
   o.dev_insecure = true;
