@@ -81,6 +81,15 @@ std::string await_decision(WsClient& ws, const std::string& topic) {
   return "none";
 }
 
+// Makes `raw` a WebSocket client subscribed to resource/hall that never reads (its small receive
+// buffer fills quickly); waits until the gateway holds `expected_subscriptions` in all.
+void subscribe_and_never_read(Server& s, RawSocket& raw, std::int64_t expected_subscriptions) {
+  REQUIRE(raw.send(test::ws_upgrade_request(Server::token("slow"))));
+  REQUIRE(raw.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
+  REQUIRE(raw.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"resource/hall"})")));
+  REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == expected_subscriptions; }));
+}
+
 }  // namespace
 
 TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") {
@@ -246,12 +255,8 @@ TEST_CASE("a slow consumer is disconnected with 1013 while a fast one on the sam
   REQUIRE(fast->request({{"op", "subscribe"}, {"topic", "resource/hall"}}).value().at("ok") == true);
   REQUIRE(fast->next(5s));  // the snapshot
 
-  // The slow client subscribes and then never reads; a small receive buffer fills quickly.
   RawSocket slow(s.port, 4096);
-  REQUIRE(slow.send(test::ws_upgrade_request(Server::token("slow"))));
-  REQUIRE(slow.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
-  REQUIRE(slow.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"resource/hall"})")));
-  REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == 2; }));
+  subscribe_and_never_read(s, slow, 2);
 
   // Publish in chunks the fast client keeps up with: ~16 MB in all, far more than the kernel's
   // socket buffers plus the 512 KiB queue can hold for the slow one.
@@ -284,10 +289,7 @@ TEST_CASE("with drop_with_gap a slow consumer gets a gap marker naming the topic
   o.slow_consumer = SlowConsumerPolicy::drop_with_gap;
   Server s(o);
   RawSocket slow(s.port, 4096);
-  REQUIRE(slow.send(test::ws_upgrade_request(Server::token("slow"))));
-  REQUIRE(slow.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
-  REQUIRE(slow.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"resource/hall"})")));
-  REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == 1; }));
+  subscribe_and_never_read(s, slow, 1);
   const std::string filler(2000, 'x');
   for (int i = 0; i < 8000; ++i)
     REQUIRE(s.bus->publish("resource/hall", boost::json::object{{"pad", filler}}));
