@@ -60,7 +60,8 @@ if [ "${PUSHBOOK_SKIP_SANITIZERS:-0}" != 1 ]; then
   mkdir -p build-asan
   run_step "asan+ubsan" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
     configure_build build-asan -DCMAKE_BUILD_TYPE=Debug -DPUSHBOOK_SANITIZE=address,undefined \
-      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF &&
+      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF \
+      -DPUSHBOOK_BUILD_PYTHON=OFF &&
     ctest --test-dir build-asan --output-on-failure -j $jobs"
 
   step "4/4 ThreadSanitizer: concurrency tests"
@@ -69,7 +70,8 @@ if [ "${PUSHBOOK_SKIP_SANITIZERS:-0}" != 1 ]; then
   # recent kernels; running without address randomisation avoids that.
   run_step "tsan" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
     configure_build build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_SANITIZE=thread \
-      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF &&
+      -DPUSHBOOK_BUILD_TESTS=ON -DPUSHBOOK_BUILD_EXAMPLES=OFF -DPUSHBOOK_BUILD_BENCH=OFF \
+      -DPUSHBOOK_BUILD_PYTHON=OFF &&
     setarch \"\$(uname -m)\" -R ctest --test-dir build-tsan --output-on-failure -L concurrency -j $jobs"
 fi
 

@@ -56,6 +56,7 @@ struct Completion::state {
   std::weak_ptr<detail::engine_core> engine;
   Booking booking;
   steady::time_point submitted;
+  steady::time_point deadline;  // the handler must answer by then (counted from its call)
   std::atomic<bool> done{false};
   std::mutex timer_mutex;
   std::optional<detail::TimerQueue::timer_id> timer;
@@ -296,6 +297,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     finish_in_flight(submitted);
   }
 
+  Decision timeout_decision() const {
+    return Decision::declined(fmt::format("no answer within {} ms", options.handler_timeout.count()));
+  }
+
   // Returns true when this call decided the booking (the first of handler answer and timeout).
   bool complete(const std::shared_ptr<Completion::state>& st, Decision d, RejectReason reason) {
     if (st->done.exchange(true, std::memory_order_acq_rel)) return false;
@@ -303,6 +308,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       std::lock_guard lock(st->timer_mutex);
       if (st->timer) timers.cancel(*st->timer);
     }
+    if (!d.approve && d.failed) reason = RejectReason::handler_error;
     decide(st->booking, st->submitted, d.approve, d.approve ? RejectReason::none : reason,
            std::move(d.message), units::reserved);
     return true;
@@ -313,18 +319,19 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     st->engine = weak_from_this();
     st->booking = std::move(j.booking);
     st->submitted = j.submitted;
+    st->deadline = steady::now() + options.handler_timeout;
     try {
       options.handler(st->booking, Completion(st));
     } catch (const std::exception& e) {
-      complete(st, Decision::declined(e.what()), RejectReason::handler_error);
+      complete(st, Decision::error(e.what()), RejectReason::handler_error);
     } catch (...) {
-      complete(st, Decision::declined("handler threw"), RejectReason::handler_error);
+      complete(st, Decision::error("handler threw"), RejectReason::handler_error);
     }
     if (st->done.load(std::memory_order_acquire)) return;
     std::lock_guard lock(st->timer_mutex);
     if (st->done.load(std::memory_order_acquire)) return;  // completed meanwhile
     std::weak_ptr<Completion::state> weak = st;
-    st->timer = timers.schedule(steady::now() + options.handler_timeout, [this, weak] {
+    st->timer = timers.schedule(st->deadline, [this, weak] {
       // The timer queue is destroyed before the rest of the engine, so `this` is valid here.
       if (auto s = weak.lock())
         complete(s,
@@ -436,6 +443,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 bool Completion::operator()(Decision decision) const {
   auto engine = state_->engine.lock();
   if (!engine) return false;
+  // An answer after the deadline (a handler that blocked past it) counts as no answer.
+  if (std::chrono::steady_clock::now() > state_->deadline) {
+    engine->complete(state_, engine->timeout_decision(), RejectReason::handler_timeout);
+    return false;
+  }
   return engine->complete(state_, std::move(decision), RejectReason::rejected_by_handler);
 }
 

@@ -334,7 +334,8 @@ LocalBus::~LocalBus() {
   for (auto& sub : impl_->all_subscriptions()) sub->cancel();
 }
 
-result<EventPtr> LocalBus::publish(std::string_view topic_name, std::shared_ptr<const boost::json::value> data) {
+result<EventPtr> LocalBus::publish(std::string_view topic_name,
+                                   std::shared_ptr<const boost::json::value> data) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");

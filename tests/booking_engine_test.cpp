@@ -251,6 +251,26 @@ TEST_CASE("a handler that does not answer in time is rejected with handler_timeo
   CHECK(engine.get(id)->status == BookingStatus::rejected);
 }
 
+TEST_CASE("a handler that blocks past the timeout is rejected with handler_timeout, even if it approves") {
+  auto bus = std::make_shared<LocalBus>();
+  std::latch release{1};
+  EngineOptions o;
+  o.handler_timeout = 30ms;
+  o.handler = [&](const Booking&, Completion done) {
+    release.wait();  // blocks the worker longer than the timeout
+    CHECK_FALSE(done(Decision::approved()));
+  };
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 1));
+  auto id = engine.submit(one("u", "r")).value().booking_id;
+  auto b = await_status(engine, id, BookingStatus::rejected);  // the timer fires at 30 ms
+  CHECK(b.reason == RejectReason::handler_timeout);
+  CHECK(*engine.availability("r") == 1);
+  release.count_down();  // the handler now approves, too late: ignored
+  REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
+  CHECK(engine.get(id)->status == BookingStatus::rejected);
+}
+
 TEST_CASE("cancel: confirmed -> cancelled releases capacity; other transitions are errors") {
   auto bus = std::make_shared<LocalBus>();
   BookingEngine engine(bus);

@@ -539,7 +539,7 @@ TEST_CASE("an idle WebSocket that answers no ping is closed after idle_timeout")
   const auto t0 = std::chrono::steady_clock::now();
   CHECK(silent.wait_closed(5s));  // never answers the server's ping
   CHECK(std::chrono::steady_clock::now() - t0 >= 300ms);
-  auto alive = s.ws("bob");  // a client that answers pings (Beast does) stays
+  auto alive = s.ws("bob");                            // a client that answers pings (Beast does) stays
   CHECK_FALSE(alive->wait_closed(900ms).has_value());  // still open after two idle timeouts
   CHECK(alive->request({{"op", "ping"}}).value().at("ok") == true);
 }

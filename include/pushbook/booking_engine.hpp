@@ -28,9 +28,12 @@ struct Decision {
   bool approve = true;
   /// Why it was declined; becomes the booking's reason_message.
   std::string message;
+  /// The business step failed (rather than said no): rejected with RejectReason::handler_error.
+  bool failed = false;
 
-  static Decision approved() { return {true, {}}; }
-  static Decision declined(std::string why) { return {false, std::move(why)}; }
+  static Decision approved() { return {true, {}, false}; }
+  static Decision declined(std::string why) { return {false, std::move(why), false}; }
+  static Decision error(std::string what) { return {false, std::move(what), true}; }
 };
 
 /// Delivers a handler's decision, once. Copyable; any copy may be called from any thread, now
@@ -39,7 +42,9 @@ class PUSHBOOK_EXPORT Completion {
  public:
   struct state;
   explicit Completion(std::shared_ptr<state> s) : state_(std::move(s)) {}
-  /// Returns true when this call decided the booking.
+  /// Returns true when this call decided the booking. An answer that comes after the handler
+  /// timeout (counted from the handler's call) does not count: the booking is rejected with
+  /// handler_timeout if nothing decided it yet.
   bool operator()(Decision decision) const;
 
  private:

@@ -1,0 +1,659 @@
+// pushbook._core: the Python bindings. A thin layer: it converts between JSON and Python values,
+// maps pushbook's error codes to the exception classes of pushbook._types, and manages the GIL.
+// The C++ core does the work.
+//
+// Threads and the GIL: every call that may block or take engine/bus locks releases the GIL;
+// every call from a C++ thread into Python (subscription callbacks, the handler) takes it. A
+// Python callback that raises is logged (logger "pushbook") and counted, and the C++ thread goes
+// on. At interpreter exit every live engine, gateway and subscription is stopped first
+// (atexit), so no C++ thread reaches for the GIL of a finalizing interpreter.
+#include <pushbook/auth.hpp>
+#include <pushbook/booking_engine.hpp>
+#include <pushbook/event_bus.hpp>
+#include <pushbook/push_gateway.hpp>
+
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <boost/json.hpp>
+
+#include <atomic>
+#include <mutex>
+#include <set>
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+namespace json = boost::json;
+using namespace pushbook;
+
+namespace {
+
+std::atomic<bool> finalizing{false};
+
+// --- JSON <-> Python -------------------------------------------------------------------------
+
+py::object to_py(const json::value& v) {
+  switch (v.kind()) {
+    case json::kind::null: return py::none();
+    case json::kind::bool_: return py::bool_(v.get_bool());
+    case json::kind::int64: return py::int_(v.get_int64());
+    case json::kind::uint64: return py::int_(v.get_uint64());
+    case json::kind::double_: return py::float_(v.get_double());
+    case json::kind::string: return py::str(v.get_string().data(), v.get_string().size());
+    case json::kind::array: {
+      py::list l;
+      for (const auto& x : v.get_array()) l.append(to_py(x));
+      return l;
+    }
+    case json::kind::object: {
+      py::dict d;
+      for (const auto& kv : v.get_object()) d[py::str(kv.key().data(), kv.key().size())] = to_py(kv.value());
+      return d;
+    }
+  }
+  return py::none();
+}
+
+json::value from_py(py::handle h, int depth = 0) {
+  if (depth > 64) throw py::value_error("value nested too deeply for JSON");
+  if (h.is_none()) return nullptr;
+  if (py::isinstance<py::bool_>(h)) return h.cast<bool>();
+  if (py::isinstance<py::int_>(h)) {
+    try {
+      return h.cast<std::int64_t>();
+    } catch (const py::cast_error&) {
+      return h.cast<std::uint64_t>();
+    }
+  }
+  if (py::isinstance<py::float_>(h)) return h.cast<double>();
+  if (py::isinstance<py::str>(h)) return json::string(h.cast<std::string>());
+  if (py::isinstance<py::dict>(h)) {
+    json::object o;
+    for (auto kv : h.cast<py::dict>()) {
+      if (!py::isinstance<py::str>(kv.first)) throw py::type_error("JSON object keys must be str");
+      o[kv.first.cast<std::string>()] = from_py(kv.second, depth + 1);
+    }
+    return o;
+  }
+  if (py::isinstance<py::list>(h) || py::isinstance<py::tuple>(h)) {
+    json::array a;
+    for (auto x : h) a.push_back(from_py(x, depth + 1));
+    return a;
+  }
+  throw py::type_error("cannot convert " + std::string(py::str(py::type::of(h))) + " to JSON");
+}
+
+// --- errors ----------------------------------------------------------------------------------
+
+py::object types() { return py::module_::import("pushbook._types"); }
+
+[[noreturn]] void raise(const Error& e) {
+  const char* cls = "Error";
+  if (e.code.category() == error_category()) {
+    switch (static_cast<errc>(e.code.value())) {
+      case errc::bad_request:
+      case errc::exceeds_capacity:
+      case errc::invalid_topic: cls = "ValidationError"; break;
+      case errc::not_found: cls = "NotFound"; break;
+      case errc::already_exists: cls = "AlreadyExists"; break;
+      case errc::idempotency_conflict: cls = "IdempotencyConflict"; break;
+      case errc::invalid_transition:
+      case errc::capacity_in_use: cls = "InvalidTransition"; break;
+      case errc::overloaded:
+      case errc::slow_consumer:
+      case errc::shutting_down: cls = "Overloaded"; break;
+      case errc::unauthorized:
+      case errc::forbidden: cls = "Unauthorized"; break;
+      default: break;
+    }
+  }
+  py::object type = types().attr(cls);
+  PyErr_SetObject(type.ptr(), py::make_tuple(e.message, to_string(static_cast<errc>(e.code.value()))).ptr());
+  throw py::error_already_set();
+}
+
+template <class T>
+T take(result<T> r) {
+  if (!r) raise(r.error());
+  return std::move(*r);
+}
+void take(result<void> r) {
+  if (!r) raise(r.error());
+}
+
+// Runs `f` (C++ only: it must not touch Python objects) with the GIL released. Errors are
+// raised by the caller afterwards, with the GIL held again.
+template <class F>
+auto nogil(F&& f) {
+  py::gil_scoped_release release;
+  return f();
+}
+
+// --- GIL-safe holder of a Python object used from C++ threads --------------------------------
+
+struct PyRef {
+  py::object obj;
+  explicit PyRef(py::object o) : obj(std::move(o)) {}
+  ~PyRef() {
+    if (!obj) return;
+    if (finalizing.load() || !Py_IsInitialized()) {
+      obj.release();  // the interpreter is going: leak rather than touch it
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    obj = py::object();
+  }
+};
+
+void log_callback_error(py::error_already_set& e, const char* where) {
+  try {
+    py::module_::import("logging")
+        .attr("getLogger")("pushbook")
+        .attr("error")("%s raised: %s", where, e.what());
+  } catch (...) {
+  }
+  e.restore();
+  PyErr_Clear();
+}
+
+// --- live objects, stopped at exit -----------------------------------------------------------
+
+struct Live {
+  std::mutex mutex;
+  std::set<std::weak_ptr<BookingEngine>, std::owner_less<>> engines;
+  std::set<std::weak_ptr<PushGateway>, std::owner_less<>> gateways;
+};
+Live& live() {
+  static Live* l = new Live;  // never destroyed: used during interpreter exit
+  return *l;
+}
+
+void shutdown_all() {
+  finalizing = true;
+  std::vector<std::shared_ptr<PushGateway>> gateways;
+  std::vector<std::shared_ptr<BookingEngine>> engines;
+  {
+    std::lock_guard lock(live().mutex);
+    for (auto& w : live().gateways)
+      if (auto g = w.lock()) gateways.push_back(g);
+    for (auto& w : live().engines)
+      if (auto e = w.lock()) engines.push_back(e);
+  }
+  py::gil_scoped_release release;
+  for (auto& g : gateways) g->stop();
+  for (auto& e : engines) e->shutdown();
+}
+
+// --- Python-facing types ---------------------------------------------------------------------
+
+struct PyEvent {
+  std::string kind;
+  std::string topic;
+  std::uint64_t seq = 0;
+  py::object data;
+  bool snapshot = false;
+  double time = 0;
+  std::uint64_t dropped = 0;
+  std::string reason;
+};
+
+PyEvent make_event(const Delivery& d) {
+  PyEvent e;
+  switch (d.kind) {
+    case Delivery::Kind::event: e.kind = "event"; break;
+    case Delivery::Kind::snapshot: e.kind = "snapshot"; break;
+    case Delivery::Kind::gap: e.kind = "gap"; break;
+    case Delivery::Kind::ended: e.kind = "ended"; break;
+  }
+  if (d.event) {
+    e.topic = d.event->topic();
+    e.seq = d.event->seq();
+    e.data = to_py(d.event->data());
+    e.snapshot = d.kind == Delivery::Kind::snapshot;
+    e.time = std::chrono::duration<double>(d.event->time().time_since_epoch()).count();
+  } else {
+    e.data = py::none();
+  }
+  e.dropped = d.dropped;
+  e.reason = d.reason.message;
+  return e;
+}
+
+// Objects whose destruction waits for C++ threads (which may be waiting for the GIL to run a
+// Python callback) are destroyed with the GIL released.
+template <class T>
+void delete_without_gil(T* p) {
+  if (PyGILState_Check() && !finalizing.load()) {
+    py::gil_scoped_release release;
+    delete p;
+  } else {
+    delete p;
+  }
+}
+
+template <class T, class... Args>
+std::shared_ptr<T> make_gil_safe(Args&&... args) {
+  return std::shared_ptr<T>(new T(std::forward<Args>(args)...), &delete_without_gil<T>);
+}
+
+struct PySubscription {
+  Subscription sub;
+  std::shared_ptr<std::atomic<std::uint64_t>> errors = std::make_shared<std::atomic<std::uint64_t>>(0);
+  ~PySubscription() {
+    if (PyGILState_Check() && !finalizing.load()) {
+      py::gil_scoped_release release;
+      sub.cancel();
+    }
+  }
+};
+
+py::object status(BookingStatus s) { return types().attr("Status")(to_string(s)); }
+
+py::dict booking_dict(const Booking& b) { return to_py(to_json(b)).cast<py::dict>(); }
+
+struct PyBooking {  // what a handler and engine.get() see
+  Booking b;
+};
+
+struct PyAck {
+  Ack ack;
+};
+
+Decision to_decision(py::handle r) {
+  if (py::isinstance<py::bool_>(r))
+    return r.cast<bool>() ? Decision::approved() : Decision::declined("declined by handler");
+  if (py::isinstance<Decision>(r)) return r.cast<Decision>();
+  return Decision::error("handler returned " + std::string(py::str(py::type::of(r).attr("__name__"))) +
+                         ", not bool or pushbook.Decision");
+}
+
+std::string exception_text(py::error_already_set& e) {
+  std::string text = py::str(e.value());
+  if (text.empty()) text = py::str(e.type().attr("__name__"));
+  return text;
+}
+
+BookingHandler make_handler(py::object fn, py::object loop) {
+  auto fn_ref = std::make_shared<PyRef>(std::move(fn));
+  auto loop_ref = std::make_shared<PyRef>(std::move(loop));
+  return [fn_ref, loop_ref](const Booking& b, Completion done) {
+    if (finalizing.load()) return (void)done(Decision::error("interpreter shutting down"));
+    py::gil_scoped_acquire gil;
+    try {
+      py::object r = fn_ref->obj(PyBooking{b});
+      if (py::module_::import("inspect").attr("iscoroutine")(r).cast<bool>()) {
+        if (loop_ref->obj.is_none()) {
+          r.attr("close")();
+          return (void)done(
+              Decision::error("an async handler needs BookingEngine(..., loop=<asyncio loop>)"));
+        }
+        py::object future = py::module_::import("asyncio").attr("run_coroutine_threadsafe")(r, loop_ref->obj);
+        future.attr("add_done_callback")(py::cpp_function([done](py::object f) {
+          try {
+            done(to_decision(f.attr("result")()));
+          } catch (py::error_already_set& e) {
+            done(Decision::error(exception_text(e)));
+          }
+        }));
+        return;
+      }
+      done(to_decision(r));
+    } catch (py::error_already_set& e) {
+      done(Decision::error(exception_text(e)));
+    }
+  };
+}
+
+std::optional<std::chrono::milliseconds> ms(std::optional<double> seconds) {
+  if (!seconds) return std::nullopt;
+  return std::chrono::milliseconds(static_cast<std::int64_t>(*seconds * 1000.0));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pushbook core (C++): the event bus, the booking engine and the push gateway";
+
+  py::class_<PyEvent>(m, "Event", "One delivery from the bus: an event, a snapshot, a gap marker or an end.")
+      .def_readonly("kind", &PyEvent::kind, "'event', 'snapshot', 'gap' or 'ended'")
+      .def_readonly("topic", &PyEvent::topic)
+      .def_readonly("seq", &PyEvent::seq, "position in its topic: 1, 2, 3, ...")
+      .def_readonly("data", &PyEvent::data, "the payload as Python values (dict for bookings)")
+      .def_readonly("snapshot", &PyEvent::snapshot, "True when it carries current state, not the next change")
+      .def_readonly("time", &PyEvent::time, "publication time, Unix seconds")
+      .def_readonly("dropped", &PyEvent::dropped, "for gap markers: how many events were dropped")
+      .def_readonly("reason", &PyEvent::reason, "for 'ended': why")
+      .def("__repr__", [](const PyEvent& e) {
+        return "<pushbook.Event " + e.kind + " " + e.topic + " seq=" + std::to_string(e.seq) + ">";
+      });
+
+  py::class_<PySubscription>(m, "Subscription",
+                             "A live subscription; cancel() or leave the with-block to end it.")
+      .def(
+          "cancel", [](PySubscription& s) { s.sub.cancel(); }, py::call_guard<py::gil_scoped_release>(),
+          "Stop deliveries; after it returns no callback runs (unless called from the callback itself).")
+      .def_property_readonly("active", [](const PySubscription& s) { return s.sub.active(); })
+      .def_property_readonly(
+          "errors", [](const PySubscription& s) { return s.errors->load(); },
+          "how many times the callback raised")
+      .def(
+          "__enter__", [](PySubscription& s) -> PySubscription& { return s; },
+          py::return_value_policy::reference)
+      .def("__exit__",
+           [](PySubscription& s, py::args) {
+             py::gil_scoped_release r;
+             s.sub.cancel();
+           })
+      .def("__repr__", [](const PySubscription& s) {
+        return std::string("<pushbook.Subscription ") + (s.sub.active() ? "active" : "cancelled") + ">";
+      });
+
+  py::class_<LocalBus, std::shared_ptr<LocalBus>>(m, "LocalBus", "The in-process event bus.")
+      .def(py::init([](std::size_t history_limit, double history_max_age, std::size_t delivery_threads) {
+             LocalBusOptions o;
+             o.history_limit = history_limit;
+             o.history_max_age = std::chrono::milliseconds(static_cast<std::int64_t>(history_max_age * 1000));
+             o.delivery_threads = delivery_threads;
+             return make_gil_safe<LocalBus>(o);
+           }),
+           "history_limit"_a = 256, "history_max_age"_a = 600.0, "delivery_threads"_a = 1)
+      .def(
+          "publish",
+          [](LocalBus& bus, const std::string& topic, py::handle data) {
+            auto value = std::make_shared<const json::value>(from_py(data));
+            result<EventPtr> r = [&] {
+              py::gil_scoped_release release;
+              return bus.publish(topic, value);
+            }();
+            return take(std::move(r))->seq();
+          },
+          "topic"_a, "data"_a, "Publishes data (JSON-like Python values); returns the event's seq.")
+      .def(
+          "subscribe",
+          [](LocalBus& bus, const std::string& topic, py::function callback,
+             std::optional<std::uint64_t> since, std::size_t max_queue, const std::string& overflow,
+             bool snapshot) {
+            SubscribeOptions o;
+            o.since_seq = since;
+            o.max_queue = max_queue;
+            o.snapshot = snapshot;
+            if (overflow == "drop_oldest")
+              o.overflow = OverflowPolicy::drop_oldest;
+            else if (overflow == "end")
+              o.overflow = OverflowPolicy::end_subscription;
+            else
+              throw py::value_error("overflow must be 'drop_oldest' or 'end'");
+            auto out = std::make_unique<PySubscription>();
+            auto fn = std::make_shared<PyRef>(std::move(callback));
+            auto errors = out->errors;
+            auto cb = [fn, errors](const Delivery& d) {
+              if (finalizing.load()) return;
+              py::gil_scoped_acquire gil;
+              try {
+                fn->obj(make_event(d));
+              } catch (py::error_already_set& e) {
+                errors->fetch_add(1);
+                log_callback_error(e, "pushbook subscription callback");
+              }
+            };
+            result<Subscription> r = [&] {
+              py::gil_scoped_release release;
+              return bus.subscribe(topic, cb, o);
+            }();
+            out->sub = take(std::move(r));
+            return out;
+          },
+          "topic"_a, "callback"_a, "since"_a = py::none(), "max_queue"_a = 4096, "overflow"_a = "drop_oldest",
+          "snapshot"_a = true,
+          "Calls callback(event) on a bus thread for each delivery. since=N replays events after seq N.")
+      .def("last",
+           [](LocalBus& bus, const std::string& topic) -> py::object {
+             auto e = bus.last(topic);
+             if (!e) return py::none();
+             return py::cast(make_event(Delivery{Delivery::Kind::snapshot, e, 0, {}}));
+           })
+      .def(
+          "history",
+          [](LocalBus& bus, const std::string& topic, std::uint64_t since) {
+            py::list out;
+            for (auto& e : bus.history(topic, since))
+              out.append(make_event(Delivery{Delivery::Kind::event, e, 0, {}}));
+            return out;
+          },
+          "topic"_a, "since"_a = 0)
+      .def_property_readonly("stats", [](LocalBus& bus) {
+        auto s = bus.stats();
+        return py::dict("published"_a = s.published, "delivered"_a = s.delivered, "dropped"_a = s.dropped,
+                        "topics"_a = s.topics, "subscriptions"_a = s.subscriptions);
+      });
+
+  py::class_<Decision>(m, "Decision",
+                       "A handler's answer: Decision(True) confirms, Decision(False, 'why') rejects.")
+      .def(py::init([](bool approve, std::string reason) {
+             return Decision{approve, std::move(reason), false};
+           }),
+           "approve"_a, "reason"_a = "")
+      .def_readonly("approve", &Decision::approve)
+      .def_readonly("reason", &Decision::message)
+      .def("__repr__", [](const Decision& d) {
+        return std::string("pushbook.Decision(") + (d.approve ? "True" : "False") + ", '" + d.message + "')";
+      });
+
+  py::class_<PyBooking>(m, "Booking", "A booking as the engine holds it (also what a handler receives).")
+      .def_property_readonly("booking_id", [](const PyBooking& p) { return p.b.id; })
+      .def_property_readonly("user", [](const PyBooking& p) { return p.b.user; })
+      .def_property_readonly("lines",
+                             [](const PyBooking& p) {
+                               py::list l;
+                               for (auto& x : p.b.lines) l.append(py::make_tuple(x.resource, x.quantity));
+                               return l;
+                             })
+      .def_property_readonly("metadata", [](const PyBooking& p) { return to_py(p.b.metadata); })
+      .def_property_readonly("status", [](const PyBooking& p) { return status(p.b.status); })
+      .def_property_readonly("reason",
+                             [](const PyBooking& p) -> py::object {
+                               if (p.b.reason == RejectReason::none) return py::none();
+                               return types().attr("Reason")(to_string(p.b.reason));
+                             })
+      .def_property_readonly("reason_message", [](const PyBooking& p) { return p.b.reason_message; })
+      .def_property_readonly("version", [](const PyBooking& p) { return p.b.version; })
+      .def("to_dict", [](const PyBooking& p) { return booking_dict(p.b); })
+      .def("__repr__", [](const PyBooking& p) {
+        return "<pushbook.Booking " + p.b.id + " " + to_string(p.b.status) + " user=" + p.b.user + ">";
+      });
+
+  py::class_<PyAck>(m, "Ack", "The immediate answer to submit().")
+      .def_property_readonly("booking_id", [](const PyAck& a) { return a.ack.booking_id; })
+      .def_property_readonly("status", [](const PyAck& a) { return status(a.ack.status); })
+      .def_property_readonly("replayed", [](const PyAck& a) { return a.ack.replayed; })
+      .def("__repr__", [](const PyAck& a) {
+        return "<pushbook.Ack " + a.ack.booking_id + " " + to_string(a.ack.status) +
+               (a.ack.replayed ? " replayed" : "") + ">";
+      });
+
+  py::class_<BookingEngine, std::shared_ptr<BookingEngine>>(m, "BookingEngine",
+                                                            "Validates, ACKs, decides, publishes.")
+      .def(
+          py::init([](std::shared_ptr<LocalBus> bus, std::size_t workers, py::object handler, py::object loop,
+                      double handler_timeout, std::size_t max_queue, double idempotency_window) {
+            if (!bus) throw py::type_error("BookingEngine needs a LocalBus");
+            EngineOptions o;
+            o.workers = workers;
+            o.max_queue = max_queue;
+            o.handler_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(handler_timeout * 1000));
+            o.idempotency_window =
+                std::chrono::milliseconds(static_cast<std::int64_t>(idempotency_window * 1000));
+            if (!handler.is_none()) o.handler = make_handler(std::move(handler), std::move(loop));
+            auto engine = make_gil_safe<BookingEngine>(bus, std::move(o));
+            std::lock_guard lock(live().mutex);
+            live().engines.insert(engine);
+            return engine;
+          }),
+          "bus"_a, "workers"_a = 2, "handler"_a = py::none(), "loop"_a = py::none(),
+          "handler_timeout"_a = 10.0, "max_queue"_a = 65536, "idempotency_window"_a = 86400.0,
+          py::keep_alive<1, 2>())
+      .def(
+          "add_resource",
+          [](BookingEngine& e, const std::string& id, std::uint32_t capacity) {
+            take(nogil([&] { return e.add_resource(id, capacity); }));
+          },
+          "resource_id"_a, "capacity"_a)
+      .def(
+          "set_capacity",
+          [](BookingEngine& e, const std::string& id, std::uint32_t capacity) {
+            take(nogil([&] { return e.set_capacity(id, capacity); }));
+          },
+          "resource_id"_a, "capacity"_a)
+      .def(
+          "availability",
+          [](BookingEngine& e, const std::string& id) {
+            return take(nogil([&] { return e.availability(id); }));
+          },
+          "resource_id"_a)
+      .def(
+          "submit",
+          [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
+             std::uint32_t quantity, std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
+             std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
+            BookingRequest r;
+            r.user = user;
+            if (resource && lines) throw py::value_error("give resource= or lines=, not both");
+            if (resource) r.lines.push_back({*resource, quantity});
+            if (lines)
+              for (auto& [res, q] : *lines) r.lines.push_back({res, q});
+            if (idempotency_key) r.idempotency_key = *idempotency_key;
+            if (!metadata.is_none()) {
+              auto v = from_py(metadata);
+              if (!v.is_object()) throw py::type_error("metadata must be a dict");
+              r.metadata = std::move(v.as_object());
+            }
+            r.hold_for = ms(hold);
+            result<Ack> a = [&] {
+              py::gil_scoped_release release;
+              return e.submit(std::move(r));
+            }();
+            return PyAck{take(std::move(a))};
+          },
+          "user"_a, "resource"_a = py::none(), "quantity"_a = 1, "lines"_a = py::none(),
+          "idempotency_key"_a = py::none(), "metadata"_a = py::none(), "hold"_a = py::none(),
+          "Validates and ACKs at once (status 'processing'); the decision follows on booking/<id>. "
+          "hold= seconds asks for a hold (two-phase booking).")
+      .def(
+          "get",
+          [](BookingEngine& e, const std::string& id) {
+            result<Booking> b = [&] {
+              py::gil_scoped_release release;
+              return e.get(id);
+            }();
+            return PyBooking{take(std::move(b))};
+          },
+          "booking_id"_a)
+      .def(
+          "cancel",
+          [](BookingEngine& e, const std::string& id) {
+            result<Booking> b = [&] {
+              py::gil_scoped_release release;
+              return e.cancel(id);
+            }();
+            return PyBooking{take(std::move(b))};
+          },
+          "booking_id"_a)
+      .def(
+          "confirm",
+          [](BookingEngine& e, const std::string& id) {
+            result<Booking> b = [&] {
+              py::gil_scoped_release release;
+              return e.confirm(id);
+            }();
+            return PyBooking{take(std::move(b))};
+          },
+          "booking_id"_a)
+      .def(
+          "release",
+          [](BookingEngine& e, const std::string& id) {
+            result<Booking> b = [&] {
+              py::gil_scoped_release release;
+              return e.release(id);
+            }();
+            return PyBooking{take(std::move(b))};
+          },
+          "booking_id"_a)
+      .def("shutdown", &BookingEngine::shutdown, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("stats", [](BookingEngine& e) {
+        auto s = e.stats();
+        auto lat = [](const LatencySummary& l) {
+          return py::dict("count"_a = l.count, "p50_us"_a = static_cast<double>(l.p50_ns) / 1e3,
+                          "p99_us"_a = static_cast<double>(l.p99_ns) / 1e3,
+                          "max_us"_a = static_cast<double>(l.max_ns) / 1e3);
+        };
+        return py::dict("accepted"_a = s.accepted, "confirmed"_a = s.confirmed, "rejected"_a = s.rejected,
+                        "held"_a = s.held, "cancelled"_a = s.cancelled, "released"_a = s.released,
+                        "expired"_a = s.expired, "idempotent_replays"_a = s.idempotent_replays,
+                        "overloaded"_a = s.overloaded, "in_flight"_a = s.in_flight,
+                        "queue_depth"_a = s.queue_depth, "ack_latency"_a = lat(s.ack_latency),
+                        "decision_latency"_a = lat(s.decision_latency));
+      });
+
+  py::class_<PushGateway, std::shared_ptr<PushGateway>>(m, "PushGateway",
+                                                        "HTTP + WebSocket + SSE push server.")
+      .def(
+          py::init([](std::shared_ptr<LocalBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
+                      std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
+                      std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir) {
+            GatewayOptions o;
+            o.host = std::move(host);
+            o.port = port;
+            if (secret) o.secret = *secret;
+            o.dev_insecure = dev_insecure;
+            o.threads = threads;
+            o.allowed_origins = std::move(allowed_origins);
+            o.static_dir = std::move(static_dir);
+            std::shared_ptr<PushGateway> gw;
+            try {
+              gw = make_gil_safe<PushGateway>(bus, engine, std::move(o));
+            } catch (const Exception& e) {
+              raise(Error(e.code(), e.what()));
+            }
+            std::lock_guard lock(live().mutex);
+            live().gateways.insert(gw);
+            return gw;
+          }),
+          "bus"_a, "engine"_a, "host"_a = "127.0.0.1", "port"_a = 0, "secret"_a = py::none(),
+          "dev_insecure"_a = false, "threads"_a = 1, "allowed_origins"_a = std::vector<std::string>{},
+          "static_dir"_a = "", py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def(
+          "start",
+          [](PushGateway& g) {
+            result<std::uint16_t> r = [&] {
+              py::gil_scoped_release release;
+              return g.listen();
+            }();
+            return take(std::move(r));
+          },
+          "Binds and starts serving; returns the port.")
+      .def_property_readonly("port", &PushGateway::port)
+      .def("stop", &PushGateway::stop, py::call_guard<py::gil_scoped_release>(),
+           "Graceful: WebSockets get 1001, then the threads are joined.")
+      .def("metrics", &PushGateway::metrics_text, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("stats", [](PushGateway& g) {
+        auto s = g.stats();
+        return py::dict("websocket_connections"_a = s.websocket_connections,
+                        "sse_connections"_a = s.sse_connections, "subscriptions"_a = s.subscriptions,
+                        "messages_pushed"_a = s.messages_pushed, "bytes_pushed"_a = s.bytes_pushed,
+                        "slow_consumer_disconnects"_a = s.slow_consumer_disconnects);
+      });
+
+  m.def(
+      "sign_token",
+      [](const std::string& subject, double ttl, const std::string& secret) {
+        return sign_token(subject,
+                          std::chrono::system_clock::now() +
+                              std::chrono::milliseconds(static_cast<std::int64_t>(ttl * 1000)),
+                          secret);
+      },
+      "subject"_a, "ttl"_a, "secret"_a,
+      "An HS256 token for `subject`, valid for ttl seconds (tests, demos).");
+
+  m.def("_shutdown_all", &shutdown_all, "Stops every live gateway and engine (called at interpreter exit).");
+  py::module_::import("atexit").attr("register")(m.attr("_shutdown_all"));
+}

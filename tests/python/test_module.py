@@ -1,0 +1,298 @@
+"""The pushbook Python module: every public call, callbacks from C++ threads, asyncio, the GIL."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import websockets
+
+import pushbook
+
+DEADLINE = 10.0
+
+
+class Collector:
+    """Collects events from C++ threads; wait() blocks with a deadline, never a bare sleep."""
+
+    def __init__(self):
+        self.items = []
+        self.cond = threading.Condition()
+
+    def __call__(self, ev):
+        with self.cond:
+            self.items.append(ev)
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout=DEADLINE):
+        with self.cond:
+            assert self.cond.wait_for(lambda: predicate(self.items), timeout), f"timed out; got {self.items}"
+            return list(self.items)
+
+
+def wait_until(predicate, timeout=DEADLINE):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.001)
+
+
+def decided(engine, booking_id):
+    wait_until(lambda: engine.get(booking_id).status != pushbook.Status.PROCESSING)
+    return engine.get(booking_id)
+
+
+@pytest.fixture
+def bus():
+    return pushbook.LocalBus()
+
+
+@pytest.fixture
+def engine(bus):
+    e = pushbook.BookingEngine(bus, workers=2)
+    e.add_resource("room-1", capacity=1)
+    e.add_resource("room-2", capacity=2)
+    yield e
+    e.shutdown()
+
+
+def test_the_documented_calls(bus, engine):
+    ack = engine.submit(user="u1", resource="room-1", quantity=1, idempotency_key="k1")
+    assert ack.status == "processing"
+    assert ack.status is pushbook.Status.PROCESSING
+    assert len(ack.booking_id) == 26
+    events = Collector()
+    sub = bus.subscribe("booking/" + ack.booking_id, events, since=0)
+    got = events.wait(lambda items: any(e.data["status"] == "confirmed" for e in items))
+    assert [(e.topic, e.seq, e.data["status"]) for e in got] == [
+        ("booking/" + ack.booking_id, 1, "processing"), ("booking/" + ack.booking_id, 2, "confirmed")]
+    assert got[0].snapshot is False
+    assert engine.get(ack.booking_id).status == "confirmed"
+    both = engine.submit(user="u1", lines=[("room-1", 1), ("room-2", 1)])
+    assert decided(engine, both.booking_id).reason == pushbook.Reason.SOLD_OUT  # all or nothing
+    assert engine.availability("room-2") == 2
+    assert engine.cancel(ack.booking_id).status == "cancelled"
+    assert engine.availability("room-1") == 1
+    sub.cancel()
+    assert not sub.active
+
+
+def test_idempotency_and_errors(engine):
+    a = engine.submit(user="u1", resource="room-2", idempotency_key="k")
+    b = engine.submit(user="u1", resource="room-2", idempotency_key="k")
+    assert a.booking_id == b.booking_id and b.replayed
+    with pytest.raises(pushbook.IdempotencyConflict) as e:
+        engine.submit(user="u1", resource="room-2", quantity=2, idempotency_key="k")
+    assert e.value.code == "idempotency_conflict"
+    assert isinstance(e.value, pushbook.Error)
+    with pytest.raises(pushbook.ValidationError, match="quantity must be at least 1"):
+        engine.submit(user="u1", resource="room-2", quantity=0)
+    with pytest.raises(pushbook.ValidationError):
+        engine.submit(user="u1", resource="room-2", quantity=3)  # more than capacity
+    with pytest.raises(pushbook.NotFound):
+        engine.submit(user="u1", resource="nope")
+    with pytest.raises(pushbook.NotFound):
+        engine.get("nope")
+    with pytest.raises(pushbook.AlreadyExists):
+        engine.add_resource("room-1", capacity=3)
+    with pytest.raises(ValueError):
+        engine.submit(user="u1", resource="room-2", lines=[("room-1", 1)])
+    with pytest.raises(TypeError):
+        engine.submit(user="u1", resource="room-2", metadata={"x": object()})
+    rejected = decided(engine, engine.submit(user="u2", resource="room-1").booking_id)
+    if rejected.status == "confirmed":
+        with pytest.raises(pushbook.InvalidTransition):
+            engine.confirm(rejected.booking_id)
+
+
+def test_holds(engine):
+    ack = engine.submit(user="u1", resource="room-2", hold=60)
+    assert decided(engine, ack.booking_id).status == "held"
+    assert engine.confirm(ack.booking_id).status == "confirmed"
+    with pytest.raises(pushbook.InvalidTransition, match="already reached 'confirmed'"):
+        engine.release(ack.booking_id)
+    short = engine.submit(user="u1", resource="room-2", hold=0.05)
+    wait_until(lambda: engine.get(short.booking_id).status == "expired")
+
+
+def test_publish_last_history_and_metadata(bus):
+    assert bus.publish("t/1", {"a": [1, 2.5, None, True, "x"]}) == 1
+    assert bus.publish("t/1", {"b": 2}) == 2
+    assert bus.last("t/1").data == {"b": 2}
+    assert [e.seq for e in bus.history("t/1")] == [1, 2]
+    assert bus.last("t/none") is None
+    with pytest.raises(pushbook.ValidationError):
+        bus.publish("bad topic", {})
+    assert bus.stats["published"] == 2
+
+
+def test_callbacks_run_on_cpp_threads_and_a_raising_callback_is_counted(bus):
+    seen = Collector()
+    main = threading.get_ident()
+
+    def cb(ev):
+        seen((threading.get_ident(), ev.seq))
+        if ev.seq == 1:
+            raise RuntimeError("boom")
+
+    sub = bus.subscribe("t/x", cb)
+    bus.publish("t/x", {})
+    bus.publish("t/x", {})
+    items = seen.wait(lambda items: len(items) == 2)
+    assert all(tid != main for tid, _ in items)
+    assert [seq for _, seq in items] == [1, 2]  # the raise did not stop deliveries
+    wait_until(lambda: sub.errors == 1)
+    with bus.subscribe("t/x", lambda ev: None) as s2:
+        assert s2.active
+    assert not s2.active
+
+
+def test_asyncio_stream(bus):
+    async def go():
+        bus.publish("user/u1", {"n": 0})
+        stream = bus.stream("user/u1")
+        got = []
+        async for ev in stream:
+            got.append((ev.seq, ev.snapshot))
+            if len(got) == 1:
+                threading.Thread(target=lambda: [bus.publish("user/u1", {"n": i}) for i in (1, 2)]).start()
+            if len(got) == 3:
+                break
+        await stream.aclose()
+        return got
+    assert asyncio.run(asyncio.wait_for(go(), DEADLINE)) == [(1, True), (2, False), (3, False)]
+
+
+def test_four_threads_submit_concurrently_without_overbooking(bus):
+    engine = pushbook.BookingEngine(bus, workers=2)
+    engine.add_resource("seat", capacity=50)
+    acks, errors = [], []
+
+    def worker(n):
+        for i in range(100):
+            try:
+                acks.append(engine.submit(user=f"t{n}", resource="seat").booking_id)
+            except pushbook.Error as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    statuses = [decided(engine, b).status for b in acks]
+    assert statuses.count("confirmed") == 50
+    assert statuses.count("rejected") == 350
+    assert engine.availability("seat") == 0
+    engine.shutdown()
+
+
+def test_handler_sync_decision_raise_and_timeout(bus):
+    def handler(req):
+        assert req.lines == [("r", 1)] and isinstance(req.metadata, dict)
+        if req.user == "raise":
+            raise ValueError("card expired")
+        if req.user == "slow":
+            time.sleep(0.5)
+            return True
+        if req.user == "decision":
+            return pushbook.Decision(False, "fraud check failed")
+        return req.user != "blocked"
+
+    engine = pushbook.BookingEngine(bus, workers=2, handler=handler, handler_timeout=0.2)
+    engine.add_resource("r", capacity=10)
+    ids = {u: engine.submit(user=u, resource="r", metadata={"m": 1}).booking_id
+           for u in ("ok", "blocked", "raise", "decision", "slow")}
+    assert decided(engine, ids["ok"]).status == "confirmed"
+    assert decided(engine, ids["blocked"]).reason == "rejected_by_handler"
+    raised = decided(engine, ids["raise"])
+    assert raised.reason == "handler_error" and raised.reason_message == "card expired"
+    assert decided(engine, ids["decision"]).reason_message == "fraud check failed"
+    assert decided(engine, ids["slow"]).reason == "handler_timeout"
+    engine.shutdown()
+
+
+def test_async_handler_on_a_given_loop(bus):
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+
+    async def handler(req):
+        await asyncio.sleep(0.01)  # the payment call
+        if req.user == "broke":
+            raise RuntimeError("insufficient funds")
+        return True
+
+    try:
+        engine = pushbook.BookingEngine(bus, workers=2, handler=handler, loop=loop)
+        engine.add_resource("r", capacity=10)
+        ok = engine.submit(user="rich", resource="r").booking_id
+        bad = engine.submit(user="broke", resource="r").booking_id
+        assert decided(engine, ok).status == "confirmed"
+        failed = decided(engine, bad)
+        assert failed.reason == "handler_error" and failed.reason_message == "insufficient funds"
+        engine.shutdown()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def test_a_handler_that_calls_back_into_the_engine_does_not_deadlock(bus):
+    holder = {}
+
+    def handler(req):
+        return holder["engine"].availability("r") >= 0 and holder["engine"].get(req.booking_id).status == "processing"
+
+    engine = pushbook.BookingEngine(bus, workers=1, handler=handler)
+    holder["engine"] = engine
+    engine.add_resource("r", capacity=3)
+    assert decided(engine, engine.submit(user="u", resource="r").booking_id).status == "confirmed"
+    engine.shutdown()
+
+
+def test_gateway_end_to_end_with_a_websockets_client(bus, engine):
+    with pushbook.PushGateway(bus, engine, host="127.0.0.1", port=0, secret="s3cret") as gw:
+        assert gw.port > 0
+        token = pushbook.sign_token("alice", 60, "s3cret")
+
+        async def go():
+            async with websockets.connect(f"ws://127.0.0.1:{gw.port}/v1/ws",
+                                          extra_headers={"Authorization": "Bearer " + token}) as ws:
+                await ws.send(json.dumps({"id": 1, "op": "book", "resource": "room-2"}))
+                lines = []
+                while not any(m.get("type") == "event" and m["data"]["status"] == "confirmed" for m in lines):
+                    frame = await asyncio.wait_for(ws.recv(), DEADLINE)
+                    lines += [json.loads(x) for x in frame.split("\n") if x]
+                return lines
+        msgs = asyncio.run(go())
+        assert msgs[0]["type"] == "reply" and msgs[0]["result"]["status"] == "processing"
+        assert gw.stats["messages_pushed"] >= 2
+        assert "pushbook_connections" in gw.metrics()
+    with pytest.raises(pushbook.ValidationError):
+        pushbook.PushGateway(bus, engine)  # no secret and not dev_insecure
+
+
+SHUTDOWN_SCRIPT = r"""
+import threading, pushbook
+bus = pushbook.LocalBus()
+engine = pushbook.BookingEngine(bus, workers=2, handler=lambda req: True)
+engine.add_resource("r", capacity=100000)
+sub = bus.subscribe("user/u", lambda ev: None)
+gw = pushbook.PushGateway(bus, engine, secret="x")
+gw.start()
+for i in range(2000):
+    engine.submit(user="u", resource="r")
+print("exiting with live objects", flush=True)
+"""
+
+
+def test_interpreter_exit_with_live_objects_and_callbacks_in_flight():
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "exiting with live objects" in r.stdout
