@@ -320,6 +320,16 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     st->booking = std::move(j.booking);
     st->submitted = j.submitted;
     st->deadline = steady::now() + options.handler_timeout;
+    {
+      // Armed before the handler runs, so that a handler that blocks is timed out on time (the
+      // booking is decided and its units freed while the worker is still stuck in it).
+      std::weak_ptr<Completion::state> weak = st;
+      std::lock_guard lock(st->timer_mutex);
+      st->timer = timers.schedule(st->deadline, [this, weak] {
+        // The timer queue is destroyed before the rest of the engine, so `this` is valid here.
+        if (auto s = weak.lock()) complete(s, timeout_decision(), RejectReason::handler_timeout);
+      });
+    }
     try {
       options.handler(st->booking, Completion(st));
     } catch (const std::exception& e) {
@@ -327,17 +337,6 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     } catch (...) {
       complete(st, Decision::error("handler threw"), RejectReason::handler_error);
     }
-    if (st->done.load(std::memory_order_acquire)) return;
-    std::lock_guard lock(st->timer_mutex);
-    if (st->done.load(std::memory_order_acquire)) return;  // completed meanwhile
-    std::weak_ptr<Completion::state> weak = st;
-    st->timer = timers.schedule(st->deadline, [this, weak] {
-      // The timer queue is destroyed before the rest of the engine, so `this` is valid here.
-      if (auto s = weak.lock())
-        complete(s,
-                 Decision::declined(fmt::format("no answer within {} ms", options.handler_timeout.count())),
-                 RejectReason::handler_timeout);
-    });
   }
 
   // Waits for work, spinning briefly before parking (see ThreadPool). Returns false when the
