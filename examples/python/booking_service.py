@@ -1,0 +1,102 @@
+"""A Python booking service on aiohttp with pushbook underneath.
+
+Its own HTTP API takes bookings; a Python handler stands in for the payment call; the embedded
+PushGateway pushes each decision to the client's WebSocket the moment it is made.
+
+    PUSHBOOK_SECRET=s3cret PYTHONPATH=build/python python3 examples/python/booking_service.py
+
+See examples/python/README.md for a session with curl and a WebSocket client.
+"""
+import argparse
+import asyncio
+import logging
+import os
+
+from aiohttp import web
+
+import pushbook
+
+log = logging.getLogger("booking-service")
+
+
+async def payment(booking):
+    """The business step: a (simulated) call to a payment provider."""
+    await asyncio.sleep(0.05)
+    if booking.metadata.get("card") == "declined":
+        return pushbook.Decision(False, "card declined")
+    return True
+
+
+def make_app(engine, gateway, secret):
+    routes = web.RouteTableDef()
+
+    @routes.post("/bookings")
+    async def book(request):
+        try:
+            body = await request.json()
+            ack = engine.submit(user=body["user"], resource=body["resource"], quantity=body.get("quantity", 1),
+                                idempotency_key=request.headers.get("Idempotency-Key"),
+                                metadata=body.get("metadata"))
+        except (KeyError, ValueError, TypeError) as e:
+            return web.json_response({"error": {"code": "bad_request", "message": str(e)}}, status=400)
+        except pushbook.NotFound as e:
+            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=404)
+        except pushbook.Overloaded as e:
+            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=503)
+        except pushbook.Error as e:
+            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=422)
+        # The decision is pushed: subscribe to booking/<id> on the gateway (or book over it).
+        return web.json_response({"booking_id": ack.booking_id, "status": ack.status.value,
+                                  "push": f"ws://127.0.0.1:{gateway.port}/v1/ws"}, status=202)
+
+    @routes.get("/bookings/{booking_id}")
+    async def get(request):
+        try:
+            return web.json_response(engine.get(request.match_info["booking_id"]).to_dict())
+        except pushbook.NotFound as e:
+            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=404)
+
+    @routes.get("/token")
+    async def token(request):
+        # Demo login: a real service gets tokens from its identity provider.
+        user = request.query.get("user", "")
+        return web.json_response({"token": pushbook.sign_token(user, 3600, secret)})
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app
+
+
+async def main(args):
+    secret = os.environ.get("PUSHBOOK_SECRET", "dev-secret-change-me")
+    bus = pushbook.LocalBus()
+    engine = pushbook.BookingEngine(bus, workers=2, handler=payment, loop=asyncio.get_running_loop())
+    for spec in args.resource:
+        rid, cap = spec.rsplit(":", 1)
+        engine.add_resource(rid, capacity=int(cap))
+    with pushbook.PushGateway(bus, engine, host="127.0.0.1", port=args.push_port, secret=secret) as gateway:
+        runner = web.AppRunner(make_app(engine, gateway, secret))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        await site.start()
+        log.info("booking API on http://127.0.0.1:%d, push gateway on ws://127.0.0.1:%d/v1/ws",
+                 site._server.sockets[0].getsockname()[1], gateway.port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--push-port", type=int, default=8001)
+    parser.add_argument("--resource", action="append", default=[], help="ID:CAPACITY (repeatable)")
+    a = parser.parse_args()
+    a.resource = a.resource or ["room-101:5", "room-102:5"]
+    try:
+        asyncio.run(main(a))
+    except KeyboardInterrupt:
+        pass
