@@ -85,7 +85,12 @@ json::value from_py(py::handle h, int depth = 0) {
 
 // --- errors ----------------------------------------------------------------------------------
 
-py::object types() { return py::module_::import("pushbook._types"); }
+// pushbook._types, imported once. Deliberately never released: a static py::object would be
+// destroyed after the interpreter is gone.
+py::object types() {
+  static auto* module = new py::object(py::module_::import("pushbook._types"));
+  return *module;
+}
 
 [[noreturn]] void raise(const Error& e) {
   const char* cls = "Error";
@@ -421,6 +426,12 @@ PYBIND11_MODULE(_core, m) {
             return out;
           },
           "topic"_a, "since"_a = 0)
+      .def("__repr__",
+           [](LocalBus& bus) {
+             auto s = bus.stats();
+             return "<pushbook.LocalBus topics=" + std::to_string(s.topics) +
+                    " subscriptions=" + std::to_string(s.subscriptions) + ">";
+           })
       .def_property_readonly("stats", [](LocalBus& bus) {
         auto s = bus.stats();
         return py::dict("published"_a = s.published, "delivered"_a = s.delivered, "dropped"_a = s.dropped,
@@ -578,7 +589,15 @@ PYBIND11_MODULE(_core, m) {
             return PyBooking{take(std::move(b))};
           },
           "booking_id"_a)
-      .def("shutdown", &BookingEngine::shutdown, py::call_guard<py::gil_scoped_release>())
+      .def("shutdown", &BookingEngine::shutdown, py::call_guard<py::gil_scoped_release>(),
+           "Stops taking bookings, rejects queued ones, waits for handlers in flight, joins the workers.")
+      .def("__repr__",
+           [](BookingEngine& e) {
+             auto s = e.stats();
+             return "<pushbook.BookingEngine resources=" + std::to_string(e.resources().size()) +
+                    " accepted=" + std::to_string(s.accepted) + " in_flight=" + std::to_string(s.in_flight) +
+                    ">";
+           })
       .def_property_readonly("stats", [](BookingEngine& e) {
         auto s = e.stats();
         auto lat = [](const LatencySummary& l) {
