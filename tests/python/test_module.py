@@ -296,3 +296,15 @@ def test_interpreter_exit_with_live_objects_and_callbacks_in_flight():
     r = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "exiting with live objects" in r.stdout
+
+
+def test_dropping_the_bus_an_engine_uses_is_safe():
+    import gc
+    bus = pushbook.LocalBus()
+    engine = pushbook.BookingEngine(bus, workers=1)
+    engine.add_resource("r", capacity=2)
+    del bus
+    gc.collect()
+    assert decided(engine, engine.submit(user="u", resource="r").booking_id).status == "confirmed"
+    assert "BookingEngine" in repr(engine)
+    engine.shutdown()
