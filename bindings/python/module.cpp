@@ -309,6 +309,16 @@ BookingHandler make_handler(py::object fn, py::object loop) {
   };
 }
 
+// Binds an engine call that takes a booking id and returns the booking: the call runs without
+// the GIL, its error is raised with it.
+template <class Call>
+auto booking_call(Call call) {
+  return [call](BookingEngine& e, const std::string& id) {
+    result<Booking> b = nogil([&] { return call(e, id); });
+    return PyBooking{take(std::move(b))};
+  };
+}
+
 std::optional<std::chrono::milliseconds> ms(std::optional<double> seconds) {
   if (!seconds) return std::nullopt;
   return std::chrono::milliseconds(static_cast<std::int64_t>(*seconds * 1000.0));
@@ -549,46 +559,14 @@ PYBIND11_MODULE(_core, m) {
           "idempotency_key"_a = py::none(), "metadata"_a = py::none(), "hold"_a = py::none(),
           "Validates and ACKs at once (status 'processing'); the decision follows on booking/<id>. "
           "hold= seconds asks for a hold (two-phase booking).")
-      .def(
-          "get",
-          [](BookingEngine& e, const std::string& id) {
-            result<Booking> b = [&] {
-              py::gil_scoped_release release;
-              return e.get(id);
-            }();
-            return PyBooking{take(std::move(b))};
-          },
-          "booking_id"_a)
-      .def(
-          "cancel",
-          [](BookingEngine& e, const std::string& id) {
-            result<Booking> b = [&] {
-              py::gil_scoped_release release;
-              return e.cancel(id);
-            }();
-            return PyBooking{take(std::move(b))};
-          },
-          "booking_id"_a)
-      .def(
-          "confirm",
-          [](BookingEngine& e, const std::string& id) {
-            result<Booking> b = [&] {
-              py::gil_scoped_release release;
-              return e.confirm(id);
-            }();
-            return PyBooking{take(std::move(b))};
-          },
-          "booking_id"_a)
-      .def(
-          "release",
-          [](BookingEngine& e, const std::string& id) {
-            result<Booking> b = [&] {
-              py::gil_scoped_release release;
-              return e.release(id);
-            }();
-            return PyBooking{take(std::move(b))};
-          },
-          "booking_id"_a)
+      .def("get", booking_call([](BookingEngine& e, const std::string& id) { return e.get(id); }),
+           "booking_id"_a, "The booking as stored now.")
+      .def("cancel", booking_call([](BookingEngine& e, const std::string& id) { return e.cancel(id); }),
+           "booking_id"_a, "confirmed -> cancelled, freeing its units.")
+      .def("confirm", booking_call([](BookingEngine& e, const std::string& id) { return e.confirm(id); }),
+           "booking_id"_a, "held -> confirmed.")
+      .def("release", booking_call([](BookingEngine& e, const std::string& id) { return e.release(id); }),
+           "booking_id"_a, "held -> released, freeing its units.")
       .def("shutdown", &BookingEngine::shutdown, py::call_guard<py::gil_scoped_release>(),
            "Stops taking bookings, rejects queued ones, waits for handlers in flight, joins the workers.")
       .def("__repr__",
