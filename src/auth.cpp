@@ -90,6 +90,23 @@ std::optional<std::int64_t> integer(const boost::json::object& o, std::string_vi
   return std::nullopt;
 }
 
+// The payload part of a JWT as a JSON object.
+result<boost::json::object> payload_of(std::string_view payload_b64) {
+  auto json = base64url_decode(payload_b64);
+  if (!json) return unauthorized("malformed token payload");
+  boost::system::error_code ec;
+  auto payload = boost::json::parse(*json, ec);
+  if (ec || !payload.is_object()) return unauthorized("malformed token payload");
+  return std::move(payload.as_object());
+}
+
+result<std::string> subject_of(const boost::json::object& claims) {
+  auto sub = claims.if_contains("sub");
+  if (!sub || !sub->is_string() || !is_valid_id(sub->get_string()))
+    return unauthorized("token has no valid \"sub\" claim");
+  return std::string(sub->get_string());
+}
+
 }  // namespace
 
 result<TokenClaims> verify_token(std::string_view token, std::string_view secret,
@@ -119,14 +136,11 @@ result<TokenClaims> verify_token(std::string_view token, std::string_view secret
   if (CRYPTO_memcmp(expected.data(), signature->data(), expected.size()) != 0)
     return unauthorized("bad token signature");
 
-  auto payload_json = base64url_decode(payload_b64);
-  if (!payload_json) return unauthorized("malformed token payload");
-  auto payload = boost::json::parse(*payload_json, ec);
-  if (ec || !payload.is_object()) return unauthorized("malformed token payload");
-  const auto& claims = payload.as_object();
-  auto sub = claims.if_contains("sub");
-  if (!sub || !sub->is_string() || !is_valid_id(sub->get_string()))
-    return unauthorized("token has no valid \"sub\" claim");
+  auto payload = payload_of(payload_b64);
+  if (!payload) return payload.error();
+  const auto& claims = *payload;
+  auto sub = subject_of(claims);
+  if (!sub) return sub.error();
   auto exp = integer(claims, "exp");
   if (!exp) return unauthorized("token has no \"exp\" claim");
   const auto now_s = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
@@ -134,8 +148,25 @@ result<TokenClaims> verify_token(std::string_view token, std::string_view secret
   if (auto nbf = integer(claims, "nbf"); nbf && *nbf - leeway.count() > now_s)
     return unauthorized("token not valid yet");
   TokenClaims out;
-  out.subject = std::string(sub->get_string());
+  out.subject = std::move(*sub);
   out.expires_at = std::chrono::system_clock::time_point(std::chrono::seconds(*exp));
+  return out;
+}
+
+result<TokenClaims> read_token_unverified(std::string_view token) {
+  const auto dot1 = token.find('.');
+  const auto dot2 = dot1 == std::string_view::npos ? dot1 : token.find('.', dot1 + 1);
+  if (dot2 == std::string_view::npos)
+    return unauthorized("malformed token: a JWT has three dot-separated parts");
+  auto payload = payload_of(token.substr(dot1 + 1, dot2 - dot1 - 1));
+  if (!payload) return payload.error();
+  auto sub = subject_of(*payload);
+  if (!sub) return sub.error();
+  TokenClaims out;
+  out.subject = std::move(*sub);
+  out.expires_at = std::chrono::system_clock::time_point::max();
+  if (auto exp = integer(*payload, "exp"))
+    out.expires_at = std::chrono::system_clock::time_point(std::chrono::seconds(*exp));
   return out;
 }
 

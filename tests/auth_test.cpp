@@ -77,3 +77,12 @@ TEST_CASE("access tokens are redacted from logged targets") {
   CHECK(detail::redact_target("/v1/ws?access_token=abc&user=x") == "/v1/ws?access_token=REDACTED&user=x");
   CHECK(detail::redact_target("/v1/ws?my_access_token=abc") == "/v1/ws?my_access_token=abc");
 }
+
+TEST_CASE("read_token_unverified reads sub (and exp) without checking the signature") {
+  auto c = read_token_unverified(sign_token("dev", now + 1h, "any-secret"));
+  REQUIRE(c.has_value());
+  CHECK(c->subject == "dev");
+  CHECK(c->expires_at == now + 1h);
+  CHECK(read_token_unverified("nodots").error().message == "malformed token: a JWT has three dot-separated parts");
+  CHECK(read_token_unverified("a.!!.c").error().message == "malformed token payload");
+}

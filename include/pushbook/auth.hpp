@@ -29,6 +29,11 @@ PUSHBOOK_EXPORT result<TokenClaims> verify_token(
     std::chrono::system_clock::time_point now = std::chrono::system_clock::now(),
     std::chrono::seconds leeway = std::chrono::seconds(5));
 
+/// Reads a JWT's "sub" (and "exp" when present; otherwise time_point::max()) WITHOUT checking
+/// its signature or expiry. For development mode only (GatewayOptions::dev_insecure).
+/// Errors: errc::unauthorized.
+PUSHBOOK_EXPORT result<TokenClaims> read_token_unverified(std::string_view token);
+
 /// Makes an HS256 JWT for `subject` valid until `expires_at` (for tests, tools and a host's
 /// demo login; production tokens usually come from an identity provider).
 PUSHBOOK_EXPORT std::string sign_token(std::string_view subject,

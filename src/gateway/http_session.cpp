@@ -68,7 +68,8 @@ std::string_view content_type_for(std::string_view path) {
 
 }  // namespace
 
-result<Identity> authenticate(const GatewayContext& ctx, const Request& req, bool allow_subprotocol) {
+result<Identity> authenticate(const GatewayContext& ctx, const Request& req, const boost::urls::url_view& url,
+                              bool allow_subprotocol) {
   std::string token;
   if (auto it = req.find(http::field::authorization); it != req.end()) {
     const std::string_view v = it->value();
@@ -76,9 +77,8 @@ result<Identity> authenticate(const GatewayContext& ctx, const Request& req, boo
       return Error(errc::unauthorized, "Authorization must be \"Bearer <token>\"");
     token = trim(v.substr(7));
   }
-  auto url = boost::urls::parse_origin_form(req.target());
-  if (token.empty() && url) {
-    if (auto t = query_param(*url, "access_token")) token = *t;
+  if (token.empty()) {
+    if (auto t = query_param(url, "access_token")) token = *t;
   }
   if (token.empty() && allow_subprotocol) {
     if (auto it = req.find(http::field::sec_websocket_protocol); it != req.end()) {
@@ -98,7 +98,7 @@ result<Identity> authenticate(const GatewayContext& ctx, const Request& req, boo
   }
   if (ctx.options.dev_insecure) {
     std::string user;
-    if (url) user = query_param(*url, "user").value_or("");
+    user = query_param(url, "user").value_or("");
     if (user.empty())
       if (auto it = req.find("X-Pushbook-User"); it != req.end()) user = std::string(it->value());
     if (is_valid_id(user)) return Identity{user, std::nullopt};
@@ -242,7 +242,7 @@ void HttpSession::handle(Request&& req) {
                   "other");
     if (!origin_allowed(ctx, req))
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"), "/v1/ws");
-    auto who = authenticate(ctx, req, true);
+    auto who = authenticate(ctx, req, *url, true);
     if (!who) return send(error_response(req, who.error()), "/v1/ws");
     if (core_->stopping.load())
       return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
@@ -277,7 +277,7 @@ void HttpSession::handle(Request&& req) {
     if (!origin_allowed(ctx, req))
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"),
                   "/v1/events");
-    auto who = authenticate(ctx, req, false);
+    auto who = authenticate(ctx, req, *url, false);
     if (!who) return send(error_response(req, who.error()), "/v1/events");
     auto topic = query_param(*url, "topic");
     if (!topic || !is_valid_topic(*topic))
@@ -311,17 +311,17 @@ void HttpSession::handle(Request&& req) {
     return;
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
-    return route_bookings(std::move(req), std::string_view(path).substr(12));
+    return route_bookings(std::move(req), *url, std::string_view(path).substr(12));
   if (path.starts_with("/v1/resources/")) return route_resources(req, std::string_view(path).substr(14));
-  if (!ctx.options.static_dir.empty() && !path.starts_with("/v1/")) return route_static(req);
+  if (!ctx.options.static_dir.empty() && !path.starts_with("/v1/")) return route_static(req, path);
   send(error_response(req, http::status::not_found, "not_found",
                       fmt::format("no route for {}", path.substr(0, 200))),
        "other");
 }
 
-void HttpSession::route_bookings(Request&& req, std::string_view rest) {
+void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url, std::string_view rest) {
   const auto& ctx = *core_->ctx;
-  auto who = authenticate(ctx, req, false);
+  auto who = authenticate(ctx, req, url, false);
   if (rest.empty() || rest == "/") {
     if (req.method() != http::verb::post) {
       auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST to book");
@@ -385,19 +385,17 @@ void HttpSession::route_bookings(Request&& req, std::string_view rest) {
   if (auto it = req.find(http::field::if_none_match); it != req.end())
     if_none_match = std::string(it->value());
   std::chrono::seconds wait{0};
-  if (auto u = boost::urls::parse_origin_form(req.target())) {
-    for (auto p : u->params()) {
-      if (p.key != "wait") continue;
-      try {
-        std::size_t used = 0;
-        const double seconds = std::stod(std::string(p.value), &used);
-        if (used != p.value.size() || seconds < 0) throw std::invalid_argument("wait");
-        wait = std::min(std::chrono::seconds(static_cast<std::int64_t>(seconds)), ctx.options.max_long_poll);
-      } catch (...) {
-        return send(
-            error_response(req, http::status::bad_request, "bad_request", "wait must be a number of seconds"),
-            route);
-      }
+  for (auto p : url.params()) {
+    if (p.key != "wait") continue;
+    try {
+      std::size_t used = 0;
+      const double seconds = std::stod(std::string(p.value), &used);
+      if (used != p.value.size() || seconds < 0) throw std::invalid_argument("wait");
+      wait = std::min(std::chrono::seconds(static_cast<std::int64_t>(seconds)), ctx.options.max_long_poll);
+    } catch (...) {
+      return send(
+          error_response(req, http::status::bad_request, "bad_request", "wait must be a number of seconds"),
+          route);
     }
   }
   const bool client_is_current = if_none_match == etag;
@@ -478,11 +476,9 @@ void HttpSession::route_resources(const Request& req, std::string_view id) {
   send(json_response(req, http::status::ok, boost::json::serialize(to_json(*r))), route);
 }
 
-void HttpSession::route_static(const Request& req) {
+void HttpSession::route_static(const Request& req, std::string path) {
   if (req.method() != http::verb::get && req.method() != http::verb::head)
     return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"), "static");
-  auto url = boost::urls::parse_origin_form(req.target());
-  std::string path(url->path());
   if (path.empty() || path.back() == '/') path += "index.html";
   if (path.find("..") != std::string::npos || path.find('\\') != std::string::npos ||
       path.find('\0') != std::string::npos)

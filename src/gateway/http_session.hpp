@@ -11,6 +11,7 @@
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
+#include <boost/url/url_view.hpp>
 
 #include <optional>
 
@@ -30,7 +31,9 @@ struct Identity {
 /// Authenticates a request: Authorization: Bearer, the access_token query parameter, or (for
 /// WebSocket upgrades) a "bearer.<token>" entry of Sec-WebSocket-Protocol; in dev_insecure mode
 /// also ?user= and X-Pushbook-User.
-result<Identity> authenticate(const GatewayContext& ctx, const Request& req, bool allow_subprotocol);
+/// `url` is the request's target, parsed.
+result<Identity> authenticate(const GatewayContext& ctx, const Request& req, const boost::urls::url_view& url,
+                              bool allow_subprotocol);
 
 class HttpSession : public Session, public std::enable_shared_from_this<HttpSession> {
  public:
@@ -56,9 +59,9 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
   Response error_response(const Request& req, http::status status, std::string_view code,
                           std::string_view message) const;
 
-  void route_bookings(Request&& req, std::string_view rest);
+  void route_bookings(Request&& req, const boost::urls::url_view& url, std::string_view rest);
   void route_resources(const Request& req, std::string_view id);
-  void route_static(const Request& req);
+  void route_static(const Request& req, std::string path);
   void start_long_poll(const Request& req, const Booking& booking, std::chrono::seconds wait);
   void finish_long_poll(bool timed_out);
 
