@@ -3,9 +3,12 @@
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
 //                   [--resource ID:CAPACITY]... [--secret S | --dev-insecure]
 //                   [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]
+//                   [--demo [--demo-token-ttl-s N]]
 //   pushbook-server --token-for USER [--secret S] [--ttl-s N]    print a client token and exit
 //
-// The secret may also come from PUSHBOOK_SECRET. SIGINT and SIGTERM stop it gracefully.
+// --demo serves the demo page (web/: index.html and the browser client pushbook.js) at "/" and
+// hands each visitor a short-lived token (POST /v1/demo/token); it makes up a secret when none is
+// given. The secret may also come from PUSHBOOK_SECRET. SIGINT and SIGTERM stop it gracefully.
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
@@ -18,6 +21,7 @@
 
 #include <csignal>
 #include <cstdlib>
+#include <random>
 #include <string_view>
 #include <thread>
 
@@ -30,6 +34,8 @@ struct Options {
   int decision_delay_ms = 0;
   std::string token_for;
   long ttl_s = 3600;
+  bool demo = false;
+  long demo_ttl_s = 600;
 };
 
 [[noreturn]] void usage(int code) {
@@ -37,6 +43,7 @@ struct Options {
              "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
              "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
              "                       [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]\n"
+             "                       [--demo [--demo-token-ttl-s N]]\n"
              "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n");
   std::exit(code);
 }
@@ -82,6 +89,10 @@ Options parse(int argc, char** argv) {
       o.gateway.allowed_origins.push_back(value());
     else if (a == "--static-dir")
       o.gateway.static_dir = value();
+    else if (a == "--demo")
+      o.demo = true;
+    else if (a == "--demo-token-ttl-s")
+      o.demo_ttl_s = number();
     else if (a == "--token-for")
       o.token_for = value();
     else if (a == "--ttl-s")
@@ -104,6 +115,18 @@ Options parse(int argc, char** argv) {
     }
   }
   if (o.resources.empty()) o.resources = {{"room-101", 10}, {"room-102", 10}, {"concert", 100}};
+  if (o.demo) {
+    if (o.demo_ttl_s <= 0) {
+      fmt::print(stderr, "--demo-token-ttl-s must be positive\n");
+      usage(2);
+    }
+    o.gateway.demo_token_ttl = std::chrono::seconds(o.demo_ttl_s);
+    if (o.gateway.static_dir.empty()) o.gateway.static_dir = PUSHBOOK_WEB_DIR;
+    if (o.gateway.secret.empty()) {
+      std::random_device rd;
+      for (int i = 0; i < 4; ++i) o.gateway.secret += fmt::format("{:08x}", rd());
+    }
+  }
   return o;
 }
 
@@ -155,6 +178,9 @@ int main(int argc, char** argv) {
     }
     fmt::print("pushbook-server listening on http://{}:{} ({} resources, decision delay {} ms)\n",
                opt.gateway.host, *port, opt.resources.size(), opt.decision_delay_ms);
+    if (opt.demo)
+      fmt::print("pushbook-server: demo page at http://{}:{}/ (serving {})\n", opt.gateway.host, *port,
+                 opt.gateway.static_dir);
     std::fflush(stdout);
 
     int sig = 0;

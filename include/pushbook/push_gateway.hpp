@@ -91,6 +91,10 @@ struct GatewayOptions {
   std::chrono::milliseconds shutdown_timeout = std::chrono::seconds(5);
   /// Static files served under "/" (e.g. a demo page); empty: none.
   std::string static_dir;
+  /// Demo mode (off at 0): `POST /v1/demo/token` hands anyone a token of this lifetime for a new
+  /// user "demo-<random>", so a demo page can connect without a login. Needs `secret`. Never
+  /// turn it on for a server real users book on.
+  std::chrono::seconds demo_token_ttl{0};
   /// Log sink (default: one line per message on stderr).
   LogFunction log;
 };

@@ -3,6 +3,8 @@
 #include "gateway/sse_session.hpp"
 #include "gateway/websocket_session.hpp"
 
+#include <pushbook/auth.hpp>
+
 #include <fmt/format.h>
 #include <boost/asio/post.hpp>
 #include <boost/beast/http/read.hpp>
@@ -13,6 +15,7 @@
 #include <boost/url/parse.hpp>
 
 #include <fstream>
+#include <random>
 #include <sstream>
 
 namespace pushbook::detail {
@@ -312,7 +315,9 @@ void HttpSession::handle(Request&& req) {
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
     return route_bookings(std::move(req), *url, std::string_view(path).substr(12));
-  if (path.starts_with("/v1/resources/")) return route_resources(req, std::string_view(path).substr(14));
+  if (path == "/v1/resources" || path.starts_with("/v1/resources/"))
+    return route_resources(req, std::string_view(path).substr(13));
+  if (path == "/v1/demo/token" && ctx.options.demo_token_ttl.count() > 0) return route_demo_token(req);
   if (!ctx.options.static_dir.empty() && !path.starts_with("/v1/")) return route_static(req, path);
   send(error_response(req, http::status::not_found, "not_found",
                       fmt::format("no route for {}", path.substr(0, 200))),
@@ -464,16 +469,45 @@ void HttpSession::finish_long_poll(bool timed_out) {
   send(std::move(res), "/v1/bookings/{id}");
 }
 
-void HttpSession::route_resources(const Request& req, std::string_view id) {
-  const std::string route = "/v1/resources/{id}";
+void HttpSession::route_resources(const Request& req, std::string_view rest) {
+  const bool list = rest.empty() || rest == "/";
+  const std::string route = list ? "/v1/resources" : "/v1/resources/{id}";
   if (req.method() != http::verb::get) {
     auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use GET");
     res.set(http::field::allow, "GET");
     return send(std::move(res), route);
   }
-  auto r = core_->ctx->engine->resource(id);
+  if (list) {
+    boost::json::array all;
+    for (const auto& r : core_->ctx->engine->resources()) all.push_back(to_json(r));
+    return send(json_response(req, http::status::ok,
+                              boost::json::serialize(boost::json::object{{"resources", std::move(all)}})),
+                route);
+  }
+  auto r = core_->ctx->engine->resource(rest.substr(1));
   if (!r) return send(error_response(req, r.error()), route);
   send(json_response(req, http::status::ok, boost::json::serialize(to_json(*r))), route);
+}
+
+void HttpSession::route_demo_token(const Request& req) {
+  const auto& options = core_->ctx->options;
+  if (req.method() != http::verb::post) {
+    auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST");
+    res.set(http::field::allow, "POST");
+    return send(std::move(res), "/v1/demo/token");
+  }
+  static constexpr std::string_view alphabet = "0123456789abcdefghjkmnpqrstvwxyz";
+  thread_local std::mt19937_64 random{std::random_device{}()};
+  std::string user = "demo-";
+  for (auto bits = random(), i = std::uint64_t{0}; i < 10; ++i, bits >>= 5) user += alphabet[bits & 31];
+  const auto expires = std::chrono::system_clock::now() + options.demo_token_ttl;
+  boost::json::object body{
+      {"token", sign_token(user, expires, options.secret)},
+      {"user", user},
+      {"expires_at",
+       std::chrono::duration_cast<std::chrono::milliseconds>(expires.time_since_epoch()).count()}};
+  core_->log(LogLevel::info, fmt::format("demo token issued for {}", user));
+  send(json_response(req, http::status::ok, boost::json::serialize(body)), "/v1/demo/token");
 }
 
 void HttpSession::route_static(const Request& req, std::string path) {

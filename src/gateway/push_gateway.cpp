@@ -101,6 +101,8 @@ struct PushGateway::impl {
       throw Exception(Error(
           errc::bad_request,
           "PushGateway needs a token secret (GatewayOptions::secret), or dev_insecure for development"));
+    if (options.demo_token_ttl.count() < 0 || (options.demo_token_ttl.count() > 0 && options.secret.empty()))
+      throw Exception(Error(errc::bad_request, "demo tokens need a token secret (GatewayOptions::secret)"));
     if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 || options.rate_limit_per_second <= 0)
       throw Exception(Error(errc::bad_request, "limits must be positive"));
     core = std::make_shared<detail::GatewayCore>();
@@ -110,6 +112,9 @@ struct PushGateway::impl {
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;
     core->ctx = std::move(ctx);
+    if (core->ctx->options.demo_token_ttl.count() > 0)
+      core->log(LogLevel::warning,
+                "demo mode: POST /v1/demo/token hands a token to anyone who asks. Demo use only.");
     if (core->ctx->options.dev_insecure)
       core->log(LogLevel::warning,
                 "*** DEVELOPMENT MODE: clients are NOT authenticated (--dev-insecure). Never expose this "
