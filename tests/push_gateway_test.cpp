@@ -10,8 +10,12 @@
 #include <doctest/doctest.h>
 #include <boost/json/serialize.hpp>
 
+#include <dirent.h>
+#include <netinet/tcp.h>
+
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 using namespace pushbook;
@@ -90,7 +94,38 @@ void subscribe_and_never_read(Server& s, RawSocket& raw, std::int64_t expected_s
   REQUIRE(test::eventually([&] { return s.gateway->stats().subscriptions == expected_subscriptions; }));
 }
 
+// The TCP_NODELAY setting of the gateway's end of the client connection `client_fd` (the
+// gateway runs in this process, so its socket is one of our descriptors); nullopt until accepted.
+std::optional<bool> gateway_side_no_delay(int client_fd) {
+  sockaddr_in client{};
+  socklen_t len = sizeof client;
+  ::getsockname(client_fd, reinterpret_cast<sockaddr*>(&client), &len);
+  DIR* dir = ::opendir("/proc/self/fd");
+  std::optional<bool> found;
+  while (dirent* e = ::readdir(dir)) {
+    const int fd = std::atoi(e->d_name);
+    sockaddr_in peer{};
+    socklen_t peer_len = sizeof peer;
+    if (fd == client_fd || ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        peer.sin_family != AF_INET || peer.sin_port != client.sin_port)
+      continue;
+    int flag = 0;
+    socklen_t flag_len = sizeof flag;
+    ::getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &flag, &flag_len);
+    found = flag != 0;
+  }
+  ::closedir(dir);
+  return found;
+}
+
 }  // namespace
+
+TEST_CASE("the gateway turns Nagle's algorithm off on every connection (no 40 ms stalls on small pushes)") {
+  Server s;
+  RawSocket c(s.port);
+  REQUIRE(test::eventually([&] { return gateway_side_no_delay(c.fd()).has_value(); }));
+  CHECK(*gateway_side_no_delay(c.fd()));
+}
 
 TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") {
   Server s;
@@ -593,6 +628,7 @@ TEST_CASE("a socket the host accepted itself can be handed over") {
   s.gateway->accept_socket(accepted);
   REQUIRE(c.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
   CHECK(c.receive_until("\"ok\"", 5s).starts_with("HTTP/1.1 200 OK"));
+  CHECK(gateway_side_no_delay(c.fd()) == true);
   ::close(lfd);
 }
 

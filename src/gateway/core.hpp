@@ -75,6 +75,9 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   void serve(tcp::socket socket);
 };
 
+/// Turns Nagle's algorithm off on an accepted connection (every gateway socket).
+void set_no_delay(tcp::socket& socket);
+
 /// Removes `access_token=...` values from a request target before it is logged.
 std::string redact_target(std::string_view target);
 

@@ -64,10 +64,18 @@ void GatewayCore::log(LogLevel level, std::string_view message) const {
                names[static_cast<int>(level)], static_cast<int>(message.size()), message.data());
 }
 
+void set_no_delay(tcp::socket& socket) {
+  // A push server writes small messages and must not let Nagle's algorithm hold one back until the
+  // previous one is acknowledged (with delayed ACKs that is a 40 ms stall per exchange).
+  boost::system::error_code ignored;
+  socket.set_option(tcp::no_delay(true), ignored);
+}
+
 void GatewayCore::serve(tcp::socket socket) {
   metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
   const auto open = open_connections.fetch_add(1) + 1;
   const bool refuse = static_cast<std::size_t>(open) > ctx->options.max_connections || stopping.load();
+  set_no_delay(socket);
   std::make_shared<HttpSession>(shared_from_this(), std::move(socket), refuse)->run();
 }
 
@@ -258,6 +266,7 @@ void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
   }
   core->metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
   core->open_connections.fetch_add(1);
+  detail::set_no_delay(own);
   std::make_shared<detail::HttpSession>(core, std::move(own), false)->run_with(std::move(request));
 }
 

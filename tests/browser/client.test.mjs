@@ -1,0 +1,269 @@
+// Unit tests of web/pushbook.js without a browser or a server: the pure helpers (backoff, seq
+// bookkeeping) and the client's reconnect/resume logic over a scripted fake WebSocket,
+// EventSource and fetch.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { PushbookClient, SeqTracker, backoffDelay, randomKey } from '../../web/pushbook.js';
+
+// Polls `condition` until it holds; fails after `timeoutMs`.
+async function until(condition, what, timeoutMs = 2000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+// A WebSocket the test plays the server of. `FakeSocket.all` holds every one made.
+class FakeSocket {
+  static all = [];
+  static refuse = false;  // new sockets fail before opening
+  constructor(url, protocols) {
+    Object.assign(this, { url, protocols, sent: [], closed: false });
+    FakeSocket.all.push(this);
+    if (FakeSocket.refuse) setTimeout(() => this.onclose?.({ code: 1006, reason: '' }), 0);
+  }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close() { this.closed = true; }
+  // server side
+  open() { this.onopen?.({}); }
+  push(...messages) { this.onmessage?.({ data: messages.map((m) => JSON.stringify(m)).join('\n') }); }
+  drop(code = 1006) { this.onclose?.({ code, reason: '' }); }
+  requests(op) { return this.sent.filter((m) => m.op === op); }
+  reply(request, result) { this.push({ type: 'reply', id: request.id, ok: true, result }); }
+}
+
+const event = (topic, seq, data = {}, snapshot = false) =>
+  ({ type: 'event', topic, seq, ts: 0, ...(snapshot ? { snapshot } : {}), data });
+
+function makeClient(options = {}) {
+  FakeSocket.all = [];
+  FakeSocket.refuse = false;
+  let tokens = 0;
+  const client = new PushbookClient({
+    url: 'http://gateway.test', token: async () => `t${++tokens}`, WebSocket: FakeSocket,
+    EventSource: null, random: () => 0, ...options,
+  });
+  const log = [];
+  for (const type of ['open', 'close', 'reconnecting']) client.on(type, (detail) => log.push({ type, ...detail }));
+  return { client, log, socket: (i) => FakeSocket.all[i] };
+}
+
+test('backoffDelay: full jitter between 0 and min(max, initial * 2^attempt)', () => {
+  const backoff = { initialMs: 100, maxMs: 1000 };
+  assert.equal(backoffDelay(0, backoff, () => 0), 0);
+  assert.equal(backoffDelay(0, backoff, () => 0.5), 50);
+  assert.equal(backoffDelay(1, backoff, () => 0.5), 100);
+  assert.equal(backoffDelay(3, backoff, () => 0.5), 400);
+  assert.equal(backoffDelay(4, backoff, () => 0.5), 500);  // 1600 capped at 1000
+  assert.equal(backoffDelay(60, backoff, () => 0.999), 999);
+  assert.equal(backoffDelay(2000, backoff, () => 0.5), 500);  // 2^2000 is Infinity: still capped
+  for (let attempt = 0; attempt < 12; ++attempt) {
+    const delay = backoffDelay(attempt, backoff);
+    assert.ok(delay >= 0 && delay < Math.min(1000, 100 * 2 ** attempt), `attempt ${attempt}: ${delay}`);
+  }
+  assert.equal(backoffDelay(2, undefined, () => 0.5), 500);  // defaults: 250 ms, 10 s
+});
+
+test('SeqTracker: delivers each seq once, in order; snapshots replace; gaps are flagged', () => {
+  const seqs = new SeqTracker();
+  const verdicts = (topic, list) => list.map(([seq, snapshot]) => seqs.classify({ topic, seq, snapshot }));
+  assert.deepEqual(verdicts('a', [[3, true], [4], [4], [3], [5], [7], [6]]),
+    ['deliver', 'deliver', 'duplicate', 'duplicate', 'deliver', 'gap', 'deliver']);
+  assert.equal(seqs.last('a'), 6);
+  assert.deepEqual(verdicts('a', [[6, true], [9, true], [10]]), ['duplicate', 'deliver', 'deliver']);
+  assert.deepEqual(verdicts('a', [[2, true], [3]]), ['deliver', 'deliver']);  // sequence restarted
+  seqs.seed('b', 5);
+  seqs.seed('b', 1);  // no effect: b has a position
+  assert.deepEqual(verdicts('b', [[5], [6], [8]]), ['duplicate', 'deliver', 'gap']);
+  seqs.forget('b');
+  assert.equal(seqs.last('b'), undefined);
+  assert.match(randomKey(), /^[0-9a-f]{32}$/);
+  assert.notEqual(randomKey(), randomKey());
+});
+
+test('resume after a drop: resubscribe with since, no event lost or doubled', async () => {
+  const { client, log, socket } = makeClient();
+  const connected = client.connect();
+  await until(() => socket(0), 'a socket');
+  assert.equal(socket(0).url, 'ws://gateway.test/v1/ws');
+  assert.deepEqual(socket(0).protocols, ['pushbook.v1', 'bearer.t1']);
+  socket(0).open();
+  await connected;
+
+  const seen = [];
+  const sub = client.subscribe('resource/a', { onEvent: (ev) => seen.push(ev.seq) });
+  const [subscribe] = socket(0).requests('subscribe');
+  assert.deepEqual(subscribe, { id: subscribe.id, op: 'subscribe', topic: 'resource/a' });
+  socket(0).reply(subscribe, { topic: 'resource/a' });
+  socket(0).push(event('resource/a', 3, {}, true), event('resource/a', 4));
+  socket(0).drop();
+
+  await until(() => socket(1), 'a second socket');
+  assert.deepEqual(socket(1).protocols, ['pushbook.v1', 'bearer.t2']);  // the token is fetched again
+  socket(1).open();
+  await until(() => socket(1).requests('subscribe').length, 'the resubscribe');
+  const [again] = socket(1).requests('subscribe');
+  assert.equal(again.since, 4);
+  socket(1).reply(again, { topic: 'resource/a' });
+  socket(1).push(event('resource/a', 4), event('resource/a', 5), event('resource/a', 5), event('resource/a', 6));
+  assert.deepEqual(seen, [3, 4, 5, 6]);
+  assert.deepEqual(log.map((e) => e.type), ['open', 'close', 'reconnecting', 'open']);
+  assert.deepEqual(log[2], { type: 'reconnecting', attempt: 1, delayMs: 0, transport: 'websocket' });
+
+  sub.unsubscribe();
+  assert.deepEqual(socket(1).requests('unsubscribe').map((m) => m.topic), ['resource/a']);
+  socket(1).push(event('resource/a', 7));  // in flight before the unsubscribe: ignored
+  assert.deepEqual(seen, [3, 4, 5, 6]);
+  client.close();
+});
+
+test('a book in flight is sent again with its idempotency key; cancel is rejected', async () => {
+  const { client, socket } = makeClient();
+  const connected = client.connect();
+  await until(() => socket(0), 'a socket');
+  socket(0).open();
+  await connected;
+
+  const seen = [];
+  const booking = client.book({ resource: 'room-101', metadata: { seat: 4 }, onEvent: (ev) => seen.push(ev.data.status) });
+  const cancel = client.cancel('B0');
+  const [first] = socket(0).requests('book');
+  assert.equal(first.resource, 'room-101');
+  assert.equal(first.quantity, 1);
+  assert.deepEqual(first.metadata, { seat: 4 });
+  assert.match(first.idempotency_key, /^[0-9a-f]{32}$/);
+  socket(0).drop();
+  await assert.rejects(cancel, { code: 'disconnected' });
+
+  await until(() => socket(1), 'a second socket');
+  socket(1).open();
+  await until(() => socket(1).requests('book').length, 'the book sent again');
+  const [second] = socket(1).requests('book');
+  assert.equal(second.idempotency_key, first.idempotency_key);
+  // The reply and the booking's first event come in one frame.
+  socket(1).push({ type: 'reply', id: second.id, ok: true, result: { booking_id: 'B1', status: 'processing', replayed: true } },
+    event('booking/B1', 1, { status: 'processing' }, true));
+  const result = await booking;
+  assert.equal(result.booking_id, 'B1');
+  assert.equal(result.replayed, true);
+  assert.equal(result.subscription.topic, 'booking/B1');
+  assert.equal(socket(1).requests('subscribe').length, 0);  // book subscribed on the server's side
+
+  // A later subscriber gets the latest event at once; the book's onEvent and iterator go on.
+  const late = [];
+  client.subscribe('booking/B1', { onEvent: (ev) => late.push(ev.data.status) });
+  const iterator = result.subscription[Symbol.asyncIterator]();
+  socket(1).drop();
+  await until(() => socket(2), 'a third socket');
+  socket(2).open();
+  await until(() => socket(2).requests('subscribe').length, 'the resubscribe');
+  assert.equal(socket(2).requests('subscribe')[0].since, 1);
+  socket(2).push(event('booking/B1', 2, { status: 'confirmed' }));
+  assert.deepEqual(seen, ['processing', 'confirmed']);
+  assert.deepEqual(late, ['processing', 'confirmed']);
+  assert.deepEqual((await iterator.next()).value.data, { status: 'confirmed' });
+  client.close();
+  assert.equal((await iterator.next()).done, true);
+});
+
+test('gap markers and skipped seqs make the client resubscribe from the last seq', async () => {
+  const { client, socket } = makeClient();
+  const sub = client.subscribe('resource/a', { since: 10 });
+  client.connect();
+  await until(() => socket(0), 'a socket');
+  socket(0).open();
+  const [subscribe] = socket(0).requests('subscribe');
+  assert.equal(subscribe.since, 10);
+  socket(0).reply(subscribe, { topic: 'resource/a' });
+  socket(0).push(event('resource/a', 10), event('resource/a', 11), { type: 'gap', dropped: 3, topics: ['resource/a'] });
+  const [, resync] = socket(0).requests('subscribe');
+  assert.equal(resync.since, 11);
+  socket(0).reply(resync, { topic: 'resource/a' });
+  socket(0).push(event('resource/a', 12), event('resource/a', 14));  // 13 is missing
+  const [, , again] = socket(0).requests('subscribe');
+  assert.equal(again.since, 12);
+  socket(0).push(event('resource/a', 15));  // still out of order: dropped, no second resubscribe
+  assert.equal(socket(0).requests('subscribe').length, 3);
+  socket(0).reply(again, { topic: 'resource/a' });
+  socket(0).push(event('resource/a', 13), event('resource/a', 14), event('resource/a', 15));
+  const seqs = [];
+  for await (const ev of sub) {
+    seqs.push(ev.seq);
+    if (ev.seq === 15) break;  // leaving the loop unsubscribes
+  }
+  assert.deepEqual(seqs, [11, 12, 13, 14, 15]);
+  assert.deepEqual(socket(0).requests('unsubscribe').map((m) => m.topic), ['resource/a']);
+
+  // A refused subscription ends with the server's error.
+  const refused = client.subscribe('user/bob');
+  const [, , , forbidden] = socket(0).requests('subscribe');
+  socket(0).push({ type: 'reply', id: forbidden.id, ok: false, error: { code: 'forbidden', message: 'no' } });
+  await assert.rejects(refused.next(), { code: 'forbidden' });
+  client.close();
+});
+
+test('auto transport falls back to SSE and REST after repeated WebSocket failures', async () => {
+  const streams = [];
+  class FakeEventSource {
+    constructor(url) { Object.assign(this, { url: new URL(url), closed: false }); streams.push(this); }
+    close() { this.closed = true; }
+  }
+  const posts = [];
+  const fetch = async (url, init) => {
+    posts.push({ url, ...init });
+    return { ok: true, status: 202, json: async () => ({ booking_id: 'B7', status: 'processing' }) };
+  };
+  const { client, log } = makeClient({ EventSource: FakeEventSource, fetch });
+  FakeSocket.refuse = true;
+  const seen = [];
+  client.subscribe('resource/a', { onEvent: (ev) => seen.push(ev.seq) });
+  const connected = client.connect();
+  await until(() => streams.length, 'an event stream');
+  assert.equal(FakeSocket.all.length, 3);
+  assert.equal(client.transport, 'sse');
+  assert.equal(streams[0].url.pathname, '/v1/events');
+  assert.equal(streams[0].url.searchParams.get('topic'), 'resource/a');
+  assert.equal(streams[0].url.searchParams.get('access_token'), 't4');
+  assert.equal(streams[0].url.searchParams.get('since'), null);
+  streams[0].onopen();
+  await connected;
+  assert.deepEqual(log.at(-1), { type: 'open', transport: 'sse' });
+  streams[0].onmessage({ data: JSON.stringify(event('resource/a', 1, {}, true)) });
+
+  const booked = await client.book({ resource: 'room-101', idempotencyKey: 'k-1' });
+  assert.equal(booked.booking_id, 'B7');
+  assert.equal(posts[0].url, 'http://gateway.test/v1/bookings');
+  assert.equal(posts[0].method, 'POST');
+  assert.equal(posts[0].headers.authorization, 'Bearer t4');
+  assert.equal(posts[0].headers['idempotency-key'], 'k-1');
+  assert.deepEqual(JSON.parse(posts[0].body), { idempotency_key: 'k-1', resource: 'room-101', quantity: 1 });
+  assert.equal(streams[1].url.searchParams.get('topic'), 'booking/B7');
+
+  // A failed stream reconnects every stream from its last seq.
+  streams[0].onerror();
+  await until(() => streams.length === 4, 'the streams reopened');
+  assert.equal(streams[2].url.searchParams.get('since'), '1');
+  assert.equal(streams[3].url.searchParams.get('since'), null);
+  assert.equal(streams[2].url.searchParams.get('access_token'), 't5');
+  streams[2].onmessage({ data: JSON.stringify(event('resource/a', 1)) });
+  streams[2].onmessage({ data: JSON.stringify(event('resource/a', 2)) });
+  assert.deepEqual(seen, [1, 2]);
+  client.close();
+  assert.ok(streams.every((s) => s.closed));
+});
+
+test('close() stops reconnecting and rejects pending requests', async () => {
+  const { client, log, socket } = makeClient();
+  client.connect().catch(() => {});
+  await until(() => socket(0), 'a socket');
+  const booking = client.book({ resource: 'room-101' });
+  client.close();
+  await assert.rejects(booking, { code: 'closed' });
+  await assert.rejects(client.connect(), { code: 'closed' });
+  socket(0).drop();
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(FakeSocket.all.length, 1);
+  assert.deepEqual(log.map((e) => e.type), ['close']);
+  assert.equal(client.state, 'closed');
+});
