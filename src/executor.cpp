@@ -15,8 +15,8 @@ Executor::~Executor() = default;
 // Threads park on a condition variable only after spinning (yielding) briefly on an atomic counter: a
 // task posted while a thread spins starts without a futex wake-up (the dominant cost of handing
 // off small tasks), and post() signals only when a thread is actually parked. The spin adapts:
-// each spin that finds nothing halves the next one (down to none), and a thread that finds work
-// while spinning, or is woken soon after parking, spins in full again. Under load tasks start
+// each spin that finds nothing halves the next one (down to none), a thread woken soon after
+// parking doubles it, and one that finds work while spinning spins in full again. Under load tasks start
 // without wake-ups; at a trickle a thread parks at once instead of burning up to 50 us of CPU
 // per task.
 struct ThreadPool::impl {
@@ -61,7 +61,9 @@ struct ThreadPool::impl {
               wake.wait(lock);
               --parked;
             }
-            if (std::chrono::steady_clock::now() - parked_at < spin_for) spin = spin_for;
+            if (std::chrono::steady_clock::now() - parked_at < spin_for)
+              spin = std::min<std::chrono::microseconds>(spin_for,
+                                                         std::max(spin * 2, std::chrono::microseconds(4)));
           }
         }
         if (tasks.empty()) return;  // stopping and drained

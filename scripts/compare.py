@@ -1,0 +1,272 @@
+#!/usr/bin/python3
+"""Polling versus push, measured side by side: the README's demo.
+
+Starts pushbook-server on a free loopback port for each block (the decision delay is a server
+setting), runs build/bin/pushbook-bench against it in each mode at the same offered load
+(arrival-rate model: the same bookings per second for every mode, latency counted from each
+booking's scheduled time), stops the server, prints a table in the case study's terms and writes
+a picture (latency CDF per mode, SVG) and the raw results (JSON).
+
+Standard library only. Usage: scripts/compare.py [--build DIR] [--out DIR] [--quick]
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+
+# The blocks of one run. Each block has one server (its decision delay) and one offered load;
+# every mode in a block sees exactly the same load.
+BLOCKS = [
+    {
+        "name": "1k",
+        "title": "1,000 users, 500 bookings/s, decision delay 0 ms",
+        "users": 1000, "rate": 500, "duration": 4, "ramp_ms": 1000, "delay_ms": 0,
+        "modes": [("poll", "keep-alive"), ("longpoll", "keep-alive"), ("sse", "keep-alive"),
+                  ("push", "keep-alive")],
+    },
+    {
+        "name": "10k",
+        "title": "10,000 users, 2,000 bookings/s, decision delay 0 ms",
+        "users": 10000, "rate": 2000, "duration": 5, "ramp_ms": 2000, "delay_ms": 0,
+        "modes": [("poll", "keep-alive"), ("push", "keep-alive")],
+    },
+    {
+        "name": "slow-1k",
+        "title": "2,000 users, 200 bookings/s, business step 5 s (decision delay 5,000 ms)",
+        "users": 2000, "rate": 200, "duration": 5, "ramp_ms": 1000, "delay_ms": 5000,
+        "modes": [("poll", "keep-alive"), ("poll", "close"), ("push", "keep-alive")],
+    },
+    {
+        "name": "slow-10k",
+        "title": "10,000 users, 2,000 bookings/s, business step 5 s: the thundering herd",
+        "users": 10000, "rate": 2000, "duration": 5, "ramp_ms": 2000, "delay_ms": 5000,
+        "modes": [("poll", "keep-alive"), ("push", "keep-alive")],
+    },
+]
+
+COLORS = {"poll": "#d62728", "poll/close": "#ff7f0e", "longpoll": "#9467bd", "sse": "#2ca02c",
+          "push": "#1f77b4"}
+
+
+def label(mode, connection):
+    return mode + ("/close" if connection == "close" else "")
+
+
+def start_server(build, delay_ms, secret, log_path):
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [os.path.join(build, "bin", "pushbook-server"), "--port", "0", "--secret", secret,
+         "--threads", "1", "--workers", "1", "--resource", "bench:100000000",
+         "--decision-delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    if not m:
+        proc.kill()
+        sys.exit(f"pushbook-server did not start; its log: {log_path}")
+    return proc, int(m.group(1))
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_block(build, block, out_dir, quick):
+    secret = secrets.token_hex(16)
+    scale = 0.25 if quick else 1.0
+    users = max(10, int(block["users"] * scale))
+    rate = max(10, int(block["rate"] * scale))
+    results = []
+    for mode, connection in block["modes"]:
+        # A fresh server per mode: no mode inherits another's connections, topics or heap.
+        proc, port = start_server(build, block["delay_ms"], secret,
+                                  os.path.join(out_dir, f"server-{block['name']}-{label(mode, connection).replace('/', '-')}.log"))
+        try:
+            cmd = [os.path.join(build, "bin", "pushbook-bench"), "--url", f"http://127.0.0.1:{port}",
+                   "--secret", secret, "--server-pid", str(proc.pid), "--mode", mode,
+                   "--connection", connection, "--users", str(users), "--rate", str(rate),
+                   "--duration", str(block["duration"]), "--ramp-ms", str(block["ramp_ms"]),
+                   "--timeout-ms", "60000", "--json"]
+            print(f"  {label(mode, connection):<11} {users} users, {rate} bookings/s for "
+                  f"{block['duration']} s ...", file=sys.stderr, flush=True)
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            if done.returncode != 0 or not done.stdout.strip():
+                sys.exit(f"pushbook-bench failed ({done.returncode}): {' '.join(cmd)}")
+            r = json.loads(done.stdout)
+            r["label"] = label(mode, connection)
+            r["decision_delay_ms"] = block["delay_ms"]
+            results.append(r)
+        finally:
+            stop_server(proc)
+    return {"name": block["name"], "title": block["title"], "users": users, "rate": rate,
+            "delay_ms": block["delay_ms"], "results": results}
+
+
+def fmt_ms(v):
+    return f"{v:,.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def fmt_cpu(v):
+    return "n/a" if v is None else f"{v * 1e6:,.0f} us"
+
+
+def print_table(block):
+    rs = block["results"]
+    base = next(r for r in rs if r["label"] == "poll")
+    print(f"\n{block['title']}")
+    print(f"  {'mode':<12}{'avg ms':>11}{'p99 ms':>11}{'avg vs poll':>14}{'req/booking':>13}"
+          f"{'bytes/booking':>15}{'CPU/booking':>13}{'errors':>8}")
+    for r in rs:
+        lat = r["latency_ms"]
+        if r is base:
+            change = "-"
+        else:
+            change = f"{(lat['mean'] / base['latency_ms']['mean'] - 1) * 100:+.1f}%"
+        errors = r["errors"] + r["timeouts"]
+        print(f"  {r['label']:<12}{fmt_ms(lat['mean']):>11}{fmt_ms(lat['p99']):>11}{change:>14}"
+              f"{r['requests_per_booking']:>13.2f}{r['bytes_per_booking']:>15,.0f}"
+              f"{fmt_cpu(r['server_cpu_s_per_booking']):>13}{errors:>8}")
+
+
+def find(blocks, name, lbl):
+    for b in blocks:
+        if b["name"] == name:
+            for r in b["results"]:
+                if r["label"] == lbl:
+                    return r
+    return None
+
+
+def targets(blocks):
+    lines = []
+    poll, push = find(blocks, "1k", "poll"), find(blocks, "1k", "push")
+    ratio = poll["latency_ms"]["mean"] / max(push["latency_ms"]["mean"], 1e-9)
+    lines.append(("push mean latency vs 500 ms polling (1,000 users, same decision delay)",
+                  f"{ratio:,.0f}x lower", ratio >= 100, ">= 100x"))
+    push10 = find(blocks, "10k", "push")
+    lines.append(("push p99 at 10,000 users", f"{push10['latency_ms']['p99']:.2f} ms",
+                  push10["latency_ms"]["p99"] <= 5, "<= 5 ms"))
+    for name in ("slow-1k", "1k"):
+        p, q = find(blocks, name, "push"), find(blocks, name, "poll")
+        if p and q and p["server_cpu_s_per_booking"] and q["server_cpu_s_per_booking"]:
+            share = p["server_cpu_s_per_booking"] / q["server_cpu_s_per_booking"]
+            block = next(b for b in blocks if b["name"] == name)
+            lines.append((f"push server CPU per booking vs polling ({block['title'].split(', ')[-1]})",
+                          f"{share:.2f} of polling's", share <= 0.1, "<= 0.10"))
+    slow1, slow10 = find(blocks, "slow-1k", "poll"), find(blocks, "slow-10k", "poll")
+    push_s1, push_s10 = find(blocks, "slow-1k", "push"), find(blocks, "slow-10k", "push")
+    if slow1 and slow10 and push_s1 and push_s10:
+        lines.append(("thundering herd: polling p99 from 2,000 to 10,000 users",
+                      f"{slow1['latency_ms']['p99']:,.0f} -> {slow10['latency_ms']['p99']:,.0f} ms", None, ""))
+        lines.append(("                 push p99 from 2,000 to 10,000 users",
+                      f"{push_s1['latency_ms']['p99']:,.0f} -> {push_s10['latency_ms']['p99']:,.0f} ms", None, ""))
+    print("\nTargets")
+    for what, value, ok, goal in lines:
+        mark = "" if ok is None else ("  met" if ok else "  NOT met")
+        print(f"  {what:<72} {value:>22}  {goal:<8}{mark}")
+
+
+def svg_cdf(blocks, path):
+    """Latency CDFs, one panel per block, log-scale x axis, drawn as plain SVG."""
+    panel_w, panel_h, margin_l, margin_b, margin_t = 520, 300, 60, 45, 40
+    width = panel_w * 2 + 40
+    height = (panel_h + margin_b + margin_t) * math.ceil(len(blocks) / 2) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="16" font-weight="bold">'
+           'pushbook: booking-to-decision latency, polling versus push (CDF, log scale)</text>']
+    for i, block in enumerate(blocks):
+        ox = 20 + (i % 2) * panel_w
+        oy = 40 + (i // 2) * (panel_h + margin_b + margin_t)
+        px0, py0 = ox + margin_l, oy + margin_t
+        pw, ph = panel_w - margin_l - 20, panel_h
+        values = [p[1] for r in block["results"] for p in r["latency_cdf_ms"] if p[1] > 0]
+        lo = 10 ** math.floor(math.log10(max(min(values), 0.01)))
+        hi = 10 ** math.ceil(math.log10(max(values)))
+
+        def x(v):
+            return px0 + pw * (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+        def y(q):
+            return py0 + ph * (1 - q)
+
+        out.append(f'<text x="{px0 + pw / 2}" y="{oy + 25}" text-anchor="middle" font-weight="bold">'
+                   f'{block["title"]}</text>')
+        out.append(f'<rect x="{px0}" y="{py0}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+        decade = lo
+        while decade <= hi * 1.0001:
+            xv = x(decade)
+            out.append(f'<line x1="{xv:.1f}" y1="{py0}" x2="{xv:.1f}" y2="{py0 + ph}" stroke="#ddd"/>')
+            text = f"{decade:g}" if decade >= 1 else f"{decade:.3g}"
+            out.append(f'<text x="{xv:.1f}" y="{py0 + ph + 16}" text-anchor="middle">{text}</text>')
+            decade *= 10
+        for q in (0, 0.5, 0.9, 0.99, 1):
+            out.append(f'<line x1="{px0}" y1="{y(q):.1f}" x2="{px0 + pw}" y2="{y(q):.1f}" stroke="#eee"/>')
+            out.append(f'<text x="{px0 - 6}" y="{y(q) + 4:.1f}" text-anchor="end">{q:g}</text>')
+        out.append(f'<text x="{px0 + pw / 2}" y="{py0 + ph + 34}" text-anchor="middle">'
+                   'latency (ms, log scale)</text>')
+        for j, r in enumerate(block["results"]):
+            color = COLORS.get(r["label"], "#000")
+            pts = " ".join(f"{x(v):.1f},{y(q):.1f}" for q, v in r["latency_cdf_ms"] if v > 0)
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+            ly = py0 + 14 + 16 * j
+            out.append(f'<line x1="{px0 + 8}" y1="{ly - 4}" x2="{px0 + 28}" y2="{ly - 4}" stroke="{color}" '
+                       'stroke-width="3"/>')
+            out.append(f'<text x="{px0 + 34}" y="{ly}">{r["label"]}: mean {fmt_ms(r["latency_ms"]["mean"])} ms, '
+                       f'p99 {fmt_ms(r["latency_ms"]["p99"])} ms</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", default="build", help="build directory with bin/pushbook-server and bin/pushbook-bench")
+    ap.add_argument("--out", default=None, help="where to write the picture and results (default BUILD/demo)")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the users and load (for tests)")
+    ap.add_argument("--only", action="append", help="run only the named block(s): " +
+                    ", ".join(b["name"] for b in BLOCKS))
+    args = ap.parse_args()
+    out_dir = args.out or os.path.join(args.build, "demo")
+    os.makedirs(out_dir, exist_ok=True)
+    chosen = [b for b in BLOCKS if not args.only or b["name"] in args.only]
+    if not chosen:
+        sys.exit(f"no such block: {args.only}")
+
+    started = time.monotonic()
+    print("pushbook: polling versus push, measured side by side on this machine "
+          f"({os.cpu_count()} cores); each mode gets the same bookings per second.", flush=True)
+    blocks = []
+    for block in chosen:
+        print(f"\n{block['title']}", file=sys.stderr, flush=True)
+        blocks.append(run_block(args.build, block, out_dir, args.quick))
+
+    print("\nbooking -> decision latency as the client sees it (from the booking's scheduled start), "
+          "HTTP requests, bytes on the wire and server CPU per booking")
+    for block in blocks:
+        print_table(block)
+    if any(b["name"] == "1k" for b in blocks) and any(b["name"] == "10k" for b in blocks):
+        targets(blocks)
+
+    svg = os.path.join(out_dir, "latency-cdf.svg")
+    svg_cdf(blocks, svg)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(blocks, f, indent=1)
+    print(f"\npicture: {svg}\nresults: {os.path.join(out_dir, 'results.json')}  "
+          f"(took {time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
