@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# The main job (README: "Run the demo"): installs missing Debian packages, builds the examples
-# and runs the quickstart, which submits bookings and prints each pushed decision with timings.
+# The main job (README: "Run the demo"): the case study's comparison, reproduced on this machine.
+# Installs missing Debian packages, builds pushbook-server and the load generator, then
+# scripts/compare.py starts pushbook-server on a free loopback port per run, loads it with
+# pushbook-bench in poll, longpoll, SSE and push modes at the same offered load (1,000 and
+# 10,000 users; decision delay 0 and a 5 s business step), stops it, prints the table and writes
+# the latency picture (build/demo/latency-cdf.svg). About two minutes on 2 cores.
+#
+#   scripts/demo.sh            the full comparison
+#   scripts/demo.sh --quick    a quarter of the load (a quick look)
+#   scripts/demo.sh --only 1k  one block (1k, 10k, slow-1k, slow-10k); see scripts/compare.py --help
+#
+# Then watch one booking live in a browser: build/bin/pushbook-server --demo (docs/getting-started-browser.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_BUILD_EXAMPLES=ON >/dev/null
-cmake --build build --target pushbook-quickstart -j "$(nproc)"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_BUILD_EXAMPLES=ON \
+  -DPUSHBOOK_BUILD_BENCH=ON >/dev/null
+cmake --build build --target pushbook-server pushbook-bench -j "$(nproc)"
 echo
-exec build/bin/pushbook-quickstart "$@"
+exec /usr/bin/python3 scripts/compare.py --build build "$@"
