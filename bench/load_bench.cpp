@@ -91,6 +91,7 @@ struct Options {
   std::string resource = "bench";
   // Only used when the bench starts the server itself.
   int decision_delay_ms = 0;
+  int decision_jitter_ms = 0;
   long capacity = 100'000'000;
   int server_threads = 1;
   int server_workers = 1;
@@ -139,6 +140,7 @@ options:
   --no-progress          no progress bar (it is drawn on stderr only when stderr is a terminal)
 when it starts the server itself:
   --decision-delay-ms MS the server's simulated business step (default 0)
+  --decision-jitter-ms J plus a uniform random 0..J ms (default 0)
   --capacity N           the resource's capacity (default 100000000; small values make rejections)
   --server-threads N     gateway threads (default 1)   --server-workers N  engine workers (default 1)
   --server PATH          pushbook-server binary (default: next to pushbook-bench)
@@ -217,6 +219,8 @@ Options parse(int argc, char** argv) {
       o.secret = value();
     else if (a == "--decision-delay-ms")
       o.decision_delay_ms = integer(0);
+    else if (a == "--decision-jitter-ms")
+      o.decision_jitter_ms = integer(0);
     else if (a == "--capacity")
       o.capacity = static_cast<long>(number(0));
     else if (a == "--server-threads")
@@ -284,6 +288,8 @@ struct ServerProcess {
                                      std::to_string(o.server_workers),
                                      "--decision-delay-ms",
                                      std::to_string(o.decision_delay_ms),
+                                     "--decision-jitter-ms",
+                                     std::to_string(o.decision_jitter_ms),
                                      "--resource",
                                      fmt::format("{}:{}", o.resource, o.capacity)};
     std::vector<char*> argv;
@@ -966,7 +972,10 @@ int main(int argc, char** argv) {
         {"latency_cdf_ms", std::move(cdf)},
         {"seed", o.seed},
     };
-    if (server) out["decision_delay_ms"] = o.decision_delay_ms;
+    if (server) {
+      out["decision_delay_ms"] = o.decision_delay_ms;
+      out["decision_jitter_ms"] = o.decision_jitter_ms;
+    }
     fmt::print("{}\n", json::serialize(out));
   } else {
     fmt::print(

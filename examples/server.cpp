@@ -2,8 +2,8 @@
 //
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
 //                   [--resource ID:CAPACITY]... [--secret S | --dev-insecure]
-//                   [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]
-//                   [--demo [--demo-token-ttl-s N]]
+//                   [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...
+//                   [--static-dir DIR] [--demo [--demo-token-ttl-s N]]
 //   pushbook-server --token-for USER [--secret S] [--ttl-s N]    print a client token and exit
 //
 // --demo serves the demo page (web/: index.html and the browser client pushbook.js) at "/" and
@@ -32,6 +32,7 @@ struct Options {
   std::size_t workers = 2;
   std::vector<std::pair<std::string, std::uint32_t>> resources;
   int decision_delay_ms = 0;
+  int decision_jitter_ms = 0;
   std::string token_for;
   long ttl_s = 3600;
   bool demo = false;
@@ -39,12 +40,13 @@ struct Options {
 };
 
 [[noreturn]] void usage(int code) {
-  fmt::print(code ? stderr : stdout,
-             "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
-             "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
-             "                       [--decision-delay-ms N] [--allow-origin ORIGIN]... [--static-dir DIR]\n"
-             "                       [--demo [--demo-token-ttl-s N]]\n"
-             "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n");
+  fmt::print(
+      code ? stderr : stdout,
+      "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
+      "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
+      "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
+      "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
+      "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n");
   std::exit(code);
 }
 
@@ -85,6 +87,8 @@ Options parse(int argc, char** argv) {
       o.gateway.dev_insecure = true;
     else if (a == "--decision-delay-ms")
       o.decision_delay_ms = static_cast<int>(number());
+    else if (a == "--decision-jitter-ms")
+      o.decision_jitter_ms = static_cast<int>(number());
     else if (a == "--allow-origin")
       o.gateway.allowed_origins.push_back(value());
     else if (a == "--static-dir")
@@ -152,7 +156,8 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  // The simulated business step (a payment call) answers after --decision-delay-ms, on a timer.
+  // The simulated business step (a payment call) answers after --decision-delay-ms plus a uniform
+  // random 0..--decision-jitter-ms, on a timer.
   boost::asio::io_context timers;
   auto guard = boost::asio::make_work_guard(timers);
   std::thread timer_thread([&] { timers.run(); });
@@ -161,10 +166,13 @@ int main(int argc, char** argv) {
     auto bus = std::make_shared<pushbook::LocalBus>();
     pushbook::EngineOptions eo;
     eo.workers = opt.workers;
-    if (opt.decision_delay_ms > 0)
-      eo.handler = [&timers, delay = std::chrono::milliseconds(opt.decision_delay_ms)](
+    if (opt.decision_delay_ms > 0 || opt.decision_jitter_ms > 0)
+      eo.handler = [&timers, delay = opt.decision_delay_ms, jitter = opt.decision_jitter_ms](
                        const pushbook::Booking&, pushbook::Completion done) {
-        auto timer = std::make_shared<boost::asio::steady_timer>(timers, delay);
+        thread_local std::minstd_rand random{std::random_device{}()};
+        const int ms =
+            delay + (jitter > 0 ? static_cast<int>(random() % static_cast<unsigned>(jitter + 1)) : 0);
+        auto timer = std::make_shared<boost::asio::steady_timer>(timers, std::chrono::milliseconds(ms));
         timer->async_wait([timer, done](boost::system::error_code) { done(pushbook::Decision::approved()); });
       };
     auto engine = std::make_shared<pushbook::BookingEngine>(bus, eo);
@@ -176,8 +184,9 @@ int main(int argc, char** argv) {
       fmt::print(stderr, "pushbook-server: {}\n", port.error().message);
       return 1;
     }
-    fmt::print("pushbook-server listening on http://{}:{} ({} resources, decision delay {} ms)\n",
-               opt.gateway.host, *port, opt.resources.size(), opt.decision_delay_ms);
+    fmt::print("pushbook-server listening on http://{}:{} ({} resources, decision delay {}{} ms)\n",
+               opt.gateway.host, *port, opt.resources.size(), opt.decision_delay_ms,
+               opt.decision_jitter_ms ? fmt::format("+0..{}", opt.decision_jitter_ms) : "");
     if (opt.demo)
       fmt::print("pushbook-server: demo page at http://{}:{}/ (serving {})\n", opt.gateway.host, *port,
                  opt.gateway.static_dir);
