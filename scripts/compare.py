@@ -179,54 +179,75 @@ def targets(blocks):
 
 
 def svg_cdf(blocks, path):
-    """Latency CDFs, one panel per block, log-scale x axis, drawn as plain SVG."""
-    panel_w, panel_h, margin_l, margin_b, margin_t = 520, 300, 60, 45, 40
-    width = panel_w * 2 + 40
-    height = (panel_h + margin_b + margin_t) * math.ceil(len(blocks) / 2) + 40
+    """Latency CDFs, one panel per block, drawn as plain SVG. A panel whose latencies span more
+    than a factor of 20 gets a log-scale x axis, the others a linear one."""
+    panel_w, plot_h, top, legend_line = 540, 260, 42, 17
+    rows = math.ceil(len(blocks) / 2)
+    max_modes = max(len(b["results"]) for b in blocks)
+    panel_h = top + plot_h + 40 + legend_line * max_modes + 10
+    width = panel_w * 2 + 20
+    height = panel_h * rows + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="16" font-weight="bold">'
-           'pushbook: booking-to-decision latency, polling versus push (CDF, log scale)</text>']
+           f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="16" font-weight="bold">'
+           'pushbook: booking-to-decision latency seen by clients, polling versus push (CDF)</text>']
     for i, block in enumerate(blocks):
-        ox = 20 + (i % 2) * panel_w
-        oy = 40 + (i // 2) * (panel_h + margin_b + margin_t)
-        px0, py0 = ox + margin_l, oy + margin_t
-        pw, ph = panel_w - margin_l - 20, panel_h
+        ox = 10 + (i % 2) * panel_w
+        oy = 36 + (i // 2) * panel_h
+        px0, py0 = ox + 55, oy + top
+        pw, ph = panel_w - 80, plot_h
         values = [p[1] for r in block["results"] for p in r["latency_cdf_ms"] if p[1] > 0]
-        lo = 10 ** math.floor(math.log10(max(min(values), 0.01)))
-        hi = 10 ** math.ceil(math.log10(max(values)))
+        log_scale = max(values) / max(min(values), 1e-3) > 20
+        if log_scale:
+            lo = 10 ** math.floor(math.log10(max(min(values), 0.01)))
+            hi = 10 ** math.ceil(math.log10(max(values)))
+            ticks, t = [], lo
+            while t <= hi * 1.0001:
+                ticks.append(t)
+                t *= 10
 
-        def x(v):
-            return px0 + pw * (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+            def x(v):
+                return px0 + pw * (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+        else:
+            step = 10 ** math.floor(math.log10(max(values) - min(values) or 1))
+            step = step / 2 if (max(values) - min(values)) / step < 4 else step
+            lo = math.floor(min(values) / step) * step
+            hi = math.ceil(max(values) / step) * step
+            ticks = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+
+            def x(v):
+                return px0 + pw * (v - lo) / (hi - lo)
 
         def y(q):
             return py0 + ph * (1 - q)
 
-        out.append(f'<text x="{px0 + pw / 2}" y="{oy + 25}" text-anchor="middle" font-weight="bold">'
+        out.append(f'<text x="{px0 + pw / 2}" y="{oy + 24}" text-anchor="middle" font-weight="bold">'
                    f'{block["title"]}</text>')
-        out.append(f'<rect x="{px0}" y="{py0}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
-        decade = lo
-        while decade <= hi * 1.0001:
-            xv = x(decade)
-            out.append(f'<line x1="{xv:.1f}" y1="{py0}" x2="{xv:.1f}" y2="{py0 + ph}" stroke="#ddd"/>')
-            text = f"{decade:g}" if decade >= 1 else f"{decade:.3g}"
+        for t in ticks:
+            xv = x(t)
+            out.append(f'<line x1="{xv:.1f}" y1="{py0}" x2="{xv:.1f}" y2="{py0 + ph}" stroke="#e4e4e4"/>')
+            text = f"{t:,.0f}" if t >= 1 else f"{t:g}"
             out.append(f'<text x="{xv:.1f}" y="{py0 + ph + 16}" text-anchor="middle">{text}</text>')
-            decade *= 10
-        for q in (0, 0.5, 0.9, 0.99, 1):
-            out.append(f'<line x1="{px0}" y1="{y(q):.1f}" x2="{px0 + pw}" y2="{y(q):.1f}" stroke="#eee"/>')
+        for q in (0, 0.25, 0.5, 0.75, 0.9, 1):
+            out.append(f'<line x1="{px0}" y1="{y(q):.1f}" x2="{px0 + pw}" y2="{y(q):.1f}" stroke="#eeeeee"/>')
             out.append(f'<text x="{px0 - 6}" y="{y(q) + 4:.1f}" text-anchor="end">{q:g}</text>')
-        out.append(f'<text x="{px0 + pw / 2}" y="{py0 + ph + 34}" text-anchor="middle">'
-                   'latency (ms, log scale)</text>')
+        out.append(f'<rect x="{px0}" y="{py0}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+        out.append(f'<text x="{px0 + pw / 2}" y="{py0 + ph + 33}" text-anchor="middle">latency, ms'
+                   f'{" (log scale)" if log_scale else ""}</text>')
+        out.append(f'<text x="{ox + 12}" y="{py0 + ph / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 {ox + 12} {py0 + ph / 2})">share of bookings decided</text>')
         for j, r in enumerate(block["results"]):
             color = COLORS.get(r["label"], "#000")
+            dash = ' stroke-dasharray="6 4"' if r["label"].endswith("/close") else ""
             pts = " ".join(f"{x(v):.1f},{y(q):.1f}" for q, v in r["latency_cdf_ms"] if v > 0)
-            out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-            ly = py0 + 14 + 16 * j
-            out.append(f'<line x1="{px0 + 8}" y1="{ly - 4}" x2="{px0 + 28}" y2="{ly - 4}" stroke="{color}" '
-                       'stroke-width="3"/>')
-            out.append(f'<text x="{px0 + 34}" y="{ly}">{r["label"]}: mean {fmt_ms(r["latency_ms"]["mean"])} ms, '
-                       f'p99 {fmt_ms(r["latency_ms"]["p99"])} ms</text>')
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+            ly = py0 + ph + 52 + legend_line * j
+            out.append(f'<line x1="{px0}" y1="{ly - 4}" x2="{px0 + 24}" y2="{ly - 4}" stroke="{color}" '
+                       f'stroke-width="3"{dash}/>')
+            out.append(f'<text x="{px0 + 32}" y="{ly}">{r["label"]}: mean {fmt_ms(r["latency_ms"]["mean"])} ms, '
+                       f'p99 {fmt_ms(r["latency_ms"]["p99"])} ms; per booking {r["requests_per_booking"]:.2f} req, '
+                       f'{fmt_cpu(r["server_cpu_s_per_booking"])} CPU</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
