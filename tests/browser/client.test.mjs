@@ -1,7 +1,7 @@
 // Unit tests of web/pushbook.js without a browser or a server: the pure helpers (backoff, seq
 // bookkeeping) and the client's reconnect/resume logic over a scripted fake WebSocket,
 // EventSource and fetch.
-import { test } from 'node:test';
+import { afterEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { PushbookClient, SeqTracker, backoffDelay, randomKey } from '../../web/pushbook.js';
 
@@ -36,6 +36,9 @@ class FakeSocket {
 const event = (topic, seq, data = {}, snapshot = false) =>
   ({ type: 'event', topic, seq, ts: 0, ...(snapshot ? { snapshot } : {}), data });
 
+const clients = [];
+afterEach(() => { for (const client of clients.splice(0)) client.close(); });  // even after a failure
+
 function makeClient(options = {}) {
   FakeSocket.all = [];
   FakeSocket.refuse = false;
@@ -44,8 +47,10 @@ function makeClient(options = {}) {
     url: 'http://gateway.test', token: async () => `t${++tokens}`, WebSocket: FakeSocket,
     EventSource: null, random: () => 0, ...options,
   });
+  clients.push(client);
   const log = [];
-  for (const type of ['open', 'close', 'reconnecting']) client.on(type, (detail) => log.push({ type, ...detail }));
+  for (const type of ['open', 'close', 'reconnecting'])
+    client.on(type, (detail) => log.push({ type, ...detail }));
   return { client, log, socket: (i) => FakeSocket.all[i] };
 }
 
@@ -106,7 +111,8 @@ test('resume after a drop: resubscribe with since, no event lost or doubled', as
   const [again] = socket(1).requests('subscribe');
   assert.equal(again.since, 4);
   socket(1).reply(again, { topic: 'resource/a' });
-  socket(1).push(event('resource/a', 4), event('resource/a', 5), event('resource/a', 5), event('resource/a', 6));
+  const a = (seq) => event('resource/a', seq);
+  socket(1).push(a(4), a(5), a(5), a(6));
   assert.deepEqual(seen, [3, 4, 5, 6]);
   assert.deepEqual(log.map((e) => e.type), ['open', 'close', 'reconnecting', 'open']);
   assert.deepEqual(log[2], { type: 'reconnecting', attempt: 1, delayMs: 0, transport: 'websocket' });
@@ -126,7 +132,8 @@ test('a book in flight is sent again with its idempotency key; cancel is rejecte
   await connected;
 
   const seen = [];
-  const booking = client.book({ resource: 'room-101', metadata: { seat: 4 }, onEvent: (ev) => seen.push(ev.data.status) });
+  const onEvent = (ev) => seen.push(ev.data.status);
+  const booking = client.book({ resource: 'room-101', metadata: { seat: 4 }, onEvent });
   const cancel = client.cancel('B0');
   const [first] = socket(0).requests('book');
   assert.equal(first.resource, 'room-101');
@@ -142,7 +149,8 @@ test('a book in flight is sent again with its idempotency key; cancel is rejecte
   const [second] = socket(1).requests('book');
   assert.equal(second.idempotency_key, first.idempotency_key);
   // The reply and the booking's first event come in one frame.
-  socket(1).push({ type: 'reply', id: second.id, ok: true, result: { booking_id: 'B1', status: 'processing', replayed: true } },
+  const replayed = { booking_id: 'B1', status: 'processing', replayed: true };
+  socket(1).push({ type: 'reply', id: second.id, ok: true, result: replayed },
     event('booking/B1', 1, { status: 'processing' }, true));
   const result = await booking;
   assert.equal(result.booking_id, 'B1');
@@ -176,7 +184,8 @@ test('gap markers and skipped seqs make the client resubscribe from the last seq
   const [subscribe] = socket(0).requests('subscribe');
   assert.equal(subscribe.since, 10);
   socket(0).reply(subscribe, { topic: 'resource/a' });
-  socket(0).push(event('resource/a', 10), event('resource/a', 11), { type: 'gap', dropped: 3, topics: ['resource/a'] });
+  const gap = { type: 'gap', dropped: 3, topics: ['resource/a'] };
+  socket(0).push(event('resource/a', 10), event('resource/a', 11), gap);
   const [, resync] = socket(0).requests('subscribe');
   assert.equal(resync.since, 11);
   socket(0).reply(resync, { topic: 'resource/a' });

@@ -1,0 +1,163 @@
+// The demo page (index.html), served by `pushbook-server --demo`. It uses only pushbook.js and
+// the gateway's demo endpoints. Hooks for tests:
+//   #connection[data-state]        connecting | connected | reconnecting | closed
+//   li[data-resource=ID]           .available[data-available], button[data-book=ID]
+//   li[data-booking-key]           [data-booking-id], [data-status], [data-reason],
+//                                  [data-replayed] (the reply came to a retry),
+//                                  .latency[data-latency-ms] (click to decision)
+//   window.pushbookDemo            {client, events: [{topic, seq, status, snapshot}],
+//                                   connection: [states in order], ready}
+// ?transport=sse|websocket|auto picks the client's transport.
+import { PushbookClient, randomKey } from './pushbook.js';
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const transport = new URLSearchParams(location.search).get('transport') || 'auto';
+const demo = (window.pushbookDemo = { client: null, events: [], connection: [], ready: false });
+const DECIDED = new Set(['confirmed', 'rejected', 'cancelled', 'released', 'expired']);
+
+// Each POST /v1/demo/token makes a new user, so keep the token while it is good: a reconnect
+// must come back as the same user to resume its bookings' topics.
+let demoToken = null;
+async function token() {
+  if (demoToken && demoToken.expires_at - Date.now() > 30_000) return demoToken.token;
+  const res = await fetch('/v1/demo/token', { method: 'POST' });
+  if (!res.ok) throw new Error(`POST /v1/demo/token: HTTP ${res.status}`);
+  demoToken = await res.json();
+  $('#user').textContent = demoToken.user;
+  return demoToken.token;
+}
+
+const client = (demo.client = new PushbookClient({ url: location.origin, token, transport }));
+
+// --- connection indicator ------------------------------------------------------------------
+
+function showConnection(state, text, attempt) {
+  const el = $('#connection');
+  el.dataset.state = state;
+  if (attempt === undefined) delete el.dataset.attempt;
+  else el.dataset.attempt = String(attempt);
+  $('#connection-text').textContent = text;
+  if (demo.connection.at(-1) !== state) demo.connection.push(state);
+}
+
+client.on('open', ({ transport }) => {
+  showConnection('connected', 'connected');
+  $('#transport').textContent = transport;
+});
+client.on('close', ({ willReconnect }) => {
+  if (willReconnect) showConnection('reconnecting', 'connection lost');
+  else showConnection('closed', 'closed');
+});
+client.on('reconnecting', ({ attempt, delayMs }) => {
+  showConnection('reconnecting', `reconnecting · attempt ${attempt} in ${delayMs} ms`, attempt);
+});
+
+// --- event log -----------------------------------------------------------------------------
+
+client.on('event', (ev) => {
+  const status = ev.data?.status ?? null;
+  demo.events.push({ topic: ev.topic, seq: ev.seq, status, snapshot: ev.snapshot === true });
+  const item = document.createElement('li');
+  const what = status ?? (ev.data && 'available' in ev.data ? `${ev.data.available} free` : '');
+  const topic = ev.topic.replace(/^booking\/.*(.{6})$/, 'booking/…$1');  // ids share their time prefix
+  item.textContent = `${topic} #${ev.seq}${ev.snapshot ? ' (snapshot)' : ''} ${what}`;
+  const log = $('#event-log');
+  log.prepend(item);
+  while (log.children.length > 40) log.lastElementChild.remove();
+});
+
+// --- resources -----------------------------------------------------------------------------
+
+function renderResource(r) {
+  let li = $(`li[data-resource="${CSS.escape(r.resource)}"]`);
+  if (!li) {
+    li = $('#resource-template').content.firstElementChild.cloneNode(true);
+    li.dataset.resource = r.resource;
+    $('.resource-name', li).textContent = r.resource;
+    const button = $('button', li);
+    button.dataset.book = r.resource;
+    button.addEventListener('click', () => book(r.resource));
+    $('#resources').append(li);
+  }
+  $('.available', li).textContent = r.available;
+  $('.available', li).dataset.available = String(r.available);
+  $('.capacity', li).textContent = r.capacity;
+  $('.meter-fill', li).style.width = `${r.capacity ? (100 * r.available) / r.capacity : 0}%`;
+  li.classList.toggle('sold-out', r.available === 0);
+}
+
+async function loadResources() {
+  const res = await fetch('/v1/resources');
+  if (!res.ok) throw new Error(`GET /v1/resources: HTTP ${res.status}`);
+  const { resources } = await res.json();
+  for (const r of resources) {
+    renderResource(r);
+    client.subscribe(`resource/${r.resource}`, { onEvent: (ev) => renderResource(ev.data) });
+  }
+}
+
+// --- bookings ------------------------------------------------------------------------------
+
+function showBooking(li, { booking_id, status, reason }) {
+  if (booking_id) {
+    li.dataset.bookingId = booking_id;
+    $('.booking-id', li).textContent = booking_id;
+  }
+  li.dataset.status = status;
+  $('.status', li).textContent = status;
+  if (reason) {
+    li.dataset.reason = reason;
+    $('.reason', li).textContent = reason.replace(/_/g, ' ');
+  }
+}
+
+async function book(resource) {
+  const clickedAt = performance.now();
+  const key = randomKey();
+  const li = $('#booking-template').content.firstElementChild.cloneNode(true);
+  li.dataset.bookingKey = key;
+  li.dataset.resource = resource;
+  $('.booking-resource', li).textContent = resource;
+  showBooking(li, { status: 'sending' });
+  $('#bookings').prepend(li);
+  $('#no-bookings').hidden = true;
+
+  let subscription = null;
+  let decided = false;
+  // Over SSE each followed topic holds one of the browser's six connections to this host, so
+  // stop following a booking once it is decided (the demo offers nothing to do with it after).
+  const maybeStopFollowing = () => {
+    if (decided && client.transport === 'sse') subscription?.unsubscribe();
+  };
+  const onEvent = (ev) => {
+    showBooking(li, ev.data);
+    if (!DECIDED.has(ev.data.status) || li.querySelector('[data-latency-ms]')) return;
+    const ms = Math.round(performance.now() - clickedAt);
+    const latency = $('.latency', li);
+    latency.dataset.latencyMs = String(ms);
+    latency.textContent = `${ev.data.status === 'confirmed' ? 'confirmed' : 'decided'} in ${ms} ms`;
+    decided = true;
+    maybeStopFollowing();
+  };
+  try {
+    const result = await client.book({ resource, idempotencyKey: key, onEvent });
+    subscription = result.subscription;
+    if (result.replayed) li.dataset.replayed = 'true';  // answered by an idempotent retry
+    if (li.dataset.status === 'sending') showBooking(li, result);
+    maybeStopFollowing();
+  } catch (error) {
+    showBooking(li, { status: 'failed', reason: error.code ?? 'error' });
+    li.title = error.message;
+  }
+}
+
+// --- start ---------------------------------------------------------------------------------
+
+showConnection('connecting', 'connecting…');
+try {
+  await loadResources();
+  await client.connect();
+  demo.ready = true;
+} catch (error) {
+  showConnection('closed', `failed: ${error.message}`);
+}
