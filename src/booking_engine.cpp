@@ -174,7 +174,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         case capacity_change::reserved_to_confirmed:
           r.reserved -= l.quantity;
           r.confirmed += l.quantity;
-          break;  // availability unchanged: nothing to announce
+          // Availability is unchanged, but the event carries the reserved and confirmed counts
+          // too: a subscriber (or a late snapshot) must never see stale ones.
+          publish_resource(r);
+          break;
         case capacity_change::free_reserved:
           r.reserved -= l.quantity;
           publish_resource(r);

@@ -231,6 +231,12 @@ TEST_CASE("an asynchronous handler answers later from another thread; capacity i
   CHECK_FALSE(second);
   CHECK(engine.get(id)->status == BookingStatus::confirmed);
   CHECK(*engine.availability("r") == 1);
+  // The resource's last event is current in every count, not only in availability.
+  auto last = bus->last("resource/r");
+  REQUIRE(last);
+  CHECK(last->data().at("available") == 1);
+  CHECK(last->data().at("reserved") == 0);
+  CHECK(last->data().at("confirmed") == 2);
 }
 
 TEST_CASE("a handler that does not answer in time is rejected with handler_timeout") {
