@@ -598,6 +598,68 @@ TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without
   CHECK_THROWS_AS(PushGateway(bus, engine, GatewayOptions{}), Exception);
 }
 
+TEST_CASE("GET /v1/resources lists every resource without a token") {
+  Server s;
+  auto res = s.http().request("GET", "/v1/resources").value();
+  CHECK(res.status == 200);
+  const auto body = res.json();
+  const auto& all = body.at("resources").as_array();
+  REQUIRE(all.size() == 3);
+  CHECK(all[0].at("resource") == "hall");
+  CHECK(all[0].at("available") == 1000);
+  CHECK(s.http().request("POST", "/v1/resources", "{}").value().status == 405);
+  CHECK(s.http().request("GET", "/v1/resources/nope").value().status == 404);
+}
+
+TEST_CASE("demo mode: POST /v1/demo/token hands out short-lived tokens; a good one renews the same user") {
+  SUBCASE("off unless asked for") {
+    Server s;
+    CHECK(s.http().request("POST", "/v1/demo/token").value().status == 404);
+  }
+  SUBCASE("needs a secret") {
+    GatewayOptions o;
+    o.dev_insecure = true;
+    o.demo_token_ttl = 60s;
+    auto bus = std::make_shared<LocalBus>();
+    CHECK_THROWS_AS(PushGateway(bus, std::make_shared<BookingEngine>(bus), o), Exception);
+  }
+  SUBCASE("on") {
+    GatewayOptions o;
+    o.demo_token_ttl = 60s;
+    Server s(o);
+    auto http = s.http();
+    CHECK(http.request("GET", "/v1/demo/token").value().status == 405);
+    auto first = http.request("POST", "/v1/demo/token").value();
+    REQUIRE(first.status == 200);
+    const std::string token(first.json().at("token").as_string());
+    const std::string user(first.json().at("user").as_string());
+    CHECK(user.starts_with("demo-"));
+    auto claims = verify_token(token, secret).value();
+    CHECK(claims.subject == user);
+    CHECK(claims.expires_at <= std::chrono::system_clock::now() + 61s);
+    CHECK(
+        first.json().at("expires_at").as_int64() ==
+        std::chrono::duration_cast<std::chrono::milliseconds>(claims.expires_at.time_since_epoch()).count());
+    // A second visitor is someone else; the first renews as itself.
+    CHECK(http.request("POST", "/v1/demo/token").value().json().at("user") != user.c_str());
+    auto renewed = http.request("POST", "/v1/demo/token", {}, {{"Authorization", "Bearer " + token}}).value();
+    CHECK(renewed.status == 200);
+    CHECK(renewed.json().at("user") == user.c_str());
+    // Tokens that are not good demo tokens are refused, not silently swapped for a new user.
+    CHECK(http.request("POST", "/v1/demo/token", {}, {{"Authorization", "Bearer junk"}}).value().status ==
+          401);
+    CHECK(http.request("POST", "/v1/demo/token", {}, {{"Authorization", "Bearer " + Server::token("alice")}})
+              .value()
+              .status == 403);
+    // The token works on the WebSocket like any other.
+    client::ConnectOptions co;
+    co.port = s.port;
+    co.token = token;
+    auto ws = WsClient::connect(co).value();
+    CHECK(ws->request(book("room-10")).value().at("ok") == true);
+  }
+}
+
 TEST_CASE("/metrics speaks the Prometheus text format") {
   Server s;
   auto ws = s.ws("alice");

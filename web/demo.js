@@ -15,12 +15,16 @@ const transport = new URLSearchParams(location.search).get('transport') || 'auto
 const demo = (window.pushbookDemo = { client: null, events: [], connection: [], ready: false });
 const DECIDED = new Set(['confirmed', 'rejected', 'cancelled', 'released', 'expired']);
 
-// Each POST /v1/demo/token makes a new user, so keep the token while it is good: a reconnect
-// must come back as the same user to resume its bookings' topics.
+// POST /v1/demo/token makes a new demo user; sent with a token that is still good it renews that
+// user's token. So a long-lived page stays one user, and a reconnect resumes its bookings' topics.
 let demoToken = null;
 async function token() {
   if (demoToken && demoToken.expires_at - Date.now() > 30_000) return demoToken.token;
-  const res = await fetch('/v1/demo/token', { method: 'POST' });
+  const renew = demoToken && demoToken.expires_at - Date.now() > 5_000;
+  const res = await fetch('/v1/demo/token', {
+    method: 'POST',
+    headers: renew ? { Authorization: `Bearer ${demoToken.token}` } : {},
+  });
   if (!res.ok) throw new Error(`POST /v1/demo/token: HTTP ${res.status}`);
   demoToken = await res.json();
   $('#user').textContent = demoToken.user;

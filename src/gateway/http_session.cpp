@@ -496,11 +496,27 @@ void HttpSession::route_demo_token(const Request& req) {
     res.set(http::field::allow, "POST");
     return send(std::move(res), "/v1/demo/token");
   }
-  static constexpr std::string_view alphabet = "0123456789abcdefghjkmnpqrstvwxyz";
-  thread_local std::mt19937_64 random{std::random_device{}()};
-  std::string user = "demo-";
-  for (auto bits = random(), i = std::uint64_t{0}; i < 10; ++i, bits >>= 5) user += alphabet[bits & 31];
-  const auto expires = std::chrono::system_clock::now() + options.demo_token_ttl;
+  // With a demo token that is still good, the same demo user gets a fresh one (a long-lived page
+  // stays one user, and its bookings' topics stay its own); without one, a new demo user.
+  std::string user;
+  if (auto auth = req.find(http::field::authorization); auth != req.end()) {
+    const std::string_view value = auth->value();
+    auto claims = value.starts_with("Bearer ") ? verify_token(value.substr(7), options.secret)
+                                               : result<TokenClaims>(Error(errc::unauthorized, "use Bearer"));
+    if (!claims) return send(error_response(req, claims.error()), "/v1/demo/token");
+    if (!claims->subject.starts_with("demo-"))
+      return send(error_response(req, http::status::forbidden, "forbidden", "only demo users renew here"),
+                  "/v1/demo/token");
+    user = std::move(claims->subject);
+  } else {
+    static constexpr std::string_view alphabet = "0123456789abcdefghjkmnpqrstvwxyz";
+    thread_local std::mt19937_64 random{std::random_device{}()};
+    user = "demo-";
+    for (auto bits = random(), i = std::uint64_t{0}; i < 10; ++i, bits >>= 5) user += alphabet[bits & 31];
+  }
+  // Whole seconds, as the token's "exp" has them: expires_at says exactly when it stops working.
+  const auto expires =
+      std::chrono::floor<std::chrono::seconds>(std::chrono::system_clock::now() + options.demo_token_ttl);
   boost::json::object body{
       {"token", sign_token(user, expires, options.secret)},
       {"user", user},
