@@ -38,8 +38,8 @@ BLOCKS = [
     },
     {
         "name": "slow-1k",
-        "title": "2,000 users, 200 bookings/s, business step 4.5-5.5 s",
-        "users": 2000, "rate": 200, "duration": 5, "ramp_ms": 1000, "delay_ms": 4500, "jitter_ms": 1000,
+        "title": "1,000 users, 200 bookings/s, business step 4.5-5.5 s",
+        "users": 1000, "rate": 200, "duration": 5, "ramp_ms": 1000, "delay_ms": 4500, "jitter_ms": 1000,
         "modes": [("poll", "keep-alive"), ("poll", "close"), ("push", "keep-alive")],
     },
     {
@@ -172,9 +172,9 @@ def targets(blocks):
     slow1, slow10 = find(blocks, "slow-1k", "poll"), find(blocks, "slow-10k", "poll")
     push_s1, push_s10 = find(blocks, "slow-1k", "push"), find(blocks, "slow-10k", "push")
     if slow1 and slow10 and push_s1 and push_s10:
-        lines.append(("thundering herd: polling p99 from 2,000 to 10,000 users",
+        lines.append(("thundering herd: polling p99 from 1,000 to 10,000 users",
                       f"{slow1['latency_ms']['p99']:,.0f} -> {slow10['latency_ms']['p99']:,.0f} ms", None, ""))
-        lines.append(("                 push p99 from 2,000 to 10,000 users",
+        lines.append(("                 push p99 from 1,000 to 10,000 users",
                       f"{push_s1['latency_ms']['p99']:,.0f} -> {push_s10['latency_ms']['p99']:,.0f} ms", None, ""))
     print("\nTargets")
     for what, value, ok, goal in lines:
@@ -292,6 +292,8 @@ def main():
         json.dump(blocks, f, indent=1)
     print(f"\npicture: {svg}\nresults: {os.path.join(out_dir, 'results.json')}  "
           f"(took {time.monotonic() - started:.0f} s)")
+    print(f"\nWatch one booking live in a browser: {os.path.join(args.build, 'bin', 'pushbook-server')} --demo, "
+          "then open http://127.0.0.1:8080/ (docs/getting-started-browser.md).")
 
 
 if __name__ == "__main__":
