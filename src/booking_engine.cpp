@@ -13,6 +13,7 @@
 // use inline_executor() therefore run under these locks and must not call back into the engine.
 #include <pushbook/booking_engine.hpp>
 
+#include "detail/adaptive_spin.hpp"
 #include "detail/booking_id.hpp"
 #include "detail/timer_queue.hpp"
 
@@ -342,18 +343,21 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
   }
 
-  // Waits for work, spinning briefly before parking (see ThreadPool). Returns false when the
-  // engine stops and the queue is drained. Caller holds queue_mutex.
-  bool wait_for_work(std::unique_lock<std::mutex>& qlock) {
+  // Waits for work, spinning briefly before parking (detail::AdaptiveSpin, the worker's own).
+  // Returns false when the engine stops and the queue is drained. Caller holds queue_mutex.
+  bool wait_for_work(std::unique_lock<std::mutex>& qlock, detail::AdaptiveSpin& spin) {
     if (queue.empty() && !stopping.load()) {
       qlock.unlock();
-      const auto until = steady::now() + std::chrono::microseconds(50);
-      while (queued.load(std::memory_order_relaxed) == 0 && steady::now() < until) std::this_thread::yield();
+      spin.spin([this] { return queued.load(std::memory_order_relaxed) > 0; });
       qlock.lock();
-      while (queue.empty() && !stopping.load()) {
-        ++parked_workers;
-        queue_cv.wait(qlock);
-        --parked_workers;
+      if (queue.empty() && !stopping.load()) {
+        spin.parking();
+        while (queue.empty() && !stopping.load()) {
+          ++parked_workers;
+          queue_cv.wait(qlock);
+          --parked_workers;
+        }
+        spin.woken();
       }
     }
     return !queue.empty();
@@ -367,13 +371,14 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     std::vector<job> batch;
     std::vector<std::optional<std::string>> outcome;
     std::vector<ResourceState*> touched;
+    detail::AdaptiveSpin spin;
     for (;;) {
       batch.clear();
       outcome.clear();
       touched.clear();
       {
         std::unique_lock qlock(queue_mutex);
-        if (!wait_for_work(qlock)) return;
+        if (!wait_for_work(qlock, spin)) return;
         const auto n = std::min(queue.size(), max_batch);
         for (std::size_t i = 0; i < n; ++i) {
           batch.push_back(std::move(queue.front()));

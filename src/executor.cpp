@@ -1,5 +1,7 @@
 #include <pushbook/executor.hpp>
 
+#include "detail/adaptive_spin.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -12,16 +14,9 @@ namespace pushbook {
 
 Executor::~Executor() = default;
 
-// Threads park on a condition variable only after spinning (yielding) briefly on an atomic counter: a
-// task posted while a thread spins starts without a futex wake-up (the dominant cost of handing
-// off small tasks), and post() signals only when a thread is actually parked. The spin adapts:
-// each spin that finds nothing halves the next one (down to none), a thread woken soon after
-// parking doubles it, and one that finds work while spinning spins in full again. Under load tasks start
-// without wake-ups; at a trickle a thread parks at once instead of burning up to 50 us of CPU
-// per task.
+// Idle threads spin briefly before parking (detail::AdaptiveSpin), and post() signals only when a
+// thread is actually parked.
 struct ThreadPool::impl {
-  static constexpr auto spin_for = std::chrono::microseconds(50);
-
   std::mutex mutex;
   std::condition_variable wake;
   std::deque<std::function<void()>> tasks;
@@ -30,40 +25,24 @@ struct ThreadPool::impl {
   bool stopping = false;
   std::vector<std::thread> threads;
 
-  bool spin_until_work(std::chrono::microseconds how_long) {
-    const auto until = std::chrono::steady_clock::now() + how_long;
-    do {
-      if (queued.load(std::memory_order_relaxed) > 0) return true;
-      // Yield rather than pause: with more threads than cores a spinner must not take the CPU
-      // from the thread that is about to post.
-      std::this_thread::yield();
-    } while (std::chrono::steady_clock::now() < until);
-    return false;
-  }
-
   void run() {
-    auto spin = spin_for;
+    detail::AdaptiveSpin spin;
     for (;;) {
       std::function<void()> task;
       {
         std::unique_lock lock(mutex);
         if (tasks.empty() && !stopping) {
           lock.unlock();
-          if (spin.count() > 0 && spin_until_work(spin))
-            spin = spin_for;
-          else
-            spin = spin.count() > 4 ? spin / 2 : std::chrono::microseconds(0);
+          spin.spin([this] { return queued.load(std::memory_order_relaxed) > 0; });
           lock.lock();
           if (tasks.empty() && !stopping) {
-            const auto parked_at = std::chrono::steady_clock::now();
+            spin.parking();
             while (tasks.empty() && !stopping) {
               ++parked;
               wake.wait(lock);
               --parked;
             }
-            if (std::chrono::steady_clock::now() - parked_at < spin_for)
-              spin = std::min<std::chrono::microseconds>(spin_for,
-                                                         std::max(spin * 2, std::chrono::microseconds(4)));
+            spin.woken();
           }
         }
         if (tasks.empty()) return;  // stopping and drained
