@@ -4,52 +4,17 @@
 //   CHROMIUM          the browser (default: /usr/bin/chromium)
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { startServer as startPushbookServer } from './server.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const serverPath = process.env.PUSHBOOK_SERVER ?? path.resolve(here, '../../build/bin/pushbook-server');
 const DECISION_DELAY_MS = 1500;
 const WAIT_MS = 15_000;  // deadline of every wait on page state
 const TEST_OPTIONS = { timeout: 90_000 };
-
-// --- the server ------------------------------------------------------------------------------
-
-async function startServer(args) {
-  const child = spawn(serverPath, ['--port', '0', '--demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let output = '';
-  child.stdout.on('data', (chunk) => { output += chunk; });
-  child.stderr.on('data', (chunk) => { output += chunk; });  // kept for failure messages only
-  const port = await new Promise((resolve, reject) => {
-    const fail = (why) => { clearTimeout(timer); reject(new Error(`${serverPath}: ${why}\n${output}`)); };
-    const timer = setTimeout(() => fail('no "listening" line within 10 s'), 10_000);
-    child.on('error', (error) => fail(error.message));
-    child.on('exit', (code, signal) => fail(`exited (${code ?? signal})`));
-    child.stdout.on('data', () => {
-      const match = /listening on http:\/\/[\d.]+:(\d+)/.exec(output);
-      if (match) { clearTimeout(timer); resolve(Number(match[1])); }
-    });
-  });
-  child.removeAllListeners('exit');
-  return {
-    port,
-    url: `http://127.0.0.1:${port}`,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
-    },
-    kill() { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); },
-  };
-}
+const startServer = (args) => startPushbookServer(['--demo', ...args]);
 
 // A TCP proxy between the browser and the server, to cut the network path: dropAll() resets
 // every connection; while `refusing`, new connections are reset at once (the network is down).

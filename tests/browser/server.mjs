@@ -1,0 +1,40 @@
+// A pushbook-server child process on a free loopback port, for the tests in this directory.
+//   PUSHBOOK_SERVER   the server binary (default: build/bin/pushbook-server)
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const serverPath = process.env.PUSHBOOK_SERVER ?? path.resolve(here, '../../build/bin/pushbook-server');
+
+/** Starts `pushbook-server --port 0 ...args`; resolves once it listens. */
+export async function startServer(args) {
+  const child = spawn(serverPath, ['--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (chunk) => { output += chunk; });
+  child.stderr.on('data', (chunk) => { output += chunk; });  // kept for failure messages only
+  const port = await new Promise((resolve, reject) => {
+    const fail = (why) => { clearTimeout(timer); reject(new Error(`${serverPath}: ${why}\n${output}`)); };
+    const timer = setTimeout(() => fail('no "listening" line within 10 s'), 10_000);
+    child.on('error', (error) => fail(error.message));
+    child.on('exit', (code, signal) => fail(`exited (${code ?? signal})`));
+    child.stdout.on('data', () => {
+      const match = /listening on http:\/\/[\d.]+:(\d+)/.exec(output);
+      if (match) { clearTimeout(timer); resolve(Number(match[1])); }
+    });
+  });
+  child.removeAllListeners('exit');
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    },
+    kill() { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); },
+  };
+}
