@@ -137,7 +137,8 @@ def print_table(block):
         if r is base:
             change = "-"
         else:
-            change = f"{(lat['mean'] / base['latency_ms']['mean'] - 1) * 100:+.1f}%"
+            pct = (lat["mean"] / base["latency_ms"]["mean"] - 1) * 100
+            change = f"{pct:+.1f}%" if abs(pct) < 99.5 else f"{pct:+.2f}%"
         errors = r["errors"] + r["timeouts"]
         print(f"  {r['label']:<12}{fmt_ms(lat['mean']):>11}{fmt_ms(lat['p99']):>11}{change:>14}"
               f"{r['requests_per_booking']:>13.2f}{r['bytes_per_booking']:>15,.0f}"
