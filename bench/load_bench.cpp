@@ -37,6 +37,7 @@
 #include <boost/url/parse.hpp>
 
 #include <dirent.h>
+#include <poll.h>
 #include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -308,9 +309,16 @@ struct ServerProcess {
       close(log_fd);
       throw std::runtime_error(fmt::format("cannot start {}: {}", args[0], std::strerror(rc)));
     }
+    // The "listening on" line, within 15 s (a server that hangs before it must not hang us).
     std::string line;
-    char c;
-    while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
+    const auto give_up = steady::now() + std::chrono::seconds(15);
+    for (char c = 0; c != '\n';) {
+      pollfd p{out[0], POLLIN, 0};
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(give_up - steady::now()).count();
+      if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0 || read(out[0], &c, 1) != 1) break;
+      if (c != '\n') line += c;
+    }
     const auto at = line.find("127.0.0.1:");
     if (at == std::string::npos) {
       close(out[0]);
@@ -420,6 +428,9 @@ struct Run {
   std::atomic<std::uint64_t> decided{0}, confirmed{0}, rejected{0}, errors{0}, timeouts{0};
   std::atomic<std::uint64_t> requests{0}, ws_messages{0}, bytes{0};
   std::atomic<int> users_left{0};
+  // Set by the last user to finish: the end of the run, and the server's CPU then.
+  steady::time_point finished;
+  std::optional<double> cpu_at_finish;
   std::mutex error_mutex;
   std::string first_error;
 
@@ -482,6 +493,11 @@ std::string json_string(const json::value& v, std::string_view key) {
   return {};
 }
 
+// A connection unused for this long is reopened before its next booking, as clients do: the
+// gateway closes connections idle for its idle_timeout (60 s by default), and a booking must not
+// fail on a connection the server already closed.
+constexpr auto reuse_limit = std::chrono::seconds(30);
+
 // ---------------------------------------------------------------------------------------------
 // HTTP: one keep-alive connection per user (or a new one per request with --connection close).
 
@@ -490,18 +506,25 @@ struct HttpClient {
   std::string authorization;
   std::optional<beast::tcp_stream> stream;
   beast::flat_buffer buffer;
+  steady::time_point last_used;
 
   HttpClient(Run& r, int user) : run(r), authorization("Bearer " + r.token(user)) {}
   ~HttpClient() { close(); }
 
+  // Opens the connection now (keep-alive users connect when they start, like the WebSocket and
+  // SSE users, so no mode pays its connection inside a measured booking).
+  awaitable<void> connect(std::chrono::milliseconds op_timeout) {
+    stream.emplace(co_await net::this_coro::executor);
+    stream->expires_after(op_timeout);
+    co_await stream->async_connect(run.endpoint, use_awaitable);
+    stream->socket().set_option(tcp::no_delay(true));  // as browsers do: no Nagle delay on requests
+    last_used = steady::now();
+  }
+
   awaitable<http::response<http::string_body>> request(http::verb verb, std::string target, std::string body,
                                                        std::chrono::milliseconds op_timeout) {
-    if (!stream) {
-      stream.emplace(co_await net::this_coro::executor);
-      stream->expires_after(op_timeout);
-      co_await stream->async_connect(run.endpoint, use_awaitable);
-      stream->socket().set_option(tcp::no_delay(true));  // as browsers do: no Nagle delay on requests
-    }
+    if (stream && steady::now() - last_used > reuse_limit) close();
+    if (!stream) co_await connect(op_timeout);
     http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, run.host_header);
     req.set(http::field::authorization, authorization);
@@ -517,6 +540,7 @@ struct HttpClient {
     http::response<http::string_body> res;
     co_await http::async_read(*stream, buffer, res, use_awaitable);
     ++run.requests;
+    last_used = steady::now();
     if (!res.keep_alive()) close();
     co_return res;
   }
@@ -547,6 +571,14 @@ struct HttpClient {
 awaitable<void> http_user(Run& run, Plan plan) {
   HttpClient http(run, plan.user);
   const bool longpoll = run.o.mode == Mode::longpoll;
+  if (!run.o.new_connection) {
+    try {
+      co_await http.connect(run.timeout());
+    } catch (const std::exception& e) {
+      run.error(fmt::format("{}: connect: {}", mode_name(run.o.mode), e.what()));
+      http.close();  // the first booking connects again
+    }
+  }
   while (auto intended = plan.next_start()) {
     co_await sleep_until(*intended);
     const auto deadline = *intended + run.timeout();
@@ -571,19 +603,26 @@ awaitable<void> http_user(Run& run, Plan plan) {
         }
         const auto status = json_string(json::parse(res.body()), "status");
         if (is_decision(status)) {
-          run.decided_one(*intended, acked, status);
+          if (steady::now() > deadline)
+            ++run.timeouts;  // known, but too late
+          else
+            run.decided_one(*intended, acked, status);
           break;
         }
       }
     } catch (const std::exception& e) {
-      run.error(fmt::format("{}: {}", mode_name(run.o.mode), e.what()));
+      if (steady::now() >= deadline)
+        ++run.timeouts;
+      else
+        run.error(fmt::format("{}: {}", mode_name(run.o.mode), e.what()));
       http.close();
     }
   }
 }
 
-// A timer that cuts a socket when a booking takes longer than the timeout; the pending read
-// then fails and the user reconnects for its next booking. Everything runs on the user's strand.
+// A timer that shuts a socket down when a booking takes longer than the timeout: the pending read
+// (and any later one) ends, the user counts the connection's bytes (the descriptor stays valid),
+// closes it and reconnects for its next booking. Everything runs on the user's strand.
 class Watchdog {
  public:
   template <class Socket>
@@ -592,7 +631,7 @@ class Watchdog {
     timer_.async_wait([alive = alive_, &socket](beast::error_code ec) {
       if (ec || !*alive) return;  // cancelled, or expired just as the watchdog went away
       beast::error_code ignored;
-      socket.close(ignored);
+      socket.shutdown(tcp::socket::shutdown_both, ignored);
     });
   }
   ~Watchdog() {
@@ -708,7 +747,9 @@ awaitable<void> push_user(Run& run, Plan plan) {
     buffer.clear();
     watched.clear();
   };
+  steady::time_point last_used;
   for (;;) {
+    if (ws && steady::now() - last_used > reuse_limit) close_ws();
     if (!ws) {  // connect before the next booking is due (a failed connect costs that booking)
       try {
         ws.emplace(ex);
@@ -724,6 +765,7 @@ awaitable<void> push_user(Run& run, Plan plan) {
         co_await ws->async_handshake(run.host_header, "/v1/ws", use_awaitable);
         ++run.requests;
         ws->text(true);
+        last_used = steady::now();
       } catch (const std::exception& e) {
         run.error(fmt::format("push: connect: {}", e.what()));
         close_ws();
@@ -775,6 +817,7 @@ awaitable<void> push_user(Run& run, Plan plan) {
           }
         }
       }
+      last_used = steady::now();
       // `book` subscribed this connection to booking/<id>; a real client keeps watching its recent
       // bookings, so subscriptions are only trimmed (oldest first) well below the gateway's limit.
       if (!booking_id.empty()) watched.push_back(std::move(booking_id));
@@ -809,7 +852,10 @@ awaitable<void> user(Run& run, Plan plan) {
   } catch (const std::exception& e) {
     run.error(fmt::format("user: {}", e.what()));
   }
-  --run.users_left;
+  if (--run.users_left == 0) {
+    run.finished = steady::now();
+    if (run.o.server_pid) run.cpu_at_finish = process_cpu_seconds(run.o.server_pid);
+  }
 }
 
 awaitable<void> progress(Run& run) {
@@ -925,8 +971,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < o.client_threads; ++i) extra.emplace_back([&] { ioc.run(); });
   ioc.run();
   for (auto& t : extra) t.join();
-  const double elapsed = std::chrono::duration<double>(steady::now() - run.start).count();
-  const auto cpu_after = o.server_pid ? process_cpu_seconds(o.server_pid) : std::nullopt;
+  const double elapsed = std::chrono::duration<double>(run.finished - run.start).count();
+  const auto cpu_after = run.cpu_at_finish;
   std::optional<double> connect_cpu;
   if (cpu_at_schedule && cpu_start) {
     connect_cpu = *cpu_at_schedule - *cpu_start;

@@ -12,7 +12,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 apt_install() {  # packages...
   local sudo_cmd=()
-  if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
+  if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo -n); fi
   echo "browser-test: installing $* (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   if ! { "${sudo_cmd[@]}" apt-get update -qq &&
@@ -24,6 +24,12 @@ apt_install() {  # packages...
 
 [ -x /usr/bin/chromium ] || apt_install chromium
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+# playwright-core needs Node 20 or later (Debian 12's own nodejs is 18).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "browser-test: Node $(node --version) is too old: the browser tests need Node 20 or later" >&2
+  exit 1
+fi
 
 server=${PUSHBOOK_SERVER:-build/bin/pushbook-server}
 if [ ! -x "$server" ]; then

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+import select
 import subprocess
 import sys
 import time
@@ -69,8 +70,10 @@ def start_server(build, delay_ms, jitter_ms, secret, log_path):
          "--threads", "1", "--workers", "1", "--resource", "bench:100000000",
          "--decision-delay-ms", str(delay_ms), "--decision-jitter-ms", str(jitter_ms)],
         stdout=subprocess.PIPE, stderr=log, text=True)
-    line = proc.stdout.readline()
-    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    # The "listening on" line, within 15 s: a server that hangs before it must not hang the demo.
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline() if ready else ""
+    m = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", line)
     if not m:
         proc.kill()
         sys.exit(f"pushbook-server did not start; its log: {log_path}")
@@ -104,7 +107,10 @@ def run_block(build, block, out_dir, quick):
                    "--warmup", str(WARMUP_S), "--timeout-ms", "60000", "--json"]
             print(f"  {label(mode, connection):<11} {users} users, {rate} bookings/s for "
                   f"{block['duration']} s ...", file=sys.stderr, flush=True)
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            try:  # ramp + duration + the slowest decision + the bench's own 60 s timeout, with room
+                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                sys.exit(f"pushbook-bench did not finish within 300 s: {' '.join(cmd)}")
             if done.returncode != 0 or not done.stdout.strip():
                 sys.exit(f"pushbook-bench failed ({done.returncode}): {' '.join(cmd)}")
             r = json.loads(done.stdout)
@@ -202,7 +208,9 @@ def svg_cdf(blocks, path):
         oy = 36 + (i // 2) * panel_h
         px0, py0 = ox + 55, oy + top
         pw, ph = panel_w - 80, plot_h
-        values = [p[1] for r in block["results"] for p in r["latency_cdf_ms"] if p[1] > 0]
+        values = [p[1] for r in block["results"] for p in r["latency_cdf_ms"] if p[1] > 0] or [1.0]
+        if max(values) == min(values):
+            values = [min(values) * 0.9, max(values) * 1.1]
         log_scale = max(values) / max(min(values), 1e-3) > 20
         if log_scale:
             lo = 10 ** math.floor(math.log10(max(min(values), 0.01)))

@@ -12,7 +12,7 @@ import { PushbookClient, randomKey } from './pushbook.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const transport = new URLSearchParams(location.search).get('transport') || 'auto';
-const demo = (window.pushbookDemo = { client: null, events: [], connection: [], ready: false });
+const demo = (window.pushbookDemo = { client: null, events: [], connection: [], tokens: [], ready: false });
 const DECIDED = new Set(['confirmed', 'rejected', 'cancelled', 'released', 'expired']);
 
 // POST /v1/demo/token makes a new demo user; sent with a token that is still good it renews that
@@ -20,13 +20,16 @@ const DECIDED = new Set(['confirmed', 'rejected', 'cancelled', 'released', 'expi
 let demoToken = null;
 async function token() {
   if (demoToken && demoToken.expires_at - Date.now() > 30_000) return demoToken.token;
-  const renew = demoToken && demoToken.expires_at - Date.now() > 5_000;
+  // The server announces expiry at `exp` and accepts a token up to 5 s past it (clock leeway), so
+  // renewing on its notice (or a reconnect) keeps the same user.
+  const renew = demoToken && demoToken.expires_at - Date.now() > -4_000;
   const res = await fetch('/v1/demo/token', {
     method: 'POST',
     headers: renew ? { Authorization: `Bearer ${demoToken.token}` } : {},
   });
   if (!res.ok) throw new Error(`POST /v1/demo/token: HTTP ${res.status}`);
   demoToken = await res.json();
+  demo.tokens.push({ user: demoToken.user, renewed: Boolean(renew) });
   $('#user').textContent = demoToken.user;
   return demoToken.token;
 }

@@ -262,3 +262,23 @@ test('sold out: the second booking of a capacity-1 resource is rejected sold_out
   assert.equal(await available(page, 'solo'), 0);
   page.assertNoErrors();
 });
+
+test('a page open past its demo token lifetime renews it and stays the same user, still connected',
+  TEST_OPTIONS, async () => {
+    // Tokens of 3 s: the server announces the expiry on the open WebSocket, the page renews its
+    // token for the same user and refreshes; nothing disconnects and booking goes on.
+    const shortLived = await startServer(['--demo-token-ttl-s', '3', '--resource', 'room-101:10']);
+    cleanups.push(() => shortLived.stop());
+    const page = await openDemo(shortLived.url);
+    const user = await page.locator('#user').textContent();
+    assert.match(user, /^demo-/);
+    const tokens = () => page.evaluate(() => window.pushbookDemo.tokens);
+    const all = await poll(tokens, (t) => t.length >= 2, 'a renewed token after the expiry notice', 10_000);
+    assert.deepEqual(all.slice(0, 2), [{ user, renewed: false }, { user, renewed: true }]);
+    assert.equal(await page.locator('#user').textContent(), user);
+    const states = await page.evaluate(() => window.pushbookDemo.connection);
+    assert.ok(!states.includes('reconnecting'), `connection states: ${states}`);
+    const key = await clickBook(page, 'room-101');
+    await row(page, key, 'confirmed').waitFor({ timeout: WAIT_MS });
+    page.assertNoErrors();
+  });
