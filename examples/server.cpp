@@ -73,6 +73,14 @@ Options parse(int argc, char** argv) {
       }
       return n;
     };
+    auto milliseconds = [&]() -> int {  // a business step of at most an hour
+      const long ms = number();
+      if (ms > 3'600'000) {
+        fmt::print(stderr, "{} is at most 3600000 (an hour), not {}\n", a, ms);
+        usage(2);
+      }
+      return static_cast<int>(ms);
+    };
     if (a == "--port")
       o.gateway.port = static_cast<std::uint16_t>(number());
     else if (a == "--bind")
@@ -86,9 +94,9 @@ Options parse(int argc, char** argv) {
     else if (a == "--dev-insecure")
       o.gateway.dev_insecure = true;
     else if (a == "--decision-delay-ms")
-      o.decision_delay_ms = static_cast<int>(number());
+      o.decision_delay_ms = milliseconds();
     else if (a == "--decision-jitter-ms")
-      o.decision_jitter_ms = static_cast<int>(number());
+      o.decision_jitter_ms = milliseconds();
     else if (a == "--allow-origin")
       o.gateway.allowed_origins.push_back(value());
     else if (a == "--static-dir")
@@ -126,7 +134,7 @@ Options parse(int argc, char** argv) {
     }
     o.gateway.demo_token_ttl = std::chrono::seconds(o.demo_ttl_s);
     if (o.gateway.static_dir.empty()) o.gateway.static_dir = PUSHBOOK_WEB_DIR;
-    if (o.gateway.secret.empty()) {
+    if (o.gateway.secret.empty() && o.token_for.empty()) {  // --token-for needs the server's real secret
       std::random_device rd;
       for (int i = 0; i < 4; ++i) o.gateway.secret += fmt::format("{:08x}", rd());
     }

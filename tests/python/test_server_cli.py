@@ -1,0 +1,54 @@
+"""pushbook-server's command line: clear errors for bad options, --token-for, and --demo (the page,
+the browser client and demo tokens)."""
+import json
+import os
+import subprocess
+import urllib.request
+
+import pytest
+
+from conftest import Server, _server_binary
+
+
+def run_server(*args):
+    env = dict(os.environ)
+    env.pop("PUSHBOOK_SECRET", None)
+    return subprocess.run([_server_binary(), *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decision-delay-ms", "99999999"], "--decision-delay-ms is at most 3600000"),
+    (["--decision-jitter-ms", "-1"], "--decision-jitter-ms needs a non-negative number"),
+    (["--resource", "room"], "--resource needs ID:CAPACITY"),
+    (["--demo", "--demo-token-ttl-s", "0"], "--demo-token-ttl-s must be positive"),
+    (["--demo", "--token-for", "bob"], "--token-for needs --secret or PUSHBOOK_SECRET"),
+    (["--frobnicate"], "unknown option '--frobnicate'"),
+])
+def test_bad_options_get_clear_errors(args, message):
+    done = run_server(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_token_for_prints_a_jwt():
+    done = run_server("--token-for", "alice", "--secret", "s")
+    assert done.returncode == 0
+    assert len(done.stdout.strip().split(".")) == 3
+
+
+def test_demo_serves_the_page_the_client_and_tokens():
+    server = Server("--demo")
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(base + "/") as page:
+            assert page.headers["Content-Type"].startswith("text/html")
+            assert b"pushbook" in page.read()
+        with urllib.request.urlopen(base + "/pushbook.js") as js:
+            assert "javascript" in js.headers["Content-Type"]
+            assert b"export class PushbookClient" in js.read()
+        request = urllib.request.Request(base + "/v1/demo/token", method="POST")
+        with urllib.request.urlopen(request) as answer:
+            token = json.load(answer)
+        assert token["user"].startswith("demo-") and token["token"].count(".") == 2
+    finally:
+        server.stop()
