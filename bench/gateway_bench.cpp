@@ -12,6 +12,8 @@
 #include <pushbook/metrics.hpp>
 #include <pushbook/push_gateway.hpp>
 
+#include "server_process.hpp"
+
 #include <fmt/format.h>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -21,9 +23,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/websocket.hpp>
 
-#include <spawn.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <csignal>
 #include <cstdio>
@@ -31,8 +31,6 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
-
-extern char** environ;
 
 namespace net = boost::asio;
 namespace beast = boost::beast;
@@ -63,79 +61,14 @@ void raise_fd_limit() {
   setrlimit(RLIMIT_NOFILE, &r);
 }
 
-std::string self_dir() {
-  char buf[4096];
-  const auto n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  std::string p(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
-  return p.substr(0, p.rfind('/'));
-}
-
-// A pushbook-server child process on a free port.
-struct ServerProcess {
-  pid_t pid = -1;
-  std::uint16_t port = 0;
-  explicit ServerProcess(std::vector<std::string> extra) {
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe");
-    std::vector<std::string> args = {self_dir() + "/pushbook-server",
-                                     "--port",
-                                     "0",
-                                     "--secret",
-                                     secret,
-                                     "--threads",
-                                     "1",
-                                     "--resource",
-                                     "hall:100000000"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_addclose(&fa, out[0]);
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0)
-      throw std::runtime_error("cannot start " + args[0]);
-    close(out[1]);
-    std::string line;
-    char c;
-    while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
-    close(out[0]);
-    const auto at = line.find("127.0.0.1:");
-    if (at == std::string::npos) throw std::runtime_error("server did not start: " + line);
-    port = static_cast<std::uint16_t>(std::stoi(line.substr(at + 10)));
-  }
-  ~ServerProcess() {
-    kill(pid, SIGTERM);
-    int status;
-    waitpid(pid, &status, 0);
-  }
-  long rss_kib() const {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-    std::string key;
-    long value = 0;
-    while (f >> key) {
-      if (key == "VmRSS:") {
-        f >> value;
-        return value;
-      }
-      f.ignore(4096, '\n');
-    }
-    return 0;
-  }
-  double cpu_seconds() const {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string s((std::istreambuf_iterator<char>(f)), {});
-    std::istringstream rest(s.substr(s.rfind(')') + 2));
-    std::string field;
-    long utime = 0, stime = 0;
-    for (int i = 3; i <= 15; ++i) {
-      rest >> field;
-      if (i == 14) utime = std::stol(field);
-      if (i == 15) stime = std::stol(field);
-    }
-    return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-  }
+// A pushbook-server child process on a free port (1 gateway thread, one big resource).
+struct ServerProcess : pushbook::bench::ServerProcess {
+  ServerProcess()
+      : pushbook::bench::ServerProcess({pushbook::bench::self_dir() + "/pushbook-server", "--port", "0",
+                                        "--secret", secret, "--threads", "1", "--resource",
+                                        "hall:100000000"}) {}
+  long rss_kib() const { return pushbook::bench::process_rss_kib(pid); }
+  double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
 };
 
 // One WebSocket client connection, asynchronous. `on_line` sees every message line.
@@ -242,7 +175,7 @@ struct LatencyResult {
 };
 
 LatencyResult bench_latency(const Options& o) {
-  ServerProcess server({});
+  ServerProcess server;
   net::io_context ioc(1);
   auto guard = net::make_work_guard(ioc);
   std::thread io([&] { ioc.run(); });
@@ -344,7 +277,7 @@ double bench_fanout(const Options& o) {
 }
 
 double bench_memory(const Options& o) {
-  ServerProcess server({});
+  ServerProcess server;
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   const long before = server.rss_kib();
   net::io_context ioc(1);

@@ -38,9 +38,7 @@
 
 #include <dirent.h>
 #include <poll.h>
-#include <spawn.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <array>
 #include <atomic>
@@ -54,11 +52,10 @@
 #include <sstream>
 #include <thread>
 
-extern char** environ;
-
 namespace pushbook::bench {
 std::uint64_t tcp_bytes(int fd);  // tcp_bytes.cpp
 }
+#include "server_process.hpp"
 
 namespace {
 
@@ -71,6 +68,9 @@ using tcp = net::ip::tcp;
 using steady = std::chrono::steady_clock;
 using net::awaitable;
 using net::use_awaitable;
+using pushbook::bench::process_cpu_seconds;
+using pushbook::bench::self_dir;
+using pushbook::bench::ServerProcess;
 using pushbook::bench::tcp_bytes;
 
 enum class Mode { poll, longpoll, sse, push };
@@ -258,111 +258,23 @@ Options parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------------------------
 // The server: started here, or found through /proc for CPU accounting.
 
-std::string self_dir() {
-  char buf[4096];
-  const auto n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  std::string p(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
-  return p.substr(0, p.rfind('/'));
-}
-
-// Its stdout comes through a pipe (drained by a thread after the "listening on" line); its log
-// (stderr) goes to a temporary file that is shown if it does not start.
-struct ServerProcess {
-  pid_t pid = -1;
-  std::uint16_t port = 0;
-  std::thread drain;
-  explicit ServerProcess(const Options& o) {
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe failed");
-    char log_path[] = "/tmp/pushbook-bench-server-XXXXXX";
-    const int log_fd = mkstemp(log_path);
-    if (log_fd < 0) throw std::runtime_error("cannot create a temporary file for the server's log");
-    unlink(log_path);
-    std::vector<std::string> args = {o.server_path.empty() ? self_dir() + "/pushbook-server" : o.server_path,
-                                     "--port",
-                                     "0",
-                                     "--secret",
-                                     o.secret,
-                                     "--threads",
-                                     std::to_string(o.server_threads),
-                                     "--workers",
-                                     std::to_string(o.server_workers),
-                                     "--decision-delay-ms",
-                                     std::to_string(o.decision_delay_ms),
-                                     "--decision-jitter-ms",
-                                     std::to_string(o.decision_jitter_ms),
-                                     "--resource",
-                                     fmt::format("{}:{}", o.resource, o.capacity)};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, log_fd, 2);
-    posix_spawn_file_actions_addclose(&fa, out[0]);
-    const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(out[1]);
-    if (rc != 0) {
-      close(out[0]);
-      close(log_fd);
-      throw std::runtime_error(fmt::format("cannot start {}: {}", args[0], std::strerror(rc)));
-    }
-    // The "listening on" line, within 15 s (a server that hangs before it must not hang us).
-    std::string line;
-    const auto give_up = steady::now() + std::chrono::seconds(15);
-    for (char c = 0; c != '\n';) {
-      pollfd p{out[0], POLLIN, 0};
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(give_up - steady::now()).count();
-      if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0 || read(out[0], &c, 1) != 1) break;
-      if (c != '\n') line += c;
-    }
-    const auto at = line.find("127.0.0.1:");
-    if (at == std::string::npos) {
-      close(out[0]);
-      stop();
-      std::string log(4096, '\0');
-      const auto n = pread(log_fd, log.data(), log.size(), 0);
-      close(log_fd);
-      log.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-      throw std::runtime_error(fmt::format("{} did not start:\n{}{}", args[0], line, log));
-    }
-    close(log_fd);
-    port = static_cast<std::uint16_t>(std::stoi(line.substr(at + 10)));
-    drain = std::thread([fd = out[0]] {
-      char buf[256];
-      while (read(fd, buf, sizeof buf) > 0) {
-      }
-      close(fd);
-    });
-  }
-  void stop() {
-    if (pid <= 0) return;
-    kill(pid, SIGTERM);
-    int status;
-    waitpid(pid, &status, 0);
-    pid = -1;
-    if (drain.joinable()) drain.join();
-  }
-  ~ServerProcess() { stop(); }
-};
-
-// CPU seconds (user + system) a process has used; nullopt when it cannot be read.
-std::optional<double> process_cpu_seconds(long pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string s((std::istreambuf_iterator<char>(f)), {});
-  const auto close_paren = s.rfind(')');
-  if (close_paren == std::string::npos) return std::nullopt;
-  std::istringstream rest(s.substr(close_paren + 2));
-  std::string field;
-  long utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && rest >> field; ++i) {
-    if (i == 14) utime = std::stol(field);
-    if (i == 15) stime = std::stol(field);
-  }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+// The command line of a pushbook-server of our own, with the options this run asks for.
+std::vector<std::string> server_command(const Options& o) {
+  return {o.server_path.empty() ? self_dir() + "/pushbook-server" : o.server_path,
+          "--port",
+          "0",
+          "--secret",
+          o.secret,
+          "--threads",
+          std::to_string(o.server_threads),
+          "--workers",
+          std::to_string(o.server_workers),
+          "--decision-delay-ms",
+          std::to_string(o.decision_delay_ms),
+          "--decision-jitter-ms",
+          std::to_string(o.decision_jitter_ms),
+          "--resource",
+          fmt::format("{}:{}", o.resource, o.capacity)};
 }
 
 // The local process listening on a loopback/any-address TCP port: the socket's inode from
@@ -906,7 +818,7 @@ int main(int argc, char** argv) {
   try {
     if (o.url.empty()) {
       if (o.secret.empty()) o.secret = fmt::format("bench-{:x}", std::random_device{}());
-      server.emplace(o);
+      server.emplace(server_command(o));
       run.endpoint = tcp::endpoint(net::ip::make_address("127.0.0.1"), server->port);
       run.host_header = fmt::format("127.0.0.1:{}", server->port);
       if (!o.server_pid) o.server_pid = server->pid;

@@ -1,0 +1,141 @@
+// Process helpers shared by the benchmarks that run pushbook-server as a child process: start it
+// on a free port, stop it, and read its CPU time and memory from /proc.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <poll.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace pushbook::bench {
+
+// The directory of the running executable (where the build puts pushbook-server too).
+inline std::string self_dir() {
+  char buf[4096];
+  const auto n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  std::string p(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
+  return p.substr(0, p.rfind('/'));
+}
+
+// pushbook-server (or `args[0]`) as a child: `args` must make it listen on a port it prints in its
+// "listening on http://127.0.0.1:PORT" line. Its stdout comes through a pipe (drained by a thread
+// after that line); its log (stderr) goes to a temporary file that is shown if it does not start.
+struct ServerProcess {
+  pid_t pid = -1;
+  std::uint16_t port = 0;
+  std::thread drain;
+
+  explicit ServerProcess(std::vector<std::string> args) {
+    int out[2];
+    if (pipe(out) != 0) throw std::runtime_error("pipe failed");
+    char log_path[] = "/tmp/pushbook-bench-server-XXXXXX";
+    const int log_fd = mkstemp(log_path);
+    if (log_fd < 0) throw std::runtime_error("cannot create a temporary file for the server's log");
+    unlink(log_path);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, log_fd, 2);
+    posix_spawn_file_actions_addclose(&fa, out[0]);
+    const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    close(out[1]);
+    if (rc != 0) {
+      close(out[0]);
+      close(log_fd);
+      throw std::runtime_error(fmt::format("cannot start {}: {}", args[0], std::strerror(rc)));
+    }
+    // The "listening on" line, within 15 s (a server that hangs before it must not hang us).
+    std::string line;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+    for (char c = 0; c != '\n';) {
+      pollfd p{out[0], POLLIN, 0};
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(give_up - std::chrono::steady_clock::now())
+              .count();
+      if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0 || read(out[0], &c, 1) != 1) break;
+      if (c != '\n') line += c;
+    }
+    const auto at = line.find("127.0.0.1:");
+    if (at == std::string::npos) {
+      close(out[0]);
+      stop();
+      std::string log(4096, '\0');
+      const auto n = pread(log_fd, log.data(), log.size(), 0);
+      close(log_fd);
+      log.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
+      throw std::runtime_error(fmt::format("{} did not start:\n{}{}", args[0], line, log));
+    }
+    close(log_fd);
+    port = static_cast<std::uint16_t>(std::stoi(line.substr(at + 10)));
+    drain = std::thread([fd = out[0]] {
+      char buf[256];
+      while (read(fd, buf, sizeof buf) > 0) {
+      }
+      close(fd);
+    });
+  }
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+  ~ServerProcess() { stop(); }
+
+  // SIGTERM (a graceful stop), then wait for it.
+  void stop() {
+    if (pid <= 0) return;
+    kill(pid, SIGTERM);
+    int status;
+    waitpid(pid, &status, 0);
+    pid = -1;
+    if (drain.joinable()) drain.join();
+  }
+};
+
+// CPU seconds (user + system) a process has used; nullopt when it cannot be read.
+inline std::optional<double> process_cpu_seconds(long pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string s((std::istreambuf_iterator<char>(f)), {});
+  const auto close_paren = s.rfind(')');
+  if (close_paren == std::string::npos) return std::nullopt;
+  std::istringstream rest(s.substr(close_paren + 2));
+  std::string field;
+  long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::stol(field);
+    if (i == 15) stime = std::stol(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// Resident memory of a process in KiB (0 when it cannot be read).
+inline long process_rss_kib(long pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string key;
+  long value = 0;
+  while (f >> key) {
+    if (key == "VmRSS:") {
+      f >> value;
+      return value;
+    }
+    f.ignore(4096, '\n');
+  }
+  return 0;
+}
+
+}  // namespace pushbook::bench
