@@ -172,7 +172,14 @@ Options parse(int argc, char** argv) {
       }
       return n;
     };
-    auto integer = [&](double min) { return static_cast<int>(number(min)); };
+    auto integer = [&](double min) {
+      const double n = number(min);
+      if (n > 1e9) {
+        fmt::print(stderr, "pushbook-bench: {} is at most 1000000000, not {}\n", a, n);
+        usage(2);
+      }
+      return static_cast<int>(n);
+    };
     if (a == "--url")
       o.url = value();
     else if (a == "--mode") {

@@ -101,6 +101,7 @@ def test_wrong_secret_is_reported_not_hidden():
 @pytest.mark.parametrize("args, message", [
     (["--mode", "carrier-pigeon"], "--mode is poll, longpoll, sse or push"),
     (["--users", "0"], "--users needs a number >= 1"),
+    (["--users", "1e12"], "--users is at most 1000000000"),
     (["--connection", "maybe"], "--connection is keep-alive or close"),
     (["--url", "http://127.0.0.1:1"], "--url needs --secret"),
     (["--url", "ftp://x", "--secret", "s"], "--url must look like http://HOST:PORT"),
