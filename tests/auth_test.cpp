@@ -83,6 +83,7 @@ TEST_CASE("read_token_unverified reads sub (and exp) without checking the signat
   REQUIRE(c.has_value());
   CHECK(c->subject == "dev");
   CHECK(c->expires_at == now + 1h);
-  CHECK(read_token_unverified("nodots").error().message == "malformed token: a JWT has three dot-separated parts");
+  CHECK(read_token_unverified("nodots").error().message ==
+        "malformed token: a JWT has three dot-separated parts");
   CHECK(read_token_unverified("a.!!.c").error().message == "malformed token payload");
 }
