@@ -317,7 +317,7 @@ void HttpSession::handle(Request&& req) {
     return route_bookings(std::move(req), *url, std::string_view(path).substr(12));
   if (path == "/v1/resources" || path.starts_with("/v1/resources/"))
     return route_resources(req, std::string_view(path).substr(13));
-  if (path == "/v1/demo/token" && ctx.options.demo_token_ttl.count() > 0) return route_demo_token(req);
+  if (path == "/v1/demo/token" && ctx.options.demo_token_ttl.count() > 0) return route_demo_token(req, *url);
   if (!ctx.options.static_dir.empty() && !path.starts_with("/v1/")) return route_static(req, path);
   send(error_response(req, http::status::not_found, "not_found",
                       fmt::format("no route for {}", path.substr(0, 200))),
@@ -489,7 +489,7 @@ void HttpSession::route_resources(const Request& req, std::string_view rest) {
   send(json_response(req, http::status::ok, boost::json::serialize(to_json(*r))), route);
 }
 
-void HttpSession::route_demo_token(const Request& req) {
+void HttpSession::route_demo_token(const Request& req, const boost::urls::url_view& url) {
   const auto& options = core_->ctx->options;
   if (req.method() != http::verb::post) {
     auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST");
@@ -499,15 +499,13 @@ void HttpSession::route_demo_token(const Request& req) {
   // With a demo token that is still good, the same demo user gets a fresh one (a long-lived page
   // stays one user, and its bookings' topics stay its own); without one, a new demo user.
   std::string user;
-  if (auto auth = req.find(http::field::authorization); auth != req.end()) {
-    const std::string_view value = auth->value();
-    auto claims = value.starts_with("Bearer ") ? verify_token(value.substr(7), options.secret)
-                                               : result<TokenClaims>(Error(errc::unauthorized, "use Bearer"));
-    if (!claims) return send(error_response(req, claims.error()), "/v1/demo/token");
-    if (!claims->subject.starts_with("demo-"))
+  if (req.find(http::field::authorization) != req.end()) {
+    auto who = authenticate(*core_->ctx, req, url, false);
+    if (!who) return send(error_response(req, who.error()), "/v1/demo/token");
+    if (!who->user.starts_with("demo-"))
       return send(error_response(req, http::status::forbidden, "forbidden", "only demo users renew here"),
                   "/v1/demo/token");
-    user = std::move(claims->subject);
+    user = std::move(who->user);
   } else {
     static constexpr std::string_view alphabet = "0123456789abcdefghjkmnpqrstvwxyz";
     thread_local std::mt19937_64 random{std::random_device{}()};

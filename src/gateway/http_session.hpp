@@ -61,7 +61,7 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
 
   void route_bookings(Request&& req, const boost::urls::url_view& url, std::string_view rest);
   void route_resources(const Request& req, std::string_view rest);
-  void route_demo_token(const Request& req);
+  void route_demo_token(const Request& req, const boost::urls::url_view& url);
   void route_static(const Request& req, std::string path);
   void start_long_poll(const Request& req, const Booking& booking, std::chrono::seconds wait);
   void finish_long_poll(bool timed_out);
