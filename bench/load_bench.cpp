@@ -367,6 +367,13 @@ struct Run {
     ack.record(acked - intended);
   }
   std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(o.timeout_ms); }
+  // Counts the bytes a connection carried (the kernel's count) and closes it.
+  void retire(tcp::socket& socket) {
+    bytes += tcp_bytes(socket.native_handle());
+    beast::error_code ignored;
+    socket.shutdown(tcp::socket::shutdown_both, ignored);
+    socket.close(ignored);
+  }
   std::string token(int user) const {
     return pushbook::sign_token(fmt::format("bench-u{}", user),
                                 std::chrono::system_clock::now() + std::chrono::hours(12), o.secret);
@@ -427,7 +434,7 @@ struct HttpClient {
   beast::flat_buffer buffer;
   steady::time_point last_used;
 
-  HttpClient(Run& r, int user) : run(r), authorization("Bearer " + r.token(user)) {}
+  HttpClient(Run& r, const std::string& token) : run(r), authorization("Bearer " + token) {}
   ~HttpClient() { close(); }
 
   // Opens the connection now (keep-alive users connect when they start, like the WebSocket and
@@ -477,10 +484,7 @@ struct HttpClient {
 
   void close() {
     if (!stream) return;
-    run.bytes += tcp_bytes(stream->socket().native_handle());
-    beast::error_code ec;
-    stream->socket().shutdown(tcp::socket::shutdown_both, ec);
-    stream->close();
+    run.retire(stream->socket());
     stream.reset();
     buffer.clear();
   }
@@ -488,7 +492,7 @@ struct HttpClient {
 
 // poll and longpoll.
 awaitable<void> http_user(Run& run, Plan plan) {
-  HttpClient http(run, plan.user);
+  HttpClient http(run, run.token(plan.user));
   const bool longpoll = run.o.mode == Mode::longpoll;
   if (!run.o.new_connection) {
     try {
@@ -568,14 +572,13 @@ class Watchdog {
 // sse: a persistent event stream on user/<id>, bookings by POST.
 awaitable<void> sse_user(Run& run, Plan plan) {
   const auto ex = co_await net::this_coro::executor;
-  HttpClient http(run, plan.user);
+  const auto token = run.token(plan.user);  // one token for the stream and the bookings
+  HttpClient http(run, token);
   std::optional<tcp::socket> events;
   std::string pending;  // stream bytes not parsed yet
   auto close_events = [&] {
     if (!events) return;
-    run.bytes += tcp_bytes(events->native_handle());
-    beast::error_code ec;
-    events->close(ec);
+    run.retire(*events);
     events.reset();
     pending.clear();
   };
@@ -584,7 +587,6 @@ awaitable<void> sse_user(Run& run, Plan plan) {
     const auto n = co_await events->async_read_some(net::buffer(chunk), use_awaitable);
     pending.append(chunk.data(), n);
   };
-  const auto token = run.token(plan.user);
   for (;;) {
     if (!events) {  // connect before the next booking is due (a failed connect costs that booking)
       try {
@@ -660,8 +662,7 @@ awaitable<void> push_user(Run& run, Plan plan) {
   std::deque<std::string> watched;  // booking topics this connection is subscribed to
   auto close_ws = [&] {
     if (!ws) return;
-    run.bytes += tcp_bytes(beast::get_lowest_layer(*ws).socket().native_handle());
-    beast::get_lowest_layer(*ws).close();
+    run.retire(beast::get_lowest_layer(*ws).socket());
     ws.reset();
     buffer.clear();
     watched.clear();
