@@ -564,6 +564,36 @@ TEST_CASE("a client that sends its request head too slowly is cut (slow-loris)")
   CHECK(s.http().request("GET", "/healthz").value().status == 200);
 }
 
+TEST_CASE("chunked encoding cannot make an unauthenticated client's buffer grow (413/431, then close)") {
+  GatewayOptions o;
+  o.handshake_timeout = 60s;  // only the read-buffer bound may end these requests in time
+  Server s(o);
+  const std::string head = "POST /v1/bookings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+  struct Case {
+    const char* name;
+    std::string prefix;
+    char filler;
+  };
+  const Case cases[] = {
+      {"endless leading zeros in a chunk size", "", '0'},
+      {"a chunk extension without CRLF", "1;ext=", 'a'},
+      {"a trailer without CRLF", "1\r\nx\r\n0\r\nX-Trailer: ", 'a'},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    RawSocket raw(s.port);
+    REQUIRE(raw.connected());
+    REQUIRE(raw.send(head + c.prefix));
+    // 96 KiB: three times the bound. The server may close while this is still being sent.
+    raw.send(std::string(96 * 1024, c.filler));
+    const auto reply = raw.receive_until("\r\n\r\n", 5s);
+    const bool refused = reply.starts_with("HTTP/1.1 413") || reply.starts_with("HTTP/1.1 431");
+    CHECK_MESSAGE(refused, reply.substr(0, 80));
+    CHECK(raw.wait_closed(5s));
+  }
+  CHECK(s.http().request("GET", "/healthz").value().status == 200);
+}
+
 TEST_CASE("an idle WebSocket that answers no ping is closed after idle_timeout") {
   GatewayOptions o;
   o.idle_timeout = 400ms;  // pinged after 200 ms, closed after 400 ms of silence

@@ -25,6 +25,11 @@ namespace websocket = beast::websocket;
 namespace {
 
 constexpr std::size_t header_limit = 16 * 1024;
+// The most unparsed bytes one connection may hold. The parser consumes body bytes as they come
+// (bounded by max_body_bytes), so only a single syntactic element waits here: a request head
+// (header_limit), a chunk-size line with its extensions, or a trailer field. Beyond this the read
+// fails with http::error::buffer_overflow and the client gets 431 (head) or 413 (body).
+constexpr std::size_t read_buffer_limit = 2 * header_limit;
 constexpr std::string_view server_name = "pushbook";
 
 std::optional<std::string> query_param(const boost::urls::url_view& url, std::string_view key) {
@@ -112,7 +117,7 @@ result<Identity> authenticate(const GatewayContext& ctx, const Request& req, con
 }
 
 HttpSession::HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse)
-    : core_(std::move(core)), stream_(std::move(socket)), refuse_(refuse) {
+    : core_(std::move(core)), stream_(std::move(socket)), buffer_(read_buffer_limit), refuse_(refuse) {
   core_->metrics.http_connections.fetch_add(1);
   counted_ = true;
 }
@@ -189,7 +194,14 @@ void HttpSession::on_read(boost::system::error_code ec, std::size_t) {
     res.keep_alive(false);
     return send(std::move(res), "error");
   }
-  if (ec == http::error::header_limit) {
+  if (ec == http::error::buffer_overflow && parser_->is_header_done()) {
+    // A chunk-size line, chunk extension or trailer that never ends.
+    auto res = error_response(blank, http::status::payload_too_large, "too_large",
+                              fmt::format("chunk header or trailer longer than {} bytes", read_buffer_limit));
+    res.keep_alive(false);
+    return send(std::move(res), "error");
+  }
+  if (ec == http::error::header_limit || ec == http::error::buffer_overflow) {
     auto res = error_response(blank, http::status::request_header_fields_too_large, "too_large",
                               "request header too large");
     res.keep_alive(false);

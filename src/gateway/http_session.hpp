@@ -68,6 +68,8 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
 
   std::shared_ptr<GatewayCore> core_;
   beast::tcp_stream stream_;
+  // Bounded: everything a client can make the parser hold before it decides (a chunk-size line,
+  // a chunk extension, a trailer) lives here, before authentication (constructor).
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   Response response_;  // the one in flight
