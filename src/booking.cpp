@@ -28,6 +28,7 @@ const char* to_string(RejectReason r) noexcept {
     case RejectReason::handler_timeout: return "handler_timeout";
     case RejectReason::handler_error: return "handler_error";
     case RejectReason::shutdown: return "shutdown";
+    case RejectReason::recovery: return "recovery";
   }
   return "none";
 }
@@ -166,6 +167,128 @@ boost::json::object to_json(const Booking& b) {
   o["updated_at"] = unix_ms(b.updated_at);
   if (b.expires_at) o["expires_at"] = unix_ms(*b.expires_at);
   return o;
+}
+
+namespace {
+
+// Lists every RejectReason: booking_test round-trips each one, so a new reason missing here fails.
+std::optional<RejectReason> parse_reject_reason(std::string_view s) noexcept {
+  for (auto r : {RejectReason::none, RejectReason::sold_out, RejectReason::rejected_by_handler,
+                 RejectReason::handler_timeout, RejectReason::handler_error, RejectReason::shutdown,
+                 RejectReason::recovery})
+    if (s == to_string(r)) return r;
+  return std::nullopt;
+}
+
+// An integer that fits in int64 (rejects 1.5, "1", true and uint64 values above INT64_MAX).
+std::optional<std::int64_t> int64_of(const boost::json::value& v) {
+  if (v.is_int64()) return v.get_int64();
+  if (v.is_uint64() && v.get_uint64() <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+    return static_cast<std::int64_t>(v.get_uint64());
+  return std::nullopt;
+}
+
+// Unix milliseconds as a wall-clock time; nullopt when not an integer or out of the clock's range
+// (system_clock counts nanoseconds on Linux: about +-292 years around 1970).
+std::optional<wall_clock::time_point> unix_ms_time(const boost::json::value& v) {
+  constexpr auto max_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(wall_clock::duration::max()).count();
+  auto ms = int64_of(v);
+  if (!ms || *ms > max_ms || *ms < -max_ms) return std::nullopt;
+  return wall_clock::time_point(
+      std::chrono::duration_cast<wall_clock::duration>(std::chrono::milliseconds(*ms)));
+}
+
+result<std::string> string_field(const boost::json::object& o, std::string_view name, bool required) {
+  const auto* v = o.if_contains(name);
+  if (!v || v->is_null()) {
+    if (required) return Error(errc::bad_request, "\"" + std::string(name) + "\" is required");
+    return std::string();
+  }
+  if (!v->is_string()) return Error(errc::bad_request, "\"" + std::string(name) + "\" must be a string");
+  return std::string(v->get_string());
+}
+
+result<wall_clock::time_point> time_field(const boost::json::value* v, std::string_view name) {
+  if (!v) return Error(errc::bad_request, "\"" + std::string(name) + "\" is required");
+  auto t = unix_ms_time(*v);
+  if (!t)
+    return Error(errc::bad_request, "\"" + std::string(name) + "\" must be an integer (Unix milliseconds)");
+  return *t;
+}
+
+}  // namespace
+
+result<Booking> booking_from_json(const boost::json::value& v) {
+  if (!v.is_object()) return Error(errc::bad_request, "a booking must be a JSON object");
+  const auto& o = v.get_object();
+  Booking b;
+
+  auto id = string_field(o, "booking_id", true);
+  if (!id) return id.error();
+  b.id = std::move(*id);
+  auto user = string_field(o, "user", true);
+  if (!user) return user.error();
+  b.user = std::move(*user);
+
+  auto status = string_field(o, "status", true);
+  if (!status) return status.error();
+  auto st = parse_booking_status(*status);
+  if (!st) return Error(errc::bad_request, "\"status\" must be a booking status, not '" + *status + "'");
+  b.status = *st;
+
+  auto reason = string_field(o, "reason", false);
+  if (!reason) return reason.error();
+  if (!reason->empty()) {
+    auto r = parse_reject_reason(*reason);
+    if (!r) return Error(errc::bad_request, "\"reason\" must be a reject reason, not '" + *reason + "'");
+    b.reason = *r;
+  }
+  auto message = string_field(o, "reason_message", false);
+  if (!message) return message.error();
+  b.reason_message = std::move(*message);
+
+  const auto* lines = o.if_contains("lines");
+  if (!lines) return Error(errc::bad_request, "\"lines\" is required");
+  if (!lines->is_array()) return Error(errc::bad_request, "\"lines\" must be an array");
+  b.lines.reserve(lines->get_array().size());
+  std::size_t i = 0;
+  for (const auto& item : lines->get_array()) {
+    const auto where = "lines[" + std::to_string(i++) + "]";
+    if (!item.is_object()) return Error(errc::bad_request, where + " must be an object");
+    auto line = line_from(item.get_object(), where);
+    if (!line) return line.error();
+    b.lines.push_back(std::move(*line));
+  }
+
+  if (auto m = o.if_contains("metadata"); m && !m->is_null()) {
+    if (!m->is_object()) return Error(errc::bad_request, "\"metadata\" must be an object");
+    b.metadata = m->get_object();
+  }
+  if (auto h = o.if_contains("hold_ms"); h && !h->is_null()) {
+    auto ms = int64_of(*h);
+    if (!ms) return Error(errc::bad_request, "\"hold_ms\" must be an integer (milliseconds)");
+    b.hold_for = std::chrono::milliseconds(*ms);
+  }
+
+  const auto* version = o.if_contains("version");
+  if (!version) return Error(errc::bad_request, "\"version\" is required");
+  auto n = positive_int(*version, static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()));
+  if (!n) return Error(errc::bad_request, "\"version\" must be an integer of at least 1");
+  b.version = *n;
+
+  auto created = time_field(o.if_contains("created_at"), "created_at");
+  if (!created) return created.error();
+  b.created_at = *created;
+  auto updated = time_field(o.if_contains("updated_at"), "updated_at");
+  if (!updated) return updated.error();
+  b.updated_at = *updated;
+  if (auto e = o.if_contains("expires_at"); e && !e->is_null()) {
+    auto expires = time_field(e, "expires_at");
+    if (!expires) return expires.error();
+    b.expires_at = *expires;
+  }
+  return b;
 }
 
 boost::json::object to_json(const ResourceState& r) {

@@ -97,6 +97,119 @@ TEST_CASE("a booking serializes to the JSON its events carry") {
         R"({"resource":"room-1","capacity":5,"available":2,"reserved":1,"confirmed":2})");
 }
 
+TEST_CASE("booking_from_json reads back what to_json wrote, field by field") {
+  using std::chrono::milliseconds;
+  Booking b;
+  b.id = "01HZY3";
+  b.user = "u1";
+  b.lines = {{"room-1", 2}, {"room-2", 1}};
+  b.metadata = boost::json::parse(R"({"note":"x","n":[1,2]})").as_object();
+  b.status = BookingStatus::held;
+  b.reason = RejectReason::handler_timeout;
+  b.reason_message = "no answer in 5 s";
+  b.hold_for = milliseconds(60000);
+  b.expires_at = wall_clock::time_point(milliseconds(1700000060250));
+  b.created_at = wall_clock::time_point(milliseconds(1700000000000));
+  b.updated_at = wall_clock::time_point(milliseconds(1700000000250));
+  b.version = 7;
+
+  auto back = booking_from_json(to_json(b)).value();
+  CHECK(back.id == "01HZY3");
+  CHECK(back.user == "u1");
+  CHECK(back.lines == std::vector<BookingLine>{{"room-1", 2}, {"room-2", 1}});
+  CHECK(boost::json::serialize(back.metadata) == R"({"note":"x","n":[1,2]})");
+  CHECK(back.idempotency_key.empty());  // not part of the wire form
+  CHECK(back.status == BookingStatus::held);
+  CHECK(back.reason == RejectReason::handler_timeout);
+  CHECK(back.reason_message == "no answer in 5 s");
+  CHECK(back.hold_for == milliseconds(60000));
+  CHECK(back.expires_at == wall_clock::time_point(milliseconds(1700000060250)));
+  CHECK(back.created_at == wall_clock::time_point(milliseconds(1700000000000)));
+  CHECK(back.updated_at == wall_clock::time_point(milliseconds(1700000000250)));
+  CHECK(back.version == 7);
+  CHECK(boost::json::serialize(to_json(back)) == boost::json::serialize(to_json(b)));
+
+  // Every status and reason by its name. (A new enumerator belongs in this list: the compiler's
+  // -Wswitch in to_string() flags it there, this list must follow.)
+  for (auto status :
+       {BookingStatus::processing, BookingStatus::held, BookingStatus::confirmed, BookingStatus::rejected,
+        BookingStatus::cancelled, BookingStatus::released, BookingStatus::expired}) {
+    b.status = status;
+    CHECK(booking_from_json(to_json(b)).value().status == status);
+  }
+  for (auto reason : {RejectReason::none, RejectReason::sold_out, RejectReason::rejected_by_handler,
+                      RejectReason::handler_timeout, RejectReason::handler_error, RejectReason::shutdown,
+                      RejectReason::recovery}) {
+    b.reason = reason;
+    CHECK(booking_from_json(to_json(b)).value().reason == reason);
+  }
+
+  // The optional fields absent: they come back absent.
+  Booking plain;
+  plain.id = "01HZY4";
+  plain.user = "u2";
+  plain.lines = {{"r", 1}};
+  auto p = booking_from_json(to_json(plain)).value();
+  CHECK(p.status == BookingStatus::processing);
+  CHECK(p.reason == RejectReason::none);
+  CHECK(p.reason_message.empty());
+  CHECK(p.metadata.empty());
+  CHECK_FALSE(p.hold_for.has_value());
+  CHECK_FALSE(p.expires_at.has_value());
+  CHECK(p.version == 1);
+  CHECK(p.created_at == wall_clock::time_point());
+}
+
+TEST_CASE("booking_from_json rejects malformed bookings naming the field") {
+  struct Case {
+    const char* json;
+    const char* message;
+  };
+  // Valid but for the one field each case breaks.
+  const std::string base = R"("user":"u","lines":[{"resource":"r","quantity":1}],"version":1,)"
+                           R"("created_at":1700000000000,"updated_at":1700000000000)";
+  for (auto c : {
+           Case{R"([1])", "a booking must be a JSON object"},
+           Case{R"({"status":"held",@})", "\"booking_id\" is required"},
+           Case{R"({"booking_id":5,"status":"held",@})", "\"booking_id\" must be a string"},
+           Case{R"({"booking_id":"b",@})", "\"status\" is required"},
+           Case{R"({"booking_id":"b","status":"paid",@})", "\"status\" must be a booking status, not 'paid'"},
+           Case{R"({"booking_id":"b","status":"rejected","reason":"bored",@})",
+                "\"reason\" must be a reject reason, not 'bored'"},
+           Case{R"({"booking_id":"b","status":"rejected","reason_message":3,@})",
+                "\"reason_message\" must be a string"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","version":1,"created_at":1,"updated_at":1})",
+                "\"lines\" is required"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","lines":[{"resource":"r","quantity":0}],)"
+                R"("version":1,"created_at":1,"updated_at":1})",
+                "lines[0]: \"quantity\" must be an integer of at least 1"},
+           Case{R"({"booking_id":"b","status":"held","metadata":"x",@})", "\"metadata\" must be an object"},
+           Case{R"({"booking_id":"b","status":"held","hold_ms":1.5,@})",
+                "\"hold_ms\" must be an integer (milliseconds)"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","lines":[],"version":0,"created_at":1,)"
+                R"("updated_at":1})",
+                "\"version\" must be an integer of at least 1"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","lines":[],"version":1,"updated_at":1})",
+                "\"created_at\" is required"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","lines":[],"version":1,"created_at":"1",)"
+                R"("updated_at":1})",
+                "\"created_at\" must be an integer (Unix milliseconds)"},
+           Case{R"({"booking_id":"b","status":"held","user":"u","lines":[],"version":1,"created_at":1,)"
+                R"("updated_at":99999999999999999})",
+                "\"updated_at\" must be an integer (Unix milliseconds)"},
+           Case{R"({"booking_id":"b","status":"held","expires_at":true,@})",
+                "\"expires_at\" must be an integer (Unix milliseconds)"},
+       }) {
+    std::string json = c.json;
+    if (auto at = json.find('@'); at != std::string::npos) json.replace(at, 1, base);
+    CAPTURE(json);
+    auto r = booking_from_json(boost::json::parse(json));
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().is(errc::bad_request));
+    CHECK(r.error().message == c.message);
+  }
+}
+
 TEST_CASE("statuses and reasons have stable names") {
   CHECK(std::string(to_string(BookingStatus::processing)) == "processing");
   CHECK(std::string(to_string(BookingStatus::expired)) == "expired");

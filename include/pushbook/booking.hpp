@@ -37,6 +37,8 @@ enum class RejectReason {
   handler_error,
   /// The engine shut down before deciding it.
   shutdown,
+  /// Found undecided after a restart, with EngineOptions::recovery = RecoveryPolicy::reject.
+  recovery,
 };
 
 PUSHBOOK_EXPORT const char* to_string(BookingStatus s) noexcept;
@@ -107,6 +109,11 @@ struct Booking {
 ///   {"booking_id","status","reason"?,"reason_message"?,"user","lines":[...],"metadata",
 ///    "version","created_at","updated_at","expires_at"?}   (times in Unix milliseconds)
 PUSHBOOK_EXPORT boost::json::object to_json(const Booking& b);
+
+/// The inverse of to_json(const Booking&), for stores that keep a booking in its JSON form. Times
+/// come back at millisecond precision; `idempotency_key` is not part of the JSON and stays empty.
+/// Errors: errc::bad_request naming the field.
+PUSHBOOK_EXPORT result<Booking> booking_from_json(const boost::json::value& v);
 
 /// Capacity and use of one resource. available = capacity - reserved - confirmed.
 struct ResourceState {

@@ -25,6 +25,7 @@ class Reason(str, enum.Enum):
     HANDLER_TIMEOUT = "handler_timeout"
     HANDLER_ERROR = "handler_error"
     SHUTDOWN = "shutdown"
+    RECOVERY = "recovery"
 
     def __str__(self):
         return self.value
