@@ -7,10 +7,23 @@
 //   queue_mutex -> resources_mutex          (a worker hands over between them, see worker())
 //   booking lock (per id, striped) -> resources_mutex -> bus shard locks
 //   idempotency_mutex (never held with another engine lock)
-// A booking's state changes happen under its booking lock, and its events are published under
-// it too, so "booking/<id>" sees the changes in the order they happened. Resource availability
-// events are published under resources_mutex for the same reason. Callbacks of subscribers that
-// use inline_executor() therefore run under these locks and must not call back into the engine.
+//
+// Store first, then memory, then publish: every state change is committed to the store
+// (BookingStore::commit_async) and only its completion changes the in-memory resource counts and
+// publishes. The one thing memory does ahead of the store is a worker's reservation of units for
+// a booking being decided: it is tentative (the booking is still processing in the store, and a
+// restart recomputes counts from stored states), and it keeps those units from anyone else until
+// the decision is stored.
+//
+// Order of a booking's events: changes of one booking are made under its booking lock. With an
+// inline store (MemoryStore) the completion runs inside that lock; with a store that completes
+// on its own thread, completions run there one at a time in commit order, and the engine never
+// commits a booking's next version before the previous one completed. Either way "booking/<id>"
+// sees the versions in order. Completions never take a booking lock (a thread holding one may be
+// waiting for the store), and never wait for the store.
+// Resource availability events are published under resources_mutex for the same reason.
+// Callbacks of subscribers that use inline_executor() therefore run under these locks and must
+// not call back into the engine.
 #include <pushbook/booking_engine.hpp>
 
 #include "detail/adaptive_spin.hpp"
@@ -23,6 +36,7 @@
 #include <algorithm>
 #include <array>
 #include <condition_variable>
+#include <future>
 #include <deque>
 #include <mutex>
 #include <shared_mutex>
@@ -40,7 +54,8 @@ struct string_hash {
   std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
 };
 
-// The request as the idempotency check compares it: equal strings mean the same request.
+// The request as the idempotency check compares it: equal strings mean the same request. Stored
+// with the key, so a restarted engine compares retries the same way.
 std::string fingerprint(const BookingRequest& r) {
   std::string f;
   for (const auto& l : r.lines) fmt::format_to(std::back_inserter(f), "{}:{};", l.resource, l.quantity);
@@ -97,12 +112,19 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::vector<std::thread> workers;
   std::mutex shutdown_mutex;
 
+  std::mutex resources_admin_mutex;  // serialises add_resource and set_capacity (put_capacity)
+  result<void> put_capacity(std::string_view id, std::uint32_t capacity, bool create);
+  // Resources recovered from the store that no add_resource() of this process has named yet:
+  // their first add_resource() reconciles instead of failing with already_exists.
+  std::unordered_set<std::string, string_hash, std::equal_to<>> undeclared;  // resources_mutex
+
   std::mutex in_flight_mutex;
   std::condition_variable in_flight_cv;
+  // Bookings whose processing commit was started and that are not decided (and stored) yet.
   std::atomic<std::uint64_t> in_flight{0};
 
   std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
-      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0};
+      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0};
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
@@ -125,21 +147,35 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     (void)bus->publish("resource/" + r.id, to_json(r));
   }
 
-  // Stores the booking and publishes it to booking/<id> and user/<user>. Caller holds the
-  // booking's lock.
-  result<void> commit(const Booking& b) {
-    // One JSON value, shared by both events and every subscriber.
+  // The events announcing `b`: booking/<id> and user/<user>, one JSON value shared by both.
+  static std::vector<OutboxEvent> events_for(const Booking& b) {
     auto data = std::make_shared<const boost::json::value>(to_json(b));
-    StateChange change{b, {}};
-    change.events.reserve(2);
-    change.events.push_back({"booking/" + b.id, data});
-    change.events.push_back({"user/" + b.user, std::move(data)});
-    if (auto r = store->commit(change); !r) {
-      store_errors.fetch_add(1, std::memory_order_relaxed);
-      return r;
-    }
-    for (auto& ev : change.events) (void)bus->publish(ev.topic, std::move(ev.data));
-    return {};
+    std::vector<OutboxEvent> events;
+    events.reserve(2);
+    events.push_back({"booking/" + b.id, data});
+    events.push_back({"user/" + b.user, std::move(data)});
+    return events;
+  }
+
+  void publish(const std::vector<OutboxEvent>& events) {
+    for (const auto& ev : events) (void)bus->publish(ev.topic, ev.data);
+  }
+
+  // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
+  // store's completion, before returning. Caller holds the booking's lock.
+  result<void> commit_and_wait(const Booking& b, const std::function<void()>& then) {
+    StateChange change{b, events_for(b), {}};
+    std::promise<result<void>> stored;
+    store->commit_async(change, [&](result<void> r) {
+      if (r) {
+        if (then) then();
+        publish(change.events);
+      }
+      stored.set_value(std::move(r));
+    });
+    auto r = stored.get_future().get();
+    if (!r) store_errors.fetch_add(1, std::memory_order_relaxed);
+    return r;
   }
 
   // --- capacity ----------------------------------------------------------------------------
@@ -252,8 +288,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   // --- deciding ----------------------------------------------------------------------------
 
-  void finish_in_flight(steady::time_point submitted) {
-    decision_latency.record(steady::now() - submitted);
+  void finish_in_flight(steady::time_point submitted, bool decided = true) {
+    if (decided) decision_latency.record(steady::now() - submitted);
     if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard lock(in_flight_mutex);
       in_flight_cv.notify_all();
@@ -263,42 +299,79 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // Where a booking's units are when it is decided.
   enum class units { none, reserved, confirmed };
 
-  // Decides a processing booking.
+  // Decides a processing booking whose units (`held_units`) are tentatively in memory: stores the
+  // decided version, then moves or frees those units and publishes. A commit the store refuses
+  // leaves the booking processing (in the store and in memory, units still set aside) and is
+  // tried again after a backoff; during shutdown it is left to the next start's recovery.
   void decide(Booking b, steady::time_point submitted, bool approve, RejectReason reason, std::string message,
-              units held_units) {
-    {
-      std::lock_guard lock(lock_for(b.id));
-      const auto now = wall_clock::now();
-      b.updated_at = now;
-      ++b.version;
-      if (approve && b.hold_for) {
-        b.status = BookingStatus::held;
-        b.expires_at = now + *b.hold_for;
-      } else if (approve) {
-        b.status = BookingStatus::confirmed;
-        if (held_units == units::reserved) change_capacity(b.lines, capacity_change::reserved_to_confirmed);
-      } else {
-        b.status = BookingStatus::rejected;
-        b.reason = reason;
-        b.reason_message = std::move(message);
-        if (held_units == units::reserved) change_capacity(b.lines, capacity_change::free_reserved);
-        if (held_units == units::confirmed) change_capacity(b.lines, capacity_change::free_confirmed);
-      }
-      (void)commit(b);
+              units held_units, unsigned attempt = 0) {
+    std::lock_guard lock(lock_for(b.id));
+    auto decided = std::make_shared<Booking>(b);
+    const auto now = wall_clock::now();
+    decided->updated_at = now;
+    ++decided->version;
+    if (approve && b.hold_for) {
+      decided->status = BookingStatus::held;
+      decided->expires_at = now + *b.hold_for;
+    } else if (approve) {
+      decided->status = BookingStatus::confirmed;
+    } else {
+      decided->status = BookingStatus::rejected;
+      decided->reason = reason;
+      decided->reason_message = message;
     }
-    switch (b.status) {
-      case BookingStatus::held: {
-        held.fetch_add(1, std::memory_order_relaxed);
-        std::weak_ptr<engine_core> weak = weak_from_this();
-        timers.schedule(steady::now() + *b.hold_for, [weak, id = b.id] {
-          if (auto self = weak.lock()) self->expire(id);
-        });
-        break;
+    StateChange change{*decided, events_for(*decided), {}};
+    store->commit_async(change, [this, decided, events = change.events, original = std::move(b), submitted, approve,
+                                 reason, message = std::move(message), held_units,
+                                 attempt](result<void> r) mutable {
+      if (!r) return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
+                                         held_units, attempt);
+      const auto& d = *decided;
+      if (d.status == BookingStatus::confirmed && held_units == units::reserved)
+        change_capacity(d.lines, capacity_change::reserved_to_confirmed);
+      if (d.status == BookingStatus::rejected && held_units == units::reserved)
+        change_capacity(d.lines, capacity_change::free_reserved);
+      if (d.status == BookingStatus::rejected && held_units == units::confirmed)
+        change_capacity(d.lines, capacity_change::free_confirmed);
+      publish(events);
+      switch (d.status) {
+        case BookingStatus::held: {
+          held.fetch_add(1, std::memory_order_relaxed);
+          arm_expiry(d.id, *d.expires_at);
+          break;
+        }
+        case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
+        default: rejected.fetch_add(1, std::memory_order_relaxed); break;
       }
-      case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
-      default: rejected.fetch_add(1, std::memory_order_relaxed); break;
+      finish_in_flight(submitted);
+    });
+  }
+
+  void decision_not_stored(Booking b, steady::time_point submitted, bool approve, RejectReason reason,
+                           std::string message, units held_units, unsigned attempt) {
+    store_errors.fetch_add(1, std::memory_order_relaxed);
+    if (stopping.load()) {
+      // Shutting down: the booking stays processing in the store, and the next start decides it.
+      finish_in_flight(submitted);
+      return;
     }
-    finish_in_flight(submitted);
+    const auto backoff = std::chrono::milliseconds(std::min(20 << std::min(attempt, 6u), 1000));
+    // On the timer thread: never from the store's completion, which must not take a booking lock.
+    timers.schedule(steady::now() + backoff, [this, b = std::move(b), submitted, approve, reason,
+                                              message = std::move(message), held_units, attempt]() mutable {
+      // The timer queue is destroyed before the rest of the engine, and shutdown() waits for
+      // in-flight bookings, so `this` is valid here.
+      decide(std::move(b), submitted, approve, reason, std::move(message), held_units, attempt + 1);
+    });
+  }
+
+  // Expires the hold at `expires_at` (at once when that has passed).
+  void arm_expiry(const std::string& id, wall_clock::time_point expires_at) {
+    const auto left = std::max(expires_at - wall_clock::now(), wall_clock::duration::zero());
+    std::weak_ptr<engine_core> weak = weak_from_this();
+    timers.schedule(steady::now() + std::chrono::duration_cast<steady::duration>(left), [weak, id] {
+      if (auto self = weak.lock()) self->expire(id);
+    });
   }
 
   Decision timeout_decision() const {
@@ -418,32 +491,91 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // --- transitions after the decision ------------------------------------------------------
 
   // Applies `to` to a booking currently in `from`, with its capacity change, under its lock.
+  // The change is stored first; memory and events follow only when it is.
   result<Booking> transition(std::string_view id, BookingStatus from, BookingStatus to,
                              std::optional<capacity_change> change, std::string_view verb) {
     std::lock_guard lock(lock_for(id));
-    auto b = store->load(id);
-    if (!b) return Error(errc::not_found, fmt::format("no booking '{}'", id));
-    if (b->status != from) {
-      if (from == BookingStatus::held && is_decided(b->status) && b->hold_for)
+    auto loaded = store->load(id);
+    if (!loaded) return loaded.error();
+    if (!*loaded) return Error(errc::not_found, fmt::format("no booking '{}'", id));
+    auto& b = **loaded;
+    if (b.status != from) {
+      if (from == BookingStatus::held && is_decided(b.status) && b.hold_for)
         return Error(errc::invalid_transition,
                      fmt::format("cannot {} booking '{}': its hold already reached '{}'", verb, id,
-                                 to_string(b->status)));
+                                 to_string(b.status)));
       return Error(errc::invalid_transition, fmt::format("cannot {} booking '{}': it is '{}', not '{}'", verb,
-                                                         id, to_string(b->status), to_string(from)));
+                                                         id, to_string(b.status), to_string(from)));
     }
-    if (change) change_capacity(b->lines, *change);
-    b->status = to;
-    b->updated_at = wall_clock::now();
-    if (to != BookingStatus::held) b->expires_at.reset();
-    ++b->version;
-    if (auto r = commit(*b); !r) return r.error();
-    return std::move(*b);
+    b.status = to;
+    b.updated_at = wall_clock::now();
+    if (to != BookingStatus::held) b.expires_at.reset();
+    ++b.version;
+    auto r = commit_and_wait(b, [&] {
+      if (change) change_capacity(b.lines, *change);
+    });
+    if (!r) return r.error();
+    return std::move(b);
   }
 
   void expire(const std::string& id) {
     auto r =
         transition(id, BookingStatus::held, BookingStatus::expired, capacity_change::free_reserved, "expire");
-    if (r) expired.fetch_add(1, std::memory_order_relaxed);
+    if (r) {
+      expired.fetch_add(1, std::memory_order_relaxed);
+    } else if (r.error().is(errc::store_failed) && !stopping.load()) {
+      // Still held in the store and in memory: try again shortly.
+      std::weak_ptr<engine_core> weak = weak_from_this();
+      timers.schedule(steady::now() + std::chrono::milliseconds(100), [weak, id] {
+        if (auto self = weak.lock()) self->expire(id);
+      });
+    }
+  }
+
+  // --- recovery ----------------------------------------------------------------------------
+
+  // Rebuilds memory from the store (see docs/architecture.md, "Durability and recovery").
+  // Runs in the constructor, before any worker starts.
+  void recover() {
+    const auto wall_now = wall_clock::now();
+    const auto steady_now = steady::now();
+    auto state = store->recover(wall_now - options.idempotency_window);
+    if (!state) throw Exception(Error(errc::store_failed, "recovery: " + state.error().message));
+    {
+      std::unique_lock lock(resources_mutex);
+      for (auto& r : state->resources) {
+        undeclared.insert(r.id);
+        auto& mine = resources[r.id];
+        mine = std::move(r);
+        publish_resource(mine);
+      }
+    }
+    {
+      std::lock_guard lock(idempotency_mutex);
+      std::sort(state->keys.begin(), state->keys.end(),
+                [](const auto& a, const auto& b) { return a.created_at < b.created_at; });
+      for (auto& k : state->keys) {
+        const auto left = k.created_at + options.idempotency_window - wall_now;
+        const auto expires = steady_now + std::chrono::duration_cast<steady::duration>(left);
+        auto slot = k.user + '\n' + k.key;
+        idempotency.insert_or_assign(slot, idempotency_entry{std::move(k.fingerprint), std::move(k.booking_id), expires});
+        idempotency_order.emplace_back(expires, std::move(slot));
+      }
+    }
+    for (const auto& b : state->held) arm_expiry(b.id, b.expires_at.value_or(wall_now));
+    for (auto& b : state->processing) {
+      recovered.fetch_add(1, std::memory_order_relaxed);
+      in_flight.fetch_add(1, std::memory_order_acq_rel);
+      accepted.fetch_add(1, std::memory_order_relaxed);
+      if (options.recovery == RecoveryPolicy::reject) {
+        decide(std::move(b), steady_now, false, RejectReason::recovery,
+               "found undecided after a restart (recovery policy: reject)", units::none);
+      } else {
+        // Beyond max_queue if need be: these were ACKed, they are never refused.
+        queued.fetch_add(1, std::memory_order_relaxed);
+        queue.push_back({std::move(b), steady_now});
+      }
+    }
   }
 };
 
@@ -461,6 +593,7 @@ bool Completion::operator()(Decision decision) const {
 BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
   if (!bus) throw Exception(Error(errc::bad_request, "BookingEngine needs an event bus"));
   impl_ = std::make_shared<detail::engine_core>(std::move(bus), std::move(options));
+  impl_->recover();
   const auto n = std::max<std::size_t>(1, impl_->options.workers);
   for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
 }
@@ -476,35 +609,70 @@ void BookingEngine::shutdown() {
   impl_->queue_cv.notify_all();
   for (auto& t : impl_->workers)
     if (t.joinable()) t.join();
-  // Handlers still deciding finish, or time out, before the engine goes.
+  // Handlers still deciding finish, or time out, and their commits complete, before the engine
+  // goes.
   std::unique_lock lock(impl_->in_flight_mutex);
   impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
+}
+
+// Capacity changes are serialised by resources_admin_mutex and never hold resources_mutex while
+// the store commits (the store's completions take resources_mutex). Memory's capacity is never
+// above the store's: an increase is stored first, a decrease is applied to memory first (checked
+// against what is in use, so no booking can take the units meanwhile) and undone if the store
+// refuses it.
+result<void> detail::engine_core::put_capacity(std::string_view id, std::uint32_t capacity, bool create) {
+  std::lock_guard admin(resources_admin_mutex);
+  std::optional<std::uint32_t> before;
+  {
+    std::unique_lock lock(resources_mutex);
+    auto it = resources.find(id);
+    if (it != resources.end()) {
+      if (create && !undeclared.contains(id))
+        return Error(errc::already_exists, fmt::format("resource '{}' already exists", id));
+      auto& r = it->second;
+      if (capacity < r.reserved + r.confirmed)
+        return Error(errc::capacity_in_use,
+                     fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}", id,
+                                 r.reserved + r.confirmed, capacity));
+      if (create) undeclared.erase(std::string(id));
+      if (capacity == r.capacity && create) return {};  // reconciled: the store already says so
+      before = r.capacity;
+      if (capacity < r.capacity) {
+        r.capacity = capacity;
+        publish_resource(r);
+      }
+    } else if (!create) {
+      return Error(errc::not_found, fmt::format("unknown resource '{}'", id));
+    }
+  }
+  if (auto stored = store->put_resource(id, capacity); !stored) {
+    store_errors.fetch_add(1, std::memory_order_relaxed);
+    if (before && capacity < *before) {
+      std::unique_lock lock(resources_mutex);
+      auto& r = resources.find(id)->second;
+      r.capacity = *before;
+      publish_resource(r);
+    }
+    return stored.error();
+  }
+  std::unique_lock lock(resources_mutex);
+  auto& r = resources[std::string(id)];
+  r.id = std::string(id);
+  if (r.capacity != capacity || !before) {
+    r.capacity = capacity;
+    publish_resource(r);
+  }
+  return {};
 }
 
 result<void> BookingEngine::add_resource(std::string_view id, std::uint32_t capacity) {
   if (!is_valid_id(id))
     return Error(errc::bad_request, "resource id must be 1-128 characters of letters, digits and -_.:@+=~");
-  std::unique_lock lock(impl_->resources_mutex);
-  auto [it, inserted] = impl_->resources.try_emplace(std::string(id));
-  if (!inserted) return Error(errc::already_exists, fmt::format("resource '{}' already exists", id));
-  it->second.id = std::string(id);
-  it->second.capacity = capacity;
-  impl_->publish_resource(it->second);
-  return {};
+  return impl_->put_capacity(id, capacity, true);
 }
 
 result<void> BookingEngine::set_capacity(std::string_view id, std::uint32_t capacity) {
-  std::unique_lock lock(impl_->resources_mutex);
-  auto it = impl_->resources.find(id);
-  if (it == impl_->resources.end()) return Error(errc::not_found, fmt::format("unknown resource '{}'", id));
-  auto& r = it->second;
-  if (capacity < r.reserved + r.confirmed)
-    return Error(errc::capacity_in_use,
-                 fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}", id,
-                             r.reserved + r.confirmed, capacity));
-  r.capacity = capacity;
-  impl_->publish_resource(r);
-  return {};
+  return impl_->put_capacity(id, capacity, false);
 }
 
 result<ResourceState> BookingEngine::resource(std::string_view id) const {
@@ -530,97 +698,115 @@ std::vector<ResourceState> BookingEngine::resources() const {
 }
 
 result<Ack> BookingEngine::submit(BookingRequest request) {
+  std::promise<result<Ack>> answered;
+  auto answer = answered.get_future();
+  submit_async(std::move(request), [&answered](result<Ack> r) { answered.set_value(std::move(r)); });
+  return answer.get();
+}
+
+void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
   const auto t0 = steady::now();
   auto& m = *impl_;
   if (m.stopping.load(std::memory_order_relaxed))
-    return Error(errc::shutting_down, "engine is shutting down");
+    return done(Error(errc::shutting_down, "engine is shutting down"));
   if (auto v = m.validate(request); !v) {
     m.invalid.fetch_add(1, std::memory_order_relaxed);
-    return v.error();
+    return done(v.error());
   }
 
   std::string booking_id;
   std::string slot;
+  std::string fp;
   if (!request.idempotency_key.empty()) {
     slot = detail::engine_core::idempotency_slot(request);
-    auto fp = fingerprint(request);
+    fp = fingerprint(request);
     std::unique_lock lock(m.idempotency_mutex);
     m.forget_expired_keys(t0);
     if (auto it = m.idempotency.find(slot); it != m.idempotency.end()) {
       if (it->second.fingerprint != fp) {
         m.invalid.fetch_add(1, std::memory_order_relaxed);
-        return Error(errc::idempotency_conflict,
-                     fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
-                                 request.idempotency_key, it->second.booking_id));
+        return done(Error(errc::idempotency_conflict,
+                          fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
+                                      request.idempotency_key, it->second.booking_id)));
       }
       Ack ack{it->second.booking_id, BookingStatus::processing, true};
       lock.unlock();
       // The first submit may still be storing it; then it is processing.
-      if (auto b = m.store->load(ack.booking_id)) ack.status = b->status;
+      if (auto b = m.store->load(ack.booking_id); b && *b) ack.status = (*b)->status;
       m.replays.fetch_add(1, std::memory_order_relaxed);
       m.ack_latency.record(steady::now() - t0);
-      return ack;
+      return done(std::move(ack));
     }
     booking_id = m.ids.next();
     const auto expires = t0 + m.options.idempotency_window;
-    m.idempotency.emplace(slot, detail::engine_core::idempotency_entry{std::move(fp), booking_id, expires});
+    m.idempotency.emplace(slot, detail::engine_core::idempotency_entry{fp, booking_id, expires});
     m.idempotency_order.emplace_back(expires, slot);
   } else {
     booking_id = m.ids.next();
   }
 
-  // Take a queue slot before anything is published, so "overloaded" never leaves a booking behind.
+  // Take a queue slot before anything is stored, so "overloaded" never leaves a booking behind.
   if (m.queued.fetch_add(1, std::memory_order_acq_rel) >= m.options.max_queue) {
     m.queued.fetch_sub(1, std::memory_order_acq_rel);
     if (!slot.empty()) m.forget_key(slot);
     m.overloaded.fetch_add(1, std::memory_order_relaxed);
-    return Error(errc::overloaded,
-                 fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue));
+    return done(Error(errc::overloaded,
+                      fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue)));
   }
 
-  Booking b;
-  b.id = std::move(booking_id);
-  b.user = std::move(request.user);
-  b.lines = std::move(request.lines);
-  b.metadata = std::move(request.metadata);
-  b.idempotency_key = std::move(request.idempotency_key);
-  b.hold_for = request.hold_for;
-  b.created_at = b.updated_at = wall_clock::now();
-  {
-    std::lock_guard lock(m.lock_for(b.id));
-    if (auto r = m.commit(b); !r) {
+  auto b = std::make_shared<Booking>();
+  b->id = std::move(booking_id);
+  b->user = std::move(request.user);
+  b->lines = std::move(request.lines);
+  b->metadata = std::move(request.metadata);
+  b->idempotency_key = std::move(request.idempotency_key);
+  b->hold_for = request.hold_for;
+  b->created_at = b->updated_at = wall_clock::now();
+  // Counted in flight from here: shutdown() waits for this commit's completion.
+  m.in_flight.fetch_add(1, std::memory_order_acq_rel);
+  StateChange change{*b, detail::engine_core::events_for(*b), fp};
+  // Nobody else knows this booking id before the completion, so no booking lock is needed.
+  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), t0,
+                                 done = std::move(done)](result<void> stored) mutable {
+    if (!stored) {
+      m.store_errors.fetch_add(1, std::memory_order_relaxed);
       m.queued.fetch_sub(1, std::memory_order_acq_rel);
       if (!slot.empty()) m.forget_key(slot);
-      return r.error();
+      Error e = stored.error();
+      m.finish_in_flight(t0, false);
+      return done(std::move(e));
     }
-  }
-  Ack ack{b.id, BookingStatus::processing, false};
-  m.in_flight.fetch_add(1, std::memory_order_acq_rel);
-  m.accepted.fetch_add(1, std::memory_order_relaxed);
-  bool wake;
-  {
-    std::unique_lock lock(m.queue_mutex);
-    if (m.stopping.load()) {
-      // shutdown() began after the check above; the workers may be gone, so decide it here.
-      lock.unlock();
-      m.queued.fetch_sub(1, std::memory_order_acq_rel);
-      m.decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down",
-               detail::engine_core::units::none);
-      m.ack_latency.record(steady::now() - t0);
-      return ack;
+    m.publish(events);
+    m.accepted.fetch_add(1, std::memory_order_relaxed);
+    Ack ack{b->id, BookingStatus::processing, false};
+    bool wake = false;
+    {
+      std::unique_lock lock(m.queue_mutex);
+      if (m.stopping.load()) {
+        // shutdown() began meanwhile; the workers may be gone. Decided on the timer thread: a
+        // completion must not take a booking lock.
+        lock.unlock();
+        m.queued.fetch_sub(1, std::memory_order_acq_rel);
+        m.timers.schedule(steady::now(), [&m, b, t0] {
+          m.decide(std::move(*b), t0, false, RejectReason::shutdown, "engine shut down",
+                   detail::engine_core::units::none);
+        });
+      } else {
+        m.queue.push_back({std::move(*b), t0});
+        wake = m.parked_workers > 0;
+      }
     }
-    m.queue.push_back({std::move(b), t0});
-    wake = m.parked_workers > 0;
-  }
-  if (wake) m.queue_cv.notify_one();
-  m.ack_latency.record(steady::now() - t0);
-  return ack;
+    if (wake) m.queue_cv.notify_one();
+    m.ack_latency.record(steady::now() - t0);
+    done(std::move(ack));
+  });
 }
 
 result<Booking> BookingEngine::get(std::string_view booking_id) const {
   auto b = impl_->store->load(booking_id);
-  if (!b) return Error(errc::not_found, fmt::format("no booking '{}'", booking_id));
-  return std::move(*b);
+  if (!b) return b.error();
+  if (!*b) return Error(errc::not_found, fmt::format("no booking '{}'", booking_id));
+  return std::move(**b);
 }
 
 result<Booking> BookingEngine::cancel(std::string_view booking_id) {
@@ -658,6 +844,7 @@ EngineStats BookingEngine::stats() const {
   s.invalid = m.invalid.load();
   s.overloaded = m.overloaded.load();
   s.store_errors = m.store_errors.load();
+  s.recovered = m.recovered.load();
   s.in_flight = m.in_flight.load();
   s.queue_depth = m.queued.load();
   s.ack_latency = m.ack_latency.summary();

@@ -1,12 +1,18 @@
 #include <pushbook/booking_store.hpp>
 
+#include "detail/recovery.hpp"
+
+#include <algorithm>
 #include <array>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 
 namespace pushbook {
 
 BookingStore::~BookingStore() = default;
+
+void BookingStore::commit_async(const StateChange& change, CommitCallback done) { done(commit(change)); }
 
 namespace {
 struct string_hash {
@@ -17,11 +23,20 @@ struct string_hash {
 
 // Sharded so that concurrent commits of different bookings rarely contend.
 struct MemoryStore::impl {
+  struct stored {
+    Booking booking;
+    std::uint64_t order = 0;  // when it was first stored: recovery re-queues in this order
+    std::string fingerprint;
+  };
   struct shard {
     mutable std::mutex mutex;
-    std::unordered_map<std::string, Booking, string_hash, std::equal_to<>> bookings;
+    std::unordered_map<std::string, stored, string_hash, std::equal_to<>> bookings;
   };
   std::array<shard, 32> shards;
+  std::atomic<std::uint64_t> next_order{1};
+  mutable std::mutex resources_mutex;
+  std::map<std::string, std::uint32_t, std::less<>> resources;
+
   shard& shard_for(std::string_view id) { return shards[string_hash{}(id) % shards.size()]; }
   const shard& shard_for(std::string_view id) const { return shards[string_hash{}(id) % shards.size()]; }
 };
@@ -33,19 +48,51 @@ result<void> MemoryStore::commit(const StateChange& change) {
   auto& s = impl_->shard_for(change.booking.id);
   std::lock_guard lock(s.mutex);
   auto it = s.bookings.find(change.booking.id);
-  if (it == s.bookings.end())
-    s.bookings.emplace(change.booking.id, change.booking);
-  else
-    it->second = change.booking;
+  if (it == s.bookings.end()) {
+    s.bookings.emplace(change.booking.id,
+                       impl::stored{change.booking, impl_->next_order.fetch_add(1), std::string(change.fingerprint)});
+  } else {
+    it->second.booking = change.booking;
+  }
   return {};
 }
 
-std::optional<Booking> MemoryStore::load(std::string_view booking_id) const {
+result<std::optional<Booking>> MemoryStore::load(std::string_view booking_id) const {
   const auto& s = impl_->shard_for(booking_id);
   std::lock_guard lock(s.mutex);
   auto it = s.bookings.find(booking_id);
-  if (it == s.bookings.end()) return std::nullopt;
-  return it->second;
+  if (it == s.bookings.end()) return std::optional<Booking>{};
+  return std::optional<Booking>{it->second.booking};
+}
+
+result<void> MemoryStore::put_resource(std::string_view resource_id, std::uint32_t capacity) {
+  std::lock_guard lock(impl_->resources_mutex);
+  impl_->resources.insert_or_assign(std::string(resource_id), capacity);
+  return {};
+}
+
+result<RecoveredState> MemoryStore::recover(wall_clock::time_point keys_since) {
+  detail::RecoveryBuilder builder;
+  {
+    std::lock_guard lock(impl_->resources_mutex);
+    for (const auto& [id, capacity] : impl_->resources) builder.resource(id, capacity);
+  }
+  std::vector<std::pair<std::uint64_t, Booking>> processing;
+  for (const auto& s : impl_->shards) {
+    std::lock_guard lock(s.mutex);
+    for (const auto& [id, st] : s.bookings) {
+      const auto& b = st.booking;
+      builder.booking_lines(b.status, b.lines);
+      if (b.status == BookingStatus::processing) processing.emplace_back(st.order, b);
+      if (b.status == BookingStatus::held) builder.state.held.push_back(b);
+      if (!b.idempotency_key.empty() && b.created_at >= keys_since)
+        builder.state.keys.push_back({b.user, b.idempotency_key, st.fingerprint, b.id, b.created_at});
+    }
+  }
+  std::sort(processing.begin(), processing.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (auto& [order, b] : processing) builder.state.processing.push_back(std::move(b));
+  return builder.finish();
 }
 
 std::size_t MemoryStore::size() const {

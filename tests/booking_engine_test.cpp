@@ -440,7 +440,11 @@ class RecordingStore final : public BookingStore {
     CHECK(change.events[1].topic == "user/" + change.booking.user);
     return inner_.commit(change);
   }
-  std::optional<Booking> load(std::string_view id) const override { return inner_.load(id); }
+  result<std::optional<Booking>> load(std::string_view id) const override { return inner_.load(id); }
+  result<void> put_resource(std::string_view id, std::uint32_t capacity) override {
+    return inner_.put_resource(id, capacity);
+  }
+  result<RecoveredState> recover(wall_clock::time_point since) override { return inner_.recover(since); }
   std::uint64_t version(const std::string& id) {
     std::lock_guard lock(mutex_);
     return versions_[id];

@@ -56,6 +56,16 @@ class PUSHBOOK_EXPORT Completion {
 /// An exception thrown by the handler rejects the booking with RejectReason::handler_error.
 using BookingHandler = std::function<void(const Booking& booking, Completion done)>;
 
+/// What an engine starting over an existing store does with bookings it finds still
+/// `processing` (ACKed before a crash, never decided).
+enum class RecoveryPolicy {
+  /// Decide them again, in their original order (the handler may run a second time for a
+  /// booking whose first run was cut off by the crash).
+  requeue,
+  /// Reject them with RejectReason::recovery.
+  reject,
+};
+
 struct EngineOptions {
   /// Worker threads that decide bookings.
   std::size_t workers = 2;
@@ -74,8 +84,12 @@ struct EngineOptions {
   std::size_t max_lines = 64;
   /// Longest hold a request may ask for.
   std::chrono::milliseconds max_hold = std::chrono::hours(24);
-  /// Where state changes are written before they are published (default: a MemoryStore).
+  /// Where state changes are written before they touch memory or are published (default: a
+  /// MemoryStore). Over a store that already holds bookings the engine recovers at construction
+  /// (see docs/architecture.md, "Durability and recovery").
   std::shared_ptr<BookingStore> store;
+  /// What recovery does with bookings still processing.
+  RecoveryPolicy recovery = RecoveryPolicy::requeue;
   /// This process's node id, part of every booking id (default: random). Give each engine of a
   /// deployment its own to make ids unique by construction rather than by probability.
   std::optional<std::uint32_t> node_id;
@@ -93,7 +107,10 @@ struct EngineStats {
   std::uint64_t idempotent_replays = 0;
   std::uint64_t invalid = 0;
   std::uint64_t overloaded = 0;
+  /// Commits the store refused (each retried or reported, never ignored).
   std::uint64_t store_errors = 0;
+  /// Bookings found processing at start and decided again (or rejected) by recovery.
+  std::uint64_t recovered = 0;
   /// Accepted and not decided yet.
   std::uint64_t in_flight = 0;
   /// Accepted and waiting for a worker.
@@ -110,16 +127,23 @@ struct EngineStats {
 /// every change of a resource's availability to "resource/<id>".
 class PUSHBOOK_EXPORT BookingEngine {
  public:
+  /// Starts the workers. Over a store that holds state (a restart) it first recovers: resources
+  /// with their capacity and counts, holds (expiry re-armed), idempotency keys within the
+  /// window, and bookings still processing (EngineOptions::recovery).
+  /// Throws pushbook::Exception (errc::store_failed) when the store cannot be read.
   explicit BookingEngine(EventBusPtr bus, EngineOptions options = {});
   /// Calls shutdown().
   ~BookingEngine();
   BookingEngine(const BookingEngine&) = delete;
   BookingEngine& operator=(const BookingEngine&) = delete;
 
-  /// Adds a resource. Errors: bad_request (invalid id), already_exists.
+  /// Adds a resource, stored first. A resource recovered from the store is reconciled instead:
+  /// the same capacity changes nothing, another one follows set_capacity()'s rules (the first
+  /// add_resource() of it in this process only). Errors: bad_request (invalid id), already_exists,
+  /// capacity_in_use (reconciling below what is in use), store_failed.
   result<void> add_resource(std::string_view id, std::uint32_t capacity);
-  /// Changes a resource's capacity. Errors: not_found, capacity_in_use (below what is reserved
-  /// plus confirmed).
+  /// Changes a resource's capacity, stored first. Errors: not_found, capacity_in_use (below what
+  /// is reserved plus confirmed), store_failed.
   result<void> set_capacity(std::string_view id, std::uint32_t capacity);
   result<ResourceState> resource(std::string_view id) const;
   /// Units free now. Errors: not_found.
@@ -129,20 +153,34 @@ class PUSHBOOK_EXPORT BookingEngine {
   /// Validates `request` and returns the ACK (status processing) at once; the decision follows
   /// on "booking/<id>". Errors, never an ACK: bad_request, not_found (unknown resource),
   /// exceeds_capacity, idempotency_conflict, overloaded, shutting_down, store_failed.
+  /// The ACK means the processing version is stored (as durable as the store is). Blocks for the
+  /// store's commit: a thread that must not block (an I/O thread) uses submit_async().
   result<Ack> submit(BookingRequest request);
 
-  /// The booking as stored now. Errors: not_found.
+  /// Called once with submit()'s result.
+  using SubmitCallback = std::function<void(result<Ack>)>;
+  /// submit() without waiting for the store: `done` is called exactly once with the ACK or the
+  /// error, on the calling thread when the answer is known at once (bad input, MemoryStore) and
+  /// otherwise on the store's thread once the commit is durable. `done` must be short and must
+  /// not call the engine's blocking methods (post the work elsewhere, as the gateway does).
+  void submit_async(BookingRequest request, SubmitCallback done);
+
+  /// The booking as stored now. Errors: not_found, store_failed.
   result<Booking> get(std::string_view booking_id) const;
-  /// confirmed -> cancelled, releasing capacity. Errors: not_found, invalid_transition.
+  /// confirmed -> cancelled, releasing capacity. Errors: not_found, invalid_transition,
+  /// store_failed (nothing changed).
   result<Booking> cancel(std::string_view booking_id);
-  /// held -> confirmed. Errors: not_found, invalid_transition (naming the state it reached).
+  /// held -> confirmed. Errors: not_found, invalid_transition (naming the state it reached),
+  /// store_failed (nothing changed).
   result<Booking> confirm(std::string_view booking_id);
-  /// held -> released, releasing capacity. Errors: not_found, invalid_transition.
+  /// held -> released, releasing capacity. Errors: not_found, invalid_transition, store_failed
+  /// (nothing changed).
   result<Booking> release(std::string_view booking_id);
 
   /// Stops taking bookings (submit() then fails with shutting_down), rejects those still queued
   /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
-  /// and joins the workers. Idempotent; the destructor calls it. Must not be called from a
+  /// and for their commits, and joins the workers. A decision the store refuses during shutdown
+  /// stays processing in the store: the next start decides it (recovery). Idempotent; the destructor calls it. Must not be called from a
   /// handler or a worker thread.
   void shutdown();
 

@@ -1,12 +1,15 @@
 // pushbook/booking_store.hpp: where the engine writes every booking state change before it
-// publishes it. MemoryStore keeps them in this process; a durable store (and a transactional
-// outbox that publishes from the same transaction) implements the same interface.
+// touches its in-memory counts or publishes anything. The store, not the engine's memory, is the
+// source of truth: the engine's resource counts and idempotency map are a cache it rebuilds from
+// the store at start (BookingStore::recover). MemoryStore keeps everything in this process and
+// is the fastest; SqliteStore (pushbook/sqlite_store.hpp) survives a crash.
 #pragma once
 
 #include <pushbook/booking.hpp>
 #include <pushbook/error.hpp>
 #include <pushbook/export.hpp>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -14,39 +17,87 @@
 
 namespace pushbook {
 
-/// An event the engine will publish once a change is stored.
+/// An event the engine publishes once a change is stored.
 struct OutboxEvent {
   std::string topic;
   std::shared_ptr<const boost::json::value> data;
 };
 
 /// One state change of one booking: the booking as it is after the change, and the events that
-/// announce it. The engine calls BookingStore::commit(), and publishes `events` only when it
-/// succeeds. A store with a transactional outbox may write `events` in the same transaction and
-/// publish them itself; see docs/architecture.md.
+/// announce it. The engine publishes `events` only after the store said the change is stored.
 struct StateChange {
   const Booking& booking;
   std::vector<OutboxEvent> events;
+  /// Set on a booking's first version when it has an idempotency key: what the engine compares
+  /// a retry with (same key, same fingerprint: the same request). Stores keep it with the key.
+  std::string_view fingerprint;
 };
 
-/// Persistence of bookings. Called concurrently, but never concurrently for the same booking id
-/// (the engine serialises changes per booking).
+/// An idempotency key as the store remembers it.
+struct StoredKey {
+  std::string user;
+  std::string key;
+  std::string fingerprint;
+  std::string booking_id;
+  wall_clock::time_point created_at;
+};
+
+/// What an engine needs to rebuild its state after a restart (BookingStore::recover).
+struct RecoveredState {
+  /// Every resource with its stored capacity; `reserved` and `confirmed` recomputed from the
+  /// bookings (held bookings' lines are reserved, confirmed bookings' lines confirmed; a
+  /// processing booking holds nothing: it is decided again). Sorted by id.
+  std::vector<ResourceState> resources;
+  /// Bookings still `processing`, in the order they were first stored (their ACK order).
+  std::vector<Booking> processing;
+  /// Bookings `held`, for their expiry.
+  std::vector<Booking> held;
+  /// Idempotency keys of bookings created at or after the `keys_since` given to recover().
+  std::vector<StoredKey> keys;
+};
+
+/// Called when a commit is durable, or failed (errc::store_failed).
+using CommitCallback = std::function<void(result<void>)>;
+
+/// Persistence of bookings and resources. Thread-safe. The engine never commits two changes of
+/// the same booking concurrently, and waits for one commit's callback before it commits the
+/// booking's next version.
 class PUSHBOOK_EXPORT BookingStore {
  public:
   virtual ~BookingStore();
-  /// Stores `change.booking`, replacing the previous version. Errors: errc::store_failed.
+
+  /// Stores `change.booking`, replacing the previous version; returns once it is durable (as
+  /// durable as the store is). Errors: errc::store_failed.
   virtual result<void> commit(const StateChange& change) = 0;
-  /// The booking with this id, or nullopt.
-  virtual std::optional<Booking> load(std::string_view booking_id) const = 0;
+
+  /// Stores `change` and calls `done` once it is durable or failed. `change` need not outlive
+  /// the call. Callbacks run in the order the changes were committed (a store with a writer
+  /// thread runs them there, one at a time, so they must be short and must not wait for the
+  /// store). Concurrent commits may be grouped into one transaction. The default calls commit()
+  /// and then `done` on the calling thread.
+  virtual void commit_async(const StateChange& change, CommitCallback done);
+
+  /// The booking with this id; nullopt when there is none. Errors: errc::store_failed (the store
+  /// could not be read: "unavailable" is never reported as "not found").
+  virtual result<std::optional<Booking>> load(std::string_view booking_id) const = 0;
+
+  /// Creates the resource or changes its capacity. Errors: errc::store_failed.
+  virtual result<void> put_resource(std::string_view resource_id, std::uint32_t capacity) = 0;
+
+  /// Reads back everything the engine keeps in memory (see RecoveredState). Called once, before
+  /// the engine takes bookings. Errors: errc::store_failed.
+  virtual result<RecoveredState> recover(wall_clock::time_point keys_since) = 0;
 };
 
-/// A thread-safe in-memory BookingStore.
+/// A thread-safe in-memory BookingStore: fast, and gone with the process.
 class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
  public:
   MemoryStore();
   ~MemoryStore() override;
   result<void> commit(const StateChange& change) override;
-  std::optional<Booking> load(std::string_view booking_id) const override;
+  result<std::optional<Booking>> load(std::string_view booking_id) const override;
+  result<void> put_resource(std::string_view resource_id, std::uint32_t capacity) override;
+  result<RecoveredState> recover(wall_clock::time_point keys_since) override;
   /// Number of bookings stored.
   std::size_t size() const;
 
@@ -54,5 +105,10 @@ class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
   struct impl;
   std::unique_ptr<impl> impl_;
 };
+
+/// Opens a store from a URL: "memory:" (MemoryStore), "sqlite:PATH" or
+/// "sqlite:PATH?sync=normal|full" (SqliteStore). Errors: errc::bad_request (unknown scheme or
+/// option), errc::store_failed (the database cannot be opened; the message says why).
+PUSHBOOK_EXPORT result<std::shared_ptr<BookingStore>> open_store(std::string_view url);
 
 }  // namespace pushbook

@@ -1,0 +1,419 @@
+// The engine over a store: store first, then memory, then publish, at every commit point, with
+// a store that fails on demand (inline and with completions on a thread of its own); recovery
+// from what a crashed process left in the store. The crash itself (kill -9 of pushbook-server
+// over SQLite) is tests/python/test_crash.py.
+#include <pushbook/booking_engine.hpp>
+
+#include "test_store.hpp"
+#include "wait.hpp"
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <map>
+#include <thread>
+
+using namespace pushbook;
+using namespace std::chrono_literals;
+using pushbook::test::eventually;
+using pushbook::test::TestStore;
+
+namespace {
+
+BookingRequest one(std::string user, std::string resource, std::uint32_t quantity = 1, std::string key = {}) {
+  BookingRequest r;
+  r.user = std::move(user);
+  r.lines.push_back({std::move(resource), quantity});
+  r.idempotency_key = std::move(key);
+  return r;
+}
+
+BookingStatus status_of(BookingEngine& engine, const std::string& id) { return engine.get(id).value().status; }
+
+bool reaches(BookingEngine& engine, const std::string& id, BookingStatus status) {
+  return eventually([&] {
+    auto b = engine.get(id);
+    return b && b->status == status;
+  });
+}
+
+// An engine over a TestStore, with a subscriber that records every booking event and checks,
+// at the instant it is published, that the store already holds that version.
+struct Fixture {
+  std::shared_ptr<LocalBus> bus = std::make_shared<LocalBus>();
+  std::shared_ptr<TestStore> store;
+  std::unique_ptr<BookingEngine> engine;
+  std::mutex mutex;
+  std::map<std::string, std::vector<std::string>> statuses;  // booking id -> statuses published
+  std::atomic<int> published_before_stored{0};
+  Subscription sub;
+
+  explicit Fixture(bool async, EngineOptions o = {}) : store(std::make_shared<TestStore>(async)) {
+    o.store = store;
+    engine = std::make_unique<BookingEngine>(bus, std::move(o));
+    SubscribeOptions so;
+    so.executor = inline_executor();  // runs inside publish: sees the store at that instant
+    sub = bus->subscribe(
+                 "booking/*",
+                 [this](const Delivery& d) {
+                   const auto& data = d.event->data().as_object();
+                   const std::string id(data.at("booking_id").as_string());
+                   if (store->stored_version(id) < static_cast<std::uint64_t>(data.at("version").as_int64()))
+                     ++published_before_stored;
+                   std::lock_guard lock(mutex);
+                   statuses[id].emplace_back(data.at("status").as_string());
+                 },
+                 so)
+              .value();
+  }
+  std::vector<std::string> events_of(const std::string& id) {
+    std::lock_guard lock(mutex);
+    return statuses[id];
+  }
+  ResourceState resource(const std::string& id) { return engine->resource(id).value(); }
+};
+
+}  // namespace
+
+TEST_CASE("a refused processing commit: no ACK, no event, no queue slot, the key is free again") {
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    Fixture f(async);
+    REQUIRE(f.engine->add_resource("r", 2));
+    f.store->fail_when([](const Booking& b) { return b.status == BookingStatus::processing; });
+    auto r = f.engine->submit(one("u", "r", 1, "k1"));
+    REQUIRE(!r);
+    CHECK(r.error().is(errc::store_failed));
+    CHECK(r.error().message == "disk full");
+    const auto s = f.engine->stats();
+    CHECK(s.accepted == 0);
+    CHECK(s.in_flight == 0);
+    CHECK(s.queue_depth == 0);
+    CHECK(s.store_errors == 1);
+    {
+      std::lock_guard lock(f.mutex);
+      CHECK(f.statuses.empty());
+    }
+    f.store->heal();
+    auto ack = f.engine->submit(one("u", "r", 1, "k1")).value();
+    CHECK(!ack.replayed);
+    CHECK(reaches(*f.engine, ack.booking_id, BookingStatus::confirmed));
+    CHECK(f.published_before_stored.load() == 0);
+  }
+}
+
+TEST_CASE("a refused decision leaves the booking processing with its units set aside, and is retried") {
+  for (bool async : {false, true}) {
+    for (bool with_handler : {false, true}) {
+      CAPTURE(async);
+      CAPTURE(with_handler);
+      EngineOptions o;
+      if (with_handler) o.handler = [](const Booking&, Completion done) { done(Decision::approved()); };
+      Fixture f(async, o);
+      REQUIRE(f.engine->add_resource("r", 2));
+      f.store->fail_when([](const Booking& b) { return b.status == BookingStatus::confirmed; });
+      const auto id = f.engine->submit(one("u", "r")).value().booking_id;
+      REQUIRE(eventually([&] { return f.store->failed_commits() >= 3; }));
+      CHECK(status_of(*f.engine, id) == BookingStatus::processing);
+      CHECK(f.events_of(id) == std::vector<std::string>{"processing"});
+      CHECK(f.resource("r").available() == 1);  // nobody else gets the unit meanwhile
+      f.store->heal();
+      REQUIRE(reaches(*f.engine, id, BookingStatus::confirmed));
+      REQUIRE(eventually([&] { return f.engine->stats().in_flight == 0; }));
+      CHECK(f.events_of(id) == std::vector<std::string>{"processing", "confirmed"});
+      const auto r = f.resource("r");
+      CHECK(r.reserved == 0);
+      CHECK(r.confirmed == 1);
+      CHECK(f.engine->stats().confirmed == 1);
+      CHECK(f.published_before_stored.load() == 0);
+    }
+  }
+}
+
+TEST_CASE("a refused rejection keeps the handler's units reserved until it is stored") {
+  EngineOptions o;
+  o.handler = [](const Booking&, Completion done) { done(Decision::declined("card declined")); };
+  Fixture f(true, o);
+  REQUIRE(f.engine->add_resource("r", 2));
+  f.store->fail_when([](const Booking& b) { return b.status == BookingStatus::rejected; });
+  const auto id = f.engine->submit(one("u", "r")).value().booking_id;
+  REQUIRE(eventually([&] { return f.store->failed_commits() >= 2; }));
+  CHECK(f.resource("r").reserved == 1);
+  f.store->heal();
+  REQUIRE(reaches(*f.engine, id, BookingStatus::rejected));
+  REQUIRE(eventually([&] { return f.resource("r").reserved == 0; }));
+  CHECK(f.events_of(id) == std::vector<std::string>{"processing", "rejected"});
+}
+
+TEST_CASE("refused cancel, confirm, release: an error, and memory and events as they were") {
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    Fixture f(async);
+    REQUIRE(f.engine->add_resource("r", 5));
+    const auto confirmed = f.engine->submit(one("u", "r")).value().booking_id;
+    auto held_request = one("u", "r");
+    held_request.hold_for = 1h;
+    const auto held1 = f.engine->submit(held_request).value().booking_id;
+    const auto held2 = f.engine->submit(held_request).value().booking_id;
+    REQUIRE(reaches(*f.engine, confirmed, BookingStatus::confirmed));
+    REQUIRE(reaches(*f.engine, held1, BookingStatus::held));
+    REQUIRE(reaches(*f.engine, held2, BookingStatus::held));
+    REQUIRE(eventually([&] { return f.engine->stats().in_flight == 0; }));
+    f.store->fail_when([](const Booking& b) { return b.version > 2; });  // every transition after the decision
+
+    CHECK(f.engine->cancel(confirmed).error().is(errc::store_failed));
+    CHECK(f.engine->confirm(held1).error().is(errc::store_failed));
+    CHECK(f.engine->release(held2).error().is(errc::store_failed));
+    CHECK(status_of(*f.engine, confirmed) == BookingStatus::confirmed);
+    CHECK(status_of(*f.engine, held1) == BookingStatus::held);
+    CHECK(status_of(*f.engine, held2) == BookingStatus::held);
+    auto r = f.resource("r");
+    CHECK(r.confirmed == 1);
+    CHECK(r.reserved == 2);
+    CHECK(f.events_of(confirmed).size() == 2);
+    CHECK(f.events_of(held1).size() == 2);
+
+    f.store->heal();
+    CHECK(f.engine->cancel(confirmed).value().status == BookingStatus::cancelled);
+    CHECK(f.engine->confirm(held1).value().status == BookingStatus::confirmed);
+    CHECK(f.engine->release(held2).value().status == BookingStatus::released);
+    r = f.resource("r");
+    CHECK(r.confirmed == 1);
+    CHECK(r.reserved == 0);
+    CHECK(f.events_of(held2) == std::vector<std::string>{"processing", "held", "released"});
+    CHECK(f.published_before_stored.load() == 0);
+  }
+}
+
+TEST_CASE("a refused expiry keeps the hold, and the hold expires once the store takes it") {
+  Fixture f(true);
+  REQUIRE(f.engine->add_resource("r", 1));
+  f.store->fail_when([](const Booking& b) { return b.status == BookingStatus::expired; });
+  auto request = one("u", "r");
+  request.hold_for = 20ms;
+  const auto id = f.engine->submit(request).value().booking_id;
+  REQUIRE(eventually([&] { return f.store->failed_commits() >= 2; }));
+  CHECK(status_of(*f.engine, id) == BookingStatus::held);
+  CHECK(f.resource("r").reserved == 1);
+  f.store->heal();
+  REQUIRE(reaches(*f.engine, id, BookingStatus::expired));
+  CHECK(eventually([&] { return f.resource("r").reserved == 0; }));
+  CHECK(eventually([&] { return f.engine->stats().expired == 1; }));
+}
+
+TEST_CASE("a refused capacity change leaves the capacity as it was") {
+  Fixture f(false);
+  REQUIRE(f.engine->add_resource("r", 4));
+  f.store->fail_resources = true;
+  CHECK(f.engine->set_capacity("r", 8).error().is(errc::store_failed));
+  CHECK(f.engine->set_capacity("r", 2).error().is(errc::store_failed));
+  CHECK(f.resource("r").capacity == 4);
+  CHECK(f.engine->add_resource("s", 1).error().is(errc::store_failed));
+  CHECK(f.engine->resource("s").error().is(errc::not_found));
+  f.store->fail_resources = false;
+  REQUIRE(f.engine->set_capacity("r", 2));
+  CHECK(f.resource("r").capacity == 2);
+}
+
+TEST_CASE("a store that cannot be read: get() says store_failed, never not_found") {
+  Fixture f(false);
+  REQUIRE(f.engine->add_resource("r", 1));
+  const auto id = f.engine->submit(one("u", "r")).value().booking_id;
+  f.store->fail_reads = true;
+  auto b = f.engine->get(id);
+  CHECK(b.error().is(errc::store_failed));
+  CHECK(f.engine->cancel(id).error().is(errc::store_failed));
+  f.store->fail_reads = false;
+}
+
+// What a process that died left in its store, written the way the engine writes it.
+void put(TestStore& store, Booking b) { REQUIRE(store.inner().commit(StateChange{b, {}, {}})); }
+
+Booking stored(std::string id, BookingStatus status, std::string resource, std::uint32_t quantity) {
+  Booking b;
+  b.id = std::move(id);
+  b.user = "u";
+  b.lines.push_back({std::move(resource), quantity});
+  b.status = status;
+  b.version = status == BookingStatus::processing ? 1 : 2;
+  b.created_at = b.updated_at = wall_clock::now();
+  return b;
+}
+
+TEST_CASE("recovery: counts from stored bookings, processing ones decided in order, holds re-armed") {
+  auto store = std::make_shared<TestStore>(true);
+  REQUIRE(store->put_resource("r", 10));
+  REQUIRE(store->put_resource("s", 3));
+  REQUIRE(store->put_resource("t", 1));
+  put(*store, stored("c1", BookingStatus::confirmed, "r", 2));
+  put(*store, stored("x1", BookingStatus::rejected, "r", 5));
+  put(*store, stored("x2", BookingStatus::cancelled, "r", 5));
+  auto h1 = stored("h1", BookingStatus::held, "r", 1);
+  h1.hold_for = 1h;
+  h1.expires_at = wall_clock::now() + 1h;
+  put(*store, h1);
+  auto h2 = stored("h2", BookingStatus::held, "s", 1);
+  h2.hold_for = 1s;
+  h2.expires_at = wall_clock::now() - 1s;  // ran out while the process was down
+  put(*store, h2);
+  put(*store, stored("p1", BookingStatus::processing, "t", 1));  // first ACKed: gets the unit
+  put(*store, stored("p2", BookingStatus::processing, "t", 1));
+  put(*store, stored("p3", BookingStatus::processing, "r", 3));
+
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.store = store;
+  BookingEngine engine(bus, o);
+  REQUIRE(reaches(engine, "p1", BookingStatus::confirmed));
+  REQUIRE(reaches(engine, "p2", BookingStatus::rejected));
+  CHECK(engine.get("p2").value().reason == RejectReason::sold_out);
+  REQUIRE(reaches(engine, "p3", BookingStatus::confirmed));
+  REQUIRE(reaches(engine, "h2", BookingStatus::expired));
+  CHECK(status_of(engine, "h1") == BookingStatus::held);
+  REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
+  auto r = engine.resource("r").value();
+  CHECK(r.capacity == 10);
+  CHECK(r.confirmed == 5);  // c1 + p3
+  CHECK(r.reserved == 1);   // h1
+  CHECK(engine.resource("s").value().reserved == 0);
+  CHECK(engine.resource("t").value().confirmed == 1);
+  CHECK(engine.stats().recovered == 3);
+  // The recovered hold is a hold like any other.
+  CHECK(engine.confirm("h1").value().status == BookingStatus::confirmed);
+  // Resource topics were published, so a late subscriber sees the recovered counts.
+  CHECK(bus->last("resource/r") != nullptr);
+}
+
+TEST_CASE("recovery with RecoveryPolicy::reject rejects what was still processing") {
+  auto store = std::make_shared<TestStore>(false);
+  REQUIRE(store->put_resource("r", 1));
+  put(*store, stored("p1", BookingStatus::processing, "r", 1));
+  EngineOptions o;
+  o.store = store;
+  o.recovery = RecoveryPolicy::reject;
+  BookingEngine engine(std::make_shared<LocalBus>(), o);
+  REQUIRE(reaches(engine, "p1", BookingStatus::rejected));
+  auto b = engine.get("p1").value();
+  CHECK(b.reason == RejectReason::recovery);
+  CHECK(b.reason_message == "found undecided after a restart (recovery policy: reject)");
+  CHECK(engine.resource("r").value().available() == 1);
+}
+
+TEST_CASE("idempotency keys survive a restart: the same booking, and a conflict for another request") {
+  auto store = std::make_shared<TestStore>(true);
+  std::string id;
+  {
+    EngineOptions o;
+    o.store = store;
+    BookingEngine first(std::make_shared<LocalBus>(), o);
+    REQUIRE(first.add_resource("r", 5));
+    id = first.submit(one("u", "r", 1, "key-1")).value().booking_id;
+    REQUIRE(reaches(first, id, BookingStatus::confirmed));
+  }
+  EngineOptions o;
+  o.store = store;
+  BookingEngine second(std::make_shared<LocalBus>(), o);
+  auto again = second.submit(one("u", "r", 1, "key-1")).value();
+  CHECK(again.booking_id == id);
+  CHECK(again.replayed);
+  CHECK(again.status == BookingStatus::confirmed);
+  CHECK(second.submit(one("u", "r", 2, "key-1")).error().is(errc::idempotency_conflict));
+  CHECK(second.resource("r").value().confirmed == 1);
+  // Outside the window a key is forgotten.
+  EngineOptions short_window;
+  short_window.store = store;
+  short_window.idempotency_window = 1ms;
+  std::this_thread::sleep_for(5ms);  // lets the 1 ms window pass; not a synchronisation
+  BookingEngine third(std::make_shared<LocalBus>(), short_window);
+  CHECK(third.submit(one("u", "r", 1, "key-1")).value().booking_id != id);
+}
+
+TEST_CASE("resources given at start are reconciled with the store") {
+  auto store = std::make_shared<TestStore>(false);
+  REQUIRE(store->put_resource("r", 10));
+  put(*store, stored("c1", BookingStatus::confirmed, "r", 4));
+  EngineOptions o;
+  o.store = store;
+  {
+    BookingEngine same(std::make_shared<LocalBus>(), o);
+    CHECK(same.add_resource("r", 10));  // what the store says: nothing to do
+    CHECK(same.add_resource("r", 10).error().is(errc::already_exists));
+    CHECK(same.add_resource("new", 2));
+  }
+  {
+    BookingEngine grow(std::make_shared<LocalBus>(), o);
+    REQUIRE(grow.add_resource("r", 12));
+    CHECK(grow.resource("r").value().capacity == 12);
+    CHECK(grow.resource("new").value().capacity == 2);  // stored by the engine before
+  }
+  BookingEngine shrink(std::make_shared<LocalBus>(), o);
+  auto r = shrink.add_resource("r", 3);
+  CHECK(r.error().is(errc::capacity_in_use));
+  CHECK(r.error().message == "'r' has 4 units reserved or confirmed; capacity cannot drop to 3");
+  CHECK(shrink.resource("r").value().capacity == 12);
+  CHECK(shrink.add_resource("r", 4));
+  CHECK(shrink.resource("r").value().available() == 0);
+}
+
+TEST_CASE("an unreadable store stops the engine from starting, with a clear error") {
+  auto store = std::make_shared<TestStore>(false);
+  store->fail_reads = true;
+  EngineOptions o;
+  o.store = store;
+  try {
+    BookingEngine engine(std::make_shared<LocalBus>(), o);
+    FAIL("the engine started over a store it could not read");
+  } catch (const Exception& e) {
+    CHECK(e.code() == make_error_code(errc::store_failed));
+    CHECK(std::string(e.what()).find("recovery: I/O error") != std::string::npos);
+  }
+}
+
+TEST_CASE("submit_async answers once; with a store of its own thread, on that thread") {
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    Fixture f(async);
+    REQUIRE(f.engine->add_resource("r", 1));
+    test::Collector<std::pair<bool, std::thread::id>> answers;
+    f.engine->submit_async(one("u", "r"), [&](result<Ack> r) { answers.push({r.has_value(), std::this_thread::get_id()}); });
+    f.engine->submit_async(one("u", "nope"), [&](result<Ack> r) { answers.push({r.has_value(), std::this_thread::get_id()}); });
+    auto got = answers.wait_for(2);
+    REQUIRE(got.size() == 2);
+    CHECK(got[0].first != got[1].first);
+    const auto ok = got[0].first ? got[0] : got[1];
+    const auto bad = got[0].first ? got[1] : got[0];
+    CHECK(bad.second == std::this_thread::get_id());  // refused at once, on the caller's thread
+    CHECK((ok.second == std::this_thread::get_id()) == !async);
+    REQUIRE(eventually([&] { return f.engine->stats().in_flight == 0; }));
+    CHECK(answers.size() == 2);
+  }
+}
+
+TEST_CASE("with a store of its own thread, concurrent bookings never overbook and events stay in order") {
+  Fixture f(true);
+  REQUIRE(f.engine->add_resource("r", 300));
+  std::vector<std::thread> threads;
+  std::mutex ids_mutex;
+  std::vector<std::string> ids;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 250; ++i) {
+        auto ack = f.engine->submit(one("u", "r"));
+        REQUIRE(ack);
+        std::lock_guard lock(ids_mutex);
+        ids.push_back(ack->booking_id);
+      }
+    });
+  for (auto& t : threads) t.join();
+  REQUIRE(eventually([&] { return f.engine->stats().in_flight == 0; }));
+  int confirmed = 0;
+  for (const auto& id : ids) {
+    auto events = f.events_of(id);
+    REQUIRE(events.size() == 2);
+    CHECK(events[0] == "processing");
+    confirmed += events[1] == "confirmed";
+  }
+  CHECK(confirmed == 300);
+  CHECK(f.resource("r").confirmed == 300);
+  CHECK(f.published_before_stored.load() == 0);
+}
