@@ -28,6 +28,7 @@ struct FakeSink : ConnectionSink {
     std::lock_guard lock(mutex);
     closes.emplace_back(code, std::move(reason));
   }
+  void post(std::function<void()> fn) override { fn(); }  // the test's thread is the strand
   std::vector<boost::json::object> take() {
     std::lock_guard lock(mutex);
     return std::exchange(sent, {});

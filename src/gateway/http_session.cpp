@@ -364,14 +364,14 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
                     "/v1/bookings");
       request->idempotency_key = key;
     }
-    auto ack = ctx.engine->submit(std::move(*request));
-    if (!ack) return send(error_response(req, ack.error()), "/v1/bookings");
-    boost::json::object out{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
-    if (ack->replayed) out["replayed"] = true;
-    auto res = json_response(req, http::status::accepted, boost::json::serialize(out));
-    res.set(http::field::location, "/v1/bookings/" + ack->booking_id);
-    if (ack->replayed) res.set("Idempotent-Replayed", "true");
-    return send(std::move(res), "/v1/bookings");
+    // The engine answers once the booking is stored; this thread does not wait for the store.
+    submit_on_strand(
+        *ctx.engine, std::move(*request),
+        [self = shared_from_this()](std::function<void()> fn) {
+          net::post(self->stream_.get_executor(), std::move(fn));
+        },
+        [self = shared_from_this(), req = std::move(req)](result<Ack> ack) { self->answer_booking(req, ack); });
+    return;
   }
   const std::string id(rest.substr(1));
   const std::string route = "/v1/bookings/{id}";
@@ -555,6 +555,16 @@ void HttpSession::route_static(const Request& req, std::string path) {
   if (req.method() != http::verb::head) res.body() = content.str();
   res.prepare_payload();
   send(std::move(res), "static");
+}
+
+void HttpSession::answer_booking(const Request& req, const result<Ack>& ack) {
+  if (!ack) return send(error_response(req, ack.error()), "/v1/bookings");
+  boost::json::object out{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
+  if (ack->replayed) out["replayed"] = true;
+  auto res = json_response(req, http::status::accepted, boost::json::serialize(out));
+  res.set(http::field::location, "/v1/bookings/" + ack->booking_id);
+  if (ack->replayed) res.set("Idempotent-Replayed", "true");
+  send(std::move(res), "/v1/bookings");
 }
 
 void HttpSession::send(Response&& res, std::string_view route) {

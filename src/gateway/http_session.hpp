@@ -51,6 +51,7 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
   void on_read(boost::system::error_code ec, std::size_t bytes);
   void handle(Request&& req);
   void send(Response&& res, std::string_view route);
+  void answer_booking(const Request& req, const result<Ack>& ack);
   void on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes);
   void do_close();
 

@@ -1,6 +1,7 @@
 #include "gateway/protocol.hpp"
 
 #include <fmt/format.h>
+#include <mutex>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
@@ -196,7 +197,18 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
     return fail(id, "too_large",
                 fmt::format("at most {} subscriptions per connection; unsubscribe first",
                             ctx_->options.max_subscriptions));
-  auto ack = ctx_->engine->submit(std::move(*req));
+  std::weak_ptr<ConnectionSink> weak = sink_;
+  submit_on_strand(
+      *ctx_->engine, std::move(*req),
+      [weak](std::function<void()> fn) {
+        if (auto sink = weak.lock()) sink->post(std::move(fn));
+      },
+      // Runs on the strand while the connection (which owns this logic) is alive: the sink's post
+      // runs nothing once it has finished.
+      [this, id](result<Ack> ack) { on_booked(id, std::move(ack)); });
+}
+
+void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   if (!ack) return fail(id, ack.error());
   boost::json::object result{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
   if (ack->replayed) result["replayed"] = true;
@@ -204,6 +216,35 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
   // The decision follows on this socket: the subscription starts with the booking's current
   // state, so nothing decided in between is missed.
   subscribe("booking/" + ack->booking_id, std::nullopt);
+}
+
+void submit_on_strand(BookingEngine& engine, BookingRequest request,
+                      std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then) {
+  struct state {
+    std::mutex mutex;
+    bool returned = false;               // submit_async() has returned
+    std::optional<result<Ack>> early;    // the answer, when it came before that
+    std::function<void(result<Ack>)> then;
+    std::function<void(std::function<void()>)> post;
+  };
+  auto st = std::make_shared<state>();
+  st->then = std::move(then);
+  st->post = std::move(post);
+  engine.submit_async(std::move(request), [st](result<Ack> r) {
+    std::unique_lock lock(st->mutex);
+    if (!st->returned) {
+      st->early.emplace(std::move(r));
+      return;
+    }
+    lock.unlock();
+    st->post([st, r = std::move(r)]() mutable { st->then(std::move(r)); });
+  });
+  std::unique_lock lock(st->mutex);
+  st->returned = true;
+  if (!st->early) return;
+  auto r = std::move(*st->early);
+  lock.unlock();
+  st->then(std::move(r));
 }
 
 void ConnectionLogic::op_subscribe(const boost::json::object& msg, const boost::json::value& id) {

@@ -14,6 +14,7 @@
 #include <boost/json/object.hpp>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -62,7 +63,16 @@ class ConnectionSink {
   virtual void send_event(const EventPtr& event, bool snapshot) = 0;
   /// Closes the connection with a WebSocket close code and reason.
   virtual void close(std::uint16_t code, std::string reason) = 0;
+  /// Runs `fn` on the connection's strand, later; not at all once the connection has finished.
+  virtual void post(std::function<void()> fn) = 0;
 };
+
+/// Submits `request` without blocking the calling I/O thread on the store, and hands the answer
+/// to `then` on the caller's strand: at once when the engine answered before submit_async()
+/// returned (bad input, an inline store such as MemoryStore: no thread hop), otherwise through
+/// `post`, which must run its function on that strand.
+void submit_on_strand(BookingEngine& engine, BookingRequest request,
+                      std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then);
 
 /// The per-connection protocol state of a WebSocket client: identity, subscriptions, rate
 /// limit, token expiry. Called on the connection's strand only (not thread-safe itself).
@@ -93,6 +103,7 @@ class ConnectionLogic {
   bool take_token(steady::time_point now);
   void handle(const boost::json::object& msg, const boost::json::value& id, std::string_view op);
   void op_book(const boost::json::object& msg, const boost::json::value& id);
+  void on_booked(const boost::json::value& id, result<Ack> ack);
   void op_subscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_unsubscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_cancel(const boost::json::object& msg, const boost::json::value& id);

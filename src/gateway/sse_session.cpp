@@ -71,6 +71,12 @@ void SseSession::close(std::uint16_t, std::string reason) {
   net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
 }
 
+void SseSession::post(std::function<void()> fn) {
+  net::post(stream_.get_executor(), [self = shared_from_this(), fn = std::move(fn)] {
+    if (!self->finished_) fn();
+  });
+}
+
 void SseSession::enqueue(std::string chunk) {
   bool post = false;
   {

@@ -25,6 +25,7 @@ class SseSession : public Session, public ConnectionSink, public std::enable_sha
   void send_text(std::shared_ptr<const std::string> message) override;
   void send_event(const EventPtr& event, bool snapshot) override;
   void close(std::uint16_t code, std::string reason) override;
+  void post(std::function<void()> fn) override;
 
  private:
   void enqueue(std::string chunk);

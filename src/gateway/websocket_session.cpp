@@ -230,6 +230,12 @@ void WebSocketSession::close(std::uint16_t code, std::string reason) {
   });
 }
 
+void WebSocketSession::post(std::function<void()> fn) {
+  net::post(ws_.get_executor(), [self = shared_from_this(), fn = std::move(fn)] {
+    if (!self->finished_) fn();
+  });
+}
+
 // Strand only. One write at a time: a close waits for the write in flight.
 void WebSocketSession::start_close(websocket::close_reason reason) {
   if (close_sent_ || finished_) return;
