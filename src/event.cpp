@@ -12,9 +12,10 @@ struct Event::cache {
 };
 
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-             std::shared_ptr<const boost::json::value> data)
+             std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
     : topic_(std::move(topic)),
       seq_(seq),
+      epoch_(epoch),
       time_(time),
       data_(std::move(data)),
       cache_(std::make_unique<cache>()) {}
@@ -31,7 +32,9 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
     out += topic_;
     out += R"(","seq":)";
     out += std::to_string(seq_);
-    out += R"(,"ts":)";
+    out += R"(,"epoch":")";
+    out += format_epoch(epoch_);
+    out += R"(","ts":)";
     out += std::to_string(ts);
     if (snap) out += R"(,"snapshot":true)";
     out += R"(,"data":)";
@@ -45,6 +48,31 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
   }
   std::call_once(cache_->plain_once, [&] { cache_->plain = build(false); });
   return cache_->plain;
+}
+
+std::string format_epoch(std::uint32_t epoch) {
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out(8, '0');
+  for (int i = 7; i >= 0; --i, epoch >>= 4) out[static_cast<std::size_t>(i)] = digits[epoch & 0xF];
+  return out;
+}
+
+std::optional<std::uint32_t> parse_epoch(std::string_view text) noexcept {
+  if (text.empty() || text.size() > 8) return std::nullopt;
+  std::uint32_t v = 0;
+  for (char c : text) {
+    std::uint32_t d;
+    if (c >= '0' && c <= '9')
+      d = static_cast<std::uint32_t>(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      d = static_cast<std::uint32_t>(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F')
+      d = static_cast<std::uint32_t>(c - 'A' + 10);
+    else
+      return std::nullopt;
+    v = (v << 4) | d;
+  }
+  return v;
 }
 
 EventBus::~EventBus() = default;

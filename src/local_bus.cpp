@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <random>
 #include <shared_mutex>
 #include <thread>
 #include <unordered_map>
@@ -45,6 +46,7 @@ struct LocalBus::impl {
 
   struct topic {
     std::uint64_t seq = 0;
+    std::uint32_t epoch = 0;
     std::vector<EventPtr> history;  // oldest first; a vector: most topics hold a handful of events
     EventPtr last;
     std::vector<sub_ptr> subs;
@@ -87,6 +89,9 @@ struct LocalBus::impl {
   std::atomic<std::uint64_t> published{0}, delivered{0}, dropped{0}, slow_ends{0}, live_subs{0};
   std::atomic<std::uint64_t> topic_count{0};
 
+  std::uint32_t epoch_base = static_cast<std::uint32_t>(std::random_device{}());
+  std::atomic<std::uint64_t> topics_created{0};
+
   explicit impl(LocalBusOptions o)
       : options(o),
         delivery_pool(std::make_shared<ThreadPool>(std::max<std::size_t>(1, o.delivery_threads))) {}
@@ -98,6 +103,9 @@ struct LocalBus::impl {
     if (it != s.topics.end()) return *it->second;
     auto t = std::make_unique<topic>();
     t->name = std::string(name);
+    // Each incarnation of a topic numbers from 1 in an epoch of its own: random per bus, then
+    // one more per topic created, so a topic forgotten and made again differs from before.
+    t->epoch = epoch_base + static_cast<std::uint32_t>(topics_created.fetch_add(1, std::memory_order_relaxed));
     t->last_activity = now;
     s.lru_push_back(t.get());
     auto& ref = *t;
@@ -348,7 +356,7 @@ result<EventPtr> LocalBus::publish(std::string_view topic_name,
   {
     std::lock_guard lock(s.mutex);
     auto& t = impl_->find_or_create(s, topic_name, steady_now);
-    ev = std::make_shared<const Event>(t.name, ++t.seq, now, std::move(data));
+    ev = std::make_shared<const Event>(t.name, ++t.seq, now, std::move(data), t.epoch);
     t.history.push_back(ev);
     impl_->trim_history(t, now);
     t.last = ev;
@@ -406,8 +414,22 @@ result<Subscription> LocalBus::subscribe(std::string_view pattern, DeliveryCallb
     std::lock_guard lock(s.mutex);
     auto& t = impl_->find_or_create(s, pattern, steady_now);
     impl_->trim_history(t, std::chrono::system_clock::now());
-    if (!options.since_seq) {
-      if (options.snapshot && t.last) sub->enqueue_initial(Delivery::Kind::snapshot, t.last);
+    // The current state where a snapshot is due: the last event, or for a topic this bus has
+    // nothing of, what the subscriber's snapshot_source says (a restart lost nothing of it).
+    auto snapshot = [&] {
+      if (t.last) return sub->enqueue_initial(Delivery::Kind::snapshot, t.last);
+      if (!options.snapshot_source) return;
+      if (auto data = options.snapshot_source())
+        sub->enqueue_initial(Delivery::Kind::snapshot,
+                             std::make_shared<const Event>(t.name, t.seq, std::chrono::system_clock::now(),
+                                                           std::move(data), t.epoch));
+    };
+    if (options.since_epoch && *options.since_epoch != t.epoch) options.since_seq.reset();  // renumbered
+    if (!t.last) {
+      // Nothing published in this incarnation: whatever the subscriber saw was elsewhere.
+      if (options.since_seq || options.snapshot) snapshot();
+    } else if (!options.since_seq) {
+      if (options.snapshot) snapshot();
     } else if (*options.since_seq < t.seq) {
       const auto since = *options.since_seq;
       const std::uint64_t first_kept = t.history.empty() ? t.seq + 1 : t.history.front()->seq();
@@ -415,12 +437,12 @@ result<Subscription> LocalBus::subscribe(std::string_view pattern, DeliveryCallb
         for (const auto& ev : t.history)
           if (ev->seq() > since) sub->enqueue_initial(Delivery::Kind::event, ev);
       } else {
-        sub->enqueue_initial(Delivery::Kind::snapshot, t.last);  // history does not reach back
+        snapshot();  // history does not reach back
       }
-    } else if (*options.since_seq > t.seq && t.last) {
+    } else if (*options.since_seq > t.seq) {
       // The subscriber has seen more than this topic ever had (the topic was forgotten after
       // idling, or the bus restarted): its view cannot be trusted, so give the current state.
-      sub->enqueue_initial(Delivery::Kind::snapshot, t.last);
+      snapshot();
     }
     t.subs.push_back(sub);
     impl_->touch(s, t, steady_now);

@@ -35,6 +35,10 @@ constexpr auto snap = Delivery::Kind::snapshot;
 
 boost::json::value num(int n) { return boost::json::object{{"n", n}}; }
 
+DeliveryCallback record(Collector<Seen>& into) {
+  return [&into](const Delivery& d) { into.push(seen(d)); };
+}
+
 }  // namespace
 
 TEST_CASE("publish assigns per-topic sequence numbers from 1 and a timestamp") {
@@ -81,10 +85,87 @@ TEST_CASE("the wire form is serialized once and shared") {
   CHECK(parsed.at("seq") == 1);
   CHECK(parsed.at("data") == boost::json::parse(R"({"available":3})"));
   CHECK_FALSE(parsed.contains("snapshot"));
-  CHECK(w1->starts_with(R"({"type":"event","topic":"resource/r1","seq":1,"ts":)"));
+  CHECK(parsed.at("epoch").as_string() == format_epoch(e->epoch()));
+  CHECK(w1->starts_with(R"({"type":"event","topic":"resource/r1","seq":1,"epoch":")" + format_epoch(e->epoch()) +
+                        R"(","ts":)"));
   CHECK(w1->ends_with(R"(,"data":{"available":3}})"));
   auto snapshot = boost::json::parse(*e->wire(true)).as_object();
   CHECK(snapshot.at("snapshot") == true);
+}
+
+TEST_CASE("epochs: on the wire as 8 hex digits, parsed back, and bad text refused") {
+  CHECK(format_epoch(0) == "00000000");
+  CHECK(format_epoch(0xdeadbeef) == "deadbeef");
+  CHECK(parse_epoch("deadbeef") == 0xdeadbeefu);
+  CHECK(parse_epoch("DEADBEEF") == 0xdeadbeefu);
+  CHECK(parse_epoch("1f") == 0x1fu);
+  CHECK_FALSE(parse_epoch(""));
+  CHECK_FALSE(parse_epoch("123456789"));
+  CHECK_FALSE(parse_epoch("12g4"));
+  CHECK_FALSE(parse_epoch("-1"));
+}
+
+TEST_CASE("a since from another epoch gets a snapshot, never a replay of the wrong numbering") {
+  LocalBus bus;
+  for (int i = 1; i <= 5; ++i) REQUIRE(bus.publish("t", boost::json::value(i)));
+  const auto epoch = bus.last("t")->epoch();
+  LocalBus other;  // another bus (a restarted process): the same topic, another epoch
+  REQUIRE(other.publish("t", boost::json::value(100)));
+  CHECK(other.last("t")->epoch() != epoch);
+
+  Collector<Seen> same, stale;
+  SubscribeOptions o;
+  o.since_seq = 3;
+  o.since_epoch = epoch;
+  auto s1 = bus.subscribe("t", record(same), o).value();
+  auto got = same.wait_for(2);
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].seq == 4);  // replayed: the same numbering
+  CHECK(got[0].kind == Delivery::Kind::event);
+
+  auto s2 = other.subscribe("t", record(stale), o).value();  // since 3 of an old epoch
+  auto got2 = stale.wait_for(1);
+  REQUIRE(got2.size() == 1);
+  CHECK(got2[0].kind == Delivery::Kind::snapshot);
+  CHECK(got2[0].seq == 1);
+}
+
+TEST_CASE("a topic the bus has nothing of takes its snapshot from snapshot_source") {
+  LocalBus bus;
+  std::atomic<int> calls{0};
+  SubscribeOptions o;
+  o.snapshot_source = [&] {
+    ++calls;
+    return std::make_shared<const boost::json::value>(boost::json::object{{"status", "confirmed"}});
+  };
+  Collector<Seen> fresh, resumed;
+  auto s1 = bus.subscribe("booking/b1", record(fresh), o).value();
+  auto got = fresh.wait_for(1);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].kind == Delivery::Kind::snapshot);
+  CHECK(got[0].seq == 0);
+  CHECK(calls.load() == 1);
+  // A client resuming with a seq from before a restart: a snapshot too, never silence.
+  o.since_seq = 7;
+  auto s2 = bus.subscribe("booking/b1", record(resumed), o).value();
+  REQUIRE(resumed.wait_for(1).size() == 1);
+  CHECK(resumed.items()[0].kind == Delivery::Kind::snapshot);
+  // Once the bus has the topic's events, they are the truth and the source is not asked.
+  REQUIRE(bus.publish("booking/b1", boost::json::object{{"status", "cancelled"}}));
+  Collector<Seen> later;
+  o.since_seq.reset();
+  auto s3 = bus.subscribe("booking/b1", record(later), o).value();
+  REQUIRE(later.wait_for(1).size() == 1);
+  CHECK(later.items()[0].seq == 1);
+  CHECK(calls.load() == 2);
+  // A source with nothing to say (no such booking): no snapshot, live events only.
+  SubscribeOptions none;
+  none.snapshot_source = [] { return std::shared_ptr<const boost::json::value>(); };
+  Collector<Seen> empty;
+  auto s4 = bus.subscribe("booking/b2", record(empty), none).value();
+  REQUIRE(bus.publish("booking/b2", boost::json::value(1)));
+  REQUIRE(empty.wait_for(1).size() == 1);
+  CHECK(empty.items()[0].kind == Delivery::Kind::event);
 }
 
 TEST_CASE("a subscriber sees live events of its topic in order") {

@@ -26,7 +26,7 @@ namespace pushbook {
 class PUSHBOOK_EXPORT Event {
  public:
   Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-        std::shared_ptr<const boost::json::value> data);
+        std::shared_ptr<const boost::json::value> data, std::uint32_t epoch = 0);
   ~Event();
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
@@ -34,6 +34,10 @@ class PUSHBOOK_EXPORT Event {
   const std::string& topic() const noexcept { return topic_; }
   /// Position in its topic: 1 for the first event ever published to the topic, then +1.
   std::uint64_t seq() const noexcept { return seq_; }
+  /// The numbering `seq` belongs to. A topic's numbering restarts (seq 1 again) when its bus
+  /// restarts or forgets the topic; it then gets another epoch, so that a subscriber resuming
+  /// with an old seq can tell (SubscribeOptions::since_epoch). Opaque; on the wire as 8 hex digits.
+  std::uint32_t epoch() const noexcept { return epoch_; }
   /// When it was published.
   std::chrono::system_clock::time_point time() const noexcept { return time_; }
   const boost::json::value& data() const noexcept { return *data_; }
@@ -41,7 +45,7 @@ class PUSHBOOK_EXPORT Event {
   const std::shared_ptr<const boost::json::value>& shared_data() const noexcept { return data_; }
 
   /// The event in pushbook's wire form, serialized once on first use and then shared:
-  /// {"type":"event","topic":"...","seq":N,"ts":<unix ms>,"data":{...}}
+  /// {"type":"event","topic":"...","seq":N,"epoch":"<8 hex digits>","ts":<unix ms>,"data":{...}}
   /// With `snapshot`, the same object with "snapshot":true (it carries current state).
   std::shared_ptr<const std::string> wire(bool snapshot = false) const;
 
@@ -49,6 +53,7 @@ class PUSHBOOK_EXPORT Event {
   struct cache;
   std::string topic_;
   std::uint64_t seq_;
+  std::uint32_t epoch_;
   std::chrono::system_clock::time_point time_;
   std::shared_ptr<const boost::json::value> data_;
   std::unique_ptr<cache> cache_;
@@ -90,6 +95,17 @@ struct SubscribeOptions {
   /// history no longer reaches back to N+1, the last event as a snapshot instead.
   /// Must be nullopt for a wildcard pattern (wildcards are live only).
   std::optional<std::uint64_t> since_seq;
+  /// The epoch since_seq was seen in (Event::epoch). When it is not the topic's current epoch
+  /// the numbering has restarted since: since_seq means nothing and the subscriber gets a
+  /// snapshot instead. nullopt: since_seq is taken to be of the current epoch.
+  std::optional<std::uint32_t> since_epoch;
+  /// The topic's current state from where it is kept for good (the gateway reads a booking from
+  /// the store), for a topic this bus has nothing of (no event published since the bus started or
+  /// forgot the topic, e.g. after a restart). Called under the topic's lock, where a snapshot
+  /// would be delivered, and only then; its value (when not null) is delivered as a snapshot with
+  /// seq = the topic's current seq (0 when nothing was published) and the topic's epoch. Must be
+  /// quick and must not publish.
+  std::function<std::shared_ptr<const boost::json::value>()> snapshot_source;
   /// With since_seq nullopt: whether to deliver the last event as a snapshot first.
   bool snapshot = true;
   /// Where the callback runs (nullptr: the bus's own delivery threads). Callbacks of one
@@ -199,6 +215,11 @@ struct LocalBusStats {
   std::uint64_t topics = 0;
   std::uint64_t subscriptions = 0;
 };
+
+/// An epoch as it goes on the wire: 8 lower-case hex digits.
+PUSHBOOK_EXPORT std::string format_epoch(std::uint32_t epoch);
+/// The inverse of format_epoch (1 to 8 hex digits); nullopt for anything else.
+PUSHBOOK_EXPORT std::optional<std::uint32_t> parse_epoch(std::string_view text) noexcept;
 
 /// The in-process EventBus.
 class PUSHBOOK_EXPORT LocalBus final : public EventBus {
