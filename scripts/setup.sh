@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build ccache pkg-config git
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
-  libfmt-dev doctest-dev libssl-dev
+  libfmt-dev doctest-dev libssl-dev libsqlite3-dev
   python3 python3-dev pybind11-dev python3-pytest python3-websockets python3-aiohttp
 )
 

@@ -3,6 +3,7 @@
 // from what a crashed process left in the store. The crash itself (kill -9 of pushbook-server
 // over SQLite) is tests/python/test_crash.py.
 #include <pushbook/booking_engine.hpp>
+#include <pushbook/sqlite_store.hpp>
 
 #include "test_store.hpp"
 #include "wait.hpp"
@@ -10,6 +11,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <thread>
 
@@ -416,4 +418,56 @@ TEST_CASE("with a store of its own thread, concurrent bookings never overbook an
   CHECK(confirmed == 300);
   CHECK(f.resource("r").confirmed == 300);
   CHECK(f.published_before_stored.load() == 0);
+}
+
+TEST_CASE("open_store: memory:, sqlite:PATH with its sync option, and clear errors for the rest") {
+  char dir_template[] = "/tmp/pushbook-open-store-XXXXXX";
+  REQUIRE(::mkdtemp(dir_template) != nullptr);
+  const std::string dir = dir_template;
+  CHECK(dynamic_cast<MemoryStore*>(open_store("memory:").value().get()) != nullptr);
+  auto normal = open_store("sqlite:" + dir + "/a.db");
+  REQUIRE(normal);
+  CHECK(dynamic_cast<SqliteStore&>(**normal).sync() == SqliteSync::normal);
+  auto full = open_store("sqlite:" + dir + "/b.db?sync=full");
+  REQUIRE(full);
+  CHECK(dynamic_cast<SqliteStore&>(**full).sync() == SqliteSync::full);
+  CHECK(open_store("redis://x").error().is(errc::bad_request));
+  CHECK(open_store("sqlite:").error().is(errc::bad_request));
+  auto bad_option = open_store("sqlite:" + dir + "/c.db?sync=sometimes");
+  CHECK(bad_option.error().is(errc::bad_request));
+  CHECK(bad_option.error().message == "unknown sqlite option 'sync=sometimes' (known: sync=normal, sync=full)");
+  CHECK(open_store("sqlite:" + dir + "/missing/dir/d.db").error().is(errc::store_failed));
+  normal = Error(errc::bad_request, "closed");
+  full = Error(errc::bad_request, "closed");
+  CHECK(std::system(("rm -rf " + dir).c_str()) == 0);
+}
+
+TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers") {
+  char dir_template[] = "/tmp/pushbook-engine-sqlite-XXXXXX";
+  REQUIRE(::mkdtemp(dir_template) != nullptr);
+  const std::string path = std::string(dir_template) + "/bookings.db";
+  std::string confirmed, held;
+  {
+    EngineOptions o;
+    o.store = SqliteStore::open(path).value();
+    BookingEngine first(std::make_shared<LocalBus>(), o);
+    REQUIRE(first.add_resource("r", 3));
+    confirmed = first.submit(one("u", "r", 2, "k")).value().booking_id;
+    auto request = one("u", "r");
+    request.hold_for = 1h;
+    held = first.submit(request).value().booking_id;
+    REQUIRE(reaches(first, confirmed, BookingStatus::confirmed));
+    REQUIRE(reaches(first, held, BookingStatus::held));
+  }
+  EngineOptions o;
+  o.store = SqliteStore::open(path).value();
+  BookingEngine second(std::make_shared<LocalBus>(), o);
+  auto r = second.resource("r").value();
+  CHECK(r.capacity == 3);
+  CHECK(r.confirmed == 2);
+  CHECK(r.reserved == 1);
+  CHECK(second.submit(one("u", "r", 2, "k")).value().booking_id == confirmed);
+  CHECK(second.release(held).value().status == BookingStatus::released);
+  CHECK(second.resource("r").value().available() == 1);
+  CHECK(std::system(("rm -rf " + std::string(dir_template)).c_str()) == 0);
 }
