@@ -42,9 +42,13 @@
 #include <unistd.h>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -97,6 +101,7 @@ struct Options {
   int server_threads = 1;
   int server_workers = 1;
   std::string server_path;
+  std::string store;  // empty: the server's default kind (SQLite) in a temporary directory
   long server_pid = 0;
   int client_threads = 1;
   std::uint64_t seed = 0;
@@ -145,6 +150,8 @@ when it starts the server itself:
   --capacity N           the resource's capacity (default 100000000; small values make rejections)
   --server-threads N     gateway threads (default 1)   --server-workers N  engine workers (default 1)
   --server PATH          pushbook-server binary (default: next to pushbook-bench)
+  --store URL            the server's store (default: the server's default kind, a SQLite file,
+                         in a temporary directory removed afterwards; memory: for none)
 )");
   std::exit(code);
 }
@@ -237,6 +244,8 @@ Options parse(int argc, char** argv) {
       o.server_workers = integer(1);
     else if (a == "--server")
       o.server_path = value();
+    else if (a == "--store")
+      o.store = value();
     else if (a == "--server-pid")
       o.server_pid = static_cast<long>(number(1));
     else if (a == "--client-threads")
@@ -281,8 +290,27 @@ std::vector<std::string> server_command(const Options& o) {
           "--decision-jitter-ms",
           std::to_string(o.decision_jitter_ms),
           "--resource",
-          fmt::format("{}:{}", o.resource, o.capacity)};
+          fmt::format("{}:{}", o.resource, o.capacity),
+          "--store",
+          o.store};
 }
+
+// A directory of our own under $TMPDIR (or /tmp), removed with everything in it at the end.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    std::string pattern = std::string(base && *base ? base : "/tmp") + "/pushbook-bench-XXXXXX";
+    if (!::mkdtemp(pattern.data())) throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+};
 
 // The local process listening on a loopback/any-address TCP port: the socket's inode from
 // /proc/net/tcp{,6}, then the process holding that inode. 0 when not found (or not ours to see).
@@ -821,11 +849,16 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  std::optional<TempDir> store_dir;  // declared before the server: removed after it stopped
   std::optional<ServerProcess> server;
   Run run;
   try {
     if (o.url.empty()) {
       if (o.secret.empty()) o.secret = fmt::format("bench-{:x}", std::random_device{}());
+      if (o.store.empty()) {
+        store_dir.emplace();
+        o.store = "sqlite:" + store_dir->path + "/bench.db";
+      }
       server.emplace(server_command(o));
       run.endpoint = tcp::endpoint(net::ip::make_address("127.0.0.1"), server->port);
       run.host_header = fmt::format("127.0.0.1:{}", server->port);

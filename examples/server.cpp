@@ -1,6 +1,7 @@
 // pushbook-server: LocalBus + BookingEngine + PushGateway wired into a runnable server.
 //
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
+//                   [--store URL] [--recovery requeue|reject]
 //                   [--resource ID:CAPACITY]... [--secret S | --dev-insecure]
 //                   [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...
 //                   [--static-dir DIR] [--demo [--demo-token-ttl-s N]]
@@ -9,8 +10,13 @@
 // --demo serves the demo page (web/: index.html and the browser client pushbook.js) at "/" and
 // hands each visitor a short-lived token (POST /v1/demo/token); it makes up a secret when none is
 // given. The secret may also come from PUSHBOOK_SECRET. SIGINT and SIGTERM stop it gracefully.
+//
+// --store: where bookings are kept. The default is the SQLite file pushbook.db in the current
+// directory (a booking ACKed is stored; a restart recovers everything); "sqlite:PATH?sync=full"
+// survives a power loss too; "memory:" keeps nothing across a restart (benchmarks, throwaway use).
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
+#include <pushbook/booking_store.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
 
@@ -30,6 +36,8 @@ namespace {
 struct Options {
   pushbook::GatewayOptions gateway;
   std::size_t workers = 2;
+  std::string store = "sqlite:pushbook.db";
+  pushbook::RecoveryPolicy recovery = pushbook::RecoveryPolicy::requeue;
   std::vector<std::pair<std::string, std::uint32_t>> resources;
   int decision_delay_ms = 0;
   int decision_jitter_ms = 0;
@@ -43,10 +51,19 @@ struct Options {
   fmt::print(
       code ? stderr : stdout,
       "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
+      "                       [--store URL] [--recovery requeue|reject]\n"
       "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
       "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
       "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
-      "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n");
+      "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n"
+      "\n"
+      "  --store URL      where bookings are kept: sqlite:PATH[?sync=normal|full] (default\n"
+      "                   sqlite:pushbook.db: survives a crash; sync=full also a power loss) or\n"
+      "                   memory: (nothing survives a restart)\n"
+      "  --recovery P     bookings found undecided at start: requeue (decide them again, the\n"
+      "                   default) or reject (reason \"recovery\")\n"
+      "  --resource ID:N  a resource and its capacity; over an existing store it is reconciled\n"
+      "                   (never below the units in use)\n");
   std::exit(code);
 }
 
@@ -87,7 +104,19 @@ Options parse(int argc, char** argv) {
       o.gateway.host = value();
     else if (a == "--threads")
       o.gateway.threads = static_cast<std::size_t>(number());
-    else if (a == "--workers")
+    else if (a == "--store")
+      o.store = value();
+    else if (a == "--recovery") {
+      const auto p = value();
+      if (p == "requeue")
+        o.recovery = pushbook::RecoveryPolicy::requeue;
+      else if (p == "reject")
+        o.recovery = pushbook::RecoveryPolicy::reject;
+      else {
+        fmt::print(stderr, "--recovery is requeue or reject, not '{}'\n", p);
+        usage(2);
+      }
+    } else if (a == "--workers")
       o.workers = static_cast<std::size_t>(number());
     else if (a == "--secret")
       o.gateway.secret = value();
@@ -157,12 +186,19 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  // Block the stop signals in every thread; main waits for them with sigwait below.
+  // Block the stop signals in every thread, set before any thread starts (the store's writer
+  // too); main waits for them with sigwait below.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto store = pushbook::open_store(opt.store);
+  if (!store) {
+    fmt::print(stderr, "pushbook-server: --store {}: {}\n", opt.store, store.error().message);
+    return store.error().is(pushbook::errc::bad_request) ? 2 : 1;
+  }
 
   // The simulated business step (a payment call) answers after --decision-delay-ms plus a uniform
   // random 0..--decision-jitter-ms, on a timer.
@@ -174,6 +210,8 @@ int main(int argc, char** argv) {
     auto bus = std::make_shared<pushbook::LocalBus>();
     pushbook::EngineOptions eo;
     eo.workers = opt.workers;
+    eo.recovery = opt.recovery;
+    eo.store = std::move(*store);
     if (opt.decision_delay_ms > 0 || opt.decision_jitter_ms > 0)
       eo.handler = [&timers, delay = opt.decision_delay_ms, jitter = opt.decision_jitter_ms](
                        const pushbook::Booking&, pushbook::Completion done) {
@@ -183,8 +221,15 @@ int main(int argc, char** argv) {
         auto timer = std::make_shared<boost::asio::steady_timer>(timers, std::chrono::milliseconds(ms));
         timer->async_wait([timer, done](boost::system::error_code) { done(pushbook::Decision::approved()); });
       };
-    auto engine = std::make_shared<pushbook::BookingEngine>(bus, eo);
-    for (const auto& [id, capacity] : opt.resources) engine->add_resource(id, capacity).value();
+    auto engine = std::make_shared<pushbook::BookingEngine>(bus, eo);  // recovers from the store
+    for (const auto& [id, capacity] : opt.resources)
+      if (auto added = engine->add_resource(id, capacity); !added)
+        throw std::runtime_error(fmt::format("--resource {}:{}: {}", id, capacity, added.error().message));
+    const auto recovered = engine->stats().recovered;
+
+    // Before the "listening" line, which scripts wait for.
+    fmt::print("pushbook-server: store {}{}\n", opt.store,
+               recovered ? fmt::format(" ({} undecided bookings recovered)", recovered) : "");
 
     pushbook::PushGateway gateway(bus, engine, opt.gateway);
     auto port = gateway.listen();

@@ -63,11 +63,11 @@ def label(mode, connection):
     return mode + ("/close" if connection == "close" else "")
 
 
-def start_server(build, delay_ms, jitter_ms, secret, log_path):
+def start_server(build, delay_ms, jitter_ms, secret, log_path, store):
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [os.path.join(build, "bin", "pushbook-server"), "--port", "0", "--secret", secret,
-         "--threads", "1", "--workers", "1", "--resource", "bench:100000000",
+         "--threads", "1", "--workers", "1", "--resource", "bench:100000000", "--store", store,
          "--decision-delay-ms", str(delay_ms), "--decision-jitter-ms", str(jitter_ms)],
         stdout=subprocess.PIPE, stderr=log, text=True)
     # The "listening on" line, within 15 s: a server that hangs before it must not hang the demo.
@@ -89,7 +89,7 @@ def stop_server(proc):
         proc.wait()
 
 
-def run_block(build, block, out_dir, quick):
+def run_block(build, block, out_dir, quick, store):
     secret = secrets.token_hex(16)
     scale = 0.25 if quick else 1.0
     users = max(10, int(block["users"] * scale))
@@ -97,8 +97,15 @@ def run_block(build, block, out_dir, quick):
     results = []
     for mode, connection in block["modes"]:
         # A fresh server per mode: no mode inherits another's connections, topics or heap.
+        name = f"{block['name']}-{label(mode, connection).replace('/', '-')}"
+        db = None
+        if store is None:  # the server's default kind: a SQLite file, new for each server
+            db = os.path.join(out_dir, f"store-{name}.db")
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(db + suffix):
+                    os.remove(db + suffix)
         proc, port = start_server(build, block["delay_ms"], block.get("jitter_ms", 0), secret,
-                                  os.path.join(out_dir, f"server-{block['name']}-{label(mode, connection).replace('/', '-')}.log"))
+                                  os.path.join(out_dir, f"server-{name}.log"), store or f"sqlite:{db}")
         try:
             cmd = [os.path.join(build, "bin", "pushbook-bench"), "--url", f"http://127.0.0.1:{port}",
                    "--secret", secret, "--server-pid", str(proc.pid), "--mode", mode,
@@ -120,6 +127,9 @@ def run_block(build, block, out_dir, quick):
             results.append(r)
         finally:
             stop_server(proc)
+            for suffix in ("", "-wal", "-shm"):
+                if db and os.path.exists(db + suffix):
+                    os.remove(db + suffix)
     return {"name": block["name"], "title": block["title"], "users": users, "rate": rate,
             "delay_ms": block["delay_ms"], "results": results}
 
@@ -271,6 +281,9 @@ def main():
     ap.add_argument("--build", default="build", help="build directory with bin/pushbook-server and bin/pushbook-bench")
     ap.add_argument("--out", default=None, help="where to write the picture and results (default BUILD/demo)")
     ap.add_argument("--quick", action="store_true", help="a quarter of the users and load (for tests)")
+    ap.add_argument("--store", default=None,
+                    help="the servers' store (default: a new SQLite file per server in OUT, as "
+                         "pushbook-server keeps bookings by default; memory: for none)")
     ap.add_argument("--only", action="append", help="run only the named block(s): " +
                     ", ".join(b["name"] for b in BLOCKS))
     args = ap.parse_args()
@@ -286,7 +299,7 @@ def main():
     blocks = []
     for block in chosen:
         print(f"\n{block['title']}", file=sys.stderr, flush=True)
-        blocks.append(run_block(args.build, block, out_dir, args.quick))
+        blocks.append(run_block(args.build, block, out_dir, args.quick, args.store))
 
     print("\nbooking -> decision latency as the client sees it (from the booking's scheduled start), "
           "HTTP requests, bytes on the wire and server CPU per booking")

@@ -1,15 +1,23 @@
 // A pushbook-server child process on a free loopback port, for the tests in this directory.
 //   PUSHBOOK_SERVER   the server binary (default: build/bin/pushbook-server)
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const serverPath = process.env.PUSHBOOK_SERVER ?? path.resolve(here, '../../build/bin/pushbook-server');
 
-/** Starts `pushbook-server --port 0 ...args`; resolves once it listens. */
+/**
+ * Starts `pushbook-server --port 0 ...args`; resolves once it listens. Unless `args` names a
+ * store, the server keeps its bookings in a SQLite file of a temporary directory (`dir`), removed
+ * by stop().
+ */
 export async function startServer(args) {
-  const child = spawn(serverPath, ['--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pushbook-browser-'));
+  const store = args.includes('--store') ? [] : ['--store', `sqlite:${path.join(dir, 'pushbook.db')}`];
+  const child = spawn(serverPath, ['--port', '0', ...store, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout.on('data', (chunk) => { output += chunk; });
   child.stderr.on('data', (chunk) => { output += chunk; });  // kept for failure messages only
@@ -26,14 +34,17 @@ export async function startServer(args) {
   child.removeAllListeners('exit');
   return {
     port,
+    dir,
     url: `http://127.0.0.1:${port}`,
     async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
+      if (child.exitCode === null && child.signalCode === null) {
+        const exited = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+        await exited;
+        clearTimeout(timer);
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
     },
     kill() { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); },
   };

@@ -3,6 +3,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 
 import pytest
 
@@ -18,9 +19,15 @@ def _server_binary():
 
 class Server:
     def __init__(self, *extra):
+        # The default store (SQLite), in a directory of its own unless the test names a store.
+        self.tmpdir = None
+        store = []
+        if "--store" not in extra:
+            self.tmpdir = tempfile.TemporaryDirectory(prefix="pushbook-test-")
+            store = ["--store", "sqlite:" + os.path.join(self.tmpdir.name, "pushbook.db")]
         self.proc = subprocess.Popen(
             [_server_binary(), "--port", "0", "--secret", SECRET, "--threads", "2",
-             "--resource", "room-1:1", "--resource", "hall:1000", *extra],
+             "--resource", "room-1:1", "--resource", "hall:1000", *store, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = []
         for line in self.proc.stdout:  # the server prints where it listens, then serves
@@ -45,6 +52,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.tmpdir is not None:
+            self.tmpdir.cleanup()
+            self.tmpdir = None
         return self.proc.returncode
 
 

@@ -23,6 +23,9 @@ def run_server(*args):
     (["--demo", "--demo-token-ttl-s", "0"], "--demo-token-ttl-s must be positive"),
     (["--demo", "--token-for", "bob"], "--token-for needs --secret or PUSHBOOK_SECRET"),
     (["--frobnicate"], "unknown option '--frobnicate'"),
+    (["--store", "redis://127.0.0.1"], "unknown store 'redis://127.0.0.1': use memory: or sqlite:PATH"),
+    (["--store", "sqlite:x.db?sync=sometimes"], "unknown sqlite option 'sync=sometimes'"),
+    (["--recovery", "maybe"], "--recovery is requeue or reject, not 'maybe'"),
 ])
 def test_bad_options_get_clear_errors(args, message):
     done = run_server(*args)
@@ -52,3 +55,45 @@ def test_demo_serves_the_page_the_client_and_tokens():
         assert token["user"].startswith("demo-") and token["token"].count(".") == 2
     finally:
         server.stop()
+
+
+def test_a_store_that_cannot_be_opened_stops_the_start_with_its_reason(tmp_path):
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("these are my notes, not a database\n" * 100)
+    done = run_server("--port", "0", "--store", f"sqlite:{foreign}")
+    assert done.returncode == 1
+    assert f"--store sqlite:{foreign}:" in done.stderr
+    assert "not a database" in done.stderr
+    assert foreign.read_text().startswith("these are my notes")  # untouched
+
+
+def test_the_store_is_printed_at_start_and_bookings_survive_a_restart(tmp_path):
+    import urllib.request
+    store = f"sqlite:{tmp_path / 'bookings.db'}"
+    first = Server("--store", store)
+    try:
+        assert any(f"store {store}" in line for line in first.output)
+        token = first.token("alice")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{first.port}/v1/bookings", method="POST",
+            data=json.dumps({"resource": "hall"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+        with urllib.request.urlopen(request) as answer:
+            booking_id = json.load(answer)["booking_id"]
+    finally:
+        first.stop()
+    second = Server("--store", store)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{second.port}/v1/bookings/{booking_id}",
+            headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request) as answer:
+            assert json.load(answer)["status"] == "confirmed"
+        retry = urllib.request.Request(
+            f"http://127.0.0.1:{second.port}/v1/bookings", method="POST",
+            data=json.dumps({"resource": "hall"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+        with urllib.request.urlopen(retry) as answer:
+            assert json.load(answer)["booking_id"] == booking_id
+    finally:
+        second.stop()
