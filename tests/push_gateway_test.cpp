@@ -8,6 +8,7 @@
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 #include <boost/json/serialize.hpp>
 
 #include <dirent.h>
@@ -170,6 +171,52 @@ TEST_CASE("a late subscriber gets the decision as a snapshot") {
   CHECK(ev.at("snapshot") == true);
   CHECK(ev.at("seq") == 2);
   CHECK(status_of(ev) == "confirmed");
+}
+
+TEST_CASE("after a restart a booking's state comes from the store, as a snapshot, with or without since") {
+  auto store = std::make_shared<MemoryStore>();  // what outlives the process
+  EngineOptions eo;
+  eo.store = store;
+  std::string booking_id;
+  std::string old_epoch;
+  {
+    Server first({}, eo);
+    auto ws = first.ws("alice");
+    booking_id = std::string(ws->request(book("room-10")).value().at("result").at("booking_id").as_string());
+    REQUIRE(await_decision(*ws, "booking/" + booking_id) == "confirmed");
+    old_epoch = format_epoch(first.bus->last("booking/" + booking_id)->epoch());
+  }
+  Server second({}, eo);  // a new bus: it never published on booking/<id>
+  const auto topic = "booking/" + booking_id;
+  REQUIRE(second.bus->last(topic) == nullptr);
+  const boost::json::object subscribes[] = {
+      {{"op", "subscribe"}, {"topic", topic}},
+      {{"op", "subscribe"}, {"topic", topic}, {"since", 1}, {"epoch", old_epoch}},
+      {{"op", "subscribe"}, {"topic", topic}, {"since", 2}},  // beyond what this bus numbered
+  };
+  for (const auto& subscribe : subscribes) {
+    CAPTURE(boost::json::serialize(subscribe));
+    auto ws = second.ws("alice");
+    auto request = subscribe;
+    request["id"] = 1;
+    REQUIRE(ws->request(request).value().at("ok") == true);
+    auto ev = ws->next(5s);
+    REQUIRE(ev);
+    CHECK(ev->at("topic").as_string() == topic);
+    CHECK(ev->at("snapshot") == true);
+    CHECK(status_of(*ev) == "confirmed");
+    CHECK(ev->at("data").at("version") == 2);
+    CHECK(ev->at("epoch").as_string() != old_epoch);
+  }
+  // An epoch that is not one is refused.
+  auto ws = second.ws("alice");
+  auto bad = ws->request({{"id", 2}, {"op", "subscribe"}, {"topic", topic}, {"since", 1}, {"epoch", "nope"}}).value();
+  CHECK(bad.at("ok") == false);
+  CHECK(bad.at("error").at("code") == "bad_request");
+  // Someone else's booking stays forbidden after a restart too.
+  auto eve = second.ws("eve");
+  CHECK(eve->request({{"id", 3}, {"op", "subscribe"}, {"topic", topic}}).value().at("error").at("code") ==
+        "forbidden");
 }
 
 TEST_CASE("since replays what was missed, without gap or duplicate") {
@@ -437,18 +484,41 @@ TEST_CASE("SSE: events with id, resume with Last-Event-ID") {
   Server s;
   for (int i = 0; i < 2; ++i) REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
   REQUIRE(test::eventually([&] { return s.engine->stats().in_flight == 0; }));  // user/alice: seq 1..4
+  const auto epoch = format_epoch(s.bus->last("user/alice")->epoch());
+  auto id = [&](int seq) { return fmt::format("id: {}:{}\n", epoch, seq); };
   RawSocket sse(s.port);
   REQUIRE(sse.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
-                   Server::token("alice") + "\r\nLast-Event-ID: 2\r\n\r\n"));
-  auto got = sse.receive_until("id: 4\n", 5s);
+                   Server::token("alice") + "\r\nLast-Event-ID: 2\r\n\r\n"));  // a bare seq: this epoch
+  auto got = sse.receive_until(id(4), 5s);
   CHECK(got.starts_with("HTTP/1.1 200 OK\r\n"));
   CHECK(got.find("Content-Type: text/event-stream") != std::string::npos);
-  CHECK(got.find("id: 2\n") == std::string::npos);
-  CHECK(got.find("id: 3\ndata: {\"type\":\"event\",\"topic\":\"user/alice\",\"seq\":3,") !=
-        std::string::npos);
-  CHECK(got.find("id: 4\n") != std::string::npos);
+  CHECK(got.find(id(2)) == std::string::npos);
+  CHECK(got.find(id(3) + "data: {\"type\":\"event\",\"topic\":\"user/alice\",\"seq\":3,\"epoch\":\"" + epoch +
+                 "\",") != std::string::npos);
+  CHECK(got.find(id(4)) != std::string::npos);
   REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
-  CHECK(sse.receive_until("id: 6\n", 5s).find("id: 6\n") != std::string::npos);
+  CHECK(sse.receive_until(id(6), 5s).find(id(6)) != std::string::npos);
+
+  // The id as sent resumes too; an id of another epoch (a restarted server) gets a snapshot.
+  RawSocket resumed(s.port);
+  REQUIRE(resumed.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                       Server::token("alice") + "\r\nLast-Event-ID: " + epoch + ":5\r\n\r\n"));
+  got = resumed.receive_until(id(6), 5s);
+  CHECK(got.find(id(5)) == std::string::npos);
+  CHECK(got.find(id(6) + "data: {\"type\":\"event\",") != std::string::npos);
+  RawSocket stale(s.port);
+  const auto other_epoch = format_epoch(s.bus->last("user/alice")->epoch() + 1);
+  REQUIRE(stale.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                     Server::token("alice") + "\r\nLast-Event-ID: " + other_epoch + ":2\r\n\r\n"));
+  got = stale.receive_until(id(6), 5s);
+  CHECK(got.find(id(6) + "data: {\"type\":\"event\",\"topic\":\"user/alice\",\"seq\":6,\"epoch\":\"" + epoch +
+                 "\",\"ts\":") != std::string::npos);
+  CHECK(got.find("\"snapshot\":true") != std::string::npos);
+  CHECK(got.find(id(3)) == std::string::npos);  // no replay of a numbering the client never had
+  RawSocket bad(s.port);
+  REQUIRE(bad.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                   Server::token("alice") + "\r\nLast-Event-ID: zz:2\r\n\r\n"));
+  CHECK(bad.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 400"));
 
   RawSocket forbidden(s.port);
   REQUIRE(forbidden.send("GET /v1/events?topic=user/bob HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +

@@ -51,32 +51,49 @@ export function randomKey() {
  */
 export class SeqTracker {
   #last = new Map();
+  #epoch = new Map();
 
   /** The last seq delivered on `topic` (or the `since` it was seeded with), else undefined. */
   last(topic) { return this.#last.get(topic); }
 
-  /** Starts `topic` at `since` (events up to it count as seen), unless it has a position. */
-  seed(topic, since) { if (since !== undefined && !this.#last.has(topic)) this.#last.set(topic, since); }
+  /**
+   * The epoch of that seq (the numbering it belongs to; it changes when the server's numbering of
+   * the topic restarts, e.g. after a restart), else undefined.
+   */
+  epoch(topic) { return this.#epoch.get(topic); }
 
-  forget(topic) { this.#last.delete(topic); }
+  /** Starts `topic` at `since` (events up to it count as seen), unless it has a position. */
+  seed(topic, since, epoch) {
+    if (since === undefined || this.#last.has(topic)) return;
+    this.#last.set(topic, since);
+    if (epoch !== undefined) this.#epoch.set(topic, epoch);
+  }
+
+  forget(topic) { this.#last.delete(topic); this.#epoch.delete(topic); }
 
   /**
    * 'deliver' (and the seq is recorded): the next event, the first one, or a snapshot newer than
    *   what was seen (a snapshot replaces state: the events it summarises are not replayed).
    *   A snapshot older than what was seen means the topic's sequence restarted (the server lost
    *   its history): it is delivered too, and the position moves back to it.
+   *   A snapshot of another epoch (a restarted numbering) is delivered whatever its seq.
    * 'duplicate': seq <= last seen, e.g. a replay overlapping what arrived before a reconnect.
-   * 'gap': an event that skips seqs: drop it and resubscribe with since = last.
-   * @param {{topic: string, seq: number, snapshot?: boolean}} event
+   * 'gap': an event that skips seqs, or an event of another epoch that is not a snapshot: drop it
+   *   and resubscribe with since = last (the server then answers with a snapshot).
+   * @param {{topic: string, seq: number, epoch?: string, snapshot?: boolean}} event
    */
-  classify({ topic, seq, snapshot }) {
+  classify({ topic, seq, epoch, snapshot }) {
     const last = this.#last.get(topic);
-    const deliver = last === undefined || seq === last + 1 || (snapshot === true && seq !== last);
+    const known = this.#epoch.get(topic);
+    const renumbered = epoch !== undefined && known !== undefined && epoch !== known;
+    const deliver = last === undefined ||
+      (snapshot === true ? seq !== last || renumbered : !renumbered && seq === last + 1);
     if (deliver) {
       this.#last.set(topic, seq);
+      if (epoch !== undefined) this.#epoch.set(topic, epoch);
       return 'deliver';
     }
-    return seq <= last ? 'duplicate' : 'gap';
+    return seq <= last && !renumbered ? 'duplicate' : 'gap';
   }
 }
 
@@ -336,19 +353,21 @@ export class PushbookClient {
    * @param {string} topic
    * @param {object} [options]
    * @param {number} [options.since] the last seq the caller has (events after it are replayed)
+   * @param {string} [options.epoch] the `epoch` of the event that `since` came from: when the
+   *   server's numbering of the topic restarted since (a restart), it sends a snapshot instead
    * @param {(event: object) => void} [options.onEvent]
    * @param {(error: PushbookError) => void} [options.onError] the server refused or ended the
    *   subscription (the iterator throws it too)
    * @returns {Subscription}
    */
-  subscribe(topic, { since, onEvent, onError } = {}) {
+  subscribe(topic, { since, epoch, onEvent, onError } = {}) {
     if (typeof topic !== 'string' || !topic) throw new TypeError('subscribe needs a topic');
-    return this.#follow(topic, { since, onEvent, onError }, false);
+    return this.#follow(topic, { since, epoch, onEvent, onError }, false);
   }
 
   // --- topics ----------------------------------------------------------------------------
 
-  #follow(topic, { since, onEvent, onError }, serverSubscribed) {
+  #follow(topic, { since, epoch, onEvent, onError }, serverSubscribed) {
     const sub = new Subscription(topic, { onEvent, onError }, (s) => this.#release(s));
     if (this.#state === 'closed') {
       sub[END](new PushbookError('closed', 'the client is closed'));
@@ -362,7 +381,7 @@ export class PushbookClient {
     }
     t = { subs: new Set([sub]), latest: null, stream: null, streamOpen: false };
     this.#topics.set(topic, t);
-    this.#seqs.seed(topic, since);
+    this.#seqs.seed(topic, since, epoch);
     if (this.#mode === 'sse') {
       if (this.#tokenReady) this.#openStream(topic);
     } else if (this.#state === 'open' && !serverSubscribed) {
@@ -389,7 +408,9 @@ export class PushbookClient {
 
   #sendSubscribe(topic) {
     const since = this.#seqs.last(topic);
+    const epoch = this.#seqs.epoch(topic);
     const msg = since === undefined ? { op: 'subscribe', topic } : { op: 'subscribe', topic, since };
+    if (since !== undefined && epoch !== undefined) msg.epoch = epoch;
     // From the reply on (and synchronously: events may follow in the same frame), a gap is new.
     const onReply = () => this.#resyncing.delete(topic);
     this.#request(msg, { onReply }).catch((error) => {
@@ -614,6 +635,8 @@ export class PushbookClient {
     if (this.#token) query.set('access_token', this.#token);
     const since = this.#seqs.last(topic);
     if (since !== undefined) query.set('since', String(since));
+    const epoch = this.#seqs.epoch(topic);
+    if (since !== undefined && epoch !== undefined) query.set('epoch', epoch);
     const es = new this.#EventSource(`${this.#base}/v1/events?${query}`);
     Object.assign(t, { stream: es, streamOpen: false });
     es.onopen = () => {

@@ -14,6 +14,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/url/parse.hpp>
 
+#include <charconv>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -302,27 +303,39 @@ void HttpSession::handle(Request&& req) {
       return send(error_response(req, http::status::forbidden, "forbidden",
                                  fmt::format("you may not subscribe to '{}'", *topic)),
                   "/v1/events");
-    std::optional<std::uint64_t> since;
-    std::string since_text;
-    if (auto it = req.find("Last-Event-ID"); it != req.end())
+    // Resume point: Last-Event-ID ("EPOCH:SEQ" as sent in "id:", or a bare SEQ), else ?since=SEQ
+    // with an optional ?epoch=EPOCH.
+    std::string since_text, epoch_text;
+    if (auto it = req.find("Last-Event-ID"); it != req.end()) {
       since_text = std::string(it->value());
-    else if (auto s = query_param(*url, "since"))
-      since_text = *s;
-    if (!since_text.empty()) {
-      try {
-        std::size_t used = 0;
-        since = std::stoull(since_text, &used);
-        if (used != since_text.size()) throw std::invalid_argument("trailing");
-      } catch (...) {
-        return send(error_response(req, http::status::bad_request, "bad_request",
-                                   "Last-Event-ID / since must be a sequence number"),
-                    "/v1/events");
+      if (auto colon = since_text.find(':'); colon != std::string::npos) {
+        epoch_text = since_text.substr(0, colon);
+        since_text.erase(0, colon + 1);
+        if (epoch_text.empty()) epoch_text = "-";  // refused below
       }
+    } else {
+      since_text = query_param(*url, "since").value_or("");
+      epoch_text = query_param(*url, "epoch").value_or("");
     }
+    std::optional<std::uint64_t> since;
+    std::optional<std::uint32_t> epoch;
+    if (!since_text.empty()) {
+      std::uint64_t n = 0;
+      const auto [end, err] = std::from_chars(since_text.data(), since_text.data() + since_text.size(), n);
+      if (err != std::errc() || end != since_text.data() + since_text.size())
+        return send(error_response(req, http::status::bad_request, "bad_request",
+                                   "Last-Event-ID / since must be a sequence number (EPOCH:SEQ or SEQ)"),
+                    "/v1/events");
+      since = n;
+    }
+    if (!epoch_text.empty() && !(epoch = parse_epoch(epoch_text)))
+      return send(error_response(req, http::status::bad_request, "bad_request",
+                                 "the epoch of Last-Event-ID / ?epoch= must be 8 hex digits"),
+                  "/v1/events");
     core_->metrics.count_request("/v1/events", 200);
     handed_over_ = true;
     auto sse = std::make_shared<SseSession>(core_, std::move(stream_));
-    sse->run(req.version(), *topic, since);
+    sse->run(req.version(), *topic, since, epoch);
     return;
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
@@ -448,9 +461,15 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   so.since_seq = booking.version;  // the next version wakes us, even if it came already
   so.executor = inline_executor();
   std::weak_ptr<HttpSession> weak = shared_from_this();
+  // After a restart the topic's numbering no longer follows the versions (a new epoch): a snapshot
+  // of the version the client has must not wake it, or it would poll in a loop.
   auto sub = core_->ctx->bus->subscribe(
       "booking/" + booking.id,
-      [weak](const Delivery&) {
+      [weak, known = booking.version](const Delivery& d) {
+        if (d.event) {
+          const auto* v = d.event->data().is_object() ? d.event->data().as_object().if_contains("version") : nullptr;
+          if (v && v->is_int64() && static_cast<std::uint64_t>(v->as_int64()) <= known) return;
+        }
         if (auto self = weak.lock())
           net::post(self->stream_.get_executor(), [self] { self->finish_long_poll(false); });
       },

@@ -253,6 +253,11 @@ void ConnectionLogic::op_subscribe(const boost::json::object& msg, const boost::
   const std::string topic(t->get_string());
   if (!is_valid_topic(topic))
     return fail(id, "bad_request", "invalid topic: '/'-separated segments of letters, digits and -_.:@+=~");
+  std::optional<std::uint32_t> epoch;
+  if (auto e = msg.if_contains("epoch"); e && !e->is_null()) {
+    if (!e->is_string() || !(epoch = parse_epoch(e->get_string())))
+      return fail(id, "bad_request", "\"epoch\" must be the epoch string of an event (8 hex digits)");
+  }
   std::optional<std::uint64_t> since;
   if (auto s = msg.if_contains("since"); s && !s->is_null()) {
     if (s->is_uint64())
@@ -269,7 +274,7 @@ void ConnectionLogic::op_subscribe(const boost::json::object& msg, const boost::
                 fmt::format("at most {} subscriptions per connection; unsubscribe first",
                             ctx_->options.max_subscriptions));
   reply(id, {{"topic", topic}});
-  subscribe(topic, since);
+  subscribe(topic, since, epoch);
 }
 
 void ConnectionLogic::op_unsubscribe(const boost::json::object& msg, const boost::json::value& id) {
@@ -308,7 +313,21 @@ void ConnectionLogic::op_refresh(const boost::json::object& msg, const boost::js
   reply(id, {{"expires_at", ms.count()}});
 }
 
-void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since) {
+std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const GatewayContext& ctx,
+                                                                           std::string_view topic) {
+  // Only booking topics: their state lives in the store, which is read without any engine lock
+  // (the source runs under the bus's topic lock). Resource topics are published by the engine at
+  // start, so the bus has them.
+  if (!topic.starts_with("booking/")) return {};
+  return [engine = ctx.engine, id = std::string(topic.substr(8))]() -> std::shared_ptr<const boost::json::value> {
+    auto b = engine->get(id);
+    if (!b) return nullptr;
+    return std::make_shared<const boost::json::value>(to_json(*b));
+  };
+}
+
+void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
+                                std::optional<std::uint32_t> epoch) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -316,6 +335,8 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   }
   SubscribeOptions so;
   so.since_seq = since;
+  so.since_epoch = epoch;
+  so.snapshot_source = snapshot_source(*ctx_, topic);
   // Events go straight into the connection's bounded send queue on the publisher's thread; the
   // queue (not the bus) applies the slow-consumer policy.
   so.executor = inline_executor();

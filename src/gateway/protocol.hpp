@@ -67,6 +67,11 @@ class ConnectionSink {
   virtual void post(std::function<void()> fn) = 0;
 };
 
+/// Where a subscriber to `topic` gets the topic's state when the bus has nothing of it (after a
+/// restart): a booking topic's state comes from the engine's store. Empty for other topics.
+std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const GatewayContext& ctx,
+                                                                           std::string_view topic);
+
 /// Submits `request` without blocking the calling I/O thread on the store, and hands the answer
 /// to `then` on the caller's strand: at once when the engine answered before submit_async()
 /// returned (bad input, an inline store such as MemoryStore: no thread hop), otherwise through
@@ -109,7 +114,8 @@ class ConnectionLogic {
   void op_cancel(const boost::json::object& msg, const boost::json::value& id);
   void op_refresh(const boost::json::object& msg, const boost::json::value& id);
   /// Subscribes the sink to `topic` (replacing an existing subscription to it).
-  void subscribe(const std::string& topic, std::optional<std::uint64_t> since);
+  void subscribe(const std::string& topic, std::optional<std::uint64_t> since,
+                 std::optional<std::uint32_t> epoch = std::nullopt);
   void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
 
   std::shared_ptr<const GatewayContext> ctx_;

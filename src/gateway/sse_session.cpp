@@ -18,7 +18,8 @@ SseSession::~SseSession() {
   core_->registry.remove(this);
 }
 
-void SseSession::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since) {
+void SseSession::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
+                     std::optional<std::uint32_t> epoch) {
   core_->registry.add(shared_from_this());
   stream_.expires_never();
   enqueue(
@@ -28,6 +29,8 @@ void SseSession::run(unsigned http_version, std::string topic, std::optional<std
                   http_version == 10 ? 0 : 1));
   SubscribeOptions so;
   so.since_seq = since;
+  so.since_epoch = epoch;
+  so.snapshot_source = snapshot_source(*core_->ctx, topic);
   so.executor = inline_executor();
   std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(shared_from_this());
   auto sub = core_->ctx->bus->subscribe(
@@ -52,11 +55,12 @@ void SseSession::run(unsigned http_version, std::string topic, std::optional<std
 
 void SseSession::send_event(const EventPtr& event, bool snapshot) {
   // No "event:" line: everything arrives as a plain message (EventSource.onmessage); the JSON
-  // says whether it is a snapshot. "id:" lets EventSource resume with Last-Event-ID.
+  // says whether it is a snapshot. "id: EPOCH:SEQ" lets EventSource resume with Last-Event-ID, and
+  // the server tell a seq of another numbering (a restart) from one of this.
   const auto& wire = *event->wire(snapshot);
   std::string chunk;
   chunk.reserve(wire.size() + 32);
-  fmt::format_to(std::back_inserter(chunk), "id: {}\ndata: ", event->seq());
+  fmt::format_to(std::back_inserter(chunk), "id: {}:{}\ndata: ", format_epoch(event->epoch()), event->seq());
   chunk += wire;
   chunk += "\n\n";
   enqueue(std::move(chunk));

@@ -18,7 +18,8 @@ class SseSession : public Session, public ConnectionSink, public std::enable_sha
  public:
   SseSession(std::shared_ptr<GatewayCore> core, beast::tcp_stream stream);
   ~SseSession() override;
-  void run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since);
+  void run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
+           std::optional<std::uint32_t> epoch);
 
   void shutdown() override;
   void abort() override;

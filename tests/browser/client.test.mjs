@@ -83,6 +83,15 @@ test('SeqTracker: delivers each seq once, in order; snapshots replace; gaps are 
   assert.deepEqual(verdicts('b', [[5], [6], [8]]), ['duplicate', 'deliver', 'gap']);
   seqs.forget('b');
   assert.equal(seqs.last('b'), undefined);
+  // Epochs: a snapshot of another numbering replaces state whatever its seq; a plain event of
+  // another numbering is a gap (resubscribe: the server answers with a snapshot).
+  assert.deepEqual(verdicts('c', [[4, true]]), ['deliver']);
+  const withEpoch = (list) => list.map(([seq, epoch, snapshot]) => seqs.classify({ topic: 'e', seq, epoch, snapshot }));
+  assert.deepEqual(withEpoch([[3, 'aaaaaaaa', true], [4, 'aaaaaaaa'], [1, 'bbbbbbbb'], [4, 'bbbbbbbb', true],
+    [5, 'bbbbbbbb'], [5, 'bbbbbbbb']]), ['deliver', 'deliver', 'gap', 'deliver', 'deliver', 'duplicate']);
+  assert.equal(seqs.epoch('e'), 'bbbbbbbb');
+  seqs.seed('f', 7, 'cccccccc');
+  assert.equal(seqs.epoch('f'), 'cccccccc');
   assert.match(randomKey(), /^[0-9a-f]{32}$/);
   assert.notEqual(randomKey(), randomKey());
 });
