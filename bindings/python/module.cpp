@@ -11,6 +11,7 @@
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
+#include <pushbook/sqlite_store.hpp>
 
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
@@ -92,7 +93,8 @@ py::object types() {
   return *module;
 }
 
-[[noreturn]] void raise(const Error& e) {
+// The Python exception (an instance of a pushbook.Error subclass) for `e`.
+py::object error_object(const Error& e) {
   const char* cls = "Error";
   if (e.code.category() == error_category()) {
     switch (static_cast<errc>(e.code.value())) {
@@ -112,8 +114,12 @@ py::object types() {
       default: break;
     }
   }
-  py::object type = types().attr(cls);
-  PyErr_SetObject(type.ptr(), py::make_tuple(e.message, to_string(static_cast<errc>(e.code.value()))).ptr());
+  return types().attr(cls)(e.message, to_string(static_cast<errc>(e.code.value())));
+}
+
+[[noreturn]] void raise(const Error& e) {
+  py::object exc = error_object(e);
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
   throw py::error_already_set();
 }
 
@@ -309,6 +315,47 @@ BookingHandler make_handler(py::object fn, py::object loop) {
   };
 }
 
+std::optional<std::chrono::milliseconds> ms(std::optional<double> seconds) {
+  if (!seconds) return std::nullopt;
+  return std::chrono::milliseconds(static_cast<std::int64_t>(*seconds * 1000.0));
+}
+
+// The request submit() and submit_async() take, from their keyword arguments.
+BookingRequest make_request(const std::string& user, std::optional<std::string> resource, std::uint32_t quantity,
+                            std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
+                            std::optional<std::string> idempotency_key, py::object metadata,
+                            std::optional<double> hold) {
+  BookingRequest r;
+  r.user = user;
+  if (resource && lines) throw py::value_error("give resource= or lines=, not both");
+  if (resource) r.lines.push_back({*resource, quantity});
+  if (lines)
+    for (auto& [res, q] : *lines) r.lines.push_back({res, q});
+  if (idempotency_key) r.idempotency_key = *idempotency_key;
+  if (!metadata.is_none()) {
+    auto v = from_py(metadata);
+    if (!v.is_object()) throw py::type_error("metadata must be a dict");
+    r.metadata = std::move(v.as_object());
+  }
+  r.hold_for = ms(hold);
+  return r;
+}
+
+// A store for Python: its last reference may go while the GIL is held, and a SqliteStore's
+// destructor joins its writer thread, which may be waiting for the GIL (a submit_async result).
+template <class T>
+std::shared_ptr<BookingStore> gil_safe_store(std::shared_ptr<T> store) {
+  auto* raw = store.get();
+  return std::shared_ptr<BookingStore>(raw, [keep = std::move(store)](BookingStore*) mutable {
+    if (PyGILState_Check() && !finalizing.load()) {
+      py::gil_scoped_release release;
+      keep.reset();
+    } else {
+      keep.reset();
+    }
+  });
+}
+
 // Binds an engine call that takes a booking id and returns the booking: the call runs without
 // the GIL, its error is raised with it.
 template <class Call>
@@ -317,11 +364,6 @@ auto booking_call(Call call) {
     result<Booking> b = nogil([&] { return call(e, id); });
     return PyBooking{take(std::move(b))};
   };
-}
-
-std::optional<std::chrono::milliseconds> ms(std::optional<double> seconds) {
-  if (!seconds) return std::nullopt;
-  return std::chrono::milliseconds(static_cast<std::int64_t>(*seconds * 1000.0));
 }
 
 }  // namespace
@@ -362,6 +404,36 @@ PYBIND11_MODULE(_core, m) {
       .def("__repr__", [](const PySubscription& s) {
         return std::string("<pushbook.Subscription ") + (s.sub.active() ? "active" : "cancelled") + ">";
       });
+
+  py::class_<BookingStore, std::shared_ptr<BookingStore>>(
+      m, "BookingStore", "Where an engine keeps bookings (MemoryStore, SqliteStore, or open_store(url)).");
+  m.def(
+      "MemoryStore", [] { return gil_safe_store(std::make_shared<MemoryStore>()); },
+      "Bookings in this process only: the fastest store, gone with the process.");
+  m.def(
+      "SqliteStore",
+      [](const std::string& path, const std::string& sync) {
+        SqliteOptions o;
+        if (sync == "normal")
+          o.sync = SqliteSync::normal;
+        else if (sync == "full")
+          o.sync = SqliteSync::full;
+        else
+          raise(Error(errc::bad_request, "sync is 'normal' or 'full', not '" + sync + "'"));
+        auto store = nogil([&] { return SqliteStore::open(path, o); });
+        return gil_safe_store(take(std::move(store)));
+      },
+      "path"_a, "sync"_a = "normal",
+      "Bookings in an SQLite file: an ACK means stored, and an engine started over the same file "
+      "recovers everything. sync='normal' survives a crash of the process, 'full' a power loss too. "
+      "Raises pushbook.Error (code 'store_failed') when the file cannot be used.");
+  m.def(
+      "open_store",
+      [](const std::string& url) {
+        auto store = nogil([&] { return open_store(url); });
+        return gil_safe_store(take(std::move(store)));
+      },
+      "url"_a, "A store from a URL: 'memory:' or 'sqlite:PATH[?sync=normal|full]'.");
 
   py::class_<LocalBus, std::shared_ptr<LocalBus>>(m, "LocalBus", "The in-process event bus.")
       .def(py::init([](std::size_t history_limit, double history_max_age, std::size_t delivery_threads) {
@@ -496,23 +568,41 @@ PYBIND11_MODULE(_core, m) {
                                                             "Validates, ACKs, decides, publishes.")
       .def(
           py::init([](std::shared_ptr<LocalBus> bus, std::size_t workers, py::object handler, py::object loop,
-                      double handler_timeout, std::size_t max_queue, double idempotency_window) {
+                      double handler_timeout, std::size_t max_queue, double idempotency_window,
+                      std::shared_ptr<BookingStore> store, const std::string& recovery) {
             if (!bus) throw py::type_error("BookingEngine needs a LocalBus");
             EngineOptions o;
+            o.store = std::move(store);
+            if (recovery == "requeue")
+              o.recovery = RecoveryPolicy::requeue;
+            else if (recovery == "reject")
+              o.recovery = RecoveryPolicy::reject;
+            else
+              raise(Error(errc::bad_request, "recovery is 'requeue' or 'reject', not '" + recovery + "'"));
             o.workers = workers;
             o.max_queue = max_queue;
             o.handler_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(handler_timeout * 1000));
             o.idempotency_window =
                 std::chrono::milliseconds(static_cast<std::int64_t>(idempotency_window * 1000));
             if (!handler.is_none()) o.handler = make_handler(std::move(handler), std::move(loop));
-            auto engine = make_gil_safe<BookingEngine>(bus, std::move(o));
+            // Over a store that holds bookings the engine recovers first: without the GIL.
+            std::optional<Error> failed;
+            auto engine = nogil([&]() -> std::shared_ptr<BookingEngine> {
+              try {
+                return make_gil_safe<BookingEngine>(bus, std::move(o));
+              } catch (const Exception& e) {
+                failed = Error(errc::store_failed, e.what());
+                return nullptr;
+              }
+            });
+            if (failed) raise(*failed);
             std::lock_guard lock(live().mutex);
             live().engines.insert(engine);
             return engine;
           }),
           "bus"_a, "workers"_a = 2, "handler"_a = py::none(), "loop"_a = py::none(),
           "handler_timeout"_a = 10.0, "max_queue"_a = 65536, "idempotency_window"_a = 86400.0,
-          py::keep_alive<1, 2>())
+          "store"_a = nullptr, "recovery"_a = "requeue", py::keep_alive<1, 2>())
       .def(
           "add_resource",
           [](BookingEngine& e, const std::string& id, std::uint32_t capacity) {
@@ -536,19 +626,8 @@ PYBIND11_MODULE(_core, m) {
           [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
              std::uint32_t quantity, std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
              std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
-            BookingRequest r;
-            r.user = user;
-            if (resource && lines) throw py::value_error("give resource= or lines=, not both");
-            if (resource) r.lines.push_back({*resource, quantity});
-            if (lines)
-              for (auto& [res, q] : *lines) r.lines.push_back({res, q});
-            if (idempotency_key) r.idempotency_key = *idempotency_key;
-            if (!metadata.is_none()) {
-              auto v = from_py(metadata);
-              if (!v.is_object()) throw py::type_error("metadata must be a dict");
-              r.metadata = std::move(v.as_object());
-            }
-            r.hold_for = ms(hold);
+            auto r = make_request(user, std::move(resource), quantity, std::move(lines), std::move(idempotency_key),
+                                  std::move(metadata), hold);
             result<Ack> a = [&] {
               py::gil_scoped_release release;
               return e.submit(std::move(r));
@@ -557,8 +636,37 @@ PYBIND11_MODULE(_core, m) {
           },
           "user"_a, "resource"_a = py::none(), "quantity"_a = 1, "lines"_a = py::none(),
           "idempotency_key"_a = py::none(), "metadata"_a = py::none(), "hold"_a = py::none(),
-          "Validates and ACKs at once (status 'processing'); the decision follows on booking/<id>. "
-          "hold= seconds asks for a hold (two-phase booking).")
+          "Validates and ACKs once the booking is stored (status 'processing'); the decision follows "
+          "on booking/<id>. hold= seconds asks for a hold (two-phase booking).")
+      .def(
+          "submit_async",
+          [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
+             std::uint32_t quantity, std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
+             std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
+            auto r = make_request(user, std::move(resource), quantity, std::move(lines), std::move(idempotency_key),
+                                  std::move(metadata), hold);
+            auto future = std::make_shared<PyRef>(py::module_::import("concurrent.futures").attr("Future")());
+            py::object returned = future->obj;
+            nogil([&] {
+              e.submit_async(std::move(r), [future](result<Ack> a) {
+                if (finalizing.load()) return;
+                py::gil_scoped_acquire gil;
+                try {
+                  if (a)
+                    future->obj.attr("set_result")(PyAck{std::move(*a)});
+                  else
+                    future->obj.attr("set_exception")(error_object(a.error()));
+                } catch (py::error_already_set& err) {
+                  log_callback_error(err, "submit_async");
+                }
+              });
+            });
+            return returned;
+          },
+          "user"_a, "resource"_a = py::none(), "quantity"_a = 1, "lines"_a = py::none(),
+          "idempotency_key"_a = py::none(), "metadata"_a = py::none(), "hold"_a = py::none(),
+          "submit() without waiting for the store: a concurrent.futures.Future of the Ack (or of the "
+          "error). In asyncio: await asyncio.wrap_future(engine.submit_async(...)).")
       .def("get", booking_call([](BookingEngine& e, const std::string& id) { return e.get(id); }),
            "booking_id"_a, "The booking as stored now.")
       .def("cancel", booking_call([](BookingEngine& e, const std::string& id) { return e.cancel(id); }),

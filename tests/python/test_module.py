@@ -308,3 +308,64 @@ def test_dropping_the_bus_an_engine_uses_is_safe():
     assert decided(engine, engine.submit(user="u", resource="r").booking_id).status == "confirmed"
     assert "BookingEngine" in repr(engine)
     engine.shutdown()
+
+
+# --- durable bookings -------------------------------------------------------------------------
+
+def test_sqlite_store_keeps_bookings_across_engines(tmp_path):
+    path = str(tmp_path / "bookings.db")
+    first = pushbook.BookingEngine(pushbook.LocalBus(), store=pushbook.SqliteStore(path))
+    first.add_resource("room", 2)
+    ack = first.submit("alice", resource="room", idempotency_key="k-1")
+    assert decided(first, ack.booking_id).status == pushbook.Status.CONFIRMED
+    first.shutdown()
+    del first
+
+    second = pushbook.BookingEngine(pushbook.LocalBus(), store=pushbook.open_store(f"sqlite:{path}?sync=full"))
+    second.add_resource("room", 2)  # the same capacity as stored: reconciled, not a duplicate
+    assert second.availability("room") == 1
+    assert second.get(ack.booking_id).status == pushbook.Status.CONFIRMED
+    again = second.submit("alice", resource="room", idempotency_key="k-1")
+    assert again.booking_id == ack.booking_id and again.replayed
+    with pytest.raises(pushbook.AlreadyExists):
+        second.add_resource("room", 2)  # reconciled once; a second add is a duplicate
+    with pytest.raises(pushbook.InvalidTransition):
+        second.set_capacity("room", 0)  # below the unit in use
+    second.shutdown()
+
+
+def test_submit_async_gives_a_future_for_asyncio_and_threads(tmp_path):
+    engine = pushbook.BookingEngine(pushbook.LocalBus(), store=pushbook.SqliteStore(str(tmp_path / "a.db")))
+    engine.add_resource("room", 1)
+
+    async def main():
+        ack = await asyncio.wrap_future(engine.submit_async("bob", resource="room"))
+        assert ack.status == pushbook.Status.PROCESSING
+        with pytest.raises(pushbook.NotFound):
+            await asyncio.wrap_future(engine.submit_async("bob", resource="nowhere"))
+        return ack
+
+    ack = asyncio.run(main())
+    assert decided(engine, ack.booking_id).status == pushbook.Status.CONFIRMED
+    future = engine.submit_async("carol", resource="room")
+    assert future.result(timeout=DEADLINE).booking_id != ack.booking_id
+    engine.shutdown()
+
+
+def test_stores_refuse_bad_input_with_clear_errors(tmp_path):
+    with pytest.raises(pushbook.ValidationError, match="sync is 'normal' or 'full'"):
+        pushbook.SqliteStore(str(tmp_path / "x.db"), sync="sometimes")
+    with pytest.raises(pushbook.ValidationError, match="unknown store"):
+        pushbook.open_store("redis://localhost")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    with pytest.raises(pushbook.Error) as e:
+        pushbook.SqliteStore(str(notes))
+    assert e.value.code == "store_failed"
+    assert notes.read_text().startswith("not a database")
+    with pytest.raises(pushbook.ValidationError, match="recovery is 'requeue' or 'reject'"):
+        pushbook.BookingEngine(pushbook.LocalBus(), recovery="sometimes")
+    memory = pushbook.MemoryStore()
+    engine = pushbook.BookingEngine(pushbook.LocalBus(), store=memory, recovery="reject")
+    engine.add_resource("r", 1)
+    engine.shutdown()

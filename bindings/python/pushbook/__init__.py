@@ -12,6 +12,10 @@ from ._types import (AlreadyExists, Error, IdempotencyConflict, InvalidTransitio
 Ack = _core.Ack
 Booking = _core.Booking
 BookingEngine = _core.BookingEngine
+BookingStore = _core.BookingStore
+MemoryStore = _core.MemoryStore
+SqliteStore = _core.SqliteStore
+open_store = _core.open_store
 Decision = _core.Decision
 Event = _core.Event
 Subscription = _core.Subscription
@@ -105,8 +109,8 @@ class PushGateway(_core.PushGateway):
 
 
 __all__ = [
-    "Ack", "AlreadyExists", "Booking", "BookingEngine", "Decision", "Error", "Event",
-    "IdempotencyConflict", "InvalidTransition", "LocalBus", "NotFound", "Overloaded",
-    "PushGateway", "Reason", "Status", "Subscription", "Unauthorized", "ValidationError",
-    "sign_token",
+    "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
+    "IdempotencyConflict", "InvalidTransition", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
+    "PushGateway", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
+    "ValidationError", "open_store", "sign_token",
 ]
