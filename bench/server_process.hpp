@@ -62,16 +62,26 @@ struct ServerProcess {
       close(log_fd);
       throw std::runtime_error(fmt::format("cannot start {}: {}", args[0], std::strerror(rc)));
     }
-    // The "listening on" line, within 15 s (a server that hangs before it must not hang us).
-    std::string line;
+    // The "listening on" line (lines before it, such as the store's, are skipped), within 15 s: a
+    // server that hangs before it must not hang us.
+    std::string line, before;
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-    for (char c = 0; c != '\n';) {
-      pollfd p{out[0], POLLIN, 0};
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(give_up - std::chrono::steady_clock::now())
-              .count();
-      if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0 || read(out[0], &c, 1) != 1) break;
-      if (c != '\n') line += c;
+    while (line.find("listening on") == std::string::npos) {
+      before += line;
+      line.clear();
+      bool complete = false;
+      for (char c = 0; !complete;) {
+        pollfd p{out[0], POLLIN, 0};
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(give_up - std::chrono::steady_clock::now())
+                .count();
+        if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0 || read(out[0], &c, 1) != 1) break;
+        if (c == '\n')
+          complete = true;
+        else
+          line += c;
+      }
+      if (!complete) break;
     }
     const auto at = line.find("127.0.0.1:");
     if (at == std::string::npos) {
@@ -81,7 +91,7 @@ struct ServerProcess {
       const auto n = pread(log_fd, log.data(), log.size(), 0);
       close(log_fd);
       log.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-      throw std::runtime_error(fmt::format("{} did not start:\n{}{}", args[0], line, log));
+      throw std::runtime_error(fmt::format("{} did not start:\n{}{}{}", args[0], before, line, log));
     }
     close(log_fd);
     port = static_cast<std::uint16_t>(std::stoi(line.substr(at + 10)));

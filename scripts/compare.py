@@ -70,10 +70,19 @@ def start_server(build, delay_ms, jitter_ms, secret, log_path, store):
          "--threads", "1", "--workers", "1", "--resource", "bench:100000000", "--store", store,
          "--decision-delay-ms", str(delay_ms), "--decision-jitter-ms", str(jitter_ms)],
         stdout=subprocess.PIPE, stderr=log, text=True)
-    # The "listening on" line, within 15 s: a server that hangs before it must not hang the demo.
-    ready, _, _ = select.select([proc.stdout], [], [], 15)
-    line = proc.stdout.readline() if ready else ""
-    m = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", line)
+    # The "listening on" line (after the store's), within 15 s: a server that hangs before it must
+    # not hang the demo.
+    # Raw reads of the pipe: a buffered readline could hold the line select() waits for.
+    deadline = time.monotonic() + 15
+    m = None
+    seen = b""
+    while m is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+        m = re.search(rb"listening on http://127\.0\.0\.1:(\d+) ", seen)
     if not m:
         proc.kill()
         sys.exit(f"pushbook-server did not start; its log: {log_path}")

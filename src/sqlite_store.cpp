@@ -229,7 +229,7 @@ enum scan_column : int {
   scan_created_at
 };
 
-thread_local const void* current_writer = nullptr;  // the store whose writer thread this is
+thread_local const void* current_writer = nullptr;  // the store whose callbacks run on this thread
 
 }  // namespace
 
@@ -253,6 +253,15 @@ struct SqliteStore::impl {
   bool closed = false;    // the writer thread has stopped: nothing queued is ever taken
   std::thread writer;
   std::atomic<std::uint64_t> transactions{0};
+
+  // Groups written (or failed), their callbacks not run yet. The writer hands each group over
+  // and goes on with the next transaction while the completer runs the callbacks: SQL and the
+  // callbacks' work (the engine publishes there) overlap instead of adding up on one thread.
+  std::mutex done_mutex;
+  std::condition_variable done_cv;
+  std::deque<std::pair<std::vector<pending>, result<void>>> done_queue;
+  bool writer_finished = false;  // done_mutex: no group will be handed over any more
+  std::thread completer;
 
   mutable std::mutex readers_mutex;
   mutable std::condition_variable readers_cv;
@@ -673,7 +682,6 @@ struct SqliteStore::impl {
   static void run_writer(std::shared_ptr<impl> self) { self->writer_loop(); }
 
   void writer_loop() {
-    current_writer = this;
     std::vector<pending> group;
     for (;;) {
       try {
@@ -690,14 +698,50 @@ struct SqliteStore::impl {
             queue.pop_front();
           }
         }
-        const auto outcome = write_group(group);
+        auto outcome = write_group(group);
         transactions.fetch_add(1, std::memory_order_relaxed);
-        finish(group, outcome);
+        hand_over(std::move(group), std::move(outcome));
       } catch (const std::exception& e) {
         // Only allocation can throw here. What was taken fails loudly; nothing is dropped.
-        finish(group, Error(errc::store_failed, where() + ": " + e.what()));
+        hand_over(std::move(group), Error(errc::store_failed, where() + ": " + e.what()));
       }
-      group.clear();
+      group = {};
+    }
+    {
+      std::lock_guard lock(done_mutex);
+      writer_finished = true;
+    }
+    done_cv.notify_one();
+  }
+
+  // Queues a group's callbacks for the completer, in commit order.
+  void hand_over(std::vector<pending> group, result<void> outcome) noexcept {
+    try {
+      {
+        std::lock_guard lock(done_mutex);
+        done_queue.emplace_back(std::move(group), std::move(outcome));
+      }
+      done_cv.notify_one();
+    } catch (...) {
+      // Out of memory: fail the group here, possibly before earlier groups' callbacks ran.
+      finish(group, Error(errc::store_failed, where() + ": out of memory"));
+    }
+  }
+
+  static void run_completer(std::shared_ptr<impl> self) { self->completer_loop(); }
+
+  void completer_loop() {
+    current_writer = this;  // callbacks run here: commit() from one must not wait for itself
+    for (;;) {
+      std::pair<std::vector<pending>, result<void>> next;
+      {
+        std::unique_lock lock(done_mutex);
+        done_cv.wait(lock, [&] { return writer_finished || !done_queue.empty(); });
+        if (done_queue.empty()) break;
+        next = std::move(done_queue.front());
+        done_queue.pop_front();
+      }
+      finish(next.first, next.second);
     }
     current_writer = nullptr;
   }
@@ -718,6 +762,7 @@ struct SqliteStore::impl {
     }
   }
 
+  // True on the thread that runs the callbacks (the completer).
   bool on_writer_thread() const noexcept { return current_writer == this; }
 };
 
@@ -730,11 +775,13 @@ SqliteStore::~SqliteStore() {
   }
   impl_->queue_cv.notify_one();
   if (impl_->on_writer_thread()) {
-    // The last reference went away in a commit callback: the writer thread cannot wait for
-    // itself. It keeps impl alive, finishes the queue and closes the database when it ends.
+    // The last reference went away in a commit callback: the completer cannot wait for itself.
+    // Both threads keep impl alive, finish the queue, and the last one closes the database.
     impl_->writer.detach();
-  } else if (impl_->writer.joinable()) {
-    impl_->writer.join();
+    impl_->completer.detach();
+  } else {
+    if (impl_->writer.joinable()) impl_->writer.join();
+    if (impl_->completer.joinable()) impl_->completer.join();
   }
 }
 
@@ -743,6 +790,7 @@ result<std::shared_ptr<SqliteStore>> SqliteStore::open(const std::string& path, 
     auto state = std::make_shared<impl>(path, options);
     if (auto r = state->open_writer(); !r) return r.error();
     if (auto r = state->open_readers(); !r) return r.error();
+    state->completer = std::thread(&impl::run_completer, state);
     state->writer = std::thread(&impl::run_writer, state);
     return std::shared_ptr<SqliteStore>(new SqliteStore(std::move(state)));
   } catch (const std::exception& e) {

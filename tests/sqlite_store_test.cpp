@@ -219,7 +219,7 @@ TEST_CASE("a new version replaces the previous one and keeps the booking's first
         "a:confirmed,b:processing");
 }
 
-TEST_CASE("commit_async runs the callbacks in commit order, one at a time, on the writer thread") {
+TEST_CASE("commit_async runs the callbacks in commit order, one at a time, on the store's completion thread") {
   temp_dir dir;
   auto store = open_ok(dir.file("db"));
   constexpr int n = 1000;
@@ -253,26 +253,20 @@ TEST_CASE("concurrent commits are grouped into few transactions") {
   temp_dir dir;
   SqliteOptions options;
   options.max_group = 1024;
-  auto store = open_ok(dir.file("db"), options);
+  options.busy_timeout = std::chrono::seconds(30);
+  const auto path = dir.file("db");
+  auto store = open_ok(path, options);
+  REQUIRE(commit(*store, make_booking("setup", BookingStatus::confirmed, {{"r", 1}})));
 
-  // The first commit's callback holds the writer until 2000 more changes are queued behind it.
-  std::mutex gate_mutex;
-  std::condition_variable gate_cv;
-  bool started = false, go = false;
+  // Another connection's lock holds the writer in the first transaction (waiting on
+  // busy_timeout) until 2000 more changes are queued behind it.
+  raw_db other(path);
+  REQUIRE(other.exec("BEGIN EXCLUSIVE") == SQLITE_OK);
   completion all;
   const auto before = store->transactions();
   auto first = make_booking("first", BookingStatus::confirmed, {{"r", 1}});
-  store->commit_async(StateChange{first, {}, {}}, [&](result<void> r) {
-    std::unique_lock lock(gate_mutex);
-    started = true;
-    gate_cv.notify_all();
-    gate_cv.wait(lock, [&] { return go; });
-    all.add(r);
-  });
-  {
-    std::unique_lock lock(gate_mutex);
-    REQUIRE(gate_cv.wait_for(lock, std::chrono::seconds(30), [&] { return started; }));
-  }
+  store->commit_async(StateChange{first, {}, {}}, [&](result<void> r) { all.add(r); });
+  REQUIRE(wait_for([&] { return store->queued() == 0; }));  // taken: the writer waits for the lock
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
@@ -285,37 +279,28 @@ TEST_CASE("concurrent commits are grouped into few transactions") {
   }
   for (auto& t : threads) t.join();
   CHECK(store->queued() == 2000);
-  {
-    std::lock_guard lock(gate_mutex);
-    go = true;
-  }
-  gate_cv.notify_all();
+  REQUIRE(other.exec("COMMIT") == SQLITE_OK);
   REQUIRE(all.wait(2001));
   CHECK(all.failed == 0);
   // One transaction for "first", then 2000 queued changes in groups of at most 1024.
   CHECK(store->transactions() - before == 3);
   CHECK(store->queued() == 0);
-  CHECK(store->recover(at_ms(0)).value().resources.at(0).confirmed == 2001);
+  CHECK(store->recover(at_ms(0)).value().resources.at(0).confirmed == 2002);
 }
 
 TEST_CASE("concurrent synchronous commit() callers share one transaction") {
   temp_dir dir;
-  auto store = open_ok(dir.file("db"));
-  std::mutex gate_mutex;
-  std::condition_variable gate_cv;
-  bool started = false, go = false;
+  SqliteOptions options;
+  options.busy_timeout = std::chrono::seconds(30);
+  const auto path = dir.file("db");
+  auto store = open_ok(path, options);
+  REQUIRE(commit(*store, make_booking("setup", BookingStatus::confirmed, {{"r", 1}})));
+  raw_db other(path);  // holds the writer in the first transaction, as above
+  REQUIRE(other.exec("BEGIN EXCLUSIVE") == SQLITE_OK);
   const auto before = store->transactions();
   auto first = make_booking("first", BookingStatus::confirmed, {{"r", 1}});
-  store->commit_async(StateChange{first, {}, {}}, [&](result<void>) {
-    std::unique_lock lock(gate_mutex);
-    started = true;
-    gate_cv.notify_all();
-    gate_cv.wait(lock, [&] { return go; });
-  });
-  {
-    std::unique_lock lock(gate_mutex);
-    REQUIRE(gate_cv.wait_for(lock, std::chrono::seconds(30), [&] { return started; }));
-  }
+  store->commit_async(StateChange{first, {}, {}}, [](result<void>) {});
+  REQUIRE(wait_for([&] { return store->queued() == 0; }));
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
@@ -324,11 +309,7 @@ TEST_CASE("concurrent synchronous commit() callers share one transaction") {
     });
   }
   CHECK(wait_for([&] { return store->queued() == 8; }));
-  {
-    std::lock_guard lock(gate_mutex);
-    go = true;
-  }
-  gate_cv.notify_all();
+  REQUIRE(other.exec("COMMIT") == SQLITE_OK);
   for (auto& t : threads) t.join();
   CHECK(ok.load() == 8);
   CHECK(store->transactions() - before == 2);
@@ -653,7 +634,7 @@ TEST_CASE("commit and put_resource from a commit callback fail instead of waitin
   CHECK(inner_resource->error().is(errc::store_failed));
 }
 
-TEST_CASE("the last reference dropped in a commit callback: the writer finishes and closes on its own") {
+TEST_CASE("the last reference dropped in a commit callback: the store's threads finish and close on their own") {
   temp_dir dir;
   const auto path = dir.file("db");
   completion all;
@@ -662,7 +643,7 @@ TEST_CASE("the last reference dropped in a commit callback: the writer finishes 
     auto b = make_booking("b1", BookingStatus::confirmed, {{"r", 1}});
     auto* raw = store.get();
     // The callback owns the store; dropping the callback after it ran destroys the store on the
-    // writer thread.
+    // completion thread.
     raw->commit_async(StateChange{b, {}, {}},
                       [keep = std::move(store), &all](result<void> r) { all.add(r); });
   }

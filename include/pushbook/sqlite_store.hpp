@@ -41,8 +41,9 @@ struct SqliteOptions {
 /// A durable BookingStore in one SQLite database file (plus its -wal and -shm files while open).
 ///
 /// Writes: commit_async() serialises the change on the calling thread and queues it; one writer
-/// thread takes everything queued (up to SqliteOptions::max_group) into one transaction, then
-/// runs the callbacks of that group in commit order, one at a time, on the writer thread. When a
+/// thread takes everything queued (up to SqliteOptions::max_group) into one transaction and hands
+/// the group to a completion thread, which runs its callbacks in commit order, one at a time,
+/// while the writer goes on with the next transaction. When a
 /// transaction fails, every change of its group fails with errc::store_failed and SQLite's
 /// message, and nothing of the group is stored; later groups are tried afresh. commit() and
 /// put_resource() queue the same way and wait, so concurrent synchronous callers share
@@ -65,7 +66,7 @@ class PUSHBOOK_EXPORT SqliteStore final : public BookingStore {
 
   /// Stops taking changes, stores those still queued (their callbacks run), stops the writer
   /// thread and closes the database. Called from a commit callback (the last reference dropped
-  /// there), it returns at once and the writer thread finishes the queue and closes on its own.
+  /// there), it returns at once and the store's threads finish the queue and close on their own.
   ~SqliteStore() override;
 
   SqliteStore(const SqliteStore&) = delete;
@@ -89,7 +90,7 @@ class PUSHBOOK_EXPORT SqliteStore final : public BookingStore {
  private:
   struct impl;
   explicit SqliteStore(std::shared_ptr<impl> state);
-  // Shared with the writer thread, which keeps it alive until it has finished the queue.
+  // Shared with the writer and completion threads, which keep it alive until the queue is done.
   std::shared_ptr<impl> impl_;
 };
 
