@@ -288,12 +288,13 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   // --- deciding ----------------------------------------------------------------------------
 
+  // The last thing a decision's thread does with the engine: shutdown() may return (and the
+  // engine go) as soon as in_flight is 0, so the decrement happens under the mutex shutdown()
+  // waits with, and nothing of the engine is touched after it.
   void finish_in_flight(steady::time_point submitted, bool decided = true) {
     if (decided) decision_latency.record(steady::now() - submitted);
-    if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard lock(in_flight_mutex);
-      in_flight_cv.notify_all();
-    }
+    std::lock_guard lock(in_flight_mutex);
+    if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) in_flight_cv.notify_all();
   }
 
   // Where a booking's units are when it is decided.
@@ -611,8 +612,13 @@ void BookingEngine::shutdown() {
     if (t.joinable()) t.join();
   // Handlers still deciding finish, or time out, and their commits complete, before the engine
   // goes.
-  std::unique_lock lock(impl_->in_flight_mutex);
-  impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
+  {
+    std::unique_lock lock(impl_->in_flight_mutex);
+    impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
+  }
+  // Then no timer runs any more (holds no longer expire): a timer holding the last reference to
+  // the engine would otherwise destroy it, and its timer queue, on the timer thread.
+  impl_->timers.stop();
 }
 
 // Capacity changes are serialised by resources_admin_mutex and never hold resources_mutex while
@@ -634,8 +640,10 @@ result<void> detail::engine_core::put_capacity(std::string_view id, std::uint32_
         return Error(errc::capacity_in_use,
                      fmt::format("'{}' has {} units reserved or confirmed; capacity cannot drop to {}", id,
                                  r.reserved + r.confirmed, capacity));
-      if (create) undeclared.erase(std::string(id));
-      if (capacity == r.capacity && create) return {};  // reconciled: the store already says so
+      if (capacity == r.capacity && create) {  // reconciled: the store already says so
+        undeclared.erase(std::string(id));
+        return {};
+      }
       before = r.capacity;
       if (capacity < r.capacity) {
         r.capacity = capacity;
@@ -656,6 +664,7 @@ result<void> detail::engine_core::put_capacity(std::string_view id, std::uint32_
     return stored.error();
   }
   std::unique_lock lock(resources_mutex);
+  if (create) undeclared.erase(std::string(id));  // reconciled: a second add_resource is a duplicate
   auto& r = resources[std::string(id)];
   r.id = std::string(id);
   if (r.capacity != capacity || !before) {
@@ -731,8 +740,16 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
       }
       Ack ack{it->second.booking_id, BookingStatus::processing, true};
       lock.unlock();
-      // The first submit may still be storing it; then it is processing.
-      if (auto b = m.store->load(ack.booking_id); b && *b) ack.status = (*b)->status;
+      // An ACK means stored: a retry that arrives while the first submit is still storing the
+      // booking (or whose store cannot say) gets an error to retry on, never an ACK for a booking
+      // that may yet fail to be stored.
+      auto stored = m.store->load(ack.booking_id);
+      if (!stored) return done(stored.error());
+      if (!*stored)
+        return done(Error(errc::overloaded, fmt::format("booking '{}' of idempotency key '{}' is still being "
+                                                        "stored; retry",
+                                                        ack.booking_id, request.idempotency_key)));
+      ack.status = (*stored)->status;
       m.replays.fetch_add(1, std::memory_order_relaxed);
       m.ack_latency.record(steady::now() - t0);
       return done(std::move(ack));

@@ -284,40 +284,58 @@ std::string exception_text(py::error_already_set& e) {
   return text;
 }
 
+// Delivers a handler's decision without the GIL: deciding takes engine locks that a thread
+// waiting for the store may hold while the store's completion thread waits for the GIL.
+void decide_nogil(const Completion& done, Decision d) {
+  py::gil_scoped_release release;
+  done(std::move(d));
+}
+
 BookingHandler make_handler(py::object fn, py::object loop) {
   auto fn_ref = std::make_shared<PyRef>(std::move(fn));
   auto loop_ref = std::make_shared<PyRef>(std::move(loop));
   return [fn_ref, loop_ref](const Booking& b, Completion done) {
     if (finalizing.load()) return (void)done(Decision::error("interpreter shutting down"));
     py::gil_scoped_acquire gil;
+    std::optional<Decision> decision;  // delivered after the GIL-holding part
     try {
       py::object r = fn_ref->obj(PyBooking{b});
       if (py::module_::import("inspect").attr("iscoroutine")(r).cast<bool>()) {
         if (loop_ref->obj.is_none()) {
           r.attr("close")();
-          return (void)done(
-              Decision::error("an async handler needs BookingEngine(..., loop=<asyncio loop>)"));
+          return decide_nogil(done,
+                              Decision::error("an async handler needs BookingEngine(..., loop=<asyncio loop>)"));
         }
         py::object future = py::module_::import("asyncio").attr("run_coroutine_threadsafe")(r, loop_ref->obj);
         future.attr("add_done_callback")(py::cpp_function([done](py::object f) {
+          Decision d;
           try {
-            done(to_decision(f.attr("result")()));
+            d = to_decision(f.attr("result")());
           } catch (py::error_already_set& e) {
-            done(Decision::error(exception_text(e)));
+            d = Decision::error(exception_text(e));
           }
+          decide_nogil(done, std::move(d));
         }));
         return;
       }
-      done(to_decision(r));
+      decision = to_decision(r);
     } catch (py::error_already_set& e) {
-      done(Decision::error(exception_text(e)));
+      decision = Decision::error(exception_text(e));
     }
+    decide_nogil(done, std::move(*decision));
   };
 }
 
 std::optional<std::chrono::milliseconds> ms(std::optional<double> seconds) {
   if (!seconds) return std::nullopt;
   return std::chrono::milliseconds(static_cast<std::int64_t>(*seconds * 1000.0));
+}
+
+// Where submit_async() futures are resolved. Deliberately never destroyed: its thread must not be
+// joined while the interpreter finalizes.
+ThreadPool& futures_pool() {
+  static auto* pool = new ThreadPool(1);
+  return *pool;
 }
 
 // The request submit() and submit_async() take, from their keyword arguments.
@@ -649,16 +667,20 @@ PYBIND11_MODULE(_core, m) {
             py::object returned = future->obj;
             nogil([&] {
               e.submit_async(std::move(r), [future](result<Ack> a) {
-                if (finalizing.load()) return;
-                py::gil_scoped_acquire gil;
-                try {
-                  if (a)
-                    future->obj.attr("set_result")(PyAck{std::move(*a)});
-                  else
-                    future->obj.attr("set_exception")(error_object(a.error()));
-                } catch (py::error_already_set& err) {
-                  log_callback_error(err, "submit_async");
-                }
+                // Resolved on a thread of the module's own, not the store's: the future's
+                // done-callbacks run there and may call the engine, which waits for the store.
+                futures_pool().post([future, a = std::move(a)]() mutable {
+                  if (finalizing.load()) return;
+                  py::gil_scoped_acquire gil;
+                  try {
+                    if (a)
+                      future->obj.attr("set_result")(PyAck{std::move(*a)});
+                    else
+                      future->obj.attr("set_exception")(error_object(a.error()));
+                  } catch (py::error_already_set& err) {
+                    log_callback_error(err, "submit_async");
+                  }
+                });
               });
             });
             return returned;

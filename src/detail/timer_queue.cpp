@@ -4,12 +4,15 @@ namespace pushbook::detail {
 
 TimerQueue::TimerQueue() : thread_([this] { run(); }) {}
 
-TimerQueue::~TimerQueue() {
+TimerQueue::~TimerQueue() { stop(); }
+
+void TimerQueue::stop() {
   {
     std::lock_guard lock(mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
+  if (!thread_.joinable()) return;
   if (thread_.get_id() == std::this_thread::get_id())
     thread_.detach();
   else

@@ -19,7 +19,7 @@ class TimerQueue {
   using timer_id = std::uint64_t;
 
   TimerQueue();
-  /// Discards pending timers and joins the thread.
+  /// Calls stop().
   ~TimerQueue();
   TimerQueue(const TimerQueue&) = delete;
   TimerQueue& operator=(const TimerQueue&) = delete;
@@ -29,6 +29,10 @@ class TimerQueue {
   /// Returns true when the timer was pending and will not run.
   bool cancel(timer_id id);
   std::size_t pending() const;
+  /// Runs no more timers (pending and later ones are discarded) and joins the thread, after the
+  /// timer running now (if any) has returned. Idempotent. From the timer thread itself it only
+  /// detaches it.
+  void stop();
 
  private:
   void run();

@@ -379,7 +379,7 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
     }
     // The engine answers once the booking is stored; this thread does not wait for the store.
     submit_on_strand(
-        *ctx.engine, std::move(*request),
+        ctx, std::move(*request),
         [self = shared_from_this()](std::function<void()> fn) {
           net::post(self->stream_.get_executor(), std::move(fn));
         },
@@ -457,12 +457,13 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   poll_->timer->async_wait([self = shared_from_this()](boost::system::error_code ec) {
     if (!ec) self->finish_long_poll(true);
   });
+  // The current state first (a snapshot: from the bus, or from the store after a restart), then
+  // every change; only a version newer than the client's wakes it, whatever the topic's
+  // numbering (seq and version part ways after a restart).
   SubscribeOptions so;
-  so.since_seq = booking.version;  // the next version wakes us, even if it came already
+  so.snapshot_source = snapshot_source(*core_->ctx, "booking/" + booking.id);
   so.executor = inline_executor();
   std::weak_ptr<HttpSession> weak = shared_from_this();
-  // After a restart the topic's numbering no longer follows the versions (a new epoch): a snapshot
-  // of the version the client has must not wake it, or it would poll in a loop.
   auto sub = core_->ctx->bus->subscribe(
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {

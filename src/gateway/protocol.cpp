@@ -199,7 +199,7 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
                             ctx_->options.max_subscriptions));
   std::weak_ptr<ConnectionSink> weak = sink_;
   submit_on_strand(
-      *ctx_->engine, std::move(*req),
+      *ctx_, std::move(*req),
       [weak](std::function<void()> fn) {
         if (auto sink = weak.lock()) sink->post(std::move(fn));
       },
@@ -210,27 +210,47 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
 
 void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   if (!ack) return fail(id, ack.error());
+  // Several books may have been in flight: the subscription cap holds for them too. The booking
+  // is made; the client follows it with a subscribe once it has room.
+  const auto topic = "booking/" + ack->booking_id;
+  const bool room = subscriptions_.size() < ctx_->options.max_subscriptions || subscriptions_.contains(topic);
   boost::json::object result{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
   if (ack->replayed) result["replayed"] = true;
   reply(id, std::move(result));
+  if (!room) {
+    if (auto sink = sink_.lock())
+      sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
+          {"type", "notice"},
+          {"code", "subscription_ended"},
+          {"topic", topic},
+          {"message", fmt::format("at most {} subscriptions per connection; unsubscribe from one, then "
+                                  "subscribe to '{}' to follow this booking",
+                                  ctx_->options.max_subscriptions, topic)}})));
+    return;
+  }
   // The decision follows on this socket: the subscription starts with the booking's current
   // state, so nothing decided in between is missed.
-  subscribe("booking/" + ack->booking_id, std::nullopt);
+  subscribe(topic, std::nullopt);
 }
 
-void submit_on_strand(BookingEngine& engine, BookingRequest request,
+void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
                       std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then) {
   struct state {
+    std::shared_ptr<PendingSubmits> pending;
+    explicit state(std::shared_ptr<PendingSubmits> p) : pending(std::move(p)) { pending->begin(); }
+    ~state() { pending->end(); }  // the answer was handled, or dropped with the connection
+    state(const state&) = delete;
+    state& operator=(const state&) = delete;
     std::mutex mutex;
     bool returned = false;               // submit_async() has returned
     std::optional<result<Ack>> early;    // the answer, when it came before that
     std::function<void(result<Ack>)> then;
     std::function<void(std::function<void()>)> post;
   };
-  auto st = std::make_shared<state>();
+  auto st = std::make_shared<state>(ctx.pending_submits);
   st->then = std::move(then);
   st->post = std::move(post);
-  engine.submit_async(std::move(request), [st](result<Ack> r) {
+  ctx.engine->submit_async(std::move(request), [st](result<Ack> r) {
     std::unique_lock lock(st->mutex);
     if (!st->returned) {
       st->early.emplace(std::move(r));

@@ -14,7 +14,9 @@
 #include <boost/json/object.hpp>
 
 #include <chrono>
+#include <condition_variable>
 #include <functional>
+#include <mutex>
 #include <map>
 #include <memory>
 #include <optional>
@@ -39,12 +41,37 @@ std::string reply_ok(const boost::json::value& id, boost::json::object result);
 /// {"type":"reply","id":ID,"ok":false,"error":{"code":...,"message":...}}
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message);
 
+/// Bookings submitted by connections whose answer has not been handled (or dropped) yet: the
+/// gateway waits for them before it destroys its io_contexts, since each answer is posted there.
+class PendingSubmits {
+ public:
+  void begin() {
+    std::lock_guard lock(mutex_);
+    ++count_;
+  }
+  void end() {
+    std::lock_guard lock(mutex_);
+    if (--count_ == 0) zero_.notify_all();
+  }
+  /// True when none is pending by `deadline`.
+  bool wait_zero(std::chrono::steady_clock::time_point deadline) {
+    std::unique_lock lock(mutex_);
+    return zero_.wait_until(lock, deadline, [&] { return count_ == 0; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable zero_;
+  std::size_t count_ = 0;
+};
+
 /// Everything the connections of one gateway share. Immutable after start.
 struct GatewayContext {
   EventBusPtr bus;
   std::shared_ptr<BookingEngine> engine;
   GatewayOptions options;
   GatewayMetrics* metrics = nullptr;
+  std::shared_ptr<PendingSubmits> pending_submits = std::make_shared<PendingSubmits>();
 
   /// Verifies a token (or, in dev_insecure mode, reads its "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;
@@ -76,7 +103,8 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
 /// to `then` on the caller's strand: at once when the engine answered before submit_async()
 /// returned (bad input, an inline store such as MemoryStore: no thread hop), otherwise through
 /// `post`, which must run its function on that strand.
-void submit_on_strand(BookingEngine& engine, BookingRequest request,
+/// Counted in `ctx.pending_submits` until `then` ran or was dropped.
+void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
                       std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then);
 
 /// The per-connection protocol state of a WebSocket client: identity, subscriptions, rate

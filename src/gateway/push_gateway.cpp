@@ -207,6 +207,10 @@ void PushGateway::stop() {
     for (auto& s : core->registry.snapshot()) s->abort();
     core->registry.wait_empty(std::chrono::steady_clock::now() + std::chrono::seconds(2));
   }
+  // Answers of bookings still being stored are posted to the io_contexts: let them arrive before
+  // the contexts go (a store gives up after its busy_timeout, so this is bounded in practice).
+  if (!core->ctx->pending_submits->wait_zero(std::chrono::steady_clock::now() + std::chrono::seconds(30)))
+    core->log(LogLevel::warning, "bookings still being stored after 30 s; stopping anyway");
   for (auto& g : core->guards) g.reset();
   for (auto& ioc : core->own_contexts) ioc->stop();
   for (auto& t : core->threads)
