@@ -152,7 +152,8 @@ class PUSHBOOK_EXPORT BookingEngine {
 
   /// Validates `request` and returns the ACK (status processing) at once; the decision follows
   /// on "booking/<id>". Errors, never an ACK: bad_request, not_found (unknown resource),
-  /// exceeds_capacity, idempotency_conflict, overloaded, shutting_down, store_failed.
+  /// exceeds_capacity, idempotency_conflict, overloaded (also: a retry of an idempotency key
+  /// whose first submit is still being stored; retry), shutting_down, store_failed.
   /// The ACK means the processing version is stored (as durable as the store is). Blocks for the
   /// store's commit: a thread that must not block (an I/O thread) uses submit_async().
   result<Ack> submit(BookingRequest request);
@@ -179,8 +180,9 @@ class PUSHBOOK_EXPORT BookingEngine {
 
   /// Stops taking bookings (submit() then fails with shutting_down), rejects those still queued
   /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
-  /// and for their commits, and joins the workers. A decision the store refuses during shutdown
-  /// stays processing in the store: the next start decides it (recovery). Idempotent; the destructor calls it. Must not be called from a
+  /// and for their commits, and joins the workers; then the timer thread stops (holds no longer
+  /// expire in this process: the next start re-arms them). A decision the store refuses during
+  /// shutdown stays processing in the store: the next start decides it (recovery). Idempotent; the destructor calls it. Must not be called from a
   /// handler or a worker thread.
   void shutdown();
 
