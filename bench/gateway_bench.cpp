@@ -61,12 +61,14 @@ void raise_fd_limit() {
   setrlimit(RLIMIT_NOFILE, &r);
 }
 
-// A pushbook-server child process on a free port (1 gateway thread, one big resource).
+// A pushbook-server child process on a free port (1 gateway thread, one big resource). The
+// in-memory store: this benchmark measures the gateway (pushbook-store-bench and pushbook-bench
+// measure the durable path), and it leaves no database file behind.
 struct ServerProcess : pushbook::bench::ServerProcess {
   ServerProcess()
       : pushbook::bench::ServerProcess({pushbook::bench::self_dir() + "/pushbook-server", "--port", "0",
                                         "--secret", secret, "--threads", "1", "--resource",
-                                        "hall:100000000"}) {}
+                                        "hall:100000000", "--store", "memory:"}) {}
   long rss_kib() const { return pushbook::bench::process_rss_kib(pid); }
   double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
 };
