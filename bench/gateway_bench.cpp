@@ -67,8 +67,8 @@ void raise_fd_limit() {
 struct ServerProcess : pushbook::bench::ServerProcess {
   ServerProcess()
       : pushbook::bench::ServerProcess({pushbook::bench::self_dir() + "/pushbook-server", "--port", "0",
-                                        "--secret", secret, "--threads", "1", "--resource",
-                                        "hall:100000000", "--store", "memory:"}) {}
+                                        "--secret", secret, "--threads", "1", "--resource", "hall:100000000",
+                                        "--store", "memory:"}) {}
   long rss_kib() const { return pushbook::bench::process_rss_kib(pid); }
   double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
 };

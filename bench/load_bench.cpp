@@ -301,7 +301,8 @@ struct TempDir {
   TempDir() {
     const char* base = std::getenv("TMPDIR");
     std::string pattern = std::string(base && *base ? base : "/tmp") + "/pushbook-bench-XXXXXX";
-    if (!::mkdtemp(pattern.data())) throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
+    if (!::mkdtemp(pattern.data()))
+      throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
     path = pattern;
   }
   ~TempDir() {

@@ -179,7 +179,8 @@ void fill(const std::string& path, int n) {
 double bench_restart(const std::string& stored, const std::string& path) {
   std::filesystem::copy_file(stored, path, std::filesystem::copy_options::overwrite_existing);
   if (std::filesystem::exists(stored + "-wal"))
-    std::filesystem::copy_file(stored + "-wal", path + "-wal", std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(stored + "-wal", path + "-wal",
+                               std::filesystem::copy_options::overwrite_existing);
   std::filesystem::remove(path + "-shm");
   const auto t0 = steady::now();
   EngineOptions o;
@@ -238,14 +239,16 @@ int main(int argc, char** argv) {
   }
   TempDir dir;
   const std::vector<std::pair<std::string, std::string>> stores = {
-      {"memory", "memory:"}, {"sqlite normal", "sqlite:{}/n{}.db"}, {"sqlite full", "sqlite:{}/f{}.db?sync=full"}};
+      {"memory", "memory:"},
+      {"sqlite normal", "sqlite:{}/n{}.db"},
+      {"sqlite full", "sqlite:{}/f{}.db?sync=full"}};
   std::vector<std::vector<Throughput>> runs(stores.size());
   if (opt.only.empty() || opt.only == "throughput")
     for (int r = 0; r < opt.runs; ++r) {
       for (std::size_t s = 0; s < stores.size(); ++s)  // interleaved: the machine's state hits all alike
         if (opt.store.empty() || stores[s].first.ends_with(opt.store))
-          runs[s].push_back(bench_throughput(fmt::format(fmt::runtime(stores[s].second), dir.path, r), opt.bookings,
-                                           opt.in_flight));
+          runs[s].push_back(bench_throughput(fmt::format(fmt::runtime(stores[s].second), dir.path, r),
+                                             opt.bookings, opt.in_flight));
       if (!opt.json) fmt::print(stderr, "throughput run {}/{} done\n", r + 1, opt.runs);
     }
   std::vector<double> restarts;
@@ -277,13 +280,15 @@ int main(int argc, char** argv) {
     rows.push_back({stores[s].first, median(bps), l});
   }
   if (opt.json) {
-    std::string out = fmt::format(R"({{"runs":{},"bookings":{},"in_flight":{},"stores":[)", opt.runs, opt.bookings,
-                                  opt.in_flight);
+    std::string out = fmt::format(R"({{"runs":{},"bookings":{},"in_flight":{},"stores":[)", opt.runs,
+                                  opt.bookings, opt.in_flight);
     for (std::size_t i = 0; i < rows.size(); ++i)
-      out += fmt::format(R"({}{{"store":"{}","bookings_per_s":{:.0f},"ack_p50_us":{:.1f},"ack_p99_us":{:.1f}}})",
-                         i ? "," : "", rows[i].name, rows[i].bps, us(rows[i].ack.p50_ns), us(rows[i].ack.p99_ns));
+      out += fmt::format(
+          R"({}{{"store":"{}","bookings_per_s":{:.0f},"ack_p50_us":{:.1f},"ack_p99_us":{:.1f}}})",
+          i ? "," : "", rows[i].name, rows[i].bps, us(rows[i].ack.p50_ns), us(rows[i].ack.p99_ns));
     out += "]";
-    if (!restarts.empty()) out += fmt::format(R"(,"stored":{},"restart_s":{:.3f})", opt.stored, median(restarts));
+    if (!restarts.empty())
+      out += fmt::format(R"(,"stored":{},"restart_s":{:.3f})", opt.stored, median(restarts));
     fmt::print("{}}}\n", out);
     return 0;
   }
@@ -298,6 +303,7 @@ int main(int argc, char** argv) {
                  rows[0].name == "memory" ? fmt::format("{:.2f}x", rows[0].bps / r.bps) : std::string("-"));
   }
   if (!restarts.empty())
-    fmt::print("\nrestart over {} stored bookings (open + recovery): {:.2f} s\n", opt.stored, median(restarts));
+    fmt::print("\nrestart over {} stored bookings (open + recovery): {:.2f} s\n", opt.stored,
+               median(restarts));
   return 0;
 }

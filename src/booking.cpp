@@ -92,6 +92,22 @@ result<BookingLine> line_from(const boost::json::object& o, std::string_view whe
   return line;
 }
 
+// "lines": an array of {"resource","quantity"} objects; errors name the offending element.
+result<std::vector<BookingLine>> lines_from(const boost::json::value& v) {
+  if (!v.is_array()) return Error(errc::bad_request, "\"lines\" must be an array");
+  std::vector<BookingLine> out;
+  out.reserve(v.get_array().size());
+  std::size_t i = 0;
+  for (const auto& item : v.get_array()) {
+    const auto where = "lines[" + std::to_string(i++) + "]";
+    if (!item.is_object()) return Error(errc::bad_request, where + " must be an object");
+    auto line = line_from(item.get_object(), where);
+    if (!line) return line.error();
+    out.push_back(std::move(*line));
+  }
+  return out;
+}
+
 }  // namespace
 
 result<BookingRequest> booking_request_from_json(const boost::json::value& v,
@@ -114,15 +130,9 @@ result<BookingRequest> booking_request_from_json(const boost::json::value& v,
   if (lines && resource)
     return Error(errc::bad_request, "give either \"lines\" or \"resource\"/\"quantity\", not both");
   if (lines) {
-    if (!lines->is_array()) return Error(errc::bad_request, "\"lines\" must be an array");
-    std::size_t i = 0;
-    for (const auto& item : lines->get_array()) {
-      const auto where = "lines[" + std::to_string(i++) + "]";
-      if (!item.is_object()) return Error(errc::bad_request, where + " must be an object");
-      auto line = line_from(item.get_object(), where);
-      if (!line) return line.error();
-      req.lines.push_back(std::move(*line));
-    }
+    auto parsed = lines_from(*lines);
+    if (!parsed) return parsed.error();
+    req.lines = std::move(*parsed);
   } else if (resource) {
     auto line = line_from(o, "request");
     if (!line) return line.error();
@@ -250,16 +260,9 @@ result<Booking> booking_from_json(const boost::json::value& v) {
 
   const auto* lines = o.if_contains("lines");
   if (!lines) return Error(errc::bad_request, "\"lines\" is required");
-  if (!lines->is_array()) return Error(errc::bad_request, "\"lines\" must be an array");
-  b.lines.reserve(lines->get_array().size());
-  std::size_t i = 0;
-  for (const auto& item : lines->get_array()) {
-    const auto where = "lines[" + std::to_string(i++) + "]";
-    if (!item.is_object()) return Error(errc::bad_request, where + " must be an object");
-    auto line = line_from(item.get_object(), where);
-    if (!line) return line.error();
-    b.lines.push_back(std::move(*line));
-  }
+  auto parsed = lines_from(*lines);
+  if (!parsed) return parsed.error();
+  b.lines = std::move(*parsed);
 
   if (auto m = o.if_contains("metadata"); m && !m->is_null()) {
     if (!m->is_object()) return Error(errc::bad_request, "\"metadata\" must be an object");

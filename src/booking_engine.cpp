@@ -36,8 +36,8 @@
 #include <algorithm>
 #include <array>
 #include <condition_variable>
-#include <future>
 #include <deque>
+#include <future>
 #include <mutex>
 #include <shared_mutex>
 #include <thread>
@@ -322,30 +322,31 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       decided->reason_message = message;
     }
     StateChange change{*decided, events_for(*decided), {}};
-    store->commit_async(change, [this, decided, events = change.events, original = std::move(b), submitted, approve,
-                                 reason, message = std::move(message), held_units,
-                                 attempt](result<void> r) mutable {
-      if (!r) return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
-                                         held_units, attempt);
-      const auto& d = *decided;
-      if (d.status == BookingStatus::confirmed && held_units == units::reserved)
-        change_capacity(d.lines, capacity_change::reserved_to_confirmed);
-      if (d.status == BookingStatus::rejected && held_units == units::reserved)
-        change_capacity(d.lines, capacity_change::free_reserved);
-      if (d.status == BookingStatus::rejected && held_units == units::confirmed)
-        change_capacity(d.lines, capacity_change::free_confirmed);
-      publish(events);
-      switch (d.status) {
-        case BookingStatus::held: {
-          held.fetch_add(1, std::memory_order_relaxed);
-          arm_expiry(d.id, *d.expires_at);
-          break;
-        }
-        case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
-        default: rejected.fetch_add(1, std::memory_order_relaxed); break;
-      }
-      finish_in_flight(submitted);
-    });
+    store->commit_async(
+        change, [this, decided, events = change.events, original = std::move(b), submitted, approve, reason,
+                 message = std::move(message), held_units, attempt](result<void> r) mutable {
+          if (!r)
+            return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
+                                       held_units, attempt);
+          const auto& d = *decided;
+          if (d.status == BookingStatus::confirmed && held_units == units::reserved)
+            change_capacity(d.lines, capacity_change::reserved_to_confirmed);
+          if (d.status == BookingStatus::rejected && held_units == units::reserved)
+            change_capacity(d.lines, capacity_change::free_reserved);
+          if (d.status == BookingStatus::rejected && held_units == units::confirmed)
+            change_capacity(d.lines, capacity_change::free_confirmed);
+          publish(events);
+          switch (d.status) {
+            case BookingStatus::held: {
+              held.fetch_add(1, std::memory_order_relaxed);
+              arm_expiry(d.id, *d.expires_at);
+              break;
+            }
+            case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
+            default: rejected.fetch_add(1, std::memory_order_relaxed); break;
+          }
+          finish_in_flight(submitted);
+        });
   }
 
   void decision_not_stored(Booking b, steady::time_point submitted, bool approve, RejectReason reason,
@@ -559,7 +560,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         const auto left = k.created_at + options.idempotency_window - wall_now;
         const auto expires = steady_now + std::chrono::duration_cast<steady::duration>(left);
         auto slot = k.user + '\n' + k.key;
-        idempotency.insert_or_assign(slot, idempotency_entry{std::move(k.fingerprint), std::move(k.booking_id), expires});
+        idempotency.insert_or_assign(
+            slot, idempotency_entry{std::move(k.fingerprint), std::move(k.booking_id), expires});
         idempotency_order.emplace_back(expires, std::move(slot));
       }
     }
@@ -767,8 +769,8 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
     m.queued.fetch_sub(1, std::memory_order_acq_rel);
     if (!slot.empty()) m.forget_key(slot);
     m.overloaded.fetch_add(1, std::memory_order_relaxed);
-    return done(Error(errc::overloaded,
-                      fmt::format("{} bookings are waiting to be decided; retry later", m.options.max_queue)));
+    return done(Error(errc::overloaded, fmt::format("{} bookings are waiting to be decided; retry later",
+                                                    m.options.max_queue)));
   }
 
   auto b = std::make_shared<Booking>();

@@ -49,8 +49,8 @@ result<void> MemoryStore::commit(const StateChange& change) {
   std::lock_guard lock(s.mutex);
   auto it = s.bookings.find(change.booking.id);
   if (it == s.bookings.end()) {
-    s.bookings.emplace(change.booking.id,
-                       impl::stored{change.booking, impl_->next_order.fetch_add(1), std::string(change.fingerprint)});
+    s.bookings.emplace(change.booking.id, impl::stored{change.booking, impl_->next_order.fetch_add(1),
+                                                       std::string(change.fingerprint)});
   } else {
     it->second.booking = change.booking;
   }

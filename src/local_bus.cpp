@@ -105,7 +105,8 @@ struct LocalBus::impl {
     t->name = std::string(name);
     // Each incarnation of a topic numbers from 1 in an epoch of its own: random per bus, then
     // one more per topic created, so a topic forgotten and made again differs from before.
-    t->epoch = epoch_base + static_cast<std::uint32_t>(topics_created.fetch_add(1, std::memory_order_relaxed));
+    t->epoch =
+        epoch_base + static_cast<std::uint32_t>(topics_created.fetch_add(1, std::memory_order_relaxed));
     t->last_activity = now;
     s.lru_push_back(t.get());
     auto& ref = *t;

@@ -7,7 +7,8 @@
 namespace pushbook {
 
 result<std::shared_ptr<BookingStore>> open_store(std::string_view url) {
-  if (url == "memory:" || url == "memory") return std::shared_ptr<BookingStore>(std::make_shared<MemoryStore>());
+  if (url == "memory:" || url == "memory")
+    return std::shared_ptr<BookingStore>(std::make_shared<MemoryStore>());
   constexpr std::string_view sqlite = "sqlite:";
   if (!url.starts_with(sqlite))
     return Error(errc::bad_request,

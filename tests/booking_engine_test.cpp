@@ -1,5 +1,6 @@
 #include <pushbook/booking_engine.hpp>
 
+#include "requests.hpp"
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
@@ -14,16 +15,9 @@ using namespace pushbook;
 using namespace std::chrono_literals;
 using pushbook::test::Collector;
 using pushbook::test::eventually;
+using pushbook::test::one;
 
 namespace {
-
-BookingRequest one(std::string user, std::string resource, std::uint32_t quantity = 1, std::string key = {}) {
-  BookingRequest r;
-  r.user = std::move(user);
-  r.lines.push_back({std::move(resource), quantity});
-  r.idempotency_key = std::move(key);
-  return r;
-}
 
 // Records the status sequence of every booking/<id> topic it watches.
 struct Watcher {

@@ -5,6 +5,7 @@
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/sqlite_store.hpp>
 
+#include "requests.hpp"
 #include "test_store.hpp"
 #include "wait.hpp"
 
@@ -18,19 +19,14 @@
 using namespace pushbook;
 using namespace std::chrono_literals;
 using pushbook::test::eventually;
+using pushbook::test::one;
 using pushbook::test::TestStore;
 
 namespace {
 
-BookingRequest one(std::string user, std::string resource, std::uint32_t quantity = 1, std::string key = {}) {
-  BookingRequest r;
-  r.user = std::move(user);
-  r.lines.push_back({std::move(resource), quantity});
-  r.idempotency_key = std::move(key);
-  return r;
+BookingStatus status_of(BookingEngine& engine, const std::string& id) {
+  return engine.get(id).value().status;
 }
-
-BookingStatus status_of(BookingEngine& engine, const std::string& id) { return engine.get(id).value().status; }
 
 bool reaches(BookingEngine& engine, const std::string& id, BookingStatus status) {
   return eventually([&] {
@@ -161,7 +157,8 @@ TEST_CASE("refused cancel, confirm, release: an error, and memory and events as 
     REQUIRE(reaches(*f.engine, held1, BookingStatus::held));
     REQUIRE(reaches(*f.engine, held2, BookingStatus::held));
     REQUIRE(eventually([&] { return f.engine->stats().in_flight == 0; }));
-    f.store->fail_when([](const Booking& b) { return b.version > 2; });  // every transition after the decision
+    f.store->fail_when(
+        [](const Booking& b) { return b.version > 2; });  // every transition after the decision
 
     CHECK(f.engine->cancel(confirmed).error().is(errc::store_failed));
     CHECK(f.engine->confirm(held1).error().is(errc::store_failed));
@@ -378,8 +375,12 @@ TEST_CASE("submit_async answers once; with a store of its own thread, on that th
     Fixture f(async);
     REQUIRE(f.engine->add_resource("r", 1));
     test::Collector<std::pair<bool, std::thread::id>> answers;
-    f.engine->submit_async(one("u", "r"), [&](result<Ack> r) { answers.push({r.has_value(), std::this_thread::get_id()}); });
-    f.engine->submit_async(one("u", "nope"), [&](result<Ack> r) { answers.push({r.has_value(), std::this_thread::get_id()}); });
+    f.engine->submit_async(one("u", "r"), [&](result<Ack> r) {
+      answers.push({r.has_value(), std::this_thread::get_id()});
+    });
+    f.engine->submit_async(one("u", "nope"), [&](result<Ack> r) {
+      answers.push({r.has_value(), std::this_thread::get_id()});
+    });
     auto got = answers.wait_for(2);
     REQUIRE(got.size() == 2);
     CHECK(got[0].first != got[1].first);
@@ -436,7 +437,8 @@ TEST_CASE("open_store: memory:, sqlite:PATH with its sync option, and clear erro
   CHECK(open_store("sqlite:").error().is(errc::bad_request));
   auto bad_option = open_store("sqlite:" + dir + "/c.db?sync=sometimes");
   CHECK(bad_option.error().is(errc::bad_request));
-  CHECK(bad_option.error().message == "unknown sqlite option 'sync=sometimes' (known: sync=normal, sync=full)");
+  CHECK(bad_option.error().message ==
+        "unknown sqlite option 'sync=sometimes' (known: sync=normal, sync=full)");
   CHECK(open_store("sqlite:" + dir + "/missing/dir/d.db").error().is(errc::store_failed));
   normal = Error(errc::bad_request, "closed");
   full = Error(errc::bad_request, "closed");

@@ -86,8 +86,8 @@ TEST_CASE("the wire form is serialized once and shared") {
   CHECK(parsed.at("data") == boost::json::parse(R"({"available":3})"));
   CHECK_FALSE(parsed.contains("snapshot"));
   CHECK(parsed.at("epoch").as_string() == format_epoch(e->epoch()));
-  CHECK(w1->starts_with(R"({"type":"event","topic":"resource/r1","seq":1,"epoch":")" + format_epoch(e->epoch()) +
-                        R"(","ts":)"));
+  CHECK(w1->starts_with(R"({"type":"event","topic":"resource/r1","seq":1,"epoch":")" +
+                        format_epoch(e->epoch()) + R"(","ts":)"));
   CHECK(w1->ends_with(R"(,"data":{"available":3}})"));
   auto snapshot = boost::json::parse(*e->wire(true)).as_object();
   CHECK(snapshot.at("snapshot") == true);

@@ -219,7 +219,8 @@ TEST_CASE("a new version replaces the previous one and keeps the booking's first
         "a:confirmed,b:processing");
 }
 
-TEST_CASE("commit_async runs the callbacks in commit order, one at a time, on the store's completion thread") {
+TEST_CASE(
+    "commit_async runs the callbacks in commit order, one at a time, on the store's completion thread") {
   temp_dir dir;
   auto store = open_ok(dir.file("db"));
   constexpr int n = 1000;
@@ -634,7 +635,8 @@ TEST_CASE("commit and put_resource from a commit callback fail instead of waitin
   CHECK(inner_resource->error().is(errc::store_failed));
 }
 
-TEST_CASE("the last reference dropped in a commit callback: the store's threads finish and close on their own") {
+TEST_CASE(
+    "the last reference dropped in a commit callback: the store's threads finish and close on their own") {
   temp_dir dir;
   const auto path = dir.file("db");
   completion all;

@@ -182,8 +182,8 @@ class PUSHBOOK_EXPORT BookingEngine {
   /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
   /// and for their commits, and joins the workers; then the timer thread stops (holds no longer
   /// expire in this process: the next start re-arms them). A decision the store refuses during
-  /// shutdown stays processing in the store: the next start decides it (recovery). Idempotent; the destructor calls it. Must not be called from a
-  /// handler or a worker thread.
+  /// shutdown stays processing in the store: the next start decides it (recovery). Idempotent; the destructor
+  /// calls it. Must not be called from a handler or a worker thread.
   void shutdown();
 
   EngineStats stats() const;

@@ -1,9 +1,9 @@
 #include "gateway/protocol.hpp"
 
 #include <fmt/format.h>
-#include <mutex>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
+#include <mutex>
 
 namespace pushbook::detail {
 
@@ -234,7 +234,8 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
-                      std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then) {
+                      std::function<void(std::function<void()>)> post,
+                      std::function<void(result<Ack>)> then) {
   struct state {
     std::shared_ptr<PendingSubmits> pending;
     explicit state(std::shared_ptr<PendingSubmits> p) : pending(std::move(p)) { pending->begin(); }
@@ -242,8 +243,8 @@ void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
     state(const state&) = delete;
     state& operator=(const state&) = delete;
     std::mutex mutex;
-    bool returned = false;               // submit_async() has returned
-    std::optional<result<Ack>> early;    // the answer, when it came before that
+    bool returned = false;             // submit_async() has returned
+    std::optional<result<Ack>> early;  // the answer, when it came before that
     std::function<void(result<Ack>)> then;
     std::function<void(std::function<void()>)> post;
   };
@@ -339,7 +340,8 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   // (the source runs under the bus's topic lock). Resource topics are published by the engine at
   // start, so the bus has them.
   if (!topic.starts_with("booking/")) return {};
-  return [engine = ctx.engine, id = std::string(topic.substr(8))]() -> std::shared_ptr<const boost::json::value> {
+  return [engine = ctx.engine,
+          id = std::string(topic.substr(8))]() -> std::shared_ptr<const boost::json::value> {
     auto b = engine->get(id);
     if (!b) return nullptr;
     return std::make_shared<const boost::json::value>(to_json(*b));
