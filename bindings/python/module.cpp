@@ -12,6 +12,7 @@
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
 #include <pushbook/sqlite_store.hpp>
+#include <pushbook/version.hpp>
 
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
@@ -303,8 +304,8 @@ BookingHandler make_handler(py::object fn, py::object loop) {
       if (py::module_::import("inspect").attr("iscoroutine")(r).cast<bool>()) {
         if (loop_ref->obj.is_none()) {
           r.attr("close")();
-          return decide_nogil(done,
-                              Decision::error("an async handler needs BookingEngine(..., loop=<asyncio loop>)"));
+          return decide_nogil(
+              done, Decision::error("an async handler needs BookingEngine(..., loop=<asyncio loop>)"));
         }
         py::object future = py::module_::import("asyncio").attr("run_coroutine_threadsafe")(r, loop_ref->obj);
         future.attr("add_done_callback")(py::cpp_function([done](py::object f) {
@@ -338,17 +339,39 @@ ThreadPool& futures_pool() {
   return *pool;
 }
 
+// A count from Python (a capacity, a quantity): an int from 0 to 4294967295, not a bool.
+// Anything else raises pushbook.ValidationError naming `what`, not a TypeError with C++ types.
+std::uint32_t count_arg(py::handle v, const std::string& what) {
+  const std::string expected = what + " must be a whole number from 0 to 4294967295";
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
+    raise(Error(errc::bad_request, expected + ", not " + std::string(py::str(py::type::of(v).attr("__name__")))));
+  int overflow = 0;
+  const long long n = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || n < 0 || n > 4294967295LL)
+    raise(Error(errc::bad_request, expected + ", not " + std::string(py::str(v))));
+  return static_cast<std::uint32_t>(n);
+}
+
 // The request submit() and submit_async() take, from their keyword arguments.
-BookingRequest make_request(const std::string& user, std::optional<std::string> resource, std::uint32_t quantity,
-                            std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
-                            std::optional<std::string> idempotency_key, py::object metadata,
+BookingRequest make_request(const std::string& user, std::optional<std::string> resource, py::handle quantity,
+                            py::handle lines, std::optional<std::string> idempotency_key, py::object metadata,
                             std::optional<double> hold) {
   BookingRequest r;
   r.user = user;
-  if (resource && lines) throw py::value_error("give resource= or lines=, not both");
-  if (resource) r.lines.push_back({*resource, quantity});
-  if (lines)
-    for (auto& [res, q] : *lines) r.lines.push_back({res, q});
+  if (resource && !lines.is_none()) raise(Error(errc::bad_request, "give resource= or lines=, not both"));
+  if (resource) r.lines.push_back({*resource, count_arg(quantity, "quantity")});
+  if (!lines.is_none()) {
+    if (!py::isinstance<py::iterable>(lines) || py::isinstance<py::str>(lines))
+      raise(Error(errc::bad_request, "lines must be a list of (resource, quantity) pairs"));
+    std::size_t i = 0;
+    for (auto item : lines) {
+      const auto where = "lines[" + std::to_string(i++) + "]";
+      if (!py::isinstance<py::sequence>(item) || py::isinstance<py::str>(item) || py::len(item) != 2 ||
+          !py::isinstance<py::str>(item[py::int_(0)]))
+        raise(Error(errc::bad_request, where + " must be a (resource, quantity) pair"));
+      r.lines.push_back({item[py::int_(0)].cast<std::string>(), count_arg(item[py::int_(1)], where + " quantity")});
+    }
+  }
   if (idempotency_key) r.idempotency_key = *idempotency_key;
   if (!metadata.is_none()) {
     auto v = from_py(metadata);
@@ -388,6 +411,7 @@ auto booking_call(Call call) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pushbook core (C++): the event bus, the booking engine and the push gateway";
+  m.attr("__version__") = PUSHBOOK_VERSION_STRING;
 
   py::class_<PyEvent>(m, "Event", "One delivery from the bus: an event, a snapshot, a gap marker or an end.")
       .def_readonly("kind", &PyEvent::kind, "'event', 'snapshot', 'gap' or 'ended'")
@@ -623,14 +647,16 @@ PYBIND11_MODULE(_core, m) {
           "store"_a = nullptr, "recovery"_a = "requeue", py::keep_alive<1, 2>())
       .def(
           "add_resource",
-          [](BookingEngine& e, const std::string& id, std::uint32_t capacity) {
-            take(nogil([&] { return e.add_resource(id, capacity); }));
+          [](BookingEngine& e, const std::string& id, py::object capacity) {
+            const auto n = count_arg(capacity, "capacity");
+            take(nogil([&] { return e.add_resource(id, n); }));
           },
           "resource_id"_a, "capacity"_a)
       .def(
           "set_capacity",
-          [](BookingEngine& e, const std::string& id, std::uint32_t capacity) {
-            take(nogil([&] { return e.set_capacity(id, capacity); }));
+          [](BookingEngine& e, const std::string& id, py::object capacity) {
+            const auto n = count_arg(capacity, "capacity");
+            take(nogil([&] { return e.set_capacity(id, n); }));
           },
           "resource_id"_a, "capacity"_a)
       .def(
@@ -642,10 +668,10 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit",
           [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
-             std::uint32_t quantity, std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
+             py::object quantity, py::object lines,
              std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
-            auto r = make_request(user, std::move(resource), quantity, std::move(lines), std::move(idempotency_key),
-                                  std::move(metadata), hold);
+            auto r = make_request(user, std::move(resource), quantity, std::move(lines),
+                                  std::move(idempotency_key), std::move(metadata), hold);
             result<Ack> a = [&] {
               py::gil_scoped_release release;
               return e.submit(std::move(r));
@@ -659,10 +685,10 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit_async",
           [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
-             std::uint32_t quantity, std::optional<std::vector<std::pair<std::string, std::uint32_t>>> lines,
+             py::object quantity, py::object lines,
              std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
-            auto r = make_request(user, std::move(resource), quantity, std::move(lines), std::move(idempotency_key),
-                                  std::move(metadata), hold);
+            auto r = make_request(user, std::move(resource), quantity, std::move(lines),
+                                  std::move(idempotency_key), std::move(metadata), hold);
             auto future = std::make_shared<PyRef>(py::module_::import("concurrent.futures").attr("Future")());
             py::object returned = future->obj;
             nogil([&] {

@@ -27,6 +27,16 @@ async def payment(booking):
     return True
 
 
+# HTTP status of each pushbook error code (the gateway's own REST API uses the same).
+STATUS = {"bad_request": 400, "not_found": 404, "already_exists": 409, "exceeds_capacity": 422,
+          "idempotency_conflict": 422, "invalid_transition": 409, "capacity_in_use": 409,
+          "overloaded": 503, "shutting_down": 503, "store_failed": 500}
+
+
+def error(code, message):
+    return web.json_response({"error": {"code": code, "message": message}}, status=STATUS.get(code, 422))
+
+
 def make_app(engine, gateway, secret):
     routes = web.RouteTableDef()
 
@@ -34,17 +44,18 @@ def make_app(engine, gateway, secret):
     async def book(request):
         try:
             body = await request.json()
-            ack = engine.submit(user=body["user"], resource=body["resource"], quantity=body.get("quantity", 1),
-                                idempotency_key=request.headers.get("Idempotency-Key"),
-                                metadata=body.get("metadata"))
-        except (KeyError, ValueError, TypeError) as e:
-            return web.json_response({"error": {"code": "bad_request", "message": str(e)}}, status=400)
-        except pushbook.NotFound as e:
-            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=404)
-        except pushbook.Overloaded as e:
-            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=503)
-        except pushbook.Error as e:
-            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=422)
+            if not isinstance(body, dict):
+                return error("bad_request", "the body must be a JSON object")
+            # submit_async: the loop never waits for the store (a SQLite commit, say).
+            ack = await asyncio.wrap_future(engine.submit_async(
+                user=body["user"], resource=body["resource"], quantity=body.get("quantity", 1),
+                idempotency_key=request.headers.get("Idempotency-Key"), metadata=body.get("metadata")))
+        except pushbook.Error as e:  # first: pushbook.ValidationError is a ValueError too
+            return error(e.code, e.message)
+        except KeyError as e:
+            return error("bad_request", f"missing field {e}")
+        except (ValueError, TypeError) as e:  # not JSON, or a field of the wrong type
+            return error("bad_request", str(e))
         # The decision is pushed: subscribe to booking/<id> on the gateway (or book over it).
         return web.json_response({"booking_id": ack.booking_id, "status": ack.status.value,
                                   "push": f"ws://127.0.0.1:{gateway.port}/v1/ws"}, status=202)
@@ -53,13 +64,15 @@ def make_app(engine, gateway, secret):
     async def get(request):
         try:
             return web.json_response(engine.get(request.match_info["booking_id"]).to_dict())
-        except pushbook.NotFound as e:
-            return web.json_response({"error": {"code": e.code, "message": e.message}}, status=404)
+        except pushbook.Error as e:
+            return error(e.code, e.message)
 
     @routes.get("/token")
     async def token(request):
         # Demo login: a real service gets tokens from its identity provider.
         user = request.query.get("user", "")
+        if not user:
+            return error("bad_request", "name the user: /token?user=<id>")
         return web.json_response({"token": pushbook.sign_token(user, 3600, secret)})
 
     app = web.Application()

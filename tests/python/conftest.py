@@ -3,6 +3,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -10,11 +11,25 @@ import pytest
 SECRET = "pytest-secret"
 
 
-def _server_binary():
-    path = os.environ.get("PUSHBOOK_SERVER")
-    if not path or not os.path.exists(path):
-        pytest.fail("set PUSHBOOK_SERVER to the pushbook-server binary (ctest does)")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.environ.get("PUSHBOOK_BUILD_DIR", os.path.join(ROOT, "build"))
+
+# Run by hand (`/usr/bin/python3 -m pytest tests/python/test_module.py`), the tests find the
+# module and the binaries in build/ (or PUSHBOOK_BUILD_DIR); ctest names them explicitly.
+if os.path.isdir(os.path.join(BUILD, "python", "pushbook")) and "pushbook" not in sys.modules:
+    sys.path.insert(0, os.path.join(BUILD, "python"))
+
+
+def built_binary(env, name):
+    """The binary named by the environment variable `env`, else BUILD/bin/`name`."""
+    path = os.environ.get(env) or os.path.join(BUILD, "bin", name)
+    if not os.path.exists(path):
+        pytest.fail(f"no {name} at {path}: build it (cmake --build build --target {name}) or set {env}")
     return path
+
+
+def _server_binary():
+    return built_binary("PUSHBOOK_SERVER", "pushbook-server")
 
 
 class Server:

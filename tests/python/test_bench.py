@@ -9,16 +9,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import SECRET, Server
+from conftest import SECRET, Server, built_binary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench_binary():
-    path = os.environ.get("PUSHBOOK_BENCH")
-    if not path or not os.path.exists(path):
-        pytest.fail("set PUSHBOOK_BENCH to the pushbook-bench binary (ctest does)")
-    return path
+    return built_binary("PUSHBOOK_BENCH", "pushbook-bench")
 
 
 def bench(*args, check=True):

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import websockets
@@ -50,6 +51,21 @@ def test_booking_service_pushes_the_decision_of_a_booking_made_over_its_api():
                         if m.get("type") == "event" and m["data"]["status"] != "processing":
                             final[m["data"]["booking_id"]] = m["data"]
                 return final[ok["booking_id"]], final[bad["booking_id"]]
+        def refused(path, body=None):
+            req = urllib.request.Request(f"http://127.0.0.1:{api}{path}", method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None)
+            try:
+                urllib.request.urlopen(req)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)["error"]["code"]
+            raise AssertionError(f"{path} {body} was not refused")
+        assert refused("/bookings", {"user": "alice", "resource": "room-101", "quantity": 99}) == \
+            (422, "exceeds_capacity")
+        assert refused("/bookings", {"user": "alice", "resource": "nowhere"}) == (404, "not_found")
+        assert refused("/bookings", {"user": "alice"}) == (400, "bad_request")
+        assert refused("/bookings", {"user": "alice", "resource": "room-101", "quantity": "two"}) == \
+            (400, "bad_request")
+        assert refused("/token?user=") == (400, "bad_request")
         ok, bad = asyncio.run(go())
         assert ok["status"] == "confirmed"
         assert bad["status"] == "rejected" and bad["reason"] == "rejected_by_handler"

@@ -102,6 +102,21 @@ def test_idempotency_and_errors(engine):
         engine.submit(user="u1", resource="room-2", lines=[("room-1", 1)])
     with pytest.raises(TypeError):
         engine.submit(user="u1", resource="room-2", metadata={"x": object()})
+    # Numbers of the wrong kind or range: pushbook.ValidationError naming the argument, never
+    # pybind11's TypeError with C++ signatures.
+    for call, message in [
+        (lambda: engine.add_resource("neg", capacity=-1), "capacity must be a whole number from 0 to 4294967295, not -1"),
+        (lambda: engine.add_resource("big", capacity=2**40), "capacity must be a whole number"),
+        (lambda: engine.set_capacity("room-1", "3"), "capacity must be a whole number from 0 to 4294967295, not str"),
+        (lambda: engine.add_resource("flag", capacity=True), "not bool"),
+        (lambda: engine.submit(user="u1", resource="room-2", quantity=-2), "quantity must be a whole number"),
+        (lambda: engine.submit(user="u1", resource="room-2", quantity=1.5), "not float"),
+        (lambda: engine.submit(user="u1", lines=[("room-2",)]), r"lines\[0\] must be a \(resource, quantity\) pair"),
+        (lambda: engine.submit(user="u1", lines=[("room-2", -1)]), r"lines\[0\] quantity must be a whole number"),
+        (lambda: engine.submit(user="u1", lines="room-2"), "lines must be a list"),
+    ]:
+        with pytest.raises(pushbook.ValidationError, match=message):
+            call()
     rejected = decided(engine, engine.submit(user="u2", resource="room-1").booking_id)
     if rejected.status == "confirmed":
         with pytest.raises(pushbook.InvalidTransition):
@@ -164,6 +179,30 @@ def test_asyncio_stream(bus):
         await stream.aclose()
         return got
     assert asyncio.run(asyncio.wait_for(go(), DEADLINE)) == [(1, True), (2, False), (3, False)]
+
+
+def test_a_stream_that_overflows_keeps_the_newest_events_after_one_true_gap(bus):
+    async def go():
+        stream = bus.stream("t/x", max_queue=3)
+        first = asyncio.ensure_future(stream.__anext__())  # subscribes (empty topic: no snapshot)
+        while stream._items is None:
+            await asyncio.sleep(0.001)
+        bus.publish("t/x", 0)
+        assert (await asyncio.wait_for(first, DEADLINE)).seq == 1
+        for i in range(1, 8):  # seven more while nobody reads: room for three
+            bus.publish("t/x", i)
+        deadline = time.monotonic() + DEADLINE
+        while len(stream._items) + stream._dropped < 7:  # every delivery reached the loop
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        got = [await stream.__anext__() for _ in range(4)]
+        await stream.aclose()
+        return got
+    gap, *events = asyncio.run(asyncio.wait_for(go(), DEADLINE))
+    assert (gap.kind, gap.dropped, gap.topic, gap.topics) == ("gap", 4, "t/x", ["t/x"])
+    assert [(ev.kind, ev.seq, ev.data) for ev in events] == [("event", 6, 5), ("event", 7, 6), ("event", 8, 7)]
+    with pytest.raises(pushbook.ValidationError):
+        bus.stream("t/x", max_queue=0)
 
 
 def test_four_threads_submit_concurrently_without_overbooking(bus):
@@ -369,3 +408,35 @@ def test_stores_refuse_bad_input_with_clear_errors(tmp_path):
     engine = pushbook.BookingEngine(pushbook.LocalBus(), store=memory, recovery="reject")
     engine.add_resource("r", 1)
     engine.shutdown()
+
+
+def test_version_and_error_names_as_users_see_them():
+    assert pushbook.__version__ == "0.1.0"
+    with pytest.raises(pushbook.NotFound) as e:
+        pushbook.BookingEngine(pushbook.LocalBus()).get("nope")
+    assert type(e.value).__module__ == "pushbook"
+    assert repr(type(e.value)) == "<class 'pushbook.NotFound'>"
+    assert "pushbook.NotFound" in "".join(__import__("traceback").format_exception_only(type(e.value), e.value))
+
+
+def test_await_engine_book_returns_the_decision(tmp_path):
+    bus = pushbook.LocalBus()
+
+    async def main():
+        engine = pushbook.BookingEngine(bus, store=pushbook.SqliteStore(str(tmp_path / "b.db")),
+                                        handler=lambda b: b.metadata.get("card") != "declined")
+        engine.add_resource("room", 2)
+        confirmed = await engine.book(user="ann", resource="room", timeout=DEADLINE)
+        declined = await engine.book(user="bob", resource="room", metadata={"card": "declined"},
+                                     timeout=DEADLINE)
+        assert (await engine.book(user="cid", resource="room")).status == pushbook.Status.CONFIRMED
+        sold_out = await engine.book(user="eve", resource="room", timeout=DEADLINE)
+        with pytest.raises(pushbook.NotFound):
+            await engine.book(user="dan", resource="nowhere")
+        engine.shutdown()
+        return confirmed, declined, sold_out
+
+    confirmed, declined, sold_out = asyncio.run(main())
+    assert confirmed.status == pushbook.Status.CONFIRMED
+    assert (declined.status, declined.reason) == (pushbook.Status.REJECTED, pushbook.Reason.REJECTED_BY_HANDLER)
+    assert (sold_out.status, sold_out.reason) == (pushbook.Status.REJECTED, pushbook.Reason.SOLD_OUT)

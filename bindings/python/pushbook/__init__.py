@@ -4,14 +4,16 @@ The C++ engine, bus and gateway run in their own threads; Python supplies the bu
 (``handler=``) and reacts to events (``subscribe`` or ``async for ... in bus.stream(...)``).
 """
 import asyncio as _asyncio
+import collections as _collections
 
 from . import _core
 from ._types import (AlreadyExists, Error, IdempotencyConflict, InvalidTransition, NotFound,
                      Overloaded, Reason, Status, Unauthorized, ValidationError)
 
+__version__ = _core.__version__
+
 Ack = _core.Ack
 Booking = _core.Booking
-BookingEngine = _core.BookingEngine
 BookingStore = _core.BookingStore
 MemoryStore = _core.MemoryStore
 SqliteStore = _core.SqliteStore
@@ -35,10 +37,67 @@ class LocalBus(_core.LocalBus):
         return _Stream(self, topic, since, max_queue)
 
 
+class BookingEngine(_core.BookingEngine):
+    """Validates, ACKs, decides on a worker pool, never overbooks, publishes every state change.
+
+    ``BookingEngine(bus, workers=2, handler=None, loop=None, handler_timeout=10.0,
+    max_queue=65536, idempotency_window=86400.0, store=None, recovery="requeue")``.
+    """
+
+    def __init__(self, bus, *args, **kwargs):
+        super().__init__(bus, *args, **kwargs)
+        self._bus = bus
+
+    async def book(self, user, resource=None, quantity=1, lines=None, idempotency_key=None,
+                   metadata=None, hold=None, timeout=30.0):
+        """Books and waits for the decision, without blocking the event loop: the Booking as
+        decided (``confirmed``, ``rejected`` with a reason, or ``held``).
+
+        ``booking = await engine.book(user="u1", resource="room-101", timeout=10)``. Raises what
+        ``submit`` raises, and ``TimeoutError`` when no decision came within ``timeout`` seconds
+        (the booking goes on: ``engine.get(booking_id)`` tells its state later).
+        """
+        loop = _asyncio.get_running_loop()
+        ack = await _asyncio.wrap_future(self.submit_async(
+            user, resource=resource, quantity=quantity, lines=lines, idempotency_key=idempotency_key,
+            metadata=metadata, hold=hold))
+        decided = loop.create_future()
+
+        def settle():
+            if not decided.done():
+                decided.set_result(None)
+
+        def on_event(ev):  # a bus thread; the first event is the current state (a snapshot)
+            if ev.kind == "ended" or (isinstance(ev.data, dict) and ev.data.get("status") != "processing"):
+                try:
+                    loop.call_soon_threadsafe(settle)
+                except RuntimeError:
+                    pass  # the loop is closed
+
+        sub = self._bus.subscribe("booking/" + ack.booking_id, on_event)
+        try:
+            await _asyncio.wait_for(decided, timeout)
+        finally:
+            sub.cancel()
+        return await loop.run_in_executor(None, self.get, ack.booking_id)
+
+
 class _Stream:
+    """Events of one topic (or pattern) for ``async for``, in a queue of at most ``max_queue``.
+
+    When the consumer falls behind, the oldest queued events are dropped: the newest are kept,
+    and one gap marker before them says how many were dropped and from which topics.
+    """
+
     def __init__(self, bus, topic, since, max_queue):
+        self._sub = None
+        if max_queue < 1:
+            raise ValidationError("max_queue must be at least 1", "bad_request")
         self._bus, self._topic, self._since, self._max = bus, topic, since, max_queue
-        self._queue = None
+        self._items = None      # collections.deque, on the loop's thread only
+        self._dropped = 0
+        self._dropped_topics = []
+        self._ready = None      # asyncio.Event: set while something can be taken
         self._sub = None
 
     def __aiter__(self):
@@ -46,14 +105,17 @@ class _Stream:
 
     def _start(self):
         loop = _asyncio.get_running_loop()
-        self._queue = _asyncio.Queue()
-        queue, limit = self._queue, self._max
+        self._items = _collections.deque()
+        self._ready = _asyncio.Event()
 
         def put(ev):  # on the loop's thread
-            if queue.qsize() >= limit:
-                queue.get_nowait()
-                ev = _Gap(1)
-            queue.put_nowait(ev)
+            if len(self._items) >= self._max:
+                old = self._items.popleft()
+                self._dropped += getattr(old, "dropped", 0) if old.kind == "gap" else 1
+                if old.topic and old.topic not in self._dropped_topics:
+                    self._dropped_topics.append(old.topic)
+            self._items.append(ev)
+            self._ready.set()
 
         def deliver(ev):  # on a bus thread: hand over to the loop, no busy-waiting
             try:
@@ -64,9 +126,16 @@ class _Stream:
         self._sub = self._bus.subscribe(self._topic, deliver, since=self._since)
 
     async def __anext__(self):
-        if self._queue is None:
+        if self._items is None:
             self._start()
-        return await self._queue.get()
+        while not self._items and not self._dropped:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._dropped:
+            gap = _Gap(self._dropped, self._dropped_topics or [self._topic])
+            self._dropped, self._dropped_topics = 0, []
+            return gap
+        return self._items.popleft()
 
     async def aclose(self):
         if self._sub is not None:
@@ -78,19 +147,21 @@ class _Stream:
 
 
 class _Gap:
-    """A gap marker made by a stream whose consumer fell behind."""
+    """A gap marker made by a stream whose consumer fell behind: ``dropped`` events of
+    ``topics`` (``topic`` is the first of them) were dropped before the events that follow it."""
 
     kind = "gap"
-    topic = ""
     seq = 0
     data = None
     snapshot = False
 
-    def __init__(self, dropped):
+    def __init__(self, dropped, topics):
         self.dropped = dropped
+        self.topics = list(topics)
+        self.topic = self.topics[0] if self.topics else ""
 
     def __repr__(self):
-        return f"<pushbook.Event gap dropped={self.dropped}>"
+        return f"<pushbook.Event gap dropped={self.dropped} topics={self.topics}>"
 
 
 class PushGateway(_core.PushGateway):
@@ -112,5 +183,5 @@ __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
     "IdempotencyConflict", "InvalidTransition", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
     "PushGateway", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
-    "ValidationError", "open_store", "sign_token",
+    "ValidationError", "__version__", "open_store", "sign_token",
 ]

@@ -81,6 +81,10 @@ class BookingEngine:
     def shutdown(self) -> None: ...
     @property
     def stats(self) -> dict: ...
+    async def book(self, user: str, resource: Optional[str] = None, quantity: int = 1,
+                   lines: Optional[Sequence[Tuple[str, int]]] = None, idempotency_key: Optional[str] = None,
+                   metadata: Optional[dict] = None, hold: Optional[float] = None,
+                   timeout: float = 30.0) -> Booking: ...
 
 class PushGateway:
     def __init__(self, bus: LocalBus, engine: BookingEngine, host: str = "127.0.0.1", port: int = 0,

@@ -66,3 +66,11 @@ class Overloaded(Error):
 
 class Unauthorized(Error):
     """Missing or bad credentials, or not allowed."""
+
+
+# Shown as pushbook.NotFound (not pushbook._types.NotFound) in tracebacks and reprs: the package
+# is where users import them from.
+for _cls in (Status, Reason, Error, ValidationError, NotFound, AlreadyExists, IdempotencyConflict,
+             InvalidTransition, Overloaded, Unauthorized):
+    _cls.__module__ = "pushbook"
+del _cls
