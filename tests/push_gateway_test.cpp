@@ -9,6 +9,7 @@
 
 #include <doctest/doctest.h>
 #include <fmt/format.h>
+#include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
 #include <dirent.h>
@@ -210,7 +211,8 @@ TEST_CASE("after a restart a booking's state comes from the store, as a snapshot
   }
   // An epoch that is not one is refused.
   auto ws = second.ws("alice");
-  auto bad = ws->request({{"id", 2}, {"op", "subscribe"}, {"topic", topic}, {"since", 1}, {"epoch", "nope"}}).value();
+  auto bad = ws->request({{"id", 2}, {"op", "subscribe"}, {"topic", topic}, {"since", 1}, {"epoch", "nope"}})
+                 .value();
   CHECK(bad.at("ok") == false);
   CHECK(bad.at("error").at("code") == "bad_request");
   // Someone else's booking stays forbidden after a restart too.
@@ -696,6 +698,20 @@ TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without
   auto bus = std::make_shared<LocalBus>();
   auto engine = std::make_shared<BookingEngine>(bus);
   CHECK_THROWS_AS(PushGateway(bus, engine, GatewayOptions{}), Exception);
+}
+
+TEST_CASE("GET /v1/whoami tells a good token from a refused one") {
+  Server s;
+  auto http = s.http();
+  auto good = http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + Server::token("alice")}}).value();
+  CHECK(good.status == 200);
+  auto body = boost::json::parse(good.body).as_object();
+  CHECK(body.at("user") == "alice");
+  CHECK(body.at("expires_at").as_int64() > 0);
+  auto forged = sign_token("alice", std::chrono::system_clock::now() + 1h, "another-secret");
+  CHECK(http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + forged}}).value().status == 401);
+  CHECK(http.request("GET", "/v1/whoami").value().status == 401);
+  CHECK(http.request("POST", "/v1/whoami").value().status == 405);
 }
 
 TEST_CASE("GET /v1/resources lists every resource without a token") {

@@ -12,13 +12,16 @@ import { PushbookClient, randomKey } from './pushbook.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const transport = new URLSearchParams(location.search).get('transport') || 'auto';
-const demo = (window.pushbookDemo = { client: null, events: [], connection: [], tokens: [], ready: false });
+const demo = (window.pushbookDemo = { client: null, events: [], connection: [], tokens: [], ready: false,
+  book: null });
 const DECIDED = new Set(['confirmed', 'rejected', 'cancelled', 'released', 'expired']);
 
 // POST /v1/demo/token makes a new demo user; sent with a token that is still good it renews that
 // user's token. So a long-lived page stays one user, and a reconnect resumes its bookings' topics.
 let demoToken = null;
-async function token() {
+async function token({ refused = false } = {}) {
+  // A refused token (the server restarted with a new secret): forget it and become a new user.
+  if (refused) demoToken = null;
   if (demoToken && demoToken.expires_at - Date.now() > 30_000) return demoToken.token;
   // The server announces expiry at `exp` and accepts a token up to 5 s past it (clock leeway), so
   // renewing on its notice (or a reconnect) keeps the same user.
@@ -38,7 +41,22 @@ const client = (demo.client = new PushbookClient({ url: location.origin, token, 
 
 // --- connection indicator ------------------------------------------------------------------
 
+// Booking needs a connection, and a sold-out resource cannot be booked: buttons say so. While
+// disconnected, the availability shown is the last known one, marked stale.
+function updateButtons() {
+  const connected = document.body.dataset.connection === 'connected';
+  for (const li of document.querySelectorAll('#resources li[data-resource]')) {
+    const soldOut = li.classList.contains('sold-out');
+    const button = $('button', li);
+    button.disabled = !connected || soldOut;
+    button.textContent = soldOut ? 'Sold out' : 'Book';
+    li.classList.toggle('stale', !connected);
+  }
+}
+
 function showConnection(state, text, attempt) {
+  document.body.dataset.connection = state;
+  updateButtons();
   const el = $('#connection');
   el.dataset.state = state;
   if (attempt === undefined) delete el.dataset.attempt;
@@ -91,6 +109,7 @@ function renderResource(r) {
   $('.capacity', li).textContent = r.capacity;
   $('.meter-fill', li).style.width = `${r.capacity ? (100 * r.available) / r.capacity : 0}%`;
   li.classList.toggle('sold-out', r.available === 0);
+  updateButtons();
 }
 
 async function loadResources() {
@@ -146,8 +165,14 @@ async function book(resource) {
     decided = true;
     maybeStopFollowing();
   };
+  // The server stopped following it for this page: a restart with a new secret made the page a
+  // new demo user, and the booking belongs to the old one. Say so instead of a stale status.
+  const onError = (error) => {
+    showBooking(li, { status: 'unknown', reason: 'not followed' });
+    li.title = `no longer followed: ${error.message}`;
+  };
   try {
-    const result = await client.book({ resource, idempotencyKey: key, onEvent });
+    const result = await client.book({ resource, idempotencyKey: key, onEvent, onError });
     subscription = result.subscription;
     if (result.replayed) li.dataset.replayed = 'true';  // answered by an idempotent retry
     if (li.dataset.status === 'sending') showBooking(li, result);
@@ -157,6 +182,8 @@ async function book(resource) {
     li.title = error.message;
   }
 }
+
+demo.book = book;  // for the console (and the tests): books as the button does, even when disabled
 
 // --- start ---------------------------------------------------------------------------------
 

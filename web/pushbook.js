@@ -191,8 +191,15 @@ export class Subscription {
  * again with its idempotency key, so it never books twice; other requests in flight are rejected
  * with code `disconnected`.
  *
+ * A refused token: browsers hide the status of a refused WebSocket upgrade, so after an upgrade
+ * that never opened the client asks `GET /v1/whoami` with the token. On 401 it emits
+ * 'unauthorized'; with a token function it then calls `token({refused: true})` for a new token
+ * and reconnects, with a fixed token it closes (code 'unauthorized'): it never retries a refused
+ * token forever.
+ *
  * Listeners (`client.on(type, fn)`): 'open' {transport}, 'close' {code, reason, willReconnect},
- * 'reconnecting' {attempt, delayMs, transport}, 'event' (every event delivered, any topic).
+ * 'reconnecting' {attempt, delayMs, transport}, 'unauthorized' {message, willReconnect},
+ * 'event' (every event delivered, any topic).
  */
 export class PushbookClient {
   #opts;
@@ -205,6 +212,7 @@ export class PushbookClient {
   #conn = null;               // WebSocket: {ws, opened}
   #attempt = 0;               // failed attempts since the last open
   #wsFailures = 0;
+  #tokenRefused = false;      // the server refused the last token: ask the token function anew
   #wsEverOpened = false;
   #retryTimer; #connectTimer; #heartbeat;
   #lastHeard = 0;
@@ -220,8 +228,9 @@ export class PushbookClient {
    * @param {object} options
    * @param {string} [options.url] the gateway's base URL (http[s]://host[:port]); default: the
    *   page's origin
-   * @param {string | (() => string | Promise<string>)} [options.token] a JWT, or a function
-   *   returning one, called on every (re)connect
+   * @param {string | ((info: {refused: boolean}) => string | Promise<string>)} [options.token] a
+   *   JWT, or a function returning one, called on every (re)connect; `refused` is true when the
+   *   server refused the last token (make a new one rather than return a cached one)
    * @param {'auto' | 'websocket' | 'sse'} [options.transport='auto']
    * @param {{initialMs?: number, maxMs?: number}} [options.backoff] default 250 ms, 10 s
    * @param {number} [options.requestTimeoutMs=30000] a request's deadline, retries included
@@ -255,8 +264,14 @@ export class PushbookClient {
     this.#mode = transport === 'sse' || (transport === 'auto' && !WebSocket) ? 'sse' : 'websocket';
     if (this.#mode === 'websocket' && !WebSocket)
       throw new TypeError('no WebSocket implementation: pass options.WebSocket');
-    if (this.#mode === 'sse' && !(EventSource && fetch))
-      throw new TypeError('SSE needs EventSource and fetch: pass options.EventSource and options.fetch');
+    if (this.#mode === 'sse' && !(EventSource && fetch)) {
+      // transport 'auto' falls back to SSE only when there is no WebSocket: say that first (Node
+      // 20 has a global WebSocket only with --experimental-websocket).
+      throw new TypeError(transport === 'auto'
+        ? 'no WebSocket implementation (Node 20: run with --experimental-websocket, or pass ' +
+          'options.WebSocket), and no EventSource + fetch to fall back to SSE'
+        : 'SSE needs EventSource and fetch: pass options.EventSource and options.fetch');
+    }
   }
 
   /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
@@ -293,17 +308,19 @@ export class PushbookClient {
   }
 
   /** Closes for good: no reconnect; pending requests reject with `closed`; iterators end. */
-  close() {
+  close() { this.#closeFor(new PushbookError('closed', 'the client was closed'), 'client closed'); }
+
+  // Closes for good: every request in flight and every waiter for 'open' get `closed`.
+  #closeFor(closed, reason = closed.message) {
     if (this.#state === 'closed') return;
     this.#state = 'closed';
     clearTimeout(this.#retryTimer);
     this.#teardown();
-    const closed = new PushbookError('closed', 'the client was closed');
     for (const req of [...this.#pending.values()]) this.#settle(req, closed);
     for (const waiter of this.#openWaiters.splice(0)) waiter.reject(closed);
     for (const t of this.#topics.values()) for (const sub of t.subs) sub[END]();
     this.#topics.clear();
-    this.#emit('close', { code: 1000, reason: 'client closed', willReconnect: false });
+    this.#emit('close', { code: closed.code === 'closed' ? 1000 : 4001, reason, willReconnect: false });
   }
 
   /**
@@ -318,11 +335,13 @@ export class PushbookClient {
    * @param {object} [request.metadata]
    * @param {number} [request.holdMs]
    * @param {(event: object) => void} [request.onEvent] the booking's events, from the first
+   * @param {(error: PushbookError) => void} [request.onError] the server stopped following the
+   *   booking for this client (e.g. `forbidden` after a new token made it another user)
    * @returns {Promise<{booking_id: string, status: string, replayed?: boolean,
    *   subscription: Subscription}>} `subscription` follows `booking/<id>`; unsubscribe when done
    */
   async book(request = {}) {
-    const { resource, quantity = 1, lines, metadata, holdMs, onEvent } = request;
+    const { resource, quantity = 1, lines, metadata, holdMs, onEvent, onError } = request;
     const { idempotencyKey = randomKey() } = request;
     const msg = { op: 'book', idempotency_key: idempotencyKey };
     if (lines) msg.lines = lines;
@@ -333,7 +352,8 @@ export class PushbookClient {
     // The reply is handled before the events that follow it in the same frame, so the booking's
     // topic is followed before its first event is read.
     const onReply = (result) => {
-      subscription = this.#follow(`booking/${result.booking_id}`, { onEvent }, this.#mode === 'websocket');
+      subscription = this.#follow(`booking/${result.booking_id}`, { onEvent, onError },
+        this.#mode === 'websocket');
     };
     const result = await this.#request(msg, { retry: true, onReply });
     return { ...result, subscription };
@@ -541,6 +561,7 @@ export class PushbookClient {
     });
     let res = await send();
     if (res.status === 401 && typeof this.#opts.token === 'function') {
+      this.#tokenRefused = true;
       this.#token = await this.#getToken();
       res = await send();
     }
@@ -554,7 +575,35 @@ export class PushbookClient {
 
   async #getToken() {
     const { token } = this.#opts;
-    return typeof token === 'function' ? await token() : token;
+    if (typeof token !== 'function') return token;
+    const refused = this.#tokenRefused;
+    this.#tokenRefused = false;
+    return await token({ refused });
+  }
+
+  // After a WebSocket upgrade that never opened: was it the token? Browsers hide the HTTP status
+  // of a refused upgrade, so ask. True when the token was refused and a new one will be asked
+  // for; with a fixed token the client closes (code 'unauthorized').
+  async #checkToken() {
+    const token = this.#token;
+    if (!this.#fetch || !token) return false;
+    let res;
+    try {
+      res = await this.#fetch(`${this.#base}/v1/whoami`, { headers: { authorization: `Bearer ${token}` } });
+    } catch {
+      return false;  // the network, not the token: back off and retry as usual
+    }
+    if (res.status !== 401 || this.#state === 'closed') return false;
+    const body = await res.json().catch(() => ({}));
+    const message = body.error?.message ?? 'token refused';
+    const renewable = typeof this.#opts.token === 'function';
+    this.#emit('unauthorized', { message, willReconnect: renewable });
+    if (renewable) {
+      this.#tokenRefused = true;
+      return true;
+    }
+    this.#closeFor(new PushbookError('unauthorized', `the server refuses the token: ${message}`));
+    return false;
   }
 
   async #dial() {
@@ -707,6 +756,15 @@ export class PushbookClient {
     this.#state = 'reconnecting';
     this.#emit('reconnecting', { attempt: this.#attempt, delayMs, transport: this.#mode });
     this.#retryTimer = setTimeout(() => this.#dial(), delayMs);
+    // An upgrade that never opened may have been a refused token: ask now, and on a 401 retry at
+    // once with a new token instead of waiting out the backoff with one that cannot work.
+    if (wsFailed) {
+      this.#checkToken().then((renewed) => {
+        if (!renewed || this.#state !== 'reconnecting') return;
+        clearTimeout(this.#retryTimer);
+        this.#retryTimer = setTimeout(() => this.#dial(), 0);
+      });
+    }
   }
 
   #emit(type, detail) {

@@ -286,6 +286,20 @@ void HttpSession::handle(Request&& req) {
     res.prepare_payload();
     return send(std::move(res), "/metrics");
   }
+  if (path == "/v1/whoami") {
+    // Whether a token is good, and for whom: a client whose WebSocket upgrade failed cannot see
+    // the 401 (browsers hide it) and asks here before it retries with the same token.
+    if (req.method() != http::verb::get)
+      return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
+                  "/v1/whoami");
+    auto who = authenticate(ctx, req, *url, false);
+    if (!who) return send(error_response(req, who.error()), "/v1/whoami");
+    boost::json::object out{{"user", who->user}};
+    if (who->expires)
+      out["expires_at"] =
+          std::chrono::duration_cast<std::chrono::milliseconds>(who->expires->time_since_epoch()).count();
+    return send(json_response(req, http::status::ok, boost::json::serialize(out)), "/v1/whoami");
+  }
   if (path == "/v1/events") {
     if (req.method() != http::verb::get)
       return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
@@ -383,7 +397,9 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
         [self = shared_from_this()](std::function<void()> fn) {
           net::post(self->stream_.get_executor(), std::move(fn));
         },
-        [self = shared_from_this(), req = std::move(req)](result<Ack> ack) { self->answer_booking(req, ack); });
+        [self = shared_from_this(), req = std::move(req)](result<Ack> ack) {
+          self->answer_booking(req, ack);
+        });
     return;
   }
   const std::string id(rest.substr(1));
@@ -468,7 +484,8 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {
         if (d.event) {
-          const auto* v = d.event->data().is_object() ? d.event->data().as_object().if_contains("version") : nullptr;
+          const auto* v =
+              d.event->data().is_object() ? d.event->data().as_object().if_contains("version") : nullptr;
           if (v && v->is_int64() && static_cast<std::uint64_t>(v->as_int64()) <= known) return;
         }
         if (auto self = weak.lock())

@@ -39,13 +39,19 @@ const event = (topic, seq, data = {}, snapshot = false) =>
 const clients = [];
 afterEach(() => { for (const client of clients.splice(0)) client.close(); });  // even after a failure
 
+// A fetch that answers only GET /v1/whoami (the token check after a failed upgrade): 200.
+const whoamiOk = async (url) => {
+  if (!String(url).endsWith('/v1/whoami')) throw new Error(`no fetch of ${url} in this test`);
+  return { ok: true, status: 200, json: async () => ({ user: 'u' }) };
+};
+
 function makeClient(options = {}) {
   FakeSocket.all = [];
   FakeSocket.refuse = false;
   let tokens = 0;
   const client = new PushbookClient({
     url: 'http://gateway.test', token: async () => `t${++tokens}`, WebSocket: FakeSocket,
-    EventSource: null, random: () => 0, ...options,
+    EventSource: null, fetch: whoamiOk, random: () => 0, ...options,
   });
   clients.push(client);
   const log = [];
@@ -228,7 +234,12 @@ test('auto transport falls back to SSE and REST after repeated WebSocket failure
     close() { this.closed = true; }
   }
   const posts = [];
+  const whoami = [];
   const fetch = async (url, init) => {
+    if (String(url).endsWith('/v1/whoami')) {  // after each failed upgrade: the token is good
+      whoami.push(init.headers.authorization);
+      return { ok: true, status: 200, json: async () => ({ user: 'u' }) };
+    }
     posts.push({ url, ...init });
     return { ok: true, status: 202, json: async () => ({ booking_id: 'B7', status: 'processing' }) };
   };
@@ -239,6 +250,7 @@ test('auto transport falls back to SSE and REST after repeated WebSocket failure
   const connected = client.connect();
   await until(() => streams.length, 'an event stream');
   assert.equal(FakeSocket.all.length, 3);
+  assert.deepEqual(whoami, ['Bearer t1', 'Bearer t2', 'Bearer t3']);
   assert.equal(client.transport, 'sse');
   assert.equal(streams[0].url.pathname, '/v1/events');
   assert.equal(streams[0].url.searchParams.get('topic'), 'resource/a');
@@ -284,4 +296,50 @@ test('close() stops reconnecting and rejects pending requests', async () => {
   assert.equal(FakeSocket.all.length, 1);
   assert.deepEqual(log.map((e) => e.type), ['close']);
   assert.equal(client.state, 'closed');
+});
+
+test('a refused token: whoami says 401, the client says so and asks its token function anew', async () => {
+  const asked = [];
+  const answers = [];
+  const fetch = async (url, init) => {
+    answers.push(init.headers.authorization);
+    const refused = init.headers.authorization === 'Bearer old';
+    return { ok: !refused, status: refused ? 401 : 200,
+             json: async () => (refused ? { error: { code: 'unauthorized', message: 'bad signature' } } : {}) };
+  };
+  const token = async ({ refused }) => { asked.push(refused); return refused ? 'new' : 'old'; };
+  const { client, socket } = makeClient({ token, fetch });
+  const unauthorized = [];
+  client.on('unauthorized', (detail) => unauthorized.push(detail));
+  const connected = client.connect();
+  await until(() => socket(0), 'the first socket');
+  assert.deepEqual(socket(0).protocols, ['pushbook.v1', 'bearer.old']);
+  socket(0).drop();  // the upgrade is refused: the browser only sees a close
+  await until(() => socket(1), 'a second socket');
+  assert.deepEqual(answers, ['Bearer old']);
+  assert.deepEqual(unauthorized, [{ message: 'bad signature', willReconnect: true }]);
+  assert.deepEqual(asked, [false, true]);
+  assert.deepEqual(socket(1).protocols, ['pushbook.v1', 'bearer.new']);
+  socket(1).open();
+  await connected;
+});
+
+test('a fixed token the server refuses closes the client instead of retrying it forever', async () => {
+  const fetch = async () => ({ ok: false, status: 401, json: async () => ({ error: { message: 'expired' } }) });
+  const { client, log, socket } = makeClient({ token: 'fixed', fetch });
+  const connected = client.connect();
+  await until(() => socket(0), 'a socket');
+  socket(0).drop();
+  await assert.rejects(connected, (error) => error.code === 'unauthorized' &&
+    error.message === 'the server refuses the token: expired');
+  assert.equal(FakeSocket.all.length, 1);
+  assert.deepEqual(log.at(-1), { type: 'close', code: 4001, reason: 'the server refuses the token: expired',
+                                 willReconnect: false });
+});
+
+test('without a WebSocket the error names the missing WebSocket, not SSE', () => {
+  assert.throws(() => new PushbookClient({ url: 'http://x', WebSocket: null, EventSource: null, fetch: null }),
+    /no WebSocket implementation \(Node 20: run with --experimental-websocket/);
+  assert.throws(() => new PushbookClient({ url: 'http://x', transport: 'sse', EventSource: null }),
+    /SSE needs EventSource and fetch/);
 });

@@ -252,7 +252,16 @@ test('sold out: the second booking of a capacity-1 resource is rejected sold_out
   assert.equal(await available(page, 'solo'), 1);
   const first = await clickBook(page, 'solo');
   await row(page, first, 'processing', 'confirmed').waitFor({ timeout: WAIT_MS });
-  const second = await clickBook(page, 'solo');
+  // The unit is taken (reserved while deciding): the button says so and cannot be clicked...
+  const button = page.locator('button[data-book="solo"]');
+  await poll(() => button.isDisabled(), (d) => d, 'a disabled Book button on a sold-out resource');
+  assert.equal(await button.textContent(), 'Sold out');
+  // ...and a booking that comes anyway (another client, or a page that had not heard yet) is
+  // rejected by the server: the page's own booking function, as the button would call it.
+  const rows = bookings(page, 'solo');
+  await page.evaluate(() => { window.pushbookDemo.book('solo'); });
+  await poll(() => rows.count(), (n) => n === 2, 'the second booking row');
+  const second = await rows.first().getAttribute('data-booking-key');
   const rejected = row(page, second, 'rejected');
   await rejected.waitFor({ timeout: WAIT_MS });
   assert.equal(await rejected.getAttribute('data-reason'), 'sold_out');
@@ -280,5 +289,48 @@ test('a page open past its demo token lifetime renews it and stays the same user
     assert.ok(!states.includes('reconnecting'), `connection states: ${states}`);
     const key = await clickBook(page, 'room-101');
     await row(page, key, 'confirmed').waitFor({ timeout: WAIT_MS });
+    page.assertNoErrors();
+  });
+
+test('at 390 px wide nothing scrolls sideways', TEST_OPTIONS, async () => {
+  const page = await openDemo(server.url);
+  await page.setViewportSize({ width: 390, height: 844 });
+  const key = await clickBook(page, 'room-102');
+  await row(page, key, 'confirmed').waitFor({ timeout: WAIT_MS });
+  const widths = await page.evaluate(() => ({
+    page: document.documentElement.scrollWidth, view: document.documentElement.clientWidth }));
+  assert.ok(widths.page <= widths.view, `the page is ${widths.page} px wide in a ${widths.view} px view`);
+  page.assertNoErrors();
+});
+
+test('a page open across a restart with a new secret becomes a new user within 15 s and books',
+  TEST_OPTIONS, async () => {
+    // pushbook-server --demo without --secret makes a secret up at start: after a restart the
+    // page's cached token is refused. The page must notice (GET /v1/whoami after the failed
+    // upgrade), fetch a new demo user and reconnect, not retry the dead token forever.
+    const first = await startServer(['--resource', 'room-101:10']);
+    const page = await openDemo(first.url);
+    const before = await page.locator('#user').textContent();
+    const old = await clickBook(page, 'room-101');
+    await row(page, old, 'confirmed').waitFor({ timeout: WAIT_MS });
+    first.kill();  // SIGKILL: no goodbye to the page
+    await page.locator('#connection[data-state="reconnecting"]').waitFor({ timeout: WAIT_MS });
+    // Disconnected: no booking, and the figures are marked as the last known ones.
+    assert.equal(await page.locator('button[data-book="room-101"]').isDisabled(), true);
+    await page.locator('li.resource.stale[data-resource="room-101"]').waitFor({ timeout: WAIT_MS });
+    const second = await startServer(['--port', String(first.port), '--resource', 'room-101:10']);
+    cleanups.push(() => second.stop(), () => first.stop());
+    const restarted = Date.now();
+    await page.locator('#connection[data-state="connected"]').waitFor({ timeout: 15_000 });
+    assert.ok(Date.now() - restarted < 15_000);
+    const after = await page.locator('#user').textContent();
+    assert.match(after, /^demo-/);
+    assert.notEqual(after, before);
+    const key = await clickBook(page, 'room-101');
+    await row(page, key, 'confirmed').waitFor({ timeout: WAIT_MS });
+    // The old user's booking is not this user's: the page says it no longer follows it, rather
+    // than keep showing "confirmed".
+    await row(page, old, 'unknown').waitFor({ timeout: WAIT_MS });
+    assert.equal(await page.locator('li.resource.stale').count(), 0);
     page.assertNoErrors();
   });
