@@ -27,6 +27,7 @@
 
 #include <csignal>
 #include <cstdlib>
+#include <filesystem>
 #include <random>
 #include <string_view>
 #include <thread>
@@ -47,24 +48,73 @@ struct Options {
   long demo_ttl_s = 600;
 };
 
+// The demo page's files: installed beside the binary (<prefix>/share/pushbook/web for
+// <prefix>/bin/pushbook-server), else the source tree this binary was built from.
+std::string demo_web_dir() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const auto installed = exe.parent_path().parent_path() / "share" / "pushbook" / "web";
+    if (std::filesystem::exists(installed / "index.html", ec)) return installed.string();
+  }
+  return PUSHBOOK_WEB_DIR;
+}
+
+constexpr const char* synopsis =
+    "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
+    "                       [--store URL] [--recovery requeue|reject]\n"
+    "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
+    "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
+    "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
+    "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n";
+
+// --help: every option with its default; a usage error: the synopsis and where to look.
 [[noreturn]] void usage(int code) {
+  if (code != 0) {
+    fmt::print(stderr, "{}run 'pushbook-server --help' for every option\n", synopsis);
+    std::exit(code);
+  }
   fmt::print(
-      code ? stderr : stdout,
-      "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
-      "                       [--store URL] [--recovery requeue|reject]\n"
-      "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
-      "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
-      "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
-      "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n"
-      "\n"
-      "  --store URL      where bookings are kept: sqlite:PATH[?sync=normal|full] (default\n"
-      "                   sqlite:pushbook.db: survives a crash; sync=full also a power loss) or\n"
-      "                   memory: (nothing survives a restart)\n"
-      "  --recovery P     bookings found undecided at start: requeue (decide them again, the\n"
-      "                   default) or reject (reason \"recovery\")\n"
-      "  --resource ID:N  a resource and its capacity; over an existing store it is reconciled\n"
-      "                   (never below the units in use)\n");
-  std::exit(code);
+      "pushbook-server: a booking engine and its push gateway (WebSocket, SSE, REST) in one process.\n"
+      "Clients book, and get the decision pushed instead of polling for it (docs/protocol.md).\n\n"
+      "{}"
+      "\nServer:\n"
+      "  --port N            TCP port to listen on (default 8080; 0: any free port, printed at start)\n"
+      "  --bind ADDR         address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)\n"
+      "  --threads N         gateway I/O threads (default: one per core)\n"
+      "  --workers N         engine threads that decide bookings (default 2)\n"
+      "\nBookings:\n"
+      "  --store URL         where bookings are kept (default sqlite:pushbook.db, in the current\n"
+      "                      directory): sqlite:PATH survives a crash, sqlite:PATH?sync=full a power\n"
+      "                      loss too; memory: keeps nothing across a restart\n"
+      "  --recovery P        bookings found undecided at start: requeue (decide them again, the\n"
+      "                      default) or reject (reason \"recovery\")\n"
+      "  --resource ID:N     a resource and its capacity, repeatable (default room-101:10,\n"
+      "                      room-102:10, concert:100); over an existing store it is reconciled,\n"
+      "                      never below the units in use\n"
+      "  --decision-delay-ms N   a simulated business step (a payment call): every booking is\n"
+      "                      approved N ms after it was taken (default 0, at most 3600000)\n"
+      "  --decision-jitter-ms J  plus a uniform random 0..J ms (default 0)\n"
+      "\nClients:\n"
+      "  --secret S          the HS256 secret client tokens are signed with (default: the\n"
+      "                      PUSHBOOK_SECRET environment variable; required unless --dev-insecure\n"
+      "                      or --demo)\n"
+      "  --dev-insecure      no tokens: clients name themselves with ?user= (development only)\n"
+      "  --allow-origin O    a browser Origin allowed to connect, repeatable (default: any)\n"
+      "  --static-dir DIR    serve the files of DIR at / (default: none; --demo serves web/)\n"
+      "  --demo              serve the demo page at / and hand out demo tokens\n"
+      "                      (POST /v1/demo/token); makes a secret up when none is given\n"
+      "  --demo-token-ttl-s N    lifetime of a demo token (default 600)\n"
+      "\nTokens:\n"
+      "  --token-for USER    print a client token for USER signed with --secret, and exit\n"
+      "  --ttl-s N           its lifetime in seconds (default 3600)\n"
+      "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001).\n"
+      "\nExample:\n"
+      "  pushbook-server --port 8080 --secret s3cret --resource room-101:5 --decision-delay-ms 20\n"
+      "  TOKEN=$(pushbook-server --token-for alice --secret s3cret)\n"
+      "  curl -X POST localhost:8080/v1/bookings -H \"Authorization: Bearer $TOKEN\" -d '{{\"resource\":\"room-101\"}}'\n",
+      synopsis);
+  std::exit(0);
 }
 
 Options parse(int argc, char** argv) {
@@ -162,7 +212,7 @@ Options parse(int argc, char** argv) {
       usage(2);
     }
     o.gateway.demo_token_ttl = std::chrono::seconds(o.demo_ttl_s);
-    if (o.gateway.static_dir.empty()) o.gateway.static_dir = PUSHBOOK_WEB_DIR;
+    if (o.gateway.static_dir.empty()) o.gateway.static_dir = demo_web_dir();
     if (o.gateway.secret.empty() && o.token_for.empty()) {  // --token-for needs the server's real secret
       std::random_device rd;
       for (int i = 0; i < 4; ++i) o.gateway.secret += fmt::format("{:08x}", rd());

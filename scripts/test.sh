@@ -5,8 +5,9 @@
 #      Python tests with pytest, the load generator and the demo driver)
 #   2. the browser tests: the demo page and web/pushbook.js in headless Chromium, driven by
 #      playwright-core (scripts/browser-test.sh installs Chromium and playwright-core if missing)
-#   3. installs pushbook and builds two consumer projects against it: find_package() on the
-#      installed static library, add_subdirectory() as a shared library
+#   3. installs pushbook (checks that the installed server, demo page and Python package work) and
+#      builds two consumer projects against it: find_package() on the installed static library,
+#      add_subdirectory() as a shared library
 #   4. runs every test again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   5. runs the concurrency tests under ThreadSanitizer
 # Set PUSHBOOK_SKIP_SANITIZERS=1 to stop after step 3 (quick local runs).
@@ -52,6 +53,7 @@ run_step "consumers" bash -c "
   set -e
   rm -rf build/_install build/consumer-find build/consumer-sub
   cmake --install build --prefix build/_install >/dev/null
+  /usr/bin/python3 tests/consumers/check_install.py build/_install
   cmake -S tests/consumers/find_package -B build/consumer-find -G Ninja \
     -DCMAKE_PREFIX_PATH='$root/build/_install' >/dev/null
   cmake --build build/consumer-find

@@ -97,3 +97,15 @@ def test_the_store_is_printed_at_start_and_bookings_survive_a_restart(tmp_path):
             assert json.load(answer)["booking_id"] == booking_id
     finally:
         second.stop()
+
+
+def test_help_describes_every_option_with_its_default():
+    done = run_server("--help")
+    assert done.returncode == 0
+    for option in ("--port", "--bind", "--threads", "--workers", "--store", "--recovery", "--resource",
+                   "--decision-delay-ms", "--decision-jitter-ms", "--secret", "--dev-insecure",
+                   "--allow-origin", "--static-dir", "--demo", "--demo-token-ttl-s", "--token-for", "--ttl-s"):
+        assert f"\n  {option} " in done.stdout, f"{option} is not described"
+    assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
+    short = run_server("--frobnicate")
+    assert "run 'pushbook-server --help' for every option" in short.stderr
