@@ -339,6 +339,25 @@ ThreadPool& futures_pool() {
   return *pool;
 }
 
+// The gateway's log lines go to Python's logging, logger "pushbook". Which levels are sent is
+// decided by the logger's effective level when the gateway is made (debug lines, one per request,
+// then cost nothing unless asked for), so no gateway thread takes the GIL for a dropped line.
+LogFunction python_log() {
+  auto logger = std::make_shared<PyRef>(py::module_::import("logging").attr("getLogger")("pushbook"));
+  const int threshold = logger->obj.attr("getEffectiveLevel")().cast<int>();
+  return [logger, threshold](LogLevel level, std::string_view line) {
+    static constexpr int levels[] = {10, 20, 30, 40};  // logging.DEBUG, INFO, WARNING, ERROR
+    const int python_level = levels[static_cast<int>(level)];
+    if (python_level < threshold || finalizing.load()) return;
+    py::gil_scoped_acquire gil;
+    try {
+      logger->obj.attr("log")(python_level, "%s", std::string(line));
+    } catch (py::error_already_set&) {
+      PyErr_Clear();  // a broken handler must not take a gateway thread down
+    }
+  };
+}
+
 // A count from Python (a capacity, a quantity): an int from 0 to 4294967295, not a bool.
 // Anything else raises pushbook.ValidationError naming `what`, not a TypeError with C++ types.
 std::uint32_t count_arg(py::handle v, const std::string& what) {
@@ -761,6 +780,7 @@ PYBIND11_MODULE(_core, m) {
             o.threads = threads;
             o.allowed_origins = std::move(allowed_origins);
             o.static_dir = std::move(static_dir);
+            o.log = python_log();
             std::shared_ptr<PushGateway> gw;
             try {
               gw = make_gil_safe<PushGateway>(bus, engine, std::move(o));

@@ -440,3 +440,43 @@ def test_await_engine_book_returns_the_decision(tmp_path):
     assert confirmed.status == pushbook.Status.CONFIRMED
     assert (declined.status, declined.reason) == (pushbook.Status.REJECTED, pushbook.Reason.REJECTED_BY_HANDLER)
     assert (sold_out.status, sold_out.reason) == (pushbook.Status.REJECTED, pushbook.Reason.SOLD_OUT)
+
+
+def test_gateway_log_lines_go_to_the_pushbook_logger():
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("pushbook")
+    logger.addHandler(keep)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        bus = pushbook.LocalBus()
+        engine = pushbook.BookingEngine(bus)
+        with pushbook.PushGateway(bus, engine, secret="a-secret-of-at-least-32-bytes-please") as gw:
+            port = gw.port
+        messages = [r.getMessage() for r in keep.records]
+        assert any(f"listening on 127.0.0.1:{port}" in m for m in messages), messages
+        assert all(r.levelno >= logging.INFO for r in keep.records)
+        engine.shutdown()
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(old_level)
+
+
+def test_the_main_calls_have_python_signatures():
+    import inspect
+    assert list(inspect.signature(pushbook.BookingEngine.submit).parameters) == [
+        "self", "user", "resource", "quantity", "lines", "idempotency_key", "metadata", "hold"]
+    assert "store" in inspect.signature(pushbook.BookingEngine).parameters
+    assert list(inspect.signature(pushbook.BookingEngine.book).parameters)[-1] == "timeout"
+    assert list(inspect.signature(pushbook.LocalBus.subscribe).parameters)[:4] == ["self", "topic", "callback", "since"]
+    assert "secret" in inspect.signature(pushbook.PushGateway).parameters

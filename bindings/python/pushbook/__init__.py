@@ -27,6 +27,17 @@ sign_token = _core.sign_token
 class LocalBus(_core.LocalBus):
     """The in-process event bus: ``publish``, ``subscribe``, ``last``, ``history``, ``stream``."""
 
+    def publish(self, topic, data):
+        """Publishes data (JSON-like Python values) to topic; returns the event's seq."""
+        return super().publish(topic, data)
+
+    def subscribe(self, topic, callback, since=None, max_queue=4096, overflow="drop_oldest", snapshot=True):
+        """Calls ``callback(event)`` on a bus thread for every event of ``topic`` (or a trailing
+        wildcard pattern): the current state first (a snapshot) unless ``since`` (a seq) asks for
+        a replay from there. Returns a Subscription (``cancel()``, or use it as a context manager)."""
+        return super().subscribe(topic, callback, since=since, max_queue=max_queue, overflow=overflow,
+                                 snapshot=snapshot)
+
     def stream(self, topic, since=None, max_queue=4096):
         """An async iterator of the topic's events, delivered on the caller's event loop.
 
@@ -44,9 +55,51 @@ class BookingEngine(_core.BookingEngine):
     max_queue=65536, idempotency_window=86400.0, store=None, recovery="requeue")``.
     """
 
-    def __init__(self, bus, *args, **kwargs):
-        super().__init__(bus, *args, **kwargs)
+    # Python signatures over the extension's calls: inspect.signature() and help() show them.
+    def __init__(self, bus, workers=2, handler=None, loop=None, handler_timeout=10.0, max_queue=65536,
+                 idempotency_window=86400.0, store=None, recovery="requeue"):
+        super().__init__(bus, workers=workers, handler=handler, loop=loop, handler_timeout=handler_timeout,
+                         max_queue=max_queue, idempotency_window=idempotency_window, store=store,
+                         recovery=recovery)
         self._bus = bus
+
+    def add_resource(self, resource_id, capacity):
+        """Adds a resource (reconciled with the store when the store has it already)."""
+        return super().add_resource(resource_id, capacity)
+
+    def set_capacity(self, resource_id, capacity):
+        """Changes a resource's capacity, never below what is reserved or confirmed."""
+        return super().set_capacity(resource_id, capacity)
+
+    def submit(self, user, resource=None, quantity=1, lines=None, idempotency_key=None, metadata=None,
+               hold=None):
+        """Validates and ACKs once the booking is stored (status 'processing'); the decision
+        follows on booking/<id>. ``lines=[(resource, quantity), ...]`` books several at once, all
+        or none; ``hold`` (seconds) asks for a hold."""
+        return super().submit(user, resource=resource, quantity=quantity, lines=lines,
+                              idempotency_key=idempotency_key, metadata=metadata, hold=hold)
+
+    def submit_async(self, user, resource=None, quantity=1, lines=None, idempotency_key=None,
+                     metadata=None, hold=None):
+        """submit() without waiting for the store: a concurrent.futures.Future of the Ack."""
+        return super().submit_async(user, resource=resource, quantity=quantity, lines=lines,
+                                    idempotency_key=idempotency_key, metadata=metadata, hold=hold)
+
+    def get(self, booking_id):
+        """The booking as stored now."""
+        return super().get(booking_id)
+
+    def cancel(self, booking_id):
+        """confirmed -> cancelled, freeing its units."""
+        return super().cancel(booking_id)
+
+    def confirm(self, booking_id):
+        """held -> confirmed."""
+        return super().confirm(booking_id)
+
+    def release(self, booking_id):
+        """held -> released, freeing its units."""
+        return super().release(booking_id)
 
     async def book(self, user, resource=None, quantity=1, lines=None, idempotency_key=None,
                    metadata=None, hold=None, timeout=30.0):
@@ -165,7 +218,15 @@ class _Gap:
 
 
 class PushGateway(_core.PushGateway):
-    """The HTTP + WebSocket + SSE gateway. ``with PushGateway(...) as gw:`` starts and stops it."""
+    """The HTTP + WebSocket + SSE gateway. ``with PushGateway(...) as gw:`` starts and stops it.
+
+    Its log lines go to the ``pushbook`` logger (the logger's level when the gateway is made
+    decides which lines are sent)."""
+
+    def __init__(self, bus, engine, host="127.0.0.1", port=0, secret=None, dev_insecure=False, threads=1,
+                 allowed_origins=(), static_dir=""):
+        super().__init__(bus, engine, host=host, port=port, secret=secret, dev_insecure=dev_insecure,
+                         threads=threads, allowed_origins=list(allowed_origins), static_dir=static_dir)
 
     def __enter__(self):
         self.start()
