@@ -112,7 +112,8 @@ constexpr const char* synopsis =
       "\nExample:\n"
       "  pushbook-server --port 8080 --secret s3cret --resource room-101:5 --decision-delay-ms 20\n"
       "  TOKEN=$(pushbook-server --token-for alice --secret s3cret)\n"
-      "  curl -X POST localhost:8080/v1/bookings -H \"Authorization: Bearer $TOKEN\" -d '{{\"resource\":\"room-101\"}}'\n",
+      "  curl -X POST localhost:8080/v1/bookings -H \"Authorization: Bearer $TOKEN\" -d "
+      "'{{\"resource\":\"room-101\"}}'\n",
       synopsis);
   std::exit(0);
 }

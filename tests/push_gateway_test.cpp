@@ -703,7 +703,8 @@ TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without
 TEST_CASE("GET /v1/whoami tells a good token from a refused one") {
   Server s;
   auto http = s.http();
-  auto good = http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + Server::token("alice")}}).value();
+  auto good =
+      http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + Server::token("alice")}}).value();
   CHECK(good.status == 200);
   auto body = boost::json::parse(good.body).as_object();
   CHECK(body.at("user") == "alice");

@@ -363,7 +363,8 @@ LogFunction python_log() {
 std::uint32_t count_arg(py::handle v, const std::string& what) {
   const std::string expected = what + " must be a whole number from 0 to 4294967295";
   if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
-    raise(Error(errc::bad_request, expected + ", not " + std::string(py::str(py::type::of(v).attr("__name__")))));
+    raise(Error(errc::bad_request,
+                expected + ", not " + std::string(py::str(py::type::of(v).attr("__name__")))));
   int overflow = 0;
   const long long n = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow != 0 || n < 0 || n > 4294967295LL)
@@ -388,7 +389,8 @@ BookingRequest make_request(const std::string& user, std::optional<std::string> 
       if (!py::isinstance<py::sequence>(item) || py::isinstance<py::str>(item) || py::len(item) != 2 ||
           !py::isinstance<py::str>(item[py::int_(0)]))
         raise(Error(errc::bad_request, where + " must be a (resource, quantity) pair"));
-      r.lines.push_back({item[py::int_(0)].cast<std::string>(), count_arg(item[py::int_(1)], where + " quantity")});
+      r.lines.push_back(
+          {item[py::int_(0)].cast<std::string>(), count_arg(item[py::int_(1)], where + " quantity")});
     }
   }
   if (idempotency_key) r.idempotency_key = *idempotency_key;
@@ -687,8 +689,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit",
           [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
-             py::object quantity, py::object lines,
-             std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
+             py::object quantity, py::object lines, std::optional<std::string> idempotency_key,
+             py::object metadata, std::optional<double> hold) {
             auto r = make_request(user, std::move(resource), quantity, std::move(lines),
                                   std::move(idempotency_key), std::move(metadata), hold);
             result<Ack> a = [&] {
@@ -704,8 +706,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit_async",
           [](BookingEngine& e, const std::string& user, std::optional<std::string> resource,
-             py::object quantity, py::object lines,
-             std::optional<std::string> idempotency_key, py::object metadata, std::optional<double> hold) {
+             py::object quantity, py::object lines, std::optional<std::string> idempotency_key,
+             py::object metadata, std::optional<double> hold) {
             auto r = make_request(user, std::move(resource), quantity, std::move(lines),
                                   std::move(idempotency_key), std::move(metadata), hold);
             auto future = std::make_shared<PyRef>(py::module_::import("concurrent.futures").attr("Future")());
