@@ -28,6 +28,7 @@
 
 #include "detail/adaptive_spin.hpp"
 #include "detail/booking_id.hpp"
+#include "detail/forced_unwind.hpp"
 #include "detail/timer_queue.hpp"
 
 #include <fmt/format.h>
@@ -411,7 +412,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
     try {
       options.handler(st->booking, Completion(st));
-    } catch (const std::exception& e) {
+    }
+    PUSHBOOK_RETHROW_FORCED_UNWIND
+    catch (const std::exception& e) {
       complete(st, Decision::error(e.what()), RejectReason::handler_error);
     } catch (...) {
       complete(st, Decision::error("handler threw"), RejectReason::handler_error);

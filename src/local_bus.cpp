@@ -10,6 +10,8 @@
 // Lock order: shard -> wildcard registry -> subscription.
 #include <pushbook/event_bus.hpp>
 
+#include "detail/forced_unwind.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -266,7 +268,9 @@ struct LocalBus::impl::subscription final : detail::SubscriptionState,
       }
       try {
         callback(d);
-      } catch (...) {
+      }
+      PUSHBOOK_RETHROW_FORCED_UNWIND
+      catch (...) {
         // A throwing callback must not take the delivery thread down; the next event still goes.
       }
       if (owner && d.event) owner->delivered.fetch_add(1, std::memory_order_relaxed);
