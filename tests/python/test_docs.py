@@ -1,5 +1,5 @@
 """Every Python block of the getting-started guide runs as written (each is a whole program), and
-the C++ guide shows examples/first_host.cpp (which ctest builds and runs) as it is."""
+the C++ guide shows only whole programs: examples/*.cpp (which ctest builds and runs) as they are."""
 import os
 import re
 import subprocess
@@ -35,9 +35,16 @@ def test_guide_block_runs(index, tmp_path):
     assert done.returncode == 0, f"block {index} of {GUIDE} failed:\n{block}\n--- stderr:\n{done.stderr}"
 
 
-def test_the_cpp_guide_shows_first_host_as_it_is():
+@pytest.mark.parametrize("example", ["first_host.cpp", "durable_host.cpp"])
+def test_the_cpp_guide_shows_its_examples_as_they_are(example):
     with open(os.path.join(ROOT, "docs", "getting-started-cpp.md")) as f:
         guide = f.read()
-    with open(os.path.join(ROOT, "examples", "first_host.cpp")) as f:
+    with open(os.path.join(ROOT, "examples", example)) as f:
         program = f.read()
-    assert "```cpp\n" + program + "```" in guide, "docs/getting-started-cpp.md: 'A first host' differs from examples/first_host.cpp"
+    assert "```cpp\n" + program + "```" in guide, f"docs/getting-started-cpp.md does not show examples/{example} as it is"
+
+
+def test_every_cpp_block_of_the_guide_is_an_example():
+    with open(os.path.join(ROOT, "docs", "getting-started-cpp.md")) as f:
+        blocks = re.findall(r"```cpp\n(.*?)```", f.read(), re.S)
+    assert len(blocks) == 2, "a C++ block that is not a whole example: make it one (examples/) or drop it"
