@@ -416,7 +416,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     PUSHBOOK_RETHROW_FORCED_UNWIND
     catch (const std::exception& e) {
       complete(st, Decision::error(e.what()), RejectReason::handler_error);
-    } catch (...) {
+    }
+    catch (...) {
       complete(st, Decision::error("handler threw"), RejectReason::handler_error);
     }
   }
