@@ -1,4 +1,6 @@
 #include <pushbook/auth.hpp>
+
+#include <algorithm>
 #include <pushbook/booking.hpp>
 
 #include <openssl/crypto.h>
@@ -84,9 +86,16 @@ std::optional<std::int64_t> integer(const boost::json::object& o, std::string_vi
   auto v = o.if_contains(key);
   if (!v) return std::nullopt;
   if (v->is_int64()) return v->get_int64();
-  if (v->is_uint64() && v->get_uint64() <= static_cast<std::uint64_t>(INT64_MAX))
-    return static_cast<std::int64_t>(v->get_uint64());
-  if (v->is_double()) return static_cast<std::int64_t>(v->get_double());
+  if (v->is_uint64())  // beyond int64: as far in the future as int64 goes (clamped later)
+    return v->get_uint64() <= static_cast<std::uint64_t>(INT64_MAX)
+               ? static_cast<std::int64_t>(v->get_uint64())
+               : INT64_MAX;
+  if (v->is_double()) {  // clamped: converting a double beyond int64 would be undefined
+    const double d = v->get_double();
+    if (!(d > -9.2e18)) return INT64_MIN;
+    if (!(d < 9.2e18)) return INT64_MAX;
+    return static_cast<std::int64_t>(d);
+  }
   return std::nullopt;
 }
 
@@ -98,6 +107,19 @@ result<boost::json::object> payload_of(std::string_view payload_b64) {
   auto payload = boost::json::parse(*json, ec);
   if (ec || !payload.is_object()) return unauthorized("malformed token payload");
   return std::move(payload.as_object());
+}
+
+// A claim's time (Unix seconds) as a time_point: clamped to what system_clock can hold (about
+// the years 1678 to 2262 with nanoseconds), so that no far-future "exp" overflows into the past.
+std::chrono::system_clock::time_point claim_time(std::int64_t unix_seconds) {
+  using clock = std::chrono::system_clock;
+  constexpr auto max_s =
+      std::chrono::duration_cast<std::chrono::seconds>(clock::time_point::max().time_since_epoch()).count() -
+      1;
+  constexpr auto min_s =
+      std::chrono::duration_cast<std::chrono::seconds>(clock::time_point::min().time_since_epoch()).count() +
+      1;
+  return clock::time_point(std::chrono::seconds(std::clamp<std::int64_t>(unix_seconds, min_s, max_s)));
 }
 
 result<std::string> subject_of(const boost::json::object& claims) {
@@ -144,12 +166,13 @@ result<TokenClaims> verify_token(std::string_view token, std::string_view secret
   auto exp = integer(claims, "exp");
   if (!exp) return unauthorized("token has no \"exp\" claim");
   const auto now_s = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-  if (*exp + leeway.count() <= now_s) return unauthorized("token expired");
-  if (auto nbf = integer(claims, "nbf"); nbf && *nbf - leeway.count() > now_s)
+  // Compared without adding to the claims, which may be anywhere in int64 (no overflow).
+  if (*exp <= now_s - leeway.count()) return unauthorized("token expired");
+  if (auto nbf = integer(claims, "nbf"); nbf && *nbf > now_s + leeway.count())
     return unauthorized("token not valid yet");
   TokenClaims out;
   out.subject = std::move(*sub);
-  out.expires_at = std::chrono::system_clock::time_point(std::chrono::seconds(*exp));
+  out.expires_at = claim_time(*exp);
   return out;
 }
 
@@ -165,8 +188,7 @@ result<TokenClaims> read_token_unverified(std::string_view token) {
   TokenClaims out;
   out.subject = std::move(*sub);
   out.expires_at = std::chrono::system_clock::time_point::max();
-  if (auto exp = integer(*payload, "exp"))
-    out.expires_at = std::chrono::system_clock::time_point(std::chrono::seconds(*exp));
+  if (auto exp = integer(*payload, "exp")) out.expires_at = claim_time(*exp);
   return out;
 }
 

@@ -3,12 +3,68 @@
 #include "gateway/core.hpp"
 
 #include <doctest/doctest.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include <cstdint>
+#include <string>
 
 using namespace pushbook;
 using namespace std::chrono_literals;
 
 namespace {
 const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
+
+std::string b64url(std::string_view in) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  std::string out;
+  std::uint32_t bits = 0;
+  int count = 0;
+  for (unsigned char c : in) {
+    bits = (bits << 8) | c;
+    count += 8;
+    while (count >= 6) out += alphabet[(bits >> (count -= 6)) & 0x3F];
+  }
+  if (count > 0) out += alphabet[(bits << (6 - count)) & 0x3F];
+  return out;
+}
+
+// An HS256 token with exactly these claims (pushbook's sign_token only makes well-formed ones).
+std::string token_with(const std::string& claims_json, const std::string& secret) {
+  const auto signing = b64url(R"({"alg":"HS256","typ":"JWT"})") + "." + b64url(claims_json);
+  unsigned char mac[32];
+  unsigned int size = 0;
+  HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()),
+       reinterpret_cast<const unsigned char*>(signing.data()), signing.size(), mac, &size);
+  return signing + "." + b64url(std::string_view(reinterpret_cast<const char*>(mac), size));
+}
+}  // namespace
+
+TEST_CASE("far-future and extreme time claims: no overflow, never expired at once, clamped") {
+  using std::chrono::system_clock;
+  for (const char* exp :
+       {"9999999999", "11019504728", "9223372036854775807", "18446744073709551615", "1e300"}) {
+    CAPTURE(exp);
+    auto c = verify_token(token_with(std::string(R"({"sub":"alice","exp":)") + exp + "}", "k"), "k", now);
+    REQUIRE(c.has_value());
+    CHECK(c->expires_at > now + std::chrono::hours(24 * 365 * 100));
+    CHECK(c->expires_at.time_since_epoch().count() > 0);  // not wrapped into the past
+  }
+  CHECK(verify_token(token_with(R"({"sub":"alice","exp":-9223372036854775808})", "k"), "k", now, 5s)
+            .error()
+            .message == "token expired");
+  CHECK(verify_token(token_with(R"({"sub":"alice","exp":4102444800,"nbf":-9223372036854775808})", "k"), "k",
+                     now, 5s)
+            .has_value());
+  CHECK(verify_token(token_with(R"({"sub":"alice","exp":4102444800,"nbf":9223372036854775807})", "k"), "k",
+                     now, 5s)
+            .error()
+            .message == "token not valid yet");
+  CHECK(verify_token(token_with(R"({"sub":"alice","exp":-1e300})", "k"), "k", now).error().message ==
+        "token expired");
+  auto unverified = read_token_unverified(token_with(R"({"sub":"alice","exp":9223372036854775807})", "k"));
+  REQUIRE(unverified.has_value());
+  CHECK(unverified->expires_at > now);
 }
 
 TEST_CASE("a token signed with the secret verifies and yields its claims") {

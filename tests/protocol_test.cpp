@@ -149,6 +149,13 @@ TEST_CASE("refresh verifies the new token and moves the deadline") {
   CHECK(*c->next_deadline() > before + 3000s);
   c->on_message(R"({"id":2,"op":"refresh","token":"garbage"})");
   CHECK(f.sink->take().at(0).at("error").at("code") == "unauthorized");
+  // A far-future exp (year 2255; auth_test covers the ones system_clock cannot hold): the reply
+  // says when, and no deadline is armed that could overflow.
+  const auto far = std::chrono::system_clock::time_point(std::chrono::seconds(9'000'000'000));
+  c->on_message(R"({"id":3,"op":"refresh","token":")" + sign_token("alice", far, "s") + R"("})");
+  auto far_reply = f.sink->take().at(0);
+  CHECK(far_reply.at("result").at("expires_at").as_int64() == 9'000'000'000'000);
+  CHECK_FALSE(c->next_deadline().has_value());
 }
 
 TEST_CASE("wire error mapping") {

@@ -94,6 +94,10 @@ void ConnectionLogic::set_expiry(std::optional<std::chrono::system_clock::time_p
     return;
   }
   const auto left = *expires - std::chrono::system_clock::now();
+  if (left > std::chrono::hours(24 * 365 * 100)) {  // a far-future exp: no deadline (and no overflow)
+    deadline_.reset();
+    return;
+  }
   deadline_ = now + std::chrono::duration_cast<steady::duration>(left);
 }
 
