@@ -138,6 +138,39 @@ TEST_CASE("token expiry: a notice, then 4001 after the grace period unless refre
   CHECK_FALSE(no_expiry->next_deadline().has_value());
 }
 
+TEST_CASE("a sustained flood is closed with 1008 though refills let a message through now and then") {
+  // 100 messages/s against 10/s with a burst of 20: each refill lets one through, and the nine
+  // refused in between must not be forgiven by it (hardening finding 3).
+  GatewayOptions o;
+  o.rate_limit_per_second = 10;
+  o.rate_limit_burst = 20;
+  for (bool binary : {false, true}) {
+    CAPTURE(binary);
+    Fixture f(o);
+    auto c = f.connect("alice");
+    const auto t0 = steady::now();
+    int sent = 0;
+    for (; sent < 300 && f.sink->closes.empty(); ++sent) {  // 3 s of flood at most
+      const auto at = t0 + std::chrono::milliseconds(10 * sent);
+      if (binary)
+        c->on_binary(at);
+      else
+        c->on_message(R"({"id":1,"op":"ping"})", at);
+    }
+    CHECK(f.sink->closes ==
+          std::vector<std::pair<std::uint16_t, std::string>>{{1008, "rate limit exceeded"}});
+    CHECK(sent < 100);  // within the first second
+  }
+  // A client that stays within the rate is never closed, whatever it did before.
+  Fixture f(o);
+  auto c = f.connect("alice");
+  const auto t0 = steady::now();
+  for (int i = 0; i < 25; ++i) c->on_message(R"({"id":1,"op":"ping"})", t0);  // 5 refused
+  for (int i = 1; i <= 100; ++i)
+    c->on_message(R"({"id":1,"op":"ping"})", t0 + std::chrono::milliseconds(100 * i));
+  CHECK(f.sink->closes.empty());
+}
+
 TEST_CASE("refresh verifies the new token and moves the deadline") {
   Fixture f;
   auto c = f.connect("alice", std::chrono::system_clock::now() + 10s);

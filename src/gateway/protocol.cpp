@@ -137,29 +137,40 @@ void ConnectionLogic::fail(const boost::json::value& id, const Error& e) {
 bool ConnectionLogic::take_token(steady::time_point now) {
   const double rate = ctx_->options.rate_limit_per_second;
   const double burst = static_cast<double>(ctx_->options.rate_limit_burst);
-  tokens_ = std::min(burst, tokens_ + std::chrono::duration<double>(now - refilled_).count() * rate);
+  const double elapsed = std::chrono::duration<double>(now - refilled_).count();
+  tokens_ = std::min(burst, tokens_ + elapsed * rate);
+  strikes_ = std::max(0.0, strikes_ - elapsed * rate);  // forgiven at the allowed rate
   refilled_ = now;
   if (tokens_ >= 1.0) {
     tokens_ -= 1.0;
-    strikes_ = 0;
     return true;
   }
   return false;
 }
 
-void ConnectionLogic::on_message(std::string_view text, steady::time_point now) {
+bool ConnectionLogic::admit(steady::time_point now) {
   ctx_->metrics->client_messages.fetch_add(1, std::memory_order_relaxed);
-  if (!take_token(now)) {
-    ctx_->metrics->rate_limited.fetch_add(1, std::memory_order_relaxed);
-    // Keep sending while refused and the connection goes: a client gets one burst of grace.
-    if (++strikes_ > ctx_->options.rate_limit_burst) {
-      if (auto sink = sink_.lock()) sink->close(1008, "rate limit exceeded");
-      return;
-    }
-    fail(nullptr, "rate_limited",
-         fmt::format("more than {} messages per second; slow down", ctx_->options.rate_limit_per_second));
-    return;
+  if (take_token(now)) return true;
+  ctx_->metrics->rate_limited.fetch_add(1, std::memory_order_relaxed);
+  // Keep sending while refused and the connection goes: a client gets one burst of grace, and
+  // the refill that lets a message through now and then does not reset it.
+  strikes_ += 1.0;
+  if (strikes_ > static_cast<double>(ctx_->options.rate_limit_burst)) {
+    if (auto sink = sink_.lock()) sink->close(1008, "rate limit exceeded");
+    return false;
   }
+  fail(nullptr, "rate_limited",
+       fmt::format("more than {} messages per second; slow down", ctx_->options.rate_limit_per_second));
+  return false;
+}
+
+void ConnectionLogic::on_binary(steady::time_point now) {
+  if (!admit(now)) return;
+  fail(nullptr, "bad_request", "binary frames are not supported; send JSON text");
+}
+
+void ConnectionLogic::on_message(std::string_view text, steady::time_point now) {
+  if (!admit(now)) return;
   boost::system::error_code ec;
   auto v = boost::json::parse(text, ec);
   if (ec) return fail(nullptr, "bad_request", fmt::format("not valid JSON: {}", ec.message()));

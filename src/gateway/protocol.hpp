@@ -120,6 +120,8 @@ class ConnectionLogic {
 
   /// Handles one client frame (a JSON object as text).
   void on_message(std::string_view text, steady::time_point now = steady::now());
+  /// A binary frame: counted against the rate limit like any message, then refused.
+  void on_binary(steady::time_point now = steady::now());
   /// When on_deadline() wants to be called next (token expiry), if ever.
   std::optional<steady::time_point> next_deadline() const noexcept { return deadline_; }
   void on_deadline(steady::time_point now = steady::now());
@@ -134,6 +136,8 @@ class ConnectionLogic {
   void fail(const boost::json::value& id, std::string_view code, std::string_view message);
   void fail(const boost::json::value& id, const Error& e);
   bool take_token(steady::time_point now);
+  /// Applies the rate limit to one message: false when it is refused (and answered or closed).
+  bool admit(steady::time_point now);
   void handle(const boost::json::object& msg, const boost::json::value& id, std::string_view op);
   void op_book(const boost::json::object& msg, const boost::json::value& id);
   void on_booked(const boost::json::value& id, result<Ack> ack);
@@ -153,7 +157,9 @@ class ConnectionLogic {
   // Token bucket.
   double tokens_;
   steady::time_point refilled_;
-  std::size_t strikes_ = 0;
+  // Refused messages, forgiven at the allowed rate: a sustained flood piles them up past the
+  // burst (close 1008) even though each refill lets a message through.
+  double strikes_ = 0;
   // Token expiry: at deadline_, either warn (then grace) or close.
   std::optional<steady::time_point> deadline_;
   bool in_grace_ = false;

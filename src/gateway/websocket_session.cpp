@@ -77,8 +77,7 @@ void WebSocketSession::on_read(boost::system::error_code ec, std::size_t bytes) 
   }
   if (!ws_.got_text()) {
     buffer_.consume(bytes);
-    send_text(std::make_shared<const std::string>(
-        reply_error(nullptr, "bad_request", "binary frames are not supported; send JSON text")));
+    logic_->on_binary();
   } else {
     const auto text = beast::buffers_to_string(buffer_.data());
     buffer_.consume(bytes);
