@@ -15,7 +15,10 @@
 #include <dirent.h>
 #include <netinet/tcp.h>
 
+#include <algorithm>
 #include <atomic>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -285,8 +288,14 @@ TEST_CASE("tokens may come as access_token for HTTP and SSE; they are never logg
   const auto t = Server::token("alice");
   auto r = http.request("POST", "/v1/bookings?access_token=" + t, R"({"resource":"room-10"})").value();
   CHECK(r.status == 202);
+  // The key percent-encoded is the same parameter to the server, and redacted the same.
+  r = http.request("POST", "/v1/bookings?x=1&access%5Ftoken=" + t, R"({"resource":"room-10"})").value();
+  CHECK(r.status == 202);
   std::lock_guard lock(s.log_mutex);
   for (const auto& line : s.log_lines) CHECK(line.find(t) == std::string::npos);
+  CHECK(std::any_of(s.log_lines.begin(), s.log_lines.end(), [](const auto& line) {
+    return line.find("?x=1&access%5Ftoken=REDACTED") != std::string::npos;
+  }));
 }
 
 TEST_CASE("a frame over max_message_bytes closes the connection with 1009") {
@@ -552,6 +561,18 @@ TEST_CASE("the Origin allow-list refuses cross-site WebSocket upgrades") {
   CHECK(refused.error().is(errc::forbidden));
   c.origin = "https://app.example.com";
   CHECK(WsClient::connect(c).has_value());
+  // Booking and cancelling from another site's page is refused too (CSRF); reads are not.
+  auto http = s.http();
+  const auto auth = std::pair<std::string, std::string>{"Authorization", "Bearer " + Server::token("alice")};
+  auto evil = std::pair<std::string, std::string>{"Origin", "https://evil.example.net"};
+  auto good = std::pair<std::string, std::string>{"Origin", "https://app.example.com"};
+  CHECK(http.request("POST", "/v1/bookings", R"({"resource":"room-10"})", {auth, evil}).value().status ==
+        403);
+  auto booked = http.request("POST", "/v1/bookings", R"({"resource":"room-10"})", {auth, good}).value();
+  REQUIRE(booked.status == 202);
+  const auto id = std::string(boost::json::parse(booked.body).at("booking_id").as_string());
+  CHECK(http.request("DELETE", "/v1/bookings/" + id, "", {auth, evil}).value().status == 403);
+  CHECK(http.request("GET", "/v1/bookings/" + id, "", {auth, evil}).value().status == 200);
 }
 
 TEST_CASE("rate limit: rate_limited replies, then close 1008 when it goes on") {
@@ -664,6 +685,56 @@ TEST_CASE("chunked encoding cannot make an unauthenticated client's buffer grow 
     CHECK(raw.wait_closed(5s));
   }
   CHECK(s.http().request("GET", "/healthz").value().status == 200);
+}
+
+TEST_CASE("after a first request, a slow next head on a keep-alive connection gets the handshake timeout") {
+  GatewayOptions o;
+  o.handshake_timeout = 300ms;
+  o.idle_timeout = 60s;  // what it used to get
+  Server s(o);
+  RawSocket raw(s.port);
+  REQUIRE(raw.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+  REQUIRE(raw.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 200"));
+  REQUIRE(raw.send("GET /healthz HTTP/1.1\r\nHost: x\r\n"));  // never finishes the head
+  CHECK(raw.wait_closed(5s));
+}
+
+TEST_CASE(
+    "long-poll wait: infinite or huge means as long as allowed, NaN is refused, no undefined conversion") {
+  GatewayOptions o;
+  o.max_long_poll = 1s;
+  Server s(o);
+  auto ws = s.ws("alice");
+  auto id = std::string(ws->request(book("room-10")).value().at("result").at("booking_id").as_string());
+  REQUIRE(await_decision(*ws, "booking/" + id) == "confirmed");
+  auto http = s.http();
+  const auto auth = std::pair<std::string, std::string>{"Authorization", "Bearer " + Server::token("alice")};
+  const auto etag = http.request("GET", "/v1/bookings/" + id, "", {auth}).value().header("etag");
+  for (const char* wait : {"inf", "1e19", "1e300"}) {
+    CAPTURE(wait);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = http.request("GET", "/v1/bookings/" + id + "?wait=" + wait, "", {auth, {"If-None-Match", etag}})
+                 .value();
+    CHECK(r.status == 304);
+    CHECK(std::chrono::steady_clock::now() - t0 >= 900ms);  // waited, capped at max_long_poll
+  }
+  CHECK(http.request("GET", "/v1/bookings/" + id + "?wait=nan", "", {auth}).value().status == 400);
+}
+
+TEST_CASE("static files: only regular files, so GET /. is 404") {
+  char dir_template[] = "/tmp/pushbook-static-XXXXXX";
+  REQUIRE(::mkdtemp(dir_template) != nullptr);
+  const std::string dir = dir_template;
+  { std::ofstream(dir + "/index.html") << "<h1>hi</h1>"; }
+  GatewayOptions o;
+  o.static_dir = dir;
+  Server s(o);
+  auto http = s.http();
+  CHECK(http.request("GET", "/").value().status == 200);
+  CHECK(http.request("GET", "/index.html").value().body == "<h1>hi</h1>");
+  CHECK(http.request("GET", "/.").value().status == 404);
+  CHECK(http.request("GET", "/nothing.js").value().status == 404);
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("an idle WebSocket that answers no ping is closed after idle_timeout") {

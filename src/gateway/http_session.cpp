@@ -15,6 +15,8 @@
 #include <boost/url/parse.hpp>
 
 #include <charconv>
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -173,10 +175,21 @@ void HttpSession::do_read() {
   parser_.emplace();
   parser_->body_limit(core_->ctx->options.max_body_bytes);
   parser_->header_limit(header_limit);
-  // The first request must arrive within the handshake timeout (slow-loris); later ones on a
-  // keep-alive connection within the idle timeout.
-  stream_.expires_after(first_request_ ? core_->ctx->options.handshake_timeout
-                                       : core_->ctx->options.idle_timeout);
+  if (first_request_ || buffer_.size() > 0) return read_request();
+  // Keep-alive: the next request may start any time within the idle timeout; once its first
+  // bytes are here it gets the handshake timeout to be complete, as the first one (slow-loris).
+  stream_.expires_after(core_->ctx->options.idle_timeout);
+  stream_.async_read_some(buffer_.prepare(std::min<std::size_t>(4096, buffer_.max_size() - buffer_.size())),
+                          [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                            if (ec) return self->on_read(ec, 0);
+                            self->buffer_.commit(n);
+                            self->read_request();
+                          });
+}
+
+// The request (head and body) within the handshake timeout.
+void HttpSession::read_request() {
+  stream_.expires_after(core_->ctx->options.handshake_timeout);
   http::async_read(
       stream_, buffer_, *parser_,
       [self = shared_from_this()](boost::system::error_code ec, std::size_t n) { self->on_read(ec, n); });
@@ -372,6 +385,11 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
       res.set(http::field::allow, "POST");
       return send(std::move(res), "/v1/bookings");
     }
+    // A browser page of another site must not book with the user's credentials (CSRF): the
+    // allow-list applies to every request that changes something, not only to upgrades.
+    if (!origin_allowed(ctx, req))
+      return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"),
+                  "/v1/bookings");
     if (!who) return send(error_response(req, who.error()), "/v1/bookings");
     boost::system::error_code ec;
     auto body = boost::json::parse(req.body(), ec);
@@ -419,6 +437,8 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
                 route);
 
   if (req.method() == http::verb::delete_) {
+    if (!origin_allowed(ctx, req))  // CSRF, as for POST
+      return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"), route);
     auto cancelled = ctx.engine->cancel(id);
     if (!cancelled) return send(error_response(req, cancelled.error()), route);
     auto res = json_response(req, http::status::ok, booking_body(*cancelled));
@@ -436,8 +456,10 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
     try {
       std::size_t used = 0;
       const double seconds = std::stod(std::string(p.value), &used);
-      if (used != p.value.size() || seconds < 0) throw std::invalid_argument("wait");
-      wait = std::min(std::chrono::seconds(static_cast<std::int64_t>(seconds)), ctx.options.max_long_poll);
+      if (used != p.value.size() || std::isnan(seconds) || seconds < 0) throw std::invalid_argument("wait");
+      // Capped before the conversion: inf or 1e300 seconds is "as long as allowed", not undefined.
+      const double cap = static_cast<double>(ctx.options.max_long_poll.count());
+      wait = std::chrono::seconds(static_cast<std::int64_t>(std::min(seconds, cap)));
     } catch (...) {
       return send(
           error_response(req, http::status::bad_request, "bad_request", "wait must be a number of seconds"),
@@ -580,8 +602,13 @@ void HttpSession::route_static(const Request& req, std::string path) {
   if (path.find("..") != std::string::npos || path.find('\\') != std::string::npos ||
       path.find('\0') != std::string::npos)
     return send(error_response(req, http::status::bad_request, "bad_request", "bad path"), "static");
-  std::ifstream file(core_->ctx->options.static_dir + path, std::ios::binary);
-  if (!file) return send(error_response(req, http::status::not_found, "not_found", "no such file"), "static");
+  // Regular files only: "/." or "/web" would open a directory (and answer 200 with nothing).
+  const auto full = core_->ctx->options.static_dir + path;
+  std::error_code fs_error;
+  std::ifstream file;
+  if (std::filesystem::is_regular_file(full, fs_error)) file.open(full, std::ios::binary);
+  if (!file.is_open() || !file)
+    return send(error_response(req, http::status::not_found, "not_found", "no such file"), "static");
   std::ostringstream content;
   content << file.rdbuf();
   Response res{http::status::ok, req.version()};

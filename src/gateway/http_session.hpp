@@ -48,6 +48,7 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
 
  private:
   void do_read();
+  void read_request();
   void on_read(boost::system::error_code ec, std::size_t bytes);
   void handle(Request&& req);
   void send(Response&& res, std::string_view route);

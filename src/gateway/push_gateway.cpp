@@ -79,17 +79,44 @@ void GatewayCore::serve(tcp::socket socket) {
   std::make_shared<HttpSession>(shared_from_this(), std::move(socket), refuse)->run();
 }
 
-std::string redact_target(std::string_view target) {
-  std::string out(target);
-  for (std::size_t pos = 0; (pos = out.find("access_token=", pos)) != std::string::npos;) {
-    if (pos > 0 && out[pos - 1] != '?' && out[pos - 1] != '&') {
-      pos += 13;
-      continue;
+namespace {
+// A query key as the URL parser reads it (percent-decoded): "access%5Ftoken" is access_token too.
+std::string decoded_key(std::string_view key) {
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  std::string out;
+  for (std::size_t i = 0; i < key.size(); ++i) {
+    if (key[i] == '%' && i + 2 < key.size() && hex(key[i + 1]) >= 0 && hex(key[i + 2]) >= 0) {
+      out += static_cast<char>(hex(key[i + 1]) * 16 + hex(key[i + 2]));
+      i += 2;
+    } else {
+      out += key[i];
     }
-    const auto start = pos + 13;
-    const auto end = out.find('&', start);
-    out.replace(start, (end == std::string::npos ? out.size() : end) - start, "REDACTED");
-    pos = start;
+  }
+  return out;
+}
+}  // namespace
+
+std::string redact_target(std::string_view target) {
+  const auto q = target.find('?');
+  if (q == std::string_view::npos) return std::string(target);
+  std::string out(target.substr(0, q + 1));
+  std::string_view query = target.substr(q + 1);
+  for (bool first = true;; first = false) {
+    const auto amp = query.find('&');
+    const auto item = query.substr(0, amp);
+    const auto eq = item.find('=');
+    if (!first) out += '&';
+    if (eq != std::string_view::npos && decoded_key(item.substr(0, eq)) == "access_token")
+      out.append(item.substr(0, eq)).append("=REDACTED");
+    else
+      out += item;
+    if (amp == std::string_view::npos) break;
+    query = query.substr(amp + 1);
   }
   return out;
 }
