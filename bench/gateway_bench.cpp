@@ -41,7 +41,7 @@ using namespace pushbook;
 
 namespace {
 
-const std::string secret = "bench-secret";
+const std::string secret = "bench-secret-of-at-least-32-bytes";
 
 struct Options {
   std::string only;

@@ -855,7 +855,9 @@ int main(int argc, char** argv) {
   Run run;
   try {
     if (o.url.empty()) {
-      if (o.secret.empty()) o.secret = fmt::format("bench-{:x}", std::random_device{}());
+      if (o.secret.empty())
+        o.secret = fmt::format("bench-{:08x}{:08x}{:08x}{:08x}", std::random_device{}(),
+                               std::random_device{}(), std::random_device{}(), std::random_device{}());
       if (o.store.empty()) {
         store_dir.emplace();
         o.store = "sqlite:" + store_dir->path + "/bench.db";

@@ -28,6 +28,8 @@
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string_view>
 #include <thread>
@@ -63,7 +65,7 @@ std::string demo_web_dir() {
 constexpr const char* synopsis =
     "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
     "                       [--store URL] [--recovery requeue|reject]\n"
-    "                       [--resource ID:CAPACITY]... [--secret S | --dev-insecure]\n"
+    "                       [--resource ID:CAPACITY]... [--secret S | --secret-file F | --dev-insecure]\n"
     "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
     "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
     "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n";
@@ -96,9 +98,11 @@ constexpr const char* synopsis =
       "                      approved N ms after it was taken (default 0, at most 3600000)\n"
       "  --decision-jitter-ms J  plus a uniform random 0..J ms (default 0)\n"
       "\nClients:\n"
-      "  --secret S          the HS256 secret client tokens are signed with (default: the\n"
-      "                      PUSHBOOK_SECRET environment variable; required unless --dev-insecure\n"
-      "                      or --demo)\n"
+      "  --secret S          the HS256 secret client tokens are signed with, at least 32 bytes\n"
+      "                      (required unless --dev-insecure or --demo). A command line is visible\n"
+      "                      to every user of the machine (/proc/PID/cmdline): prefer the\n"
+      "                      PUSHBOOK_SECRET environment variable (the default) or --secret-file\n"
+      "  --secret-file FILE  read the secret from FILE (a trailing newline is dropped)\n"
       "  --dev-insecure      no tokens: clients name themselves with ?user= (development only)\n"
       "  --allow-origin O    a browser Origin allowed to connect, repeatable (default: any)\n"
       "  --static-dir DIR    serve the files of DIR at / (default: none; --demo serves web/)\n"
@@ -110,8 +114,9 @@ constexpr const char* synopsis =
       "  --ttl-s N           its lifetime in seconds (default 3600)\n"
       "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001).\n"
       "\nExample:\n"
-      "  pushbook-server --port 8080 --secret s3cret --resource room-101:5 --decision-delay-ms 20\n"
-      "  TOKEN=$(pushbook-server --token-for alice --secret s3cret)\n"
+      "  export PUSHBOOK_SECRET=$(head -c 32 /dev/urandom | base64)\n"
+      "  pushbook-server --port 8080 --resource room-101:5 --decision-delay-ms 20\n"
+      "  TOKEN=$(pushbook-server --token-for alice)\n"
       "  curl -X POST localhost:8080/v1/bookings -H \"Authorization: Bearer $TOKEN\" -d "
       "'{{\"resource\":\"room-101\"}}'\n",
       synopsis);
@@ -171,7 +176,17 @@ Options parse(int argc, char** argv) {
       o.workers = static_cast<std::size_t>(number());
     else if (a == "--secret")
       o.gateway.secret = value();
-    else if (a == "--dev-insecure")
+    else if (a == "--secret-file") {
+      const auto path = value();
+      std::ifstream file(path);
+      if (!file) {
+        fmt::print(stderr, "--secret-file: cannot read '{}'\n", path);
+        usage(2);
+      }
+      std::string secret((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+      while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r')) secret.pop_back();
+      o.gateway.secret = std::move(secret);
+    } else if (a == "--dev-insecure")
       o.gateway.dev_insecure = true;
     else if (a == "--decision-delay-ms")
       o.decision_delay_ms = milliseconds();
@@ -205,6 +220,14 @@ Options parse(int argc, char** argv) {
       fmt::print(stderr, "unknown option '{}'\n", a);
       usage(2);
     }
+  }
+  // A short HS256 secret is guessable offline from any one token: at least 32 bytes, as for a
+  // key (RFC 7518 asks for at least the hash's size). Development mode needs none.
+  if (!o.gateway.secret.empty() && o.gateway.secret.size() < 32 && !o.gateway.dev_insecure) {
+    fmt::print(stderr,
+               "the secret must be at least 32 bytes, not {} (make one: head -c 32 /dev/urandom | base64)\n",
+               o.gateway.secret.size());
+    usage(2);
   }
   if (o.resources.empty()) o.resources = {{"room-101", 10}, {"room-102", 10}, {"concert", 100}};
   if (o.demo) {

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { serverPath, startServer } from './server.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const SECRET = 'node-test-secret';
+const SECRET = 'node-test-secret-at-least-32-bytes';
 const flag = globalThis.WebSocket ? [] : ['--experimental-websocket'];
 const nodeHasWebSocket = globalThis.WebSocket !== undefined ||
   process.allowedNodeEnvironmentFlags.has('--experimental-websocket');

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-SECRET = "pytest-secret"
+SECRET = "pytest-secret-at-least-32-bytes-long"
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -26,6 +26,9 @@ def run_server(*args):
     (["--store", "redis://127.0.0.1"], "unknown store 'redis://127.0.0.1': use memory: or sqlite:PATH"),
     (["--store", "sqlite:x.db?sync=sometimes"], "unknown sqlite option 'sync=sometimes'"),
     (["--recovery", "maybe"], "--recovery is requeue or reject, not 'maybe'"),
+    (["--secret", "s3cret"], "the secret must be at least 32 bytes, not 6"),
+    (["--token-for", "alice", "--secret", "short"], "the secret must be at least 32 bytes, not 5"),
+    (["--secret-file", "/nonexistent/secret"], "--secret-file: cannot read '/nonexistent/secret'"),
 ])
 def test_bad_options_get_clear_errors(args, message):
     done = run_server(*args)
@@ -34,7 +37,7 @@ def test_bad_options_get_clear_errors(args, message):
 
 
 def test_token_for_prints_a_jwt():
-    done = run_server("--token-for", "alice", "--secret", "s")
+    done = run_server("--token-for", "alice", "--secret", "s" * 32)
     assert done.returncode == 0
     assert len(done.stdout.strip().split(".")) == 3
 
@@ -109,3 +112,27 @@ def test_help_describes_every_option_with_its_default():
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
     assert "run 'pushbook-server --help' for every option" in short.stderr
+
+
+def test_secret_file_and_environment_keep_the_secret_off_the_command_line(tmp_path):
+    secret = "a-secret-from-a-file-of-32-bytes-or-more"
+    path = tmp_path / "secret"
+    path.write_text(secret + "\n")
+    from_file = run_server("--token-for", "alice", "--secret-file", str(path))
+    assert from_file.returncode == 0
+    env = dict(os.environ, PUSHBOOK_SECRET=secret)
+    from_env = subprocess.run([_server_binary(), "--token-for", "alice"], capture_output=True, text=True,
+                              timeout=30, env=env)
+    assert from_env.returncode == 0
+    # The same key signed both: the signatures of the same claims may differ only by exp.
+    assert from_file.stdout.split(".")[0] == from_env.stdout.split(".")[0]
+    server = Server("--secret-file", str(path))
+    try:
+        import urllib.request
+        token = from_file.stdout.strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/whoami",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request) as answer:
+            assert json.load(answer)["user"] == "alice"
+    finally:
+        server.stop()
