@@ -36,6 +36,7 @@ constexpr const char* secret = "test-secret";
 struct Server {
   std::mutex log_mutex;  // declared first: the gateway logs while it stops
   std::vector<std::string> log_lines;
+  std::vector<std::string> info_lines;  // info and above: what an operator sees by default
   std::shared_ptr<LocalBus> bus = std::make_shared<LocalBus>();
   std::shared_ptr<BookingEngine> engine;
   std::unique_ptr<PushGateway> gateway;
@@ -48,9 +49,10 @@ struct Server {
     engine->add_resource("hall", 1000).value();
     if (o.secret.empty() && !o.dev_insecure) o.secret = secret;
     if (o.threads == 0) o.threads = 2;
-    o.log = [this](LogLevel, std::string_view line) {
+    o.log = [this](LogLevel level, std::string_view line) {
       std::lock_guard lock(log_mutex);
       log_lines.emplace_back(line);
+      if (level >= LogLevel::info) info_lines.emplace_back(line);
     };
     gateway = std::make_unique<PushGateway>(bus, engine, std::move(o));
     port = gateway->listen().value();
@@ -846,6 +848,28 @@ TEST_CASE("demo mode: POST /v1/demo/token hands out short-lived tokens; a good o
     auto ws = WsClient::connect(co).value();
     CHECK(ws->request(book("room-10")).value().at("ok") == true);
   }
+}
+
+TEST_CASE("new demo users are rate limited (429 with Retry-After); issuing one is not logged at info") {
+  GatewayOptions o;
+  o.demo_token_ttl = 60s;
+  Server s(o);
+  auto http = s.http();
+  int ok = 0, limited = 0;
+  for (int i = 0; i < 300 && limited == 0; ++i) {
+    auto r = http.request("POST", "/v1/demo/token").value();
+    if (r.status == 200) ++ok;
+    if (r.status == 429) {
+      ++limited;
+      CHECK(r.header("retry-after") == "1");
+      CHECK(r.json().at("error").at("code") == "rate_limited");
+    }
+  }
+  CHECK(limited == 1);
+  CHECK(ok >= 100);  // the burst
+  CHECK(ok < 300);
+  std::lock_guard lock(s.log_mutex);
+  for (const auto& line : s.info_lines) CHECK(line.find("demo token issued") == std::string::npos);
 }
 
 TEST_CASE("/metrics speaks the Prometheus text format") {

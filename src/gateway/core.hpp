@@ -68,6 +68,16 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   std::shared_ptr<Listener> listener;
   std::atomic<std::uint16_t> port{0};
 
+  /// New demo users (POST /v1/demo/token without a token) for the whole gateway: a token bucket
+  /// of demo_users_per_second with a burst of demo_users_burst, so a script cannot mint users
+  /// (and their state) without bound. Renewals of a good token are not counted.
+  static constexpr double demo_users_per_second = 20;
+  static constexpr double demo_users_burst = 100;
+  bool take_demo_user(std::chrono::steady_clock::time_point now);
+  std::mutex demo_mutex;
+  double demo_tokens = demo_users_burst;
+  std::chrono::steady_clock::time_point demo_refilled = std::chrono::steady_clock::now();
+
   /// The io_context for the next connection (round robin over the gateway's threads).
   net::io_context& next_context();
   void log(LogLevel level, std::string_view message) const;

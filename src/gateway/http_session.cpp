@@ -578,6 +578,12 @@ void HttpSession::route_demo_token(const Request& req, const boost::urls::url_vi
                   "/v1/demo/token");
     user = std::move(who->user);
   } else {
+    if (!core_->take_demo_user(std::chrono::steady_clock::now())) {
+      auto res = error_response(req, http::status::too_many_requests, "rate_limited",
+                                "too many new demo users; retry in a second");
+      res.set(http::field::retry_after, "1");
+      return send(std::move(res), "/v1/demo/token");
+    }
     static constexpr std::string_view alphabet = "0123456789abcdefghjkmnpqrstvwxyz";
     thread_local std::mt19937_64 random{std::random_device{}()};
     user = "demo-";
@@ -591,7 +597,8 @@ void HttpSession::route_demo_token(const Request& req, const boost::urls::url_vi
       {"user", user},
       {"expires_at",
        std::chrono::duration_cast<std::chrono::milliseconds>(expires.time_since_epoch()).count()}};
-  core_->log(LogLevel::info, fmt::format("demo token issued for {}", user));
+  // Debug: a line per visitor (and per renewal) is not worth an operator's attention.
+  core_->log(LogLevel::debug, fmt::format("demo token issued for {}", user));
   send(json_response(req, http::status::ok, boost::json::serialize(body)), "/v1/demo/token");
 }
 

@@ -55,6 +55,17 @@ net::io_context& GatewayCore::next_context() {
   return *own_contexts[next.fetch_add(1, std::memory_order_relaxed) % own_contexts.size()];
 }
 
+bool GatewayCore::take_demo_user(std::chrono::steady_clock::time_point now) {
+  std::lock_guard lock(demo_mutex);
+  demo_tokens =
+      std::min(demo_users_burst, demo_tokens + std::chrono::duration<double>(now - demo_refilled).count() *
+                                                   demo_users_per_second);
+  demo_refilled = now;
+  if (demo_tokens < 1.0) return false;
+  demo_tokens -= 1.0;
+  return true;
+}
+
 void GatewayCore::log(LogLevel level, std::string_view message) const {
   if (ctx->options.log) return ctx->options.log(level, message);
   if (level == LogLevel::debug) return;
