@@ -551,6 +551,47 @@ TEST_CASE("graceful shutdown closes WebSockets with 1001 going away") {
   CHECK(closed->reason == "going away");
 }
 
+TEST_CASE("graceful shutdown drains: healthz 503, no new bookings, decisions in flight pushed, then 1001") {
+  std::mutex deciders_mutex;
+  std::vector<std::thread> deciders;
+  EngineOptions eo;
+  eo.handler = [&](const Booking&, Completion done) {  // a business step of 800 ms
+    std::lock_guard lock(deciders_mutex);
+    deciders.emplace_back([done] {
+      std::this_thread::sleep_for(800ms);  // the slow business step itself, not a synchronisation
+      done(Decision::approved());
+    });
+  };
+  GatewayOptions o;
+  o.shutdown_timeout = 5s;
+  {
+    Server s(o, eo);
+    auto ws = s.ws("alice");
+    const auto id =
+        std::string(ws->request(book("room-10")).value().at("result").at("booking_id").as_string());
+    std::thread stopper([&] { s.gateway->stop(); });
+    // Draining: a new connection's /healthz says 503, so a balancer stops sending here...
+    CHECK(test::eventually(
+        [&] {
+          auto r = client::HttpClient("127.0.0.1", s.port).request("GET", "/healthz");
+          return r && r->status == 503;
+        },
+        5s));
+    // ...a new booking is refused...
+    auto refused = ws->request(book("room-10")).value();
+    CHECK(refused.at("ok") == false);
+    CHECK(refused.at("error").at("code") == "overloaded");
+    // ...and the booking in flight is decided and pushed before the socket closes with 1001.
+    CHECK(await_decision(*ws, "booking/" + id) == "confirmed");
+    auto closed = ws->wait_closed(10s);
+    stopper.join();
+    REQUIRE(closed.has_value());
+    CHECK(closed->code == 1001);
+  }
+  std::lock_guard lock(deciders_mutex);
+  for (auto& t : deciders) t.join();
+}
+
 TEST_CASE("the Origin allow-list refuses cross-site WebSocket upgrades") {
   GatewayOptions o;
   o.allowed_origins = {"https://app.example.com"};

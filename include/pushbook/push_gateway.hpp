@@ -136,10 +136,13 @@ class PUSHBOOK_EXPORT PushGateway {
   /// Serves a TCP connection the host accepted itself (its native socket handle; the gateway
   /// takes ownership).
   void accept_socket(int native_handle);
-  /// Graceful shutdown: stop accepting, close every WebSocket with 1001 "going away" and every
-  /// SSE stream, let in-flight HTTP responses finish, cut what is left after shutdown_timeout,
-  /// then join the gateway's threads. Idempotent. With a host io_context it must not be called
-  /// from a thread running that io_context.
+  /// Graceful shutdown, in order. 1. Drain (at most shutdown_timeout): new bookings are refused
+  /// (`overloaded`, HTTP 503), /healthz answers 503 on new connections so a balancer stops
+  /// sending, and the engine's bookings in flight are decided and pushed. 2. Close (at most
+  /// another shutdown_timeout): stop accepting, close every WebSocket with 1001 "going away"
+  /// once what is queued for it is written, and every SSE stream; let in-flight HTTP responses
+  /// finish; cut what is left. 3. Join the gateway's threads. Idempotent. With a host io_context
+  /// it must not be called from a thread running that io_context.
   void stop();
 
   GatewayStats stats() const;

@@ -237,7 +237,7 @@ Response HttpSession::json_response(const Request& req, http::status status, std
   res.set(http::field::server, server_name);
   res.set(http::field::content_type, "application/json");
   res.set(http::field::cache_control, "no-store");
-  res.keep_alive(req.keep_alive() && !shutdown_requested_);
+  res.keep_alive(req.keep_alive() && !shutdown_requested_ && !core_->stopping.load());
   res.body() = std::move(body);
   res.prepare_payload();
   return res;
@@ -391,6 +391,9 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"),
                   "/v1/bookings");
     if (!who) return send(error_response(req, who.error()), "/v1/bookings");
+    if (core_->stopping.load())  // draining: the bookings in flight finish, no new ones start here
+      return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
+                  "/v1/bookings");
     boost::system::error_code ec;
     auto body = boost::json::parse(req.body(), ec);
     if (ec)

@@ -206,6 +206,8 @@ void ConnectionLogic::handle(const boost::json::object& msg, const boost::json::
 }
 
 void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json::value& id) {
+  if (ctx_->draining->load())
+    return fail(id, "overloaded", "the server is shutting down; book again once reconnected");
   auto req = booking_request_from_json(msg, user_);
   if (!req) return fail(id, req.error());
   if (subscriptions_.size() >= ctx_->options.max_subscriptions)

@@ -13,6 +13,7 @@
 
 #include <boost/json/object.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -72,6 +73,9 @@ struct GatewayContext {
   GatewayOptions options;
   GatewayMetrics* metrics = nullptr;
   std::shared_ptr<PendingSubmits> pending_submits = std::make_shared<PendingSubmits>();
+  /// Set when the gateway begins to stop: new bookings are refused while the ones in flight are
+  /// decided and pushed.
+  std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
 
   /// Verifies a token (or, in dev_insecure mode, reads its "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;

@@ -85,7 +85,9 @@ void set_no_delay(tcp::socket& socket) {
 void GatewayCore::serve(tcp::socket socket) {
   metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
   const auto open = open_connections.fetch_add(1) + 1;
-  const bool refuse = static_cast<std::size_t>(open) > ctx->options.max_connections || stopping.load();
+  // While the gateway drains, new connections are still served: /healthz answers 503 (so a
+  // balancer stops sending), bookings and upgrades are refused with 503.
+  const bool refuse = static_cast<std::size_t>(open) > ctx->options.max_connections;
   set_no_delay(socket);
   std::make_shared<HttpSession>(shared_from_this(), std::move(socket), refuse)->run();
 }
@@ -234,9 +236,19 @@ void PushGateway::stop() {
   if (impl_->stopped) return;
   impl_->stopped = true;
   auto& core = impl_->core;
+  // 1. Drain: no new bookings (and /healthz says 503), while the bookings in flight are decided
+  //    and their decisions pushed, within shutdown_timeout.
+  core->ctx->draining->store(true);  // first: whoever sees "stopping" sees draining too
   core->stopping.store(true);
+  const auto timeout = core->ctx->options.shutdown_timeout;
+  const auto drain_until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < drain_until &&
+         (core->ctx->engine->stats().in_flight > 0 || !core->ctx->pending_submits->wait_zero(drain_until)))
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // stop() is a host thread's call
+  // 2. Then close: the listener, and every connection (WebSockets with 1001 once what is queued
+  //    for them is written), within another shutdown_timeout.
   if (core->listener) core->listener->stop();
-  const auto deadline = std::chrono::steady_clock::now() + core->ctx->options.shutdown_timeout;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (auto& s : core->registry.snapshot()) s->shutdown();
   if (!core->registry.wait_empty(deadline)) {
     core->log(LogLevel::warning,

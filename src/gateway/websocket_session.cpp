@@ -181,15 +181,16 @@ void WebSocketSession::do_write() {
     }
     queued_bytes_ -= frame;
     core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(frame));
-    if (writing_.empty()) {
-      write_scheduled_ = false;
-      if (close_pending_ && !close_sent_) {
-        auto reason = *close_pending_;
-        close_pending_.reset();
-        start_close(reason);
-      }
-      return;
+    if (writing_.empty()) write_scheduled_ = false;
+  }
+  if (writing_.empty()) {
+    // Everything queued is written: a pending close goes now (outside the lock: it takes it).
+    if (close_pending_ && !close_sent_) {
+      auto reason = *close_pending_;
+      close_pending_.reset();
+      start_close(reason);
     }
+    return;
   }
   // One frame, newline-separated, copied into one buffer: a gather write of hundreds of small
   // buffers costs Beast more (it re-walks the sequence per write step) than copying them does.
@@ -215,12 +216,7 @@ void WebSocketSession::on_write(boost::system::error_code ec, std::size_t bytes)
   core_->metrics.bytes_pushed.fetch_add(bytes, std::memory_order_relaxed);
   writing_.clear();
   if (frame_.capacity() > 64 * 1024) frame_ = std::string();  // idle connections keep no big buffer
-  if (close_pending_ && !close_sent_) {
-    auto reason = *close_pending_;
-    close_pending_.reset();
-    return start_close(reason);
-  }
-  do_write();
+  do_write();  // with a close pending, do_write sends it once the queue is empty
 }
 
 void WebSocketSession::close(std::uint16_t code, std::string reason) {
@@ -242,8 +238,15 @@ void WebSocketSession::start_close(websocket::close_reason reason) {
     finish();
     return;
   }
-  if (write_in_flight_) {
+  bool queued = false;
+  {
+    std::lock_guard lock(mutex_);
+    queued = !queue_.empty() || dropped_ > 0;
+  }
+  if (write_in_flight_ || queued) {
+    // What is queued (a decision being pushed while the server drains) goes first.
     close_pending_ = reason;
+    if (!write_in_flight_) do_write();
     return;
   }
   close_sent_ = true;
