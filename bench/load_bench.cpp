@@ -76,6 +76,7 @@ using pushbook::bench::process_cpu_seconds;
 using pushbook::bench::self_dir;
 using pushbook::bench::ServerProcess;
 using pushbook::bench::tcp_bytes;
+using pushbook::bench::TempDir;
 
 enum class Mode { poll, longpoll, sse, push };
 
@@ -294,24 +295,6 @@ std::vector<std::string> server_command(const Options& o) {
           "--store",
           o.store};
 }
-
-// A directory of our own under $TMPDIR (or /tmp), removed with everything in it at the end.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string pattern = std::string(base && *base ? base : "/tmp") + "/pushbook-bench-XXXXXX";
-    if (!::mkdtemp(pattern.data()))
-      throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-};
 
 // The local process listening on a loopback/any-address TCP port: the socket's inode from
 // /proc/net/tcp{,6}, then the process holding that inode. 0 when not found (or not ours to see).

@@ -8,9 +8,12 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -147,5 +150,23 @@ inline long process_rss_kib(long pid) {
   }
   return 0;
 }
+
+// A directory of our own under $TMPDIR (or /tmp), removed with everything in it at the end.
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& prefix = "pushbook-bench") {
+    const char* base = std::getenv("TMPDIR");
+    std::string pattern = std::string(base && *base ? base : "/tmp") + "/" + prefix + "-XXXXXX";
+    if (!::mkdtemp(pattern.data()))
+      throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+};
 
 }  // namespace pushbook::bench

@@ -16,6 +16,8 @@
 #include <pushbook/metrics.hpp>
 #include <pushbook/sqlite_store.hpp>
 
+#include "server_process.hpp"
+
 #include <fmt/format.h>
 
 #include <unistd.h>
@@ -28,12 +30,14 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <string_view>
 #include <thread>
 #include <vector>
 
 using namespace pushbook;
 using steady = std::chrono::steady_clock;
+using pushbook::bench::TempDir;
 
 namespace {
 
@@ -45,22 +49,6 @@ struct Options {
   bool json = false;
   std::string only;   // throughput or restart
   std::string store;  // throughput over this store only: memory, normal or full
-};
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string pattern = "/tmp/pushbook-store-bench-XXXXXX";
-    if (!::mkdtemp(pattern.data())) {
-      fmt::print(stderr, "mkdtemp: {}\n", std::strerror(errno));
-      std::exit(1);
-    }
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
 };
 
 std::shared_ptr<BookingStore> open_or_die(const std::string& url) {
@@ -237,7 +225,14 @@ int main(int argc, char** argv) {
       return a == "--help" ? 0 : 2;
     }
   }
-  TempDir dir;
+  std::optional<TempDir> made;
+  try {
+    made.emplace("pushbook-store-bench");
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "{}\n", e.what());
+    return 1;
+  }
+  const TempDir& dir = *made;
   const std::vector<std::pair<std::string, std::string>> stores = {
       {"memory", "memory:"},
       {"sqlite normal", "sqlite:{}/n{}.db"},

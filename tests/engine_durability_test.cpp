@@ -6,13 +6,13 @@
 #include <pushbook/sqlite_store.hpp>
 
 #include "requests.hpp"
+#include "temp_dir.hpp"
 #include "test_store.hpp"
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <map>
 #include <thread>
 
@@ -425,9 +425,8 @@ TEST_CASE("with a store of its own thread, concurrent bookings never overbook an
 }
 
 TEST_CASE("open_store: memory:, sqlite:PATH with its sync option, and clear errors for the rest") {
-  char dir_template[] = "/tmp/pushbook-open-store-XXXXXX";
-  REQUIRE(::mkdtemp(dir_template) != nullptr);
-  const std::string dir = dir_template;
+  const test::TempDir temp("pushbook-open-store");  // removed after the stores below closed
+  const std::string dir = temp.path();
   CHECK(dynamic_cast<MemoryStore*>(open_store("memory:").value().get()) != nullptr);
   auto normal = open_store("sqlite:" + dir + "/a.db");
   REQUIRE(normal);
@@ -442,15 +441,11 @@ TEST_CASE("open_store: memory:, sqlite:PATH with its sync option, and clear erro
   CHECK(bad_option.error().message ==
         "unknown sqlite option 'sync=sometimes' (known: sync=normal, sync=full)");
   CHECK(open_store("sqlite:" + dir + "/missing/dir/d.db").error().is(errc::store_failed));
-  normal = Error(errc::bad_request, "closed");
-  full = Error(errc::bad_request, "closed");
-  CHECK(std::system(("rm -rf " + dir).c_str()) == 0);
 }
 
 TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers") {
-  char dir_template[] = "/tmp/pushbook-engine-sqlite-XXXXXX";
-  REQUIRE(::mkdtemp(dir_template) != nullptr);
-  const std::string path = std::string(dir_template) + "/bookings.db";
+  const test::TempDir temp("pushbook-engine-sqlite");
+  const std::string path = temp.file("bookings.db");
   std::string confirmed, held;
   {
     EngineOptions o;
@@ -474,5 +469,4 @@ TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers"
   CHECK(second.submit(one("u", "r", 2, "k")).value().booking_id == confirmed);
   CHECK(second.release(held).value().status == BookingStatus::released);
   CHECK(second.resource("r").value().available() == 1);
-  CHECK(std::system(("rm -rf " + std::string(dir_template)).c_str()) == 0);
 }

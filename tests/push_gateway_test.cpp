@@ -5,6 +5,7 @@
 #include <pushbook/push_gateway.hpp>
 
 #include "raw_socket.hpp"
+#include "temp_dir.hpp"
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
@@ -17,7 +18,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -765,10 +765,9 @@ TEST_CASE(
 }
 
 TEST_CASE("static files: only regular files, so GET /. is 404") {
-  char dir_template[] = "/tmp/pushbook-static-XXXXXX";
-  REQUIRE(::mkdtemp(dir_template) != nullptr);
-  const std::string dir = dir_template;
-  { std::ofstream(dir + "/index.html") << "<h1>hi</h1>"; }
+  const test::TempDir temp("pushbook-static");
+  const std::string dir = temp.path();
+  { std::ofstream(temp.file("index.html")) << "<h1>hi</h1>"; }
   GatewayOptions o;
   o.static_dir = dir;
   Server s(o);
@@ -777,7 +776,6 @@ TEST_CASE("static files: only regular files, so GET /. is 404") {
   CHECK(http.request("GET", "/index.html").value().body == "<h1>hi</h1>");
   CHECK(http.request("GET", "/.").value().status == 404);
   CHECK(http.request("GET", "/nothing.js").value().status == 404);
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("an idle WebSocket that answers no ping is closed after idle_timeout") {

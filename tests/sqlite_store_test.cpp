@@ -1,5 +1,7 @@
 #include <pushbook/sqlite_store.hpp>
 
+#include "temp_dir.hpp"
+
 #include <doctest/doctest.h>
 #include <sqlite3.h>
 #include <boost/json/parse.hpp>
@@ -22,21 +24,8 @@ namespace fs = std::filesystem;
 namespace {
 
 // A fresh directory under /tmp, removed with everything in it at the end of the test.
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (fs::temp_directory_path() / "pushbook-sqlite-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(std::string_view name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
+struct temp_dir : test::TempDir {
+  temp_dir() : test::TempDir("pushbook-sqlite") {}
 };
 
 wall_clock::time_point at_ms(std::int64_t ms) { return wall_clock::time_point(milliseconds(ms)); }
