@@ -38,6 +38,14 @@ namespace {
 
 struct Options {
   pushbook::GatewayOptions gateway;
+  // The engine's limits (workers, recovery and store are set apart). A public server gets per-user
+  // quotas by default.
+  pushbook::EngineOptions engine = [] {
+    pushbook::EngineOptions e;
+    e.max_in_flight_per_user = 100;
+    e.max_held_units_per_user = 100;
+    return e;
+  }();
   std::size_t workers = 2;
   std::string store = "sqlite:pushbook.db";
   pushbook::RecoveryPolicy recovery = pushbook::RecoveryPolicy::requeue;
@@ -67,7 +75,8 @@ constexpr const char* synopsis =
     "                       [--store URL] [--recovery requeue|reject]\n"
     "                       [--resource ID:CAPACITY]... [--secret S | --secret-file F | --dev-insecure]\n"
     "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
-    "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]]\n"
+    "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]] [--access-log]\n"
+    "                       [limits: --max-connections N, --user-rate-limit N, ... (see --help)]\n"
     "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n";
 
 // --help: every option with its default; a usage error: the synopsis and where to look.
@@ -109,6 +118,37 @@ constexpr const char* synopsis =
       "  --demo              serve the demo page at / and hand out demo tokens\n"
       "                      (POST /v1/demo/token); makes a secret up when none is given\n"
       "  --demo-token-ttl-s N    lifetime of a demo token (default 600)\n"
+      "  --access-log        log a line per HTTP request and per WebSocket/SSE session (user, peer,\n"
+      "                      route, status, bytes, duration; never a token) on stderr\n"
+      "\nLimits (what one client or user may cost the server):\n"
+      "  --max-connections N     open connections, at most (default 100000); beyond, 503. At the\n"
+      "                      open file limit (ulimit -n) accepts wait: a warning every 10 s and\n"
+      "                      pushbook_accept_failures_total in /metrics say so\n"
+      "  --user-rate-limit N     HTTP requests per second per user, across connections (default\n"
+      "                      20; 0: none), beyond: 429 with Retry-After\n"
+      "  --user-rate-burst N     the burst allowed above it (default 100)\n"
+      "  --rate-limit N      WebSocket messages per second per connection (default 100); a\n"
+      "                      sustained flood is closed with 1008\n"
+      "  --rate-burst N      the burst allowed above it (default 200)\n"
+      "  --max-message-bytes N   largest WebSocket message (default 65536; beyond: close 1009)\n"
+      "  --max-body-bytes N  largest HTTP request body (default 65536; beyond: 413)\n"
+      "  --max-subscriptions N   subscriptions per connection (default 256)\n"
+      "  --max-queued-bytes N    unsent bytes per connection (default 1048576); beyond, the\n"
+      "                      slow-consumer policy applies\n"
+      "  --slow-consumer P   disconnect (close 1013, the client resumes; the default) or drop\n"
+      "                      (drop the oldest events and send a gap marker)\n"
+      "  --handshake-timeout-ms N   time to send a request head or finish the WebSocket\n"
+      "                      handshake (default 10000)\n"
+      "  --idle-timeout-s N  an idle connection is closed after it (default 60)\n"
+      "  --max-long-poll-s N longest ?wait= of a long-poll (default 60)\n"
+      "  --shutdown-timeout-s N  how long SIGTERM lets bookings in flight finish, then\n"
+      "                      connections close (default 5)\n"
+      "  --max-queue N       bookings waiting for a worker, at most (default 65536); beyond, 503\n"
+      "  --max-hold-s N      longest hold a booking may ask for (default 900)\n"
+      "  --max-metadata-bytes N  largest booking metadata, as JSON (default 4096)\n"
+      "  --max-in-flight-per-user N   a user's bookings being decided, at most (default 100;\n"
+      "                      0: none); beyond, 429 quota_exceeded\n"
+      "  --max-held-units-per-user N  units a user may hold at once (default 100; 0: none)\n"
       "\nTokens:\n"
       "  --token-for USER    print a client token for USER signed with --secret, and exit\n"
       "  --ttl-s N           its lifetime in seconds (default 3600)\n"
@@ -154,8 +194,73 @@ Options parse(int argc, char** argv) {
       }
       return static_cast<int>(ms);
     };
+    auto positive = [&]() -> std::size_t {
+      const long n = number();
+      if (n == 0) {
+        fmt::print(stderr, "{} must be at least 1\n", a);
+        usage(2);
+      }
+      return static_cast<std::size_t>(n);
+    };
+    auto duration_of = [&](long at_most) -> long {
+      const long n = number();
+      if (n == 0 || n > at_most) {
+        fmt::print(stderr, "{} must be from 1 to {}, not {}\n", a, at_most, n);
+        usage(2);
+      }
+      return n;
+    };
+    auto& g = o.gateway;
     if (a == "--port")
       o.gateway.port = static_cast<std::uint16_t>(number());
+    else if (a == "--access-log")
+      g.access_log = true;
+    else if (a == "--max-connections")
+      g.max_connections = positive();
+    else if (a == "--user-rate-limit")
+      g.user_rate_limit_per_second = static_cast<double>(number());
+    else if (a == "--user-rate-burst")
+      g.user_rate_limit_burst = positive();
+    else if (a == "--rate-limit")
+      g.rate_limit_per_second = static_cast<double>(positive());
+    else if (a == "--rate-burst")
+      g.rate_limit_burst = positive();
+    else if (a == "--max-message-bytes")
+      g.max_message_bytes = positive();
+    else if (a == "--max-body-bytes")
+      g.max_body_bytes = positive();
+    else if (a == "--max-subscriptions")
+      g.max_subscriptions = positive();
+    else if (a == "--max-queued-bytes")
+      g.max_queued_bytes = positive();
+    else if (a == "--slow-consumer") {
+      const auto p = value();
+      if (p == "disconnect")
+        g.slow_consumer = pushbook::SlowConsumerPolicy::disconnect;
+      else if (p == "drop")
+        g.slow_consumer = pushbook::SlowConsumerPolicy::drop_with_gap;
+      else {
+        fmt::print(stderr, "--slow-consumer is disconnect or drop, not '{}'\n", p);
+        usage(2);
+      }
+    } else if (a == "--handshake-timeout-ms")
+      g.handshake_timeout = std::chrono::milliseconds(duration_of(3'600'000));
+    else if (a == "--idle-timeout-s")
+      g.idle_timeout = std::chrono::seconds(duration_of(86'400));
+    else if (a == "--max-long-poll-s")
+      g.max_long_poll = std::chrono::seconds(duration_of(3'600));
+    else if (a == "--shutdown-timeout-s")
+      g.shutdown_timeout = std::chrono::seconds(duration_of(3'600));
+    else if (a == "--max-queue")
+      o.engine.max_queue = positive();
+    else if (a == "--max-hold-s")
+      o.engine.max_hold = std::chrono::seconds(duration_of(365L * 86'400));
+    else if (a == "--max-metadata-bytes")
+      o.engine.max_metadata_bytes = positive();
+    else if (a == "--max-in-flight-per-user")
+      o.engine.max_in_flight_per_user = static_cast<std::size_t>(number());
+    else if (a == "--max-held-units-per-user")
+      o.engine.max_held_units_per_user = static_cast<std::uint64_t>(number());
     else if (a == "--bind")
       o.gateway.host = value();
     else if (a == "--threads")
@@ -282,7 +387,7 @@ int main(int argc, char** argv) {
 
   try {
     auto bus = std::make_shared<pushbook::LocalBus>();
-    pushbook::EngineOptions eo;
+    pushbook::EngineOptions eo = opt.engine;
     eo.workers = opt.workers;
     eo.recovery = opt.recovery;
     eo.store = std::move(*store);

@@ -88,6 +88,14 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     std::string fingerprint;
     std::string booking_id;
     steady::time_point expires;
+    // The booking's first version is stored: a retry that finds no booking then knows the store
+    // let it go (MemoryStore retention), not that it is still being stored.
+    bool stored = false;
+  };
+  // What one user has going, for the per-user quotas.
+  struct user_usage {
+    std::size_t in_flight = 0;
+    std::uint64_t held_units = 0;
   };
 
   EventBusPtr bus;
@@ -119,13 +127,19 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // their first add_resource() reconciles instead of failing with already_exists.
   std::unordered_set<std::string, string_hash, std::equal_to<>> undeclared;  // resources_mutex
 
+  // Per-user quotas (EngineOptions::max_in_flight_per_user, max_held_units_per_user); a user
+  // with nothing going has no entry. Not kept at all when both quotas are off.
+  bool quotas = false;
+  std::mutex usage_mutex;
+  std::unordered_map<std::string, user_usage, string_hash, std::equal_to<>> usage;
+
   std::mutex in_flight_mutex;
   std::condition_variable in_flight_cv;
   // Bookings whose processing commit was started and that are not decided (and stored) yet.
   std::atomic<std::uint64_t> in_flight{0};
 
   std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
-      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0};
+      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0};
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
@@ -136,7 +150,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         options(std::move(o)),
         store(options.store ? options.store : std::make_shared<MemoryStore>()),
         ids(options.node_id.value_or(detail::BookingIdGenerator::random_node_id()),
-            detail::BookingIdGenerator::random_counter_start()) {}
+            detail::BookingIdGenerator::random_counter_start()),
+        quotas(options.max_in_flight_per_user > 0 || options.max_held_units_per_user > 0) {}
 
   std::mutex& lock_for(std::string_view booking_id) {
     return booking_locks[string_hash{}(booking_id) % booking_locks.size()];
@@ -247,6 +262,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (r.hold_for && (r.hold_for->count() <= 0 || *r.hold_for > options.max_hold))
       return Error(errc::bad_request,
                    fmt::format("a hold must last from 1 ms to {} ms", options.max_hold.count()));
+    if (!r.metadata.empty() && options.max_metadata_bytes > 0) {
+      if (const auto size = boost::json::serialize(r.metadata).size(); size > options.max_metadata_bytes)
+        return Error(errc::bad_request, fmt::format("metadata is {} bytes as JSON; at most {} are allowed",
+                                                    size, options.max_metadata_bytes));
+    }
     std::shared_lock lock(resources_mutex);
     for (std::size_t i = 0; i < r.lines.size(); ++i) {
       const auto& l = r.lines[i];
@@ -268,6 +288,58 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     return {};
   }
 
+  // --- per-user quotas ---------------------------------------------------------------------
+
+  static std::uint64_t units_of(const std::vector<BookingLine>& lines) {
+    std::uint64_t n = 0;
+    for (const auto& l : lines) n += l.quantity;
+    return n;
+  }
+  // The units a booking counts against its user's held-units quota while it is in `status`.
+  static std::uint64_t hold_units(const Booking& b, BookingStatus status) {
+    const bool counts = status == BookingStatus::held || (status == BookingStatus::processing && b.hold_for);
+    return counts ? units_of(b.lines) : 0;
+  }
+
+  // Counts a new booking of `r.user` against the quotas, or says which one it exceeds. With
+  // `check` false (recovery) it only counts.
+  result<void> take_quota(const std::string& user, std::size_t bookings, std::uint64_t hold,
+                          bool check = true) {
+    if (!quotas) return {};
+    std::lock_guard lock(usage_mutex);
+    auto& u = usage[user];
+    if (check && options.max_in_flight_per_user > 0 &&
+        u.in_flight + bookings > options.max_in_flight_per_user) {
+      if (u.in_flight == 0 && u.held_units == 0) usage.erase(user);
+      return Error(errc::quota_exceeded,
+                   fmt::format("user '{}' has {} bookings being decided, the most allowed; "
+                               "retry once one is decided",
+                               user, u.in_flight));
+    }
+    if (check && hold > 0 && options.max_held_units_per_user > 0 &&
+        u.held_units + hold > options.max_held_units_per_user) {
+      const auto held_now = u.held_units;
+      if (u.in_flight == 0 && u.held_units == 0) usage.erase(user);
+      return Error(errc::quota_exceeded,
+                   fmt::format("user '{}' holds {} units; {} more would pass the {} allowed", user, held_now,
+                               hold, options.max_held_units_per_user));
+    }
+    u.in_flight += bookings;
+    u.held_units += hold;
+    return {};
+  }
+
+  void give_back_quota(const std::string& user, std::size_t bookings, std::uint64_t hold) {
+    if (!quotas || (bookings == 0 && hold == 0)) return;
+    std::lock_guard lock(usage_mutex);
+    auto it = usage.find(user);
+    if (it == usage.end()) return;
+    auto& u = it->second;
+    u.in_flight -= std::min(u.in_flight, bookings);
+    u.held_units -= std::min(u.held_units, hold);
+    if (u.in_flight == 0 && u.held_units == 0) usage.erase(it);
+  }
+
   // --- idempotency -------------------------------------------------------------------------
 
   static std::string idempotency_slot(const BookingRequest& r) { return r.user + '\n' + r.idempotency_key; }
@@ -285,6 +357,12 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   void forget_key(const std::string& slot) {
     std::lock_guard lock(idempotency_mutex);
     idempotency.erase(slot);
+  }
+
+  void mark_key_stored(const std::string& slot, const std::string& booking_id) {
+    std::lock_guard lock(idempotency_mutex);
+    if (auto it = idempotency.find(slot); it != idempotency.end() && it->second.booking_id == booking_id)
+      it->second.stored = true;
   }
 
   // --- deciding ----------------------------------------------------------------------------
@@ -323,31 +401,32 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       decided->reason_message = message;
     }
     StateChange change{*decided, events_for(*decided), {}};
-    store->commit_async(
-        change, [this, decided, events = change.events, original = std::move(b), submitted, approve, reason,
-                 message = std::move(message), held_units, attempt](result<void> r) mutable {
-          if (!r)
-            return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
-                                       held_units, attempt);
-          const auto& d = *decided;
-          if (d.status == BookingStatus::confirmed && held_units == units::reserved)
-            change_capacity(d.lines, capacity_change::reserved_to_confirmed);
-          if (d.status == BookingStatus::rejected && held_units == units::reserved)
-            change_capacity(d.lines, capacity_change::free_reserved);
-          if (d.status == BookingStatus::rejected && held_units == units::confirmed)
-            change_capacity(d.lines, capacity_change::free_confirmed);
-          publish(events);
-          switch (d.status) {
-            case BookingStatus::held: {
-              held.fetch_add(1, std::memory_order_relaxed);
-              arm_expiry(d.id, *d.expires_at);
-              break;
-            }
-            case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
-            default: rejected.fetch_add(1, std::memory_order_relaxed); break;
-          }
-          finish_in_flight(submitted);
-        });
+    store->commit_async(change, [this, decided, events = change.events, original = std::move(b), submitted,
+                                 approve, reason, message = std::move(message), held_units,
+                                 attempt](result<void> r) mutable {
+      if (!r)
+        return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
+                                   held_units, attempt);
+      const auto& d = *decided;
+      if (d.status == BookingStatus::confirmed && held_units == units::reserved)
+        change_capacity(d.lines, capacity_change::reserved_to_confirmed);
+      if (d.status == BookingStatus::rejected && held_units == units::reserved)
+        change_capacity(d.lines, capacity_change::free_reserved);
+      if (d.status == BookingStatus::rejected && held_units == units::confirmed)
+        change_capacity(d.lines, capacity_change::free_confirmed);
+      publish(events);
+      switch (d.status) {
+        case BookingStatus::held: {
+          held.fetch_add(1, std::memory_order_relaxed);
+          arm_expiry(d.id, *d.expires_at);
+          break;
+        }
+        case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
+        default: rejected.fetch_add(1, std::memory_order_relaxed); break;
+      }
+      give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
+      finish_in_flight(submitted);
+    });
   }
 
   void decision_not_stored(Booking b, steady::time_point submitted, bool approve, RejectReason reason,
@@ -521,6 +600,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       if (change) change_capacity(b.lines, *change);
     });
     if (!r) return r.error();
+    if (from == BookingStatus::held) give_back_quota(b.user, 0, units_of(b.lines));
     return std::move(b);
   }
 
@@ -565,12 +645,16 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         const auto expires = steady_now + std::chrono::duration_cast<steady::duration>(left);
         auto slot = k.user + '\n' + k.key;
         idempotency.insert_or_assign(
-            slot, idempotency_entry{std::move(k.fingerprint), std::move(k.booking_id), expires});
+            slot, idempotency_entry{std::move(k.fingerprint), std::move(k.booking_id), expires, true});
         idempotency_order.emplace_back(expires, std::move(slot));
       }
     }
-    for (const auto& b : state->held) arm_expiry(b.id, b.expires_at.value_or(wall_now));
+    for (const auto& b : state->held) {
+      (void)take_quota(b.user, 0, units_of(b.lines), false);
+      arm_expiry(b.id, b.expires_at.value_or(wall_now));
+    }
     for (auto& b : state->processing) {
+      (void)take_quota(b.user, 1, hold_units(b, BookingStatus::processing), false);
       recovered.fetch_add(1, std::memory_order_relaxed);
       in_flight.fetch_add(1, std::memory_order_acq_rel);
       accepted.fetch_add(1, std::memory_order_relaxed);
@@ -745,12 +829,18 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
                                       request.idempotency_key, it->second.booking_id)));
       }
       Ack ack{it->second.booking_id, BookingStatus::processing, true};
-      lock.unlock();
       // An ACK means stored: a retry that arrives while the first submit is still storing the
       // booking (or whose store cannot say) gets an error to retry on, never an ACK for a booking
       // that may yet fail to be stored.
+      const bool first_stored = it->second.stored;
+      lock.unlock();
       auto stored = m.store->load(ack.booking_id);
       if (!stored) return done(stored.error());
+      if (!*stored && first_stored)
+        return done(
+            Error(errc::not_found, fmt::format("booking '{}' of idempotency key '{}' was decided and is "
+                                               "no longer kept; the key stays used",
+                                               ack.booking_id, request.idempotency_key)));
       if (!*stored)
         return done(Error(errc::overloaded, fmt::format("booking '{}' of idempotency key '{}' is still being "
                                                         "stored; retry",
@@ -768,9 +858,16 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
     booking_id = m.ids.next();
   }
 
+  const auto quota_units = request.hold_for ? detail::engine_core::units_of(request.lines) : 0;
+  if (auto q = m.take_quota(request.user, 1, quota_units); !q) {
+    if (!slot.empty()) m.forget_key(slot);
+    m.quota_refused.fetch_add(1, std::memory_order_relaxed);
+    return done(q.error());
+  }
   // Take a queue slot before anything is stored, so "overloaded" never leaves a booking behind.
   if (m.queued.fetch_add(1, std::memory_order_acq_rel) >= m.options.max_queue) {
     m.queued.fetch_sub(1, std::memory_order_acq_rel);
+    m.give_back_quota(request.user, 1, quota_units);
     if (!slot.empty()) m.forget_key(slot);
     m.overloaded.fetch_add(1, std::memory_order_relaxed);
     return done(Error(errc::overloaded, fmt::format("{} bookings are waiting to be decided; retry later",
@@ -789,16 +886,18 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
   m.in_flight.fetch_add(1, std::memory_order_acq_rel);
   StateChange change{*b, detail::engine_core::events_for(*b), fp};
   // Nobody else knows this booking id before the completion, so no booking lock is needed.
-  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), t0,
+  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), t0, quota_units,
                                  done = std::move(done)](result<void> stored) mutable {
     if (!stored) {
       m.store_errors.fetch_add(1, std::memory_order_relaxed);
       m.queued.fetch_sub(1, std::memory_order_acq_rel);
+      m.give_back_quota(b->user, 1, quota_units);
       if (!slot.empty()) m.forget_key(slot);
       Error e = stored.error();
       m.finish_in_flight(t0, false);
       return done(std::move(e));
     }
+    if (!slot.empty()) m.mark_key_stored(slot, b->id);
     m.publish(events);
     m.accepted.fetch_add(1, std::memory_order_relaxed);
     Ack ack{b->id, BookingStatus::processing, false};
@@ -870,6 +969,7 @@ EngineStats BookingEngine::stats() const {
   s.recovered = m.recovered.load();
   s.in_flight = m.in_flight.load();
   s.queue_depth = m.queued.load();
+  s.quota_exceeded = m.quota_refused.load();
   s.ack_latency = m.ack_latency.summary();
   s.decision_latency = m.decision_latency.summary();
   return s;

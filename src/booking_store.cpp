@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <deque>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -32,7 +35,20 @@ struct MemoryStore::impl {
     mutable std::mutex mutex;
     std::unordered_map<std::string, stored, string_hash, std::equal_to<>> bookings;
   };
+  explicit impl(MemoryStoreOptions o) : options(o) {
+    // At most a century: beyond, steady_clock arithmetic could overflow.
+    options.finished_retention =
+        std::min<std::chrono::milliseconds>(options.finished_retention, std::chrono::hours(24 * 365 * 100));
+    options.finished_retention = std::max(options.finished_retention, std::chrono::milliseconds::zero());
+  }
+  MemoryStoreOptions options;
   std::array<shard, 32> shards;
+  // Finished bookings, oldest first, with when they finished: forgotten from the front.
+  std::mutex finished_mutex;
+  std::deque<std::pair<std::chrono::steady_clock::time_point, std::string>> finished;
+  // When the oldest finished booking is due to be forgotten (steady_clock ticks): commits of live
+  // bookings take finished_mutex only from then on.
+  std::atomic<std::int64_t> next_due{std::numeric_limits<std::int64_t>::max()};
   std::atomic<std::uint64_t> next_order{1};
   mutable std::mutex resources_mutex;
   std::map<std::string, std::uint32_t, std::less<>> resources;
@@ -41,19 +57,44 @@ struct MemoryStore::impl {
   const shard& shard_for(std::string_view id) const { return shards[string_hash{}(id) % shards.size()]; }
 };
 
-MemoryStore::MemoryStore() : impl_(std::make_unique<impl>()) {}
+MemoryStore::MemoryStore(MemoryStoreOptions options) : impl_(std::make_unique<impl>(options)) {}
 MemoryStore::~MemoryStore() = default;
 
 result<void> MemoryStore::commit(const StateChange& change) {
-  auto& s = impl_->shard_for(change.booking.id);
-  std::lock_guard lock(s.mutex);
-  auto it = s.bookings.find(change.booking.id);
-  if (it == s.bookings.end()) {
-    s.bookings.emplace(change.booking.id, impl::stored{change.booking, impl_->next_order.fetch_add(1),
-                                                       std::string(change.fingerprint)});
-  } else {
-    it->second.booking = change.booking;
+  {
+    auto& s = impl_->shard_for(change.booking.id);
+    std::lock_guard lock(s.mutex);
+    auto it = s.bookings.find(change.booking.id);
+    if (it == s.bookings.end()) {
+      s.bookings.emplace(change.booking.id, impl::stored{change.booking, impl_->next_order.fetch_add(1),
+                                                         std::string(change.fingerprint)});
+    } else {
+      it->second.booking = change.booking;
+    }
   }
+  // Retention: the finished booking joins the back of the line; what is past its time, or
+  // beyond the count, leaves from the front. A finished booking never changes again, so what is
+  // forgotten is never a booking the engine still works on.
+  const auto now = std::chrono::steady_clock::now();
+  const bool final = is_final(change.booking.status);
+  if (!final && now.time_since_epoch().count() < impl_->next_due.load(std::memory_order_relaxed)) return {};
+  std::lock_guard lock(impl_->finished_mutex);
+  auto& finished = impl_->finished;
+  if (final) finished.emplace_back(now, change.booking.id);
+  const auto retention = impl_->options.finished_retention;
+  while (!finished.empty() &&
+         (finished.size() > impl_->options.max_finished || now - finished.front().first >= retention)) {
+    const auto& id = finished.front().second;
+    auto& s = impl_->shard_for(id);
+    {
+      std::lock_guard shard_lock(s.mutex);
+      s.bookings.erase(id);
+    }
+    finished.pop_front();
+  }
+  impl_->next_due.store(finished.empty() ? std::numeric_limits<std::int64_t>::max()
+                                         : (finished.front().first + retention).time_since_epoch().count(),
+                        std::memory_order_relaxed);
   return {};
 }
 

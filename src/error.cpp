@@ -26,6 +26,7 @@ class category final : public std::error_category {
       case errc::rate_limited: return "rate limited";
       case errc::too_large: return "too large";
       case errc::internal: return "internal error";
+      case errc::quota_exceeded: return "quota exceeded";
     }
     return "unknown pushbook error";
   }
@@ -58,6 +59,7 @@ const char* to_string(errc e) noexcept {
     case errc::rate_limited: return "rate_limited";
     case errc::too_large: return "too_large";
     case errc::internal: return "internal";
+    case errc::quota_exceeded: return "quota_exceeded";
   }
   return "internal";
 }

@@ -4,6 +4,7 @@
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
+#include <boost/json/serialize.hpp>
 
 #include <atomic>
 #include <latch>
@@ -101,7 +102,7 @@ TEST_CASE("submit refuses bad requests at once, with no ACK and no event") {
   expect(twice, errc::bad_request, "lines[1]: resource 'room-1' appears twice");
   auto hold = one("u1", "room-1");
   hold.hold_for = 0ms;
-  expect(hold, errc::bad_request, "a hold must last from 1 ms to 86400000 ms");
+  expect(hold, errc::bad_request, "a hold must last from 1 ms to 900000 ms");
   expect(one("u1", "room-1", 1, "key with space"), errc::bad_request,
          "idempotency_key must be 1-128 characters of letters, digits and -_.:@+=~");
 
@@ -306,7 +307,7 @@ TEST_CASE("holds: held with expires_at, then confirm, release or expiry, exactly
     CHECK(*b.expires_at > b.created_at);
     return id;
   };
-  auto a = held(1h), b = held(1h);
+  auto a = held(10min), b = held(10min);
   CHECK(*engine.availability("r") == 1);
   CHECK(bus->last("booking/" + a)->data().as_object().contains("expires_at"));
 
@@ -528,4 +529,170 @@ TEST_CASE("booking ids are unique, URL-safe and ordered by time") {
     ids.insert(id);
   }
   CHECK(ids.size() == 1000);
+}
+
+TEST_CASE("metadata larger than max_metadata_bytes is refused, at the limit it is taken") {
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.max_metadata_bytes = 64;
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 10));
+  auto r = one("u", "r");
+  r.metadata["note"] = std::string(64 - 11, 'x');  // {"note":"..."} is 11 bytes around the text
+  REQUIRE(boost::json::serialize(r.metadata).size() == 64);
+  CHECK(engine.submit(r));
+  r.metadata["note"] = std::string(64 - 10, 'x');
+  auto refused = engine.submit(r);
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().is(errc::bad_request));
+  CHECK(refused.error().message == "metadata is 65 bytes as JSON; at most 64 are allowed");
+  // The default is 4 KiB.
+  CHECK(EngineOptions{}.max_metadata_bytes == 4096);
+}
+
+TEST_CASE("per-user quota of bookings in flight: refused beyond it, taken again once one is decided") {
+  auto bus = std::make_shared<LocalBus>();
+  std::mutex pending_mutex;
+  std::vector<Completion> pending;
+  EngineOptions o;
+  o.max_in_flight_per_user = 2;
+  o.handler = [&](const Booking&, Completion done) {
+    std::lock_guard lock(pending_mutex);
+    pending.push_back(done);
+  };
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 10));
+  REQUIRE(engine.submit(one("u", "r")));
+  REQUIRE(engine.submit(one("u", "r")));
+  auto refused = engine.submit(one("u", "r", 1, "k1"));
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().is(errc::quota_exceeded));
+  CHECK(refused.error().message ==
+        "user 'u' has 2 bookings being decided, the most allowed; retry once one is decided");
+  CHECK(engine.submit(one("other", "r")));  // another user's quota is its own
+  CHECK(engine.stats().quota_exceeded == 1);
+  REQUIRE(eventually([&] {
+    std::lock_guard lock(pending_mutex);
+    return pending.size() == 3;
+  }));
+  {
+    std::lock_guard lock(pending_mutex);
+    pending[0](Decision::approved());
+  }
+  REQUIRE(eventually([&] { return engine.stats().confirmed == 1; }));
+  // The refused key was not kept: the same request with it is a new booking now.
+  auto again = engine.submit(one("u", "r", 1, "k1"));
+  REQUIRE(again);
+  CHECK_FALSE(again->replayed);
+  std::lock_guard lock(pending_mutex);
+  for (auto& done : pending) done(Decision::approved());
+}
+
+TEST_CASE(
+    "per-user quota of held units: counts holds being decided and held, freed by confirm, release, expiry") {
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.max_held_units_per_user = 5;
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 100));
+  auto hold = [&](std::uint32_t n, std::chrono::milliseconds ttl = 10min) {
+    auto r = one("u", "r", n);
+    r.hold_for = ttl;
+    return engine.submit(r);
+  };
+  auto a = hold(3).value().booking_id;
+  auto b = hold(2).value().booking_id;
+  auto refused = hold(1);
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().is(errc::quota_exceeded));
+  CHECK(refused.error().message == "user 'u' holds 5 units; 1 more would pass the 5 allowed");
+  CHECK(engine.submit(one("u", "r", 50)));  // no hold: not counted
+  REQUIRE(eventually([&] {
+    return engine.get(a)->status == BookingStatus::held && engine.get(b)->status == BookingStatus::held;
+  }));
+  REQUIRE(engine.confirm(a));
+  auto c = hold(3);  // 2 held + 3
+  REQUIRE(c);
+  CHECK_FALSE(hold(1));
+  REQUIRE(eventually([&] { return engine.get(c->booking_id)->status == BookingStatus::held; }));
+  REQUIRE(engine.release(b));
+  auto d = hold(2, 20ms);  // 3 held + 2, expiring soon
+  REQUIRE(d);
+  CHECK_FALSE(hold(1));
+  REQUIRE(eventually([&] { return engine.get(d->booking_id)->status == BookingStatus::expired; }));
+  CHECK(hold(2));
+  CHECK_FALSE(hold(1));  // 3 + 2 held: full
+  CHECK(engine.stats().quota_exceeded == 4);
+}
+
+TEST_CASE("a rejected hold gives its units back to the quota") {
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.max_held_units_per_user = 3;
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 3));
+  REQUIRE(engine.add_resource("s", 10));
+  REQUIRE(engine.submit(one("other", "r", 3)));  // takes all of r
+  REQUIRE(eventually([&] { return engine.availability("r").value() == 0; }));
+  auto r = one("u", "r", 3);
+  r.hold_for = 10min;
+  auto ack = engine.submit(r).value();
+  REQUIRE(eventually([&] { return engine.get(ack.booking_id)->status == BookingStatus::rejected; }));
+  auto s = one("u", "s", 3);
+  s.hold_for = 10min;
+  CHECK(engine.submit(s));
+}
+
+TEST_CASE("MemoryStore forgets finished bookings beyond max_finished, oldest first; live ones stay") {
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.store = std::make_shared<MemoryStore>(MemoryStoreOptions{1h, 2});
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 1));
+  auto live = engine.submit(one("u", "r")).value().booking_id;
+  REQUIRE(eventually([&] { return engine.get(live)->status == BookingStatus::confirmed; }));
+  std::vector<std::string> rejected;
+  for (int i = 0; i < 3; ++i) {
+    auto id = engine.submit(one("u", "r", 1, "k" + std::to_string(i))).value().booking_id;
+    REQUIRE(eventually([&] {
+      auto b = engine.get(id);
+      return b && b->status == BookingStatus::rejected;
+    }));
+    rejected.push_back(id);
+  }
+  CHECK(engine.get(rejected[0]).error().is(errc::not_found));
+  CHECK(engine.get(rejected[1]));
+  CHECK(engine.get(rejected[2]));
+  CHECK(engine.get(live)->status == BookingStatus::confirmed);  // never forgotten while live
+  // A retry of the forgotten booking's key is told so; it never makes a second booking.
+  auto retry = engine.submit(one("u", "r", 1, "k0"));
+  REQUIRE_FALSE(retry);
+  CHECK(retry.error().is(errc::not_found));
+  CHECK(retry.error().message.find("no longer kept") != std::string::npos);
+  CHECK(engine.stats().accepted == 4);
+  // Once cancelled, the live one is finished too, and it is the newest finished.
+  REQUIRE(engine.cancel(live));
+  CHECK(engine.get(rejected[1]).error().is(errc::not_found));
+  CHECK(engine.get(live)->status == BookingStatus::cancelled);
+}
+
+TEST_CASE("MemoryStore forgets finished bookings after finished_retention") {
+  auto store = std::make_shared<MemoryStore>(MemoryStoreOptions{50ms, 1000});
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o;
+  o.store = store;
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 1));
+  auto first = engine.submit(one("u", "r", 1)).value().booking_id;
+  auto second = engine.submit(one("u", "r", 1)).value().booking_id;  // sold out: rejected
+  REQUIRE(eventually([&] {
+    auto b = engine.get(second);
+    return b && b->status == BookingStatus::rejected;
+  }));
+  // Forgotten by a later commit once 50 ms have passed.
+  REQUIRE(eventually([&] {
+    (void)engine.submit(one("u", "r", 1));
+    return !engine.get(second).has_value();
+  }));
+  CHECK(engine.get(first)->status == BookingStatus::confirmed);
 }

@@ -152,7 +152,7 @@ TEST_CASE("refused cancel, confirm, release: an error, and memory and events as 
     REQUIRE(f.engine->add_resource("r", 5));
     const auto confirmed = f.engine->submit(one("u", "r")).value().booking_id;
     auto held_request = one("u", "r");
-    held_request.hold_for = 1h;
+    held_request.hold_for = 10min;
     const auto held1 = f.engine->submit(held_request).value().booking_id;
     const auto held2 = f.engine->submit(held_request).value().booking_id;
     REQUIRE(reaches(*f.engine, confirmed, BookingStatus::confirmed));
@@ -454,7 +454,7 @@ TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers"
     REQUIRE(first.add_resource("r", 3));
     confirmed = first.submit(one("u", "r", 2, "k")).value().booking_id;
     auto request = one("u", "r");
-    request.hold_for = 1h;
+    request.hold_for = 10min;
     held = first.submit(request).value().booking_id;
     REQUIRE(reaches(first, confirmed, BookingStatus::confirmed));
     REQUIRE(reaches(first, held, BookingStatus::held));

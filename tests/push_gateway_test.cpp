@@ -805,7 +805,9 @@ TEST_CASE("dev_insecure takes the user from ?user=; without a secret and without
   CHECK(reply.at("ok") == true);
   {
     std::lock_guard lock(s.log_mutex);
-    CHECK(s.log_lines.at(0).find("DEVELOPMENT MODE") != std::string::npos);
+    CHECK(std::any_of(s.log_lines.begin(), s.log_lines.end(), [](const std::string& line) {
+      return line.find("DEVELOPMENT MODE") != std::string::npos;
+    }));
   }
   auto bus = std::make_shared<LocalBus>();
   auto engine = std::make_shared<BookingEngine>(bus);
@@ -993,4 +995,88 @@ TEST_CASE("garbage on the wire never takes the server down") {
   auto reply = ws->request(book("room-10")).value();
   CHECK(reply.at("ok") == true);
   CHECK(s.http().request("GET", "/healthz").value().status == 200);
+}
+
+TEST_CASE("HTTP requests are rate limited per user, across connections (429 with Retry-After)") {
+  GatewayOptions o;
+  o.user_rate_limit_per_second = 0.5;  // one request each 2 s after the burst
+  o.user_rate_limit_burst = 5;
+  Server s(o);
+  const auto alice = Server::token("alice");
+  auto get = [&](const std::string& token) {
+    // A new connection each time: the limit is the user's, not the connection's.
+    auto http = s.http();
+    return http.request("GET", "/v1/whoami", {}, {{"Authorization", "Bearer " + token}}).value();
+  };
+  for (int i = 0; i < 5; ++i) CHECK(get(alice).status == 200);
+  auto refused = get(alice);
+  CHECK(refused.status == 429);
+  CHECK(refused.json().at("error").at("code") == "rate_limited");
+  CHECK(refused.header("retry-after") == "2");
+  // POST /v1/bookings is counted too.
+  auto http = s.http();
+  auto post = http.request("POST", "/v1/bookings", R"({"resource":"hall"})",
+                           {{"Authorization", "Bearer " + alice}, {"Content-Type", "application/json"}})
+                  .value();
+  CHECK(post.status == 429);
+  // Another user is not affected; requests without a verified identity are not counted.
+  CHECK(get(Server::token("bob")).status == 200);
+  CHECK(s.http().request("GET", "/healthz").value().status == 200);
+  CHECK(s.gateway->stats().user_rate_limited == 2);
+  CHECK(s.http().request("GET", "/metrics").value().body.find("pushbook_user_rate_limited_total 2\n") !=
+        std::string::npos);
+}
+
+TEST_CASE("the access log: a line per HTTP request and per WebSocket and SSE session, never a token") {
+  GatewayOptions o;
+  o.access_log = true;
+  Server s(o);
+  const auto token = Server::token("alice");
+  auto http = s.http();
+  // The token in the query string must not reach the log.
+  auto r = http.request("POST", "/v1/bookings?access_token=" + token, R"({"resource":"hall"})",
+                        {{"Content-Type", "application/json"}})
+               .value();
+  REQUIRE(r.status == 202);
+  CHECK(http.request("GET", "/v1/nowhere").value().status == 404);
+  {
+    auto ws = s.ws("bob");
+    REQUIRE(ws->request(book("room-10")).value().at("ok") == true);
+    ws->close();
+  }
+  auto access_lines = [&] {
+    std::lock_guard lock(s.log_mutex);
+    std::vector<std::string> out;
+    for (const auto& line : s.info_lines)
+      if (line.starts_with("access ")) out.push_back(line);
+    return out;
+  };
+  REQUIRE(test::eventually([&] { return access_lines().size() >= 3; }));
+  const auto lines = access_lines();
+  for (const auto& line : lines) CHECK(line.find(token) == std::string::npos);
+  CHECK(lines[0].starts_with("access http user=alice peer=127.0.0.1:"));
+  CHECK(lines[0].find(" method=POST route=/v1/bookings status=202 bytes=") != std::string::npos);
+  CHECK(lines[0].find(" ms=") != std::string::npos);
+  CHECK(lines[1].starts_with("access http user=- peer=127.0.0.1:"));
+  CHECK(lines[1].find(" method=GET route=other status=404 ") != std::string::npos);
+  CHECK(lines[2].starts_with("access ws user=bob peer=127.0.0.1:"));
+  CHECK(lines[2].find(" route=/v1/ws close=1000 by=client in=1 ") != std::string::npos);
+}
+
+TEST_CASE("no access log unless asked") {
+  Server s;
+  auto ws = s.ws("alice");
+  REQUIRE(ws->request(book("room-10")).value().at("ok") == true);
+  CHECK(s.http().request("GET", "/healthz").value().status == 200);
+  ws.reset();
+  std::lock_guard lock(s.log_mutex);
+  for (const auto& line : s.log_lines) CHECK_FALSE(line.starts_with("access "));
+}
+
+TEST_CASE("/metrics tells the file-descriptor limit and accept failures") {
+  Server s;
+  auto body = s.http().request("GET", "/metrics").value().body;
+  CHECK(body.find("pushbook_fd_limit ") != std::string::npos);
+  CHECK(body.find("pushbook_accept_failures_total 0\n") != std::string::npos);
+  CHECK(body.find("pushbook_accept_paused 0\n") != std::string::npos);
 }

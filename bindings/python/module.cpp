@@ -110,6 +110,7 @@ py::object error_object(const Error& e) {
       case errc::overloaded:
       case errc::slow_consumer:
       case errc::shutting_down: cls = "Overloaded"; break;
+      case errc::quota_exceeded: cls = "QuotaExceeded"; break;
       case errc::unauthorized:
       case errc::forbidden: cls = "Unauthorized"; break;
       default: break;
@@ -471,8 +472,20 @@ PYBIND11_MODULE(_core, m) {
   py::class_<BookingStore, std::shared_ptr<BookingStore>>(
       m, "BookingStore", "Where an engine keeps bookings (MemoryStore, SqliteStore, or open_store(url)).");
   m.def(
-      "MemoryStore", [] { return gil_safe_store(std::make_shared<MemoryStore>()); },
-      "Bookings in this process only: the fastest store, gone with the process.");
+      "MemoryStore",
+      [](double finished_retention, std::size_t max_finished) {
+        if (!(finished_retention >= 0) || finished_retention > 1e9)
+          raise(Error(errc::bad_request, "finished_retention must be a number of seconds, 0 or more"));
+        MemoryStoreOptions o;
+        o.finished_retention =
+            std::chrono::milliseconds(static_cast<std::int64_t>(finished_retention * 1000));
+        o.max_finished = max_finished;
+        return gil_safe_store(std::make_shared<MemoryStore>(o));
+      },
+      "finished_retention"_a = 3600.0, "max_finished"_a = 100000,
+      "Bookings in this process only: the fastest store, gone with the process. Finished bookings "
+      "(rejected, cancelled, released, expired) are forgotten finished_retention seconds after they "
+      "finish, or sooner beyond max_finished of them.");
   m.def(
       "SqliteStore",
       [](const std::string& path, const std::string& sync) {
@@ -632,9 +645,17 @@ PYBIND11_MODULE(_core, m) {
       .def(
           py::init([](std::shared_ptr<LocalBus> bus, std::size_t workers, py::object handler, py::object loop,
                       double handler_timeout, std::size_t max_queue, double idempotency_window,
-                      std::shared_ptr<BookingStore> store, const std::string& recovery) {
+                      std::shared_ptr<BookingStore> store, const std::string& recovery, double max_hold,
+                      std::size_t max_metadata_bytes, std::size_t max_in_flight_per_user,
+                      std::uint64_t max_held_units_per_user) {
             if (!bus) throw py::type_error("BookingEngine needs a LocalBus");
             EngineOptions o;
+            if (!(max_hold > 0) || max_hold > 365.0 * 86400)
+              raise(Error(errc::bad_request, "max_hold must be a number of seconds above 0, at most a year"));
+            o.max_hold = std::chrono::milliseconds(static_cast<std::int64_t>(max_hold * 1000));
+            o.max_metadata_bytes = max_metadata_bytes;
+            o.max_in_flight_per_user = max_in_flight_per_user;
+            o.max_held_units_per_user = max_held_units_per_user;
             o.store = std::move(store);
             if (recovery == "requeue")
               o.recovery = RecoveryPolicy::requeue;
@@ -665,7 +686,8 @@ PYBIND11_MODULE(_core, m) {
           }),
           "bus"_a, "workers"_a = 2, "handler"_a = py::none(), "loop"_a = py::none(),
           "handler_timeout"_a = 10.0, "max_queue"_a = 65536, "idempotency_window"_a = 86400.0,
-          "store"_a = nullptr, "recovery"_a = "requeue", py::keep_alive<1, 2>())
+          "store"_a = nullptr, "recovery"_a = "requeue", "max_hold"_a = 900.0, "max_metadata_bytes"_a = 4096,
+          "max_in_flight_per_user"_a = 1000, "max_held_units_per_user"_a = 0, py::keep_alive<1, 2>())
       .def(
           "add_resource",
           [](BookingEngine& e, const std::string& id, py::object capacity) {
@@ -764,8 +786,8 @@ PYBIND11_MODULE(_core, m) {
                         "held"_a = s.held, "cancelled"_a = s.cancelled, "released"_a = s.released,
                         "expired"_a = s.expired, "idempotent_replays"_a = s.idempotent_replays,
                         "overloaded"_a = s.overloaded, "in_flight"_a = s.in_flight,
-                        "queue_depth"_a = s.queue_depth, "ack_latency"_a = lat(s.ack_latency),
-                        "decision_latency"_a = lat(s.decision_latency));
+                        "queue_depth"_a = s.queue_depth, "quota_exceeded"_a = s.quota_exceeded,
+                        "ack_latency"_a = lat(s.ack_latency), "decision_latency"_a = lat(s.decision_latency));
       });
 
   py::class_<PushGateway, std::shared_ptr<PushGateway>>(m, "PushGateway",

@@ -82,8 +82,20 @@ struct EngineOptions {
   std::size_t max_idempotency_keys = 1'000'000;
   /// Lines per request, at most.
   std::size_t max_lines = 64;
-  /// Longest hold a request may ask for.
-  std::chrono::milliseconds max_hold = std::chrono::hours(24);
+  /// Longest hold a request may ask for (bad_request beyond). A hold keeps units from everyone
+  /// else: set what the business allows (a checkout, a few minutes), not more.
+  std::chrono::milliseconds max_hold = std::chrono::minutes(15);
+  /// Largest `metadata` a request may carry, counted as serialized JSON (bad_request beyond).
+  /// Metadata is stored with the booking and sent in each of its events.
+  std::size_t max_metadata_bytes = 4096;
+  /// Per-user quotas, each 0 for none. Bookings of one user accepted and not decided yet
+  /// (errc::quota_exceeded beyond): bounds what one user can make the engine keep...
+  std::size_t max_in_flight_per_user = 1000;
+  /// ...and units one user may hold at once: units of its held bookings plus those of its
+  /// bookings being decided that asked for a hold (errc::quota_exceeded beyond). Off by default
+  /// (holds are bounded by capacity and max_hold); a host selling scarce units to the public sets
+  /// it (pushbook-server: 100).
+  std::uint64_t max_held_units_per_user = 0;
   /// Where state changes are written before they touch memory or are published (default: a
   /// MemoryStore). Over a store that already holds bookings the engine recovers at construction
   /// (see docs/architecture.md, "Durability and recovery").
@@ -115,6 +127,9 @@ struct EngineStats {
   std::uint64_t in_flight = 0;
   /// Accepted and waiting for a worker.
   std::uint64_t queue_depth = 0;
+  /// Requests refused by a per-user quota (EngineOptions::max_in_flight_per_user,
+  /// max_held_units_per_user).
+  std::uint64_t quota_exceeded = 0;
   /// From submit() called to submit() returning the ACK.
   LatencySummary ack_latency;
   /// From submit() called to the decision being published.
@@ -151,9 +166,12 @@ class PUSHBOOK_EXPORT BookingEngine {
   std::vector<ResourceState> resources() const;
 
   /// Validates `request` and returns the ACK (status processing) at once; the decision follows
-  /// on "booking/<id>". Errors, never an ACK: bad_request, not_found (unknown resource),
-  /// exceeds_capacity, idempotency_conflict, overloaded (also: a retry of an idempotency key
-  /// whose first submit is still being stored; retry), shutting_down, store_failed.
+  /// on "booking/<id>". Errors, never an ACK: bad_request (also: metadata or hold beyond the
+  /// options' limits), not_found (unknown resource; also: a retry of an idempotency key whose
+  /// booking the store no longer keeps, see MemoryStoreOptions), exceeds_capacity,
+  /// idempotency_conflict, quota_exceeded (the user's per-user quota), overloaded (also: a retry
+  /// of an idempotency key whose first submit is still being stored; retry), shutting_down,
+  /// store_failed.
   /// The ACK means the processing version is stored (as durable as the store is). Blocks for the
   /// store's commit: a thread that must not block (an I/O thread) uses submit_async().
   result<Ack> submit(BookingRequest request);

@@ -9,6 +9,7 @@
 #include <pushbook/error.hpp>
 #include <pushbook/export.hpp>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -89,16 +90,30 @@ class PUSHBOOK_EXPORT BookingStore {
   virtual result<RecoveredState> recover(wall_clock::time_point keys_since) = 0;
 };
 
-/// A thread-safe in-memory BookingStore: fast, and gone with the process.
+/// How long a MemoryStore keeps finished bookings (rejected, cancelled, released, expired: no
+/// transition leaves them). Live bookings (processing, held, confirmed) are always kept; they are
+/// bounded by capacity and the engine's queue and quotas, while finished ones would grow memory
+/// with every request (a sold-out resource rejects as fast as clients ask).
+struct MemoryStoreOptions {
+  /// A finished booking is forgotten this long after it finished...
+  std::chrono::milliseconds finished_retention = std::chrono::hours(1);
+  /// ...or sooner, oldest first, when more than this many finished bookings are kept.
+  std::size_t max_finished = 100'000;
+};
+
+/// A thread-safe in-memory BookingStore: fast, and gone with the process. Forgets finished
+/// bookings after a while (MemoryStoreOptions): get() of one then says not_found, and a retry of
+/// its idempotency key gets not_found too (never a second booking). A store that keeps every
+/// booking is durable: SqliteStore.
 class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
  public:
-  MemoryStore();
+  explicit MemoryStore(MemoryStoreOptions options = {});
   ~MemoryStore() override;
   result<void> commit(const StateChange& change) override;
   result<std::optional<Booking>> load(std::string_view booking_id) const override;
   result<void> put_resource(std::string_view resource_id, std::uint32_t capacity) override;
   result<RecoveredState> recover(wall_clock::time_point keys_since) override;
-  /// Number of bookings stored.
+  /// Number of bookings stored (finished ones until they are forgotten).
   std::size_t size() const;
 
  private:

@@ -49,6 +49,8 @@ enum class errc {
   too_large,
   /// An unexpected internal failure.
   internal,
+  /// A per-user quota is used up (bookings in flight, units held); retry once some are decided.
+  quota_exceeded,
 };
 
 /// The error category of `errc`.

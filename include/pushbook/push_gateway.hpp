@@ -71,6 +71,11 @@ struct GatewayOptions {
   /// Client messages per second per connection (token bucket) and the burst allowed.
   double rate_limit_per_second = 100;
   std::size_t rate_limit_burst = 200;
+  /// Authenticated HTTP requests per second per user, across all its connections (token bucket),
+  /// and the burst allowed; beyond, 429 with Retry-After. Counts every request with a verified
+  /// identity (bookings, long-polls, SSE and WebSocket upgrades, whoami). 0: no limit.
+  double user_rate_limit_per_second = 20;
+  std::size_t user_rate_limit_burst = 100;
   /// Time to send the HTTP request head, and to finish the WebSocket handshake (slow-loris).
   std::chrono::milliseconds handshake_timeout = std::chrono::seconds(10);
   /// A WebSocket with no traffic is pinged after half of this and closed after all of it; an
@@ -95,6 +100,11 @@ struct GatewayOptions {
   /// user "demo-<random>", so a demo page can connect without a login. Needs `secret`. Never
   /// turn it on for a server real users book on.
   std::chrono::seconds demo_token_ttl{0};
+  /// Access log (off by default): one info line per HTTP request and one per WebSocket or SSE
+  /// session when it ends, to `log`, each starting with "access " followed by key=value fields:
+  /// user, peer, method, route (the route's pattern, never the query: tokens can be there),
+  /// status or close code, bytes, duration. Format: docs/protocol.md, "Access log".
+  bool access_log = false;
   /// Log sink (default: one line per message on stderr).
   LogFunction log;
 };
@@ -111,6 +121,10 @@ struct GatewayStats {
   std::uint64_t bytes_pushed = 0;
   std::uint64_t slow_consumer_disconnects = 0;
   std::uint64_t dropped_messages = 0;
+  /// Accepts that failed (typically at the file-descriptor limit) and the listener backed off.
+  std::uint64_t accept_failures = 0;
+  /// HTTP requests refused by the per-user rate limit.
+  std::uint64_t user_rate_limited = 0;
 };
 
 /// The push gateway. Thread-safe.

@@ -7,6 +7,7 @@
 
 #include "gateway/metrics.hpp"
 #include "gateway/protocol.hpp"
+#include "gateway/rate_limit.hpp"
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -75,8 +76,20 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   static constexpr double demo_users_burst = 100;
   bool take_demo_user(std::chrono::steady_clock::time_point now);
   std::mutex demo_mutex;
-  double demo_tokens = demo_users_burst;
-  std::chrono::steady_clock::time_point demo_refilled = std::chrono::steady_clock::now();
+  TokenBucket demo_bucket{demo_users_burst, std::chrono::steady_clock::now()};
+
+  /// GatewayOptions::user_rate_limit_per_second, for every request with a verified identity.
+  std::unique_ptr<UserRateLimiter> user_limiter;
+
+  /// Accept failures are logged once per period with their count, not once each (at the
+  /// file-descriptor limit they come by the thousand).
+  void accept_failed(std::string_view why);
+  std::mutex accept_log_mutex;
+  std::chrono::steady_clock::time_point accept_logged{};
+  std::uint64_t accept_failures_unlogged = 0;
+
+  /// Writes an access log line ("access " + fields) when GatewayOptions::access_log is on.
+  void access(std::string_view fields) const;
 
   /// The io_context for the next connection (round robin over the gateway's threads).
   net::io_context& next_context();
@@ -87,6 +100,9 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
 
 /// Turns Nagle's algorithm off on an accepted connection (every gateway socket).
 void set_no_delay(tcp::socket& socket);
+
+/// "ADDRESS:PORT" of the socket's peer, or "-" when it has none (closed).
+std::string peer_address(const tcp::socket& socket);
 
 /// Removes `access_token=...` values from a request target before it is logged.
 std::string redact_target(std::string_view target);

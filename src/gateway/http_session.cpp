@@ -137,6 +137,7 @@ void HttpSession::run() {
 }
 
 void HttpSession::run_with(Request request) {
+  started_ = std::chrono::steady_clock::now();
   core_->registry.add(shared_from_this());
   net::dispatch(stream_.get_executor(), [self = shared_from_this(), req = std::move(request)]() mutable {
     self->handle(std::move(req));
@@ -164,6 +165,7 @@ void HttpSession::abort() {
 
 void HttpSession::do_read() {
   if (refuse_) {
+    started_ = std::chrono::steady_clock::now();
     Request dummy;
     dummy.version(11);
     core_->metrics.connections_refused.fetch_add(1);
@@ -172,6 +174,9 @@ void HttpSession::do_read() {
     res.keep_alive(false);
     return send(std::move(res), "refused");
   }
+  user_.clear();
+  method_.clear();
+  retry_after_ = 0;
   parser_.emplace();
   parser_->body_limit(core_->ctx->options.max_body_bytes);
   parser_->header_limit(header_limit);
@@ -189,6 +194,7 @@ void HttpSession::do_read() {
 
 // The request (head and body) within the handshake timeout.
 void HttpSession::read_request() {
+  started_ = std::chrono::steady_clock::now();  // the request's first bytes are here (or expected now)
   stream_.expires_after(core_->ctx->options.handshake_timeout);
   http::async_read(
       stream_, buffer_, *parser_,
@@ -232,6 +238,22 @@ void HttpSession::on_read(boost::system::error_code ec, std::size_t) {
   handle(parser_->release());
 }
 
+result<Identity> HttpSession::auth(const Request& req, const boost::urls::url_view& url,
+                                   bool allow_subprotocol) {
+  auto who = authenticate(*core_->ctx, req, url, allow_subprotocol);
+  if (!who) return who;
+  user_ = who->user;
+  long retry_after = 1;
+  if (!core_->user_limiter->take(who->user, std::chrono::steady_clock::now(), &retry_after)) {
+    core_->metrics.user_rate_limited.fetch_add(1, std::memory_order_relaxed);
+    retry_after_ = retry_after;
+    return Error(errc::rate_limited,
+                 fmt::format("more than {} requests per second from this user; retry in {} s",
+                             core_->ctx->options.user_rate_limit_per_second, retry_after));
+  }
+  return who;
+}
+
 Response HttpSession::json_response(const Request& req, http::status status, std::string body) const {
   Response res{status, req.version()};
   res.set(http::field::server, server_name);
@@ -252,11 +274,15 @@ Response HttpSession::error_response(const Request& req, const Error& e) const {
   const auto w = wire_error(e.code);
   auto res = error_response(req, static_cast<http::status>(w.http_status), w.code, e.message);
   if (w.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
+  if (e.is(errc::rate_limited) && retry_after_ > 0)
+    res.set(http::field::retry_after, std::to_string(retry_after_));
+  if (e.is(errc::quota_exceeded)) res.set(http::field::retry_after, "1");
   return res;
 }
 
 void HttpSession::handle(Request&& req) {
   const auto& ctx = *core_->ctx;
+  method_ = std::string(req.method_string());
   core_->log(LogLevel::debug,
              fmt::format("{} {}", std::string_view(req.method_string()), redact_target(req.target())));
   auto url = boost::urls::parse_origin_form(req.target());
@@ -271,7 +297,7 @@ void HttpSession::handle(Request&& req) {
                   "other");
     if (!origin_allowed(ctx, req))
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"), "/v1/ws");
-    auto who = authenticate(ctx, req, *url, true);
+    auto who = auth(req, *url, true);
     if (!who) return send(error_response(req, who.error()), "/v1/ws");
     if (core_->stopping.load())
       return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
@@ -305,7 +331,7 @@ void HttpSession::handle(Request&& req) {
     if (req.method() != http::verb::get)
       return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
                   "/v1/whoami");
-    auto who = authenticate(ctx, req, *url, false);
+    auto who = auth(req, *url, false);
     if (!who) return send(error_response(req, who.error()), "/v1/whoami");
     boost::json::object out{{"user", who->user}};
     if (who->expires)
@@ -320,7 +346,7 @@ void HttpSession::handle(Request&& req) {
     if (!origin_allowed(ctx, req))
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"),
                   "/v1/events");
-    auto who = authenticate(ctx, req, *url, false);
+    auto who = auth(req, *url, false);
     if (!who) return send(error_response(req, who.error()), "/v1/events");
     auto topic = query_param(*url, "topic");
     if (!topic || !is_valid_topic(*topic))
@@ -362,7 +388,7 @@ void HttpSession::handle(Request&& req) {
     core_->metrics.count_request("/v1/events", 200);
     handed_over_ = true;
     auto sse = std::make_shared<SseSession>(core_, std::move(stream_));
-    sse->run(req.version(), *topic, since, epoch);
+    sse->run(req.version(), *topic, since, epoch, who->user);
     return;
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
@@ -378,7 +404,7 @@ void HttpSession::handle(Request&& req) {
 
 void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url, std::string_view rest) {
   const auto& ctx = *core_->ctx;
-  auto who = authenticate(ctx, req, url, false);
+  auto who = auth(req, url, false);
   if (rest.empty() || rest == "/") {
     if (req.method() != http::verb::post) {
       auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST to book");
@@ -574,7 +600,7 @@ void HttpSession::route_demo_token(const Request& req, const boost::urls::url_vi
   // stays one user, and its bookings' topics stay its own); without one, a new demo user.
   std::string user;
   if (req.find(http::field::authorization) != req.end()) {
-    auto who = authenticate(*core_->ctx, req, url, false);
+    auto who = auth(req, url, false);
     if (!who) return send(error_response(req, who.error()), "/v1/demo/token");
     if (!who->user.starts_with("demo-"))
       return send(error_response(req, http::status::forbidden, "forbidden", "only demo users renew here"),
@@ -643,6 +669,7 @@ void HttpSession::answer_booking(const Request& req, const result<Ack>& ack) {
 
 void HttpSession::send(Response&& res, std::string_view route) {
   core_->metrics.count_request(route, static_cast<unsigned>(res.result_int()));
+  if (core_->ctx->options.access_log) route_ = std::string(route);
   response_ = std::move(res);
   const bool keep_alive = response_.keep_alive();
   stream_.expires_after(core_->ctx->options.idle_timeout);  // a client that does not read is cut
@@ -652,7 +679,16 @@ void HttpSession::send(Response&& res, std::string_view route) {
                     });
 }
 
-void HttpSession::on_write(bool keep_alive, boost::system::error_code ec, std::size_t) {
+void HttpSession::on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes) {
+  if (core_->ctx->options.access_log) {
+    // The route's pattern, never the target: a token may be in the query.
+    const auto ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_).count();
+    core_->access(fmt::format("http user={} peer={} method={} route={} status={} bytes={} ms={:.3f}{}",
+                              user_.empty() ? "-" : user_, peer_address(stream_.socket()),
+                              method_.empty() ? "-" : method_, route_, response_.result_int(), bytes, ms,
+                              ec ? " write=failed" : ""));
+  }
   if (ec || !keep_alive || shutdown_requested_) return do_close();
   response_ = {};
   do_read();

@@ -51,6 +51,8 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
   void read_request();
   void on_read(boost::system::error_code ec, std::size_t bytes);
   void handle(Request&& req);
+  /// authenticate(), then the per-user rate limit; remembers the user for the access log.
+  result<Identity> auth(const Request& req, const boost::urls::url_view& url, bool allow_subprotocol);
   void send(Response&& res, std::string_view route);
   void answer_booking(const Request& req, const result<Ack>& ack);
   void on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes);
@@ -80,6 +82,13 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
   bool handed_over_ = false;
   std::atomic<bool> shutdown_requested_{false};
   bool counted_ = false;
+
+  // The request being served, for the access log and Retry-After (strand only).
+  std::chrono::steady_clock::time_point started_{};
+  std::string user_;
+  std::string method_;
+  std::string route_;
+  long retry_after_ = 0;
 
   // Long-poll state (strand only).
   struct LongPoll {

@@ -46,10 +46,13 @@ void Listener::do_accept() {
 void Listener::on_accept(boost::system::error_code ec, tcp::socket socket) {
   if (ec == net::error::operation_aborted || !acceptor_.is_open()) return;
   if (ec) {
-    // Typically out of file descriptors: wait a little instead of spinning on accept.
-    core_->log(LogLevel::warning, fmt::format("accept failed: {}; retrying in 100 ms", ec.message()));
+    // Typically out of file descriptors: wait a little instead of spinning on accept, and tell the
+    // operator (a log line per period and /metrics, never one line per failure).
+    core_->accept_failed(ec.message());
+    core_->metrics.accept_paused.store(1);
     retry_timer_.expires_after(std::chrono::milliseconds(100));
     retry_timer_.async_wait([self = shared_from_this()](boost::system::error_code wait_ec) {
+      self->core_->metrics.accept_paused.store(0);
       if (!wait_ec) self->do_accept();
     });
     return;

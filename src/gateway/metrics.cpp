@@ -65,6 +65,16 @@ std::string GatewayMetrics::render(const EngineStats* engine) const {
   value(out, "pushbook_client_errors_total", client_errors.load());
   metric(out, "pushbook_rate_limited_total", "counter", "Client messages refused by the rate limit.");
   value(out, "pushbook_rate_limited_total", rate_limited.load());
+  metric(out, "pushbook_user_rate_limited_total", "counter",
+         "HTTP requests refused by the per-user rate limit.");
+  value(out, "pushbook_user_rate_limited_total", user_rate_limited.load());
+  metric(out, "pushbook_accept_failures_total", "counter",
+         "Accepts that failed (typically out of file descriptors); the listener backs off 100 ms.");
+  value(out, "pushbook_accept_failures_total", accept_failures.load());
+  metric(out, "pushbook_accept_paused", "gauge", "1 while the listener backs off after a failed accept.");
+  value(out, "pushbook_accept_paused", accept_paused.load());
+  metric(out, "pushbook_fd_limit", "gauge", "The process's open file limit (RLIMIT_NOFILE).");
+  value(out, "pushbook_fd_limit", fd_limit.load());
   metric(out, "pushbook_http_requests_total", "counter", "HTTP requests by route and status.");
   {
     std::lock_guard lock(mutex_);
@@ -82,6 +92,7 @@ std::string GatewayMetrics::render(const EngineStats* engine) const {
     value(out, "pushbook_bookings_total", engine->released, "outcome=\"released\"");
     value(out, "pushbook_bookings_total", engine->expired, "outcome=\"expired\"");
     value(out, "pushbook_bookings_total", engine->overloaded, "outcome=\"overloaded\"");
+    value(out, "pushbook_bookings_total", engine->quota_exceeded, "outcome=\"quota_exceeded\"");
     metric(out, "pushbook_bookings_in_flight", "gauge", "Bookings accepted and not decided yet.");
     value(out, "pushbook_bookings_in_flight", engine->in_flight);
     metric(out, "pushbook_engine_queue_depth", "gauge", "Bookings waiting for an engine worker.");

@@ -27,6 +27,12 @@ struct GatewayMetrics {
   std::atomic<std::uint64_t> client_messages{0};
   std::atomic<std::uint64_t> client_errors{0};
   std::atomic<std::uint64_t> rate_limited{0};
+  std::atomic<std::uint64_t> user_rate_limited{0};
+  std::atomic<std::uint64_t> accept_failures{0};
+  /// 1 while the listener backs off after a failed accept (e.g. out of file descriptors).
+  std::atomic<std::int64_t> accept_paused{0};
+  /// The process's file-descriptor limit (RLIMIT_NOFILE, soft), read at start.
+  std::atomic<std::int64_t> fd_limit{0};
 
   void count_request(std::string_view route, unsigned status);
   /// The Prometheus text exposition (format 0.0.4) of these counters and the engine's.

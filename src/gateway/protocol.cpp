@@ -28,6 +28,7 @@ WireError wire_error(const std::error_code& ec) {
     case errc::rate_limited: return {"rate_limited", 429};
     case errc::too_large: return {"too_large", 413};
     case errc::internal: return {"internal", 500};
+    case errc::quota_exceeded: return {"quota_exceeded", 429};
   }
   return {"internal", 500};
 }

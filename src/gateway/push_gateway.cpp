@@ -9,9 +9,13 @@
 #include <fmt/format.h>
 #include <boost/asio/post.hpp>
 
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <cmath>
 #include <cstdio>
+#include <limits>
+#include <utility>
 
 namespace pushbook {
 namespace detail {
@@ -57,13 +61,31 @@ net::io_context& GatewayCore::next_context() {
 
 bool GatewayCore::take_demo_user(std::chrono::steady_clock::time_point now) {
   std::lock_guard lock(demo_mutex);
-  demo_tokens =
-      std::min(demo_users_burst, demo_tokens + std::chrono::duration<double>(now - demo_refilled).count() *
-                                                   demo_users_per_second);
-  demo_refilled = now;
-  if (demo_tokens < 1.0) return false;
-  demo_tokens -= 1.0;
-  return true;
+  return demo_bucket.take(now, demo_users_per_second, demo_users_burst);
+}
+
+void GatewayCore::accept_failed(std::string_view why) {
+  metrics.accept_failures.fetch_add(1, std::memory_order_relaxed);
+  constexpr auto period = std::chrono::seconds(10);
+  const auto now = std::chrono::steady_clock::now();
+  std::uint64_t count = 0;
+  {
+    std::lock_guard lock(accept_log_mutex);
+    ++accept_failures_unlogged;
+    if (accept_logged != std::chrono::steady_clock::time_point{} && now - accept_logged < period) return;
+    accept_logged = now;
+    count = std::exchange(accept_failures_unlogged, 0);
+  }
+  log(LogLevel::warning,
+      fmt::format(
+          "accept failed {} time(s) in the last {} s: {}; backing off 100 ms each time ({} connections "
+          "open, file limit {}: raise it with ulimit -n, or lower max_connections)",
+          count, period.count(), why, open_connections.load(), metrics.fd_limit.load()));
+}
+
+void GatewayCore::access(std::string_view fields) const {
+  if (!ctx->options.access_log) return;
+  log(LogLevel::info, fmt::format("access {}", fields));
 }
 
 void GatewayCore::log(LogLevel level, std::string_view message) const {
@@ -80,6 +102,13 @@ void set_no_delay(tcp::socket& socket) {
   // previous one is acknowledged (with delayed ACKs that is a 40 ms stall per exchange).
   boost::system::error_code ignored;
   socket.set_option(tcp::no_delay(true), ignored);
+}
+
+std::string peer_address(const tcp::socket& socket) {
+  boost::system::error_code ec;
+  const auto peer = socket.remote_endpoint(ec);
+  if (ec) return "-";
+  return fmt::format("{}:{}", peer.address().to_string(), peer.port());
 }
 
 void GatewayCore::serve(tcp::socket socket) {
@@ -151,9 +180,14 @@ struct PushGateway::impl {
           "PushGateway needs a token secret (GatewayOptions::secret), or dev_insecure for development"));
     if (options.demo_token_ttl.count() < 0 || (options.demo_token_ttl.count() > 0 && options.secret.empty()))
       throw Exception(Error(errc::bad_request, "demo tokens need a token secret (GatewayOptions::secret)"));
-    if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 || options.rate_limit_per_second <= 0)
+    if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 ||
+        !(options.rate_limit_per_second > 0))
       throw Exception(Error(errc::bad_request, "limits must be positive"));
+    if (!(options.user_rate_limit_per_second >= 0) || std::isinf(options.user_rate_limit_per_second))
+      throw Exception(Error(errc::bad_request, "user_rate_limit_per_second must be 0 (none) or positive"));
     core = std::make_shared<detail::GatewayCore>();
+    core->user_limiter = std::make_unique<detail::UserRateLimiter>(
+        options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
     ctx->bus = std::move(bus);
     ctx->engine = std::move(engine);
@@ -163,6 +197,16 @@ struct PushGateway::impl {
     if (core->ctx->options.demo_token_ttl.count() > 0)
       core->log(LogLevel::warning,
                 "demo mode: POST /v1/demo/token hands a token to anyone who asks. Demo use only.");
+    if (rlimit fds{}; getrlimit(RLIMIT_NOFILE, &fds) == 0) {
+      const auto limit = fds.rlim_cur == RLIM_INFINITY ? std::numeric_limits<std::int64_t>::max()
+                                                       : static_cast<std::int64_t>(fds.rlim_cur);
+      core->metrics.fd_limit.store(limit);
+      if (static_cast<std::uint64_t>(limit) < core->ctx->options.max_connections)
+        core->log(LogLevel::info,
+                  fmt::format("the open file limit ({}) is below max_connections ({}): at the limit new "
+                              "connections wait (pushbook_accept_failures_total); raise it with ulimit -n",
+                              limit, core->ctx->options.max_connections));
+    }
     if (core->ctx->options.dev_insecure)
       core->log(LogLevel::warning,
                 "*** DEVELOPMENT MODE: clients are NOT authenticated (--dev-insecure). Never expose this "
@@ -286,6 +330,8 @@ GatewayStats PushGateway::stats() const {
   s.bytes_pushed = m.bytes_pushed.load();
   s.slow_consumer_disconnects = m.slow_consumer_disconnects.load();
   s.dropped_messages = m.dropped_messages.load();
+  s.accept_failures = m.accept_failures.load();
+  s.user_rate_limited = m.user_rate_limited.load();
   return s;
 }
 

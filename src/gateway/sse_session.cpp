@@ -19,8 +19,14 @@ SseSession::~SseSession() {
 }
 
 void SseSession::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
-                     std::optional<std::uint32_t> epoch) {
+                     std::optional<std::uint32_t> epoch, std::string user) {
   core_->registry.add(shared_from_this());
+  if (core_->ctx->options.access_log) {
+    started_ = std::chrono::steady_clock::now();
+    peer_ = peer_address(stream_.socket());
+    user_ = std::move(user);
+    topic_ = topic;
+  }
   stream_.expires_never();
   enqueue(
       fmt::format("HTTP/1.{} 200 OK\r\nServer: pushbook\r\nContent-Type: text/event-stream\r\n"
@@ -126,6 +132,7 @@ void SseSession::on_write(boost::system::error_code ec) {
   if (ec) return finish();
   core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
   core_->metrics.bytes_pushed.fetch_add(writing_.size(), std::memory_order_relaxed);
+  bytes_out_ += writing_.size();
   arm_keepalive();
   do_write();
 }
@@ -163,6 +170,13 @@ void SseSession::finish() {
   }
   subscription_.cancel();
   keepalive_.cancel();
+  if (core_->ctx->options.access_log) {
+    const auto ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_).count();
+    core_->access(
+        fmt::format("sse user={} peer={} route=/v1/events topic={} status=200 out_bytes={} ms={:.3f}", user_,
+                    peer_, topic_, bytes_out_, ms));
+  }
   boost::system::error_code ec;
   stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
   stream_.socket().close(ec);

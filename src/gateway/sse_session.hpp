@@ -19,7 +19,7 @@ class SseSession : public Session, public ConnectionSink, public std::enable_sha
   SseSession(std::shared_ptr<GatewayCore> core, beast::tcp_stream stream);
   ~SseSession() override;
   void run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
-           std::optional<std::uint32_t> epoch);
+           std::optional<std::uint32_t> epoch, std::string user);
 
   void shutdown() override;
   void abort() override;
@@ -50,6 +50,11 @@ class SseSession : public Session, public ConnectionSink, public std::enable_sha
 
   std::string writing_;  // strand only
   bool finished_ = false;
+
+  // For the access log (strand only; names kept only with the access log on).
+  std::chrono::steady_clock::time_point started_{};
+  std::uint64_t bytes_out_ = 0;
+  std::string user_, peer_, topic_;
 };
 
 }  // namespace pushbook::detail

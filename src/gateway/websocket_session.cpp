@@ -56,6 +56,10 @@ void WebSocketSession::run(Request req, std::string user,
 void WebSocketSession::on_accept(boost::system::error_code ec) {
   if (ec) return finish();
   opened_ = true;
+  if (core_->ctx->options.access_log) {
+    started_ = std::chrono::steady_clock::now();
+    peer_ = peer_address(beast::get_lowest_layer(ws_).socket());
+  }
   logic_ = std::make_unique<ConnectionLogic>(
       core_->ctx, std::static_pointer_cast<ConnectionSink>(shared_from_this()), user_, token_expires_);
   if (core_->stopping.load()) return start_close({websocket::close_code::going_away, "going away"});
@@ -75,6 +79,8 @@ void WebSocketSession::on_read(boost::system::error_code ec, std::size_t bytes) 
     core_->log(LogLevel::debug, fmt::format("websocket {}: read ended: {}", user_, ec.message()));
     return finish();
   }
+  ++messages_in_;
+  bytes_in_ += bytes;
   if (!ws_.got_text()) {
     buffer_.consume(bytes);
     logic_->on_binary();
@@ -214,6 +220,8 @@ void WebSocketSession::on_write(boost::system::error_code ec, std::size_t bytes)
   core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
   core_->metrics.messages_pushed.fetch_add(writing_.size(), std::memory_order_relaxed);
   core_->metrics.bytes_pushed.fetch_add(bytes, std::memory_order_relaxed);
+  messages_out_ += writing_.size();
+  bytes_out_ += bytes;
   writing_.clear();
   if (frame_.capacity() > 64 * 1024) frame_ = std::string();  // idle connections keep no big buffer
   do_write();  // with a close pending, do_write sends it once the queue is empty
@@ -250,6 +258,7 @@ void WebSocketSession::start_close(websocket::close_reason reason) {
     return;
   }
   close_sent_ = true;
+  close_code_ = static_cast<std::uint16_t>(reason.code);
   {
     std::lock_guard lock(mutex_);
     closing_ = true;
@@ -282,6 +291,17 @@ void WebSocketSession::finish() {
   }
   deadline_timer_.cancel();
   if (logic_) logic_->unsubscribe_all();  // no more events, and no callback keeps us alive
+  if (opened_ && core_->ctx->options.access_log) {
+    // Who closed: the code this side sent, else the client's, else none (1006: cut).
+    const auto code = close_code_ != 0 ? close_code_ : static_cast<std::uint16_t>(ws_.reason().code);
+    const auto ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_).count();
+    core_->access(fmt::format(
+        "ws user={} peer={} route=/v1/ws close={} by={} in={} in_bytes={} out={} "
+        "out_bytes={} ms={:.3f}",
+        user_, peer_, code != 0 ? code : 1006, close_code_ != 0 ? "server" : (code != 0 ? "client" : "-"),
+        messages_in_, bytes_in_, messages_out_, bytes_out_, ms));
+  }
   boost::system::error_code ec;
   beast::get_lowest_layer(ws_).socket().close(ec);
 }

@@ -75,6 +75,12 @@ class WebSocketSession : public Session,
   bool close_sent_ = false;
   bool finished_ = false;
   bool opened_ = false;
+
+  // For the access log (strand only).
+  std::uint16_t close_code_ = 0;  // the code this side sent
+  std::uint64_t messages_in_ = 0, bytes_in_ = 0, messages_out_ = 0, bytes_out_ = 0;
+  std::chrono::steady_clock::time_point started_{};
+  std::string peer_;  // only with the access log on
 };
 
 }  // namespace pushbook::detail

@@ -33,7 +33,7 @@ def _server_binary():
 
 
 class Server:
-    def __init__(self, *extra):
+    def __init__(self, *extra, preexec_fn=None):
         # The default store (SQLite), in a directory of its own unless the test names a store.
         self.tmpdir = None
         store = []
@@ -43,7 +43,7 @@ class Server:
         self.proc = subprocess.Popen(
             [_server_binary(), "--port", "0", "--secret", SECRET, "--threads", "2",
              "--resource", "room-1:1", "--resource", "hall:1000", *store, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
         self.output = []
         for line in self.proc.stdout:  # the server prints where it listens, then serves
             self.output.append(line)

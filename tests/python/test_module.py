@@ -133,6 +133,45 @@ def test_holds(engine):
     wait_until(lambda: engine.get(short.booking_id).status == "expired")
 
 
+def test_limits_and_quotas_raise_clear_exceptions(bus):
+    engine = pushbook.BookingEngine(bus, max_hold=60, max_metadata_bytes=32, max_held_units_per_user=2)
+    try:
+        engine.add_resource("hall", 100)
+        with pytest.raises(pushbook.ValidationError, match="at most 32 are allowed"):
+            engine.submit(user="u1", resource="hall", metadata={"note": "x" * 40})
+        with pytest.raises(pushbook.ValidationError, match="from 1 ms to 60000 ms"):
+            engine.submit(user="u1", resource="hall", hold=61)
+        engine.submit(user="u1", resource="hall", quantity=2, hold=30)
+        with pytest.raises(pushbook.QuotaExceeded, match="holds 2 units") as refused:
+            engine.submit(user="u1", resource="hall", hold=30)
+        assert refused.value.code == "quota_exceeded"
+        engine.submit(user="u2", resource="hall", hold=30)  # another user's quota
+        assert engine.stats["quota_exceeded"] == 1
+        with pytest.raises(pushbook.ValidationError, match="max_hold"):
+            pushbook.BookingEngine(bus, max_hold=0)
+    finally:
+        engine.shutdown()
+
+
+def test_memory_store_forgets_finished_bookings_beyond_max_finished(bus):
+    engine = pushbook.BookingEngine(bus, store=pushbook.MemoryStore(max_finished=1))
+    try:
+        engine.add_resource("one", 1)
+        kept = engine.submit(user="u", resource="one")
+        assert decided(engine, kept.booking_id).status == "confirmed"
+        first = engine.submit(user="u", resource="one")
+        assert decided(engine, first.booking_id).status == "rejected"
+        second = engine.submit(user="u", resource="one")
+        assert decided(engine, second.booking_id).status == "rejected"
+        with pytest.raises(pushbook.NotFound):
+            engine.get(first.booking_id)
+        assert engine.get(kept.booking_id).status == "confirmed"
+        with pytest.raises(pushbook.ValidationError):
+            pushbook.MemoryStore(finished_retention=-1)
+    finally:
+        engine.shutdown()
+
+
 def test_publish_last_history_and_metadata(bus):
     assert bus.publish("t/1", {"a": [1, 2.5, None, True, "x"]}) == 1
     assert bus.publish("t/1", {"b": 2}) == 2

@@ -3,6 +3,7 @@ the browser client and demo tokens)."""
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -29,6 +30,11 @@ def run_server(*args):
     (["--secret", "s3cret"], "the secret must be at least 32 bytes, not 6"),
     (["--token-for", "alice", "--secret", "short"], "the secret must be at least 32 bytes, not 5"),
     (["--secret-file", "/nonexistent/secret"], "--secret-file: cannot read '/nonexistent/secret'"),
+    (["--slow-consumer", "sometimes"], "--slow-consumer is disconnect or drop, not 'sometimes'"),
+    (["--max-connections", "0"], "--max-connections must be at least 1"),
+    (["--idle-timeout-s", "0"], "--idle-timeout-s must be from 1 to 86400, not 0"),
+    (["--max-hold-s", "-5"], "--max-hold-s needs a non-negative number, not '-5'"),
+    (["--user-rate-limit", "many"], "--user-rate-limit needs a non-negative number, not 'many'"),
 ])
 def test_bad_options_get_clear_errors(args, message):
     done = run_server(*args)
@@ -107,7 +113,12 @@ def test_help_describes_every_option_with_its_default():
     assert done.returncode == 0
     for option in ("--port", "--bind", "--threads", "--workers", "--store", "--recovery", "--resource",
                    "--decision-delay-ms", "--decision-jitter-ms", "--secret", "--dev-insecure",
-                   "--allow-origin", "--static-dir", "--demo", "--demo-token-ttl-s", "--token-for", "--ttl-s"):
+                   "--allow-origin", "--static-dir", "--demo", "--demo-token-ttl-s", "--token-for", "--ttl-s",
+                   "--access-log", "--max-connections", "--user-rate-limit", "--user-rate-burst", "--rate-limit",
+                   "--rate-burst", "--max-message-bytes", "--max-body-bytes", "--max-subscriptions",
+                   "--max-queued-bytes", "--slow-consumer", "--handshake-timeout-ms", "--idle-timeout-s",
+                   "--max-long-poll-s", "--shutdown-timeout-s", "--max-queue", "--max-hold-s",
+                   "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
@@ -136,3 +147,96 @@ def test_secret_file_and_environment_keep_the_secret_off_the_command_line(tmp_pa
             assert json.load(answer)["user"] == "alice"
     finally:
         server.stop()
+
+
+def post_booking(port, token, body):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/bookings", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status, json.load(answer), dict(answer.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e), dict(e.headers)
+
+
+def test_limits_are_set_from_the_command_line():
+    server = Server("--store", "memory:", "--user-rate-limit", "1", "--user-rate-burst", "3",
+                    "--max-metadata-bytes", "32", "--max-hold-s", "60", "--max-held-units-per-user", "2")
+    try:
+        token = server.token("alice")
+        status, body, _ = post_booking(server.port, token, {"resource": "hall", "metadata": {"note": "x" * 40}})
+        assert status == 400 and "at most 32 are allowed" in body["error"]["message"]
+        status, body, _ = post_booking(server.port, token, {"resource": "hall", "hold_ms": 61000})
+        assert status == 400 and "60000 ms" in body["error"]["message"]
+        status, body, _ = post_booking(server.port, token, {"resource": "hall", "quantity": 3, "hold_ms": 1000})
+        assert status == 429 and body["error"]["code"] == "quota_exceeded"
+        status, body, headers = post_booking(server.port, token, {"resource": "hall"})
+        assert status == 429 and body["error"]["code"] == "rate_limited"
+        assert headers["Retry-After"] == "1"
+    finally:
+        server.stop()
+
+
+def test_access_log_lines_go_to_stderr_without_tokens():
+    server = Server("--store", "memory:", "--access-log")
+    try:
+        token = server.token("alice")
+        status, _, _ = post_booking(server.port, token, {"resource": "hall"})
+        assert status == 202
+    finally:
+        server.stop()
+    rest = server.proc.stdout.read()
+    lines = [line for line in rest.splitlines() if " access http " in line]
+    assert len(lines) == 1, rest
+    assert "user=alice" in lines[0] and "route=/v1/bookings status=202" in lines[0]
+    assert token not in rest
+
+
+def test_at_the_file_descriptor_limit_the_operator_is_told_once_per_period_not_per_failure():
+    import queue
+    import resource
+    import socket
+    import threading
+    import time
+
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server = Server("--store", "memory:", preexec_fn=low_fd_limit)
+    lines = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in server.proc.stdout], daemon=True)
+    reader.start()
+    clients = []
+    seen = []
+    try:
+        # More connections than the server has descriptors for: it accepts until EMFILE, then backs
+        # off (100 ms at a time) while the rest wait in the listen backlog.
+        for _ in range(90):
+            clients.append(socket.create_connection(("127.0.0.1", server.port)))
+        deadline = time.monotonic() + 10
+        while not any("accept failed" in line for line in seen):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        # The backoff retries (and fails) every 100 ms while the descriptors stay taken: let it
+        # fail several times within one logging period (10 s).
+        time.sleep(1)
+        for c in clients:
+            c.close()
+        clients = []
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+        count = int(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith("pushbook_accept_failures_total ")))
+        assert count >= 3
+        assert "pushbook_fd_limit 64\n" in metrics
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+    reader.join(timeout=10)
+    while not lines.empty():
+        seen.append(lines.get())
+    warnings = [line for line in seen if "accept failed" in line]
+    assert len(warnings) == 1, "".join(seen)  # one line for all of them, not one per failure
+    assert "accept failed 1 time(s)" in warnings[0]
+    assert "file limit 64" in warnings[0] and "ulimit -n" in warnings[0]

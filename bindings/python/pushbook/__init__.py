@@ -8,7 +8,7 @@ import collections as _collections
 
 from . import _core
 from ._types import (AlreadyExists, Error, IdempotencyConflict, InvalidTransition, NotFound,
-                     Overloaded, Reason, Status, Unauthorized, ValidationError)
+                     Overloaded, QuotaExceeded, Reason, Status, Unauthorized, ValidationError)
 
 __version__ = _core.__version__
 
@@ -52,15 +52,23 @@ class BookingEngine(_core.BookingEngine):
     """Validates, ACKs, decides on a worker pool, never overbooks, publishes every state change.
 
     ``BookingEngine(bus, workers=2, handler=None, loop=None, handler_timeout=10.0,
-    max_queue=65536, idempotency_window=86400.0, store=None, recovery="requeue")``.
+    max_queue=65536, idempotency_window=86400.0, store=None, recovery="requeue", max_hold=900.0,
+    max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0)``.
+
+    The limits a public service needs: ``max_hold`` (seconds) is the longest hold a booking may ask
+    for, ``max_metadata_bytes`` the largest metadata (as JSON); ``max_in_flight_per_user`` and
+    ``max_held_units_per_user`` are per-user quotas (0: none) whose excess raises QuotaExceeded.
     """
 
     # Python signatures over the extension's calls: inspect.signature() and help() show them.
     def __init__(self, bus, workers=2, handler=None, loop=None, handler_timeout=10.0, max_queue=65536,
-                 idempotency_window=86400.0, store=None, recovery="requeue"):
+                 idempotency_window=86400.0, store=None, recovery="requeue", max_hold=900.0,
+                 max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0):
         super().__init__(bus, workers=workers, handler=handler, loop=loop, handler_timeout=handler_timeout,
                          max_queue=max_queue, idempotency_window=idempotency_window, store=store,
-                         recovery=recovery)
+                         recovery=recovery, max_hold=max_hold, max_metadata_bytes=max_metadata_bytes,
+                         max_in_flight_per_user=max_in_flight_per_user,
+                         max_held_units_per_user=max_held_units_per_user)
         self._bus = bus
 
     def add_resource(self, resource_id, capacity):
@@ -243,6 +251,6 @@ class PushGateway(_core.PushGateway):
 __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
     "IdempotencyConflict", "InvalidTransition", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
-    "PushGateway", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
+    "PushGateway", "QuotaExceeded", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
     "ValidationError", "__version__", "open_store", "sign_token",
 ]

@@ -64,6 +64,11 @@ class Overloaded(Error):
     """A bounded queue is full, or the component is shutting down: back off and retry."""
 
 
+class QuotaExceeded(Error):
+    """A per-user quota (bookings being decided, units held) is used up: retry once some are
+    decided."""
+
+
 class Unauthorized(Error):
     """Missing or bad credentials, or not allowed."""
 
@@ -71,6 +76,6 @@ class Unauthorized(Error):
 # Shown as pushbook.NotFound (not pushbook._types.NotFound) in tracebacks and reprs: the package
 # is where users import them from.
 for _cls in (Status, Reason, Error, ValidationError, NotFound, AlreadyExists, IdempotencyConflict,
-             InvalidTransition, Overloaded, Unauthorized):
+             InvalidTransition, Overloaded, QuotaExceeded, Unauthorized):
     _cls.__module__ = "pushbook"
 del _cls
