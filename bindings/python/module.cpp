@@ -20,6 +20,7 @@
 #include <boost/json.hpp>
 
 #include <atomic>
+#include <condition_variable>
 #include <mutex>
 #include <set>
 
@@ -31,6 +32,54 @@ using namespace pushbook;
 namespace {
 
 std::atomic<bool> finalizing{false};
+
+// Every call into Python from a C++ thread (a bus callback, a handler, a future's result, a log
+// line, dropping a reference) passes this gate. At interpreter exit _shutdown_all closes it and
+// waits, without the GIL, for the calls already through: after that no C++ thread takes the GIL,
+// and none is left waiting for it when the interpreter finalizes (a callback that had checked
+// `finalizing` and then waited for the GIL used to run inside a finalizing interpreter).
+struct PythonGate {
+  std::mutex mutex;
+  std::condition_variable idle;
+  std::size_t inside = 0;
+  bool closed = false;
+};
+PythonGate& python_gate() {
+  static auto* gate = new PythonGate;  // never destroyed: used during interpreter exit
+  return *gate;
+}
+
+// A pass through the gate for one call into Python: `if (!call) return;` then take the GIL.
+class PythonCall {
+ public:
+  PythonCall() {
+    auto& g = python_gate();
+    std::lock_guard lock(g.mutex);
+    if (g.closed) return;
+    ++g.inside;
+    entered_ = true;
+  }
+  ~PythonCall() {
+    if (!entered_) return;
+    auto& g = python_gate();
+    std::lock_guard lock(g.mutex);
+    if (--g.inside == 0) g.idle.notify_all();
+  }
+  PythonCall(const PythonCall&) = delete;
+  PythonCall& operator=(const PythonCall&) = delete;
+  explicit operator bool() const { return entered_; }
+
+ private:
+  bool entered_ = false;
+};
+
+// Closes the gate and waits for the calls inside. Call without the GIL.
+void close_python_gate() {
+  auto& g = python_gate();
+  std::unique_lock lock(g.mutex);
+  g.closed = true;
+  g.idle.wait(lock, [&] { return g.inside == 0; });
+}
 
 // --- JSON <-> Python -------------------------------------------------------------------------
 
@@ -149,7 +198,8 @@ struct PyRef {
   explicit PyRef(py::object o) : obj(std::move(o)) {}
   ~PyRef() {
     if (!obj) return;
-    if (finalizing.load() || !Py_IsInitialized()) {
+    PythonCall call;
+    if (!call || finalizing.load() || !Py_IsInitialized()) {
       obj.release();  // the interpreter is going: leak rather than touch it
       return;
     }
@@ -195,6 +245,8 @@ void shutdown_all() {
   py::gil_scoped_release release;
   for (auto& g : gateways) g->stop();
   for (auto& e : engines) e->shutdown();
+  // Last: the handlers of the bookings in flight ran above; from here no C++ thread enters Python.
+  close_python_gate();
 }
 
 // --- Python-facing types ---------------------------------------------------------------------
@@ -297,7 +349,8 @@ BookingHandler make_handler(py::object fn, py::object loop) {
   auto fn_ref = std::make_shared<PyRef>(std::move(fn));
   auto loop_ref = std::make_shared<PyRef>(std::move(loop));
   return [fn_ref, loop_ref](const Booking& b, Completion done) {
-    if (finalizing.load()) return (void)done(Decision::error("interpreter shutting down"));
+    PythonCall call;
+    if (!call || finalizing.load()) return (void)done(Decision::error("interpreter shutting down"));
     py::gil_scoped_acquire gil;
     std::optional<Decision> decision;  // delivered after the GIL-holding part
     try {
@@ -350,6 +403,8 @@ LogFunction python_log() {
     static constexpr int levels[] = {10, 20, 30, 40};  // logging.DEBUG, INFO, WARNING, ERROR
     const int python_level = levels[static_cast<int>(level)];
     if (python_level < threshold || finalizing.load()) return;
+    PythonCall call;
+    if (!call) return;
     py::gil_scoped_acquire gil;
     try {
       logger->obj.attr("log")(python_level, "%s", std::string(line));
@@ -550,7 +605,8 @@ PYBIND11_MODULE(_core, m) {
             auto fn = std::make_shared<PyRef>(std::move(callback));
             auto errors = out->errors;
             auto cb = [fn, errors](const Delivery& d) {
-              if (finalizing.load()) return;
+              PythonCall call;
+              if (!call || finalizing.load()) return;
               py::gil_scoped_acquire gil;
               try {
                 fn->obj(make_event(d));
@@ -739,7 +795,8 @@ PYBIND11_MODULE(_core, m) {
                 // Resolved on a thread of the module's own, not the store's: the future's
                 // done-callbacks run there and may call the engine, which waits for the store.
                 futures_pool().post([future, a = std::move(a)]() mutable {
-                  if (finalizing.load()) return;
+                  PythonCall call;
+                  if (!call || finalizing.load()) return;
                   py::gil_scoped_acquire gil;
                   try {
                     if (a)

@@ -358,7 +358,7 @@ def test_gateway_end_to_end_with_a_websockets_client(bus, engine):
 SHUTDOWN_SCRIPT = r"""
 import threading, pushbook
 bus = pushbook.LocalBus()
-engine = pushbook.BookingEngine(bus, workers=2, handler=lambda req: True)
+engine = pushbook.BookingEngine(bus, workers=2, handler=lambda req: True, max_in_flight_per_user=0)
 engine.add_resource("r", capacity=100000)
 sub = bus.subscribe("user/u", lambda ev: None)
 gw = pushbook.PushGateway(bus, engine, secret="x")
@@ -374,6 +374,30 @@ def test_interpreter_exit_with_live_objects_and_callbacks_in_flight():
     r = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "exiting with live objects" in r.stdout
+
+
+EXIT_WITH_A_BACKLOG_SCRIPT = r"""
+import time, pushbook
+bus = pushbook.LocalBus()
+seen = []
+def slow(ev):
+    seen.append(ev.seq)
+    time.sleep(0.0005)
+sub = bus.subscribe("t/x", slow, max_queue=100000)  # never cancelled
+for i in range(20000):
+    bus.publish("t/x", {"i": i})
+print("exiting with", len(seen), "of 20000 delivered", flush=True)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_interpreter_exit_while_a_subscription_callback_has_a_backlog(attempt):
+    # The delivery thread is still calling `slow` when the interpreter exits: _shutdown_all waits
+    # for the call in progress and lets no other start (it used to crash now and then).
+    r = subprocess.run([sys.executable, "-c", EXIT_WITH_A_BACKLOG_SCRIPT], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "of 20000 delivered" in r.stdout
 
 
 def test_dropping_the_bus_an_engine_uses_is_safe():
