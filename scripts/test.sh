@@ -9,7 +9,9 @@
 #      builds two consumer projects against it: find_package() on the installed static library,
 #      add_subdirectory() as a shared library
 #   4. runs every test again under AddressSanitizer + UndefinedBehaviorSanitizer
-#   5. runs the concurrency tests under ThreadSanitizer
+#   5. the libFuzzer targets (scripts/fuzz.sh, clang): each over its seed corpus for a fixed number
+#      of runs, under ASan + UBSan
+#   6. runs the concurrency tests under ThreadSanitizer
 # Set PUSHBOOK_SKIP_SANITIZERS=1 to stop after step 3 (quick local runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,17 +40,17 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
 
-step "1/5 build (-Werror) and run all tests"
+step "1/6 build (-Werror) and run all tests"
 mkdir -p build
 run_step "tests" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
   configure_build build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPUSHBOOK_BUILD_TESTS=ON \
     -DPUSHBOOK_BUILD_EXAMPLES=ON -DPUSHBOOK_BUILD_BENCH=ON &&
   ctest --test-dir build --output-on-failure -j $jobs"
 
-step "2/5 browser tests (headless Chromium + playwright-core)"
+step "2/6 browser tests (headless Chromium + playwright-core)"
 run_step "browser" env PUSHBOOK_SERVER="$root/build/bin/pushbook-server" bash scripts/browser-test.sh
 
-step "3/5 consumer projects: find_package (installed, static) and add_subdirectory (shared)"
+step "3/6 consumer projects: find_package (installed, static) and add_subdirectory (shared)"
 run_step "consumers" bash -c "
   set -e
   rm -rf build/_install build/consumer-find build/consumer-sub
@@ -64,7 +66,7 @@ run_step "consumers" bash -c "
   build/consumer-sub/consumer"
 
 if [ "${PUSHBOOK_SKIP_SANITIZERS:-0}" != 1 ]; then
-  step "4/5 AddressSanitizer + UndefinedBehaviorSanitizer: all tests"
+  step "4/6 AddressSanitizer + UndefinedBehaviorSanitizer: all tests"
   mkdir -p build-asan
   run_step "asan+ubsan" bash -c "$(declare -f configure_build); root='$root'; jobs=$jobs;
     configure_build build-asan -DCMAKE_BUILD_TYPE=Debug -DPUSHBOOK_SANITIZE=address,undefined \
@@ -72,7 +74,10 @@ if [ "${PUSHBOOK_SKIP_SANITIZERS:-0}" != 1 ]; then
       -DPUSHBOOK_BUILD_PYTHON=OFF &&
     ctest --test-dir build-asan --output-on-failure -j $jobs"
 
-  step "5/5 ThreadSanitizer: concurrency tests"
+  step "5/6 libFuzzer targets, short runs (scripts/fuzz.sh)"
+  run_step "fuzz" bash scripts/fuzz.sh
+
+  step "6/6 ThreadSanitizer: concurrency tests"
   mkdir -p build-tsan
   # setarch -R: GCC 12's TSan runtime cannot map its shadow memory with the high ASLR entropy of
   # recent kernels; running without address randomisation avoids that.

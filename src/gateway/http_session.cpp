@@ -27,19 +27,7 @@ namespace websocket = beast::websocket;
 
 namespace {
 
-constexpr std::size_t header_limit = 16 * 1024;
-// The most unparsed bytes one connection may hold. The parser consumes body bytes as they come
-// (bounded by max_body_bytes), so only a single syntactic element waits here: a request head
-// (header_limit), a chunk-size line with its extensions, or a trailer field. Beyond this the read
-// fails with http::error::buffer_overflow and the client gets 431 (head) or 413 (body).
-constexpr std::size_t read_buffer_limit = 2 * header_limit;
 constexpr std::string_view server_name = "pushbook";
-
-std::optional<std::string> query_param(const boost::urls::url_view& url, std::string_view key) {
-  for (auto p : url.params())
-    if (p.key == key) return std::string(p.value);
-  return std::nullopt;
-}
 
 bool origin_allowed(const GatewayContext& ctx, const Request& req) {
   if (ctx.options.allowed_origins.empty()) return true;
@@ -49,12 +37,6 @@ bool origin_allowed(const GatewayContext& ctx, const Request& req) {
   for (const auto& allowed : ctx.options.allowed_origins)
     if (origin == allowed) return true;
   return false;
-}
-
-std::string trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-  return std::string(s);
 }
 
 std::string etag_of(const Booking& b) { return fmt::format("\"{}.{}\"", b.id, b.version); }
@@ -78,46 +60,6 @@ std::string_view content_type_for(std::string_view path) {
 }
 
 }  // namespace
-
-result<Identity> authenticate(const GatewayContext& ctx, const Request& req, const boost::urls::url_view& url,
-                              bool allow_subprotocol) {
-  std::string token;
-  if (auto it = req.find(http::field::authorization); it != req.end()) {
-    const std::string_view v = it->value();
-    if (v.size() < 7 || (v.substr(0, 7) != "Bearer " && v.substr(0, 7) != "bearer "))
-      return Error(errc::unauthorized, "Authorization must be \"Bearer <token>\"");
-    token = trim(v.substr(7));
-  }
-  if (token.empty()) {
-    if (auto t = query_param(url, "access_token")) token = *t;
-  }
-  if (token.empty() && allow_subprotocol) {
-    if (auto it = req.find(http::field::sec_websocket_protocol); it != req.end()) {
-      std::string_view list = it->value();
-      while (!list.empty()) {
-        const auto comma = list.find(',');
-        const auto item = trim(list.substr(0, comma));
-        if (item.starts_with("bearer.")) token = item.substr(7);
-        list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
-      }
-    }
-  }
-  if (!token.empty()) {
-    auto claims = ctx.verify(token);
-    if (!claims) return claims.error();
-    return Identity{claims->subject, claims->expires_at};
-  }
-  if (ctx.options.dev_insecure) {
-    std::string user;
-    user = query_param(url, "user").value_or("");
-    if (user.empty())
-      if (auto it = req.find("X-Pushbook-User"); it != req.end()) user = std::string(it->value());
-    if (is_valid_id(user)) return Identity{user, std::nullopt};
-    return Error(errc::unauthorized, "dev mode: name the user with ?user=<id> or X-Pushbook-User");
-  }
-  return Error(errc::unauthorized,
-               "missing token: send \"Authorization: Bearer <jwt>\" (or access_token=<jwt> in the query)");
-}
 
 HttpSession::HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse)
     : core_(std::move(core)), stream_(std::move(socket)), buffer_(read_buffer_limit), refuse_(refuse) {
@@ -356,39 +298,12 @@ void HttpSession::handle(Request&& req) {
       return send(error_response(req, http::status::forbidden, "forbidden",
                                  fmt::format("you may not subscribe to '{}'", *topic)),
                   "/v1/events");
-    // Resume point: Last-Event-ID ("EPOCH:SEQ" as sent in "id:", or a bare SEQ), else ?since=SEQ
-    // with an optional ?epoch=EPOCH.
-    std::string since_text, epoch_text;
-    if (auto it = req.find("Last-Event-ID"); it != req.end()) {
-      since_text = std::string(it->value());
-      if (auto colon = since_text.find(':'); colon != std::string::npos) {
-        epoch_text = since_text.substr(0, colon);
-        since_text.erase(0, colon + 1);
-        if (epoch_text.empty()) epoch_text = "-";  // refused below
-      }
-    } else {
-      since_text = query_param(*url, "since").value_or("");
-      epoch_text = query_param(*url, "epoch").value_or("");
-    }
-    std::optional<std::uint64_t> since;
-    std::optional<std::uint32_t> epoch;
-    if (!since_text.empty()) {
-      std::uint64_t n = 0;
-      const auto [end, err] = std::from_chars(since_text.data(), since_text.data() + since_text.size(), n);
-      if (err != std::errc() || end != since_text.data() + since_text.size())
-        return send(error_response(req, http::status::bad_request, "bad_request",
-                                   "Last-Event-ID / since must be a sequence number (EPOCH:SEQ or SEQ)"),
-                    "/v1/events");
-      since = n;
-    }
-    if (!epoch_text.empty() && !(epoch = parse_epoch(epoch_text)))
-      return send(error_response(req, http::status::bad_request, "bad_request",
-                                 "the epoch of Last-Event-ID / ?epoch= must be 8 hex digits"),
-                  "/v1/events");
+    auto resume = resume_point(req, *url);
+    if (!resume) return send(error_response(req, resume.error()), "/v1/events");
     core_->metrics.count_request("/v1/events", 200);
     handed_over_ = true;
     auto sse = std::make_shared<SseSession>(core_, std::move(stream_));
-    sse->run(req.version(), *topic, since, epoch, who->user);
+    sse->run(req.version(), *topic, resume->since, resume->epoch, who->user);
     return;
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
@@ -479,28 +394,14 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
   std::string if_none_match;
   if (auto it = req.find(http::field::if_none_match); it != req.end())
     if_none_match = std::string(it->value());
-  std::chrono::seconds wait{0};
-  for (auto p : url.params()) {
-    if (p.key != "wait") continue;
-    try {
-      std::size_t used = 0;
-      const double seconds = std::stod(std::string(p.value), &used);
-      if (used != p.value.size() || std::isnan(seconds) || seconds < 0) throw std::invalid_argument("wait");
-      // Capped before the conversion: inf or 1e300 seconds is "as long as allowed", not undefined.
-      const double cap = static_cast<double>(ctx.options.max_long_poll.count());
-      wait = std::chrono::seconds(static_cast<std::int64_t>(std::min(seconds, cap)));
-    } catch (...) {
-      return send(
-          error_response(req, http::status::bad_request, "bad_request", "wait must be a number of seconds"),
-          route);
-    }
-  }
+  const auto wait = long_poll_wait(url, ctx.options.max_long_poll);
+  if (!wait) return send(error_response(req, wait.error()), route);
   const bool client_is_current = if_none_match == etag;
   // Long-poll while the client already has this version (If-None-Match), or, without one, while
   // the booking is still being decided.
-  if (wait.count() > 0 &&
+  if (wait->count() > 0 &&
       (client_is_current || (if_none_match.empty() && booking->status == BookingStatus::processing)))
-    return start_long_poll(req, *booking, wait);
+    return start_long_poll(req, *booking, *wait);
   if (client_is_current) {
     Response res{http::status::not_modified, req.version()};
     res.set(http::field::server, server_name);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "gateway/core.hpp"
+#include "gateway/http_request.hpp"
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -17,23 +18,7 @@
 
 namespace pushbook::detail {
 
-namespace beast = boost::beast;
-namespace http = beast::http;
-using Request = http::request<http::string_body>;
 using Response = http::response<http::string_body>;
-
-/// Who a request comes from.
-struct Identity {
-  std::string user;
-  std::optional<std::chrono::system_clock::time_point> expires;
-};
-
-/// Authenticates a request: Authorization: Bearer, the access_token query parameter, or (for
-/// WebSocket upgrades) a "bearer.<token>" entry of Sec-WebSocket-Protocol; in dev_insecure mode
-/// also ?user= and X-Pushbook-User.
-/// `url` is the request's target, parsed.
-result<Identity> authenticate(const GatewayContext& ctx, const Request& req, const boost::urls::url_view& url,
-                              bool allow_subprotocol);
 
 class HttpSession : public Session, public std::enable_shared_from_this<HttpSession> {
  public:
