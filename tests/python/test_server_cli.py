@@ -1,8 +1,14 @@
-"""pushbook-server's command line: clear errors for bad options, --token-for, and --demo (the page,
-the browser client and demo tokens)."""
+"""pushbook-server's command line: clear errors for bad options, --token-for, --demo (the page,
+the browser client and demo tokens), and --keys with its reload on SIGHUP."""
+import base64
 import json
 import os
+import queue
+import re
+import signal
 import subprocess
+import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -107,7 +113,8 @@ def test_help_describes_every_option_with_its_default():
     assert done.returncode == 0
     for option in ("--port", "--bind", "--threads", "--workers", "--store", "--recovery", "--resource",
                    "--decision-delay-ms", "--decision-jitter-ms", "--secret", "--dev-insecure",
-                   "--allow-origin", "--static-dir", "--demo", "--demo-token-ttl-s", "--token-for", "--ttl-s"):
+                   "--allow-origin", "--static-dir", "--demo", "--demo-token-ttl-s", "--token-for", "--ttl-s",
+                   "--keys", "--secret-file"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
@@ -136,3 +143,96 @@ def test_secret_file_and_environment_keep_the_secret_off_the_command_line(tmp_pa
             assert json.load(answer)["user"] == "alice"
     finally:
         server.stop()
+
+
+def _jwks_file(path, *keys):
+    """Writes a JWKS of HS256 keys: (kid, secret, signs) each."""
+    def b64url(raw):
+        return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
+    path.write_text(json.dumps({"keys": [
+        {"kty": "oct", "kid": kid, "k": b64url(secret), **({} if signs else {"key_ops": ["verify"]})}
+        for kid, secret, signs in keys]}))
+
+
+def _kid_of(token):
+    header = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keys", "/nonexistent/keys.json"], "cannot read /nonexistent/keys.json"),
+    (["--keys", "KEYS", "--secret", "s" * 32], "give --secret (or --secret-file) or --keys, not both"),
+    (["--keys", "SHORT"], 'the HS256 key "short" has 8 bytes; at least 32 are needed'),
+    (["--keys", "BROKEN"], 'key "x": no "k"'),
+])
+def test_bad_keys_files_get_clear_errors(tmp_path, args, message):
+    _jwks_file(tmp_path / "keys.json", ("k1", "a" * 32, True))
+    _jwks_file(tmp_path / "short.json", ("short", "8 bytes!", True))
+    (tmp_path / "broken.json").write_text('{"keys":[{"kty":"oct","kid":"x"}]}')
+    files = {"KEYS": "keys.json", "SHORT": "short.json", "BROKEN": "broken.json"}
+    done = run_server(*[str(tmp_path / files[a]) if a in files else a for a in args])
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_keys_file_rotation_with_sighup(tmp_path):
+    """--keys: the token's kid picks the key; SIGHUP reloads the file, a bad file keeps the keys
+    in use; a token of a key removed from the file is refused from then on."""
+    keys = tmp_path / "keys.json"
+    old, new = ("k1", "the-first-secret-of-32-bytes-or-more"), ("k2", "the-second-secret-of-32-bytes-or-more")
+    _jwks_file(keys, (*old, True))
+
+    def token_for(user):
+        done = run_server("--token-for", user, "--keys", str(keys))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    proc = subprocess.Popen([_server_binary(), "--port", "0", "--keys", str(keys), "--store", "memory:",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def next_line_with(text):
+        while True:
+            line = lines.get(timeout=10)  # queue.Empty fails the test after 10 s
+            if text in line:
+                return line
+
+    def whoami(token):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/whoami",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", next_line_with("pushbook-server listening on")).group(1))
+        first = token_for("alice")
+        assert _kid_of(first) == "k1"
+        assert whoami(first) == (200, {"user": "alice", "expires_at": whoami(first)[1]["expires_at"]})
+
+        # 1. The new key signs, the old one still verifies.
+        _jwks_file(keys, (*old, False), (*new, True))
+        proc.send_signal(signal.SIGHUP)
+        assert f"SIGHUP: 2 keys loaded from {keys}" in next_line_with("SIGHUP")
+        second = token_for("bob")
+        assert _kid_of(second) == "k2"
+        assert whoami(first)[0] == 200 and whoami(second)[0] == 200
+
+        # 2. A file that does not load changes nothing.
+        keys.write_text('{"keys": [')
+        proc.send_signal(signal.SIGHUP)
+        assert "the keys in use stay" in next_line_with("SIGHUP")
+        assert whoami(first)[0] == 200
+
+        # 3. The old key goes: its tokens are refused, the new key's work.
+        _jwks_file(keys, (*new, True))
+        proc.send_signal(signal.SIGHUP)
+        assert f"SIGHUP: 1 keys loaded from {keys}" in next_line_with("SIGHUP")
+        assert whoami(first) == (401, {"error": {"code": "unauthorized", "message": 'unknown key id "k1"'}})
+        assert whoami(second)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
