@@ -2,14 +2,16 @@
 //
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
 //                   [--store URL] [--recovery requeue|reject]
-//                   [--resource ID:CAPACITY]... [--secret S | --dev-insecure]
+//                   [--resource ID:CAPACITY]... [--secret S | --keys FILE | --dev-insecure]
 //                   [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...
 //                   [--static-dir DIR] [--demo [--demo-token-ttl-s N]]
-//   pushbook-server --token-for USER [--secret S] [--ttl-s N]    print a client token and exit
+//   pushbook-server --token-for USER [--secret S | --keys FILE] [--ttl-s N]   print a client token
 //
 // --demo serves the demo page (web/: index.html and the browser client pushbook.js) at "/" and
 // hands each visitor a short-lived token (POST /v1/demo/token); it makes up a secret when none is
-// given. The secret may also come from PUSHBOOK_SECRET. SIGINT and SIGTERM stop it gracefully.
+// given. The secret may also come from PUSHBOOK_SECRET. --keys FILE verifies tokens with the keys
+// of a JWKS file instead (HS256 secrets, an identity provider's RS256/ES256 public keys, by kid);
+// SIGHUP reloads it. SIGINT and SIGTERM stop it gracefully.
 //
 // --store: where bookings are kept. The default is the SQLite file pushbook.db in the current
 // directory (a booking ACKed is stored; a restart recovers everything); "sqlite:PATH?sync=full"
@@ -53,6 +55,7 @@ struct Options {
   int decision_delay_ms = 0;
   int decision_jitter_ms = 0;
   std::string token_for;
+  std::string keys_file;
   long ttl_s = 3600;
   bool demo = false;
   long demo_ttl_s = 600;
@@ -73,11 +76,12 @@ std::string demo_web_dir() {
 constexpr const char* synopsis =
     "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
     "                       [--store URL] [--recovery requeue|reject]\n"
-    "                       [--resource ID:CAPACITY]... [--secret S | --secret-file F | --dev-insecure]\n"
+    "                       [--resource ID:CAPACITY]...\n"
+    "                       [--secret S | --secret-file F | --keys FILE | --dev-insecure]\n"
     "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
     "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]] [--access-log]\n"
     "                       [limits: --max-connections N, --user-rate-limit N, ... (see --help)]\n"
-    "       pushbook-server --token-for USER [--secret S] [--ttl-s N]\n";
+    "       pushbook-server --token-for USER [--secret S | --keys FILE] [--ttl-s N]\n";
 
 // --help: every option with its default; a usage error: the synopsis and where to look.
 [[noreturn]] void usage(int code) {
@@ -112,6 +116,12 @@ constexpr const char* synopsis =
       "                      to every user of the machine (/proc/PID/cmdline): prefer the\n"
       "                      PUSHBOOK_SECRET environment variable (the default) or --secret-file\n"
       "  --secret-file FILE  read the secret from FILE (a trailing newline is dropped)\n"
+      "  --keys FILE         verify tokens with the keys of FILE instead of one secret: a JWKS\n"
+      "                      ({{\"keys\":[...]}}) of HS256 secrets (kty oct, at least 32 bytes),\n"
+      "                      RSA (RS256) and EC P-256 (ES256) public keys, chosen by each token's\n"
+      "                      kid (docs/protocol.md, \"Keys\"). SIGHUP reloads it: rotation without\n"
+      "                      a restart (a bad file is reported and the keys in use stay).\n"
+      "                      PUSHBOOK_SECRET is ignored with --keys\n"
       "  --dev-insecure      no tokens: clients name themselves with ?user= (development only)\n"
       "  --allow-origin O    a browser Origin allowed to connect, repeatable (default: any)\n"
       "  --static-dir DIR    serve the files of DIR at / (default: none; --demo serves web/)\n"
@@ -150,9 +160,10 @@ constexpr const char* synopsis =
       "                      0: none); beyond, 429 quota_exceeded\n"
       "  --max-held-units-per-user N  units a user may hold at once (default 100; 0: none)\n"
       "\nTokens:\n"
-      "  --token-for USER    print a client token for USER signed with --secret, and exit\n"
+      "  --token-for USER    print a client token for USER signed with --secret (or with the\n"
+      "                      signing HS256 key of --keys, its kid in the header), and exit\n"
       "  --ttl-s N           its lifetime in seconds (default 3600)\n"
-      "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001).\n"
+      "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001); SIGHUP reloads --keys.\n"
       "\nExample:\n"
       "  export PUSHBOOK_SECRET=$(head -c 32 /dev/urandom | base64)\n"
       "  pushbook-server --port 8080 --resource room-101:5 --decision-delay-ms 20\n"
@@ -167,6 +178,7 @@ Options parse(int argc, char** argv) {
   Options o;
   o.gateway.port = 8080;
   if (const char* s = std::getenv("PUSHBOOK_SECRET")) o.gateway.secret = s;
+  bool explicit_secret = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
     auto value = [&]() -> std::string {
@@ -279,9 +291,11 @@ Options parse(int argc, char** argv) {
       }
     } else if (a == "--workers")
       o.workers = static_cast<std::size_t>(number());
-    else if (a == "--secret")
+    else if (a == "--secret") {
       o.gateway.secret = value();
-    else if (a == "--secret-file") {
+      explicit_secret = true;
+    } else if (a == "--secret-file") {
+      explicit_secret = true;
       const auto path = value();
       std::ifstream file(path);
       if (!file) {
@@ -291,7 +305,9 @@ Options parse(int argc, char** argv) {
       std::string secret((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
       while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r')) secret.pop_back();
       o.gateway.secret = std::move(secret);
-    } else if (a == "--dev-insecure")
+    } else if (a == "--keys")
+      o.keys_file = value();
+    else if (a == "--dev-insecure")
       o.gateway.dev_insecure = true;
     else if (a == "--decision-delay-ms")
       o.decision_delay_ms = milliseconds();
@@ -326,6 +342,13 @@ Options parse(int argc, char** argv) {
       usage(2);
     }
   }
+  if (!o.keys_file.empty()) {
+    if (explicit_secret) {
+      fmt::print(stderr, "give --secret (or --secret-file) or --keys, not both\n");
+      usage(2);
+    }
+    o.gateway.secret.clear();  // PUSHBOOK_SECRET: the keys file says which keys are good
+  }
   // A short HS256 secret is guessable offline from any one token: at least 32 bytes, as for a
   // key (RFC 7518 asks for at least the hash's size). Development mode needs none.
   if (!o.gateway.secret.empty() && o.gateway.secret.size() < 32 && !o.gateway.dev_insecure) {
@@ -342,7 +365,8 @@ Options parse(int argc, char** argv) {
     }
     o.gateway.demo_token_ttl = std::chrono::seconds(o.demo_ttl_s);
     if (o.gateway.static_dir.empty()) o.gateway.static_dir = demo_web_dir();
-    if (o.gateway.secret.empty() && o.token_for.empty()) {  // --token-for needs the server's real secret
+    if (o.gateway.secret.empty() && o.keys_file.empty() &&
+        o.token_for.empty()) {  // --token-for needs the server's real secret
       std::random_device rd;
       for (int i = 0; i < 4; ++i) o.gateway.secret += fmt::format("{:08x}", rd());
     }
@@ -350,28 +374,75 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
+// The keys of a --keys file, refused when an HS256 secret in it is shorter than --secret may be.
+pushbook::result<std::shared_ptr<const pushbook::KeySet>> load_keys(const std::string& path) {
+  auto keys = pushbook::KeySet::load_file(path);
+  if (!keys) return keys.error();
+  for (const auto& key : keys->keys())
+    if (key.algorithm == pushbook::TokenAlgorithm::hs256 && key.bits < 256)
+      return pushbook::Error(pushbook::errc::bad_request,
+                             fmt::format("{}: the HS256 key \"{}\" has {} bytes; at least 32 are needed",
+                                         path, key.kid, key.bits / 8));
+  return std::make_shared<const pushbook::KeySet>(std::move(*keys));
+}
+
+// SIGHUP: the --keys file again. A file that does not load leaves the keys in use as they were.
+void reload_keys(pushbook::PushGateway& gateway, const std::string& path) {
+  if (path.empty()) {
+    fmt::print("pushbook-server: SIGHUP received; no --keys file to reload\n");
+  } else if (auto keys = load_keys(path); !keys) {
+    fmt::print(stderr, "pushbook-server: SIGHUP: {}; the keys in use stay\n", keys.error().message);
+  } else {
+    const auto count = (*keys)->size();
+    if (auto set = gateway.set_keys(std::move(*keys)); !set)
+      fmt::print(stderr, "pushbook-server: SIGHUP: {}: {}; the keys in use stay\n", path,
+                 set.error().message);
+    else
+      fmt::print("pushbook-server: SIGHUP: {} keys loaded from {}\n", count, path);
+  }
+  std::fflush(stdout);
+  std::fflush(stderr);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   auto opt = parse(argc, argv);
-  if (!opt.token_for.empty()) {
-    if (opt.gateway.secret.empty()) {
-      fmt::print(stderr, "--token-for needs --secret or PUSHBOOK_SECRET\n");
+  if (!opt.keys_file.empty()) {
+    auto keys = load_keys(opt.keys_file);
+    if (!keys) {
+      fmt::print(stderr, "pushbook-server: --keys {}\n", keys.error().message);
       return 2;
     }
-    fmt::print("{}\n", pushbook::sign_token(
-                           opt.token_for, std::chrono::system_clock::now() + std::chrono::seconds(opt.ttl_s),
-                           opt.gateway.secret));
+    opt.gateway.keys = std::move(*keys);
+  }
+  if (!opt.token_for.empty()) {
+    const auto expires = std::chrono::system_clock::now() + std::chrono::seconds(opt.ttl_s);
+    if (opt.gateway.keys) {
+      auto token = pushbook::sign_token(opt.token_for, expires, *opt.gateway.keys);
+      if (!token) {
+        fmt::print(stderr, "--token-for: --keys {}: {}\n", opt.keys_file, token.error().message);
+        return 2;
+      }
+      fmt::print("{}\n", *token);
+      return 0;
+    }
+    if (opt.gateway.secret.empty()) {
+      fmt::print(stderr, "--token-for needs --secret or PUSHBOOK_SECRET (or --keys)\n");
+      return 2;
+    }
+    fmt::print("{}\n", pushbook::sign_token(opt.token_for, expires, opt.gateway.secret));
     return 0;
   }
 
-  // Block the stop signals in every thread, set before any thread starts (the store's writer
-  // too); main waits for them with sigwait below.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // Block the signals main waits for with sigwait below in every thread, set before any thread
+  // starts (the store's writer too): the stop signals, and SIGHUP, which reloads --keys.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   auto store = pushbook::open_store(opt.store);
   if (!store) {
@@ -425,7 +496,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
 
     int sig = 0;
-    sigwait(&stop_signals, &sig);
+    while (sigwait(&signals, &sig) == 0 && sig == SIGHUP) reload_keys(gateway, opt.keys_file);
     fmt::print("pushbook-server: {} received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
     std::fflush(stdout);
     gateway.stop();

@@ -45,6 +45,7 @@ struct Fixture {
     ctx->engine->add_resource("r", 5).value();
     o.secret = "s";
     ctx->options = o;
+    ctx->keys->set(std::make_shared<const KeySet>(KeySet::from_secret(o.secret)));
     ctx->metrics = &metrics;
   }
   std::unique_ptr<ConnectionLogic> connect(

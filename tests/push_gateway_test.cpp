@@ -4,6 +4,7 @@
 #include <pushbook/client.hpp>
 #include <pushbook/push_gateway.hpp>
 
+#include "jwt_keys.hpp"
 #include "raw_socket.hpp"
 #include "temp_dir.hpp"
 #include "wait.hpp"
@@ -47,7 +48,7 @@ struct Server {
     engine->add_resource("room-1", 1).value();
     engine->add_resource("room-10", 10).value();
     engine->add_resource("hall", 1000).value();
-    if (o.secret.empty() && !o.dev_insecure) o.secret = secret;
+    if (o.secret.empty() && !o.keys && !o.dev_insecure) o.secret = secret;
     if (o.threads == 0) o.threads = 2;
     o.log = [this](LogLevel level, std::string_view line) {
       std::lock_guard lock(log_mutex);
@@ -827,6 +828,91 @@ TEST_CASE("GET /v1/whoami tells a good token from a refused one") {
   CHECK(http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + forged}}).value().status == 401);
   CHECK(http.request("GET", "/v1/whoami").value().status == 401);
   CHECK(http.request("POST", "/v1/whoami").value().status == 405);
+}
+
+TEST_CASE(
+    "set_keys: a reload takes effect for new connections and refreshes; open ones keep their identity") {
+  auto first = std::make_shared<KeySet>();
+  REQUIRE(first->add_hs256("k1", "first-secret").has_value());
+  GatewayOptions o;
+  o.keys = first;
+  Server s(o);
+  const auto exp = std::chrono::system_clock::now() + 1h;
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.token = sign_token("alice", exp, "first-secret", "k1");
+  auto alice = WsClient::connect(c).value();
+  CHECK(alice->request({{"op", "ping"}}).value().at("ok") == true);
+
+  // The rotation's last step: k2 signs and k1 is gone.
+  auto second = std::make_shared<KeySet>();
+  REQUIRE(second->add_hs256("k2", "second-secret").has_value());
+  REQUIRE(s.gateway->set_keys(second).has_value());
+  CHECK(s.gateway->keys() == second);
+
+  auto refused = WsClient::connect(c);
+  REQUIRE_FALSE(refused.has_value());
+  CHECK(refused.error().message == R"(HTTP 401: unknown key id "k1")");
+  auto http = s.http();
+  CHECK(http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + c.token}}).value().status ==
+        401);
+  const auto k2_token = sign_token("alice", exp, "second-secret", "k2");
+  CHECK(http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + k2_token}}).value().status ==
+        200);
+  c.token = sign_token("bob", exp, "second-secret", "k2");
+  CHECK(WsClient::connect(c).has_value());
+
+  // Alice's socket is still Alice's; a refresh is verified with the new keys.
+  CHECK(alice->request({{"op", "subscribe"}, {"topic", "user/alice"}}).value().at("ok") == true);
+  auto old_refresh =
+      alice->request({{"op", "refresh"}, {"token", sign_token("alice", exp, "first-secret", "k1")}}).value();
+  CHECK(old_refresh.at("error").at("code") == "unauthorized");
+  CHECK(alice->request({{"op", "refresh"}, {"token", k2_token}}).value().at("ok") == true);
+
+  // A set that cannot be used is refused and the keys in use stay.
+  CHECK(s.gateway->set_keys(nullptr).error().message == "set_keys: an empty key set");
+  CHECK(s.gateway->set_keys(std::make_shared<KeySet>()).error().is(errc::bad_request));
+  CHECK(s.gateway->keys() == second);
+  std::lock_guard lock(s.log_mutex);
+  CHECK(std::count(s.info_lines.begin(), s.info_lines.end(), "token keys replaced: 1 keys") == 1);
+}
+
+TEST_CASE("an identity provider's RS256 and ES256 tokens, by kid from a JWKS; no algorithm confusion") {
+  const auto rsa = test::KeyPair::rsa();
+  const auto ec = test::KeyPair::ec();
+  GatewayOptions o;
+  o.keys = std::make_shared<const KeySet>(
+      KeySet::from_jwks(R"({"keys":[)" + rsa.jwk("idp-rsa") + "," + ec.jwk("idp-ec") + "]}").value());
+  Server s(o);
+  const auto claims = fmt::format(R"({{"sub":"alice","exp":{}}})",
+                                  std::chrono::duration_cast<std::chrono::seconds>(
+                                      (std::chrono::system_clock::now() + 1h).time_since_epoch())
+                                      .count());
+  auto http = s.http();
+  auto whoami = [&](const std::string& token) {
+    return http.request("GET", "/v1/whoami", "", {{"Authorization", "Bearer " + token}}).value();
+  };
+  auto rs = whoami(test::signed_with(rsa, R"({"alg":"RS256","kid":"idp-rsa"})", claims));
+  CHECK(rs.status == 200);
+  CHECK(boost::json::parse(rs.body).at("user") == "alice");
+  client::ConnectOptions c;
+  c.port = s.port;
+  c.token = test::signed_with(ec, R"({"alg":"ES256","kid":"idp-ec"})", claims);
+  CHECK(WsClient::connect(c).has_value());
+
+  // HS256 "signed" with the RSA key's public PEM: refused.
+  const auto confused =
+      whoami(test::hs256_signed(rsa.public_pem(), R"({"alg":"HS256","kid":"idp-rsa"})", claims));
+  CHECK(confused.status == 401);
+  CHECK(boost::json::parse(confused.body).at("error").at("message") ==
+        R"(token algorithm HS256 does not match key "idp-rsa" (RS256))");
+  // Tokens without kid have no key here (no default key), and demo tokens need an HS256 key.
+  CHECK(whoami(sign_token("alice", std::chrono::system_clock::now() + 1h, "x")).status == 401);
+  o.demo_token_ttl = 60s;
+  CHECK_THROWS_AS(Server{o}, Exception);
+  o.demo_token_ttl = 0s;
+  o.secret = "and-a-secret";
+  CHECK_THROWS_AS(Server{o}, Exception);  // secret or keys, not both
 }
 
 TEST_CASE("GET /v1/resources lists every resource without a token") {

@@ -847,34 +847,99 @@ PYBIND11_MODULE(_core, m) {
                         "ack_latency"_a = lat(s.ack_latency), "decision_latency"_a = lat(s.decision_latency));
       });
 
+  // A Python KeySet is mutable; the gateway gets a copy of it as it is (PushGateway(keys=),
+  // set_keys()), so changing it afterwards never races a verification.
+  py::class_<KeySet, std::shared_ptr<KeySet>>(
+      m, "KeySet",
+      "Token keys by kid: HS256 secrets, RS256 and ES256 public keys (PEM or JWKS). A token's kid "
+      "picks its key and its alg must be the key's.")
+      .def(py::init<>())
+      .def_static(
+          "from_jwks",
+          [](const std::string& json) { return std::make_shared<KeySet>(take(KeySet::from_jwks(json))); },
+          "json"_a, "The keys of a JWKS document (JSON text).")
+      .def_static(
+          "load_file",
+          [](const std::string& path) { return std::make_shared<KeySet>(take(KeySet::load_file(path))); },
+          "path"_a, "The keys of a JWKS file.")
+      .def(
+          "add_hs256",
+          [](KeySet& k, const std::string& kid, const std::string& secret, bool sign) {
+            take(k.add_hs256(kid, secret, sign));
+          },
+          "kid"_a, "secret"_a, "sign"_a = true,
+          "Adds an HS256 secret (str or bytes); the one added last signs.")
+      .def(
+          "add_public_key_pem",
+          [](KeySet& k, const std::string& kid, const std::string& pem) {
+            take(k.add_public_key_pem(kid, pem));
+          },
+          "kid"_a, "pem"_a, "Adds an RSA (RS256) or EC P-256 (ES256) public key in PEM.")
+      .def(
+          "add_jwks", [](KeySet& k, const std::string& json) { take(k.add_jwks(json)); }, "json"_a,
+          "Adds every key of a JWKS document, or none.")
+      .def(
+          "retire", [](KeySet& k, const std::string& kid) { take(k.retire(kid)); }, "kid"_a,
+          "The key stops signing; it still verifies.")
+      .def("remove", &KeySet::remove, "kid"_a, "Removes a key; False when it was not there.")
+      .def("__len__", &KeySet::size)
+      .def("__contains__", &KeySet::contains, "kid"_a)
+      .def_property_readonly(
+          "kids",
+          [](const KeySet& k) {
+            std::vector<std::string> kids;
+            for (const auto& info : k.keys()) kids.push_back(info.kid);
+            return kids;
+          },
+          "The key ids, in the order added ('' is the key for tokens without kid).")
+      .def_property_readonly("signing_kid", &KeySet::signing_kid,
+                             "The kid of the HS256 key sign_token signs with, or None.")
+      .def(
+          "sign_token",
+          [](const KeySet& k, const std::string& subject, double ttl) {
+            return take(sign_token(subject,
+                                   std::chrono::system_clock::now() +
+                                       std::chrono::milliseconds(static_cast<std::int64_t>(ttl * 1000)),
+                                   k));
+          },
+          "subject"_a, "ttl"_a,
+          "An HS256 token for `subject` signed with the signing key, valid for ttl seconds.")
+      .def(
+          "verify",
+          [](const KeySet& k, const std::string& token) { return take(verify_token(token, k)).subject; },
+          "token"_a, "The user (sub) of a token these keys verify; raises Unauthorized otherwise.")
+      .def("__repr__",
+           [](const KeySet& k) { return "<pushbook.KeySet of " + std::to_string(k.size()) + " keys>"; });
+
   py::class_<PushGateway, std::shared_ptr<PushGateway>>(m, "PushGateway",
                                                         "HTTP + WebSocket + SSE push server.")
-      .def(
-          py::init([](std::shared_ptr<LocalBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
-                      std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
-                      std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir) {
-            GatewayOptions o;
-            o.host = std::move(host);
-            o.port = port;
-            if (secret) o.secret = *secret;
-            o.dev_insecure = dev_insecure;
-            o.threads = threads;
-            o.allowed_origins = std::move(allowed_origins);
-            o.static_dir = std::move(static_dir);
-            o.log = python_log();
-            std::shared_ptr<PushGateway> gw;
-            try {
-              gw = make_gil_safe<PushGateway>(bus, engine, std::move(o));
-            } catch (const Exception& e) {
-              raise(Error(e.code(), e.what()));
-            }
-            std::lock_guard lock(live().mutex);
-            live().gateways.insert(gw);
-            return gw;
-          }),
-          "bus"_a, "engine"_a, "host"_a = "127.0.0.1", "port"_a = 0, "secret"_a = py::none(),
-          "dev_insecure"_a = false, "threads"_a = 1, "allowed_origins"_a = std::vector<std::string>{},
-          "static_dir"_a = "", py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def(py::init([](std::shared_ptr<LocalBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
+                       std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
+                       std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir,
+                       std::shared_ptr<KeySet> keys) {
+             GatewayOptions o;
+             o.host = std::move(host);
+             o.port = port;
+             if (secret) o.secret = *secret;
+             if (keys) o.keys = std::make_shared<const KeySet>(*keys);
+             o.dev_insecure = dev_insecure;
+             o.threads = threads;
+             o.allowed_origins = std::move(allowed_origins);
+             o.static_dir = std::move(static_dir);
+             o.log = python_log();
+             std::shared_ptr<PushGateway> gw;
+             try {
+               gw = make_gil_safe<PushGateway>(bus, engine, std::move(o));
+             } catch (const Exception& e) {
+               raise(Error(e.code(), e.what()));
+             }
+             std::lock_guard lock(live().mutex);
+             live().gateways.insert(gw);
+             return gw;
+           }),
+           "bus"_a, "engine"_a, "host"_a = "127.0.0.1", "port"_a = 0, "secret"_a = py::none(),
+           "dev_insecure"_a = false, "threads"_a = 1, "allowed_origins"_a = std::vector<std::string>{},
+           "static_dir"_a = "", "keys"_a = nullptr, py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
       .def(
           "start",
           [](PushGateway& g) {
@@ -886,6 +951,18 @@ PYBIND11_MODULE(_core, m) {
           },
           "Binds and starts serving; returns the port.")
       .def_property_readonly("port", &PushGateway::port)
+      .def(
+          "set_keys",
+          [](PushGateway& g, const KeySet& keys) {
+            auto copy = std::make_shared<const KeySet>(keys);
+            result<void> r = [&] {
+              py::gil_scoped_release release;
+              return g.set_keys(std::move(copy));
+            }();
+            take(std::move(r));
+          },
+          "keys"_a,
+          "Replaces the token keys (a copy of `keys`) while running: new connections and refreshes use them.")
       .def("stop", &PushGateway::stop, py::call_guard<py::gil_scoped_release>(),
            "Graceful: WebSockets get 1001, then the threads are joined.")
       .def("metrics", &PushGateway::metrics_text, py::call_guard<py::gil_scoped_release>())

@@ -5,6 +5,7 @@
 // connections over with the functions of pushbook/beast.hpp.
 #pragma once
 
+#include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/error.hpp>
 #include <pushbook/event_bus.hpp>
@@ -47,8 +48,13 @@ struct GatewayOptions {
   /// 0: one per core. Ignored when the host passes its io_context.
   std::size_t threads = 0;
 
-  /// HS256 secret for client tokens. Required unless dev_insecure.
+  /// HS256 secret for client tokens (without "kid"): a key set of one key (KeySet::from_secret).
+  /// Give `secret` or `keys`, not both; one of them unless dev_insecure.
   std::string secret;
+  /// The keys client tokens are verified with, by their "kid": HS256 secrets, RS256 and ES256
+  /// public keys (pushbook::KeySet, e.g. KeySet::load_file of a JWKS). Replaced while running
+  /// with PushGateway::set_keys().
+  std::shared_ptr<const KeySet> keys;
   /// Development only: accept clients without a verified token (identity from ?user=, the
   /// X-Pushbook-User header or an unverified token's "sub"). Logged loudly at start-up.
   bool dev_insecure = false;
@@ -97,7 +103,8 @@ struct GatewayOptions {
   /// Static files served under "/" (e.g. a demo page); empty: none.
   std::string static_dir;
   /// Demo mode (off at 0): `POST /v1/demo/token` hands anyone a token of this lifetime for a new
-  /// user "demo-<random>", so a demo page can connect without a login. Needs `secret`. Never
+  /// user "demo-<random>", so a demo page can connect without a login. Needs `secret`, or `keys`
+  /// with an HS256 key that signs (KeySet::signing_kid()). Never
   /// turn it on for a server real users book on.
   std::chrono::seconds demo_token_ttl{0};
   /// Access log (off by default): one info line per HTTP request and one per WebSocket or SSE
@@ -131,8 +138,8 @@ struct GatewayStats {
 class PUSHBOOK_EXPORT PushGateway {
  public:
   /// A gateway running on threads of its own (GatewayOptions::threads).
-  /// Throws pushbook::Exception (bad_request) for invalid options, e.g. no secret without
-  /// dev_insecure.
+  /// Throws pushbook::Exception (bad_request) for invalid options, e.g. neither secret nor keys
+  /// without dev_insecure, or both.
   PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options = {});
   /// A gateway running on the host's io_context: the host runs it on as many threads as it likes.
   PushGateway(EventBusPtr bus, std::shared_ptr<BookingEngine> engine, GatewayOptions options,
@@ -158,6 +165,15 @@ class PUSHBOOK_EXPORT PushGateway {
   /// finish; cut what is left. 3. Join the gateway's threads. Idempotent. With a host io_context
   /// it must not be called from a thread running that io_context.
   void stop();
+
+  /// Replaces the keys tokens are verified with (a reload: a rotated key file, an identity
+  /// provider's new JWKS), atomically. Verifications from then on (handshakes, HTTP requests,
+  /// {"op":"refresh"}) use `keys`; connections open already keep the identity they proved.
+  /// Thread-safe. Errors: bad_request for a null or empty set, or, in demo mode, a set with no
+  /// HS256 key that signs; the keys in use stay then.
+  result<void> set_keys(std::shared_ptr<const KeySet> keys);
+  /// The keys in use (null in dev_insecure mode without keys).
+  std::shared_ptr<const KeySet> keys() const;
 
   GatewayStats stats() const;
   /// The Prometheus text exposition served at /metrics.

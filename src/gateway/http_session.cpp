@@ -522,8 +522,11 @@ void HttpSession::route_demo_token(const Request& req, const boost::urls::url_vi
   // Whole seconds, as the token's "exp" has them: expires_at says exactly when it stops working.
   const auto expires =
       std::chrono::floor<std::chrono::seconds>(std::chrono::system_clock::now() + options.demo_token_ttl);
+  // Signed with the signing key of the keys in use now (set_keys() makes sure there is one).
+  auto token = sign_token(user, expires, *core_->ctx->keys->get());
+  if (!token) return send(error_response(req, token.error()), "/v1/demo/token");
   boost::json::object body{
-      {"token", sign_token(user, expires, options.secret)},
+      {"token", std::move(*token)},
       {"user", user},
       {"expires_at",
        std::chrono::duration_cast<std::chrono::milliseconds>(expires.time_since_epoch()).count()}};

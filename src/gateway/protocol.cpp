@@ -50,8 +50,10 @@ std::string reply_error(const boost::json::value& id, std::string_view code, std
 // --- GatewayContext --------------------------------------------------------------------------
 
 result<TokenClaims> GatewayContext::verify(std::string_view token) const {
-  if (!options.dev_insecure || !options.secret.empty())
-    return verify_token(token, options.secret, std::chrono::system_clock::now(), options.token_leeway);
+  if (auto current = keys->get())
+    return verify_token(token, *current, std::chrono::system_clock::now(), options.token_leeway);
+  if (!options.dev_insecure)
+    return Error(errc::unauthorized, "the gateway has no keys to verify tokens with");
   // Development mode: no signature check, and the token never expires on the connection.
   auto claims = read_token_unverified(token);
   if (claims) claims->expires_at = std::chrono::system_clock::time_point::max();

@@ -66,7 +66,26 @@ class PendingSubmits {
   std::size_t count_ = 0;
 };
 
-/// Everything the connections of one gateway share. Immutable after start.
+/// The keys tokens are verified with, swapped whole by PushGateway::set_keys(). A verification
+/// takes the current set and uses it without a lock; the set itself is immutable.
+class CurrentKeys {
+ public:
+  std::shared_ptr<const KeySet> get() const {
+    std::lock_guard lock(mutex_);
+    return keys_;
+  }
+  void set(std::shared_ptr<const KeySet> keys) {
+    std::lock_guard lock(mutex_);
+    keys_.swap(keys);  // the old set is released with the parameter, outside the lock
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::shared_ptr<const KeySet> keys_;
+};
+
+/// Everything the connections of one gateway share. Immutable after start (but for the keys,
+/// which swap atomically).
 struct GatewayContext {
   EventBusPtr bus;
   std::shared_ptr<BookingEngine> engine;
@@ -76,8 +95,11 @@ struct GatewayContext {
   /// Set when the gateway begins to stop: new bookings are refused while the ones in flight are
   /// decided and pushed.
   std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
+  /// The keys in use; the set is null only in dev_insecure mode without keys.
+  std::shared_ptr<CurrentKeys> keys = std::make_shared<CurrentKeys>();
 
-  /// Verifies a token (or, in dev_insecure mode, reads its "sub" unverified).
+  /// Verifies a token with the current keys (or, in dev_insecure mode without keys, reads its
+  /// "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
   bool may_subscribe(std::string_view user, std::string_view topic) const;

@@ -174,12 +174,24 @@ struct PushGateway::impl {
              boost::asio::io_context* host) {
     if (!bus) throw Exception(Error(errc::bad_request, "PushGateway needs an event bus"));
     if (!engine) throw Exception(Error(errc::bad_request, "PushGateway needs a booking engine"));
-    if (options.secret.empty() && !options.dev_insecure)
-      throw Exception(Error(
-          errc::bad_request,
-          "PushGateway needs a token secret (GatewayOptions::secret), or dev_insecure for development"));
-    if (options.demo_token_ttl.count() < 0 || (options.demo_token_ttl.count() > 0 && options.secret.empty()))
-      throw Exception(Error(errc::bad_request, "demo tokens need a token secret (GatewayOptions::secret)"));
+    if (!options.secret.empty() && options.keys)
+      throw Exception(
+          Error(errc::bad_request, "give GatewayOptions::secret or GatewayOptions::keys, not both"));
+    auto keys = options.keys ? std::move(options.keys)
+                : options.secret.empty()
+                    ? nullptr
+                    : std::make_shared<const KeySet>(KeySet::from_secret(options.secret));
+    if (keys && keys->empty())
+      throw Exception(Error(errc::bad_request, "GatewayOptions::keys is an empty key set"));
+    if (!keys && !options.dev_insecure)
+      throw Exception(Error(errc::bad_request,
+                            "PushGateway needs a token secret (GatewayOptions::secret) or keys "
+                            "(GatewayOptions::keys), or dev_insecure for development"));
+    if (options.demo_token_ttl.count() < 0 ||
+        (options.demo_token_ttl.count() > 0 && !(keys && keys->signing_kid())))
+      throw Exception(Error(errc::bad_request,
+                            "demo tokens need a token secret (GatewayOptions::secret) or an HS256 key that "
+                            "signs in GatewayOptions::keys"));
     if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 ||
         !(options.rate_limit_per_second > 0))
       throw Exception(Error(errc::bad_request, "limits must be positive"));
@@ -193,6 +205,7 @@ struct PushGateway::impl {
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;
+    ctx->keys->set(std::move(keys));
     core->ctx = std::move(ctx);
     if (core->ctx->options.demo_token_ttl.count() > 0)
       core->log(LogLevel::warning,
@@ -316,6 +329,19 @@ void PushGateway::stop() {
   core->own_contexts.clear();
   if (core->port.load() != 0) core->log(LogLevel::info, "stopped");
 }
+
+result<void> PushGateway::set_keys(std::shared_ptr<const KeySet> keys) {
+  if (!keys || keys->empty()) return Error(errc::bad_request, "set_keys: an empty key set");
+  const auto& ctx = *impl_->core->ctx;
+  if (ctx.options.demo_token_ttl.count() > 0 && !keys->signing_kid())
+    return Error(errc::bad_request, "set_keys: demo tokens need an HS256 key that signs");
+  const auto count = keys->size();
+  ctx.keys->set(std::move(keys));
+  impl_->core->log(LogLevel::info, fmt::format("token keys replaced: {} keys", count));
+  return {};
+}
+
+std::shared_ptr<const KeySet> PushGateway::keys() const { return impl_->core->ctx->keys->get(); }
 
 GatewayStats PushGateway::stats() const {
   const auto& m = impl_->core->metrics;

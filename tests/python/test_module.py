@@ -355,6 +355,62 @@ def test_gateway_end_to_end_with_a_websockets_client(bus, engine):
         pushbook.PushGateway(bus, engine)  # no secret and not dev_insecure
 
 
+def test_key_sets_rotate_and_refuse_bad_input(tmp_path):
+    keys = pushbook.KeySet()
+    keys.add_hs256("k1", "first-secret")
+    old = keys.sign_token("alice", 60)
+    keys.add_hs256("k2", b"second-secret")  # the key added last signs
+    keys.retire("k1")
+    assert keys.kids == ["k1", "k2"] and keys.signing_kid == "k2" and len(keys) == 2 and "k1" in keys
+    new = keys.sign_token("bob", 60)
+    assert keys.verify(old) == "alice" and keys.verify(new) == "bob"
+    assert keys.remove("k1") and not keys.remove("k1")
+    with pytest.raises(pushbook.Unauthorized, match='unknown key id "k1"'):
+        keys.verify(old)
+    with pytest.raises(pushbook.ValidationError, match='key "k2" is in the set already'):
+        keys.add_hs256("k2", "again")
+    with pytest.raises(pushbook.ValidationError, match='key "ec": curve "P-384" is not supported'):
+        pushbook.KeySet.from_jwks('{"keys":[{"kty":"EC","kid":"ec","crv":"P-384","x":"AA","y":"AA"}]}')
+    with pytest.raises(pushbook.ValidationError, match="not a PEM public key"):
+        keys.add_public_key_pem("rsa", "not a key")
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys":[{"kty":"oct","kid":"f","k":"c2VjcmV0"}]}')
+    assert pushbook.KeySet.load_file(str(path)).kids == ["f"]
+    with pytest.raises(pushbook.ValidationError, match="cannot read"):
+        pushbook.KeySet.load_file(str(tmp_path / "none.json"))
+
+
+def test_gateway_keys_reload_with_set_keys(bus, engine):
+    first = pushbook.KeySet()
+    first.add_hs256("k1", "first-secret")
+    with pushbook.PushGateway(bus, engine, keys=first) as gw:
+        first.remove("k1")  # the gateway has a copy: this changes nothing there
+        first.add_hs256("k2", "second-secret")
+        old = pushbook.sign_token("alice", 60, "first-secret")  # no kid: no key for it
+
+        async def status(token):
+            try:
+                async with websockets.connect(f"ws://127.0.0.1:{gw.port}/v1/ws",
+                                              extra_headers={"Authorization": "Bearer " + token}) as ws:
+                    await ws.send(json.dumps({"id": 1, "op": "ping"}))
+                    return json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))["ok"]
+            except websockets.exceptions.InvalidStatusCode as e:
+                return e.status_code
+
+        k1 = pushbook.KeySet()
+        k1.add_hs256("k1", "first-secret")
+        assert asyncio.run(status(k1.sign_token("alice", 60))) is True
+        assert asyncio.run(status(old)) == 401
+        gw.set_keys(first)  # now k2 only
+        assert asyncio.run(status(k1.sign_token("alice", 60))) == 401
+        assert asyncio.run(status(first.sign_token("alice", 60))) is True
+        with pytest.raises(pushbook.ValidationError, match="empty key set"):
+            gw.set_keys(pushbook.KeySet())
+        assert asyncio.run(status(first.sign_token("alice", 60))) is True
+    with pytest.raises(pushbook.ValidationError, match="not both"):
+        pushbook.PushGateway(bus, engine, secret="s", keys=first)
+
+
 SHUTDOWN_SCRIPT = r"""
 import threading, pushbook
 bus = pushbook.LocalBus()

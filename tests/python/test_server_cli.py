@@ -1,8 +1,13 @@
-"""pushbook-server's command line: clear errors for bad options, --token-for, and --demo (the page,
-the browser client and demo tokens)."""
+"""pushbook-server's command line: clear errors for bad options, --token-for, --demo (the page,
+the browser client and demo tokens), and --keys with its reload on SIGHUP."""
+import base64
 import json
 import os
+import queue
+import re
+import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -118,7 +123,8 @@ def test_help_describes_every_option_with_its_default():
                    "--rate-burst", "--max-message-bytes", "--max-body-bytes", "--max-subscriptions",
                    "--max-queued-bytes", "--slow-consumer", "--handshake-timeout-ms", "--idle-timeout-s",
                    "--max-long-poll-s", "--shutdown-timeout-s", "--max-queue", "--max-hold-s",
-                   "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user"):
+                   "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user",
+                   "--keys", "--secret-file"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")

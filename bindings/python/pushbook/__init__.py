@@ -22,6 +22,7 @@ Decision = _core.Decision
 Event = _core.Event
 Subscription = _core.Subscription
 sign_token = _core.sign_token
+KeySet = _core.KeySet
 
 
 class LocalBus(_core.LocalBus):
@@ -232,9 +233,10 @@ class PushGateway(_core.PushGateway):
     decides which lines are sent)."""
 
     def __init__(self, bus, engine, host="127.0.0.1", port=0, secret=None, dev_insecure=False, threads=1,
-                 allowed_origins=(), static_dir=""):
+                 allowed_origins=(), static_dir="", keys=None):
         super().__init__(bus, engine, host=host, port=port, secret=secret, dev_insecure=dev_insecure,
-                         threads=threads, allowed_origins=list(allowed_origins), static_dir=static_dir)
+                         threads=threads, allowed_origins=list(allowed_origins), static_dir=static_dir,
+                         keys=keys)
 
     def __enter__(self):
         self.start()
@@ -250,7 +252,7 @@ class PushGateway(_core.PushGateway):
 
 __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
-    "IdempotencyConflict", "InvalidTransition", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
+    "IdempotencyConflict", "InvalidTransition", "KeySet", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
     "PushGateway", "QuotaExceeded", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
     "ValidationError", "__version__", "open_store", "sign_token",
 ]
