@@ -1,6 +1,7 @@
 // Token verification on any token a client can send (Authorization: Bearer, ?access_token=,
-// Sec-WebSocket-Protocol, the "refresh" op). Each input is tried three ways:
-//   1. as a token: verify_token and read_token_unverified (development mode);
+// Sec-WebSocket-Protocol, the "refresh" op). Each input is tried four ways:
+//   1. as a token: verify_token with a secret and with a key set (HS256, RS256, ES256 keys by
+//      kid), and read_token_unverified (development mode); and as a JWKS document when it is JSON;
 //   2. as "HEADER\nPAYLOAD" JSON, encoded and signed here with the right secret, so that inputs get
 //      past the signature and into the header and claims checks (alg, sub, exp, nbf);
 //   3. as a subject for sign_token, whose token must verify exactly when the subject is valid.
@@ -9,8 +10,10 @@
 #include <pushbook/auth.hpp>
 #include <pushbook/booking.hpp>
 
+#include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
 
 #include <chrono>
 #include <string>
@@ -50,6 +53,34 @@ std::string sign(std::string_view header_json, std::string_view payload_json) {
   return input + "." + base64url(std::string_view(reinterpret_cast<const char*>(mac), len));
 }
 
+// The public half of a key made here, as PEM.
+std::string public_pem(EVP_PKEY* key) {
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_PUBKEY(bio, key);
+  char* data = nullptr;
+  const long len = BIO_get_mem_data(bio, &data);
+  std::string pem(data, static_cast<std::size_t>(len));
+  BIO_free(bio);
+  EVP_PKEY_free(key);
+  return pem;
+}
+
+// A key set as a deployment has one during a rotation with an identity provider: the default
+// HS256 key (tokens without kid), a second HS256 key, an RS256 and an ES256 public key.
+const KeySet& key_set() {
+  static const KeySet keys = [] {
+    auto set = KeySet::from_secret(secret);
+    if (!set.add_hs256("k2", "fuzz-secret-of-the-second-key-0123456789")) std::abort();
+    if (!set.add_public_key_pem("rsa",
+                                public_pem(EVP_PKEY_Q_keygen(nullptr, nullptr, "RSA", std::size_t{2048}))))
+      std::abort();
+    if (!set.add_public_key_pem("ec", public_pem(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"))))
+      std::abort();
+    return set;
+  }();
+  return keys;
+}
+
 // What every verification must give: a valid subject, or errc::unauthorized whose message does
 // not repeat the token (messages are logged and sent back).
 void check(const result<TokenClaims>& claims, std::string_view token) {
@@ -79,6 +110,13 @@ void verify_both(std::string_view token) {
   }
   // Another secret never verifies it.
   FUZZ_CHECK(!verify_token(token, "another-secret", now, 5s));
+  // Through the key set (kid chooses the key, alg must be the key's).
+  const auto by_set = verify_token(token, key_set(), now, 5s);
+  check(by_set, token);
+  if (by_set) {
+    FUZZ_CHECK(unverified.has_value());
+    FUZZ_CHECK(unverified->subject == by_set->subject);
+  }
 }
 
 }  // namespace
@@ -87,6 +125,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto text = pushbook::fuzz::as_text(data, size);
 
   verify_both(text);
+
+  // The input as a JWKS document (an operator's file, or an identity provider's answer): keys or
+  // a clear error, nothing else.
+  if (!text.empty() && text.front() == '{') {
+    auto jwks = KeySet::from_jwks(text);
+    if (!jwks) FUZZ_CHECK(!jwks.error().message.empty());
+  }
 
   const auto newline = text.find('\n');
   if (newline != std::string_view::npos)
