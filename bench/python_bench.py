@@ -16,7 +16,7 @@ import pushbook
 
 def bench_submit(n):
     bus = pushbook.LocalBus()
-    engine = pushbook.BookingEngine(bus, workers=2, max_queue=1 << 22)
+    engine = pushbook.BookingEngine(bus, workers=2, max_queue=1 << 22, max_in_flight_per_user=0)
     engine.add_resource("r", capacity=1 << 30)
     submit = engine.submit
     t0 = time.perf_counter()

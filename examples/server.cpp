@@ -229,9 +229,17 @@ Options parse(int argc, char** argv) {
       g.access_log = true;
     else if (a == "--max-connections")
       g.max_connections = positive();
-    else if (a == "--user-rate-limit")
-      g.user_rate_limit_per_second = static_cast<double>(number());
-    else if (a == "--user-rate-burst")
+    else if (a == "--user-rate-limit") {
+      const auto v = value();
+      char* end = nullptr;
+      const double rate = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end || !(rate >= 0) || rate > 1e9) {
+        fmt::print(stderr, "--user-rate-limit needs a number of requests per second (0: none), not '{}'\n",
+                   v);
+        usage(2);
+      }
+      g.user_rate_limit_per_second = rate;
+    } else if (a == "--user-rate-burst")
       g.user_rate_limit_burst = positive();
     else if (a == "--rate-limit")
       g.rate_limit_per_second = static_cast<double>(positive());

@@ -262,6 +262,13 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (r.hold_for && (r.hold_for->count() <= 0 || *r.hold_for > options.max_hold))
       return Error(errc::bad_request,
                    fmt::format("a hold must last from 1 ms to {} ms", options.max_hold.count()));
+    if (r.hold_for && options.max_held_units_per_user > 0) {
+      const auto asked = units_of(r.lines);
+      if (asked > options.max_held_units_per_user)
+        return Error(errc::bad_request,
+                     fmt::format("a hold of {} units can never be granted: a user may hold at most {}", asked,
+                                 options.max_held_units_per_user));
+    }
     if (!r.metadata.empty() && options.max_metadata_bytes > 0) {
       if (const auto size = boost::json::serialize(r.metadata).size(); size > options.max_metadata_bytes)
         return Error(errc::bad_request, fmt::format("metadata is {} bytes as JSON; at most {} are allowed",
@@ -310,11 +317,12 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     auto& u = usage[user];
     if (check && options.max_in_flight_per_user > 0 &&
         u.in_flight + bookings > options.max_in_flight_per_user) {
+      const auto in_flight_now = u.in_flight;
       if (u.in_flight == 0 && u.held_units == 0) usage.erase(user);
       return Error(errc::quota_exceeded,
                    fmt::format("user '{}' has {} bookings being decided, the most allowed; "
                                "retry once one is decided",
-                               user, u.in_flight));
+                               user, in_flight_now));
     }
     if (check && hold > 0 && options.max_held_units_per_user > 0 &&
         u.held_units + hold > options.max_held_units_per_user) {
@@ -414,6 +422,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         change_capacity(d.lines, capacity_change::free_reserved);
       if (d.status == BookingStatus::rejected && held_units == units::confirmed)
         change_capacity(d.lines, capacity_change::free_confirmed);
+      // The quota comes back before anyone can see the decision: a client that submits again on
+      // seeing it is never refused for the booking it just saw decided.
+      give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
       publish(events);
       switch (d.status) {
         case BookingStatus::held: {
@@ -424,7 +435,6 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         case BookingStatus::confirmed: confirmed.fetch_add(1, std::memory_order_relaxed); break;
         default: rejected.fetch_add(1, std::memory_order_relaxed); break;
       }
-      give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
       finish_in_flight(submitted);
     });
   }
@@ -598,9 +608,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     ++b.version;
     auto r = commit_and_wait(b, [&] {
       if (change) change_capacity(b.lines, *change);
+      // Before the change is published, as for decisions.
+      if (from == BookingStatus::held) give_back_quota(b.user, 0, units_of(b.lines));
     });
     if (!r) return r.error();
-    if (from == BookingStatus::held) give_back_quota(b.user, 0, units_of(b.lines));
     return std::move(b);
   }
 

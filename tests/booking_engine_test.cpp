@@ -53,6 +53,16 @@ Booking await_status(BookingEngine& engine, const std::string& id, BookingStatus
   return b;
 }
 
+// Waits until booking/<id> has published `status`: the booking as clients see it decided.
+bool await_published(const std::shared_ptr<LocalBus>& bus, const std::string& id, const std::string& status) {
+  Watcher w(bus, "booking/" + id);
+  return eventually([&] {
+    for (const auto& [seq, s] : w.got.items())
+      if (s == status) return true;
+    return false;
+  });
+}
+
 }  // namespace
 
 TEST_CASE("resources: add, change capacity, query availability") {
@@ -607,19 +617,23 @@ TEST_CASE(
   CHECK(refused.error().is(errc::quota_exceeded));
   CHECK(refused.error().message == "user 'u' holds 5 units; 1 more would pass the 5 allowed");
   CHECK(engine.submit(one("u", "r", 50)));  // no hold: not counted
-  REQUIRE(eventually([&] {
-    return engine.get(a)->status == BookingStatus::held && engine.get(b)->status == BookingStatus::held;
-  }));
-  REQUIRE(engine.confirm(a));
-  auto c = hold(3);  // 2 held + 3
+  // A hold that could never be granted is a bad request, not a quota to wait for.
+  auto never = hold(6);
+  REQUIRE_FALSE(never);
+  CHECK(never.error().is(errc::bad_request));
+  CHECK(never.error().message == "a hold of 6 units can never be granted: a user may hold at most 5");
+  REQUIRE(await_published(bus, a, "held"));
+  REQUIRE(await_published(bus, b, "held"));
+  REQUIRE(engine.confirm(a));  // the units come back when confirm() returns
+  auto c = hold(3);            // 2 held + 3
   REQUIRE(c);
   CHECK_FALSE(hold(1));
-  REQUIRE(eventually([&] { return engine.get(c->booking_id)->status == BookingStatus::held; }));
+  REQUIRE(await_published(bus, c->booking_id, "held"));
   REQUIRE(engine.release(b));
-  auto d = hold(2, 20ms);  // 3 held + 2, expiring soon
+  auto d = hold(2, 500ms);  // 3 held + 2, expiring soon
   REQUIRE(d);
   CHECK_FALSE(hold(1));
-  REQUIRE(eventually([&] { return engine.get(d->booking_id)->status == BookingStatus::expired; }));
+  REQUIRE(await_published(bus, d->booking_id, "expired"));  // published after the units came back
   CHECK(hold(2));
   CHECK_FALSE(hold(1));  // 3 + 2 held: full
   CHECK(engine.stats().quota_exceeded == 4);
@@ -637,7 +651,7 @@ TEST_CASE("a rejected hold gives its units back to the quota") {
   auto r = one("u", "r", 3);
   r.hold_for = 10min;
   auto ack = engine.submit(r).value();
-  REQUIRE(eventually([&] { return engine.get(ack.booking_id)->status == BookingStatus::rejected; }));
+  REQUIRE(await_published(bus, ack.booking_id, "rejected"));
   auto s = one("u", "s", 3);
   s.hold_for = 10min;
   CHECK(engine.submit(s));

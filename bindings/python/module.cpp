@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 #include <set>
 
@@ -73,12 +74,18 @@ class PythonCall {
   bool entered_ = false;
 };
 
-// Closes the gate and waits for the calls inside. Call without the GIL.
+// Closes the gate and waits for the calls inside, at most 5 s: a callback blocked on something
+// only the exiting main thread would release must not hang the exit (it then meets the
+// interpreter's own rule for threads still running at exit). Call without the GIL.
 void close_python_gate() {
   auto& g = python_gate();
   std::unique_lock lock(g.mutex);
   g.closed = true;
-  g.idle.wait(lock, [&] { return g.inside == 0; });
+  if (!g.idle.wait_for(lock, std::chrono::seconds(5), [&] { return g.inside == 0; }))
+    std::fprintf(stderr,
+                 "pushbook: %zu callback(s) still running in Python 5 s after exit began; exiting without "
+                 "them\n",
+                 g.inside);
 }
 
 // --- JSON <-> Python -------------------------------------------------------------------------
@@ -537,7 +544,7 @@ PYBIND11_MODULE(_core, m) {
         o.max_finished = max_finished;
         return gil_safe_store(std::make_shared<MemoryStore>(o));
       },
-      "finished_retention"_a = 3600.0, "max_finished"_a = 100000,
+      "finished_retention"_a = 3600.0, "max_finished"_a = 10000,
       "Bookings in this process only: the fastest store, gone with the process. Finished bookings "
       "(rejected, cancelled, released, expired) are forgotten finished_retention seconds after they "
       "finish, or sooner beyond max_finished of them.");
@@ -916,8 +923,12 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](std::shared_ptr<LocalBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
                        std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
                        std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir,
-                       std::shared_ptr<KeySet> keys) {
+                       std::shared_ptr<KeySet> keys, double user_rate_limit, std::size_t user_rate_burst,
+                       bool access_log) {
              GatewayOptions o;
+             o.user_rate_limit_per_second = user_rate_limit;
+             o.user_rate_limit_burst = user_rate_burst;
+             o.access_log = access_log;
              o.host = std::move(host);
              o.port = port;
              if (secret) o.secret = *secret;
@@ -939,7 +950,8 @@ PYBIND11_MODULE(_core, m) {
            }),
            "bus"_a, "engine"_a, "host"_a = "127.0.0.1", "port"_a = 0, "secret"_a = py::none(),
            "dev_insecure"_a = false, "threads"_a = 1, "allowed_origins"_a = std::vector<std::string>{},
-           "static_dir"_a = "", "keys"_a = nullptr, py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+           "static_dir"_a = "", "keys"_a = nullptr, "user_rate_limit"_a = 20.0, "user_rate_burst"_a = 100,
+           "access_log"_a = false, py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
       .def(
           "start",
           [](PushGateway& g) {

@@ -98,7 +98,7 @@ struct MemoryStoreOptions {
   /// A finished booking is forgotten this long after it finished...
   std::chrono::milliseconds finished_retention = std::chrono::hours(1);
   /// ...or sooner, oldest first, when more than this many finished bookings are kept.
-  std::size_t max_finished = 100'000;
+  std::size_t max_finished = 10'000;
 };
 
 /// A thread-safe in-memory BookingStore: fast, and gone with the process. Forgets finished

@@ -201,7 +201,7 @@ struct LocalBusOptions {
   std::chrono::milliseconds topic_idle_ttl = std::chrono::hours(1);
   /// At most this many topics are kept: beyond, the least recently active topics without a
   /// subscriber are forgotten before their ttl (a bound on memory at high booking rates).
-  std::size_t max_topics = 1'000'000;
+  std::size_t max_topics = 100'000;
   /// Threads of the default delivery executor (used by subscriptions that name none).
   std::size_t delivery_threads = 1;
 };

@@ -81,12 +81,15 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   /// GatewayOptions::user_rate_limit_per_second, for every request with a verified identity.
   std::unique_ptr<UserRateLimiter> user_limiter;
 
-  /// Accept failures are logged once per period with their count, not once each (at the
-  /// file-descriptor limit they come by the thousand).
+  /// Accept failures are logged at most once per period, with the count since the last report,
+  /// not once each (at the file-descriptor limit they come by the thousand); the first accept
+  /// that works again reports the failures not reported yet.
   void accept_failed(std::string_view why);
+  void accept_succeeded();
   std::mutex accept_log_mutex;
   std::chrono::steady_clock::time_point accept_logged{};
   std::uint64_t accept_failures_unlogged = 0;
+  std::atomic<bool> accept_failing{false};
 
   /// Writes an access log line ("access " + fields) when GatewayOptions::access_log is on.
   void access(std::string_view fields) const;

@@ -57,6 +57,7 @@ void Listener::on_accept(boost::system::error_code ec, tcp::socket socket) {
     });
     return;
   }
+  core_->accept_succeeded();
   core_->serve(std::move(socket));
   do_accept();
 }

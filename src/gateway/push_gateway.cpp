@@ -66,6 +66,7 @@ bool GatewayCore::take_demo_user(std::chrono::steady_clock::time_point now) {
 
 void GatewayCore::accept_failed(std::string_view why) {
   metrics.accept_failures.fetch_add(1, std::memory_order_relaxed);
+  accept_failing.store(true, std::memory_order_relaxed);
   constexpr auto period = std::chrono::seconds(10);
   const auto now = std::chrono::steady_clock::now();
   std::uint64_t count = 0;
@@ -78,9 +79,23 @@ void GatewayCore::accept_failed(std::string_view why) {
   }
   log(LogLevel::warning,
       fmt::format(
-          "accept failed {} time(s) in the last {} s: {}; backing off 100 ms each time ({} connections "
-          "open, file limit {}: raise it with ulimit -n, or lower max_connections)",
-          count, period.count(), why, open_connections.load(), metrics.fd_limit.load()));
+          "accept failed ({} failure(s) since the last report): {}; retrying every 100 ms, reported at "
+          "most every {} s ({} connections open, file limit {}: raise it with ulimit -n, or lower "
+          "max_connections)",
+          count, why, period.count(), open_connections.load(), metrics.fd_limit.load()));
+}
+
+void GatewayCore::accept_succeeded() {
+  if (!accept_failing.load(std::memory_order_relaxed)) return;
+  std::uint64_t count = 0;
+  {
+    std::lock_guard lock(accept_log_mutex);
+    if (!accept_failing.exchange(false, std::memory_order_relaxed)) return;
+    count = std::exchange(accept_failures_unlogged, 0);
+    accept_logged = {};  // the next failure is reported at once
+  }
+  log(LogLevel::warning,
+      fmt::format("accepting connections again ({} more failed accept(s) since the last report)", count));
 }
 
 void GatewayCore::access(std::string_view fields) const {

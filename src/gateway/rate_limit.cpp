@@ -34,7 +34,7 @@ bool UserRateLimiter::take(std::string_view user, TokenBucket::clock::time_point
   }
   double wait = 0;
   if (it->second.take(now, rate_, burst_, &wait)) return true;
-  if (retry_after_s) *retry_after_s = std::max(1L, static_cast<long>(std::ceil(wait)));
+  if (retry_after_s) *retry_after_s = std::max(1L, static_cast<long>(std::ceil(std::min(wait, 86'400.0))));
   return false;
 }
 

@@ -24,9 +24,9 @@ struct TokenBucket {
   bool take(clock::time_point now, double rate, double burst, double* wait_s = nullptr);
 };
 
-/// One TokenBucket per user. A user's bucket exists while it is not full: a full bucket is the
-/// same as none, so buckets full again are swept, and memory follows the users active in the
-/// last burst/rate seconds, not every user ever seen. Thread-safe.
+/// One TokenBucket per user. A full bucket is the same as none, so buckets full again are swept
+/// when the map has doubled since the last sweep: memory is at most about twice the users active
+/// within burst/rate seconds (and 1,024 buckets), not every user ever seen. Thread-safe.
 class UserRateLimiter {
  public:
   /// rate <= 0: no limit.

@@ -230,13 +230,17 @@ class PushGateway(_core.PushGateway):
     """The HTTP + WebSocket + SSE gateway. ``with PushGateway(...) as gw:`` starts and stops it.
 
     Its log lines go to the ``pushbook`` logger (the logger's level when the gateway is made
-    decides which lines are sent)."""
+    decides which lines are sent). ``user_rate_limit`` (requests per second, 0: none) and
+    ``user_rate_burst`` bound each user's HTTP requests; ``access_log=True`` logs a line per HTTP
+    request and per WebSocket/SSE session at INFO (docs/protocol.md, "Access log")."""
 
     def __init__(self, bus, engine, host="127.0.0.1", port=0, secret=None, dev_insecure=False, threads=1,
-                 allowed_origins=(), static_dir="", keys=None):
+                 allowed_origins=(), static_dir="", keys=None, user_rate_limit=20.0, user_rate_burst=100,
+                 access_log=False):
         super().__init__(bus, engine, host=host, port=port, secret=secret, dev_insecure=dev_insecure,
                          threads=threads, allowed_origins=list(allowed_origins), static_dir=static_dir,
-                         keys=keys)
+                         keys=keys, user_rate_limit=user_rate_limit, user_rate_burst=user_rate_burst,
+                         access_log=access_log)
 
     def __enter__(self):
         self.start()
