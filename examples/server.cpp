@@ -174,6 +174,18 @@ constexpr const char* synopsis =
   std::exit(0);
 }
 
+// A flag's value out of a fixed set ("--recovery is requeue or reject, not 'maybe'").
+template <class T>
+T one_of(std::string_view flag, const std::string& v,
+         std::initializer_list<std::pair<std::string_view, T>> choices) {
+  for (const auto& [name, choice] : choices)
+    if (v == name) return choice;
+  std::string names;
+  for (const auto& choice : choices) names += (names.empty() ? "" : " or ") + std::string(choice.first);
+  fmt::print(stderr, "{} is {}, not '{}'\n", flag, names, v);
+  usage(2);
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   o.gateway.port = 8080;
@@ -253,17 +265,12 @@ Options parse(int argc, char** argv) {
       g.max_subscriptions = positive();
     else if (a == "--max-queued-bytes")
       g.max_queued_bytes = positive();
-    else if (a == "--slow-consumer") {
-      const auto p = value();
-      if (p == "disconnect")
-        g.slow_consumer = pushbook::SlowConsumerPolicy::disconnect;
-      else if (p == "drop")
-        g.slow_consumer = pushbook::SlowConsumerPolicy::drop_with_gap;
-      else {
-        fmt::print(stderr, "--slow-consumer is disconnect or drop, not '{}'\n", p);
-        usage(2);
-      }
-    } else if (a == "--handshake-timeout-ms")
+    else if (a == "--slow-consumer")
+      g.slow_consumer =
+          one_of<pushbook::SlowConsumerPolicy>(a, value(),
+                                               {{"disconnect", pushbook::SlowConsumerPolicy::disconnect},
+                                                {"drop", pushbook::SlowConsumerPolicy::drop_with_gap}});
+    else if (a == "--handshake-timeout-ms")
       g.handshake_timeout = std::chrono::milliseconds(duration_of(3'600'000));
     else if (a == "--idle-timeout-s")
       g.idle_timeout = std::chrono::seconds(duration_of(86'400));
@@ -287,17 +294,11 @@ Options parse(int argc, char** argv) {
       o.gateway.threads = static_cast<std::size_t>(number());
     else if (a == "--store")
       o.store = value();
-    else if (a == "--recovery") {
-      const auto p = value();
-      if (p == "requeue")
-        o.recovery = pushbook::RecoveryPolicy::requeue;
-      else if (p == "reject")
-        o.recovery = pushbook::RecoveryPolicy::reject;
-      else {
-        fmt::print(stderr, "--recovery is requeue or reject, not '{}'\n", p);
-        usage(2);
-      }
-    } else if (a == "--workers")
+    else if (a == "--recovery")
+      o.recovery = one_of<pushbook::RecoveryPolicy>(
+          a, value(),
+          {{"requeue", pushbook::RecoveryPolicy::requeue}, {"reject", pushbook::RecoveryPolicy::reject}});
+    else if (a == "--workers")
       o.workers = static_cast<std::size_t>(number());
     else if (a == "--secret") {
       o.gateway.secret = value();

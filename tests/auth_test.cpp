@@ -1,6 +1,7 @@
 #include <pushbook/auth.hpp>
 
 #include "gateway/core.hpp"
+#include "jwt_keys.hpp"
 
 #include <doctest/doctest.h>
 #include <openssl/evp.h>
@@ -15,19 +16,7 @@ using namespace std::chrono_literals;
 namespace {
 const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
 
-std::string b64url(std::string_view in) {
-  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  std::string out;
-  std::uint32_t bits = 0;
-  int count = 0;
-  for (unsigned char c : in) {
-    bits = (bits << 8) | c;
-    count += 8;
-    while (count >= 6) out += alphabet[(bits >> (count -= 6)) & 0x3F];
-  }
-  if (count > 0) out += alphabet[(bits << (6 - count)) & 0x3F];
-  return out;
-}
+using test::b64url;
 
 // An HS256 token with exactly these claims (pushbook's sign_token only makes well-formed ones).
 std::string token_with(const std::string& claims_json, const std::string& secret) {
