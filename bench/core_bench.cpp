@@ -63,10 +63,14 @@ BookingRequest request(const std::string& user) {
   return r;
 }
 
+// --no-quotas: the engine without its per-user quota bookkeeping (to measure what it costs).
+bool quotas_off = false;
+
 EngineOptions engine_options() {
   EngineOptions o;
   o.workers = 2;
   o.max_queue = 1u << 22;
+  if (quotas_off) o.max_in_flight_per_user = 0;
   return o;
 }
 
@@ -209,10 +213,13 @@ int main(int argc, char** argv) {
       opt.json = true;
     else if (a == "--only" && i + 1 < argc)
       opt.only = argv[++i];
+    else if (a == "--no-quotas")
+      quotas_off = true;
     else {
       fmt::print(
           stderr,
-          "usage: pushbook-core-bench [--runs N] [--bookings N] [--subscribers N] [--only WHAT] [--json]\n");
+          "usage: pushbook-core-bench [--runs N] [--bookings N] [--subscribers N] [--only WHAT] [--json] "
+          "[--no-quotas]\n");
       return a == "--help" ? 0 : 2;
     }
   }
