@@ -158,7 +158,8 @@ py::object error_object(const Error& e) {
       case errc::capacity_in_use: cls = "InvalidTransition"; break;
       case errc::overloaded:
       case errc::slow_consumer:
-      case errc::shutting_down: cls = "Overloaded"; break;
+      case errc::shutting_down:
+      case errc::bus_unavailable: cls = "Overloaded"; break;
       case errc::quota_exceeded: cls = "QuotaExceeded"; break;
       case errc::unauthorized:
       case errc::forbidden: cls = "Unauthorized"; break;
