@@ -602,6 +602,9 @@ struct RedisBus::impl::subscription final : detail::SubscriptionState,
   // Catching up: live events are held in `buffer` until history has been read.
   bool buffering = false;
   bool catching_up = false;
+  bool again = false;              // asked to catch up while catching up: run once more
+  std::uint64_t losses = 0;        // subscriber connections lost so far (a read before one is stale)
+  bool live_ok = false;            // the topic's channel is confirmed on the current connection
   bool buffer_overflowed = false;  // the buffer was cleared: read history again
   std::vector<EventPtr> buffer;
   // The position of what was queued last: later live events at or below it are duplicates.
@@ -825,6 +828,10 @@ void RedisBus::impl::send_subscribe(bool pattern, const std::string& name,
                      {
                        std::lock_guard lock(mutex);
                        state->confirmed = true;
+                       for (auto& sub : state->subs) {
+                         std::lock_guard sl(sub->mutex);
+                         sub->live_ok = true;
+                       }
                        if (state->missed) {
                          state->missed = false;
                          (pattern ? gaps : to_catch_up) = state->subs;
@@ -867,6 +874,8 @@ void RedisBus::impl::on_subscriber_lost() {
     for (auto& sub : state->subs) {
       std::lock_guard sl(sub->mutex);
       sub->buffering = true;
+      sub->live_ok = false;
+      ++sub->losses;
     }
   }
   for (auto& [name, state] : patterns) {
@@ -900,9 +909,16 @@ void RedisBus::impl::on_commands_ready() {
 // could not be read (the subscriber stays buffering). Not on the I/O thread.
 bool RedisBus::impl::catch_up(const sub_ptr& sub, catch_up_request req, Error* error) {
   for (;;) {
+    // The read joins live events without a gap only when the channel was confirmed before it
+    // and stayed so until the result is applied.
+    std::uint64_t losses_at_start;
+    bool live_at_start;
     {
       std::lock_guard lock(sub->mutex);
       sub->buffer_overflowed = false;
+      sub->again = false;
+      losses_at_start = sub->losses;
+      live_at_start = sub->live_ok;
     }
     auto r = read(sub->pattern, req.since_seq.value_or(0), true);
     if (!r) {
@@ -937,7 +953,7 @@ bool RedisBus::impl::catch_up(const sub_ptr& sub, catch_up_request req, Error* e
     } else if (*since > t.seq) {
       snapshot();
     }
-    bool post = false;
+    bool post = false, read_again = false;
     {
       std::lock_guard lock(sub->mutex);
       if (sub->buffer_overflowed) continue;  // live events were lost while reading: read again
@@ -951,17 +967,32 @@ bool RedisBus::impl::catch_up(const sub_ptr& sub, catch_up_request req, Error* e
       }
       sub->last_epoch = t.epoch;
       sub->last_seq = t.seq;
-      auto held = std::move(sub->buffer);
-      sub->buffer.clear();
-      sub->buffering = false;
-      sub->catching_up = false;
-      for (auto& ev : held)
-        if (!(ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq))
-          post = sub->enqueue_locked(Delivery::Kind::event, ev, *this) || post;
+      if (sub->losses != losses_at_start || !live_at_start) {
+        // The channel was not confirmed throughout the read (a connection lost before or during
+        // it): what was read stands, but live events may be missing after it. Stay buffering;
+        // the resubscription's confirmation catches up again (at once when it came meanwhile).
+        std::erase_if(sub->buffer, [&](const EventPtr& ev) {
+          return ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq;
+        });
+        read_again = sub->again;
+        if (read_again)
+          req = {sub->last_seq, sub->last_epoch, true};
+        else
+          sub->catching_up = false;
+      } else {
+        auto held = std::move(sub->buffer);
+        sub->buffer.clear();
+        sub->buffering = false;
+        sub->catching_up = false;
+        for (auto& ev : held)
+          if (!(ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq))
+            post = sub->enqueue_locked(Delivery::Kind::event, ev, *this) || post;
+      }
       if (!sub->queue.empty() || sub->dropped_pending > 0 || sub->unknown_gap_pending || sub->ended)
         post = sub->schedule_locked() || post;
     }
-    if (post) sub->post_drain();
+    if (post) sub->post_drain();  // outside the lock: an inline executor drains right here
+    if (read_again) continue;
     return true;
   }
 }
@@ -969,7 +1000,11 @@ bool RedisBus::impl::catch_up(const sub_ptr& sub, catch_up_request req, Error* e
 void RedisBus::impl::catch_up_later(const sub_ptr& sub) {
   {
     std::lock_guard lock(sub->mutex);
-    if (!sub->buffering || sub->catching_up) return;
+    if (sub->catching_up) {
+      sub->again = true;  // the running catch-up looks again before it finishes
+      return;
+    }
+    if (!sub->buffering) return;
     sub->catching_up = true;
   }
   control->post([weak = weak_from_this(), sub] {
@@ -1140,6 +1175,7 @@ result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallb
       first = true;
     }
     slot->subs.push_back(sub);
+    sub->live_ok = slot->confirmed;
     state = slot;
   }
   impl_->live_subs.fetch_add(1, std::memory_order_relaxed);

@@ -68,19 +68,24 @@ class RedisServer {
     }
     auto* reply = static_cast<redisReply*>(
         redisCommandArgv(c, static_cast<int>(args.size()), argv.data(), lens.data()));
-    std::string out;
-    if (reply) {
-      if (reply->type == REDIS_REPLY_INTEGER)
-        out = std::to_string(reply->integer);
-      else if (reply->str)
-        out.assign(reply->str, reply->len);
-      freeReplyObject(reply);
-    }
+    std::string out = reply ? text(reply) : "";
+    if (reply) freeReplyObject(reply);
     redisFree(c);
     return out;
   }
 
  private:
+  // A reply as text: integers in decimal, arrays as their elements separated by spaces.
+  static std::string text(const redisReply* reply) {
+    if (reply->type == REDIS_REPLY_INTEGER) return std::to_string(reply->integer);
+    if (reply->type == REDIS_REPLY_ARRAY) {
+      std::string out;
+      for (std::size_t i = 0; i < reply->elements; ++i) out += (i ? " " : "") + text(reply->element[i]);
+      return out;
+    }
+    return reply->str ? std::string(reply->str, reply->len) : "";
+  }
+
   static int free_port() {
     // Bind port 0 and read what the kernel chose; redis-server binds it right after (a race with
     // another process is possible, hence the retries in the constructor).
