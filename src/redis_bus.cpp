@@ -250,6 +250,13 @@ class connection : public std::enable_shared_from_this<connection> {
     append(args, std::move(handler));
   }
 
+  // A Redis that accepts commands but does not answer (stopped, stuck in a long script) is
+  // treated as gone: the connection is closed, what was pending fails, reconnecting begins.
+  void check_stalled(std::chrono::milliseconds timeout) {
+    if (!sent_at_.empty() && std::chrono::steady_clock::now() - sent_at_.front() >= timeout)
+      fail("no reply within " + std::to_string(timeout.count()) + " ms");
+  }
+
   std::string where() const {
     return spec_.unix_socket ? "unix:" + spec_.path : spec_.host + ":" + spec_.port;
   }
@@ -273,6 +280,7 @@ class connection : public std::enable_shared_from_this<connection> {
     out_.append(cmd, static_cast<std::size_t>(len));
     redisFreeCommand(cmd);
     pending_.push_back(std::move(handler));
+    sent_at_.push_back(std::chrono::steady_clock::now());
     do_write();
   }
 
@@ -388,6 +396,7 @@ class connection : public std::enable_shared_from_this<connection> {
     if (pending_.empty()) return fail("a reply nobody asked for");
     auto handler = std::move(pending_.front());
     pending_.pop_front();
+    sent_at_.pop_front();
     handler(reply);
   }
 
@@ -406,6 +415,7 @@ class connection : public std::enable_shared_from_this<connection> {
     in_flight_.clear();
     const bool was_ready = ready_;
     ready_ = handshaking_ = false;
+    sent_at_.clear();
     auto pending = std::move(pending_);
     pending_.clear();
     for (auto& h : pending) h(why);
@@ -437,6 +447,7 @@ class connection : public std::enable_shared_from_this<connection> {
   bool ready_ = false, handshaking_ = false, stopped_ = false;
   std::uint64_t generation_ = 0;  // bumped on close: handlers of an older socket do nothing
   std::deque<reply_handler> pending_;
+  std::deque<std::chrono::steady_clock::time_point> sent_at_;  // when each pending command was queued
   std::chrono::milliseconds backoff_{options_.reconnect_min};
   std::string last_error_;
 };
@@ -526,9 +537,11 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
     asio::post(io, [this, args = std::move(args), promise]() mutable {
       eval_or_send(std::move(args), [promise](result<reply_ptr> r) { promise->set_value(std::move(r)); });
     });
-    if (future.wait_for(options.command_timeout) != std::future_status::ready)
+    if (future.wait_for(options.command_timeout) != std::future_status::ready) {
+      asio::post(io, [this] { commands->check_stalled(options.command_timeout); });
       return Error(errc::bus_unavailable, "Redis at " + commands->where() + " did not answer within " +
                                               std::to_string(options.command_timeout.count()) + " ms");
+    }
     auto r = future.get();
     if (r && (*r)->type == REDIS_REPLY_ERROR)
       return Error(errc::internal, "Redis: " + std::string(reply_text(r->get())));
@@ -1187,9 +1200,11 @@ result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallb
   {
     // This node receives the topic's events only once Redis confirmed the subscription.
     std::unique_lock lock(impl_->mutex);
-    if (!impl_->changed.wait_for(lock, impl_->options.command_timeout, [&] { return state->confirmed; }))
+    if (!impl_->changed.wait_for(lock, impl_->options.command_timeout, [&] { return state->confirmed; })) {
+      asio::post(impl_->io, [b = impl_.get()] { b->subscriber->check_stalled(b->options.command_timeout); });
       return Error(errc::bus_unavailable, "Redis at " + impl_->subscriber->where() +
                                               " did not confirm the subscription to '" + sub->pattern + "'");
+    }
   }
   if (wildcard) return result<Subscription>(std::move(handle));
   Error error;

@@ -53,6 +53,11 @@ class RedisServer {
 
   bool running() const { return pid_ > 0; }
 
+  /// Stops the server without closing anything (SIGSTOP): connections stay open, nothing answers.
+  void pause() { ::kill(pid_, SIGSTOP); }
+  /// Lets a paused server go on (SIGCONT).
+  void resume() { ::kill(pid_, SIGCONT); }
+
   /// One command on a short-lived connection of its own (for checks from tests), reply as text.
   std::string command(const std::vector<std::string>& args) const {
     redisContext* c = redisConnect("127.0.0.1", port_);
@@ -145,6 +150,7 @@ class RedisServer {
 
   void stop(int signal) {
     if (pid_ <= 0) return;
+    ::kill(pid_, SIGCONT);  // a paused server would not act on SIGTERM
     ::kill(pid_, signal);
     int status = 0;
     ::waitpid(pid_, &status, 0);
