@@ -480,6 +480,7 @@ int main(int argc, char** argv) {
     } else {
       pushbook::RedisBusOptions ro;
       ro.address = opt.bus;
+      ro.log = [](const std::string& line) { fmt::print(stderr, "pushbook-server: {}\n", line); };
       auto redis = std::make_shared<pushbook::RedisBus>(ro);  // throws for an address it cannot parse
       // Start anyway when Redis is not up yet (it reconnects), but say so.
       if (!redis->wait_connected(ro.connect_timeout))

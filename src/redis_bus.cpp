@@ -341,6 +341,10 @@ class connection : public std::enable_shared_from_this<connection> {
       handshaking_ = false;
       ready_ = true;
       backoff_ = options_.reconnect_min;
+      if (failures_ > 0)
+        say(std::string(subscriber_ ? "subscriber" : "command") + " connection to Redis at " + where() +
+            " established again after " + std::to_string(failures_) + " failure(s)");
+      failures_ = 0;
       last_error_.clear();
       connect_timer_.cancel();
       if (on_ready) on_ready();
@@ -424,6 +428,12 @@ class connection : public std::enable_shared_from_this<connection> {
 
   void fail(const std::string& what) {
     if (stopped_) return;
+    // One line when a connection is lost and one for the first failed attempt of a series; the
+    // retries after it stay quiet until the connection is back.
+    if (ready_ || failures_ == 0)
+      say(std::string(subscriber_ ? "subscriber" : "command") + " connection to Redis at " + where() +
+          (ready_ ? " lost: " : " failed: ") + what + "; reconnecting");
+    ++failures_;
     last_error_ = what;
     close(Error(errc::bus_unavailable, "connection to Redis at " + where() + " lost: " + what +
                                            " (the command may or may not have been executed)"));
@@ -450,6 +460,11 @@ class connection : public std::enable_shared_from_this<connection> {
   std::deque<std::chrono::steady_clock::time_point> sent_at_;  // when each pending command was queued
   std::chrono::milliseconds backoff_{options_.reconnect_min};
   std::string last_error_;
+  std::uint64_t failures_ = 0;  // since the connection was last ready
+
+  void say(const std::string& line) {
+    if (options_.log) options_.log("RedisBus: " + line);
+  }
 };
 
 // What a subscriber resumes from (SubscribeOptions, or where it was when the connection was lost).

@@ -8,6 +8,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <random>
 #include <set>
@@ -64,6 +65,37 @@ TEST_CASE("an address RedisBus cannot parse is refused with bad_request") {
       CHECK(e.code() == make_error_code(errc::bad_request));
     }
   }
+}
+
+TEST_CASE("addresses: a unix socket, a database number and a password") {
+  RedisServer server("s3cret-password");
+  RedisBusOptions by_socket;
+  by_socket.address = "unix:" + server.unix_socket();
+  by_socket.password = "s3cret-password";
+  by_socket.database = 2;
+  RedisBus local(by_socket);
+  REQUIRE(local.wait_connected(10s));
+  REQUIRE(local.publish("user/u", num(1)));
+
+  RedisBusOptions by_url;
+  by_url.address = "redis://:s3cret-password@127.0.0.1:" + std::to_string(server.port()) + "/3";
+  RedisBus remote(by_url);
+  REQUIRE(remote.wait_connected(10s));
+  REQUIRE(remote.publish("user/u", num(1)).value()->seq() == 1);  // another database: its own seq
+  const auto keyspace = server.command({"INFO", "keyspace"});
+  CHECK(keyspace.find("db2:keys=") != std::string::npos);
+  CHECK(keyspace.find("db3:keys=") != std::string::npos);
+  CHECK(keyspace.find("db0:") == std::string::npos);
+
+  RedisBusOptions wrong = by_url;
+  wrong.address = "redis://:not-the-password@127.0.0.1:" + std::to_string(server.port());
+  wrong.command_timeout = 200ms;
+  RedisBus refused(wrong);
+  CHECK_FALSE(refused.wait_connected(300ms));
+  auto r = refused.publish("user/u", num(1));
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().is(errc::bus_unavailable));
+  MESSAGE("wrong password: " << r.error().message);
 }
 
 TEST_CASE("two nodes on one Redis: publish on one, subscribe on the other, with and without since") {
@@ -184,6 +216,8 @@ TEST_CASE(
   o.reconnect_min = 10ms;
   o.reconnect_max = 200ms;
   o.command_timeout = 1s;
+  Collector<std::string> log;
+  o.log = [&log](const std::string& line) { log.push(line); };
   auto bus = node(server, o);
   Collector<Seen> exact, wild;
   SubscribeOptions so;
@@ -231,6 +265,17 @@ TEST_CASE(
   CHECK(w[3].kind == Delivery::Kind::gap);
   CHECK(w[3].dropped == 0);
   CHECK(w[4].seq == 1);
+  // What happened, logged: each connection lost, then established again.
+  auto lines = log.items();
+  auto logged = [&](const std::string& text) {
+    return std::count_if(lines.begin(), lines.end(),
+                         [&](const std::string& l) { return l.find(text) != std::string::npos; });
+  };
+  CHECK(logged("subscriber connection to Redis at 127.0.0.1:" + std::to_string(server.port()) + " lost: ") ==
+        1);
+  CHECK(logged("command connection to Redis at 127.0.0.1:" + std::to_string(server.port()) + " lost: ") == 1);
+  CHECK(logged(" established again after ") == 2);
+  for (auto& l : lines) MESSAGE(l);
 }
 
 TEST_CASE(

@@ -26,8 +26,9 @@ namespace pushbook::test {
 
 class RedisServer {
  public:
-  /// Starts redis-server on a port the kernel says is free (retrying on a conflict).
-  RedisServer() {
+  /// Starts redis-server on a port the kernel says is free (retrying on a conflict), and on the
+  /// unix socket unix_socket(); with a password, clients must AUTH.
+  explicit RedisServer(std::string password = "") : password_(std::move(password)) {
     for (int attempt = 0; attempt < 5; ++attempt) {
       port_ = free_port();
       if (try_start()) return;
@@ -40,6 +41,7 @@ class RedisServer {
 
   int port() const { return port_; }
   std::string address() const { return "redis://127.0.0.1:" + std::to_string(port_); }
+  std::string unix_socket() const { return dir_.file("redis.sock"); }
 
   /// Kills the server (SIGKILL: no goodbye to clients, data gone) and waits for it to exit.
   void kill() { stop(SIGKILL); }
@@ -64,6 +66,10 @@ class RedisServer {
     if (!c || c->err) {
       if (c) redisFree(c);
       return "";
+    }
+    if (!password_.empty()) {
+      auto* auth = static_cast<redisReply*>(redisCommand(c, "AUTH %s", password_.c_str()));
+      if (auth) freeReplyObject(auth);
     }
     std::vector<const char*> argv;
     std::vector<std::size_t> lens;
@@ -112,21 +118,16 @@ class RedisServer {
 
   bool try_start() {
     const std::string port = std::to_string(port_);
-    std::vector<std::string> args = {"/usr/bin/redis-server",
-                                     "--port",
-                                     port,
-                                     "--bind",
-                                     "127.0.0.1",
-                                     "--save",
-                                     "",
-                                     "--appendonly",
-                                     "no",
-                                     "--dir",
-                                     dir_.path(),
-                                     "--logfile",
-                                     dir_.file("redis.log"),
-                                     "--daemonize",
-                                     "no"};
+    // clang-format off
+    std::vector<std::string> args = {
+        "/usr/bin/redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", dir_.path(), "--logfile", dir_.file("redis.log"), "--daemonize", "no",
+        "--unixsocket", unix_socket(), "--unixsocketperm", "700"};
+    // clang-format on
+    if (!password_.empty()) {
+      args.push_back("--requirepass");
+      args.push_back(password_);
+    }
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -157,6 +158,7 @@ class RedisServer {
     pid_ = 0;
   }
 
+  std::string password_;
   TempDir dir_{"pushbook-redis"};
   int port_ = 0;
   pid_t pid_ = 0;

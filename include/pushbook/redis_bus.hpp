@@ -34,6 +34,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -67,6 +68,9 @@ struct RedisBusOptions {
   std::chrono::milliseconds reconnect_max = std::chrono::seconds(2);
   /// Threads of the default delivery executor (used by subscriptions that name none).
   std::size_t delivery_threads = 1;
+  /// Receives a line when a connection to Redis is lost, fails, or is established again (from
+  /// the bus's I/O thread: it must not block). Empty: nothing is logged.
+  std::function<void(const std::string&)> log;
 };
 
 /// Counters of a RedisBus.
