@@ -25,8 +25,10 @@
 // - With inline_executor, live callbacks run on the bus's I/O thread, not on the publisher's,
 //   and must not call publish(), subscribe(), last() or history() of this bus (publish() from
 //   that thread fails with errc::bad_request rather than deadlocking).
-// - Topics are forgotten by Redis key expiry (topic_idle_ttl after their last publish) rather
-//   than by an LRU bound on the number of topics: Redis's maxmemory policy is that bound.
+// - Topics are forgotten by Redis key expiry (topic_idle_ttl after their last publish, even while
+//   a node has subscribers: Redis cannot see them) rather than by an LRU bound on the number of
+//   topics (Redis's maxmemory policy is that bound). The next publish then starts a new epoch at
+//   seq 1, which live subscribers receive as an ordinary event of the new epoch.
 #pragma once
 
 #include <pushbook/event_bus.hpp>
