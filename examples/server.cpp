@@ -1,7 +1,7 @@
 // pushbook-server: LocalBus + BookingEngine + PushGateway wired into a runnable server.
 //
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
-//                   [--store URL] [--recovery requeue|reject]
+//                   [--store URL] [--recovery requeue|reject] [--bus local|redis://HOST:PORT]
 //                   [--resource ID:CAPACITY]... [--secret S | --keys FILE | --dev-insecure]
 //                   [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...
 //                   [--static-dir DIR] [--demo [--demo-token-ttl-s N]]
@@ -16,11 +16,16 @@
 // --store: where bookings are kept. The default is the SQLite file pushbook.db in the current
 // directory (a booking ACKed is stored; a restart recovers everything); "sqlite:PATH?sync=full"
 // survives a power loss too; "memory:" keeps nothing across a restart (benchmarks, throwaway use).
+//
+// --bus: where events travel. "local" (the default) is the in-process LocalBus; a Redis address
+// (redis://host:port[/db], unix:/path) makes it a RedisBus, so that several servers on one Redis
+// share every topic's numbering and events.
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/booking_store.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
+#include <pushbook/redis_bus.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/executor_work_guard.hpp>
@@ -50,6 +55,7 @@ struct Options {
   }();
   std::size_t workers = 2;
   std::string store = "sqlite:pushbook.db";
+  std::string bus = "local";
   pushbook::RecoveryPolicy recovery = pushbook::RecoveryPolicy::requeue;
   std::vector<std::pair<std::string, std::uint32_t>> resources;
   int decision_delay_ms = 0;
@@ -75,7 +81,7 @@ std::string demo_web_dir() {
 
 constexpr const char* synopsis =
     "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
-    "                       [--store URL] [--recovery requeue|reject]\n"
+    "                       [--store URL] [--recovery requeue|reject] [--bus local|redis://H:P]\n"
     "                       [--resource ID:CAPACITY]...\n"
     "                       [--secret S | --secret-file F | --keys FILE | --dev-insecure]\n"
     "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
@@ -102,6 +108,9 @@ constexpr const char* synopsis =
       "  --store URL         where bookings are kept (default sqlite:pushbook.db, in the current\n"
       "                      directory): sqlite:PATH survives a crash, sqlite:PATH?sync=full a power\n"
       "                      loss too; memory: keeps nothing across a restart\n"
+      "  --bus B             where events travel: local (in this process, the default) or a Redis\n"
+      "                      address, redis://HOST:PORT[/DB] or unix:/PATH, shared by every server\n"
+      "                      on it (RedisBus: clients resume on any of them)\n"
       "  --recovery P        bookings found undecided at start: requeue (decide them again, the\n"
       "                      default) or reject (reason \"recovery\")\n"
       "  --resource ID:N     a resource and its capacity, repeatable (default room-101:10,\n"
@@ -294,7 +303,15 @@ Options parse(int argc, char** argv) {
       o.gateway.threads = static_cast<std::size_t>(number());
     else if (a == "--store")
       o.store = value();
-    else if (a == "--recovery")
+    else if (a == "--bus") {
+      o.bus = value();
+      if (o.bus != "local" && !o.bus.starts_with("redis://") && !o.bus.starts_with("unix:")) {
+        fmt::print(stderr,
+                   "--bus is local or a Redis address (redis://HOST:PORT[/DB], unix:/PATH), not '{}'\n",
+                   o.bus);
+        usage(2);
+      }
+    } else if (a == "--recovery")
       o.recovery = one_of<pushbook::RecoveryPolicy>(
           a, value(),
           {{"requeue", pushbook::RecoveryPolicy::requeue}, {"reject", pushbook::RecoveryPolicy::reject}});
@@ -466,7 +483,21 @@ int main(int argc, char** argv) {
   std::thread timer_thread([&] { timers.run(); });
 
   try {
-    auto bus = std::make_shared<pushbook::LocalBus>();
+    std::shared_ptr<pushbook::EventBus> bus;
+    if (opt.bus == "local") {
+      bus = std::make_shared<pushbook::LocalBus>();
+    } else {
+      pushbook::RedisBusOptions ro;
+      ro.address = opt.bus;
+      ro.log = [](const std::string& line) { fmt::print(stderr, "pushbook-server: {}\n", line); };
+      auto redis = std::make_shared<pushbook::RedisBus>(ro);  // throws for an address it cannot parse
+      // Start anyway when Redis is not up yet (it reconnects), but say so.
+      if (!redis->wait_connected(ro.connect_timeout))
+        fmt::print(stderr,
+                   "pushbook-server: --bus {}: Redis does not answer yet; retrying in the background\n",
+                   opt.bus);
+      bus = redis;
+    }
     pushbook::EngineOptions eo = opt.engine;
     eo.workers = opt.workers;
     eo.recovery = opt.recovery;

@@ -27,6 +27,7 @@ class category final : public std::error_category {
       case errc::too_large: return "too large";
       case errc::internal: return "internal error";
       case errc::quota_exceeded: return "quota exceeded";
+      case errc::bus_unavailable: return "event bus unavailable";
     }
     return "unknown pushbook error";
   }
@@ -60,6 +61,7 @@ const char* to_string(errc e) noexcept {
     case errc::too_large: return "too_large";
     case errc::internal: return "internal";
     case errc::quota_exceeded: return "quota_exceeded";
+    case errc::bus_unavailable: return "bus_unavailable";
   }
   return "internal";
 }

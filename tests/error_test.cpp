@@ -10,6 +10,9 @@ TEST_CASE("errc has a category, stable names and converts to std::error_code") {
   CHECK(ec.message() == "sold out");
   CHECK(std::string(to_string(errc::idempotency_conflict)) == "idempotency_conflict");
   CHECK(std::string(to_string(errc::overloaded)) == "overloaded");
+  CHECK(std::string(to_string(errc::bus_unavailable)) == "bus_unavailable");
+  CHECK(make_error_code(errc::bus_unavailable).message() == "event bus unavailable");
+  CHECK(static_cast<int>(errc::bus_unavailable) == 20);  // appended: earlier values keep theirs
   CHECK(ec == make_error_code(errc::sold_out));
   CHECK(ec != make_error_code(errc::not_found));
 }

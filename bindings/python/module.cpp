@@ -11,6 +11,7 @@
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
+#include <pushbook/redis_bus.hpp>
 #include <pushbook/sqlite_store.hpp>
 #include <pushbook/version.hpp>
 
@@ -165,7 +166,8 @@ py::object error_object(const Error& e) {
       case errc::capacity_in_use: cls = "InvalidTransition"; break;
       case errc::overloaded:
       case errc::slow_consumer:
-      case errc::shutting_down: cls = "Overloaded"; break;
+      case errc::shutting_down:
+      case errc::bus_unavailable: cls = "Overloaded"; break;
       case errc::quota_exceeded: cls = "QuotaExceeded"; break;
       case errc::unauthorized:
       case errc::forbidden: cls = "Unauthorized"; break;
@@ -573,18 +575,11 @@ PYBIND11_MODULE(_core, m) {
       },
       "url"_a, "A store from a URL: 'memory:' or 'sqlite:PATH[?sync=normal|full]'.");
 
-  py::class_<LocalBus, std::shared_ptr<LocalBus>>(m, "LocalBus", "The in-process event bus.")
-      .def(py::init([](std::size_t history_limit, double history_max_age, std::size_t delivery_threads) {
-             LocalBusOptions o;
-             o.history_limit = history_limit;
-             o.history_max_age = std::chrono::milliseconds(static_cast<std::int64_t>(history_max_age * 1000));
-             o.delivery_threads = delivery_threads;
-             return make_gil_safe<LocalBus>(o);
-           }),
-           "history_limit"_a = 256, "history_max_age"_a = 600.0, "delivery_threads"_a = 1)
+  // The bus methods once, on the interface; LocalBus and RedisBus add their constructors and stats.
+  py::class_<EventBus, std::shared_ptr<EventBus>>(m, "EventBus", "An event bus (LocalBus or RedisBus).")
       .def(
           "publish",
-          [](LocalBus& bus, const std::string& topic, py::handle data) {
+          [](EventBus& bus, const std::string& topic, py::handle data) {
             auto value = std::make_shared<const json::value>(from_py(data));
             result<EventPtr> r = [&] {
               py::gil_scoped_release release;
@@ -595,7 +590,7 @@ PYBIND11_MODULE(_core, m) {
           "topic"_a, "data"_a, "Publishes data (JSON-like Python values); returns the event's seq.")
       .def(
           "subscribe",
-          [](LocalBus& bus, const std::string& topic, py::function callback,
+          [](EventBus& bus, const std::string& topic, py::function callback,
              std::optional<std::uint64_t> since, std::size_t max_queue, const std::string& overflow,
              bool snapshot) {
             SubscribeOptions o;
@@ -633,20 +628,30 @@ PYBIND11_MODULE(_core, m) {
           "snapshot"_a = true,
           "Calls callback(event) on a bus thread for each delivery. since=N replays events after seq N.")
       .def("last",
-           [](LocalBus& bus, const std::string& topic) -> py::object {
+           [](EventBus& bus, const std::string& topic) -> py::object {
              auto e = bus.last(topic);
              if (!e) return py::none();
              return py::cast(make_event(Delivery{Delivery::Kind::snapshot, e, 0, {}}));
            })
       .def(
           "history",
-          [](LocalBus& bus, const std::string& topic, std::uint64_t since) {
+          [](EventBus& bus, const std::string& topic, std::uint64_t since) {
             py::list out;
             for (auto& e : bus.history(topic, since))
               out.append(make_event(Delivery{Delivery::Kind::event, e, 0, {}}));
             return out;
           },
-          "topic"_a, "since"_a = 0)
+          "topic"_a, "since"_a = 0);
+
+  py::class_<LocalBus, EventBus, std::shared_ptr<LocalBus>>(m, "LocalBus", "The in-process event bus.")
+      .def(py::init([](std::size_t history_limit, double history_max_age, std::size_t delivery_threads) {
+             LocalBusOptions o;
+             o.history_limit = history_limit;
+             o.history_max_age = std::chrono::milliseconds(static_cast<std::int64_t>(history_max_age * 1000));
+             o.delivery_threads = delivery_threads;
+             return make_gil_safe<LocalBus>(o);
+           }),
+           "history_limit"_a = 256, "history_max_age"_a = 600.0, "delivery_threads"_a = 1)
       .def("__repr__",
            [](LocalBus& bus) {
              auto s = bus.stats();
@@ -657,6 +662,59 @@ PYBIND11_MODULE(_core, m) {
         auto s = bus.stats();
         return py::dict("published"_a = s.published, "delivered"_a = s.delivered, "dropped"_a = s.dropped,
                         "topics"_a = s.topics, "subscriptions"_a = s.subscriptions);
+      });
+
+  py::class_<RedisBus, EventBus, std::shared_ptr<RedisBus>>(
+      m, "RedisBus", "The event bus on Redis, shared by every process on it (pushbook/redis_bus.hpp).")
+      .def(py::init([](const std::string& address, std::size_t history_limit, double history_max_age,
+                       std::size_t delivery_threads, const std::string& key_prefix, double command_timeout,
+                       double connect_wait) {
+             RedisBusOptions o;
+             o.address = address;
+             o.history_limit = history_limit;
+             o.history_max_age = std::chrono::milliseconds(static_cast<std::int64_t>(history_max_age * 1000));
+             o.delivery_threads = delivery_threads;
+             o.key_prefix = key_prefix;
+             o.command_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(command_timeout * 1000));
+             std::optional<Error> bad;
+             auto bus = nogil([&]() -> std::shared_ptr<RedisBus> {
+               try {
+                 return make_gil_safe<RedisBus>(o);
+               } catch (const Exception& e) {
+                 bad = Error(e.code(), e.what());  // raised below, with the GIL
+                 return nullptr;
+               }
+             });
+             if (bad) raise(*bad);
+             nogil([&] {
+               return bus->wait_connected(
+                   std::chrono::milliseconds(static_cast<std::int64_t>(connect_wait * 1000)));
+             });
+             return bus;
+           }),
+           "address"_a = "redis://127.0.0.1:6379", "history_limit"_a = 256, "history_max_age"_a = 600.0,
+           "delivery_threads"_a = 1, "key_prefix"_a = "pushbook:", "command_timeout"_a = 2.0,
+           "connect_wait"_a = 2.0)
+      .def(
+          "wait_connected",
+          [](RedisBus& bus, double timeout) {
+            return nogil([&] {
+              return bus.wait_connected(std::chrono::milliseconds(static_cast<std::int64_t>(timeout * 1000)));
+            });
+          },
+          "timeout"_a)
+      .def("__repr__",
+           [](RedisBus& bus) {
+             auto s = bus.stats();
+             return "<pushbook.RedisBus channels=" + std::to_string(s.channels) +
+                    " subscriptions=" + std::to_string(s.subscriptions) + ">";
+           })
+      .def_property_readonly("stats", [](RedisBus& bus) {
+        auto s = bus.stats();
+        return py::dict("published"_a = s.published, "delivered"_a = s.delivered, "dropped"_a = s.dropped,
+                        "subscriptions"_a = s.subscriptions, "received"_a = s.received,
+                        "channels"_a = s.channels, "reconnects"_a = s.reconnects,
+                        "publish_failures"_a = s.publish_failures, "resyncs"_a = s.resyncs);
       });
 
   py::class_<Decision>(m, "Decision",
@@ -706,12 +764,12 @@ PYBIND11_MODULE(_core, m) {
   py::class_<BookingEngine, std::shared_ptr<BookingEngine>>(m, "BookingEngine",
                                                             "Validates, ACKs, decides, publishes.")
       .def(
-          py::init([](std::shared_ptr<LocalBus> bus, std::size_t workers, py::object handler, py::object loop,
+          py::init([](std::shared_ptr<EventBus> bus, std::size_t workers, py::object handler, py::object loop,
                       double handler_timeout, std::size_t max_queue, double idempotency_window,
                       std::shared_ptr<BookingStore> store, const std::string& recovery, double max_hold,
                       std::size_t max_metadata_bytes, std::size_t max_in_flight_per_user,
                       std::uint64_t max_held_units_per_user) {
-            if (!bus) throw py::type_error("BookingEngine needs a LocalBus");
+            if (!bus) throw py::type_error("BookingEngine needs a bus (LocalBus or RedisBus)");
             EngineOptions o;
             if (!(max_hold > 0) || max_hold > 365.0 * 86400)
               raise(Error(errc::bad_request, "max_hold must be a number of seconds above 0, at most a year"));
@@ -920,7 +978,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PushGateway, std::shared_ptr<PushGateway>>(m, "PushGateway",
                                                         "HTTP + WebSocket + SSE push server.")
-      .def(py::init([](std::shared_ptr<LocalBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
+      .def(py::init([](std::shared_ptr<EventBus> bus, std::shared_ptr<BookingEngine> engine, std::string host,
                        std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
                        std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir,
                        std::shared_ptr<KeySet> keys, double user_rate_limit, std::size_t user_rate_burst,

@@ -51,6 +51,8 @@ enum class errc {
   internal,
   /// A per-user quota is used up (bookings in flight, units held); retry once some are decided.
   quota_exceeded,
+  /// The event bus cannot reach its backend (Redis): nothing was published; retry later.
+  bus_unavailable,
 };
 
 /// The error category of `errc`.

@@ -29,6 +29,8 @@ WireError wire_error(const std::error_code& ec) {
     case errc::too_large: return {"too_large", 413};
     case errc::internal: return {"internal", 500};
     case errc::quota_exceeded: return {"quota_exceeded", 429};
+    // The bus's backend is away: like an overload to a client, who retries after a while.
+    case errc::bus_unavailable: return {"overloaded", 503};
   }
   return {"internal", 500};
 }

@@ -599,3 +599,68 @@ def test_the_main_calls_have_python_signatures():
     assert list(inspect.signature(pushbook.BookingEngine.book).parameters)[-1] == "timeout"
     assert list(inspect.signature(pushbook.LocalBus.subscribe).parameters)[:4] == ["self", "topic", "callback", "since"]
     assert "secret" in inspect.signature(pushbook.PushGateway).parameters
+
+
+# --- RedisBus ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_address(tmp_path):
+    """A redis-server of the test's own on a free loopback port, without persistence."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                return c.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(answers)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(DEADLINE)
+
+
+def test_redis_bus_is_shared_by_two_buses_and_drives_an_engine(redis_address):
+    one = pushbook.RedisBus(redis_address, key_prefix="py:")
+    other = pushbook.RedisBus(redis_address, key_prefix="py:")
+    assert one.publish("user/u1", {"n": 1}) == 1
+    assert other.publish("user/u1", {"n": 2}) == 2  # one numbering, whichever bus publishes
+    events = Collector()
+    with other.subscribe("user/u1", events, since=0):
+        one.publish("user/u1", {"n": 3})
+        got = events.wait(lambda items: len(items) == 3)
+    assert [(e.seq, e.data["n"]) for e in got] == [(1, 1), (2, 2), (3, 3)]
+    assert other.last("user/u1").data == {"n": 3}
+    assert [e.seq for e in one.history("user/u1", since=1)] == [2, 3]
+    assert one.stats["published"] == 2 and other.stats["received"] == 1
+    assert "RedisBus" in repr(one)
+    # An engine publishes its bookings' events through Redis; another bus sees them.
+    engine = pushbook.BookingEngine(one, workers=1)
+    engine.add_resource("room-1", capacity=1)
+    ack = engine.submit(user="u1", resource="room-1", idempotency_key="k1")
+    booking = Collector()
+    with other.subscribe("booking/" + ack.booking_id, booking, since=0):
+        booking.wait(lambda items: any(e.data["status"] == "confirmed" for e in items))
+    engine.shutdown()
+
+
+def test_redis_bus_unreachable_raises_overloaded_and_a_bad_address_a_validation_error(redis_address):
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bus = pushbook.RedisBus(f"redis://127.0.0.1:{port}", command_timeout=0.5, connect_wait=0.1)
+    with pytest.raises(pushbook.Overloaded) as caught:
+        bus.publish("user/u1", {"n": 1})
+    assert caught.value.code == "bus_unavailable"
+    assert bus.last("user/u1") is None
+    with pytest.raises(pushbook.ValidationError):
+        pushbook.RedisBus("http://127.0.0.1:6379")

@@ -32,6 +32,7 @@ def run_server(*args):
     (["--store", "redis://127.0.0.1"], "unknown store 'redis://127.0.0.1': use memory: or sqlite:PATH"),
     (["--store", "sqlite:x.db?sync=sometimes"], "unknown sqlite option 'sync=sometimes'"),
     (["--recovery", "maybe"], "--recovery is requeue or reject, not 'maybe'"),
+    (["--bus", "tcp://127.0.0.1:6379"], "--bus is local or a Redis address (redis://HOST:PORT[/DB], unix:/PATH), not 'tcp://127.0.0.1:6379'"),
     (["--secret", "s3cret"], "the secret must be at least 32 bytes, not 6"),
     (["--token-for", "alice", "--secret", "short"], "the secret must be at least 32 bytes, not 5"),
     (["--secret-file", "/nonexistent/secret"], "--secret-file: cannot read '/nonexistent/secret'"),
@@ -125,7 +126,7 @@ def test_help_describes_every_option_with_its_default():
                    "--max-queued-bytes", "--slow-consumer", "--handshake-timeout-ms", "--idle-timeout-s",
                    "--max-long-poll-s", "--shutdown-timeout-s", "--max-queue", "--max-hold-s",
                    "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user",
-                   "--keys", "--secret-file"):
+                   "--keys", "--secret-file", "--bus"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
@@ -260,3 +261,55 @@ def test_at_the_file_descriptor_limit_the_operator_is_told_once_per_period_not_p
     reported = sum(int(re.search(r"\((\d+) failure\(s\) since", w).group(1)) for w in warnings)
     reported += sum(int(re.search(r"\((\d+) more failed accept", a).group(1)) for a in again)
     assert reported == count, "".join(seen)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bus_redis_carries_the_events_through_redis(tmp_path):
+    """--bus redis://...: a booking's events are numbered and published in Redis (a redis-server of
+    the test's own), where every server on it sees them."""
+    import socket
+    import time
+    port = _free_port()
+    redis = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def redis_command(*args):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(("*%d\r\n" % len(args) + "".join("$%d\r\n%s\r\n" % (len(a), a) for a in args)).encode())
+            return c.recv(65536).decode()
+
+    deadline = time.monotonic() + 10
+    while True:  # until it answers PING, with a deadline
+        try:
+            if redis_command("PING").startswith("+PONG"):
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.01)
+    server = Server("--bus", f"redis://127.0.0.1:{port}")
+    try:
+        token = server.token("alice")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/v1/bookings", method="POST",
+            data=json.dumps({"resource": "hall"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+        with urllib.request.urlopen(request) as answer:
+            booking_id = json.load(answer)["booking_id"]
+        key = "pushbook:{booking/%s}:seq" % booking_id
+        deadline = time.monotonic() + 10
+        while redis_command("GET", key).startswith("$-1"):  # nil until the first event (processing)
+            assert time.monotonic() < deadline, "no event of the booking reached Redis"
+            time.sleep(0.01)
+        assert int(redis_command("GET", key).split("\r\n")[1]) >= 1
+    finally:
+        server.stop()
+        redis.terminate()
+        redis.wait(10)

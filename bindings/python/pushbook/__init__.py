@@ -49,6 +49,29 @@ class LocalBus(_core.LocalBus):
         return _Stream(self, topic, since, max_queue)
 
 
+class RedisBus(_core.RedisBus):
+    """The event bus on Redis: every process on the same Redis (and ``key_prefix``) shares each
+    topic's numbering, history and events. ``RedisBus("redis://127.0.0.1:6379")``; also
+    ``redis://:password@host:port/db`` and ``unix:/path``. The same methods as LocalBus;
+    ``publish`` raises Overloaded (code ``bus_unavailable``) while Redis is unreachable."""
+
+    def __init__(self, address="redis://127.0.0.1:6379", history_limit=256, history_max_age=600.0,
+                 delivery_threads=1, key_prefix="pushbook:", command_timeout=2.0, connect_wait=2.0):
+        super().__init__(address, history_limit=history_limit, history_max_age=history_max_age,
+                         delivery_threads=delivery_threads, key_prefix=key_prefix,
+                         command_timeout=command_timeout, connect_wait=connect_wait)
+
+    def subscribe(self, topic, callback, since=None, max_queue=4096, overflow="drop_oldest", snapshot=True):
+        """As LocalBus.subscribe; after a lost connection the subscriber catches up from history
+        (or a snapshot); a wildcard subscriber gets a gap event instead."""
+        return super().subscribe(topic, callback, since=since, max_queue=max_queue, overflow=overflow,
+                                 snapshot=snapshot)
+
+    def stream(self, topic, since=None, max_queue=4096):
+        """As LocalBus.stream."""
+        return _Stream(self, topic, since, max_queue)
+
+
 class BookingEngine(_core.BookingEngine):
     """Validates, ACKs, decides on a worker pool, never overbooks, publishes every state change.
 
@@ -257,6 +280,6 @@ class PushGateway(_core.PushGateway):
 __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
     "IdempotencyConflict", "InvalidTransition", "KeySet", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
-    "PushGateway", "QuotaExceeded", "Reason", "SqliteStore", "Status", "Subscription", "Unauthorized",
+    "PushGateway", "QuotaExceeded", "Reason", "RedisBus", "SqliteStore", "Status", "Subscription", "Unauthorized",
     "ValidationError", "__version__", "open_store", "sign_token",
 ]
