@@ -41,6 +41,7 @@ struct Fixture {
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
   explicit Fixture(GatewayOptions o = {}) {
     ctx->bus = std::make_shared<LocalBus>();
+    ctx->hub = std::make_shared<TopicHub>(ctx->bus);
     ctx->engine = std::make_shared<BookingEngine>(ctx->bus);
     ctx->engine->add_resource("r", 5).value();
     o.secret = "s";

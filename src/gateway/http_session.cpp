@@ -430,9 +430,8 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   // numbering (seq and version part ways after a restart).
   SubscribeOptions so;
   so.snapshot_source = snapshot_source(*core_->ctx, "booking/" + booking.id);
-  so.executor = inline_executor();
   std::weak_ptr<HttpSession> weak = shared_from_this();
-  auto sub = core_->ctx->bus->subscribe(
+  auto sub = core_->ctx->follow(
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {
         if (d.event) {

@@ -62,6 +62,13 @@ result<TokenClaims> GatewayContext::verify(std::string_view token) const {
   return claims;
 }
 
+result<Subscription> GatewayContext::follow(const std::string& topic, DeliveryCallback callback,
+                                            SubscribeOptions so) const {
+  if (hub) return hub->subscribe(topic, std::move(callback), std::move(so));
+  so.executor = inline_executor();
+  return bus->subscribe(topic, std::move(callback), std::move(so));
+}
+
 bool GatewayContext::may_subscribe(std::string_view user, std::string_view topic) const {
   if (options.authorize) return options.authorize(user, topic);
   std::optional<std::string> owner;
@@ -381,11 +388,11 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   so.since_seq = since;
   so.since_epoch = epoch;
   so.snapshot_source = snapshot_source(*ctx_, topic);
-  // Events go straight into the connection's bounded send queue on the publisher's thread; the
-  // queue (not the bus) applies the slow-consumer policy.
-  so.executor = inline_executor();
+  // Events go straight into the connection's bounded send queue on the delivering thread (one
+  // bus subscription per topic for the whole node, see topic_hub.hpp); the queue (not the bus)
+  // applies the slow-consumer policy.
   std::weak_ptr<ConnectionSink> weak = sink_;
-  auto sub = ctx_->bus->subscribe(
+  auto sub = ctx_->follow(
       topic,
       [weak, topic](const Delivery& d) {
         auto sink = weak.lock();

@@ -10,6 +10,7 @@
 #include <pushbook/push_gateway.hpp>
 
 #include "gateway/metrics.hpp"
+#include "gateway/topic_hub.hpp"
 
 #include <boost/json/object.hpp>
 
@@ -88,6 +89,8 @@ class CurrentKeys {
 /// which swap atomically).
 struct GatewayContext {
   EventBusPtr bus;
+  /// The node's one bus subscription per topic, shared by its connections (see topic_hub.hpp).
+  std::shared_ptr<TopicHub> hub;
   std::shared_ptr<BookingEngine> engine;
   GatewayOptions options;
   GatewayMetrics* metrics = nullptr;
@@ -101,6 +104,10 @@ struct GatewayContext {
   /// Verifies a token with the current keys (or, in dev_insecure mode without keys, reads its
   /// "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;
+  /// Follows an exact topic for a connection: through the hub (callbacks run on the delivering
+  /// thread, as with inline_executor()), or straight on the bus when there is no hub.
+  result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
+                              SubscribeOptions options) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
   bool may_subscribe(std::string_view user, std::string_view topic) const;
 };
