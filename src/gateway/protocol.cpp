@@ -257,9 +257,12 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
                                   ctx_->options.max_subscriptions, topic)}})));
     return;
   }
-  // The decision follows on this socket: the subscription starts with the booking's current
-  // state, so nothing decided in between is missed.
-  subscribe(topic, std::nullopt);
+  // The decision follows on this socket. A new booking's ACK says what its topic's first event
+  // says (processing, seq 1): the subscription starts after it, so the client gets the changes
+  // and not the same state twice, and nothing decided in between is missed (it is replayed). An
+  // idempotent replay's ACK may be older than the booking's state: that state follows as a
+  // snapshot.
+  subscribe(topic, ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
