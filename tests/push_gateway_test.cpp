@@ -162,6 +162,10 @@ TEST_CASE("a node's connections following one topic are one bus subscription, fa
     REQUIRE(r.at("ok") == true);
   }
   CHECK(s.bus->stats().subscriptions == before + 1);
+  const auto metrics = s.http().request("GET", "/metrics").value().body;
+  CHECK(metrics.find("pushbook_hub_topics 1\n") != std::string::npos);
+  CHECK(metrics.find("pushbook_hub_followers 100\n") != std::string::npos);
+  CHECK(metrics.find("pushbook_hub_shared_joins_total 99\n") != std::string::npos);
   for (auto& c : clients) {  // each starts with the hall's state
     auto ev = c->next(5s);
     REQUIRE(ev);

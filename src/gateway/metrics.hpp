@@ -3,6 +3,8 @@
 
 #include <pushbook/booking_engine.hpp>
 
+#include "gateway/topic_hub.hpp"
+
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -37,6 +39,8 @@ struct GatewayMetrics {
   void count_request(std::string_view route, unsigned status);
   /// The Prometheus text exposition (format 0.0.4) of these counters and the engine's.
   std::string render(const EngineStats* engine) const;
+  /// The topic hub's gauges and counters (see topic_hub.hpp), appended to `out`.
+  static void render_topic_hub(std::string& out, const TopicHubStats& hub);
 
  private:
   mutable std::mutex mutex_;
