@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <thread>
 
 using namespace pushbook;
@@ -190,6 +191,35 @@ HUB_CASE(
   CHECK(a.wait_for(1) == std::vector<Seen>{{snap, 0}});
   CHECK(b.wait_for(1) == std::vector<Seen>{{snap, 0}});
   CHECK(asked.load() == 1);
+  // A client resuming with since 0 (it saw nothing of this numbering) gets that state too, as
+  // the bus would give it.
+  Collector<Seen> resumed;
+  auto sr = hub.subscribe("booking/b1", record(resumed), since(0));
+  REQUIRE(sr);
+  CHECK(resumed.wait_for(1) == std::vector<Seen>{{snap, 0}});
+  // The first published event reaches all three.
+  REQUIRE(bus->publish("booking/b1", num(1)));
+  CHECK(a.wait_for(2).back() == Seen{ev, 1});
+  CHECK(resumed.wait_for(2).back() == Seen{ev, 1});
+}
+
+HUB_CASE("a follower cannot subscribe from inside its callback: refused, not a deadlock") {
+  F f;
+  auto bus = f.make();
+  TopicHub hub(bus);
+  Collector<std::string> errors;
+  auto s = hub.subscribe("resource/r",
+                         [&](const Delivery& d) {
+                           if (d.kind != ev) return;
+                           auto inner = hub.subscribe("resource/other", [](const Delivery&) {}, {});
+                           errors.push(inner ? "subscribed" : inner.error().message);
+                         },
+                         {});
+  REQUIRE(s);
+  REQUIRE(bus->publish("resource/r", num(1)));
+  auto seen = errors.wait_for(1);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].find("inside a follower's callback") != std::string::npos);
 }
 
 HUB_CASE("followers leave at any moment, from inside their callback too, and the topic is unfollowed") {
@@ -299,4 +329,55 @@ TEST_CASE("a bus that cannot subscribe: the first follower gets the error, and n
   CHECK(hub.stats().followers == 0);
   auto bad = hub.subscribe("resource/*", record(c), {});
   CHECK(bad.error().is(errc::invalid_topic));
+}
+
+TEST_CASE(
+    "when the hub's own subscription falls behind, followers get a gap and a joiner is not served stale "
+    "state") {
+  // A follower that blocks the fan-out while another thread publishes past the hub's queue bound.
+  auto bus = std::make_shared<LocalBus>();
+  TopicHub hub(bus, 64, /*max_queue=*/8);
+  std::mutex m;
+  std::condition_variable cv;
+  bool entered = false, release = false;
+  Collector<Seen> slow;
+  auto s = hub.subscribe(
+      "resource/r",
+      [&](const Delivery& d) {
+        slow.push({d.kind, d.event ? d.event->seq() : 0});
+        if (d.kind != ev || d.event->seq() != 1) return;
+        std::unique_lock lock(m);
+        entered = true;
+        cv.notify_all();
+        cv.wait(lock, [&] { return release; });
+      },
+      since(0));
+  REQUIRE(s);
+  std::thread first([&] { REQUIRE(bus->publish("resource/r", num(1))); });  // blocks in the fan-out
+  {
+    std::unique_lock lock(m);
+    REQUIRE(cv.wait_for(lock, 10s, [&] { return entered; }));
+  }
+  for (int i = 2; i <= 30; ++i) REQUIRE(bus->publish("resource/r", num(i)));  // queued: 8 kept
+  {
+    std::lock_guard lock(m);
+    release = true;
+  }
+  cv.notify_all();
+  first.join();
+  auto got = slow.wait_for(10);
+  REQUIRE(got.size() >= 3);
+  CHECK(got[0] == Seen{ev, 1});
+  CHECK(got[1].kind == Delivery::Kind::gap);
+  CHECK(got.back() == Seen{ev, 30});
+  // A client resuming from before the gap is served by the bus's history (a subscription of its
+  // own), with every event after its since: nothing the hub dropped is lost to it.
+  Collector<Seen> resumed;
+  auto r = hub.subscribe("resource/r", record(resumed), since(1));
+  REQUIRE(r);
+  auto all = resumed.wait_for(29);
+  REQUIRE(all.size() == 29);
+  CHECK(all.front() == Seen{ev, 2});
+  CHECK(all.back() == Seen{ev, 30});
+  CHECK(hub.stats().private_subscriptions == 1);
 }

@@ -257,12 +257,12 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
                                   ctx_->options.max_subscriptions, topic)}})));
     return;
   }
-  // The decision follows on this socket. A new booking's ACK says what its topic's first event
-  // says (processing, seq 1): the subscription starts after it, so the client gets the changes
-  // and not the same state twice, and nothing decided in between is missed (it is replayed). An
-  // idempotent replay's ACK may be older than the booking's state: that state follows as a
-  // snapshot.
-  subscribe(topic, ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
+  // The decision follows on this socket: the subscription starts with the booking's current
+  // state, so nothing decided in between is missed. That state is not sent when it is the one the
+  // ACK just said (a new booking's version 1, processing): the client gets the changes, not the
+  // same state twice. By version, not seq: the topic's numbering may have restarted meanwhile.
+  subscribe(topic, std::nullopt, std::nullopt,
+            ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -380,8 +380,17 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   };
 }
 
+namespace {
+// A booking event's "version" (0 when it has none).
+std::uint64_t version_of(const boost::json::value& data) {
+  const auto* v = data.is_object() ? data.as_object().if_contains("version") : nullptr;
+  return v && v->is_int64() && v->as_int64() > 0 ? static_cast<std::uint64_t>(v->as_int64()) : 0;
+}
+}  // namespace
+
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                                std::optional<std::uint32_t> epoch) {
+                                std::optional<std::uint32_t> epoch,
+                                std::optional<std::uint64_t> known_version) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -397,12 +406,15 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   std::weak_ptr<ConnectionSink> weak = sink_;
   auto sub = ctx_->follow(
       topic,
-      [weak, topic](const Delivery& d) {
+      [weak, topic, known_version](const Delivery& d) {
         auto sink = weak.lock();
         if (!sink) return;
         switch (d.kind) {
           case Delivery::Kind::event: sink->send_event(d.event, false); break;
-          case Delivery::Kind::snapshot: sink->send_event(d.event, true); break;
+          case Delivery::Kind::snapshot:
+            if (known_version && version_of(d.event->data()) <= *known_version) break;  // said already
+            sink->send_event(d.event, true);
+            break;
           case Delivery::Kind::gap:
             sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
                 {"type", "gap"}, {"topics", boost::json::array{topic}}, {"dropped", d.dropped}})));

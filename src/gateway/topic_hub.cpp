@@ -3,9 +3,11 @@
 // Locks: the hub's `mutex` (the topic map) -> a topic's `mutex` (its followers and its view of
 // the topic). Followers' callbacks run under their topic's mutex, so that a follower joining
 // (served from the topic's recent events) and the fan-out of the next event cannot interleave:
-// that is what makes "replay, then live, no gap, no duplicate" hold. No bus call (subscribe,
-// cancel) is made under either lock: the bus may deliver synchronously from inside those calls,
-// and a bus cancel waits for a running callback, which takes the topic's mutex.
+// that is what makes "replay, then live, no gap, no duplicate" hold. No bus subscribe is made
+// under either lock (the bus may deliver synchronously from inside it), and no cancel of a
+// topic's bus subscription (it waits for a running callback, which takes the topic's mutex).
+// A follower's private bus subscription may be cancelled from inside a callback: its callbacks
+// take no hub lock.
 #include "gateway/topic_hub.hpp"
 
 #include "detail/forced_unwind.hpp"
@@ -100,6 +102,9 @@ struct topic_entry {
   // events, contiguous, the newest being `last` (empty after a snapshot or a gap).
   EventPtr last;
   std::deque<EventPtr> recent;
+  // The hub's subscription lost events (a gap) and no event came since: `last` is not the
+  // topic's state. Joiners get a bus subscription of their own until the next event.
+  bool stale = false;
   Subscription bus_sub;
   // Followers were cancelled and may still be listed (set without the mutex).
   std::atomic<bool> sweep{false};
@@ -112,10 +117,12 @@ using entry_ptr = std::shared_ptr<topic_entry>;
 }  // namespace
 
 struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
-  impl(EventBusPtr b, std::size_t replay) : bus(std::move(b)), replay_events(replay) {}
+  impl(EventBusPtr b, std::size_t replay, std::size_t queue)
+      : bus(std::move(b)), replay_events(replay), max_queue(queue) {}
 
   EventBusPtr bus;
   const std::size_t replay_events;
+  const std::size_t max_queue;
 
   std::mutex mutex;
   std::unordered_map<std::string, entry_ptr> topics;  // guarded by mutex
@@ -145,6 +152,7 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
   static bool place(topic_entry& e, follower& f) {
     const auto& o = f.options;
     std::optional<std::uint64_t> since = o.since_seq;
+    if (e.stale) return false;
     if (!e.last) {
       // Nothing of the topic yet (the bus subscription got no snapshot either): live from here.
       if (since && o.since_epoch) {
@@ -156,6 +164,12 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     }
     const auto epoch = e.last->epoch();
     const auto seq = e.last->seq();
+    if (seq == 0) {
+      // State from a snapshot_source, nothing published on the bus: the bus gives it to whoever
+      // asks for a snapshot or resumes (since), as it does when it has nothing of a topic.
+      if (since || o.snapshot) f.forward(Delivery{Delivery::Kind::snapshot, e.last, 0, {}});
+      return true;
+    }
     if (since && o.since_epoch && *o.since_epoch != epoch) since.reset();  // renumbered
     auto position = [&](std::uint64_t at) {
       f.positioned = true;
@@ -204,6 +218,7 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
           if (!e->last || ev->epoch() != e->last->epoch() || ev->seq() != e->last->seq() + 1)
             e->recent.clear();  // not contiguous with what the hub had
           e->recent.push_back(ev);
+          e->stale = false;
           // Before it is primed, the entry keeps all its bus subscription replays: its creator
           // (and whoever joined meanwhile) is served from them.
           while (e->primed && e->recent.size() > replay_events) e->recent.pop_front();
@@ -214,14 +229,18 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
         }
         case Delivery::Kind::snapshot:
           e->recent.clear();
+          e->stale = false;
           e->last = d.event;
           if (e->primed)
             for (const auto& f : e->followers) f->forward(d);
           break;
         case Delivery::Kind::gap:
           // The hub's subscription fell behind: what follows is not contiguous with what came
-          // before. Followers are told, as the bus would tell them, and resubscribe with since.
+          // before, and `last` is no longer the topic's state. Followers are told, as the bus
+          // would tell them (they resubscribe with since, on a bus subscription of their own
+          // while the hub is stale), and get what comes next.
           e->recent.clear();
+          e->stale = true;
           if (e->primed)
             for (const auto& f : e->followers) f->deliver(d);
           break;
@@ -301,6 +320,9 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     if (!is_valid_topic(topic))
       return Error(errc::invalid_topic, "invalid topic '" + topic.substr(0, 300) + "'");
     if (!callback) return Error(errc::bad_request, "subscribe needs a callback");
+    if (fanning_out > 0)
+      return Error(errc::bad_request,
+                   "TopicHub::subscribe cannot be called from inside a follower's callback");
     sweep_lazy();
     auto f = std::make_shared<follower>();
     f->hub = weak_from_this();
@@ -329,17 +351,14 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
         } else if (create || !e->primed) {
           e->waiting.push_back(f);
           followers.fetch_add(1, std::memory_order_relaxed);
-          if (!create) {
-            shared_joins.fetch_add(1, std::memory_order_relaxed);
-            return Subscription(f);  // served when the topic's creator has primed it
-          }
+          if (!create) return Subscription(f);  // served when the topic's creator has primed it
         } else {
-          shared_joins.fetch_add(1, std::memory_order_relaxed);
           fanout_scope scope;
           own = !place(*e, *f);
           if (!own) {
             e->followers.push_back(f);
             followers.fetch_add(1, std::memory_order_relaxed);
+            shared_joins.fetch_add(1, std::memory_order_relaxed);
           }
         }
       }
@@ -360,18 +379,24 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     SubscribeOptions so;
     so.since_seq = f->options.since_seq;
     so.since_epoch = f->options.since_epoch;
+    // Start further back than the creator needs, so that the hub holds the topic's recent
+    // events for followers that join with an older `since` (clients reconnecting after a node
+    // went away): `replay_events` before the creator's `since`, or from the topic's first event
+    // for a creator that wants the current state (a short topic such as booking/<id> is replayed
+    // whole; where the bus's history does not reach back that far it sends the last event as a
+    // snapshot, which is what such a creator wants). One bus call, no extra read. A creator whose
+    // own `since` the widened start does not cover (the bus answered with a snapshot) gets a
+    // bus subscription of its own below.
     if (!so.since_seq) {
-      // A creator that wants the current state: start `replay_events` back instead, so that the
-      // hub holds the topic's recent events for followers that join with a `since` (a client
-      // reconnecting after a moment). The creator itself is still served the last one.
-      if (auto last = bus->last(topic)) {
-        so.since_seq = last->seq() > replay_events ? last->seq() - replay_events : 0;
-        so.since_epoch = last->epoch();
-      }
+      so.since_seq = 0;
+      so.since_epoch.reset();
+    } else if (*so.since_seq > replay_events) {
+      *so.since_seq -= replay_events;
     }
     so.snapshot = true;
     so.snapshot_source = f->options.snapshot_source;
     so.executor = inline_executor();
+    so.max_queue = max_queue;
     std::weak_ptr<topic_entry> weak_entry = e;
     std::weak_ptr<impl> weak_hub = weak_from_this();
     auto sub = bus->subscribe(
@@ -407,6 +432,7 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
             continue;
           }
           if (place(*e, *w)) {
+            if (w != f) shared_joins.fetch_add(1, std::memory_order_relaxed);
             e->followers.push_back(std::move(w));
           } else {
             followers.fetch_sub(1, std::memory_order_relaxed);
@@ -431,6 +457,8 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
       for (auto& [name, e] : topics) {
         std::lock_guard topic_lock(e->mutex);
         e->closed = true;
+        for (const auto& f : e->followers) f->ended.store(true, std::memory_order_release);
+        for (const auto& f : e->waiting) f->ended.store(true, std::memory_order_release);
         ending.push_back(std::move(e->bus_sub));
       }
       topics.clear();
@@ -475,8 +503,9 @@ void follower::cancel() noexcept {
 }
 }  // namespace
 
-TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events)
-    : impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1))) {}
+TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_queue)
+    : impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
+                                   std::max<std::size_t>(max_queue, 1))) {}
 
 TopicHub::~TopicHub() { impl_->close(); }
 

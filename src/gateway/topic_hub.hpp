@@ -16,7 +16,8 @@
 //
 // Thread-safety: subscribe() and Subscription::cancel() from any thread. Callbacks run on the
 // thread that delivers the event (as with inline_executor()), never two of one follower at
-// once; they must not block. Cancelling from inside a callback is allowed.
+// once; they must not block, and must not call subscribe() (refused with bad_request).
+// Cancelling from inside a callback is allowed.
 #pragma once
 
 #include <pushbook/event_bus.hpp>
@@ -43,7 +44,10 @@ struct TopicHubStats {
 class TopicHub {
  public:
   /// `replay_events`: events per topic kept for followers that join with a `since`.
-  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64);
+  /// `max_queue`: the bound of each of the hub's bus subscriptions (SubscribeOptions::max_queue).
+  /// Deliveries are made inline, so it fills only while a fan-out is slower than the topic's
+  /// publishers; beyond it the followers get a gap.
+  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536);
   /// Ends the hub's bus subscriptions. Followers' subscriptions become inactive.
   ~TopicHub();
   TopicHub(const TopicHub&) = delete;
