@@ -122,7 +122,8 @@ class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
 };
 
 /// Opens a store from a URL: "memory:" (MemoryStore), "sqlite:PATH" or
-/// "sqlite:PATH?sync=normal|full" (SqliteStore). Errors: errc::bad_request (unknown scheme or
+/// "sqlite:PATH?sync=normal|full" (SqliteStore), "postgresql://..." (PostgresStore, the URI as
+/// libpq takes it, default PostgresOptions). Errors: errc::bad_request (unknown scheme or
 /// option), errc::store_failed (the database cannot be opened; the message says why).
 PUSHBOOK_EXPORT result<std::shared_ptr<BookingStore>> open_store(std::string_view url);
 

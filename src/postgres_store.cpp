@@ -1,0 +1,970 @@
+// PostgresStore: see pushbook/postgres_store.hpp and docs/architecture.md ("PostgresStore").
+#include <pushbook/postgres_store.hpp>
+
+#include <libpq-fe.h>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+
+#include <poll.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <condition_variable>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <variant>
+
+namespace pushbook {
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+// The schema version this build writes and reads; migrate() upgrades older databases to it.
+constexpr int current_schema_version = 2;
+// pg_advisory_xact_lock key under which a process creates or upgrades the schema ("PshB"):
+// processes starting together upgrade once, one after the other.
+constexpr const char* migration_lock_sql = "SELECT pg_advisory_xact_lock(1349740610)";
+
+// Version 1: bookings and resources as SqliteStore keeps them, capacity in the engine's memory.
+// Names carry a pushbook_ prefix: the database may well be the host application's own.
+// `seq` is the first-stored order (recovery re-queues processing bookings in it); `lines` is
+// [{"resource": ..., "quantity": ...}] so that SQL can sum units; `booking` is the whole booking
+// as to_json() writes it (metadata included), which load() returns.
+constexpr const char* schema_v1 = R"sql(
+CREATE TABLE pushbook_schema_version (version integer NOT NULL);
+INSERT INTO pushbook_schema_version VALUES (0);
+CREATE TABLE pushbook_resources (
+  id       text PRIMARY KEY,
+  capacity bigint NOT NULL CHECK (capacity >= 0)
+);
+CREATE TABLE pushbook_bookings (
+  seq         bigserial NOT NULL,
+  id          text PRIMARY KEY,
+  user_id     text NOT NULL,
+  status      text NOT NULL,
+  version     bigint NOT NULL,
+  idem_key    text,
+  fingerprint text,
+  created_at  timestamptz NOT NULL,
+  updated_at  timestamptz NOT NULL,
+  expires_at  timestamptz,
+  lines       json NOT NULL,
+  booking     json NOT NULL,
+  UNIQUE (user_id, idem_key)
+);
+-- Recovery reads the live bookings in first-stored order and the recent keys, not every row.
+CREATE INDEX pushbook_bookings_live ON pushbook_bookings (seq) WHERE status IN ('processing', 'held');
+CREATE INDEX pushbook_bookings_keys ON pushbook_bookings (created_at) WHERE idem_key IS NOT NULL;
+)sql";
+
+// Version 2: capacity in the database. Counters beside capacity, filled from the bookings that
+// are there (held: reserved, confirmed: confirmed), a CHECK that makes overbooking impossible
+// whatever a client does, and the function each booking version is stored with.
+//
+// pushbook_put_booking stores one version and applies the units its status change implies
+// (units(new status) - units(stored status)), in the caller's transaction. It changes nothing
+// and returns 'sold_out<TAB>resource<TAB>free<TAB>wanted' when a line does not fit, or
+// 'duplicate_key<TAB>booking id' when the user already has a booking with this key; 'ok' when
+// stored. The resources are locked (FOR UPDATE, in id order) before they are read, so "free" is
+// what it is at commit. Re-storing the same status changes no units: a commit retried after an
+// unknown outcome (the connection broke during COMMIT) is harmless.
+constexpr const char* schema_v2 = R"sql(
+ALTER TABLE pushbook_resources
+  ADD COLUMN reserved bigint NOT NULL DEFAULT 0,
+  ADD COLUMN confirmed bigint NOT NULL DEFAULT 0;
+UPDATE pushbook_resources r SET reserved = u.reserved, confirmed = u.confirmed
+  FROM (SELECT l.resource,
+               coalesce(sum(l.quantity) FILTER (WHERE b.status = 'held'), 0) AS reserved,
+               coalesce(sum(l.quantity) FILTER (WHERE b.status = 'confirmed'), 0) AS confirmed
+          FROM pushbook_bookings b, json_to_recordset(b.lines) AS l(resource text, quantity bigint)
+         WHERE b.status IN ('held', 'confirmed')
+         GROUP BY l.resource) u
+ WHERE r.id = u.resource;
+ALTER TABLE pushbook_resources ADD CONSTRAINT pushbook_resources_units
+  CHECK (reserved >= 0 AND confirmed >= 0 AND reserved + confirmed <= capacity);
+
+CREATE FUNCTION pushbook_put_booking(
+    p_id text, p_user text, p_status text, p_version bigint, p_key text, p_fingerprint text,
+    p_created_ms bigint, p_updated_ms bigint, p_expires_ms bigint, p_lines json, p_booking json)
+  RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_prev text;
+  v_reserved bigint;
+  v_confirmed bigint;
+  v_short record;
+  v_existing text;
+BEGIN
+  SELECT status INTO v_prev FROM pushbook_bookings WHERE id = p_id FOR UPDATE;
+  v_reserved := (p_status = 'held')::int - coalesce((v_prev = 'held')::int, 0);
+  v_confirmed := (p_status = 'confirmed')::int - coalesce((v_prev = 'confirmed')::int, 0);
+  IF v_reserved <> 0 OR v_confirmed <> 0 THEN
+    PERFORM 1 FROM pushbook_resources
+      WHERE id IN (SELECT x.resource FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint))
+      ORDER BY id FOR UPDATE;
+    IF v_reserved + v_confirmed > 0 THEN
+      SELECT l.resource, coalesce(r.capacity - r.reserved - r.confirmed, 0) AS free, l.quantity INTO v_short
+        FROM (SELECT x.resource, sum(x.quantity) AS quantity
+                FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint) GROUP BY x.resource) l
+        LEFT JOIN pushbook_resources r ON r.id = l.resource
+       WHERE r.id IS NULL OR r.capacity - r.reserved - r.confirmed < l.quantity * (v_reserved + v_confirmed)
+       ORDER BY l.resource LIMIT 1;
+      IF FOUND THEN
+        RETURN 'sold_out' || chr(9) || v_short.resource || chr(9) || v_short.free || chr(9) || v_short.quantity;
+      END IF;
+    END IF;
+  END IF;
+  IF v_prev IS NULL THEN
+    INSERT INTO pushbook_bookings (id, user_id, status, version, idem_key, fingerprint, created_at,
+                                   updated_at, expires_at, lines, booking)
+    VALUES (p_id, p_user, p_status, p_version, p_key, p_fingerprint,
+            timestamptz 'epoch' + p_created_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_updated_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_expires_ms * interval '1 millisecond', p_lines, p_booking)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+      SELECT id INTO v_existing FROM pushbook_bookings WHERE user_id = p_user AND idem_key = p_key;
+      RETURN 'duplicate_key' || chr(9) || coalesce(v_existing, p_id);
+    END IF;
+  ELSE
+    UPDATE pushbook_bookings SET
+        user_id = p_user, status = p_status, version = p_version, idem_key = p_key,
+        fingerprint = coalesce(fingerprint, p_fingerprint),
+        created_at = timestamptz 'epoch' + p_created_ms * interval '1 millisecond',
+        updated_at = timestamptz 'epoch' + p_updated_ms * interval '1 millisecond',
+        expires_at = timestamptz 'epoch' + p_expires_ms * interval '1 millisecond',
+        lines = p_lines, booking = p_booking
+      WHERE id = p_id;
+  END IF;
+  IF v_reserved <> 0 OR v_confirmed <> 0 THEN
+    UPDATE pushbook_resources r
+       SET reserved = r.reserved + l.quantity * v_reserved, confirmed = r.confirmed + l.quantity * v_confirmed
+      FROM (SELECT x.resource, sum(x.quantity) AS quantity
+              FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint) GROUP BY x.resource) l
+     WHERE r.id = l.resource;
+  END IF;
+  RETURN 'ok';
+END
+$fn$;
+)sql";
+
+// Prepared on every connection once the schema is current.
+struct prepared_statement {
+  const char* name;
+  const char* sql;
+};
+constexpr prepared_statement prepared_statements[] = {
+    {"put_booking", "SELECT pushbook_put_booking($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"},
+    // Only when it leaves room for the units in use; no row back means it does not.
+    {"put_resource",
+     "INSERT INTO pushbook_resources AS r (id, capacity) VALUES ($1, $2) "
+     "ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity "
+     "WHERE r.reserved + r.confirmed <= excluded.capacity RETURNING r.id"},
+    {"resource_use", "SELECT reserved + confirmed FROM pushbook_resources WHERE id = $1"},
+    // A group's resource rows, all locked before anything else and in id order: two groups that
+    // touch the same resources lock them in the same order and never deadlock.
+    {"lock_resources",
+     "SELECT id FROM pushbook_resources WHERE id IN (SELECT json_array_elements_text($1::json)) "
+     "ORDER BY id FOR UPDATE"},
+    {"load", "SELECT booking, idem_key FROM pushbook_bookings WHERE id = $1"},
+    {"resources",
+     "SELECT id, capacity, reserved, confirmed FROM pushbook_resources ORDER BY id COLLATE \"C\""},
+    {"live",
+     "SELECT id, status, booking, idem_key FROM pushbook_bookings "
+     "WHERE status IN ('processing', 'held') ORDER BY seq"},
+    {"keys",
+     "SELECT user_id, idem_key, coalesce(fingerprint, ''), id, "
+     "(extract(epoch FROM created_at) * 1000)::bigint FROM pushbook_bookings "
+     "WHERE idem_key IS NOT NULL AND created_at >= timestamptz 'epoch' + $1::bigint * interval '1 "
+     "millisecond'"},
+};
+
+struct conn_deleter {
+  void operator()(PGconn* c) const noexcept { PQfinish(c); }
+};
+struct result_deleter {
+  void operator()(PGresult* r) const noexcept { PQclear(r); }
+};
+using pg_result = std::unique_ptr<PGresult, result_deleter>;
+
+// A connection and whether it can still be used: a statement cut off by the client's deadline
+// leaves the protocol in the middle of a reply, so the connection is dropped, not reused.
+struct connection {
+  std::unique_ptr<PGconn, conn_deleter> conn;
+  bool broken = false;
+  bool usable() const noexcept {
+    return conn && !broken && PQstatus(conn.get()) == CONNECTION_OK &&
+           PQtransactionStatus(conn.get()) == PQTRANS_IDLE;
+  }
+};
+
+// libpq's message on one line (it spreads hints over several, indented with tabs): messages go
+// into logs and HTTP error bodies.
+std::string trimmed(const char* message) {
+  std::string s;
+  for (const char* p = message ? message : ""; *p; ++p) {
+    if (*p != '\n' && *p != '\t') {
+      s += *p;
+    } else if (!s.empty() && s.back() != ' ') {
+      s += ' ';
+    }
+  }
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s.empty() ? "unknown error" : s;
+}
+
+std::int64_t unix_ms(wall_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
+
+// Statuses whose version can change units: a version becoming processing or rejected never
+// does (processing is only a first version, rejected only follows processing).
+bool may_change_units(BookingStatus s) {
+  return s != BookingStatus::processing && s != BookingStatus::rejected;
+}
+
+// One queued booking version, serialised on the committing thread (text parameters).
+struct booking_row {
+  std::string id, user, status, version, key, fingerprint, created_ms, updated_ms, expires_ms;
+  bool has_key = false, has_fingerprint = false, has_expiry = false;
+  std::string lines, json;
+  std::vector<std::string> lock;  // resources whose rows this version may change
+};
+
+struct resource_row {
+  std::string id;
+  std::string capacity;
+};
+
+struct pending {
+  std::variant<booking_row, resource_row> row;
+  CommitCallback done;
+  result<void> outcome;  // this change's own refusal (sold_out, ...) when the group committed
+};
+
+// Waits for one queued change: how commit() and put_resource() wait for the writer thread.
+struct waiter {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::optional<result<void>> outcome;
+
+  CommitCallback callback(const std::shared_ptr<waiter>& self) {
+    return [self](result<void> r) {
+      std::lock_guard lock(self->mutex);
+      self->outcome = std::move(r);
+      self->cv.notify_one();
+    };
+  }
+  result<void> wait() {
+    std::unique_lock lock(mutex);
+    cv.wait(lock, [&] { return outcome.has_value(); });
+    return std::move(*outcome);
+  }
+};
+
+thread_local const void* current_writer = nullptr;  // the store whose callbacks run on this thread
+
+}  // namespace
+
+struct PostgresStore::impl {
+  std::string conninfo;
+  PostgresOptions options;
+  std::string label;  // "PostgreSQL database 'x' on host:port", for messages (never the password)
+
+  connection writer_conn;  // the writer thread's
+  std::atomic<bool> healthy{false};
+  std::atomic<std::uint64_t> transactions{0};
+
+  // The last failed connection attempt: until reconnect_interval passed, use fails at once.
+  mutable std::mutex connect_mutex;
+  mutable steady::time_point last_failure{};
+  mutable std::string last_failure_message;
+
+  mutable std::mutex queue_mutex;
+  std::condition_variable queue_cv;
+  std::deque<pending> queue;
+  bool stopping = false;
+  bool closed = false;
+  std::thread writer;
+
+  std::mutex done_mutex;
+  std::condition_variable done_cv;
+  std::deque<std::pair<std::vector<pending>, result<void>>> done_queue;
+  bool writer_finished = false;
+  std::thread completer;
+
+  mutable std::mutex readers_mutex;
+  mutable std::condition_variable readers_cv;
+  mutable std::vector<std::unique_ptr<connection>> idle_readers;
+
+  impl(std::string info, PostgresOptions o) : conninfo(std::move(info)), options(o) {
+    options.max_group = std::max<std::size_t>(options.max_group, 1);
+    options.pool_size = std::max<std::size_t>(options.pool_size, 1);
+    options.statement_timeout = std::max(options.statement_timeout, std::chrono::milliseconds(1));
+  }
+
+  const std::string& where() const { return label; }
+
+  Error failure(std::string_view doing, std::string message) const {
+    return Error(errc::store_failed, label + ": " + std::string(doing) + ": " + message);
+  }
+
+  // ---- connections ----
+
+  // The label from the parsed conninfo; bad_request when it does not parse.
+  result<void> parse_conninfo() {
+    char* error = nullptr;
+    PQconninfoOption* parsed = PQconninfoParse(conninfo.c_str(), &error);
+    if (!parsed) {
+      Error e(errc::bad_request, "PostgreSQL conninfo cannot be parsed: " + trimmed(error));
+      PQfreemem(error);
+      return e;
+    }
+    std::string host, port, dbname, user;
+    for (auto* o = parsed; o->keyword; ++o) {
+      const std::string_view k = o->keyword;
+      const std::string v = o->val ? o->val : "";
+      if (k == "host" || (k == "hostaddr" && host.empty())) host = v;
+      if (k == "port") port = v;
+      if (k == "dbname") dbname = v;
+      if (k == "user") user = v;
+    }
+    PQconninfoFree(parsed);
+    label = "PostgreSQL database '" + (dbname.empty() ? user : dbname) + "' on " +
+            (host.empty() ? "the default socket" : host) + (port.empty() ? "" : ":" + port);
+    return {};
+  }
+
+  result<connection> connect() const {
+    {
+      std::lock_guard lock(connect_mutex);
+      if (last_failure != steady::time_point{} && steady::now() - last_failure < options.reconnect_interval)
+        return failure("unreachable", last_failure_message + " (next attempt within " +
+                                          std::to_string(options.reconnect_interval.count()) + " ms)");
+    }
+    auto outcome = try_connect();
+    std::lock_guard lock(connect_mutex);
+    if (outcome) {
+      last_failure = {};
+    } else {
+      last_failure = steady::now();
+      last_failure_message =
+          outcome.error().message.substr(std::min(label.size() + 2, outcome.error().message.size()));
+    }
+    return outcome;
+  }
+
+  result<connection> try_connect() const {
+    const auto timeout_s =
+        std::to_string(std::max<std::int64_t>(1, (options.connect_timeout.count() + 999) / 1000));
+    // Our defaults first: the expanded conninfo that follows overrides them when it sets them.
+    const char* keywords[] = {"connect_timeout", "application_name", "dbname", nullptr};
+    const char* values[] = {timeout_s.c_str(), "pushbook", conninfo.c_str(), nullptr};
+    connection c;
+    c.conn.reset(PQconnectdbParams(keywords, values, 1));
+    if (!c.conn) return failure("connecting", "out of memory");
+    if (PQstatus(c.conn.get()) != CONNECTION_OK)
+      return failure("cannot connect", trimmed(PQerrorMessage(c.conn.get())));
+    // The server's own limit, lock waits included; the client's deadline (run) covers a server
+    // that stopped answering altogether.
+    const std::string settings =
+        "SET statement_timeout = " + std::to_string(options.statement_timeout.count()) +
+        "; SET client_min_messages = warning";
+    if (auto r = run(c, "configuring the connection", settings.c_str(), {}, false); !r) return r.error();
+    return c;
+  }
+
+  result<void> prepare(connection& c) const {
+    for (const auto& s : prepared_statements) {
+      pg_result r(PQprepare(c.conn.get(), s.name, s.sql, 0, nullptr));
+      if (!r || PQresultStatus(r.get()) != PGRES_COMMAND_OK) {
+        c.broken = true;
+        return failure(std::string("preparing ") + s.name,
+                       trimmed(r ? PQresultErrorMessage(r.get()) : PQerrorMessage(c.conn.get())));
+      }
+    }
+    return {};
+  }
+
+  result<connection> connect_prepared() const {
+    auto c = connect();
+    if (!c) return c.error();
+    if (auto r = prepare(*c); !r) return r.error();
+    return c;
+  }
+
+  // Waits until the connection has a whole result to hand out, or the deadline passes.
+  result<void> wait_ready(connection& c, steady::time_point deadline, std::string_view doing) const {
+    PGconn* pg = c.conn.get();
+    while (PQisBusy(pg)) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now()).count();
+      if (left <= 0) {
+        c.broken = true;
+        return failure(doing, "no answer within " + std::to_string(options.statement_timeout.count()) +
+                                  " ms (statement_timeout) plus 1 s; the connection is dropped");
+      }
+      pollfd p{PQsocket(pg), POLLIN, 0};
+      const int rc = ::poll(&p, 1, static_cast<int>(std::min<std::int64_t>(left, 1000)));
+      if (rc < 0 && errno != EINTR) {
+        c.broken = true;
+        return failure(doing, "poll failed");
+      }
+      if (rc > 0 && !PQconsumeInput(pg)) {
+        c.broken = true;
+        return failure(doing, trimmed(PQerrorMessage(pg)));
+      }
+    }
+    return {};
+  }
+
+  // Runs one statement (a prepared one by name, or SQL; SQL without parameters may hold several
+  // statements) and returns its last result. Null `params` are SQL NULLs.
+  result<pg_result> run(connection& c, std::string_view doing, const char* command,
+                        const std::vector<const char*>& params, bool is_prepared) const {
+    PGconn* pg = c.conn.get();
+    const int n = static_cast<int>(params.size());
+    const int sent = is_prepared ? PQsendQueryPrepared(pg, command, n, params.data(), nullptr, nullptr, 0)
+                     : n == 0
+                         ? PQsendQuery(pg, command)
+                         : PQsendQueryParams(pg, command, n, nullptr, params.data(), nullptr, nullptr, 0);
+    if (!sent) {
+      c.broken = PQstatus(pg) != CONNECTION_OK;
+      return failure(doing, trimmed(PQerrorMessage(pg)));
+    }
+    const auto deadline = steady::now() + options.statement_timeout + std::chrono::seconds(1);
+    pg_result last;
+    std::optional<Error> error;
+    for (;;) {
+      if (auto r = wait_ready(c, deadline, doing); !r) return r.error();
+      pg_result next(PQgetResult(pg));
+      if (!next) break;
+      const auto st = PQresultStatus(next.get());
+      if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && !error)
+        error = result_failure(c, next.get(), doing);
+      last = std::move(next);
+    }
+    if (error) return *error;
+    if (!last) {
+      c.broken = true;
+      return failure(doing, trimmed(PQerrorMessage(pg)));
+    }
+    return last;
+  }
+
+  Error result_failure(connection& c, const PGresult* r, std::string_view doing) const {
+    if (PQstatus(c.conn.get()) != CONNECTION_OK) c.broken = true;
+    std::string message = trimmed(PQresultErrorMessage(r));
+    const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    if (state && std::string_view(state) == "57014")
+      message += " (statement_timeout is " + std::to_string(options.statement_timeout.count()) + " ms)";
+    if (state && std::string_view(state).starts_with("08")) c.broken = true;  // connection exception
+    return failure(doing, std::move(message));
+  }
+
+  result<pg_result> run_prepared(connection& c, std::string_view doing, const char* name,
+                                 const std::vector<const char*>& params) const {
+    return run(c, doing, name, params, true);
+  }
+
+  // Ends a failed transaction so the connection can be reused; drops the connection otherwise.
+  void rollback(connection& c) const {
+    if (!c.conn || c.broken || PQstatus(c.conn.get()) != CONNECTION_OK) return;
+    if (PQtransactionStatus(c.conn.get()) == PQTRANS_IDLE) return;
+    if (!run(c, "rolling back", "ROLLBACK", {}, false)) c.broken = true;
+  }
+
+  // ---- schema ----
+
+  result<int> stored_schema_version(connection& c) const {
+    auto exists = run(c, "reading the schema version",
+                      "SELECT to_regclass('pushbook_schema_version') IS NOT NULL, "
+                      "to_regclass('pushbook_bookings') IS NOT NULL",
+                      {}, false);
+    if (!exists) return exists.error();
+    const bool has_version = PQgetvalue(exists->get(), 0, 0)[0] == 't';
+    const bool has_bookings = PQgetvalue(exists->get(), 0, 1)[0] == 't';
+    if (!has_version) {
+      if (has_bookings)
+        return Error(errc::store_failed, label + " has a pushbook_bookings table but no schema version");
+      return 0;
+    }
+    auto v = run(c, "reading the schema version", "SELECT version FROM pushbook_schema_version", {}, false);
+    if (!v) return v.error();
+    if (PQntuples(v->get()) != 1)
+      return Error(errc::store_failed, label + ": pushbook_schema_version has " +
+                                           std::to_string(PQntuples(v->get())) + " rows, not one");
+    const int version = std::atoi(PQgetvalue(v->get(), 0, 0));
+    if (version > current_schema_version)
+      return Error(errc::store_failed, label + ": database schema version " + std::to_string(version) +
+                                           " is newer than this pushbook (knows " +
+                                           std::to_string(current_schema_version) + ")");
+    return version;
+  }
+
+  // Upgrades the schema by one version, inside the caller's transaction. Every future schema
+  // change is one more case here; databases never go back.
+  result<void> migrate_step(connection& c, int from) const {
+    const char* sql = from == 0 ? schema_v1 : from == 1 ? schema_v2 : nullptr;
+    if (!sql)
+      return Error(errc::store_failed, label + ": no migration from schema version " + std::to_string(from));
+    auto r = run(c, "upgrading the schema to version " + std::to_string(from + 1), sql, {}, false);
+    if (!r) return r.error();
+    return {};
+  }
+
+  result<void> migrate(connection& c) const {
+    auto step = [&](const char* sql, std::string_view doing) -> result<void> {
+      auto r = run(c, doing, sql, {}, false);
+      if (!r) return r.error();
+      return {};
+    };
+    result<void> outcome = step("BEGIN", "starting the schema upgrade");
+    if (outcome) outcome = step(migration_lock_sql, "waiting for the schema lock");
+    if (outcome) {
+      // Read under the lock: another process may have upgraded while we waited for it.
+      auto version = stored_schema_version(c);
+      if (!version) outcome = version.error();
+      for (int v = version ? *version : current_schema_version; v < current_schema_version && outcome; ++v)
+        outcome = migrate_step(c, v);
+      if (outcome && *version < current_schema_version) {
+        const auto stamp =
+            "UPDATE pushbook_schema_version SET version = " + std::to_string(current_schema_version);
+        outcome = step(stamp.c_str(), "writing the schema version");
+      }
+    }
+    if (outcome) outcome = step("COMMIT", "committing the schema upgrade");
+    if (!outcome) rollback(c);
+    return outcome;
+  }
+
+  // ---- reading ----
+
+  // A connection of the pool for one call, connected (again) when it is not usable.
+  class reader_lease {
+   public:
+    explicit reader_lease(const impl& owner) : owner_(owner) {
+      std::unique_lock lock(owner_.readers_mutex);
+      owner_.readers_cv.wait(lock, [&] { return !owner_.idle_readers.empty(); });
+      conn_ = std::move(owner_.idle_readers.back());
+      owner_.idle_readers.pop_back();
+    }
+    ~reader_lease() {
+      if (!conn_->usable()) *conn_ = connection{};
+      {
+        std::lock_guard lock(owner_.readers_mutex);
+        owner_.idle_readers.push_back(std::move(conn_));
+      }
+      owner_.readers_cv.notify_one();
+    }
+    reader_lease(const reader_lease&) = delete;
+    reader_lease& operator=(const reader_lease&) = delete;
+
+    result<connection*> get() {
+      if (!conn_->usable()) {
+        auto c = owner_.connect_prepared();
+        if (!c) return c.error();
+        *conn_ = std::move(*c);
+      }
+      return conn_.get();
+    }
+
+   private:
+    const impl& owner_;
+    std::unique_ptr<connection> conn_;
+  };
+
+  result<Booking> booking_of(std::string_view id, std::string_view json, std::string_view key) const {
+    boost::system::error_code ec;
+    auto value = boost::json::parse(json, ec);
+    if (ec)
+      return Error(errc::store_failed,
+                   label + ": booking '" + std::string(id) + "' is stored as malformed JSON");
+    auto b = booking_from_json(value);
+    if (!b)
+      return Error(errc::store_failed,
+                   label + ": booking '" + std::string(id) + "' is stored malformed: " + b.error().message);
+    b->idempotency_key = std::string(key);
+    return b;
+  }
+
+  result<std::optional<Booking>> load(std::string_view booking_id) const {
+    reader_lease lease(*this);
+    auto c = lease.get();
+    if (!c) return c.error();
+    const std::string id(booking_id);
+    auto r = run_prepared(**c, "loading booking '" + id + "'", "load", {id.c_str()});
+    if (!r) return r.error();
+    if (PQntuples(r->get()) == 0) return std::optional<Booking>{};
+    auto b = booking_of(id, PQgetvalue(r->get(), 0, 0), PQgetvalue(r->get(), 0, 1));
+    if (!b) return b.error();
+    return std::optional<Booking>{std::move(*b)};
+  }
+
+  result<RecoveredState> recover(wall_clock::time_point keys_since) const {
+    reader_lease lease(*this);
+    auto c = lease.get();
+    if (!c) return c.error();
+    connection& conn = **c;
+    // One snapshot for every query below.
+    if (auto r = run(conn, "recovering", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", {}, false); !r)
+      return r.error();
+    auto outcome = recover_in_transaction(conn, keys_since);
+    rollback(conn);
+    return outcome;
+  }
+
+  static bool parse_count(const char* text, std::uint32_t& out) {
+    const std::string_view s = text;
+    auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+    return ec == std::errc() && ptr == s.data() + s.size();
+  }
+
+  result<RecoveredState> recover_in_transaction(connection& c, wall_clock::time_point keys_since) const {
+    RecoveredState state;
+    auto resources = run_prepared(c, "recovering resources", "resources", {});
+    if (!resources) return resources.error();
+    for (int i = 0; i < PQntuples(resources->get()); ++i) {
+      ResourceState r;
+      r.id = PQgetvalue(resources->get(), i, 0);
+      if (!parse_count(PQgetvalue(resources->get(), i, 1), r.capacity) ||
+          !parse_count(PQgetvalue(resources->get(), i, 2), r.reserved) ||
+          !parse_count(PQgetvalue(resources->get(), i, 3), r.confirmed))
+        return Error(errc::store_failed, label + ": resource '" + r.id + "' has counts out of range");
+      state.resources.push_back(std::move(r));
+    }
+    auto live = run_prepared(c, "recovering bookings", "live", {});
+    if (!live) return live.error();
+    for (int i = 0; i < PQntuples(live->get()); ++i) {
+      const std::string_view id = PQgetvalue(live->get(), i, 0), status_text = PQgetvalue(live->get(), i, 1);
+      auto b = booking_of(id, PQgetvalue(live->get(), i, 2), PQgetvalue(live->get(), i, 3));
+      if (!b) return b.error();
+      if (to_string(b->status) != status_text)
+        return Error(errc::store_failed, label + ": booking '" + std::string(id) + "' has status '" +
+                                             std::string(status_text) + "' but its JSON says '" +
+                                             to_string(b->status) + "'");
+      (b->status == BookingStatus::processing ? state.processing : state.held).push_back(std::move(*b));
+    }
+    const auto since = std::to_string(unix_ms(keys_since));
+    auto keys = run_prepared(c, "recovering idempotency keys", "keys", {since.c_str()});
+    if (!keys) return keys.error();
+    for (int i = 0; i < PQntuples(keys->get()); ++i) {
+      const auto* k = keys->get();
+      state.keys.push_back(StoredKey{PQgetvalue(k, i, 0), PQgetvalue(k, i, 1), PQgetvalue(k, i, 2),
+                                     PQgetvalue(k, i, 3),
+                                     wall_clock::time_point(std::chrono::duration_cast<wall_clock::duration>(
+                                         std::chrono::milliseconds(std::atoll(PQgetvalue(k, i, 4)))))});
+    }
+    return state;
+  }
+
+  // ---- writing ----
+
+  void enqueue(pending p) {
+    {
+      std::unique_lock lock(queue_mutex);
+      if (!closed) {
+        queue.push_back(std::move(p));
+        lock.unlock();
+        queue_cv.notify_one();
+        return;
+      }
+    }
+    if (p.done) p.done(Error(errc::store_failed, label + ": the store is closed"));
+  }
+
+  // This change's own outcome from its statement's reply (the group's transaction goes on).
+  result<void> write_row(const booking_row& row) {
+    const std::vector<const char*> params = {row.id.c_str(),
+                                             row.user.c_str(),
+                                             row.status.c_str(),
+                                             row.version.c_str(),
+                                             row.has_key ? row.key.c_str() : nullptr,
+                                             row.has_fingerprint ? row.fingerprint.c_str() : nullptr,
+                                             row.created_ms.c_str(),
+                                             row.updated_ms.c_str(),
+                                             row.has_expiry ? row.expires_ms.c_str() : nullptr,
+                                             row.lines.c_str(),
+                                             row.json.c_str()};
+    auto r = run_prepared(writer_conn, "storing booking '" + row.id + "'", "put_booking", params);
+    if (!r) throw r.error();  // the transaction is lost: the whole group fails
+    const std::string_view reply = PQgetvalue(r->get(), 0, 0);
+    if (reply == "ok") return {};
+    std::vector<std::string_view> parts;
+    for (std::string_view rest = reply;;) {
+      const auto tab = rest.find('\t');
+      parts.push_back(rest.substr(0, tab));
+      if (tab == std::string_view::npos) break;
+      rest.remove_prefix(tab + 1);
+    }
+    if (parts[0] == "sold_out" && parts.size() == 4)
+      return Error(errc::sold_out, label + ": booking '" + row.id + "' cannot become " + row.status +
+                                       ": resource '" + std::string(parts[1]) + "' has " +
+                                       std::string(parts[2]) + " units free, the booking needs " +
+                                       std::string(parts[3]) + " (nothing of this version was stored)");
+    if (parts[0] == "duplicate_key" && parts.size() == 2)
+      return Error(errc::idempotency_conflict, label + ": user '" + row.user + "' already has booking '" +
+                                                   std::string(parts[1]) + "' with idempotency key '" +
+                                                   row.key + "' (booking '" + row.id + "' was not stored)");
+    throw failure("storing booking '" + row.id + "'", "unexpected reply '" + std::string(reply) + "'");
+  }
+
+  result<void> write_row(const resource_row& row) {
+    auto r = run_prepared(writer_conn, "storing resource '" + row.id + "'", "put_resource",
+                          {row.id.c_str(), row.capacity.c_str()});
+    if (!r) throw r.error();
+    if (PQntuples(r->get()) == 1) return {};
+    auto use =
+        run_prepared(writer_conn, "reading resource '" + row.id + "'", "resource_use", {row.id.c_str()});
+    if (!use) throw use.error();
+    const std::string in_use = PQntuples(use->get()) == 1 ? PQgetvalue(use->get(), 0, 0) : "?";
+    return Error(errc::capacity_in_use, label + ": resource '" + row.id + "' cannot get capacity " +
+                                            row.capacity + ": " + in_use +
+                                            " units are reserved or confirmed");
+  }
+
+  // One transaction for the whole group. Returns the group's outcome; each change's own refusal
+  // (which stored nothing of it) is in its `outcome`.
+  result<void> write_group(std::vector<pending>& group) noexcept {
+    try {
+      if (!writer_conn.usable()) {
+        writer_conn = connection{};
+        auto c = connect_prepared();
+        if (!c) return c.error();
+        writer_conn = std::move(*c);
+      }
+      auto step = [&](const char* sql, std::string_view doing) {
+        if (auto r = run(writer_conn, doing, sql, {}, false); !r) throw r.error();
+      };
+      step("BEGIN", "starting a transaction");
+      std::set<std::string> lock;
+      for (const auto& p : group) {
+        if (const auto* b = std::get_if<booking_row>(&p.row)) lock.insert(b->lock.begin(), b->lock.end());
+        if (const auto* r = std::get_if<resource_row>(&p.row)) lock.insert(r->id);
+      }
+      if (!lock.empty()) {
+        boost::json::array ids;
+        for (const auto& id : lock) ids.emplace_back(id);
+        const auto json = boost::json::serialize(ids);
+        if (auto r = run_prepared(writer_conn, "locking resources", "lock_resources", {json.c_str()}); !r)
+          throw r.error();
+      }
+      for (auto& p : group) p.outcome = std::visit([&](const auto& row) { return write_row(row); }, p.row);
+      step("COMMIT", "committing");
+      return {};
+    } catch (const Error& e) {
+      rollback(writer_conn);
+      return e;
+    } catch (const std::exception& e) {
+      rollback(writer_conn);
+      return Error(errc::store_failed, label + ": " + e.what());
+    } catch (...) {
+      rollback(writer_conn);
+      return Error(errc::store_failed, label + ": unknown exception while writing");
+    }
+  }
+
+  static void run_writer(std::shared_ptr<impl> self) { self->writer_loop(); }
+
+  void writer_loop() {
+    std::vector<pending> group;
+    for (;;) {
+      try {
+        {
+          std::unique_lock lock(queue_mutex);
+          queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
+          if (queue.empty()) {
+            closed = true;
+            break;
+          }
+          while (!queue.empty() && group.size() < options.max_group) {
+            group.push_back(std::move(queue.front()));
+            queue.pop_front();
+          }
+        }
+        auto outcome = write_group(group);
+        healthy.store(outcome.has_value(), std::memory_order_relaxed);
+        transactions.fetch_add(1, std::memory_order_relaxed);
+        hand_over(std::move(group), std::move(outcome));
+      } catch (const std::exception& e) {
+        hand_over(std::move(group), Error(errc::store_failed, label + ": " + e.what()));
+      }
+      group = {};
+    }
+    writer_conn = connection{};
+    {
+      std::lock_guard lock(done_mutex);
+      writer_finished = true;
+    }
+    done_cv.notify_one();
+  }
+
+  void hand_over(std::vector<pending> group, result<void> outcome) noexcept {
+    try {
+      {
+        std::lock_guard lock(done_mutex);
+        done_queue.emplace_back(std::move(group), std::move(outcome));
+      }
+      done_cv.notify_one();
+    } catch (...) {
+      finish(group, Error(errc::store_failed, label + ": out of memory"));
+    }
+  }
+
+  static void run_completer(std::shared_ptr<impl> self) { self->completer_loop(); }
+
+  void completer_loop() {
+    current_writer = this;  // callbacks run here: commit() from one must not wait for itself
+    for (;;) {
+      std::pair<std::vector<pending>, result<void>> next;
+      {
+        std::unique_lock lock(done_mutex);
+        done_cv.wait(lock, [&] { return writer_finished || !done_queue.empty(); });
+        if (done_queue.empty()) break;
+        next = std::move(done_queue.front());
+        done_queue.pop_front();
+      }
+      finish(next.first, next.second);
+    }
+    current_writer = nullptr;
+  }
+
+  // Runs the callbacks of a group in commit order, each once: the group's failure, or each
+  // change's own outcome when the group committed.
+  static void finish(std::vector<pending>& group, const result<void>& outcome) noexcept {
+    for (auto& p : group) {
+      if (!p.done) continue;
+      auto done = std::move(p.done);
+      p.done = nullptr;
+      try {
+        done(outcome ? p.outcome : outcome);
+      } catch (...) {
+        // A throwing callback must not stop the writer nor keep the others from running.
+      }
+    }
+  }
+
+  bool on_writer_thread() const noexcept { return current_writer == this; }
+};
+
+PostgresStore::PostgresStore(std::shared_ptr<impl> state) : impl_(std::move(state)) {}
+
+PostgresStore::~PostgresStore() {
+  {
+    std::lock_guard lock(impl_->queue_mutex);
+    impl_->stopping = true;
+  }
+  impl_->queue_cv.notify_one();
+  if (impl_->on_writer_thread()) {
+    impl_->writer.detach();
+    impl_->completer.detach();
+  } else {
+    if (impl_->writer.joinable()) impl_->writer.join();
+    if (impl_->completer.joinable()) impl_->completer.join();
+  }
+}
+
+result<std::shared_ptr<PostgresStore>> PostgresStore::open(const std::string& conninfo,
+                                                           PostgresOptions options) {
+  try {
+    auto state = std::make_shared<impl>(conninfo, options);
+    if (auto r = state->parse_conninfo(); !r) return r.error();
+    auto c = state->try_connect();
+    if (!c) return c.error();
+    if (auto r = state->migrate(*c); !r) return r.error();
+    if (auto r = state->prepare(*c); !r) return r.error();
+    state->writer_conn = std::move(*c);
+    state->healthy = true;
+    // Readers connect on first use (and again after a failure).
+    for (std::size_t i = 0; i < state->options.pool_size; ++i)
+      state->idle_readers.push_back(std::make_unique<connection>());
+    state->completer = std::thread(&impl::run_completer, state);
+    state->writer = std::thread(&impl::run_writer, state);
+    return std::shared_ptr<PostgresStore>(new PostgresStore(std::move(state)));
+  } catch (const std::exception& e) {
+    return Error(errc::store_failed, "cannot open PostgreSQL store: " + std::string(e.what()));
+  }
+}
+
+void PostgresStore::commit_async(const StateChange& change, CommitCallback done) {
+  pending p;
+  try {
+    const Booking& b = change.booking;
+    booking_row row;
+    row.id = b.id;
+    row.user = b.user;
+    row.status = to_string(b.status);
+    row.version = std::to_string(b.version);
+    row.has_key = !b.idempotency_key.empty();
+    row.key = b.idempotency_key;
+    row.has_fingerprint = !change.fingerprint.empty();
+    row.fingerprint = std::string(change.fingerprint);
+    row.created_ms = std::to_string(unix_ms(b.created_at));
+    row.updated_ms = std::to_string(unix_ms(b.updated_at));
+    row.has_expiry = b.expires_at.has_value();
+    if (b.expires_at) row.expires_ms = std::to_string(unix_ms(*b.expires_at));
+    boost::json::array lines;
+    for (const auto& l : b.lines) {
+      lines.push_back(boost::json::object{{"resource", l.resource}, {"quantity", l.quantity}});
+      if (may_change_units(b.status)) row.lock.push_back(l.resource);
+    }
+    row.lines = boost::json::serialize(lines);
+    row.json = boost::json::serialize(to_json(b));
+    p.row = std::move(row);
+  } catch (const std::exception& e) {
+    if (done) done(Error(errc::store_failed, impl_->where() + ": cannot serialise booking: " + e.what()));
+    return;
+  }
+  p.done = std::move(done);
+  impl_->enqueue(std::move(p));
+}
+
+result<void> PostgresStore::commit(const StateChange& change) {
+  if (impl_->on_writer_thread())
+    return Error(errc::store_failed,
+                 impl_->where() + ": commit() called from a commit callback would wait for itself");
+  auto w = std::make_shared<waiter>();
+  commit_async(change, w->callback(w));
+  return w->wait();
+}
+
+result<void> PostgresStore::put_resource(std::string_view resource_id, std::uint32_t capacity) {
+  if (impl_->on_writer_thread())
+    return Error(errc::store_failed,
+                 impl_->where() + ": put_resource() called from a commit callback would wait for itself");
+  auto w = std::make_shared<waiter>();
+  impl_->enqueue(
+      pending{resource_row{std::string(resource_id), std::to_string(capacity)}, w->callback(w), {}});
+  return w->wait();
+}
+
+result<std::optional<Booking>> PostgresStore::load(std::string_view booking_id) const {
+  try {
+    return impl_->load(booking_id);
+  } catch (const std::exception& e) {
+    return Error(errc::store_failed, impl_->where() + ": " + e.what());
+  }
+}
+
+result<RecoveredState> PostgresStore::recover(wall_clock::time_point keys_since) {
+  try {
+    return impl_->recover(keys_since);
+  } catch (const std::exception& e) {
+    return Error(errc::store_failed, impl_->where() + ": " + e.what());
+  }
+}
+
+bool PostgresStore::available() const noexcept { return impl_->healthy.load(std::memory_order_relaxed); }
+std::uint64_t PostgresStore::transactions() const noexcept {
+  return impl_->transactions.load(std::memory_order_relaxed);
+}
+std::size_t PostgresStore::queued() const {
+  std::lock_guard lock(impl_->queue_mutex);
+  return impl_->queue.size();
+}
+int PostgresStore::schema_version() noexcept { return current_schema_version; }
+
+}  // namespace pushbook
