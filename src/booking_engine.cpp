@@ -412,6 +412,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     store->commit_async(change, [this, decided, events = change.events, original = std::move(b), submitted,
                                  approve, reason, message = std::move(message), held_units,
                                  attempt](result<void> r) mutable {
+      if (!r && approve && r.error().is(errc::sold_out))
+        return capacity_refused(std::move(original), submitted, r.error().message, held_units);
       if (!r)
         return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
                                    held_units, attempt);
@@ -454,6 +456,18 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       // The timer queue is destroyed before the rest of the engine, and shutdown() waits for
       // in-flight bookings, so `this` is valid here.
       decide(std::move(b), submitted, approve, reason, std::move(message), held_units, attempt + 1);
+    });
+  }
+
+  // A store that enforces capacity itself (PostgresStore, shared by several processes) refused
+  // the approval: the units this process set aside were taken by another one. Nothing of the
+  // approval was stored, so the booking is still processing there: it is rejected as sold out,
+  // which frees the units set aside here. On the timer thread: a completion must not take a
+  // booking lock.
+  void capacity_refused(Booking b, steady::time_point submitted, std::string message, units held_units) {
+    timers.schedule(steady::now(), [this, b = std::move(b), submitted, message = std::move(message),
+                                    held_units]() mutable {
+      decide(std::move(b), submitted, false, RejectReason::sold_out, std::move(message), held_units);
     });
   }
 
