@@ -1,0 +1,576 @@
+// PostgresStore on a PostgreSQL server of the test's own (tests/postgres_server.hpp): the
+// BookingStore contract, the schema and its upgrade, capacity enforced by the database across
+// two stores (as two processes would hold them), the database going away and coming back, and
+// the engine over it end to end.
+#include <pushbook/booking_engine.hpp>
+#include <pushbook/postgres_store.hpp>
+
+#include "postgres_server.hpp"
+#include "requests.hpp"
+#include "wait.hpp"
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+using namespace pushbook;
+using namespace std::chrono_literals;
+using pushbook::test::eventually;
+using pushbook::test::PostgresServer;
+
+namespace {
+
+wall_clock::time_point at_ms(std::int64_t ms) {
+  return wall_clock::time_point(std::chrono::milliseconds(ms));
+}
+
+Booking make_booking(std::string id, BookingStatus status, std::vector<BookingLine> lines,
+                     std::string key = {}, std::int64_t created_ms = 1700000000000, std::string user = "u1") {
+  Booking b;
+  b.id = std::move(id);
+  b.user = std::move(user);
+  b.lines = std::move(lines);
+  b.status = status;
+  b.idempotency_key = std::move(key);
+  b.created_at = at_ms(created_ms);
+  b.updated_at = at_ms(created_ms + 5);
+  if (status == BookingStatus::held) b.expires_at = at_ms(created_ms + 60000);
+  return b;
+}
+
+result<void> commit(BookingStore& store, const Booking& b, std::string_view fingerprint = {}) {
+  return store.commit(StateChange{b, {}, fingerprint});
+}
+
+// Stores `b` with `status` as its next version.
+result<void> advance(BookingStore& store, Booking& b, BookingStatus status) {
+  b.status = status;
+  ++b.version;
+  if (status == BookingStatus::held) b.expires_at = b.updated_at + 60s;
+  if (status != BookingStatus::held) b.expires_at.reset();
+  return commit(store, b);
+}
+
+PostgresOptions quick_options() {
+  PostgresOptions o;
+  o.statement_timeout = 2000ms;
+  o.connect_timeout = 1000ms;
+  return o;
+}
+
+std::shared_ptr<PostgresStore> open_ok(PostgresServer& pg, PostgresOptions options = quick_options()) {
+  auto store = PostgresStore::open(pg.conninfo(), options);
+  if (!store) FAIL(store.error().message);
+  return *store;
+}
+
+// "capacity reserved confirmed" of a resource row.
+std::string counters(PostgresServer& pg, const std::string& id) {
+  return pg.query(
+      "SELECT capacity || ' ' || reserved || ' ' || confirmed FROM pushbook_resources WHERE id = '" + id +
+      "'");
+}
+
+// "reserved confirmed" of a resource recounted from the booking rows.
+std::string recount(PostgresServer& pg, const std::string& id) {
+  return pg.query(
+      "SELECT coalesce(sum(l.quantity) FILTER (WHERE b.status = 'held'), 0) || ' ' || "
+      "coalesce(sum(l.quantity) FILTER (WHERE b.status = 'confirmed'), 0) "
+      "FROM pushbook_bookings b, json_to_recordset(b.lines) AS l(resource text, quantity bigint) "
+      "WHERE l.resource = '" +
+      id + "'");
+}
+
+// Counts finished callbacks so a test can wait for all of them.
+struct completion {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::size_t done = 0;
+  std::map<std::string, std::size_t> errors;  // by errc name
+  void add(const result<void>& r) {
+    std::lock_guard lock(mutex);
+    ++done;
+    if (!r) ++errors[r.error().code.message()];
+    cv.notify_all();
+  }
+  bool wait(std::size_t n) {
+    std::unique_lock lock(mutex);
+    return cv.wait_for(lock, 60s, [&] { return done >= n; });
+  }
+};
+
+// The schema of version 1 exactly as that version created it: what a database left by it looks
+// like, frozen here on purpose (the store's own copy may only ever be upgraded from).
+constexpr const char* schema_v1_as_released = R"sql(
+CREATE TABLE pushbook_schema_version (version integer NOT NULL);
+INSERT INTO pushbook_schema_version VALUES (1);
+CREATE TABLE pushbook_resources (id text PRIMARY KEY, capacity bigint NOT NULL CHECK (capacity >= 0));
+CREATE TABLE pushbook_bookings (
+  seq bigserial NOT NULL, id text PRIMARY KEY, user_id text NOT NULL, status text NOT NULL,
+  version bigint NOT NULL, idem_key text, fingerprint text, created_at timestamptz NOT NULL,
+  updated_at timestamptz NOT NULL, expires_at timestamptz, lines json NOT NULL, booking json NOT NULL,
+  UNIQUE (user_id, idem_key));
+CREATE INDEX pushbook_bookings_live ON pushbook_bookings (seq) WHERE status IN ('processing', 'held');
+CREATE INDEX pushbook_bookings_keys ON pushbook_bookings (created_at) WHERE idem_key IS NOT NULL;
+)sql";
+
+}  // namespace
+
+TEST_CASE("commit then load gives back the booking; a missing one is nullopt") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("room-1", 5));
+  auto b = make_booking("b1", BookingStatus::processing, {{"room-1", 2}}, "key-1");
+  b.metadata = boost::json::object{{"note", "window seat"}, {"n", 3}};
+  REQUIRE(commit(*store, b, "fp-1"));
+  auto loaded = store->load("b1").value();
+  REQUIRE(loaded);
+  CHECK(loaded->id == "b1");
+  CHECK(loaded->user == "u1");
+  CHECK(loaded->status == BookingStatus::processing);
+  CHECK(loaded->lines.size() == 1);
+  CHECK(loaded->lines[0].resource == "room-1");
+  CHECK(loaded->lines[0].quantity == 2);
+  CHECK(loaded->idempotency_key == "key-1");
+  CHECK(loaded->metadata == b.metadata);
+  CHECK(loaded->created_at == b.created_at);
+  CHECK(store->load("nope").value() == std::nullopt);
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
+  CHECK(PostgresStore::schema_version() == 2);
+}
+
+TEST_CASE("the database keeps the counts: each status change moves units, in the same transaction") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("r", 10));
+  auto a = make_booking("a", BookingStatus::processing, {{"r", 3}});
+  REQUIRE(commit(*store, a));
+  CHECK(counters(pg, "r") == "10 0 0");  // processing holds nothing
+  REQUIRE(advance(*store, a, BookingStatus::held));
+  CHECK(counters(pg, "r") == "10 3 0");
+  REQUIRE(advance(*store, a, BookingStatus::held));  // the same status again (a retried commit)
+  CHECK(counters(pg, "r") == "10 3 0");
+  REQUIRE(advance(*store, a, BookingStatus::confirmed));
+  CHECK(counters(pg, "r") == "10 0 3");
+  REQUIRE(advance(*store, a, BookingStatus::cancelled));
+  CHECK(counters(pg, "r") == "10 0 0");
+
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 4}});
+  REQUIRE(commit(*store, b));
+  REQUIRE(advance(*store, b, BookingStatus::confirmed));  // no hold: straight to confirmed
+  auto c = make_booking("c", BookingStatus::processing, {{"r", 2}});
+  REQUIRE(commit(*store, c));
+  REQUIRE(advance(*store, c, BookingStatus::held));
+  CHECK(counters(pg, "r") == "10 2 4");
+  for (auto status : {BookingStatus::released, BookingStatus::expired, BookingStatus::cancelled}) {
+    auto h = make_booking(std::string("h-") + to_string(status), BookingStatus::processing, {{"r", 1}});
+    REQUIRE(commit(*store, h));
+    REQUIRE(advance(*store, h, BookingStatus::held));
+    CHECK(counters(pg, "r") == "10 3 4");
+    REQUIRE(advance(*store, h, status));
+    CHECK(counters(pg, "r") == "10 2 4");
+  }
+  auto x = make_booking("x", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*store, x));
+  REQUIRE(advance(*store, x, BookingStatus::rejected));
+  CHECK(counters(pg, "r") == "10 2 4");
+  CHECK(recount(pg, "r") == "2 4");
+}
+
+TEST_CASE("a version that does not fit fails with sold_out, names the resource, and stores nothing") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("a", 5));
+  REQUIRE(store->put_resource("b", 1));
+  auto first = make_booking("first", BookingStatus::processing, {{"b", 1}});
+  REQUIRE(commit(*store, first));
+  REQUIRE(advance(*store, first, BookingStatus::confirmed));
+  // Two lines: "a" fits, "b" does not; neither is taken.
+  auto two = make_booking("two", BookingStatus::processing, {{"a", 2}, {"b", 1}});
+  REQUIRE(commit(*store, two));
+  auto r = advance(*store, two, BookingStatus::held);
+  REQUIRE(!r);
+  CHECK(r.error().is(errc::sold_out));
+  CHECK(r.error().message.find("resource 'b' has 0 units free, the booking needs 1") != std::string::npos);
+  CHECK(counters(pg, "a") == "5 0 0");
+  CHECK(counters(pg, "b") == "1 0 1");
+  CHECK(store->load("two").value()->status == BookingStatus::processing);  // the stored version stays
+  // Lines of one resource add up; a resource without a row has nothing free.
+  auto same = make_booking("same", BookingStatus::processing, {{"a", 3}, {"a", 3}});
+  REQUIRE(commit(*store, same));
+  CHECK(advance(*store, same, BookingStatus::confirmed).error().is(errc::sold_out));
+  auto ghost = make_booking("ghost", BookingStatus::processing, {{"nowhere", 1}});
+  REQUIRE(commit(*store, ghost));
+  CHECK(advance(*store, ghost, BookingStatus::held).error().is(errc::sold_out));
+  // Capacity cannot drop below what the database says is in use.
+  auto shrink = store->put_resource("b", 0);
+  REQUIRE(!shrink);
+  CHECK(shrink.error().is(errc::capacity_in_use));
+  CHECK(shrink.error().message.find("1 units are reserved or confirmed") != std::string::npos);
+  REQUIRE(store->put_resource("a", 2));
+  CHECK(counters(pg, "a") == "2 0 0");
+}
+
+TEST_CASE("a refused change fails alone; the rest of its group is stored") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("r", 3));
+  std::vector<Booking> bookings;
+  for (int i = 0; i < 8; ++i) {
+    bookings.push_back(make_booking("g" + std::to_string(i), BookingStatus::processing, {{"r", 1}}));
+    REQUIRE(commit(*store, bookings.back()));
+  }
+  completion done;
+  for (auto& b : bookings) {
+    b.status = BookingStatus::confirmed;
+    ++b.version;
+    store->commit_async(StateChange{b, {}, {}}, [&](result<void> r) { done.add(r); });
+  }
+  REQUIRE(done.wait(bookings.size()));
+  CHECK(done.errors.size() == 1);
+  CHECK(done.errors.begin()->first == make_error_code(errc::sold_out).message());
+  CHECK(done.errors.begin()->second == 5);
+  CHECK(counters(pg, "r") == "3 0 3");
+  CHECK(recount(pg, "r") == "0 3");
+  CHECK(pg.query("SELECT count(*) FROM pushbook_bookings WHERE status = 'confirmed'") == "3");
+}
+
+TEST_CASE("idempotency keys are unique per user in the database") {
+  PostgresServer pg;
+  auto one = open_ok(pg);
+  auto two = open_ok(pg);  // another process's store
+  REQUIRE(commit(*one, make_booking("k1", BookingStatus::processing, {{"r", 1}}, "key"), "fp"));
+  auto again = commit(*two, make_booking("k2", BookingStatus::processing, {{"r", 1}}, "key"), "fp");
+  REQUIRE(!again);
+  CHECK(again.error().is(errc::idempotency_conflict));
+  CHECK(again.error().message.find("already has booking 'k1' with idempotency key 'key'") !=
+        std::string::npos);
+  CHECK(two->load("k2").value() == std::nullopt);
+  // Another user may use the same key; bookings without a key never conflict.
+  REQUIRE(
+      commit(*two, make_booking("k3", BookingStatus::processing, {{"r", 1}}, "key", 1700000000000, "u2")));
+  REQUIRE(commit(*two, make_booking("n1", BookingStatus::processing, {{"r", 1}})));
+  REQUIRE(commit(*two, make_booking("n2", BookingStatus::processing, {{"r", 1}})));
+  // Later versions keep the key and its fingerprint.
+  auto k1 = make_booking("k1", BookingStatus::processing, {{"r", 1}}, "key");
+  k1.status = BookingStatus::rejected;
+  ++k1.version;
+  REQUIRE(commit(*two, k1));
+  CHECK(pg.query("SELECT fingerprint FROM pushbook_bookings WHERE id = 'k1'") == "fp");
+}
+
+TEST_CASE("recover: the database's counts, processing in first-stored order, held, recent keys") {
+  PostgresServer pg;
+  {
+    auto store = open_ok(pg);
+    REQUIRE(store->put_resource("r", 10));
+    REQUIRE(store->put_resource("s", 2));
+    auto c = make_booking("c", BookingStatus::processing, {{"r", 2}});
+    REQUIRE(commit(*store, c));
+    REQUIRE(advance(*store, c, BookingStatus::confirmed));
+    auto h = make_booking("h", BookingStatus::processing, {{"r", 1}, {"s", 1}});
+    REQUIRE(commit(*store, h));
+    REQUIRE(advance(*store, h, BookingStatus::held));
+    REQUIRE(commit(*store, make_booking("p2", BookingStatus::processing, {{"s", 1}}, "old", 1600000000000),
+                   "f0"));
+    REQUIRE(commit(*store, make_booking("p1", BookingStatus::processing, {{"s", 1}}, "new", 1700000000000),
+                   "f1"));
+    auto p2 = make_booking("p2", BookingStatus::processing, {{"s", 1}}, "old", 1600000000000);
+    p2.version = 2;  // a new version keeps its first-stored place
+    REQUIRE(commit(*store, p2));
+  }
+  auto store = open_ok(pg);
+  auto state = store->recover(at_ms(1650000000000)).value();
+  REQUIRE(state.resources.size() == 2);
+  CHECK(state.resources[0].id == "r");
+  CHECK(state.resources[0].capacity == 10);
+  CHECK(state.resources[0].reserved == 1);
+  CHECK(state.resources[0].confirmed == 2);
+  CHECK(state.resources[1].id == "s");
+  CHECK(state.resources[1].reserved == 1);
+  REQUIRE(state.processing.size() == 2);
+  CHECK(state.processing[0].id == "p2");
+  CHECK(state.processing[0].version == 2);
+  CHECK(state.processing[1].id == "p1");
+  REQUIRE(state.held.size() == 1);
+  CHECK(state.held[0].id == "h");
+  REQUIRE(state.keys.size() == 1);
+  CHECK(state.keys[0].key == "new");
+  CHECK(state.keys[0].fingerprint == "f1");
+  CHECK(state.keys[0].booking_id == "p1");
+  CHECK(state.keys[0].created_at == at_ms(1700000000000));
+  CHECK(recount(pg, "r") == "1 2");
+}
+
+TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one is refused") {
+  PostgresServer pg;
+  REQUIRE(pg.query(schema_v1_as_released).empty());
+  REQUIRE(pg.error().empty());
+  REQUIRE(
+      pg.query("INSERT INTO pushbook_resources VALUES ('r', 5); "
+               "INSERT INTO pushbook_bookings (id, user_id, status, version, created_at, updated_at, lines, "
+               "booking) VALUES "
+               "('h', 'u1', 'held', 2, now(), now(), '[{\"resource\":\"r\",\"quantity\":2}]', '{}'), "
+               "('c', 'u1', 'confirmed', 2, now(), now(), '[{\"resource\":\"r\",\"quantity\":1}]', '{}'), "
+               "('x', 'u1', 'cancelled', 3, now(), now(), '[{\"resource\":\"r\",\"quantity\":1}]', '{}')")
+          .empty());
+  REQUIRE(pg.error().empty());
+  {
+    auto store = open_ok(pg);
+    CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
+    CHECK(counters(pg, "r") == "5 2 1");
+    // The upgraded database enforces capacity like a new one.
+    auto big = make_booking("big", BookingStatus::processing, {{"r", 3}});
+    REQUIRE(commit(*store, big));
+    CHECK(advance(*store, big, BookingStatus::confirmed).error().is(errc::sold_out));
+    big.version = 1;
+    big.lines[0].quantity = 2;
+    REQUIRE(advance(*store, big, BookingStatus::confirmed));
+    CHECK(counters(pg, "r") == "5 2 3");
+  }
+  // Two stores opening an up-to-date database change nothing.
+  open_ok(pg);
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
+
+  REQUIRE(pg.query("UPDATE pushbook_schema_version SET version = 9").empty());
+  auto newer = PostgresStore::open(pg.conninfo(), quick_options());
+  REQUIRE(!newer);
+  CHECK(newer.error().is(errc::store_failed));
+  CHECK(newer.error().message.find("database schema version 9 is newer than this pushbook (knows 2)") !=
+        std::string::npos);
+}
+
+TEST_CASE("open: an unreachable server and a bad conninfo fail with a message") {
+  PostgresServer pg;
+  const auto info = pg.conninfo();
+  pg.stop();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto down = PostgresStore::open(info, quick_options());
+  REQUIRE(!down);
+  CHECK(down.error().is(errc::store_failed));
+  CHECK(down.error().message.find("cannot connect") != std::string::npos);
+  CHECK(std::chrono::steady_clock::now() - t0 < 3s);
+  auto bad = PostgresStore::open("host=/tmp port=notaport= =", quick_options());
+  REQUIRE(!bad);
+  CHECK(bad.error().is(errc::bad_request));
+  auto unknown = open_store("postgresql://127.0.0.1:1/x?nosuchoption=1");
+  REQUIRE(!unknown);
+  CHECK(!unknown.error().message.empty());
+}
+
+TEST_CASE("open_store takes a postgresql:// URI") {
+  PostgresServer pg;
+  auto store = open_store(pg.uri());
+  if (!store) FAIL(store.error().message);
+  REQUIRE((*store)->put_resource("r", 1));
+  CHECK(counters(pg, "r") == "1 0 0");
+}
+
+TEST_CASE("the database stopped: commits and reads fail fast with store_failed, then work after a restart") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("r", 100));
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*store, b));
+  REQUIRE(store->load("b").value());  // a reader is connected too
+  CHECK(store->available());
+
+  pg.stop();
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto c = commit(*store, make_booking("d" + std::to_string(i), BookingStatus::processing, {{"r", 1}}));
+    const auto took = std::chrono::steady_clock::now() - t0;
+    REQUIRE(!c);
+    CHECK(c.error().is(errc::store_failed));
+    CHECK(c.error().message.find("PostgreSQL database 'pushbook'") != std::string::npos);
+    MESSAGE(c.error().message);
+    CHECK(took < 2500ms);  // at most the statement timeout
+    auto l = store->load("b");
+    REQUIRE(!l);
+    CHECK(l.error().is(errc::store_failed));
+  }
+  CHECK(!store->available());
+
+  pg.start();
+  // The store reconnects by itself (after reconnect_interval at most).
+  REQUIRE(eventually([&] {
+    return bool(commit(*store, make_booking("after", BookingStatus::processing, {{"r", 1}})));
+  }));
+  CHECK(store->available());
+  REQUIRE(advance(*store, b, BookingStatus::held));
+  CHECK(counters(pg, "r") == "100 1 0");
+  REQUIRE(eventually([&] { return bool(store->load("after")); }));
+  CHECK(store->load("d0").value() == std::nullopt);  // nothing of a failed commit was stored
+}
+
+TEST_CASE("two stores, competing threads: the database never gives out more than capacity") {
+  const auto seed = std::random_device{}();
+  MESSAGE("seed " << seed);
+  PostgresServer pg;
+  auto one = open_ok(pg);
+  auto two = open_ok(pg);  // as another process: its own connections
+  const std::vector<std::string> resources = {"r0", "r1", "r2"};
+  for (const auto& r : resources) REQUIRE(one->put_resource(r, 40));
+  std::atomic<int> confirmed{0}, held{0}, sold_out{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(seed + static_cast<unsigned>(t));
+      auto& store = t % 2 ? *two : *one;
+      std::vector<Booking> holds;
+      for (int i = 0; i < 60; ++i) {
+        std::vector<BookingLine> lines;
+        const auto n = 1 + rng() % 2;
+        for (unsigned k = 0; k < n; ++k)
+          lines.push_back({resources[rng() % resources.size()], static_cast<std::uint32_t>(1 + rng() % 3)});
+        auto b =
+            make_booking("t" + std::to_string(t) + "-" + std::to_string(i), BookingStatus::processing, lines);
+        if (!commit(store, b)) {
+          ++other;
+          continue;
+        }
+        const auto to = rng() % 2 ? BookingStatus::held : BookingStatus::confirmed;
+        auto r = advance(store, b, to);
+        if (r) {
+          (to == BookingStatus::held ? held : confirmed)++;
+          if (to == BookingStatus::held) holds.push_back(b);
+        } else if (r.error().is(errc::sold_out)) {
+          ++sold_out;
+          b.version = 1;  // still processing in the store
+          if (!advance(store, b, BookingStatus::rejected)) ++other;
+        } else {
+          ++other;
+        }
+        // Now and then a hold ends, so that units come back and the race goes on.
+        if (!holds.empty() && rng() % 3 == 0) {
+          auto h = holds.back();
+          holds.pop_back();
+          const auto end = rng() % 2 ? BookingStatus::released : BookingStatus::confirmed;
+          if (!advance(store, h, end)) ++other;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  MESSAGE("confirmed " << confirmed.load() << ", held " << held.load() << ", sold out " << sold_out.load());
+  CHECK(other == 0);
+  CHECK(sold_out > 0);  // the race was real: 6 threads * 60 bookings ask far more than 60 units
+  for (const auto& r : resources) {
+    CAPTURE(r);
+    const auto c = counters(pg, r);
+    CHECK(c.starts_with("40 "));
+    CHECK(c.substr(3) == recount(pg, r));
+    unsigned capacity = 0, reserved = 0, in_confirmed = 0;
+    REQUIRE(std::sscanf(c.c_str(), "%u %u %u", &capacity, &reserved, &in_confirmed) == 3);
+    CHECK(reserved + in_confirmed <= capacity);
+  }
+}
+
+TEST_CASE("multi-line bookings in opposite orders from two stores never deadlock") {
+  PostgresServer pg;
+  auto one = open_ok(pg);
+  auto two = open_ok(pg);
+  REQUIRE(one->put_resource("a", 100000));
+  REQUIRE(one->put_resource("b", 100000));
+  std::atomic<int> failures{0};
+  std::mutex error_mutex;
+  std::string last_error;
+  auto run = [&](PostgresStore& store, const std::string& prefix, std::vector<BookingLine> lines) {
+    for (int i = 0; i < 150; ++i) {
+      auto b = make_booking(prefix + std::to_string(i), BookingStatus::processing, lines);
+      auto r = commit(store, b);
+      if (r) r = advance(store, b, BookingStatus::held);
+      if (r) r = advance(store, b, BookingStatus::confirmed);
+      if (!r) {
+        ++failures;
+        std::lock_guard lock(error_mutex);
+        last_error = r.error().message;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back(run, std::ref(*one), "ab" + std::to_string(t) + "-",
+                         std::vector<BookingLine>{{"a", 1}, {"b", 1}});
+    threads.emplace_back(run, std::ref(*two), "ba" + std::to_string(t) + "-",
+                         std::vector<BookingLine>{{"b", 1}, {"a", 1}});
+  }
+  for (auto& t : threads) t.join();
+  CHECK_MESSAGE(failures == 0, last_error);
+  CHECK(counters(pg, "a") == "100000 0 600");
+  CHECK(counters(pg, "b") == "100000 0 600");
+}
+
+TEST_CASE("an engine over PostgresStore: book, decide, and recover after a restart") {
+  PostgresServer pg;
+  auto bus = std::make_shared<LocalBus>();
+  std::string held_id, confirmed_id;
+  {
+    EngineOptions o;
+    o.store = open_ok(pg);
+    BookingEngine engine(bus, o);
+    REQUIRE(engine.add_resource("room", 3));
+    auto held_request = test::one("u1", "room", 1);
+    held_request.hold_for = 10min;
+    held_id = engine.submit(held_request).value().booking_id;
+    confirmed_id = engine.submit(test::one("u2", "room", 2, "k2")).value().booking_id;
+    REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
+    CHECK(engine.get(held_id).value().status == BookingStatus::held);
+    CHECK(engine.get(confirmed_id).value().status == BookingStatus::confirmed);
+    // The engine's memory says sold out; so does the database.
+    auto full = engine.submit(test::one("u3", "room", 1)).value().booking_id;
+    REQUIRE(eventually([&] { return engine.get(full).value().status == BookingStatus::rejected; }));
+    CHECK(counters(pg, "room") == "3 1 2");
+    engine.shutdown();
+  }
+  // A new process over the same database: counts, the hold and the key come back.
+  EngineOptions o;
+  o.store = open_ok(pg);
+  BookingEngine engine(bus, o);
+  auto room = engine.resource("room").value();
+  CHECK(room.capacity == 3);
+  CHECK(room.reserved == 1);
+  CHECK(room.confirmed == 2);
+  CHECK(engine.submit(test::one("u2", "room", 2, "k2")).value().booking_id == confirmed_id);
+  CHECK(engine.confirm(held_id).value().status == BookingStatus::confirmed);
+  CHECK(counters(pg, "room") == "3 0 3");
+  CHECK(recount(pg, "room") == "0 3");
+}
+
+TEST_CASE("two engines on one database: the database's refusal becomes a sold_out rejection") {
+  PostgresServer pg;
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o1, o2;
+  o1.store = open_ok(pg);
+  o2.store = open_ok(pg);
+  BookingEngine first(bus, o1);
+  REQUIRE(first.add_resource("seat", 5));
+  BookingEngine second(bus, o2);  // recovers capacity 5, nothing taken yet
+  // Each engine's memory thinks all 5 seats are free; together they ask for 8.
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) {
+    ids.push_back(first.submit(test::one("a" + std::to_string(i), "seat", 1)).value().booking_id);
+    ids.push_back(second.submit(test::one("b" + std::to_string(i), "seat", 1)).value().booking_id);
+  }
+  REQUIRE(eventually([&] { return first.stats().in_flight == 0 && second.stats().in_flight == 0; }));
+  int confirmed = 0, rejected = 0;
+  for (const auto& id : ids) {
+    const auto b = first.get(id).value();
+    if (b.status == BookingStatus::confirmed) ++confirmed;
+    if (b.status == BookingStatus::rejected) {
+      ++rejected;
+      CHECK(b.reason == RejectReason::sold_out);
+    }
+  }
+  CHECK(confirmed == 5);
+  CHECK(rejected == 3);
+  CHECK(counters(pg, "seat") == "5 0 5");
+  // Each engine's memory freed the units it had set aside for its refused bookings.
+  CHECK(first.resource("seat").value().confirmed + second.resource("seat").value().confirmed == 5);
+}
