@@ -20,7 +20,7 @@ result<std::shared_ptr<BookingStore>> open_store(std::string_view url) {
   if (!url.starts_with(sqlite))
     return Error(
         errc::bad_request,
-        fmt::format("unknown store '{}': use memory:, sqlite:PATH[?sync=normal|full] or postgresql://...",
+        fmt::format("unknown store '{}': use memory: or sqlite:PATH[?sync=normal|full], or postgresql://...",
                     url));
   auto rest = url.substr(sqlite.size());
   std::string_view path = rest, query;

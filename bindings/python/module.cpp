@@ -10,6 +10,7 @@
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
+#include <pushbook/postgres_store.hpp>
 #include <pushbook/push_gateway.hpp>
 #include <pushbook/redis_bus.hpp>
 #include <pushbook/sqlite_store.hpp>
@@ -568,12 +569,33 @@ PYBIND11_MODULE(_core, m) {
       "recovers everything. sync='normal' survives a crash of the process, 'full' a power loss too. "
       "Raises pushbook.Error (code 'store_failed') when the file cannot be used.");
   m.def(
+      "PostgresStore",
+      [](const std::string& conninfo, std::size_t pool_size, double statement_timeout,
+         double connect_timeout) {
+        auto seconds = [](double s, const char* name) {
+          if (!(s > 0) || s > 86400)
+            raise(Error(errc::bad_request, std::string(name) + " must be a number of seconds, above 0"));
+          return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000));
+        };
+        PostgresOptions o;
+        o.pool_size = pool_size;
+        o.statement_timeout = seconds(statement_timeout, "statement_timeout");
+        o.connect_timeout = seconds(connect_timeout, "connect_timeout");
+        auto store = nogil([&] { return PostgresStore::open(conninfo, o); });
+        return gil_safe_store(take(std::move(store)));
+      },
+      "conninfo"_a, "pool_size"_a = 4, "statement_timeout"_a = 5.0, "connect_timeout"_a = 2.0,
+      "Bookings in PostgreSQL (a libpq conninfo or postgresql:// URI), shareable by several "
+      "processes: the database enforces capacity, so together they never overbook. No call waits "
+      "longer than statement_timeout seconds for it. Raises pushbook.Error (code 'store_failed') "
+      "when the database cannot be reached or its schema is newer than this build.");
+  m.def(
       "open_store",
       [](const std::string& url) {
         auto store = nogil([&] { return open_store(url); });
         return gil_safe_store(take(std::move(store)));
       },
-      "url"_a, "A store from a URL: 'memory:' or 'sqlite:PATH[?sync=normal|full]'.");
+      "url"_a, "A store from a URL: 'memory:', 'sqlite:PATH[?sync=normal|full]' or 'postgresql://...'.");
 
   // The bus methods once, on the interface; LocalBus and RedisBus add their constructors and stats.
   py::class_<EventBus, std::shared_ptr<EventBus>>(m, "EventBus", "An event bus (LocalBus or RedisBus).")
