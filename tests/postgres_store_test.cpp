@@ -241,6 +241,24 @@ TEST_CASE("a refused change fails alone; the rest of its group is stored") {
   CHECK(pg.query("SELECT count(*) FROM pushbook_bookings WHERE status = 'confirmed'") == "3");
 }
 
+TEST_CASE("concurrent commits are grouped into few transactions") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  const auto before = store->transactions();
+  completion done;
+  std::vector<Booking> bookings;
+  for (int i = 0; i < 500; ++i)
+    bookings.push_back(make_booking("c" + std::to_string(i), BookingStatus::processing, {{"r", 1}}));
+  for (const auto& b : bookings)
+    store->commit_async(StateChange{b, {}, {}}, [&](result<void> r) { done.add(r); });
+  REQUIRE(done.wait(bookings.size()));
+  CHECK(done.errors.empty());
+  const auto used = store->transactions() - before;
+  MESSAGE(used << " transactions for 500 commits");
+  CHECK(used < 250);
+  CHECK(pg.query("SELECT count(*) FROM pushbook_bookings") == "500");
+}
+
 TEST_CASE("idempotency keys are unique per user in the database") {
   PostgresServer pg;
   auto one = open_ok(pg);
