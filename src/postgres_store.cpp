@@ -160,11 +160,14 @@ struct prepared_statement {
 constexpr prepared_statement prepared_statements[] = {
     {"put_booking", "SELECT pushbook_put_booking($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"},
     // Only when it leaves room for the units in use; no row back means it does not.
+    // One row back: whether it was stored (1 or 0), and the units in use. The row is locked by
+    // the group already, so `used` is what the upsert compared with.
     {"put_resource",
-     "INSERT INTO pushbook_resources AS r (id, capacity) VALUES ($1, $2) "
+     "WITH used AS (SELECT reserved + confirmed AS units FROM pushbook_resources WHERE id = $1), "
+     "stored AS (INSERT INTO pushbook_resources AS r (id, capacity) VALUES ($1, $2) "
      "ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity "
-     "WHERE r.reserved + r.confirmed <= excluded.capacity RETURNING r.id"},
-    {"resource_use", "SELECT reserved + confirmed FROM pushbook_resources WHERE id = $1"},
+     "WHERE r.reserved + r.confirmed <= excluded.capacity RETURNING r.id) "
+     "SELECT (SELECT count(*) FROM stored), coalesce((SELECT units FROM used), 0)"},
     // A group's resource rows, all locked before anything else and in id order: two groups that
     // touch the same resources lock them in the same order and never deadlock.
     {"lock_resources",
@@ -676,22 +679,25 @@ struct PostgresStore::impl {
     if (p.done) p.done(Error(errc::store_failed, label + ": the store is closed"));
   }
 
-  // This change's own outcome from its statement's reply (the group's transaction goes on).
-  result<void> write_row(const booking_row& row) {
-    const std::vector<const char*> params = {row.id.c_str(),
-                                             row.user.c_str(),
-                                             row.status.c_str(),
-                                             row.version.c_str(),
-                                             row.has_key ? row.key.c_str() : nullptr,
-                                             row.has_fingerprint ? row.fingerprint.c_str() : nullptr,
-                                             row.created_ms.c_str(),
-                                             row.updated_ms.c_str(),
-                                             row.has_expiry ? row.expires_ms.c_str() : nullptr,
-                                             row.lines.c_str(),
-                                             row.json.c_str()};
-    auto r = run_prepared(writer_conn, "storing booking '" + row.id + "'", "put_booking", params);
-    if (!r) throw r.error();  // the transaction is lost: the whole group fails
-    const std::string_view reply = PQgetvalue(r->get(), 0, 0);
+  // The parameters of a version's put_booking call (pointing into `row`).
+  static std::vector<const char*> params_of(const booking_row& row) {
+    return {row.id.c_str(),
+            row.user.c_str(),
+            row.status.c_str(),
+            row.version.c_str(),
+            row.has_key ? row.key.c_str() : nullptr,
+            row.has_fingerprint ? row.fingerprint.c_str() : nullptr,
+            row.created_ms.c_str(),
+            row.updated_ms.c_str(),
+            row.has_expiry ? row.expires_ms.c_str() : nullptr,
+            row.lines.c_str(),
+            row.json.c_str()};
+  }
+
+  // A version's own outcome from its reply ('ok', 'sold_out ...', 'duplicate_key ...'); the
+  // group's transaction goes on either way. An error (not a refusal) fails the whole group.
+  result<void> outcome_of(const booking_row& row, std::string_view reply,
+                          std::optional<Error>& group_error) const {
     if (reply == "ok") return {};
     std::vector<std::string_view> parts;
     for (std::string_view rest = reply;;) {
@@ -709,25 +715,51 @@ struct PostgresStore::impl {
       return Error(errc::idempotency_conflict, label + ": user '" + row.user + "' already has booking '" +
                                                    std::string(parts[1]) + "' with idempotency key '" +
                                                    row.key + "' (booking '" + row.id + "' was not stored)");
-    throw failure("storing booking '" + row.id + "'", "unexpected reply '" + std::string(reply) + "'");
+    if (!group_error)
+      group_error =
+          failure("storing booking '" + row.id + "'", "unexpected reply '" + std::string(reply) + "'");
+    return {};
   }
 
-  result<void> write_row(const resource_row& row) {
-    auto r = run_prepared(writer_conn, "storing resource '" + row.id + "'", "put_resource",
-                          {row.id.c_str(), row.capacity.c_str()});
-    if (!r) throw r.error();
-    if (PQntuples(r->get()) == 1) return {};
-    auto use =
-        run_prepared(writer_conn, "reading resource '" + row.id + "'", "resource_use", {row.id.c_str()});
-    if (!use) throw use.error();
-    const std::string in_use = PQntuples(use->get()) == 1 ? PQgetvalue(use->get(), 0, 0) : "?";
+  // put_resource's reply: one row (updated or inserted: 1 or 0, units in use).
+  result<void> outcome_of(const resource_row& row, const PGresult* r) const {
+    if (PQntuples(r) == 1 && std::string_view(PQgetvalue(r, 0, 0)) == "1") return {};
+    const std::string in_use = PQntuples(r) == 1 ? PQgetvalue(r, 0, 1) : "?";
     return Error(errc::capacity_in_use, label + ": resource '" + row.id + "' cannot get capacity " +
                                             row.capacity + ": " + in_use +
                                             " units are reserved or confirmed");
   }
 
-  // One transaction for the whole group. Returns the group's outcome; each change's own refusal
-  // (which stored nothing of it) is in its `outcome`.
+  // Sends whatever libpq still buffers, reading replies meanwhile (the server stops reading
+  // when its own output is not read: both sides' buffers full would be a deadlock).
+  result<void> flush(connection& c, steady::time_point deadline) const {
+    PGconn* pg = c.conn.get();
+    for (;;) {
+      const int rc = PQflush(pg);
+      if (rc == 0) return {};
+      if (rc < 0) {
+        c.broken = true;
+        return failure("sending", trimmed(PQerrorMessage(pg)));
+      }
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now()).count();
+      if (left <= 0) {
+        c.broken = true;
+        return failure("sending", "the server took nothing for " +
+                                      std::to_string(options.statement_timeout.count()) + " ms plus 1 s");
+      }
+      pollfd p{PQsocket(pg), POLLIN | POLLOUT, 0};
+      const int ready = ::poll(&p, 1, static_cast<int>(std::min<std::int64_t>(left, 1000)));
+      if (ready > 0 && (p.revents & POLLIN) && !PQconsumeInput(pg)) {
+        c.broken = true;
+        return failure("sending", trimmed(PQerrorMessage(pg)));
+      }
+    }
+  }
+
+  // One transaction for the whole group, sent as one libpq pipeline: BEGIN, the resource locks,
+  // every change's statement, COMMIT, then all the replies. One round trip per group instead of
+  // one per change. Returns the group's outcome; each change's own refusal (which stored
+  // nothing of it) is in its `outcome`.
   result<void> write_group(std::vector<pending>& group) noexcept {
     try {
       if (!writer_conn.usable()) {
@@ -736,35 +768,105 @@ struct PostgresStore::impl {
         if (!c) return c.error();
         writer_conn = std::move(*c);
       }
-      auto step = [&](const char* sql, std::string_view doing) {
-        if (auto r = run(writer_conn, doing, sql, {}, false); !r) throw r.error();
-      };
-      step("BEGIN", "starting a transaction");
-      std::set<std::string> lock;
-      for (const auto& p : group) {
-        if (const auto* b = std::get_if<booking_row>(&p.row)) lock.insert(b->lock.begin(), b->lock.end());
-        if (const auto* r = std::get_if<resource_row>(&p.row)) lock.insert(r->id);
-      }
-      if (!lock.empty()) {
-        boost::json::array ids;
-        for (const auto& id : lock) ids.emplace_back(id);
-        const auto json = boost::json::serialize(ids);
-        if (auto r = run_prepared(writer_conn, "locking resources", "lock_resources", {json.c_str()}); !r)
-          throw r.error();
-      }
-      for (auto& p : group) p.outcome = std::visit([&](const auto& row) { return write_row(row); }, p.row);
-      step("COMMIT", "committing");
-      return {};
-    } catch (const Error& e) {
-      rollback(writer_conn);
-      return e;
+      auto outcome = write_pipeline(group);
+      PGconn* pg = writer_conn.conn.get();
+      if (PQpipelineStatus(pg) != PQ_PIPELINE_OFF && !PQexitPipelineMode(pg)) writer_conn.broken = true;
+      if (!writer_conn.broken && PQsetnonblocking(pg, 0) != 0) writer_conn.broken = true;
+      if (!outcome) rollback(writer_conn);
+      return outcome;
     } catch (const std::exception& e) {
-      rollback(writer_conn);
+      writer_conn.broken = true;  // whatever state the pipeline is in, the connection is not reused
       return Error(errc::store_failed, label + ": " + e.what());
-    } catch (...) {
-      rollback(writer_conn);
-      return Error(errc::store_failed, label + ": unknown exception while writing");
     }
+  }
+
+  result<void> write_pipeline(std::vector<pending>& group) {
+    connection& c = writer_conn;
+    PGconn* pg = c.conn.get();
+    const auto deadline = steady::now() + options.statement_timeout + std::chrono::seconds(1);
+    if (PQsetnonblocking(pg, 1) != 0 || !PQenterPipelineMode(pg)) {
+      c.broken = true;
+      return failure("starting a pipeline", trimmed(PQerrorMessage(pg)));
+    }
+    std::set<std::string> lock;
+    for (const auto& p : group) {
+      if (const auto* b = std::get_if<booking_row>(&p.row)) lock.insert(b->lock.begin(), b->lock.end());
+      if (const auto* r = std::get_if<resource_row>(&p.row)) lock.insert(r->id);
+    }
+    std::string lock_json;
+    if (!lock.empty()) {
+      boost::json::array ids;
+      for (const auto& id : lock) ids.emplace_back(id);
+      lock_json = boost::json::serialize(ids);
+    }
+
+    // Send everything. Nothing is read until the sync: a failed send breaks the connection.
+    bool sent = PQsendQueryParams(pg, "BEGIN", 0, nullptr, nullptr, nullptr, nullptr, 0);
+    const char* lock_param = lock_json.c_str();
+    if (sent && !lock.empty())
+      sent = PQsendQueryPrepared(pg, "lock_resources", 1, &lock_param, nullptr, nullptr, 0);
+    for (std::size_t i = 0; i < group.size() && sent; ++i) {
+      if (const auto* b = std::get_if<booking_row>(&group[i].row)) {
+        const auto params = params_of(*b);
+        sent = PQsendQueryPrepared(pg, "put_booking", static_cast<int>(params.size()), params.data(), nullptr,
+                                   nullptr, 0);
+      } else {
+        const auto& r = std::get<resource_row>(group[i].row);
+        const char* params[] = {r.id.c_str(), r.capacity.c_str()};
+        sent = PQsendQueryPrepared(pg, "put_resource", 2, params, nullptr, nullptr, 0);
+      }
+    }
+    if (sent) sent = PQsendQueryParams(pg, "COMMIT", 0, nullptr, nullptr, nullptr, nullptr, 0);
+    if (sent) sent = PQpipelineSync(pg);
+    if (!sent) {
+      c.broken = true;
+      return failure("sending a transaction", trimmed(PQerrorMessage(pg)));
+    }
+    if (auto r = flush(c, deadline); !r) return r;
+
+    // Read every reply, in the order sent; the first error is the group's (after it, the server
+    // skips the rest: PGRES_PIPELINE_ABORTED).
+    std::optional<Error> group_error;
+    auto next_reply = [&](std::string_view doing, auto&& on_result) -> result<void> {
+      for (;;) {
+        if (auto r = wait_ready(c, deadline, doing); !r) return r;
+        pg_result r(PQgetResult(pg));
+        if (!r) return {};
+        const auto st = PQresultStatus(r.get());
+        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+          on_result(r.get());
+        } else if (st != PGRES_PIPELINE_ABORTED && !group_error) {
+          group_error = result_failure(c, r.get(), doing);
+        }
+      }
+    };
+    auto ignore = [](const PGresult*) {};
+    if (auto r = next_reply("starting a transaction", ignore); !r) return r;
+    if (!lock.empty())
+      if (auto r = next_reply("locking resources", ignore); !r) return r;
+    for (auto& p : group) {
+      result<void> step;
+      if (const auto* b = std::get_if<booking_row>(&p.row)) {
+        step = next_reply("storing booking '" + b->id + "'", [&](const PGresult* r) {
+          p.outcome = outcome_of(*b, PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "", group_error);
+        });
+      } else {
+        const auto& row = std::get<resource_row>(p.row);
+        step = next_reply("storing resource '" + row.id + "'",
+                          [&](const PGresult* r) { p.outcome = outcome_of(row, r); });
+      }
+      if (!step) return step;
+    }
+    if (auto r = next_reply("committing", ignore); !r) return r;
+    // The sync's own result ends the pipeline.
+    if (auto r = wait_ready(c, deadline, "committing"); !r) return r;
+    pg_result sync(PQgetResult(pg));
+    if (!sync || PQresultStatus(sync.get()) != PGRES_PIPELINE_SYNC) {
+      c.broken = true;
+      if (!group_error) group_error = failure("committing", "the pipeline did not end where expected");
+    }
+    if (group_error) return *group_error;
+    return {};
   }
 
   static void run_writer(std::shared_ptr<impl> self) { self->writer_loop(); }
