@@ -3,19 +3,24 @@
 //   throughput  bookings per second through the engine (submit_async from 2 threads, at most
 //               --in-flight bookings not yet ACKed, no handler), until every booking is decided,
 //               and the submit -> ACK latency (the ACK waits for the store's commit)
-//               over memory:, sqlite (sync=normal) and sqlite (sync=full), interleaved run by run
+//               over memory:, sqlite (sync=normal) and sqlite (sync=full), interleaved run by run;
+//               with --postgres also over PostgresStore, on a PostgreSQL server the benchmark
+//               starts (fsync on, synchronous_commit on: what a deployment pays), a fresh
+//               database per run, over its unix socket
 //   restart     a SQLite file with --stored bookings (95% confirmed, 3% held, 1% processing, 1%
 //               rejected, made through the engine), then the time from opening it to an engine
 //               ready to take bookings (recovery included)
 // Each measurement runs --runs times; the table shows medians. Files go to a temporary directory
 // (removed at the end).
 //
-//   pushbook-store-bench [--runs N] [--bookings N] [--in-flight N] [--stored N] [--only WHAT] [--json]
+//   pushbook-store-bench [--runs N] [--bookings N] [--in-flight N] [--stored N] [--only WHAT] [--postgres]
+//                        [--json]
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/metrics.hpp>
 #include <pushbook/sqlite_store.hpp>
 
+#include "postgres_server.hpp"
 #include "server_process.hpp"
 
 #include <fmt/format.h>
@@ -48,7 +53,8 @@ struct Options {
   int stored = 1'000'000;
   bool json = false;
   std::string only;   // throughput or restart
-  std::string store;  // throughput over this store only: memory, normal or full
+  std::string store;  // throughput over this store only: memory, normal, full or postgres
+  bool postgres = false;
 };
 
 std::shared_ptr<BookingStore> open_or_die(const std::string& url) {
@@ -216,12 +222,14 @@ int main(int argc, char** argv) {
       opt.json = true;
     else if (a == "--only" && i + 1 < argc)
       opt.only = argv[++i];
+    else if (a == "--postgres")
+      opt.postgres = true;
     else if (a == "--store" && i + 1 < argc)
       opt.store = argv[++i];
     else {
       fmt::print(stderr,
                  "usage: pushbook-store-bench [--runs N] [--bookings N] [--in-flight N] [--stored N] "
-                 "[--only throughput|restart] [--store memory|normal|full] [--json]\n");
+                 "[--only throughput|restart] [--store memory|normal|full|postgres] [--postgres] [--json]\n");
       return a == "--help" ? 0 : 2;
     }
   }
@@ -233,17 +241,35 @@ int main(int argc, char** argv) {
     return 1;
   }
   const TempDir& dir = *made;
-  const std::vector<std::pair<std::string, std::string>> stores = {
-      {"memory", "memory:"},
-      {"sqlite normal", "sqlite:{}/n{}.db"},
-      {"sqlite full", "sqlite:{}/f{}.db?sync=full"}};
+  std::vector<std::pair<std::string, std::string>> stores = {{"memory", "memory:"},
+                                                             {"sqlite normal", "sqlite:{}/n{}.db"},
+                                                             {"sqlite full", "sqlite:{}/f{}.db?sync=full"}};
+  std::optional<pushbook::test::PostgresServer> postgres;
+  if (opt.postgres && (opt.only.empty() || opt.only == "throughput")) {
+    try {
+      postgres.emplace(pushbook::test::PostgresServerOptions{.fast_unsafe = false});
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "--postgres: {}\n", e.what());
+      return 1;
+    }
+    stores.push_back({"postgres", ""});
+  }
+  // A fresh database per run for PostgreSQL, as a fresh file for SQLite.
+  auto url_of = [&](std::size_t s, int r) {
+    if (stores[s].first != "postgres") return fmt::format(fmt::runtime(stores[s].second), dir.path, r);
+    const auto db = fmt::format("run{}", r);
+    if (postgres->command("postgres", "CREATE DATABASE " + db).empty() && !postgres->error().empty()) {
+      fmt::print(stderr, "CREATE DATABASE {}: {}\n", db, postgres->error());
+      std::exit(1);
+    }
+    return postgres->socket_uri(db);
+  };
   std::vector<std::vector<Throughput>> runs(stores.size());
   if (opt.only.empty() || opt.only == "throughput")
     for (int r = 0; r < opt.runs; ++r) {
       for (std::size_t s = 0; s < stores.size(); ++s)  // interleaved: the machine's state hits all alike
         if (opt.store.empty() || stores[s].first.ends_with(opt.store))
-          runs[s].push_back(bench_throughput(fmt::format(fmt::runtime(stores[s].second), dir.path, r),
-                                             opt.bookings, opt.in_flight));
+          runs[s].push_back(bench_throughput(url_of(s, r), opt.bookings, opt.in_flight));
       if (!opt.json) fmt::print(stderr, "throughput run {}/{} done\n", r + 1, opt.runs);
     }
   std::vector<double> restarts;

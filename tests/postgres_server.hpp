@@ -8,11 +8,11 @@
 // (fork, setuid, exec of `postgres`, not pg_ctl) so that PR_SET_PDEATHSIG applies to it: it is
 // killed when the thread that started it ends, crashed test included, and its backends follow
 // the postmaster. Construct and start() it on a thread that outlives it (the test's own).
+// Self-contained (no doctest): bench/store_bench.cpp starts one too.
 #pragma once
 
-#include "temp_dir.hpp"
-
 #include <libpq-fe.h>
+#include <stdlib.h>
 
 #include <fcntl.h>
 #include <grp.h>
@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -39,6 +40,27 @@ struct PostgresServerOptions {
 };
 
 class PostgresServer {
+  // The server's directory (data, socket, logs), removed with everything in it at the end.
+  class directory {
+   public:
+    directory() {
+      std::string pattern = (std::filesystem::temp_directory_path() / "pushbook-postgres-XXXXXX").string();
+      if (!::mkdtemp(pattern.data())) throw std::runtime_error("cannot create a temporary directory");
+      path_ = pattern;
+    }
+    ~directory() {
+      std::error_code ec;
+      std::filesystem::remove_all(path_, ec);
+    }
+    directory(const directory&) = delete;
+    directory& operator=(const directory&) = delete;
+    std::string path() const { return path_; }
+    std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+   private:
+    std::string path_;
+  };
+
  public:
   static constexpr const char* bin_dir = "/usr/lib/postgresql/15/bin";
 
@@ -71,6 +93,12 @@ class PostgresServer {
   /// The database as a postgresql:// URI over TCP (what pushbook-server --store takes).
   std::string uri(const std::string& database = "pushbook") const {
     return "postgresql://postgres@127.0.0.1:" + std::to_string(port_) + "/" + database;
+  }
+
+  /// The database as a postgresql:// URI over the unix socket.
+  std::string socket_uri(const std::string& database = "pushbook") const {
+    return "postgresql:///" + database + "?host=" + dir_.path() + "&port=" + std::to_string(port_) +
+           "&user=postgres";
   }
 
   /// Fast shutdown (SIGINT): open transactions are rolled back, clients disconnected; the data
@@ -224,7 +252,7 @@ class PostgresServer {
   }
 
   PostgresServerOptions options_;
-  TempDir dir_{"pushbook-postgres"};
+  directory dir_;
   int uid_ = -1, gid_ = -1;
   int port_ = 0;
   pid_t pid_ = 0;
