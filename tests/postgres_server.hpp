@@ -35,7 +35,9 @@ namespace pushbook::test {
 
 struct PostgresServerOptions {
   /// fsync=off and full_page_writes=off: fast tests, nothing survives a power loss (nothing
-  /// needs to). Benchmarks set it false: they measure what a deployment would pay.
+  /// needs to), but a commit is in the kernel's hands when it returns, so kill() loses nothing
+  /// committed (synchronous_commit stays on: off would lose the last commits to a SIGKILL).
+  /// Benchmarks set it false: they measure what a deployment would pay.
   bool fast_unsafe = true;
 };
 
@@ -104,8 +106,13 @@ class PostgresServer {
   /// Fast shutdown (SIGINT): open transactions are rolled back, clients disconnected; the data
   /// stays. Waits for the server to exit.
   void stop() { signal(SIGINT); }
-  /// Crash (SIGKILL): no shutdown checkpoint; start() then recovers from the WAL.
-  void kill() { signal(SIGKILL); }
+  /// Crash (SIGKILL to the postmaster and every backend at once: a backend left alone would
+  /// go on serving its client until it notices the postmaster's death); no shutdown checkpoint,
+  /// start() then recovers from the WAL.
+  void kill() {
+    if (pid_ > 0) ::kill(-pid_, SIGKILL);
+    signal(SIGKILL);
+  }
   /// Starts the server again on the same port with the same data.
   void start() {
     // After kill() the old backends may still be exiting (they notice the postmaster's death):
@@ -172,6 +179,7 @@ class PostgresServer {
     const pid_t pid = ::fork();
     if (pid < 0) throw std::runtime_error("fork failed");
     if (pid == 0) {
+      ::setpgid(0, 0);  // a process group of its own, with its backends: kill() ends them all
       if (gid >= 0 && (::setgroups(0, nullptr) != 0 || ::setgid(static_cast<gid_t>(gid)) != 0)) ::_exit(126);
       if (uid >= 0 && ::setuid(static_cast<uid_t>(uid)) != 0) ::_exit(126);
       if (die_with_parent) {
@@ -223,7 +231,7 @@ class PostgresServer {
         "-c", "shared_buffers=32MB", "-c", "logging_collector=off"};
     // clang-format on
     if (options_.fast_unsafe)
-      for (const char* setting : {"fsync=off", "full_page_writes=off", "synchronous_commit=off"}) {
+      for (const char* setting : {"fsync=off", "full_page_writes=off"}) {
         args.push_back("-c");
         args.push_back(setting);
       }
