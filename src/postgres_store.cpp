@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <deque>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -70,9 +71,12 @@ CREATE INDEX pushbook_bookings_keys ON pushbook_bookings (created_at) WHERE idem
 // (units(new status) - units(stored status)), in the caller's transaction. It changes nothing
 // and returns 'sold_out<TAB>resource<TAB>free<TAB>wanted' when a line does not fit, or
 // 'duplicate_key<TAB>booking id' when the user already has a booking with this key; 'ok' when
-// stored. The resources are locked (FOR UPDATE, in id order) before they are read, so "free" is
-// what it is at commit. Re-storing the same status changes no units: a commit retried after an
-// unknown outcome (the connection broke during COMMIT) is harmless.
+// stored. p_resources and p_units are the lines added up per resource, sorted by id in byte
+// order (COLLATE "C", the order every lock is taken in); each resource row is locked (FOR
+// UPDATE) before it is read, so "free" is what it is at commit. Re-storing the same status
+// changes no units: a commit retried after an unknown outcome (the connection broke during
+// COMMIT) is harmless. Simple statements on primary keys, in a loop, rather than joins over the
+// lines: plpgsql keeps their plans, and a confirm costs half the time the join version did.
 constexpr const char* schema_v2 = R"sql(
 ALTER TABLE pushbook_resources
   ADD COLUMN reserved bigint NOT NULL DEFAULT 0,
@@ -90,33 +94,26 @@ ALTER TABLE pushbook_resources ADD CONSTRAINT pushbook_resources_units
 
 CREATE FUNCTION pushbook_put_booking(
     p_id text, p_user text, p_status text, p_version bigint, p_key text, p_fingerprint text,
-    p_created_ms bigint, p_updated_ms bigint, p_expires_ms bigint, p_lines json, p_booking json)
+    p_created_ms bigint, p_updated_ms bigint, p_expires_ms bigint, p_lines json, p_booking json,
+    p_resources text[], p_units bigint[])
   RETURNS text LANGUAGE plpgsql AS $fn$
 DECLARE
   v_prev text;
   v_reserved bigint;
   v_confirmed bigint;
-  v_short record;
+  v_free bigint;
   v_existing text;
 BEGIN
   SELECT status INTO v_prev FROM pushbook_bookings WHERE id = p_id FOR UPDATE;
   v_reserved := (p_status = 'held')::int - coalesce((v_prev = 'held')::int, 0);
   v_confirmed := (p_status = 'confirmed')::int - coalesce((v_prev = 'confirmed')::int, 0);
   IF v_reserved <> 0 OR v_confirmed <> 0 THEN
-    PERFORM 1 FROM pushbook_resources
-      WHERE id IN (SELECT x.resource FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint))
-      ORDER BY id FOR UPDATE;
-    IF v_reserved + v_confirmed > 0 THEN
-      SELECT l.resource, coalesce(r.capacity - r.reserved - r.confirmed, 0) AS free, l.quantity INTO v_short
-        FROM (SELECT x.resource, sum(x.quantity) AS quantity
-                FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint) GROUP BY x.resource) l
-        LEFT JOIN pushbook_resources r ON r.id = l.resource
-       WHERE r.id IS NULL OR r.capacity - r.reserved - r.confirmed < l.quantity * (v_reserved + v_confirmed)
-       ORDER BY l.resource LIMIT 1;
-      IF FOUND THEN
-        RETURN 'sold_out' || chr(9) || v_short.resource || chr(9) || v_short.free || chr(9) || v_short.quantity;
+    FOR i IN 1 .. coalesce(array_length(p_resources, 1), 0) LOOP
+      SELECT capacity - reserved - confirmed INTO v_free FROM pushbook_resources WHERE id = p_resources[i] FOR UPDATE;
+      IF v_reserved + v_confirmed > 0 AND (v_free IS NULL OR v_free < p_units[i] * (v_reserved + v_confirmed)) THEN
+        RETURN 'sold_out' || chr(9) || p_resources[i] || chr(9) || coalesce(v_free, 0) || chr(9) || p_units[i];
       END IF;
-    END IF;
+    END LOOP;
   END IF;
   IF v_prev IS NULL THEN
     INSERT INTO pushbook_bookings (id, user_id, status, version, idem_key, fingerprint, created_at,
@@ -141,11 +138,11 @@ BEGIN
       WHERE id = p_id;
   END IF;
   IF v_reserved <> 0 OR v_confirmed <> 0 THEN
-    UPDATE pushbook_resources r
-       SET reserved = r.reserved + l.quantity * v_reserved, confirmed = r.confirmed + l.quantity * v_confirmed
-      FROM (SELECT x.resource, sum(x.quantity) AS quantity
-              FROM json_to_recordset(p_lines) AS x(resource text, quantity bigint) GROUP BY x.resource) l
-     WHERE r.id = l.resource;
+    FOR i IN 1 .. coalesce(array_length(p_resources, 1), 0) LOOP
+      UPDATE pushbook_resources SET reserved = reserved + p_units[i] * v_reserved,
+                                    confirmed = confirmed + p_units[i] * v_confirmed
+       WHERE id = p_resources[i];
+    END LOOP;
   END IF;
   RETURN 'ok';
 END
@@ -158,7 +155,7 @@ struct prepared_statement {
   const char* sql;
 };
 constexpr prepared_statement prepared_statements[] = {
-    {"put_booking", "SELECT pushbook_put_booking($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"},
+    {"put_booking", "SELECT pushbook_put_booking($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"},
     // Only when it leaves room for the units in use; no row back means it does not.
     // One row back: whether it was stored (1 or 0), and the units in use. The row is locked by
     // the group already, so `used` is what the upsert compared with.
@@ -172,7 +169,7 @@ constexpr prepared_statement prepared_statements[] = {
     // touch the same resources lock them in the same order and never deadlock.
     {"lock_resources",
      "SELECT id FROM pushbook_resources WHERE id IN (SELECT json_array_elements_text($1::json)) "
-     "ORDER BY id FOR UPDATE"},
+     "ORDER BY id COLLATE \"C\" FOR UPDATE"},
     {"load", "SELECT booking, idem_key FROM pushbook_bookings WHERE id = $1"},
     {"resources",
      "SELECT id, capacity, reserved, confirmed FROM pushbook_resources ORDER BY id COLLATE \"C\""},
@@ -235,6 +232,8 @@ struct booking_row {
   std::string id, user, status, version, key, fingerprint, created_ms, updated_ms, expires_ms;
   bool has_key = false, has_fingerprint = false, has_expiry = false;
   std::string lines, json;
+  // The lines added up per resource, sorted by id (byte order): text[] and bigint[] literals.
+  std::string resources, units;
   std::vector<std::string> lock;  // resources whose rows this version may change
 };
 
@@ -691,7 +690,9 @@ struct PostgresStore::impl {
             row.updated_ms.c_str(),
             row.has_expiry ? row.expires_ms.c_str() : nullptr,
             row.lines.c_str(),
-            row.json.c_str()};
+            row.json.c_str(),
+            row.resources.c_str(),
+            row.units.c_str()};
   }
 
   // A version's own outcome from its reply ('ok', 'sold_out ...', 'duplicate_key ...'); the
@@ -1009,10 +1010,29 @@ void PostgresStore::commit_async(const StateChange& change, CommitCallback done)
     row.has_expiry = b.expires_at.has_value();
     if (b.expires_at) row.expires_ms = std::to_string(unix_ms(*b.expires_at));
     boost::json::array lines;
+    std::map<std::string, std::uint64_t> units;  // std::string's order is byte order, as COLLATE "C"
     for (const auto& l : b.lines) {
       lines.push_back(boost::json::object{{"resource", l.resource}, {"quantity", l.quantity}});
-      if (may_change_units(b.status)) row.lock.push_back(l.resource);
+      units[l.resource] += l.quantity;
     }
+    row.resources = "{";
+    row.units = "{";
+    for (const auto& [resource, quantity] : units) {
+      if (row.resources.size() > 1) {
+        row.resources += ',';
+        row.units += ',';
+      }
+      row.resources += '"';
+      for (char ch : resource) {
+        if (ch == '"' || ch == '\\') row.resources += '\\';
+        row.resources += ch;
+      }
+      row.resources += '"';
+      row.units += std::to_string(quantity);
+      if (may_change_units(b.status)) row.lock.push_back(resource);
+    }
+    row.resources += '}';
+    row.units += '}';
     row.lines = boost::json::serialize(lines);
     row.json = boost::json::serialize(to_json(b));
     p.row = std::move(row);
