@@ -183,6 +183,24 @@ TEST_CASE("the database keeps the counts: each status change moves units, in the
   CHECK(recount(pg, "r") == "2 4");
 }
 
+TEST_CASE("resource ids with quotes, backslashes, commas and braces keep their counts") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  const std::string odd = "we\"ird\\,{id} x";
+  REQUIRE(store->put_resource(odd, 4));
+  REQUIRE(store->put_resource("plain", 4));
+  auto b = make_booking("b", BookingStatus::processing, {{"plain", 1}, {odd, 2}, {odd, 1}});
+  REQUIRE(commit(*store, b));
+  REQUIRE(advance(*store, b, BookingStatus::held));
+  auto state = store->recover(at_ms(0)).value();
+  REQUIRE(state.resources.size() == 2);
+  CHECK(state.resources[0].id == "plain");
+  CHECK(state.resources[0].reserved == 1);
+  CHECK(state.resources[1].id == odd);
+  CHECK(state.resources[1].reserved == 3);
+  CHECK(store->load("b").value()->lines[1].resource == odd);
+}
+
 TEST_CASE("a version that does not fit fails with sold_out, names the resource, and stores nothing") {
   PostgresServer pg;
   auto store = open_ok(pg);
@@ -425,6 +443,30 @@ TEST_CASE("the database stopped: commits and reads fail fast with store_failed, 
   CHECK(counters(pg, "r") == "100 1 0");
   REQUIRE(eventually([&] { return bool(store->load("after")); }));
   CHECK(store->load("d0").value() == std::nullopt);  // nothing of a failed commit was stored
+}
+
+TEST_CASE("the database crashes (SIGKILL) and recovers: what was committed is there, the store goes on") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("r", 10));
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 2}});
+  REQUIRE(commit(*store, b));
+  REQUIRE(advance(*store, b, BookingStatus::held));
+  pg.kill();
+  auto during = commit(*store, make_booking("during", BookingStatus::processing, {{"r", 1}}));
+  REQUIRE(!during);
+  CHECK(during.error().is(errc::store_failed));
+  pg.start();  // crash recovery from the WAL
+  std::string last_error;
+  REQUIRE_MESSAGE(eventually([&] {
+                    auto r = advance(*store, b, BookingStatus::confirmed);
+                    if (!r) last_error = r.error().message;
+                    return bool(r);
+                  }),
+                  last_error);
+  CHECK(counters(pg, "r") == "10 0 2");
+  CHECK(recount(pg, "r") == "0 2");
+  CHECK(store->load("during").value() == std::nullopt);
 }
 
 TEST_CASE("two stores, competing threads: the database never gives out more than capacity") {
