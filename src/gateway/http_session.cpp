@@ -218,7 +218,7 @@ Response HttpSession::error_response(const Request& req, const Error& e) const {
   if (w.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
   if (e.is(errc::rate_limited) && retry_after_ > 0)
     res.set(http::field::retry_after, std::to_string(retry_after_));
-  if (e.is(errc::quota_exceeded)) res.set(http::field::retry_after, "1");
+  if (e.is(errc::quota_exceeded) || e.is(errc::store_failed)) res.set(http::field::retry_after, "1");
   return res;
 }
 
