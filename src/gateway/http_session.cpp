@@ -262,7 +262,7 @@ void HttpSession::handle(Request&& req) {
   }
   if (path == "/metrics") {
     auto stats = ctx.engine->stats();
-    auto res = json_response(req, http::status::ok, core_->metrics.render(&stats));
+    auto res = json_response(req, http::status::ok, core_->metrics.render(&stats, ctx.bus.get()));
     res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
     res.prepare_payload();
     return send(std::move(res), "/metrics");
