@@ -36,6 +36,7 @@ struct World {
   std::shared_ptr<GatewayContext> ctx = std::make_shared<GatewayContext>();
   World() {
     ctx->bus = std::make_shared<LocalBus>();
+    ctx->hub = std::make_shared<TopicHub>(ctx->bus);
     EngineOptions eo;
     eo.workers = 1;
     eo.node_id = 1;

@@ -145,7 +145,48 @@ TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") 
   CHECK(reply.at("ok") == true);
   const std::string id(reply.at("result").at("booking_id").as_string());
   CHECK(reply.at("result").at("status") == "processing");
-  CHECK(await_decision(*ws, "booking/" + id) == "confirmed");
+  // The next message is the decision: not a second "processing" after the ACK that said it.
+  auto ev = ws->next(5s);
+  REQUIRE(ev);
+  CHECK(ev->at("topic").as_string() == "booking/" + id);
+  CHECK(status_of(*ev) == "confirmed");
+  CHECK(ev->at("seq") == 2);
+}
+
+TEST_CASE("a node's connections following one topic are one bus subscription, fanned out to each") {
+  Server s;
+  const auto before = s.bus->stats().subscriptions;
+  constexpr int n = 100;
+  std::vector<std::unique_ptr<WsClient>> clients;
+  for (int i = 0; i < n; ++i) {
+    clients.push_back(s.ws("fan" + std::to_string(i)));
+    auto r = clients.back()->request({{"op", "subscribe"}, {"topic", "resource/hall"}}).value();
+    REQUIRE(r.at("ok") == true);
+  }
+  CHECK(s.bus->stats().subscriptions == before + 1);
+  const auto metrics = s.http().request("GET", "/metrics").value().body;
+  CHECK(metrics.find("pushbook_hub_topics 1\n") != std::string::npos);
+  CHECK(metrics.find("pushbook_hub_followers 100\n") != std::string::npos);
+  CHECK(metrics.find("pushbook_hub_shared_joins_total 99\n") != std::string::npos);
+  for (auto& c : clients) {  // each starts with the hall's state
+    auto ev = c->next(5s);
+    REQUIRE(ev);
+    CHECK(ev->at("snapshot") == true);
+    CHECK(ev->at("data").at("available") == 1000);
+  }
+  auto booker = s.ws("booker");
+  auto ack = booker->request(book("hall", 3)).value();
+  REQUIRE(ack.at("ok") == true);
+  CHECK(await_decision(*booker, "booking/" + std::string(ack.at("result").at("booking_id").as_string())) ==
+        "confirmed");
+  for (auto& c : clients) {  // the change reaches every follower once
+    auto ev = c->next(5s);
+    REQUIRE(ev);
+    CHECK(ev->at("topic") == "resource/hall");
+    CHECK(ev->at("data").at("available").as_int64() < 1000);
+  }
+  clients.clear();
+  CHECK(test::eventually([&] { return s.bus->stats().subscriptions <= before + 1; }));
 }
 
 TEST_CASE("two users race for capacity 1: exactly one is confirmed") {

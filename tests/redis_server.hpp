@@ -3,13 +3,15 @@
 // stopped by the destructor. kill() and start() simulate a crash and a restart on the same port.
 // Needs nothing of doctest: the benchmarks (bench/bus_bench.cpp, bench/gateway_bench.cpp) start
 // their redis-server with it too.
+// The server is killed when the thread that started it ends (PR_SET_PDEATHSIG), crashed test
+// included: construct and start() it on a thread that outlives it (the test's own).
 #pragma once
 
 #include <hiredis/hiredis.h>
 
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,8 +24,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-extern char** environ;
 
 namespace pushbook::test {
 
@@ -134,8 +134,18 @@ class RedisServer {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    pid_t pid = 0;
-    if (::posix_spawn(&pid, argv[0], nullptr, nullptr, argv.data(), environ) != 0) return false;
+    // fork + exec rather than posix_spawn, for PR_SET_PDEATHSIG: the server dies with the thread
+    // that started it, so a test that crashes (abort, a sanitizer report) leaves no redis-server
+    // behind. Between fork and exec only async-signal-safe calls.
+    const pid_t parent = ::getpid();
+    const pid_t pid = ::fork();
+    if (pid < 0) return false;
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) ::_exit(127);  // the parent is already gone
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
     pid_ = pid;
     // Wait until it answers PING, or has exited (port taken), or the deadline passed.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);

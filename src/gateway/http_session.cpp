@@ -262,7 +262,9 @@ void HttpSession::handle(Request&& req) {
   }
   if (path == "/metrics") {
     auto stats = ctx.engine->stats();
-    auto res = json_response(req, http::status::ok, core_->metrics.render(&stats, ctx.bus.get()));
+    auto body = core_->metrics.render(&stats, ctx.bus.get());
+    if (ctx.hub) GatewayMetrics::render_topic_hub(body, ctx.hub->stats());
+    auto res = json_response(req, http::status::ok, std::move(body));
     res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
     res.prepare_payload();
     return send(std::move(res), "/metrics");
@@ -430,9 +432,8 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   // numbering (seq and version part ways after a restart).
   SubscribeOptions so;
   so.snapshot_source = snapshot_source(*core_->ctx, "booking/" + booking.id);
-  so.executor = inline_executor();
   std::weak_ptr<HttpSession> weak = shared_from_this();
-  auto sub = core_->ctx->bus->subscribe(
+  auto sub = core_->ctx->follow(
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {
         if (d.event) {

@@ -159,4 +159,19 @@ std::string GatewayMetrics::render(const EngineStats* engine, const EventBus* bu
   return out;
 }
 
+void GatewayMetrics::render_topic_hub(std::string& out, const TopicHubStats& hub) {
+  metric(out, "pushbook_hub_topics", "gauge",
+         "Topics this node follows on the bus: one bus subscription each, shared by its connections.");
+  value(out, "pushbook_hub_topics", hub.topics);
+  metric(out, "pushbook_hub_followers", "gauge", "Connections' subscriptions served from those.");
+  value(out, "pushbook_hub_followers", hub.followers);
+  metric(out, "pushbook_hub_private_subscriptions", "gauge",
+         "Connections' subscriptions with a bus subscription of their own (a resume older than the "
+         "node's recent events of the topic).");
+  value(out, "pushbook_hub_private_subscriptions", hub.private_subscriptions);
+  metric(out, "pushbook_hub_shared_joins_total", "counter",
+         "Subscriptions to a topic the node already followed (no bus call).");
+  value(out, "pushbook_hub_shared_joins_total", hub.shared_joins);
+}
+
 }  // namespace pushbook::detail

@@ -4,6 +4,8 @@
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
 
+#include "gateway/topic_hub.hpp"
+
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -39,6 +41,8 @@ struct GatewayMetrics {
   /// The Prometheus text exposition (format 0.0.4) of these counters, the engine's and the bus's
   /// (a LocalBus's or a RedisBus's stats(); nothing of a bus of another kind).
   std::string render(const EngineStats* engine, const EventBus* bus = nullptr) const;
+  /// The topic hub's gauges and counters (see topic_hub.hpp), appended to `out`.
+  static void render_topic_hub(std::string& out, const TopicHubStats& hub);
 
  private:
   mutable std::mutex mutex_;

@@ -62,6 +62,13 @@ result<TokenClaims> GatewayContext::verify(std::string_view token) const {
   return claims;
 }
 
+result<Subscription> GatewayContext::follow(const std::string& topic, DeliveryCallback callback,
+                                            SubscribeOptions so) const {
+  if (hub) return hub->subscribe(topic, std::move(callback), std::move(so));
+  so.executor = inline_executor();
+  return bus->subscribe(topic, std::move(callback), std::move(so));
+}
+
 bool GatewayContext::may_subscribe(std::string_view user, std::string_view topic) const {
   if (options.authorize) return options.authorize(user, topic);
   std::optional<std::string> owner;
@@ -251,8 +258,11 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
     return;
   }
   // The decision follows on this socket: the subscription starts with the booking's current
-  // state, so nothing decided in between is missed.
-  subscribe(topic, std::nullopt);
+  // state, so nothing decided in between is missed. That state is not sent when it is the one the
+  // ACK just said (a new booking's version 1, processing): the client gets the changes, not the
+  // same state twice. By version, not seq: the topic's numbering may have restarted meanwhile.
+  subscribe(topic, std::nullopt, std::nullopt,
+            ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -370,8 +380,17 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   };
 }
 
+namespace {
+// A booking event's "version" (0 when it has none).
+std::uint64_t version_of(const boost::json::value& data) {
+  const auto* v = data.is_object() ? data.as_object().if_contains("version") : nullptr;
+  return v && v->is_int64() && v->as_int64() > 0 ? static_cast<std::uint64_t>(v->as_int64()) : 0;
+}
+}  // namespace
+
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                                std::optional<std::uint32_t> epoch) {
+                                std::optional<std::uint32_t> epoch,
+                                std::optional<std::uint64_t> known_version) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -381,18 +400,21 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   so.since_seq = since;
   so.since_epoch = epoch;
   so.snapshot_source = snapshot_source(*ctx_, topic);
-  // Events go straight into the connection's bounded send queue on the publisher's thread; the
-  // queue (not the bus) applies the slow-consumer policy.
-  so.executor = inline_executor();
+  // Events go straight into the connection's bounded send queue on the delivering thread (one
+  // bus subscription per topic for the whole node, see topic_hub.hpp); the queue (not the bus)
+  // applies the slow-consumer policy.
   std::weak_ptr<ConnectionSink> weak = sink_;
-  auto sub = ctx_->bus->subscribe(
+  auto sub = ctx_->follow(
       topic,
-      [weak, topic](const Delivery& d) {
+      [weak, topic, known_version](const Delivery& d) {
         auto sink = weak.lock();
         if (!sink) return;
         switch (d.kind) {
           case Delivery::Kind::event: sink->send_event(d.event, false); break;
-          case Delivery::Kind::snapshot: sink->send_event(d.event, true); break;
+          case Delivery::Kind::snapshot:
+            if (known_version && version_of(d.event->data()) <= *known_version) break;  // said already
+            sink->send_event(d.event, true);
+            break;
           case Delivery::Kind::gap:
             sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
                 {"type", "gap"}, {"topics", boost::json::array{topic}}, {"dropped", d.dropped}})));

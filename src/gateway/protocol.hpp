@@ -10,6 +10,7 @@
 #include <pushbook/push_gateway.hpp>
 
 #include "gateway/metrics.hpp"
+#include "gateway/topic_hub.hpp"
 
 #include <boost/json/object.hpp>
 
@@ -88,6 +89,8 @@ class CurrentKeys {
 /// which swap atomically).
 struct GatewayContext {
   EventBusPtr bus;
+  /// The node's one bus subscription per topic, shared by its connections (see topic_hub.hpp).
+  std::shared_ptr<TopicHub> hub;
   std::shared_ptr<BookingEngine> engine;
   GatewayOptions options;
   GatewayMetrics* metrics = nullptr;
@@ -101,6 +104,10 @@ struct GatewayContext {
   /// Verifies a token with the current keys (or, in dev_insecure mode without keys, reads its
   /// "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;
+  /// Follows an exact topic for a connection: through the hub (callbacks run on the delivering
+  /// thread, as with inline_executor()), or straight on the bus when there is no hub.
+  result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
+                              SubscribeOptions options) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
   bool may_subscribe(std::string_view user, std::string_view topic) const;
 };
@@ -171,9 +178,11 @@ class ConnectionLogic {
   void op_unsubscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_cancel(const boost::json::object& msg, const boost::json::value& id);
   void op_refresh(const boost::json::object& msg, const boost::json::value& id);
-  /// Subscribes the sink to `topic` (replacing an existing subscription to it).
+  /// Subscribes the sink to `topic` (replacing an existing subscription to it). A snapshot whose
+  /// data's "version" is at most `known_version` is not sent (the client has that state).
   void subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                 std::optional<std::uint32_t> epoch = std::nullopt);
+                 std::optional<std::uint32_t> epoch = std::nullopt,
+                 std::optional<std::uint64_t> known_version = std::nullopt);
   void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
 
   std::shared_ptr<const GatewayContext> ctx_;

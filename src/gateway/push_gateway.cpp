@@ -217,6 +217,7 @@ struct PushGateway::impl {
         options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
     ctx->bus = std::move(bus);
+    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus);
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;

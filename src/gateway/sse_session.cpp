@@ -37,9 +37,8 @@ void SseSession::run(unsigned http_version, std::string topic, std::optional<std
   so.since_seq = since;
   so.since_epoch = epoch;
   so.snapshot_source = snapshot_source(*core_->ctx, topic);
-  so.executor = inline_executor();
   std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(shared_from_this());
-  auto sub = core_->ctx->bus->subscribe(
+  auto sub = core_->ctx->follow(
       topic,
       [weak](const Delivery& d) {
         auto sink = weak.lock();
