@@ -3,9 +3,11 @@
 #include <pushbook/auth.hpp>
 #include <pushbook/client.hpp>
 #include <pushbook/push_gateway.hpp>
+#include <pushbook/redis_bus.hpp>
 
 #include "jwt_keys.hpp"
 #include "raw_socket.hpp"
+#include "redis_server.hpp"
 #include "temp_dir.hpp"
 #include "wait.hpp"
 
@@ -1051,6 +1053,76 @@ TEST_CASE("/metrics speaks the Prometheus text format") {
   CHECK(m.body.find("pushbook_connections{kind=\"websocket\"} 1\n") != std::string::npos);
   CHECK(m.body.find("pushbook_bookings_total{outcome=\"accepted\"} 1\n") != std::string::npos);
   CHECK(m.body.find("pushbook_booking_decision_latency_seconds{quantile=\"0.99\"}") != std::string::npos);
+}
+
+namespace {
+// The value of an unlabelled metric in a /metrics body; nullopt when the line is absent.
+std::optional<std::string> metric_value(const std::string& body, const std::string& name) {
+  const auto at = body.find("\n" + name + " ");
+  if (at == std::string::npos) return std::nullopt;
+  const auto start = at + name.size() + 2;
+  return body.substr(start, body.find('\n', start) - start);
+}
+}  // namespace
+
+TEST_CASE("/metrics counts a LocalBus's events and subscriptions") {
+  Server s;
+  for (int i = 0; i < 3; ++i) REQUIRE(s.bus->publish("test/metrics", boost::json::object{{"n", i}}));
+  Collector<int> seen;
+  auto sub = s.bus->subscribe("test/other", [&](const Delivery&) { seen.push(1); }).value();
+  auto body = s.http().request("GET", "/metrics").value().body;
+  CHECK(body.find("# TYPE pushbook_bus_published_total counter\n") != std::string::npos);
+  CHECK(body.find("pushbook_bus_info{kind=\"local\"} 1\n") != std::string::npos);
+  // 3 + the availability of each of the Server's 3 resources (published by add_resource).
+  CHECK(metric_value(body, "pushbook_bus_published_total") == "6");
+  CHECK(metric_value(body, "pushbook_bus_subscriptions") == "1");
+  CHECK(metric_value(body, "pushbook_bus_topics") == "5");  // resource/*, test/metrics, test/other
+  CHECK(metric_value(body, "pushbook_bus_dropped_total") == "0");
+  CHECK_FALSE(metric_value(body, "pushbook_bus_reconnects_total"));  // a RedisBus's only
+  CHECK(s.gateway->metrics_text().find("pushbook_bus_published_total 6\n") != std::string::npos);
+}
+
+TEST_CASE("/metrics of a gateway over a RedisBus counts the reconnect after Redis restarts") {
+  test::RedisServer redis;
+  RedisBusOptions ro;
+  ro.address = redis.address();
+  ro.reconnect_max = 200ms;
+  auto bus = std::make_shared<RedisBus>(ro);
+  REQUIRE(bus->wait_connected(10s));
+  auto engine = std::make_shared<BookingEngine>(bus);
+  engine->add_resource("room-1", 1).value();
+  GatewayOptions o;
+  o.secret = secret;
+  o.threads = 1;
+  PushGateway gateway(bus, engine, o);
+  const auto port = gateway.listen().value();
+  auto metrics = [&] {
+    return client::HttpClient("127.0.0.1", port).request("GET", "/metrics").value().body;
+  };
+
+  REQUIRE(bus->publish("test/metrics", boost::json::object{{"n", 1}}));
+  auto body = metrics();
+  CHECK(body.find("pushbook_bus_info{kind=\"redis\"} 1\n") != std::string::npos);
+  CHECK(body.find("# TYPE pushbook_bus_reconnects_total counter\n") != std::string::npos);
+  CHECK(metric_value(body, "pushbook_bus_connected") == "1");
+  CHECK(metric_value(body, "pushbook_bus_published_total") == "2");  // and resource/room-1's availability
+  CHECK(metric_value(body, "pushbook_bus_reconnects_total") == "0");
+  CHECK(metric_value(body, "pushbook_bus_publish_failures_total") == "0");
+
+  redis.kill();
+  CHECK(test::eventually([&] { return metric_value(metrics(), "pushbook_bus_connected") == "0"; }));
+  CHECK_FALSE(bus->publish("test/metrics", boost::json::object{{"n", 2}}));
+  CHECK(metric_value(metrics(), "pushbook_bus_publish_failures_total") ==
+        std::to_string(bus->stats().publish_failures));
+  CHECK(bus->stats().publish_failures >= 1);
+
+  redis.start();
+  REQUIRE(bus->wait_connected(10s));
+  body = metrics();
+  CHECK(metric_value(body, "pushbook_bus_connected") == "1");
+  CHECK(metric_value(body, "pushbook_bus_reconnects_total") ==
+        "2");  // the command and the subscriber connection
+  gateway.stop();
 }
 
 TEST_CASE("a socket the host accepted itself can be handed over") {

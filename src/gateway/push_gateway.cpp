@@ -379,7 +379,7 @@ GatewayStats PushGateway::stats() const {
 
 std::string PushGateway::metrics_text() const {
   auto stats = impl_->core->ctx->engine->stats();
-  return impl_->core->metrics.render(&stats);
+  return impl_->core->metrics.render(&stats, impl_->core->ctx->bus.get());
 }
 
 class GatewayAccess {
