@@ -1080,6 +1080,7 @@ TEST_CASE("/metrics counts a LocalBus's events and subscriptions") {
   CHECK(metric_value(body, "pushbook_bus_dropped_total") == "0");
   CHECK_FALSE(metric_value(body, "pushbook_bus_reconnects_total"));  // a RedisBus's only
   CHECK(s.gateway->metrics_text().find("pushbook_bus_published_total 6\n") != std::string::npos);
+  CHECK(s.gateway->metrics_text().find("pushbook_hub_topics 0\n") != std::string::npos);  // the same text
 }
 
 TEST_CASE("/metrics of a gateway over a RedisBus counts the reconnect after Redis restarts") {

@@ -98,6 +98,13 @@ void GatewayCore::accept_succeeded() {
       fmt::format("accepting connections again ({} more failed accept(s) since the last report)", count));
 }
 
+std::string GatewayCore::metrics_text() const {
+  auto stats = ctx->engine->stats();
+  auto text = metrics.render(&stats, ctx->bus.get());
+  if (ctx->hub) GatewayMetrics::render_topic_hub(text, ctx->hub->stats());
+  return text;
+}
+
 void GatewayCore::access(std::string_view fields) const {
   if (!ctx->options.access_log) return;
   log(LogLevel::info, fmt::format("access {}", fields));
@@ -377,10 +384,7 @@ GatewayStats PushGateway::stats() const {
   return s;
 }
 
-std::string PushGateway::metrics_text() const {
-  auto stats = impl_->core->ctx->engine->stats();
-  return impl_->core->metrics.render(&stats, impl_->core->ctx->bus.get());
-}
+std::string PushGateway::metrics_text() const { return impl_->core->metrics_text(); }
 
 class GatewayAccess {
  public:
