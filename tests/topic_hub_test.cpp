@@ -67,6 +67,10 @@ SubscribeOptions since(std::optional<std::uint64_t> seq, std::optional<std::uint
   return o;
 }
 
+std::uint64_t F_bus_subscriptions(EventBus& bus) {
+  return dynamic_cast<RedisBus&>(bus).stats().subscriptions;
+}
+
 }  // namespace
 
 #define HUB_CASE(name) TEST_CASE_TEMPLATE(name, F, LocalFactory, RedisFactory)
@@ -380,4 +384,45 @@ TEST_CASE(
   CHECK(all.front() == Seen{ev, 2});
   CHECK(all.back() == Seen{ev, 30});
   CHECK(hub.stats().private_subscriptions == 1);
+}
+
+TEST_CASE(
+    "with subscribe threads, following a topic never waits for Redis, and a failure ends the subscription") {
+  pushbook::test::RedisServer server;
+  RedisBusOptions o;
+  o.address = server.address();
+  o.command_timeout = 1500ms;
+  auto bus = std::make_shared<RedisBus>(o);
+  REQUIRE(bus->wait_connected(10s));
+  TopicHub hub(bus, 64, 65536, /*subscribe_threads=*/2);
+  REQUIRE(bus->publish("resource/r", num(1)));
+  std::vector<std::unique_ptr<Collector<Seen>>> seen;
+  std::vector<Subscription> subs;
+  for (int i = 0; i < 20; ++i) {
+    seen.push_back(std::make_unique<Collector<Seen>>());
+    subs.push_back(hub.subscribe("resource/r", record(*seen.back()), {}).value());
+  }
+  for (auto& c : seen) CHECK(c->wait_for(1) == std::vector<Seen>{{snap, 1}});
+  CHECK(F_bus_subscriptions(*bus) == 1);
+  REQUIRE(bus->publish("resource/r", num(2)));
+  for (auto& c : seen) CHECK(c->wait_for(2).back() == Seen{ev, 2});
+
+  // Redis stops answering: subscribe() still returns at once; the subscription ends with
+  // bus_unavailable once the bus gives up (command_timeout).
+  server.pause();
+  Collector<std::string> ended;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = hub.subscribe("resource/other",
+                         [&](const Delivery& d) {
+                           if (d.kind == Delivery::Kind::ended) ended.push(d.reason.message);
+                         },
+                         {});
+  const auto took = std::chrono::steady_clock::now() - t0;
+  REQUIRE(s);
+  CHECK(took < 1s);  // not the 1.5 s the bus waits for Redis
+  auto why = ended.wait_for(1, 10s);
+  server.resume();
+  REQUIRE(why.size() == 1);
+  CHECK_FALSE(s->active());
+  CHECK(test::eventually([&] { return hub.stats().topics == 1; }));  // resource/r only
 }

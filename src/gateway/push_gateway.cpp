@@ -224,7 +224,11 @@ struct PushGateway::impl {
         options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
     ctx->bus = std::move(bus);
-    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus);
+    // A bus other than LocalBus may block in subscribe() (RedisBus: a round trip to Redis, up to
+    // its command_timeout when Redis is away): the hub makes those subscriptions on threads of its
+    // own rather than on the gateway's I/O threads.
+    const bool local = dynamic_cast<LocalBus*>(ctx->bus.get()) != nullptr;
+    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536, local ? 0 : 4);
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;

@@ -117,12 +117,14 @@ using entry_ptr = std::shared_ptr<topic_entry>;
 }  // namespace
 
 struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
-  impl(EventBusPtr b, std::size_t replay, std::size_t queue)
-      : bus(std::move(b)), replay_events(replay), max_queue(queue) {}
+  impl(EventBusPtr b, std::size_t replay, std::size_t queue, ExecutorPtr sub)
+      : bus(std::move(b)), replay_events(replay), max_queue(queue), subscriber(std::move(sub)) {}
 
   EventBusPtr bus;
   const std::size_t replay_events;
   const std::size_t max_queue;
+  // Where bus subscriptions are made (nullptr: on the subscribing thread).
+  const ExecutorPtr subscriber;
 
   std::mutex mutex;
   std::unordered_map<std::string, entry_ptr> topics;  // guarded by mutex
@@ -367,15 +369,41 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
           tidy(e);  // out of the map, so the next round creates it anew
           continue;
         }
-        if (own) subscribe_own(f, topic);
+        if (own) {
+          if (subscriber)
+            subscriber->post([weak = weak_from_this(), f, topic] {
+              if (auto self = weak.lock()) self->subscribe_own(f, topic);
+            });
+          else
+            subscribe_own(f, topic);
+        }
         return Subscription(f);
       }
       break;
     }
 
-    // This call created the topic's entry: one bus subscription for every follower. It starts
-    // where the creator's options say (so that the creator's replay comes from the bus's
-    // history), always with a snapshot where one is due, so that later followers have one.
+    // This call created the topic's entry. With a bus whose subscribe() may block (a round trip
+    // to Redis), the bus subscription is made on the hub's own threads, so that no gateway I/O
+    // thread waits: the creator is served, like any follower that joins meanwhile, once it is
+    // made (a failure then ends its subscription with `ended`).
+    if (subscriber) {
+      subscriber->post([weak = weak_from_this(), e, f] {
+        if (auto self = weak.lock()) (void)self->start(e, f, false);
+      });
+      return Subscription(f);
+    }
+    if (auto started = start(e, f, true); !started) return started.error();
+    return Subscription(f);
+  }
+
+  // Makes the topic's one bus subscription, then serves every follower that waited for it.
+  // `creator_gets_error`: a failure is the creator's to return (it is told nothing else);
+  // otherwise it gets an `ended` like the others.
+  result<void> start(const entry_ptr& e, const follower_ptr& f, bool creator_gets_error) {
+    const std::string& topic = e->topic;
+    // One bus subscription for every follower. It starts where the creator's options say (so
+    // that the creator's replay comes from the bus's history), always with a snapshot where one
+    // is due, so that later followers have one.
     SubscribeOptions so;
     so.since_seq = f->options.since_seq;
     so.since_epoch = f->options.since_epoch;
@@ -414,11 +442,12 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
       std::lock_guard lock(e->mutex);
       fanout_scope scope;
       if (!sub) {
-        // The bus could not subscribe: the creator gets the error, followers that joined
-        // meanwhile an `ended`.
+        // The bus could not subscribe: the creator gets the error (or an `ended`), followers
+        // that joined meanwhile an `ended`.
         e->closed = true;
         for (const auto& w : e->waiting)
-          if (w != f) w->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
+          if (w != f || !creator_gets_error)
+            w->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
         followers.fetch_sub(e->waiting.size(), std::memory_order_relaxed);
         e->waiting.clear();
       } else if (e->closed) {
@@ -447,7 +476,7 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     for (const auto& w : own) subscribe_own(w, topic);
     tidy(e);  // nothing left to follow (everyone cancelled meanwhile), or it failed: out of the map
     if (!sub) return sub.error();
-    return Subscription(f);
+    return {};
   }
 
   void close() {
@@ -503,11 +532,19 @@ void follower::cancel() noexcept {
 }
 }  // namespace
 
-TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_queue)
-    : impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
-                                   std::max<std::size_t>(max_queue, 1))) {}
+TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_queue,
+                   std::size_t subscribe_threads)
+    : pool_(subscribe_threads > 0 ? std::make_shared<ThreadPool>(subscribe_threads) : nullptr),
+      impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
+                                   std::max<std::size_t>(max_queue, 1), pool_)) {}
 
-TopicHub::~TopicHub() { impl_->close(); }
+TopicHub::~TopicHub() {
+  impl_->close();
+  // The subscriptions still being made finish (on a closed hub they end at once), then the
+  // threads go; the pool is not destroyed from one of its own threads: its tasks hold the hub
+  // weakly and this object owns it.
+  pool_.reset();
+}
 
 result<Subscription> TopicHub::subscribe(const std::string& topic, DeliveryCallback callback,
                                          SubscribeOptions options) {

@@ -47,7 +47,12 @@ class TopicHub {
   /// `max_queue`: the bound of each of the hub's bus subscriptions (SubscribeOptions::max_queue).
   /// Deliveries are made inline, so it fills only while a fan-out is slower than the topic's
   /// publishers; beyond it the followers get a gap.
-  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536);
+  /// `subscribe_threads`: when not 0, the bus subscription of a topic the hub starts following
+  /// is made on a pool of that many threads of the hub's own, and subscribe() returns at once (a
+  /// bus whose subscribe() blocks, such as RedisBus, then never holds up the caller; a failure
+  /// ends the subscription with `ended` instead of being returned).
+  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536,
+                    std::size_t subscribe_threads = 0);
   /// Ends the hub's bus subscriptions. Followers' subscriptions become inactive.
   ~TopicHub();
   TopicHub(const TopicHub&) = delete;
@@ -56,8 +61,9 @@ class TopicHub {
   /// Follows an exact topic, like EventBus::subscribe with inline_executor(): `since_seq`,
   /// `since_epoch`, `snapshot` and `snapshot_source` have the bus's meaning; `executor`,
   /// `max_queue` and `overflow` are not used (the follower's own send queue bounds it).
-  /// Errors: errc::invalid_topic (not an exact topic), errc::bad_request (no callback), and a
-  /// bus that cannot subscribe ends the subscription with a Delivery::Kind::ended instead.
+  /// Errors: errc::invalid_topic (not an exact topic), errc::bad_request (no callback, or called
+  /// from inside a follower's callback), and the bus's subscribe errors (with subscribe_threads,
+  /// those end the subscription with a Delivery::Kind::ended instead).
   result<Subscription> subscribe(const std::string& topic, DeliveryCallback callback,
                                  SubscribeOptions options);
 
@@ -66,6 +72,7 @@ class TopicHub {
   struct impl;
 
  private:
+  std::shared_ptr<ThreadPool> pool_;
   std::shared_ptr<impl> impl_;
 };
 
