@@ -257,6 +257,9 @@ class connection : public std::enable_shared_from_this<connection> {
       fail("no reply within " + std::to_string(timeout.count()) + " ms");
   }
 
+  /// Commands sent and not answered yet.
+  std::size_t pending() const { return pending_.size(); }
+
   std::string where() const {
     return spec_.unix_socket ? "unix:" + spec_.path : spec_.host + ":" + spec_.port;
   }
@@ -494,6 +497,7 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
 
   asio::io_context io;
   std::shared_ptr<connection> commands, subscriber;
+  asio::steady_timer stall_timer{io};
   std::thread io_thread;
   std::atomic<std::thread::id> io_thread_id;
   std::unique_ptr<ThreadPool> control;  // catch-ups after reconnects (blocking reads of Redis)
@@ -539,6 +543,29 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   }
 
   bool on_io_thread() const { return std::this_thread::get_id() == io_thread_id; }
+
+  // The publish script's command for `data` on `topic_name`, and the event its reply means.
+  std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data);
+  result<EventPtr> published_event(std::string_view topic_name,
+                                   std::shared_ptr<const boost::json::value> data, result<reply_ptr> r);
+
+  // On the I/O thread: while commands nobody waits for (publish_async) are pending, a timer
+  // checks every command_timeout that Redis still answers; one that does not is treated as gone
+  // (check_stalled), so that their callbacks get bus_unavailable rather than waiting forever.
+  void watch_stalls() {
+    if (stall_watch_armed) return;
+    stall_watch_armed = true;
+    stall_timer.expires_after(options.command_timeout);
+    stall_timer.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+      auto self = weak.lock();
+      if (!self) return;
+      self->stall_watch_armed = false;
+      if (ec || self->closed.load()) return;
+      self->commands->check_stalled(self->options.command_timeout);
+      if (self->commands->pending() > 0) self->watch_stalls();
+    });
+  }
+  bool stall_watch_armed = false;  // I/O thread only
 
   // Runs a command on the command connection from any thread but the I/O thread; waits for the
   // reply at most command_timeout.
@@ -1138,20 +1165,41 @@ bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
                                  [&] { return impl_->commands_ready && impl_->subscriber_ready; });
 }
 
-result<EventPtr> RedisBus::publish(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data) {
+namespace {
+Error check_publish(std::string_view topic_name, const std::shared_ptr<const boost::json::value>& data,
+                    bool closed) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
-  if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
-  auto& b = *impl_;
-  auto r = b.call({"EVALSHA", b.publish_sha, "4", b.key(topic_name, "epoch"), b.key(topic_name, "seq"),
-                   b.key(topic_name, "h"), b.key(topic_name, "last"), boost::json::serialize(*data),
-                   std::to_string(b.options.history_limit), std::to_string(b.options.history_max_age.count()),
-                   std::to_string(b.options.topic_idle_ttl.count()),
-                   b.channel_prefix() + std::string(topic_name), b.candidate_epoch()});
+  if (closed) return Error(errc::shutting_down, "bus is closed");
+  return {};
+}
+}  // namespace
+
+std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_name,
+                                                         const boost::json::value& data) {
+  return {"EVALSHA",
+          publish_sha,
+          "4",
+          key(topic_name, "epoch"),
+          key(topic_name, "seq"),
+          key(topic_name, "h"),
+          key(topic_name, "last"),
+          boost::json::serialize(data),
+          std::to_string(options.history_limit),
+          std::to_string(options.history_max_age.count()),
+          std::to_string(options.topic_idle_ttl.count()),
+          channel_prefix() + std::string(topic_name),
+          candidate_epoch()};
+}
+
+result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
+                                                 std::shared_ptr<const boost::json::value> data,
+                                                 result<reply_ptr> r) {
+  if (r && (*r)->type == REDIS_REPLY_ERROR)
+    r = Error(errc::internal, "Redis: " + std::string(reply_text(r->get())));
   if (!r) {
-    if (r.error().is(errc::bus_unavailable)) b.publish_failures.fetch_add(1, std::memory_order_relaxed);
+    if (r.error().is(errc::bus_unavailable)) publish_failures.fetch_add(1, std::memory_order_relaxed);
     return r.error();
   }
   const redisReply* rep = r->get();
@@ -1161,10 +1209,55 @@ result<EventPtr> RedisBus::publish(std::string_view topic_name,
   const auto us = to_u64(reply_text(rep->element[2]));
   const auto time = std::chrono::system_clock::time_point(
       std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::microseconds(us)));
-  b.published.fetch_add(1, std::memory_order_relaxed);
+  published.fetch_add(1, std::memory_order_relaxed);
   return EventPtr(std::make_shared<const Event>(
       std::string(topic_name), static_cast<std::uint64_t>(rep->element[1]->integer), time, std::move(data),
       static_cast<std::uint32_t>(rep->element[0]->integer)));
+}
+
+result<EventPtr> RedisBus::publish(std::string_view topic_name,
+                                   std::shared_ptr<const boost::json::value> data) {
+  if (auto e = check_publish(topic_name, data, impl_->closed.load(std::memory_order_relaxed)); e.code)
+    return e;
+  auto& b = *impl_;
+  return b.published_event(topic_name, data, b.call(b.publish_command(topic_name, *data)));
+}
+
+void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const boost::json::value> data,
+                             PublishCallback done) {
+  if (auto e = check_publish(topic_name, data, impl_->closed.load(std::memory_order_relaxed)); e.code) {
+    if (done) done(std::move(e));
+    return;
+  }
+  auto& b = *impl_;
+  auto args = b.publish_command(topic_name, *data);
+  // Posted, not sent here: the I/O thread owns the connection. Posts from one thread run in
+  // order, so the commands go out, and Redis runs them, in the order of the calls.
+  // The handlers hold the bus weakly: they live in its io_context and its connection.
+  asio::post(b.io,
+             [weak = std::weak_ptr<impl>(impl_), args = std::move(args), topic = std::string(topic_name),
+              data = std::move(data), done = std::move(done)]() mutable {
+               auto self = weak.lock();
+               if (!self) {
+                 if (done) done(Error(errc::shutting_down, "bus is closed"));
+                 return;
+               }
+               self->eval_or_send(std::move(args), [weak, topic = std::move(topic), data = std::move(data),
+                                                    done = std::move(done)](result<reply_ptr> r) mutable {
+                 auto owner = weak.lock();
+                 auto ev = owner ? owner->published_event(topic, std::move(data), std::move(r))
+                                 : result<EventPtr>(Error(errc::shutting_down, "bus is closed"));
+                 if (!done) return;
+                 try {
+                   done(std::move(ev));
+                 }
+                 PUSHBOOK_RETHROW_FORCED_UNWIND
+                 catch (...) {
+                   // The caller's callback must not take the I/O thread down.
+                 }
+               });
+               self->watch_stalls();
+             });
 }
 
 result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallback callback,

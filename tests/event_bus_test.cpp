@@ -114,6 +114,37 @@ CONTRACT_CASE("publish assigns per-topic sequence numbers from 1 and a timestamp
   CHECK(bus.last("booking/none") == nullptr);
 }
 
+CONTRACT_CASE("publish_async publishes in the order of the calls and reports each outcome") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/async", record(got), {}).value();
+  Collector<std::uint64_t> outcomes;
+  constexpr int n = 500;
+  for (int i = 1; i <= n; ++i)
+    bus.publish_async("booking/async", std::make_shared<const boost::json::value>(num(i)),
+                      [&outcomes](result<EventPtr> r) { outcomes.push(r ? r.value()->seq() : 0); });
+  auto seqs = outcomes.wait_for(n);
+  REQUIRE(seqs.size() == n);
+  for (int i = 0; i < n; ++i) CHECK(seqs[i] == static_cast<std::uint64_t>(i + 1));
+  auto seen = got.wait_for(n);
+  REQUIRE(seen.size() == n);
+  CHECK(seen.back().seq == n);
+  // Bad input is reported through the callback too; an empty callback is allowed.
+  Collector<std::string> errors;
+  bus.publish_async("a//b", std::make_shared<const boost::json::value>(num(0)),
+                    [&errors](result<EventPtr> r) { errors.push(r ? "ok" : r.error().code.message()); });
+  bus.publish_async("booking/async", nullptr,
+                    [&errors](result<EventPtr> r) { errors.push(r ? "ok" : r.error().code.message()); });
+  bus.publish_async("booking/async", std::make_shared<const boost::json::value>(num(0)), {});
+  auto e = errors.wait_for(2);
+  REQUIRE(e.size() == 2);
+  CHECK(e[0] != "ok");
+  CHECK(e[1] != "ok");
+  CHECK(got.wait_for(n + 1).size() == n + 1);
+}
+
 CONTRACT_CASE("invalid topics and patterns are refused with invalid_topic") {
   F f;
   auto owner = f.make();

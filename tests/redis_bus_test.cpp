@@ -316,6 +316,43 @@ TEST_CASE(
   MESSAGE("reconnects " << a->stats().reconnects << ", resyncs " << a->stats().resyncs);
 }
 
+TEST_CASE("publish_async while Redis stops answering, and while it is gone: every callback gets an outcome") {
+  RedisServer server;
+  RedisBusOptions o;
+  o.command_timeout = 300ms;
+  o.connect_timeout = 300ms;
+  o.reconnect_min = 10ms;
+  o.reconnect_max = 100ms;
+  auto bus = node(server, o);
+  Collector<std::string> outcomes;
+  auto report = [&outcomes](result<EventPtr> r) {
+    outcomes.push(r ? "ok" : std::string(r.error().is(errc::bus_unavailable) ? "unavailable" : "other"));
+  };
+  bus->publish_async("booking/p", std::make_shared<const boost::json::value>(num(1)), report);
+  REQUIRE(outcomes.wait_for(1) == std::vector<std::string>{"ok"});
+
+  // Stopped: nothing answers, and nobody waits in publish_async; the stall watch gives up on the
+  // connection within about two command_timeouts and the pending callbacks fail.
+  server.pause();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 10; ++i)
+    bus->publish_async("booking/p", std::make_shared<const boost::json::value>(num(2 + i)), report);
+  auto got = outcomes.wait_for(11, 5s);
+  server.resume();
+  REQUIRE(got.size() == 11);
+  for (std::size_t i = 1; i < got.size(); ++i) CHECK(got[i] == "unavailable");
+  CHECK(std::chrono::steady_clock::now() - start < 3s);
+
+  // Gone: refused at once.
+  server.kill();
+  REQUIRE(eventually([&] { return !bus->wait_connected(0ms); }));
+  bus->publish_async("booking/p", std::make_shared<const boost::json::value>(num(99)), report);
+  got = outcomes.wait_for(12, 5s);
+  REQUIRE(got.size() == 12);
+  CHECK(got.back() == "unavailable");
+  CHECK(bus->stats().publish_failures >= 11);
+}
+
 TEST_CASE("a Redis that stops answering: publish fails with bus_unavailable in time, then recovers") {
   RedisServer server;
   RedisBusOptions o;

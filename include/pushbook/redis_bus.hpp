@@ -110,6 +110,11 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
   using EventBus::publish;
   /// Errors: those of EventBus::publish, and errc::bus_unavailable while Redis is unreachable.
   result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) override;
+  /// Pipelined: the script is queued on the command connection and `done` runs on the bus's I/O
+  /// thread with the reply (bus_unavailable when Redis is unreachable or does not answer within
+  /// command_timeout). `done` must not block nor call the bus's blocking functions.
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     PublishCallback done) override;
   /// Errors: those of EventBus::subscribe, and errc::bus_unavailable while Redis is unreachable.
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
