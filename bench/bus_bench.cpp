@@ -1,9 +1,11 @@
 // pushbook-bus-bench: the event bus, LocalBus and RedisBus side by side in the same run (issue #12).
 //
 //   throughput  publish() calls per second from one process for a fixed time, no subscriber, with
-//               each number of publisher threads of --threads (default 1,16,64; RedisBus:
+//               each number of publisher threads of --threads (default 0,1,16,64; RedisBus:
 //               concurrent publishes share the command connection's pipeline; a single thread
 //               waits for each reply, so it is one round trip per publish by construction).
+//               0 threads means one thread calling publish_async() (at most 4,096 outstanding):
+//               pipelined from one thread, as the engine publishes.
 //   latency     publish -> subscriber callback with publishes paced at --rate per second for
 //               --seconds, measured from each event's *scheduled* send time (a late publish counts
 //               its lateness: no coordinated omission). LocalBus: the subscriber in this process
@@ -56,7 +58,7 @@ struct Options {
   std::string only;          // throughput or latency; empty: both
   std::string bus = "both";  // local, redis or both
   int runs = 5;
-  std::vector<int> threads = {1, 16, 64};  // publisher thread counts of the throughput runs
+  std::vector<int> threads = {0, 1, 16, 64};  // publisher threads (0: one, with publish_async)
   double throughput_seconds = 2;
   int rate = 2'000;
   int seconds = 5;
@@ -128,8 +130,43 @@ struct ThroughputResult {
   std::uint64_t failures = 0;
 };
 
-// `threads` threads publish for `seconds`, each to 64 topics of its own in turn.
+// One thread publish_async()s for `seconds` to 64 topics in turn, with at most 4,096 publishes
+// outstanding; counted when their callbacks have come.
+ThroughputResult bench_throughput_async(EventBus& bus, double seconds, int run) {
+  const auto data = booking_like(0);
+  std::vector<std::string> topics;
+  for (int i = 0; i < 64; ++i) topics.push_back(fmt::format("bench/tpa{}/{}", run, i));
+  struct counts {
+    std::mutex m;
+    std::condition_variable cv;
+    std::uint64_t outstanding = 0, ok = 0, failed = 0;
+  };
+  auto c = std::make_shared<counts>();
+  const auto t0 = steady::now();
+  const auto end = t0 + std::chrono::duration<double>(seconds);
+  for (std::size_t i = 0; steady::now() < end; ++i) {
+    {
+      std::unique_lock lock(c->m);
+      c->cv.wait(lock, [&] { return c->outstanding < 4096; });
+      ++c->outstanding;
+    }
+    bus.publish_async(topics[i % topics.size()], data, [c](result<EventPtr> r) {
+      std::lock_guard lock(c->m);
+      --c->outstanding;
+      ++(r ? c->ok : c->failed);
+      c->cv.notify_all();
+    });
+  }
+  std::unique_lock lock(c->m);
+  c->cv.wait(lock, [&] { return c->outstanding == 0; });
+  const double elapsed = std::chrono::duration<double>(steady::now() - t0).count();
+  return {static_cast<double>(c->ok) / elapsed, c->failed};
+}
+
+// `threads` threads publish for `seconds`, each to 64 topics of its own in turn (0: one thread
+// with publish_async).
 ThroughputResult bench_throughput(EventBus& bus, int threads, double seconds, int run) {
+  if (threads == 0) return bench_throughput_async(bus, seconds, run);
   const auto data = booking_like(0);
   std::vector<std::vector<std::string>> topics(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t)
@@ -511,12 +548,13 @@ int main(int argc, char** argv) {
         std::string runs;
         for (const auto& r : throughput[{b, t}])
           runs += fmt::format("{}{:.0f}", runs.empty() ? "" : ", ", r.per_second);
-        fmt::print("  {:<7} {:>8} {:>14.0f} {:>10}  {}\n", b, t, throughput_median(b, t),
-                   failures_of(throughput[{b, t}]), runs);
+        fmt::print("  {:<7} {:>8} {:>14.0f} {:>10}  {}\n", b, t == 0 ? "1 async" : std::to_string(t),
+                   throughput_median(b, t), failures_of(throughput[{b, t}]), runs);
       }
     if (buses.size() == 2)
       for (int t : thread_counts)
-        fmt::print("  redis/local, {} threads: {:.3f}\n", t,
+        fmt::print("  redis/local, {}: {:.3f}\n",
+                   t == 0 ? "1 thread, publish_async" : std::to_string(t) + " threads",
                    throughput_median("redis", t) / throughput_median("local", t));
   }
   if (!latency.empty()) {
