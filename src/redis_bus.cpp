@@ -122,18 +122,32 @@ std::string sha1_hex(std::string_view text) {
 }
 
 // KEYS: epoch, seq, history stream, last. ARGV: data, history_limit, history_max_age_ms,
-// topic_idle_ttl_ms, channel, candidate epoch. Returns {epoch, seq, time in microseconds}.
+// topic_idle_ttl_ms, channel, candidate epoch, seq the publisher gives ('' for the next one).
+// Returns {epoch, seq, time in microseconds}, or {epoch, current seq, ''} when the given seq is
+// not above the topic's current one (a duplicate: nothing is written or published).
 // A topic whose epoch key is gone (never published, expired, or Redis lost its data) starts a
 // new numbering in a new epoch: whatever remains of the old one is deleted first.
+// The given seq is compared and set here, in the same atomic script as the PUBLISH: two nodes
+// relaying the same numbered event cannot both deliver it, and it costs no extra round trip.
+// (Lua numbers are doubles: seq is at most 2^53, which publish() checks.)
 constexpr std::string_view publish_script = R"lua(
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+elseif ARGV[7] ~= '' then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current >= tonumber(ARGV[7]) then return {tonumber(epoch), current, ''} end
 end
 redis.call('SET', KEYS[1], epoch, 'PX', ARGV[4])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local seq
+if ARGV[7] ~= '' then
+  seq = ARGV[7]  -- kept as text: Lua would print a large number as 1e+15 in the entries below
+  redis.call('SET', KEYS[2], seq, 'PX', ARGV[4])
+else
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 local t = redis.call('TIME')
 local us = t[1] .. string.format('%06d', tonumber(t[2]))
 local entry = seq .. ':' .. us .. ':' .. ARGV[1]
@@ -141,7 +155,7 @@ redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], seq .. '-0', 't', us, 'd', ARGV[1
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], entry, 'PX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], epoch .. ':' .. entry)
-return {tonumber(epoch), seq, us}
+return {tonumber(epoch), tonumber(seq), us}
 )lua";
 
 // KEYS: epoch, seq, history stream, last. ARGV: since_seq, history_max_age_us, create ('1' to
@@ -1139,17 +1153,22 @@ bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
 }
 
 result<EventPtr> RedisBus::publish(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data) {
+                                   std::shared_ptr<const boost::json::value> data,
+                                   const PublishOptions& options) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
+  if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))
+    return Error(errc::bad_request, "publish seq must be 1.." + std::to_string(max_publish_seq) + ", not " +
+                                        std::to_string(*options.seq));
   if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
   auto& b = *impl_;
-  auto r = b.call({"EVALSHA", b.publish_sha, "4", b.key(topic_name, "epoch"), b.key(topic_name, "seq"),
-                   b.key(topic_name, "h"), b.key(topic_name, "last"), boost::json::serialize(*data),
-                   std::to_string(b.options.history_limit), std::to_string(b.options.history_max_age.count()),
-                   std::to_string(b.options.topic_idle_ttl.count()),
-                   b.channel_prefix() + std::string(topic_name), b.candidate_epoch()});
+  auto r =
+      b.call({"EVALSHA", b.publish_sha, "4", b.key(topic_name, "epoch"), b.key(topic_name, "seq"),
+              b.key(topic_name, "h"), b.key(topic_name, "last"), boost::json::serialize(*data),
+              std::to_string(b.options.history_limit), std::to_string(b.options.history_max_age.count()),
+              std::to_string(b.options.topic_idle_ttl.count()), b.channel_prefix() + std::string(topic_name),
+              b.candidate_epoch(), options.seq ? std::to_string(*options.seq) : std::string()});
   if (!r) {
     if (r.error().is(errc::bus_unavailable)) b.publish_failures.fetch_add(1, std::memory_order_relaxed);
     return r.error();
@@ -1158,6 +1177,12 @@ result<EventPtr> RedisBus::publish(std::string_view topic_name,
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
       rep->element[1]->type != REDIS_REPLY_INTEGER)
     return Error(errc::internal, "unexpected reply of the publish script");
+  if (reply_text(rep->element[2]).empty())
+    return Error(errc::already_exists,
+                 "topic '" + std::string(topic_name) + "' already has seq " +
+                     std::to_string(rep->element[1]->integer) + " (epoch " +
+                     format_epoch(static_cast<std::uint32_t>(rep->element[0]->integer)) + "); seq " +
+                     std::to_string(options.seq.value_or(0)) + " is not delivered again");
   const auto us = to_u64(reply_text(rep->element[2]));
   const auto time = std::chrono::system_clock::time_point(
       std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::microseconds(us)));
