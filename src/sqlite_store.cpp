@@ -24,7 +24,7 @@ namespace {
 // other applications' SQLite files.
 constexpr std::int32_t pushbook_application_id = 0x50736842;
 // PRAGMA user_version this build writes and reads; migrate() upgrades older files to it.
-constexpr int current_schema_version = 1;
+constexpr int current_schema_version = 2;
 
 struct statement_deleter {
   void operator()(sqlite3_stmt* s) const noexcept { sqlite3_finalize(s); }
@@ -149,6 +149,7 @@ struct booking_row {
   std::int64_t created_at_ms = 0;
   std::string lines;
   std::string json;
+  std::uint64_t version = 0;
 };
 
 struct resource_row {
@@ -159,6 +160,13 @@ struct resource_row {
 struct pending {
   std::variant<booking_row, resource_row> row;
   CommitCallback done;
+};
+
+// A booking version whose events reached the bus (BookingStore::published): its outbox row goes
+// in the next transaction.
+struct published_mark {
+  std::string id;
+  std::uint64_t version;
 };
 
 // Waits for one queued change: how commit() and put_resource() wait for the writer thread.
@@ -204,6 +212,25 @@ CREATE TABLE resources (
 
 // First-stored order is the rowid: an upsert keeps the row (and its rowid) of the first
 // version. The fingerprint comes with a booking's first version and is kept from then on.
+// Schema version 2: the outbox. One row per booking whose latest stored version is not known to
+// be published: written in the same transaction as the version (an upsert: a newer version
+// replaces an older one, whose state the store no longer has anyway), deleted once the engine
+// says the version's events reached the bus. WITHOUT ROWID: it is looked up and deleted by id
+// only, and stays small (rows live from a commit to the next transaction).
+constexpr const char* schema_v2_outbox = R"sql(
+CREATE TABLE outbox (
+  booking_id TEXT PRIMARY KEY NOT NULL,
+  version    INTEGER NOT NULL
+) WITHOUT ROWID;
+)sql";
+
+constexpr const char* upsert_outbox_sql =
+    "INSERT INTO outbox (booking_id, version) VALUES (?1, ?2) "
+    "ON CONFLICT (booking_id) DO UPDATE SET version = excluded.version";
+
+// `version <=`: a mark for version N must not remove the row of a version N+1 stored meanwhile.
+constexpr const char* delete_outbox_sql = "DELETE FROM outbox WHERE booking_id = ?1 AND version <= ?2";
+
 constexpr const char* upsert_booking_sql = R"sql(
 INSERT INTO bookings (id, user, status, idem_key, fingerprint, created_at, lines, booking)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -237,18 +264,21 @@ struct SqliteStore::impl {
   // One read-only connection with its own statements; used by one thread at a time.
   struct reader {
     database db;
-    statement begin, end, load, resources, scan;
+    statement begin, end, load, resources, scan, unpublished;
   };
 
   std::string path;
   SqliteOptions options;
 
   database writer_db;
-  statement begin, commit, rollback, upsert_booking, upsert_resource;
+  statement begin, commit, rollback, upsert_booking, upsert_resource, upsert_outbox, delete_outbox;
 
   mutable std::mutex queue_mutex;
   std::condition_variable queue_cv;
   std::deque<pending> queue;
+  // Marks of published versions, taken into the next transaction. Bounded without a limit of its
+  // own: one mark per stored version, and every transaction takes them all.
+  std::vector<published_mark> published_marks;
   bool stopping = false;  // the store is being destroyed: finish the queue and stop
   bool closed = false;    // the writer thread has stopped: nothing queued is ever taken
   std::thread writer;
@@ -372,6 +402,9 @@ struct SqliteStore::impl {
   result<void> migrate_step(sqlite3* db, int from) const {
     switch (from) {
       case 0: return exec(db, schema_v1, "creating the schema");
+      // Bookings stored by a version-1 store have no outbox rows: they count as published (that
+      // engine published right after each commit, and nothing recorded whether it got there).
+      case 1: return exec(db, schema_v2_outbox, "adding the outbox (schema version 2)");
       default: break;
     }
     return Error(errc::store_failed, where() + ": no migration from schema version " + std::to_string(from));
@@ -427,7 +460,8 @@ struct SqliteStore::impl {
     for (auto [target, sql] :
          {std::pair{&begin, "BEGIN IMMEDIATE"}, std::pair{&commit, "COMMIT"},
           std::pair{&rollback, "ROLLBACK"}, std::pair{&upsert_booking, upsert_booking_sql},
-          std::pair{&upsert_resource, upsert_resource_sql}}) {
+          std::pair{&upsert_resource, upsert_resource_sql}, std::pair{&upsert_outbox, upsert_outbox_sql},
+          std::pair{&delete_outbox, delete_outbox_sql}}) {
       auto s = prepare(db->get(), sql);
       if (!s) return s.error();
       *target = std::move(*s);
@@ -458,6 +492,10 @@ struct SqliteStore::impl {
              std::pair{&r->scan,
                        "SELECT status, lines, id, booking, idem_key, fingerprint, user, created_at "
                        "FROM bookings ORDER BY rowid"},
+             std::pair{
+                 &r->unpublished,
+                 "SELECT b.id, b.booking, b.idem_key FROM outbox o JOIN bookings b ON b.id = o.booking_id "
+                 "ORDER BY b.rowid"},
          }) {
       auto s = prepare(db->get(), sql);
       if (!s) return s.error();
@@ -606,6 +644,15 @@ struct SqliteStore::impl {
       }
       if (rc != SQLITE_DONE) return failure(db, rc, "recovering bookings");
     }
+    {
+      statement_use use(r.unpublished.get());
+      while ((rc = sqlite3_step(use.get())) == SQLITE_ROW) {
+        auto b = booking_of(column_text(use.get(), 0), column_text(use.get(), 1), column_text(use.get(), 2));
+        if (!b) return b.error();
+        builder.state.unpublished.push_back(std::move(*b));
+      }
+      if (rc != SQLITE_DONE) return failure(db, rc, "recovering the outbox");
+    }
     return builder.finish();
   }
 
@@ -637,6 +684,25 @@ struct SqliteStore::impl {
     if (rc == SQLITE_OK) rc = bind_text(s, 8, row.json);
     if (rc == SQLITE_OK) rc = sqlite3_step(s);
     if (rc != SQLITE_DONE) return failure(writer_db.get(), rc, "storing booking '" + row.id + "'");
+    // The version is not published yet: one row in the outbox, in the same transaction.
+    sqlite3_stmt* o = upsert_outbox.get();
+    statement_use outbox_use(o);
+    rc = bind_text(o, 1, row.id);
+    if (rc == SQLITE_OK) rc = sqlite3_bind_int64(o, 2, static_cast<std::int64_t>(row.version));
+    if (rc == SQLITE_OK) rc = sqlite3_step(o);
+    if (rc != SQLITE_DONE)
+      return failure(writer_db.get(), rc, "adding booking '" + row.id + "' to the outbox");
+    return {};
+  }
+
+  result<void> write_mark(const published_mark& mark) {
+    sqlite3_stmt* s = delete_outbox.get();
+    statement_use use(s);
+    int rc = bind_text(s, 1, mark.id);
+    if (rc == SQLITE_OK) rc = sqlite3_bind_int64(s, 2, static_cast<std::int64_t>(mark.version));
+    if (rc == SQLITE_OK) rc = sqlite3_step(s);
+    if (rc != SQLITE_DONE)
+      return failure(writer_db.get(), rc, "removing booking '" + mark.id + "' from the outbox");
     return {};
   }
 
@@ -657,13 +723,17 @@ struct SqliteStore::impl {
     return {};
   }
 
-  // One transaction for the whole group: all of it is stored, or none.
-  result<void> write_group(const std::vector<pending>& group) noexcept {
+  // One transaction for the whole group: all of it is stored, or none. The published marks ride
+  // along (no transaction of their own); when the transaction fails they are forgotten, which
+  // at worst has a version relayed again after a restart (the bus drops it as a duplicate).
+  result<void> write_group(const std::vector<pending>& group,
+                           const std::vector<published_mark>& marks) noexcept {
     result<void> outcome;
     try {
       outcome = step_once(begin.get(), "starting a transaction");
       for (std::size_t i = 0; i < group.size() && outcome; ++i)
         outcome = std::visit([&](const auto& row) { return write_row(row); }, group[i].row);
+      for (std::size_t i = 0; i < marks.size() && outcome; ++i) outcome = write_mark(marks[i]);
       if (outcome) outcome = step_once(commit.get(), "committing");
     } catch (const std::exception& e) {
       outcome = Error(errc::store_failed, where() + ": " + e.what());
@@ -683,13 +753,22 @@ struct SqliteStore::impl {
 
   void writer_loop() {
     std::vector<pending> group;
+    std::vector<published_mark> marks;
     for (;;) {
       try {
         {
           std::unique_lock lock(queue_mutex);
           queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
+          marks.swap(published_marks);
           if (queue.empty()) {
             closed = true;
+            // Closing: the marks still waiting for a transaction get one (a restart would relay
+            // those versions again otherwise, for the bus to drop).
+            if (!marks.empty()) {
+              lock.unlock();
+              (void)write_group({}, marks);
+              transactions.fetch_add(1, std::memory_order_relaxed);
+            }
             break;
           }
           // One at a time: should push_back fail to allocate, the change stays queued intact.
@@ -698,7 +777,7 @@ struct SqliteStore::impl {
             queue.pop_front();
           }
         }
-        auto outcome = write_group(group);
+        auto outcome = write_group(group, marks);
         transactions.fetch_add(1, std::memory_order_relaxed);
         hand_over(std::move(group), std::move(outcome));
       } catch (const std::exception& e) {
@@ -706,6 +785,7 @@ struct SqliteStore::impl {
         hand_over(std::move(group), Error(errc::store_failed, where() + ": " + e.what()));
       }
       group = {};
+      marks.clear();
     }
     {
       std::lock_guard lock(done_mutex);
@@ -809,7 +889,8 @@ void SqliteStore::commit_async(const StateChange& change, CommitCallback done) {
                         std::string(change.fingerprint),
                         unix_ms(b.created_at),
                         encode_lines(b.lines),
-                        boost::json::serialize(to_json(b))};
+                        boost::json::serialize(to_json(b)),
+                        b.version};
   } catch (const std::exception& e) {
     if (done) done(Error(errc::store_failed, impl_->where() + ": cannot serialise booking: " + e.what()));
     return;
@@ -849,6 +930,15 @@ result<RecoveredState> SqliteStore::recover(wall_clock::time_point keys_since) {
     return impl_->recover(keys_since);
   } catch (const std::exception& e) {
     return Error(errc::store_failed, impl_->where() + ": " + e.what());
+  }
+}
+
+void SqliteStore::published(std::string_view booking_id, std::uint64_t version) {
+  try {
+    std::lock_guard lock(impl_->queue_mutex);
+    if (!impl_->closed) impl_->published_marks.push_back({std::string(booking_id), version});
+  } catch (...) {
+    // Out of memory: the mark is lost, and the version at worst relayed again after a restart.
   }
 }
 
