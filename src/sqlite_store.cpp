@@ -276,9 +276,6 @@ struct SqliteStore::impl {
   mutable std::mutex queue_mutex;
   std::condition_variable queue_cv;
   std::deque<pending> queue;
-  // Marks of published versions, taken into the next transaction. Bounded without a limit of its
-  // own: one mark per stored version, and every transaction takes them all.
-  std::vector<published_mark> published_marks;
   bool stopping = false;  // the store is being destroyed: finish the queue and stop
   bool closed = false;    // the writer thread has stopped: nothing queued is ever taken
   std::thread writer;
@@ -292,6 +289,16 @@ struct SqliteStore::impl {
   std::deque<std::pair<std::vector<pending>, result<void>>> done_queue;
   bool writer_finished = false;  // done_mutex: no group will be handed over any more
   std::thread completer;
+
+  // Marks of published versions (BookingStore::published), taken into the next transaction.
+  // Bounded without a limit of their own: one mark per stored version, and every transaction
+  // takes them all. The engine marks from its commit callbacks, on the completer thread: those
+  // gather in completer_marks without a lock and move over once per group, so that the thread
+  // every completion runs on never waits for the submitters' queue_mutex.
+  std::mutex marks_mutex;
+  std::vector<published_mark> published_marks;  // marks_mutex
+  bool marks_closed = false;                    // marks_mutex: the last marks were written
+  std::vector<published_mark> completer_marks;  // the completer thread only
 
   mutable std::mutex readers_mutex;
   mutable std::condition_variable readers_cv;
@@ -759,16 +766,8 @@ struct SqliteStore::impl {
         {
           std::unique_lock lock(queue_mutex);
           queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
-          marks.swap(published_marks);
           if (queue.empty()) {
-            closed = true;
-            // Closing: the marks still waiting for a transaction get one (a restart would relay
-            // those versions again otherwise, for the bus to drop).
-            if (!marks.empty()) {
-              lock.unlock();
-              (void)write_group({}, marks);
-              transactions.fetch_add(1, std::memory_order_relaxed);
-            }
+            closed = true;  // the completer writes the last marks, once the last callbacks ran
             break;
           }
           // One at a time: should push_back fail to allocate, the change stays queued intact.
@@ -776,6 +775,10 @@ struct SqliteStore::impl {
             group.push_back(std::move(queue.front()));
             queue.pop_front();
           }
+        }
+        {
+          std::lock_guard lock(marks_mutex);
+          marks.swap(published_marks);
         }
         auto outcome = write_group(group, marks);
         transactions.fetch_add(1, std::memory_order_relaxed);
@@ -822,8 +825,34 @@ struct SqliteStore::impl {
         done_queue.pop_front();
       }
       finish(next.first, next.second);
+      hand_over_marks();
     }
     current_writer = nullptr;
+    // The writer has stopped and the last callbacks ran: the marks still waiting get a
+    // transaction of their own (a restart would relay those versions again otherwise, for the
+    // bus to drop), on this thread, the only one left using the writer's connection.
+    std::vector<published_mark> last;
+    {
+      std::lock_guard lock(marks_mutex);
+      marks_closed = true;
+      last.swap(published_marks);
+    }
+    if (!last.empty()) {
+      (void)write_group({}, last);
+      transactions.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  void hand_over_marks() noexcept {
+    if (completer_marks.empty()) return;
+    try {
+      std::lock_guard lock(marks_mutex);
+      published_marks.insert(published_marks.end(), std::make_move_iterator(completer_marks.begin()),
+                             std::make_move_iterator(completer_marks.end()));
+    } catch (...) {
+      // Out of memory: these marks are lost; their versions are at worst relayed again.
+    }
+    completer_marks.clear();
   }
 
   // Runs the callbacks of a group in commit order, each once, and destroys each after it ran.
@@ -935,8 +964,12 @@ result<RecoveredState> SqliteStore::recover(wall_clock::time_point keys_since) {
 
 void SqliteStore::published(std::string_view booking_id, std::uint64_t version) {
   try {
-    std::lock_guard lock(impl_->queue_mutex);
-    if (!impl_->closed) impl_->published_marks.push_back({std::string(booking_id), version});
+    if (impl_->on_writer_thread()) {
+      impl_->completer_marks.push_back({std::string(booking_id), version});
+      return;
+    }
+    std::lock_guard lock(impl_->marks_mutex);
+    if (!impl_->marks_closed) impl_->published_marks.push_back({std::string(booking_id), version});
   } catch (...) {
     // Out of memory: the mark is lost, and the version at worst relayed again after a restart.
   }
