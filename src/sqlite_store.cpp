@@ -499,10 +499,12 @@ struct SqliteStore::impl {
              std::pair{&r->scan,
                        "SELECT status, lines, id, booking, idem_key, fingerprint, user, created_at "
                        "FROM bookings ORDER BY rowid"},
-             std::pair{
-                 &r->unpublished,
-                 "SELECT b.id, b.booking, b.idem_key FROM outbox o JOIN bookings b ON b.id = o.booking_id "
-                 "ORDER BY b.rowid"},
+             // CROSS JOIN keeps the (small) outbox the outer loop: with a plain JOIN the planner
+             // scans every booking in rowid order for the ORDER BY and looks each up in the
+             // outbox, which made a restart over 1,000,000 bookings take 0.35 s longer.
+             std::pair{&r->unpublished,
+                       "SELECT b.id, b.booking, b.idem_key FROM outbox o CROSS JOIN bookings b "
+                       "ON b.id = o.booking_id ORDER BY b.rowid"},
          }) {
       auto s = prepare(db->get(), sql);
       if (!s) return s.error();
