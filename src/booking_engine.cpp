@@ -24,6 +24,15 @@
 // Resource availability events are published under resources_mutex for the same reason.
 // Callbacks of subscribers that use inline_executor() therefore run under these locks and must
 // not call back into the engine.
+//
+// Published means relayed (docs/architecture.md): "booking/<id>" events carry seq = version, so
+// the bus drops a version published twice. An event the bus refuses goes to the backlog, and
+// from then on every new event goes behind it (never around it: a later version published first
+// would make the bus drop the earlier one as a duplicate); the timer thread publishes the backlog
+// again with a backoff. A change's events go user/ first, booking/ last: once booking/<id> took a
+// version, its user/ event went out before it, which is what a relay relies on (below).
+// backlog_mutex is taken under resources_mutex (resource events) and under nothing else; the bus
+// and the store are never called with it held.
 #include <pushbook/booking_engine.hpp>
 
 #include "detail/adaptive_spin.hpp"
@@ -139,7 +148,31 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::atomic<std::uint64_t> in_flight{0};
 
   std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
-      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0};
+      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0},
+      publish_failures{0}, publish_retries{0}, publish_dropped{0}, relayed{0};
+
+  // What is still to be published of one change (or one resource state). A relayed version
+  // carries its user/ event in `then`: published only when booking/<id> took the version (a
+  // duplicate means the version, user/ event included, went out before the crash).
+  struct pending_event {
+    OutboxEvent event;
+    std::optional<OutboxEvent> then;
+    // Set on a change's last event: the store is told the version is published once it went.
+    std::string booking_id;
+    std::uint64_t version = 0;
+    bool in_progress = false;  // backlog_mutex: being published by the drain, not to be changed
+  };
+  using pending_ptr = std::shared_ptr<pending_event>;
+  std::mutex backlog_mutex;
+  std::deque<pending_ptr> backlog;
+  // The queued (not in progress) event of each resource topic in the backlog: a newer state
+  // replaces its data, since a resource event carries the whole state.
+  std::unordered_map<std::string, pending_ptr, string_hash, std::equal_to<>> backlog_resources;
+  // Events in the backlog plus the one the drain is publishing: publishers look at it without
+  // the mutex, and publish directly only while it is 0.
+  std::atomic<std::size_t> backlog_size{0};
+  bool drain_scheduled = false;  // backlog_mutex
+  unsigned drain_attempt = 0;    // backlog_mutex: failed drains in a row, for the backoff
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
@@ -160,21 +193,172 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // --- publishing ---------------------------------------------------------------------------
 
   void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
-    (void)bus->publish("resource/" + r.id, to_json(r));
+    OutboxEvent ev{"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0};
+    if (backlog_size.load(std::memory_order_acquire) == 0 && attempt(ev) != publish_outcome::failed) return;
+    std::vector<pending_event> items(1);
+    items[0].event = std::move(ev);
+    enqueue(std::move(items), 0);
   }
 
-  // The events announcing `b`: booking/<id> and user/<user>, one JSON value shared by both.
+  // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
+  // value shared by both. In this order: see the top of this file.
   static std::vector<OutboxEvent> events_for(const Booking& b) {
     auto data = std::make_shared<const boost::json::value>(to_json(b));
     std::vector<OutboxEvent> events;
     events.reserve(2);
-    events.push_back({"booking/" + b.id, data});
-    events.push_back({"user/" + b.user, std::move(data)});
+    events.push_back({"user/" + b.user, data, 0});
+    events.push_back({"booking/" + b.id, std::move(data), b.version});
     return events;
   }
 
-  void publish(const std::vector<OutboxEvent>& events) {
-    for (const auto& ev : events) (void)bus->publish(ev.topic, ev.data);
+  // Publishes a stored change's events; the store hears that the version is published once the
+  // last of them went (now, or later from the backlog).
+  // The common case (the bus takes everything) allocates nothing more than the events.
+  void publish(const std::vector<OutboxEvent>& events, const Booking& b) {
+    std::size_t i = 0;
+    if (backlog_size.load(std::memory_order_acquire) == 0)
+      for (; i < events.size(); ++i)
+        if (attempt(events[i]) == publish_outcome::failed) break;
+    if (i == events.size()) {
+      store->published(b.id, b.version);
+      return;
+    }
+    std::vector<pending_event> items(events.size() - i);
+    for (std::size_t k = 0; k < items.size(); ++k) items[k].event = events[i + k];
+    items.back().booking_id = b.id;
+    items.back().version = b.version;
+    enqueue(std::move(items), 0);
+  }
+
+  // Publishes a version found unpublished in the store at start: booking/<id> first, and its
+  // user/ event only when the bus took the version (not a duplicate).
+  void relay(const Booking& b) {
+    auto events = events_for(b);
+    std::vector<pending_event> items(1);
+    items[0].event = std::move(events[1]);
+    items[0].then = std::move(events[0]);
+    items[0].booking_id = b.id;
+    items[0].version = b.version;
+    relayed.fetch_add(1, std::memory_order_relaxed);
+    publish_pending(std::move(items));
+  }
+
+  enum class publish_outcome { accepted, duplicate, refused, failed };
+
+  publish_outcome attempt(const OutboxEvent& ev) {
+    PublishOptions po;
+    if (ev.seq > 0) po.seq = ev.seq;
+    auto r = bus->publish(ev.topic, ev.data, po);
+    if (r) return publish_outcome::accepted;
+    if (r.error().is(errc::already_exists)) return publish_outcome::duplicate;
+    if (r.error().is(errc::bad_request) || r.error().is(errc::invalid_topic)) {
+      publish_dropped.fetch_add(1, std::memory_order_relaxed);  // never better on a retry
+      return publish_outcome::refused;
+    }
+    publish_failures.fetch_add(1, std::memory_order_relaxed);
+    return publish_outcome::failed;
+  }
+
+  // Publishes what is left of `p`; false when the bus refused it for now (`p` then holds what is
+  // still to be published). Never called with a lock of the engine but the caller's own.
+  bool process(pending_event& p) {
+    for (;;) {
+      const auto o = attempt(p.event);
+      if (o == publish_outcome::failed) return false;
+      if (o == publish_outcome::accepted && p.then) {
+        p.event = std::move(*p.then);
+        p.then.reset();
+        continue;
+      }
+      break;
+    }
+    if (!p.booking_id.empty()) store->published(p.booking_id, p.version);
+    return true;
+  }
+
+  // Publishes `items` in order, directly while the backlog is empty; from the first one the bus
+  // refuses, into the backlog (the rest of the change too, behind it).
+  void publish_pending(std::vector<pending_event> items) {
+    std::size_t i = 0;
+    if (backlog_size.load(std::memory_order_acquire) == 0)
+      for (; i < items.size(); ++i)
+        if (!process(items[i])) break;
+    if (i < items.size()) enqueue(std::move(items), i);
+  }
+
+  // Appends items[i..] to the backlog and has the timer thread publish it.
+  void enqueue(std::vector<pending_event> items, std::size_t i) {
+    std::lock_guard lock(backlog_mutex);
+    for (; i < items.size(); ++i) {
+      auto& item = items[i];
+      const bool resource = item.event.topic.starts_with("resource/");
+      if (resource) {
+        if (auto it = backlog_resources.find(item.event.topic); it != backlog_resources.end()) {
+          it->second->event.data = std::move(item.event.data);  // not in progress: it would not be here
+          continue;
+        }
+      }
+      if (backlog.size() >= options.max_publish_backlog) {
+        publish_dropped.fetch_add(1 + (item.then ? 1 : 0), std::memory_order_relaxed);
+        continue;
+      }
+      auto p = std::make_shared<pending_event>(std::move(item));
+      if (resource) backlog_resources.emplace(p->event.topic, p);
+      backlog.push_back(std::move(p));
+      backlog_size.fetch_add(1, std::memory_order_acq_rel);
+    }
+    schedule_drain(std::chrono::milliseconds(0));
+  }
+
+  // Caller holds backlog_mutex.
+  void schedule_drain(std::chrono::milliseconds delay) {
+    if (drain_scheduled || backlog.empty()) return;
+    drain_scheduled = true;
+    std::weak_ptr<engine_core> weak = weak_from_this();
+    timers.schedule(steady::now() + delay, [weak] {
+      if (auto self = weak.lock()) self->drain_backlog();
+    });
+  }
+
+  // On the timer thread: publishes the backlog in order, a batch at a time (other timers, such
+  // as handler timeouts, must not wait long behind a slow bus), until the bus refuses; then again
+  // after a backoff.
+  void drain_backlog() {
+    for (int n = 0;; ++n) {
+      pending_ptr p;
+      {
+        std::lock_guard lock(backlog_mutex);
+        if (backlog.empty()) {
+          drain_scheduled = false;
+          return;
+        }
+        if (n == 256) {
+          drain_scheduled = false;
+          schedule_drain(std::chrono::milliseconds(0));
+          return;
+        }
+        p = backlog.front();
+        p->in_progress = true;
+        if (auto it = backlog_resources.find(p->event.topic);
+            it != backlog_resources.end() && it->second == p)
+          backlog_resources.erase(it);
+      }
+      const bool done = process(*p);
+      std::lock_guard lock(backlog_mutex);
+      if (!done) {
+        p->in_progress = false;
+        if (p->event.topic.starts_with("resource/")) backlog_resources.emplace(p->event.topic, p);
+        const auto backoff = std::chrono::milliseconds(std::min(20 << std::min(drain_attempt, 6u), 1000));
+        ++drain_attempt;
+        drain_scheduled = false;
+        schedule_drain(backoff);
+        return;
+      }
+      drain_attempt = 0;
+      backlog.pop_front();
+      backlog_size.fetch_sub(1, std::memory_order_acq_rel);
+      publish_retries.fetch_add(1, std::memory_order_relaxed);
+    }
   }
 
   // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
@@ -185,7 +369,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     store->commit_async(change, [&](result<void> r) {
       if (r) {
         if (then) then();
-        publish(change.events);
+        publish(change.events, b);
       }
       stored.set_value(std::move(r));
     });
@@ -425,7 +609,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       // The quota comes back before anyone can see the decision: a client that submits again on
       // seeing it is never refused for the booking it just saw decided.
       give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
-      publish(events);
+      publish(events, d);
       switch (d.status) {
         case BookingStatus::held: {
           held.fetch_add(1, std::memory_order_relaxed);
@@ -638,6 +822,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     const auto steady_now = steady::now();
     auto state = store->recover(wall_now - options.idempotency_window);
     if (!state) throw Exception(Error(errc::store_failed, "recovery: " + state.error().message));
+    // Versions stored and maybe never published (the process died in between): published now,
+    // before anything new, each version at most once on booking/<id> (the bus drops what it has).
+    // A bus that refuses them (Redis not there yet) gets them from the backlog later, still
+    // ahead of every new event.
+    for (const auto& b : state->unpublished) relay(b);
     {
       std::unique_lock lock(resources_mutex);
       for (auto& r : state->resources) {
@@ -839,7 +1028,7 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
                           fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
                                       request.idempotency_key, it->second.booking_id)));
       }
-      Ack ack{it->second.booking_id, BookingStatus::processing, true};
+      Ack ack{it->second.booking_id, BookingStatus::processing, true, 1};
       // An ACK means stored: a retry that arrives while the first submit is still storing the
       // booking (or whose store cannot say) gets an error to retry on, never an ACK for a booking
       // that may yet fail to be stored.
@@ -857,6 +1046,7 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
                                                         "stored; retry",
                                                         ack.booking_id, request.idempotency_key)));
       ack.status = (*stored)->status;
+      ack.version = (*stored)->version;
       m.replays.fetch_add(1, std::memory_order_relaxed);
       m.ack_latency.record(steady::now() - t0);
       return done(std::move(ack));
@@ -909,9 +1099,9 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
       return done(std::move(e));
     }
     if (!slot.empty()) m.mark_key_stored(slot, b->id);
-    m.publish(events);
+    m.publish(events, *b);
     m.accepted.fetch_add(1, std::memory_order_relaxed);
-    Ack ack{b->id, BookingStatus::processing, false};
+    Ack ack{b->id, BookingStatus::processing, false, b->version};
     bool wake = false;
     {
       std::unique_lock lock(m.queue_mutex);
@@ -981,6 +1171,11 @@ EngineStats BookingEngine::stats() const {
   s.in_flight = m.in_flight.load();
   s.queue_depth = m.queued.load();
   s.quota_exceeded = m.quota_refused.load();
+  s.publish_failures = m.publish_failures.load();
+  s.publish_retries = m.publish_retries.load();
+  s.publish_backlog = m.backlog_size.load();
+  s.publish_dropped = m.publish_dropped.load();
+  s.relayed = m.relayed.load();
   s.ack_latency = m.ack_latency.summary();
   s.decision_latency = m.decision_latency.summary();
   return s;

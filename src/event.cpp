@@ -78,8 +78,8 @@ std::optional<std::uint32_t> parse_epoch(std::string_view text) noexcept {
 EventBus::~EventBus() = default;
 
 void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
-                             PublishCallback done) {
-  auto r = publish(topic, std::move(data));
+                             const PublishOptions& options, PublishCallback done) {
+  auto r = publish(topic, std::move(data), options);
   if (done) done(std::move(r));
 }
 detail::SubscriptionState::~SubscriptionState() = default;

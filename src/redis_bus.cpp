@@ -122,18 +122,32 @@ std::string sha1_hex(std::string_view text) {
 }
 
 // KEYS: epoch, seq, history stream, last. ARGV: data, history_limit, history_max_age_ms,
-// topic_idle_ttl_ms, channel, candidate epoch. Returns {epoch, seq, time in microseconds}.
+// topic_idle_ttl_ms, channel, candidate epoch, seq the publisher gives ('' for the next one).
+// Returns {epoch, seq, time in microseconds}, or {epoch, current seq, ''} when the given seq is
+// not above the topic's current one (a duplicate: nothing is written or published).
 // A topic whose epoch key is gone (never published, expired, or Redis lost its data) starts a
 // new numbering in a new epoch: whatever remains of the old one is deleted first.
+// The given seq is compared and set here, in the same atomic script as the PUBLISH: two nodes
+// relaying the same numbered event cannot both deliver it, and it costs no extra round trip.
+// (Lua numbers are doubles: seq is at most 2^53, which publish() checks.)
 constexpr std::string_view publish_script = R"lua(
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+elseif ARGV[7] ~= '' then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current >= tonumber(ARGV[7]) then return {tonumber(epoch), current, ''} end
 end
 redis.call('SET', KEYS[1], epoch, 'PX', ARGV[4])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local seq
+if ARGV[7] ~= '' then
+  seq = ARGV[7]  -- kept as text: Lua would print a large number as 1e+15 in the entries below
+  redis.call('SET', KEYS[2], seq, 'PX', ARGV[4])
+else
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 local t = redis.call('TIME')
 local us = t[1] .. string.format('%06d', tonumber(t[2]))
 local entry = seq .. ':' .. us .. ':' .. ARGV[1]
@@ -141,7 +155,7 @@ redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], seq .. '-0', 't', us, 'd', ARGV[1
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], entry, 'PX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], epoch .. ':' .. entry)
-return {tonumber(epoch), seq, us}
+return {tonumber(epoch), tonumber(seq), us}
 )lua";
 
 // KEYS: epoch, seq, history stream, last. ARGV: since_seq, history_max_age_us, create ('1' to
@@ -545,9 +559,11 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   bool on_io_thread() const { return std::this_thread::get_id() == io_thread_id; }
 
   // The publish script's command for `data` on `topic_name`, and the event its reply means.
-  std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data);
+  std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data,
+                                           const PublishOptions& publish_options);
   result<EventPtr> published_event(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data, result<reply_ptr> r);
+                                   std::shared_ptr<const boost::json::value> data,
+                                   std::optional<std::uint64_t> asked_seq, result<reply_ptr> r);
 
   // On the I/O thread: while commands nobody waits for (publish_async) are pending, a timer
   // checks every command_timeout that Redis still answers; one that does not is treated as gone
@@ -1167,17 +1183,21 @@ bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
 
 namespace {
 Error check_publish(std::string_view topic_name, const std::shared_ptr<const boost::json::value>& data,
-                    bool closed) {
+                    const PublishOptions& options, bool closed) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
+  if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))
+    return Error(errc::bad_request, "publish seq must be 1.." + std::to_string(max_publish_seq) + ", not " +
+                                        std::to_string(*options.seq));
   if (closed) return Error(errc::shutting_down, "bus is closed");
   return {};
 }
 }  // namespace
 
 std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_name,
-                                                         const boost::json::value& data) {
+                                                         const boost::json::value& data,
+                                                         const PublishOptions& publish_options) {
   return {"EVALSHA",
           publish_sha,
           "4",
@@ -1190,11 +1210,13 @@ std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_
           std::to_string(options.history_max_age.count()),
           std::to_string(options.topic_idle_ttl.count()),
           channel_prefix() + std::string(topic_name),
-          candidate_epoch()};
+          candidate_epoch(),
+          publish_options.seq ? std::to_string(*publish_options.seq) : std::string()};
 }
 
 result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
                                                  std::shared_ptr<const boost::json::value> data,
+                                                 std::optional<std::uint64_t> asked_seq,
                                                  result<reply_ptr> r) {
   if (r && (*r)->type == REDIS_REPLY_ERROR)
     r = Error(errc::internal, "Redis: " + std::string(reply_text(r->get())));
@@ -1206,6 +1228,12 @@ result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
       rep->element[1]->type != REDIS_REPLY_INTEGER)
     return Error(errc::internal, "unexpected reply of the publish script");
+  if (reply_text(rep->element[2]).empty())
+    return Error(errc::already_exists,
+                 "topic '" + std::string(topic_name) + "' already has seq " +
+                     std::to_string(rep->element[1]->integer) + " (epoch " +
+                     format_epoch(static_cast<std::uint32_t>(rep->element[0]->integer)) + "); seq " +
+                     std::to_string(asked_seq.value_or(0)) + " is not delivered again");
   const auto us = to_u64(reply_text(rep->element[2]));
   const auto time = std::chrono::system_clock::time_point(
       std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::microseconds(us)));
@@ -1216,48 +1244,52 @@ result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
 }
 
 result<EventPtr> RedisBus::publish(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data) {
-  if (auto e = check_publish(topic_name, data, impl_->closed.load(std::memory_order_relaxed)); e.code)
+                                   std::shared_ptr<const boost::json::value> data,
+                                   const PublishOptions& options) {
+  if (auto e = check_publish(topic_name, data, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code)
     return e;
   auto& b = *impl_;
-  return b.published_event(topic_name, data, b.call(b.publish_command(topic_name, *data)));
+  return b.published_event(topic_name, data, options.seq,
+                           b.call(b.publish_command(topic_name, *data, options)));
 }
 
 void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const boost::json::value> data,
-                             PublishCallback done) {
-  if (auto e = check_publish(topic_name, data, impl_->closed.load(std::memory_order_relaxed)); e.code) {
+                             const PublishOptions& options, PublishCallback done) {
+  if (auto e = check_publish(topic_name, data, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code) {
     if (done) done(std::move(e));
     return;
   }
   auto& b = *impl_;
-  auto args = b.publish_command(topic_name, *data);
+  auto args = b.publish_command(topic_name, *data, options);
   // Posted, not sent here: the I/O thread owns the connection. Posts from one thread run in
   // order, so the commands go out, and Redis runs them, in the order of the calls.
   // The handlers hold the bus weakly: they live in its io_context and its connection.
-  asio::post(b.io,
-             [weak = std::weak_ptr<impl>(impl_), args = std::move(args), topic = std::string(topic_name),
-              data = std::move(data), done = std::move(done)]() mutable {
-               auto self = weak.lock();
-               if (!self) {
-                 if (done) done(Error(errc::shutting_down, "bus is closed"));
-                 return;
-               }
-               self->eval_or_send(std::move(args), [weak, topic = std::move(topic), data = std::move(data),
-                                                    done = std::move(done)](result<reply_ptr> r) mutable {
-                 auto owner = weak.lock();
-                 auto ev = owner ? owner->published_event(topic, std::move(data), std::move(r))
-                                 : result<EventPtr>(Error(errc::shutting_down, "bus is closed"));
-                 if (!done) return;
-                 try {
-                   done(std::move(ev));
-                 }
-                 PUSHBOOK_RETHROW_FORCED_UNWIND
-                 catch (...) {
-                   // The caller's callback must not take the I/O thread down.
-                 }
-               });
-               self->watch_stalls();
-             });
+  asio::post(
+      b.io, [weak = std::weak_ptr<impl>(impl_), args = std::move(args), topic = std::string(topic_name),
+             data = std::move(data), seq = options.seq, done = std::move(done)]() mutable {
+        auto self = weak.lock();
+        if (!self) {
+          if (done) done(Error(errc::shutting_down, "bus is closed"));
+          return;
+        }
+        self->eval_or_send(std::move(args), [weak, topic = std::move(topic), data = std::move(data), seq,
+                                             done = std::move(done)](result<reply_ptr> r) mutable {
+          auto owner = weak.lock();
+          auto ev = owner ? owner->published_event(topic, std::move(data), seq, std::move(r))
+                          : result<EventPtr>(Error(errc::shutting_down, "bus is closed"));
+          if (!done) return;
+          try {
+            done(std::move(ev));
+          }
+          PUSHBOOK_RETHROW_FORCED_UNWIND
+          catch (...) {
+            // The caller's callback must not take the I/O thread down.
+          }
+        });
+        self->watch_stalls();
+      });
 }
 
 result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallback callback,

@@ -443,8 +443,12 @@ class RecordingStore final : public BookingStore {
     std::lock_guard lock(mutex_);
     versions_[change.booking.id] = change.booking.version;
     REQUIRE(change.events.size() == 2);
-    CHECK(change.events[0].topic == "booking/" + change.booking.id);
-    CHECK(change.events[1].topic == "user/" + change.booking.user);
+    // user/ first, then booking/ numbered by the version (see docs/architecture.md, "Published
+    // means relayed").
+    CHECK(change.events[0].topic == "user/" + change.booking.user);
+    CHECK(change.events[0].seq == 0);
+    CHECK(change.events[1].topic == "booking/" + change.booking.id);
+    CHECK(change.events[1].seq == change.booking.version);
     return inner_.commit(change);
   }
   result<std::optional<Booking>> load(std::string_view id) const override { return inner_.load(id); }

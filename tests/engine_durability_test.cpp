@@ -3,8 +3,10 @@
 // from what a crashed process left in the store. The crash itself (kill -9 of pushbook-server
 // over SQLite) is tests/python/test_crash.py.
 #include <pushbook/booking_engine.hpp>
+#include <pushbook/redis_bus.hpp>
 #include <pushbook/sqlite_store.hpp>
 
+#include "redis_server.hpp"
 #include "requests.hpp"
 #include "temp_dir.hpp"
 #include "test_store.hpp"
@@ -469,4 +471,293 @@ TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers"
   CHECK(second.submit(one("u", "r", 2, "k")).value().booking_id == confirmed);
   CHECK(second.release(held).value().status == BookingStatus::released);
   CHECK(second.resource("r").value().available() == 1);
+}
+
+// --- Published means relayed ------------------------------------------------------------------
+
+namespace {
+
+// A bus that refuses publishes on demand (errc::bus_unavailable, as RedisBus while Redis is
+// away) and otherwise hands them to `inner`; records what it accepted.
+class FlakyBus final : public EventBus {
+ public:
+  explicit FlakyBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+  std::atomic<bool> refuse{false};
+  std::atomic<int> refused{0};
+
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    if (refuse.load()) {
+      refused.fetch_add(1);
+      return Error(errc::bus_unavailable, "the bus is away (test)");
+    }
+    auto r = inner_->publish(topic, std::move(data), options);
+    if (options.seq && (r || r.error().is(errc::already_exists))) {
+      std::lock_guard lock(mutex_);
+      auto& top = taken_[std::string(topic)];
+      top = std::max(top, *options.seq);
+    }
+    return r;
+  }
+  /// The highest seq the inner bus took (or already had) on `topic`.
+  std::uint64_t taken(const std::string& topic) {
+    std::lock_guard lock(mutex_);
+    return taken_[topic];
+  }
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options = {}) override {
+    return inner_->subscribe(pattern, std::move(callback), std::move(options));
+  }
+  EventPtr last(std::string_view topic) const override { return inner_->last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
+    return inner_->history(topic, since_seq);
+  }
+
+ private:
+  EventBusPtr inner_;
+  std::mutex mutex_;
+  std::map<std::string, std::uint64_t> taken_;
+};
+
+// A SqliteStore that never hears published(): what a process that died before its marks were
+// written leaves behind (every version still in the outbox).
+class ForgetfulStore final : public BookingStore {
+ public:
+  explicit ForgetfulStore(std::shared_ptr<SqliteStore> inner) : inner_(std::move(inner)) {}
+  result<void> commit(const StateChange& change) override { return inner_->commit(change); }
+  void commit_async(const StateChange& change, CommitCallback done) override {
+    inner_->commit_async(change, std::move(done));
+  }
+  result<std::optional<Booking>> load(std::string_view id) const override { return inner_->load(id); }
+  result<void> put_resource(std::string_view id, std::uint32_t capacity) override {
+    return inner_->put_resource(id, capacity);
+  }
+  result<RecoveredState> recover(wall_clock::time_point since) override { return inner_->recover(since); }
+
+ private:
+  std::shared_ptr<SqliteStore> inner_;
+};
+
+// Every event delivered on booking/* and user/*: (topic, seq, status).
+struct Delivered {
+  std::string topic;
+  std::uint64_t seq;
+  std::string status;
+  friend bool operator==(const Delivered&, const Delivered&) = default;
+};
+
+struct Recorder {
+  test::Collector<Delivered> events;
+  std::vector<Subscription> subs;
+  explicit Recorder(EventBus& bus) {
+    for (const char* pattern : {"booking/*", "user/*"})
+      subs.push_back(bus.subscribe(pattern,
+                                   [this](const Delivery& d) {
+                                     if (!d.event) return;
+                                     events.push({d.event->topic(), d.event->seq(),
+                                                  std::string(d.event->data().at("status").as_string())});
+                                   })
+                         .value());
+  }
+  std::vector<Delivered> on(const std::string& topic) {
+    std::vector<Delivered> out;
+    for (auto& e : events.items())
+      if (e.topic == topic) out.push_back(e);
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a crash between commit and publish: the next start relays each stored version once") {
+  const test::TempDir temp("pushbook-relay");
+  const std::string path = temp.file("bookings.db");
+  std::vector<std::string> ids;
+  {
+    // Every publish refused: the engine is destroyed with its backlog unpublished, as a process
+    // that died between its commits and its publishes.
+    auto bus = std::make_shared<FlakyBus>(std::make_shared<LocalBus>());
+    bus->refuse = true;
+    EngineOptions o;
+    o.store = SqliteStore::open(path).value();
+    BookingEngine engine(bus, o);
+    REQUIRE(engine.add_resource("r", 10));
+    for (int i = 0; i < 5; ++i)
+      ids.push_back(engine.submit(one("u" + std::to_string(i % 2), "r")).value().booking_id);
+    for (const auto& id : ids) REQUIRE(reaches(engine, id, BookingStatus::confirmed));
+    CHECK(engine.stats().publish_failures > 0);
+    CHECK(engine.stats().publish_backlog > 0);
+  }
+  // A fresh bus: the relay publishes the latest stored version of each booking, with seq =
+  // version, user/ after booking/, before the engine takes anything new.
+  auto bus = std::make_shared<LocalBus>();
+  Recorder seen(*bus);
+  {
+    EngineOptions o;
+    o.store = SqliteStore::open(path).value();
+    BookingEngine engine(bus, o);
+    CHECK(engine.stats().relayed == ids.size());
+    auto events = seen.events.wait_for(2 * ids.size());
+    CHECK(events.size() == 2 * ids.size());
+    for (const auto& id : ids)
+      CHECK(seen.on("booking/" + id) == std::vector<Delivered>{{"booking/" + id, 2, "confirmed"}});
+    CHECK(seen.on("user/u0").size() == 3);
+    CHECK(seen.on("user/u1").size() == 2);
+  }  // closed: the published marks are written
+  {
+    // Nothing left to relay.
+    EngineOptions o;
+    o.store = SqliteStore::open(path).value();
+    BookingEngine engine(bus, o);
+    CHECK(engine.stats().relayed == 0);
+  }
+  // Nothing came twice (a last event, published after the rest, shows the deliveries are done).
+  REQUIRE(bus->publish("booking/end", boost::json::object{{"status", "end"}}));
+  CHECK(seen.events.wait_for(2 * ids.size() + 1).size() == 2 * ids.size() + 1);
+}
+
+TEST_CASE("relayed twice (marks lost in a second crash): the bus delivers each version once") {
+  const test::TempDir temp("pushbook-relay-twice");
+  const std::string path = temp.file("bookings.db");
+  std::vector<std::string> ids;
+  {
+    EngineOptions o;
+    o.store = std::make_shared<ForgetfulStore>(SqliteStore::open(path).value());
+    BookingEngine engine(std::make_shared<LocalBus>(), o);  // another process's bus, gone with it
+    REQUIRE(engine.add_resource("r", 10));
+    for (int i = 0; i < 4; ++i) ids.push_back(engine.submit(one("u", "r")).value().booking_id);
+    auto request = one("u", "r");
+    request.hold_for = 10min;
+    ids.push_back(engine.submit(request).value().booking_id);
+    for (std::size_t i = 0; i + 1 < ids.size(); ++i)
+      REQUIRE(reaches(engine, ids[i], BookingStatus::confirmed));
+    REQUIRE(reaches(engine, ids.back(), BookingStatus::held));
+  }
+  // Two recoveries over one bus (as two restarts over one Redis), neither recording its marks.
+  auto bus = std::make_shared<LocalBus>();
+  Recorder seen(*bus);
+  for (int restart = 0; restart < 2; ++restart) {
+    CAPTURE(restart);
+    EngineOptions o;
+    o.store = std::make_shared<ForgetfulStore>(SqliteStore::open(path).value());
+    BookingEngine engine(bus, o);
+    CHECK(engine.stats().relayed == ids.size());
+    CHECK(engine.stats().publish_failures == 0);
+  }
+  REQUIRE(bus->publish("booking/end", boost::json::object{{"status", "end"}}));
+  auto events = seen.events.wait_for(2 * ids.size() + 1);
+  CHECK(events.size() == 2 * ids.size() + 1);  // booking/ and user/ of each, once
+  for (std::size_t i = 0; i + 1 < ids.size(); ++i)
+    CHECK(seen.on("booking/" + ids[i]) == std::vector<Delivered>{{"booking/" + ids[i], 2, "confirmed"}});
+  CHECK(seen.on("booking/" + ids.back()) == std::vector<Delivered>{{"booking/" + ids.back(), 2, "held"}});
+  CHECK(seen.on("user/u").size() == ids.size());
+}
+
+TEST_CASE("a bus that refuses, then takes again: every event is retried, in order, each version once") {
+  for (bool sqlite : {false, true}) {
+    CAPTURE(sqlite);
+    const test::TempDir temp("pushbook-retry");
+    auto bus = std::make_shared<FlakyBus>(std::make_shared<LocalBus>());
+    Recorder seen(*bus);
+    test::Collector<std::uint64_t> availability;
+    auto resource_sub =
+        bus->subscribe(
+               "resource/r",
+               [&](const Delivery& d) {
+                 if (d.kind == Delivery::Kind::event)
+                   availability.push(static_cast<std::uint64_t>(d.event->data().at("available").as_int64()));
+               })
+            .value();
+    EngineOptions o;
+    if (sqlite) o.store = SqliteStore::open(temp.file("bookings.db")).value();
+    BookingEngine engine(bus, o);
+    REQUIRE(engine.add_resource("r", 100));
+    REQUIRE(availability.wait_for(1).size() == 1);
+    bus->refuse = true;
+    std::vector<std::string> ids;
+    for (int i = 0; i < 20; ++i) {
+      auto ack = engine.submit(one("u", "r")).value();
+      CHECK(ack.version == 1);
+      ids.push_back(ack.booking_id);
+    }
+    for (const auto& id : ids) REQUIRE(reaches(engine, id, BookingStatus::confirmed));
+    REQUIRE(eventually([&] { return bus->refused.load() >= 3; }));  // retries were refused too
+    // 2 events per version, 2 versions per booking; one resource event kept (the latest state).
+    CHECK(eventually([&] { return engine.stats().publish_backlog == 2 * 2 * ids.size() + 1; }));
+    CHECK(engine.stats().publish_failures >= 1);
+    bus->refuse = false;
+    REQUIRE(eventually([&] { return engine.stats().publish_backlog == 0; }));
+    CHECK(engine.stats().publish_retries == 2 * 2 * ids.size() + 1);
+    seen.events.wait_for(2 * 2 * ids.size());
+    for (const auto& id : ids)
+      CHECK(seen.on("booking/" + id) ==
+            std::vector<Delivered>{{"booking/" + id, 1, "processing"}, {"booking/" + id, 2, "confirmed"}});
+    CHECK(seen.on("user/u").size() == 2 * ids.size());
+    // The resource's events while refused collapsed into its latest state.
+    auto avail = availability.wait_for(2);
+    CHECK(avail == std::vector<std::uint64_t>{100, 80});
+    // A replayed idempotent submit reports the version it finds.
+    auto keyed = engine.submit(one("u", "r", 1, "k")).value();
+    REQUIRE(reaches(engine, keyed.booking_id, BookingStatus::confirmed));
+    auto replay = engine.submit(one("u", "r", 1, "k")).value();
+    CHECK(replay.replayed);
+    CHECK(replay.version == 2);
+  }
+}
+
+TEST_CASE("Redis killed and restarted while the engine publishes: no decision is lost") {
+  test::RedisServer server;
+  RedisBusOptions ro;
+  ro.address = server.address();
+  ro.reconnect_min = 10ms;
+  ro.reconnect_max = 100ms;
+  ro.command_timeout = 500ms;
+  auto redis = std::make_shared<RedisBus>(ro);
+  REQUIRE(redis->wait_connected(10s));
+  auto bus = std::make_shared<FlakyBus>(redis);  // records what Redis took
+  const test::TempDir temp("pushbook-redis-kill");
+  EngineOptions o;
+  o.store = SqliteStore::open(temp.file("bookings.db")).value();
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 1'000'000));
+  std::mutex ids_mutex;
+  std::vector<std::string> ids;
+  auto count = [&] {
+    std::lock_guard lock(ids_mutex);
+    return ids.size();
+  };
+  std::atomic<bool> stop{false};
+  std::thread submitter([&] {
+    while (!stop.load()) {
+      auto ack = engine.submit(one("u", "r"));
+      REQUIRE(ack);  // the ACK needs the store, never the bus
+      std::lock_guard lock(ids_mutex);
+      ids.push_back(ack->booking_id);
+    }
+  });
+  REQUIRE(eventually([&] { return count() >= 50; }));
+  server.kill();
+  REQUIRE(eventually([&] { return engine.stats().publish_failures > 0; }));
+  const auto while_down = count();
+  REQUIRE(eventually([&] { return count() >= while_down + 50; }));  // bookings go on meanwhile
+  server.start();
+  REQUIRE(eventually([&] { return engine.stats().publish_retries > 0; }, 30s));
+  const auto after = count();
+  REQUIRE(eventually([&] { return count() >= after + 50; }));
+  stop = true;
+  submitter.join();
+  REQUIRE(
+      eventually([&] { return engine.stats().in_flight == 0 && engine.stats().publish_backlog == 0; }, 30s));
+  // Every booking's latest version reached Redis (taken, or found there already).
+  std::size_t lost = 0;
+  for (const auto& id : ids)
+    if (bus->taken("booking/" + id) != engine.get(id).value().version) ++lost;
+  CHECK(lost == 0);
+  CHECK(ids.size() >= 150);
+  // Those published after the restart are in the new Redis as they are in the store.
+  const auto& last_id = ids.back();
+  auto last = redis->last("booking/" + last_id);
+  REQUIRE(last);
+  CHECK(last->seq() == engine.get(last_id).value().version);
 }

@@ -155,6 +155,40 @@ TEST_CASE("a topic is one sequence whichever node publishes, also concurrently")
   for (std::size_t i = 0; i < items.size(); ++i) REQUIRE(items[i].seq == i + 1);
 }
 
+TEST_CASE("two nodes relaying the same numbered events: subscribers on both see each once") {
+  RedisServer server;
+  auto a = node(server);
+  auto b = node(server);
+  Collector<Seen> on_a, on_b;
+  auto sa = a->subscribe("booking/x", record(on_a)).value();
+  auto sb = b->subscribe("booking/x", record(on_b)).value();
+  constexpr std::uint64_t events = 40;
+  std::atomic<int> accepted{0};
+  auto relay = [&](RedisBus& bus) {
+    for (std::uint64_t n = 1; n <= events; ++n) {
+      auto r = bus.publish("booking/x", num(static_cast<int>(n)), {.seq = n});
+      if (r)
+        accepted.fetch_add(1);
+      else
+        CHECK(r.error().is(errc::already_exists));
+    }
+  };
+  std::thread ta([&] { relay(*a); }), tb([&] { relay(*b); });
+  ta.join();
+  tb.join();
+  CHECK(accepted.load() == static_cast<int>(events));
+  std::vector<std::uint64_t> expected;
+  for (std::uint64_t n = 1; n <= events; ++n) expected.push_back(n);
+  CHECK(seqs(on_a.wait_for(events)) == expected);
+  CHECK(seqs(on_b.wait_for(events)) == expected);
+  // The counter in Redis is the publishers' last number; an unnumbered publish goes on from it.
+  CHECK(server.command({"GET", "pb:{booking/x}:seq"}) == std::to_string(events));
+  auto next = b->publish("booking/x", num(0));
+  REQUIRE(next);
+  CHECK((*next)->seq() == events + 1);
+  CHECK(on_a.wait_for(events + 1).size() == events + 1);
+}
+
 TEST_CASE("routing: a node receives only the topics its local subscribers follow") {
   RedisServer server;
   auto a = node(server);

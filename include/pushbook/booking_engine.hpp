@@ -105,6 +105,12 @@ struct EngineOptions {
   /// This process's node id, part of every booking id (default: random). Give each engine of a
   /// deployment its own to make ids unique by construction rather than by probability.
   std::optional<std::uint32_t> node_id;
+  /// Events the bus refused (errc::bus_unavailable: Redis away) are kept, in order, and
+  /// published again with a backoff until the bus takes them; at most this many. Beyond, new
+  /// events are dropped and counted (EngineStats::publish_dropped); a durable store still has
+  /// their booking versions in its outbox, relayed at the next start. A resource's events only
+  /// carry its latest state: one of them is kept per resource, the latest.
+  std::size_t max_publish_backlog = 100'000;
 };
 
 /// Counters of an engine, read with BookingEngine::stats().
@@ -130,6 +136,17 @@ struct EngineStats {
   /// Requests refused by a per-user quota (EngineOptions::max_in_flight_per_user,
   /// max_held_units_per_user).
   std::uint64_t quota_exceeded = 0;
+  /// Publishes the bus refused (errc::bus_unavailable and the like), first tries and retries.
+  std::uint64_t publish_failures = 0;
+  /// Events published from the backlog after the bus had refused them.
+  std::uint64_t publish_retries = 0;
+  /// Events waiting in the backlog to be published again (EngineOptions::max_publish_backlog).
+  std::uint64_t publish_backlog = 0;
+  /// Events given up: the backlog was full, or the bus refused them for good (bad_request,
+  /// invalid_topic). A durable store relays the booking versions among them at the next start.
+  std::uint64_t publish_dropped = 0;
+  /// Booking versions found unpublished in the store at start and published again (relayed).
+  std::uint64_t relayed = 0;
   /// From submit() called to submit() returning the ACK.
   LatencySummary ack_latency;
   /// From submit() called to the decision being published.
@@ -139,7 +156,11 @@ struct EngineStats {
 /// The booking engine. Thread-safe.
 ///
 /// Bookings publish to "booking/<id>" and "user/<user>" (the booking's JSON, see to_json), and
-/// every change of a resource's availability to "resource/<id>".
+/// every change of a resource's availability to "resource/<id>". On "booking/<id>" an event's
+/// seq is the booking's version (PublishOptions::seq): a version published twice (relayed after
+/// a crash, retried after a lost reply) is delivered once. Events the bus refuses are published
+/// again later (EngineOptions::max_publish_backlog); versions a durable store still holds as
+/// unpublished at start are relayed (see docs/architecture.md, "Published means relayed").
 class PUSHBOOK_EXPORT BookingEngine {
  public:
   /// Starts the workers. Over a store that holds state (a restart) it first recovers: resources

@@ -11,7 +11,9 @@
 // - publish() needs Redis: while Redis is unreachable it fails with errc::bus_unavailable (never
 //   queued, never dropped silently). A publish whose connection is lost before its reply came
 //   also fails with bus_unavailable, although Redis may have executed it: the event may then be
-//   delivered although publish() reported failure (at most a duplicate, never a lost event).
+//   delivered although publish() reported failure (at most a duplicate, never a lost event; a
+//   publisher that numbers its events with PublishOptions::seq and retries gets already_exists
+//   instead of a duplicate).
 // - subscribe() needs Redis too (it waits for the SUBSCRIBE confirmation and reads history) and
 //   fails with errc::bus_unavailable when it cannot get them within command_timeout.
 // - last() and history() read Redis: while it is unreachable they return nullptr / nothing.
@@ -109,12 +111,18 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
 
   using EventBus::publish;
   /// Errors: those of EventBus::publish, and errc::bus_unavailable while Redis is unreachable.
-  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) override;
+  /// PublishOptions::seq is compared and set by the publish script, atomically in Redis, so it
+  /// holds across every node sharing the Redis: of two nodes relaying the same numbered event,
+  /// exactly one delivers it. A publish that failed with bus_unavailable although Redis ran it,
+  /// retried with the same seq, fails with already_exists instead of delivering it twice.
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override;
+  using EventBus::publish_async;
   /// Pipelined: the script is queued on the command connection and `done` runs on the bus's I/O
   /// thread with the reply (bus_unavailable when Redis is unreachable or does not answer within
   /// command_timeout). `done` must not block nor call the bus's blocking functions.
   void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
-                     PublishCallback done) override;
+                     const PublishOptions& options, PublishCallback done) override;
   /// Errors: those of EventBus::subscribe, and errc::bus_unavailable while Redis is unreachable.
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;

@@ -151,6 +151,20 @@ std::string GatewayMetrics::render(const EngineStats* engine, const EventBus* bu
     value(out, "pushbook_bookings_in_flight", engine->in_flight);
     metric(out, "pushbook_engine_queue_depth", "gauge", "Bookings waiting for an engine worker.");
     value(out, "pushbook_engine_queue_depth", engine->queue_depth);
+    metric(out, "pushbook_publish_failures_total", "counter",
+           "Publishes the event bus refused (e.g. Redis unreachable); the events are kept and retried.");
+    value(out, "pushbook_publish_failures_total", engine->publish_failures);
+    metric(out, "pushbook_publish_retries_total", "counter",
+           "Events published from the backlog after a failure.");
+    value(out, "pushbook_publish_retries_total", engine->publish_retries);
+    metric(out, "pushbook_publish_backlog", "gauge", "Events waiting to be published again.");
+    value(out, "pushbook_publish_backlog", engine->publish_backlog);
+    metric(out, "pushbook_publish_dropped_total", "counter",
+           "Events given up (backlog full); a durable store relays their bookings at the next start.");
+    value(out, "pushbook_publish_dropped_total", engine->publish_dropped);
+    metric(out, "pushbook_relayed_total", "counter",
+           "Booking versions found unpublished at start and relayed.");
+    value(out, "pushbook_relayed_total", engine->relayed);
     summary(out, "pushbook_booking_ack_latency_seconds", "From submit to ACK.", engine->ack_latency);
     summary(out, "pushbook_booking_decision_latency_seconds", "From submit to the published decision.",
             engine->decision_latency);

@@ -183,6 +183,25 @@ def test_publish_last_history_and_metadata(bus):
     assert bus.stats["published"] == 2
 
 
+def test_publish_with_seq_drops_what_the_topic_already_has(bus):
+    assert bus.publish("t/n", {"v": 1}, seq=1) == 1
+    with pytest.raises(pushbook.AlreadyExists):
+        bus.publish("t/n", {"v": 1}, seq=1)
+    assert bus.publish("t/n", {"v": 3}, seq=3) == 3
+    assert [e.seq for e in bus.history("t/n")] == [1, 3]
+
+
+def test_ack_version_and_publish_stats(engine):
+    ack = engine.submit(user="u1", resource="room-2", idempotency_key="kv")
+    assert ack.version == 1
+    wait_until(lambda: engine.get(ack.booking_id).status != pushbook.Status.PROCESSING)
+    again = engine.submit(user="u1", resource="room-2", idempotency_key="kv")
+    assert again.replayed and again.version == 2
+    stats = engine.stats
+    for key in ("publish_failures", "publish_retries", "publish_backlog", "publish_dropped", "relayed"):
+        assert stats[key] == 0
+
+
 def test_callbacks_run_on_cpp_threads_and_a_raising_callback_is_counted(bus):
     seen = Collector()
     main = threading.get_ident()
