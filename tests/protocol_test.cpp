@@ -79,6 +79,23 @@ TEST_CASE("book: the ACK first, then the booking's state from its topic") {
   CHECK(f.metrics.subscriptions.load() == 0);
 }
 
+TEST_CASE("book again with the same key after the decision: the reply says it, and no snapshot repeats it") {
+  Fixture f;
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r","quantity":1,"idempotency_key":"k1"})");
+  REQUIRE(test::eventually([&] { return f.ctx->engine->stats().in_flight == 0; }));
+  CHECK(f.sink->take().size() == 2);  // the ACK and the decision
+  auto again = f.connect("alice");    // another connection (a reconnect) retries the same booking
+  again->on_message(R"({"id":2,"op":"book","resource":"r","quantity":1,"idempotency_key":"k1"})");
+  again->on_message(R"({"id":3,"op":"ping"})");
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("replayed") == true);
+  CHECK(sent[0].at("result").at("status") == "confirmed");
+  CHECK(sent[1].at("result").at("pong") == true);  // not a snapshot of the state just replied
+  CHECK(again->subscriptions() == 1);              // but following it for what comes next
+}
+
 TEST_CASE("replies to malformed requests carry stable codes and the id when there is one") {
   Fixture f;
   auto c = f.connect("alice");

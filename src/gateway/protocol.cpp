@@ -259,10 +259,10 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   }
   // The decision follows on this socket: the subscription starts with the booking's current
   // state, so nothing decided in between is missed. That state is not sent when it is the one the
-  // ACK just said (a new booking's version 1, processing): the client gets the changes, not the
-  // same state twice. By version, not seq: the topic's numbering may have restarted meanwhile.
-  subscribe(topic, std::nullopt, std::nullopt,
-            ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
+  // ACK just said (its version: 1, processing, for a new booking): the client gets the changes,
+  // not the same state twice. By version rather than since = seq: the topic's numbering may have
+  // restarted meanwhile, or the ACK's event not reached the bus yet (it is retried).
+  subscribe(topic, std::nullopt, std::nullopt, ack->version);
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
