@@ -258,11 +258,8 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
     return;
   }
   // The decision follows on this socket: the subscription starts with the booking's current
-  // state, so nothing decided in between is missed. That state is not sent when it is the one the
-  // ACK just said (its version: 1, processing, for a new booking): the client gets the changes,
-  // not the same state twice. By version rather than since = seq: the topic's numbering may have
-  // restarted meanwhile, or the ACK's event not reached the bus yet (it is retried).
-  subscribe(topic, std::nullopt, std::nullopt, ack->version);
+  // state, so nothing decided in between is missed.
+  subscribe(topic, std::nullopt);
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -380,17 +377,8 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   };
 }
 
-namespace {
-// A booking event's "version" (0 when it has none).
-std::uint64_t version_of(const boost::json::value& data) {
-  const auto* v = data.is_object() ? data.as_object().if_contains("version") : nullptr;
-  return v && v->is_int64() && v->as_int64() > 0 ? static_cast<std::uint64_t>(v->as_int64()) : 0;
-}
-}  // namespace
-
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                                std::optional<std::uint32_t> epoch,
-                                std::optional<std::uint64_t> known_version) {
+                                std::optional<std::uint32_t> epoch) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -406,15 +394,12 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   std::weak_ptr<ConnectionSink> weak = sink_;
   auto sub = ctx_->follow(
       topic,
-      [weak, topic, known_version](const Delivery& d) {
+      [weak, topic](const Delivery& d) {
         auto sink = weak.lock();
         if (!sink) return;
         switch (d.kind) {
           case Delivery::Kind::event: sink->send_event(d.event, false); break;
-          case Delivery::Kind::snapshot:
-            if (known_version && version_of(d.event->data()) <= *known_version) break;  // said already
-            sink->send_event(d.event, true);
-            break;
+          case Delivery::Kind::snapshot: sink->send_event(d.event, true); break;
           case Delivery::Kind::gap:
             sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
                 {"type", "gap"}, {"topics", boost::json::array{topic}}, {"dropped", d.dropped}})));
