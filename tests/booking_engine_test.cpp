@@ -212,6 +212,11 @@ TEST_CASE("the handler decides: approve, decline with a message, or throw") {
   CHECK(t.reason == RejectReason::handler_error);
   CHECK(t.reason_message == "payment service down");
   CHECK(*engine.availability("r") == 8);  // declined and failed bookings released their units
+  // The engine's state is decided before the event is published: wait for the bus to have it.
+  REQUIRE(eventually([&] {
+    auto e = bus->last("booking/" + bad);
+    return e && e->data().at("status") == "rejected";
+  }));
   CHECK(bus->last("booking/" + bad)->data().at("reason") == "rejected_by_handler");
 }
 
@@ -319,6 +324,10 @@ TEST_CASE("holds: held with expires_at, then confirm, release or expiry, exactly
   };
   auto a = held(10min), b = held(10min);
   CHECK(*engine.availability("r") == 1);
+  REQUIRE(eventually([&] {
+    auto e = bus->last("booking/" + a);
+    return e && e->data().at("status") == "held";
+  }));
   CHECK(bus->last("booking/" + a)->data().as_object().contains("expires_at"));
 
   CHECK(engine.confirm(a)->status == BookingStatus::confirmed);
