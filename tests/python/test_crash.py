@@ -419,6 +419,14 @@ def check(cluster, http_clients, ws_clients, observer, failures, summary):
         if (e["capacity"] != cap or e["confirmed"] + e["reserved"] > cap or e["available"] < 0
                 or e["available"] + e["confirmed"] + e["reserved"] != cap):
             failures.append(f"resource event over capacity or inconsistent: {e}")
+    # The store shows a decision before the engine's memory applies it (completer thread): wait
+    # until nothing is in flight before comparing the engine's counts with the stored decisions.
+    settle = time.monotonic() + DECIDED_S
+    while time.monotonic() < settle:
+        _, _, text = http_request(port, "GET", "/metrics", None)
+        if re.search(r"^pushbook_bookings_in_flight 0$", str(text), re.M):
+            break
+        time.sleep(0.05)
     status, _, body = http_request(port, "GET", "/v1/resources", None)
     resources = {r["resource"]: r for r in body["resources"]}
     summary["resources"] = {r: resources.get(r) for r in CAPACITY}
