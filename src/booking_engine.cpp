@@ -26,13 +26,15 @@
 // not call back into the engine.
 //
 // Published means relayed (docs/architecture.md): "booking/<id>" events carry seq = version, so
-// the bus drops a version published twice. An event the bus refuses goes to the backlog, and
-// from then on every new event goes behind it (never around it: a later version published first
-// would make the bus drop the earlier one as a duplicate); the timer thread publishes the backlog
-// again with a backoff. A change's events go user/ first, booking/ last: once booking/<id> took a
-// version, its user/ event went out before it, which is what a relay relies on (below).
-// backlog_mutex is taken under resources_mutex (resource events) and under nothing else; the bus
-// and the store are never called with it held.
+// the bus drops a version published twice. Events go out with publish_async, in per-topic lanes
+// (see "publishing" below): an event the bus refuses is published again after a backoff, and
+// later events of its topic wait behind it (never around it: a later version published first
+// would make the bus drop the earlier one as a duplicate, and a user/ or resource/ topic's last
+// value would go back in time). A change's events go user/ first, booking/ last: once
+// booking/<id> took a version, its user/ event went out before it, which is what a relay relies
+// on (below).
+// Lane shard mutexes are taken under the booking lock and resources_mutex, and under
+// issued_mutex; never the reverse. The bus and the store are never called with either held.
 #include <pushbook/booking_engine.hpp>
 
 #include "detail/adaptive_spin.hpp"
@@ -151,28 +153,6 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0},
       publish_failures{0}, publish_retries{0}, publish_dropped{0}, relayed{0};
 
-  // What is still to be published of one change (or one resource state). A relayed version
-  // carries its user/ event in `then`: published only when booking/<id> took the version (a
-  // duplicate means the version, user/ event included, went out before the crash).
-  struct pending_event {
-    OutboxEvent event;
-    std::optional<OutboxEvent> then;
-    // Set on a change's last event: the store is told the version is published once it went.
-    std::string booking_id;
-    std::uint64_t version = 0;
-    bool in_progress = false;  // backlog_mutex: being published by the drain, not to be changed
-  };
-  using pending_ptr = std::shared_ptr<pending_event>;
-  std::mutex backlog_mutex;
-  std::deque<pending_ptr> backlog;
-  // The queued (not in progress) event of each resource topic in the backlog: a newer state
-  // replaces its data, since a resource event carries the whole state.
-  std::unordered_map<std::string, pending_ptr, string_hash, std::equal_to<>> backlog_resources;
-  // Events in the backlog plus the one the drain is publishing: publishers look at it without
-  // the mutex, and publish directly only while it is 0.
-  std::atomic<std::size_t> backlog_size{0};
-  bool drain_scheduled = false;  // backlog_mutex
-  unsigned drain_attempt = 0;    // backlog_mutex: failed drains in a row, for the backoff
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
@@ -191,13 +171,63 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
 
   // --- publishing ---------------------------------------------------------------------------
+  //
+  // Events go to the bus with publish_async: no thread of the engine (nor a gateway thread
+  // submitting a booking) waits for the bus, and a bus over the network (RedisBus) takes them
+  // pipelined. What keeps them in order is the engine's, not the bus's:
+  //  - a topic has at most one event in flight: the next waits in the topic's lane until the
+  //    previous one is taken (or dropped), so a topic's events reach the bus in the order the
+  //    engine made them, whichever thread the outcomes come back on and however a refusal and a
+  //    reconnection interleave;
+  //  - one change's events (a chain) go one after the other: user/<user>, then booking/<id>
+  //    once user/ was taken (a relay: booking/<id>, then user/ only if the version was new);
+  //  - a refused event is published again after a backoff (timer thread), its lane waiting
+  //    behind it; a resource's lane keeps only its latest state meanwhile.
+  // Lanes are taken in the caller's order: resource events under resources_mutex, a booking's
+  // under its booking lock, so "the order the engine made them" is the order of those locks.
+
+  // One change's events, published in order.
+  struct chain {
+    std::vector<OutboxEvent> events;
+    std::size_t next = 0;  // the event being published
+    // A relay: events[0] is booking/<id>; when the bus already has that version, the rest went
+    // with it before (the order above), and is not published again.
+    bool relay = false;
+    // Set for a booking's change: the store hears the version is published once all went.
+    std::string booking_id;
+    std::uint64_t version = 0;
+    bool retried = false;   // waited behind a refusal (EngineStats::publish_retries)
+    unsigned failures = 0;  // refusals of the current event in a row, for the backoff
+    std::size_t remaining() const { return events.size() - next; }
+  };
+  using chain_ptr = std::shared_ptr<chain>;
+  struct lane {
+    std::deque<chain_ptr> waiting;  // behind the event in flight (or being retried)
+    bool failing = false;           // the event in flight was refused at least once
+  };
+  struct lane_shard {
+    std::mutex mutex;
+    std::unordered_map<std::string, lane, string_hash, std::equal_to<>> lanes;  // busy topics only
+  };
+  std::array<lane_shard, 16> lane_shards;
+  // Events not yet taken by the bus (in flight, waiting in a lane or to be retried).
+  std::atomic<std::size_t> pending_events{0};
+  // Publishes handed to the bus whose outcome has not come back (and ones about to be handed):
+  // shutdown() waits for none, since the outcome runs engine code.
+  std::mutex issued_mutex;
+  std::condition_variable issued_cv;
+  std::size_t issued = 0;           // issued_mutex
+  bool publishing_stopped = false;  // issued_mutex: shutdown() is waiting for `issued`
+
+  lane_shard& shard_for(std::string_view topic) {
+    return lane_shards[string_hash{}(topic) % lane_shards.size()];
+  }
+  static bool is_resource_topic(std::string_view topic) { return topic.starts_with("resource/"); }
 
   void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
-    OutboxEvent ev{"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0};
-    if (backlog_size.load(std::memory_order_acquire) == 0 && attempt(ev) != publish_outcome::failed) return;
-    std::vector<pending_event> items(1);
-    items[0].event = std::move(ev);
-    enqueue(std::move(items), 0);
+    auto c = std::make_shared<chain>();
+    c->events.push_back({"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0});
+    start(std::move(c));
   }
 
   // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
@@ -212,43 +242,109 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
 
   // Publishes a stored change's events; the store hears that the version is published once the
-  // last of them went (now, or later from the backlog).
-  // The common case (the bus takes everything) allocates nothing more than the events.
-  void publish(const std::vector<OutboxEvent>& events, const Booking& b) {
-    std::size_t i = 0;
-    if (backlog_size.load(std::memory_order_acquire) == 0)
-      for (; i < events.size(); ++i)
-        if (attempt(events[i]) == publish_outcome::failed) break;
-    if (i == events.size()) {
-      store->published(b.id, b.version);
-      return;
-    }
-    std::vector<pending_event> items(events.size() - i);
-    for (std::size_t k = 0; k < items.size(); ++k) items[k].event = events[i + k];
-    items.back().booking_id = b.id;
-    items.back().version = b.version;
-    enqueue(std::move(items), 0);
+  // last of them went.
+  void publish(std::vector<OutboxEvent> events, const Booking& b) {
+    auto c = std::make_shared<chain>();
+    c->events = std::move(events);
+    c->booking_id = b.id;
+    c->version = b.version;
+    start(std::move(c));
   }
 
   // Publishes a version found unpublished in the store at start: booking/<id> first, and its
   // user/ event only when the bus took the version (not a duplicate).
   void relay(const Booking& b) {
     auto events = events_for(b);
-    std::vector<pending_event> items(1);
-    items[0].event = std::move(events[1]);
-    items[0].then = std::move(events[0]);
-    items[0].booking_id = b.id;
-    items[0].version = b.version;
+    std::swap(events[0], events[1]);
+    auto c = std::make_shared<chain>();
+    c->events = std::move(events);
+    c->relay = true;
+    c->booking_id = b.id;
+    c->version = b.version;
     relayed.fetch_add(1, std::memory_order_relaxed);
-    publish_pending(std::move(items));
+    start(std::move(c));
+  }
+
+  void start(chain_ptr c) {
+    const auto n = c->remaining();
+    if (pending_events.fetch_add(n, std::memory_order_acq_rel) >= options.max_publish_backlog) {
+      pending_events.fetch_sub(n, std::memory_order_acq_rel);
+      publish_dropped.fetch_add(n, std::memory_order_relaxed);
+      return;
+    }
+    advance(std::move(c));
+  }
+
+  // Publishes c's current event now when its topic has nothing in flight, else queues it in the
+  // topic's lane.
+  void advance(chain_ptr c) {
+    const auto& ev = c->events[c->next];
+    {
+      auto& shard = shard_for(ev.topic);
+      std::lock_guard lock(shard.mutex);
+      auto [it, free] = shard.lanes.try_emplace(ev.topic);
+      if (!free) {
+        auto& ln = it->second;
+        if (is_resource_topic(ev.topic) && !ln.waiting.empty()) {
+          // A resource event carries the whole state: the waiting one takes the newer state.
+          ln.waiting.back()->events[0].data = ev.data;
+          pending_events.fetch_sub(1, std::memory_order_acq_rel);
+          return;
+        }
+        if (ln.failing) c->retried = true;
+        ln.waiting.push_back(std::move(c));
+        return;
+      }
+    }
+    issue(std::move(c), true);
+  }
+
+  // Hands c's current event to the bus. Its topic's lane is c's. `fresh` is false for a retry
+  // from the timer thread, which shutdown() may have overtaken (then it is dropped).
+  void issue(chain_ptr c, bool fresh) {
+    {
+      std::lock_guard lock(issued_mutex);
+      if (publishing_stopped && !fresh) {
+        // Only retries come here once publishing stopped: the event stays unpublished (a
+        // durable store relays its version at the next start).
+        abandon(std::move(c));
+        return;
+      }
+      ++issued;
+    }
+    // A bus that answers before publish_async returns (LocalBus, any bus using the default)
+    // would recurse once per event waiting in a lane or chain: this thread's first issue()
+    // publishes what the answers start, in a loop.
+    thread_local std::vector<std::pair<engine_core*, chain_ptr>>* deferred = nullptr;
+    if (deferred) {
+      deferred->emplace_back(this, std::move(c));
+      return;
+    }
+    std::vector<std::pair<engine_core*, chain_ptr>> work;
+    work.emplace_back(this, std::move(c));
+    deferred = &work;
+    struct reset {
+      ~reset() { deferred = nullptr; }
+    } reset_deferred;
+    for (std::size_t i = 0; i < work.size(); ++i) {
+      auto [engine, next] = std::move(work[i]);
+      engine->send(std::move(next));
+    }
+  }
+
+  void send(chain_ptr c) {
+    const auto& ev = c->events[c->next];
+    PublishOptions po;
+    if (ev.seq > 0) po.seq = ev.seq;
+    auto topic = ev.topic;
+    auto data = ev.data;
+    bus->publish_async(topic, std::move(data), po,
+                       [this, c = std::move(c)](result<EventPtr> r) mutable { published(std::move(c), r); });
   }
 
   enum class publish_outcome { accepted, duplicate, refused, failed };
 
-  publish_outcome attempt(const OutboxEvent& ev) {
-    PublishOptions po;
-    if (ev.seq > 0) po.seq = ev.seq;
-    auto r = bus->publish(ev.topic, ev.data, po);
+  publish_outcome classify(const result<EventPtr>& r) {
     if (r) return publish_outcome::accepted;
     if (r.error().is(errc::already_exists)) return publish_outcome::duplicate;
     if (r.error().is(errc::bad_request) || r.error().is(errc::invalid_topic)) {
@@ -259,106 +355,106 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     return publish_outcome::failed;
   }
 
-  // Publishes what is left of `p`; false when the bus refused it for now (`p` then holds what is
-  // still to be published). Never called with a lock of the engine but the caller's own.
-  bool process(pending_event& p) {
-    for (;;) {
-      const auto o = attempt(p.event);
-      if (o == publish_outcome::failed) return false;
-      if (o == publish_outcome::accepted && p.then) {
-        p.event = std::move(*p.then);
-        p.then.reset();
-        continue;
-      }
-      break;
-    }
-    if (!p.booking_id.empty()) store->published(p.booking_id, p.version);
-    return true;
-  }
-
-  // Publishes `items` in order, directly while the backlog is empty; from the first one the bus
-  // refuses, into the backlog (the rest of the change too, behind it).
-  void publish_pending(std::vector<pending_event> items) {
-    std::size_t i = 0;
-    if (backlog_size.load(std::memory_order_acquire) == 0)
-      for (; i < items.size(); ++i)
-        if (!process(items[i])) break;
-    if (i < items.size()) enqueue(std::move(items), i);
-  }
-
-  // Appends items[i..] to the backlog and has the timer thread publish it.
-  void enqueue(std::vector<pending_event> items, std::size_t i) {
-    std::lock_guard lock(backlog_mutex);
-    for (; i < items.size(); ++i) {
-      auto& item = items[i];
-      const bool resource = item.event.topic.starts_with("resource/");
-      if (resource) {
-        if (auto it = backlog_resources.find(item.event.topic); it != backlog_resources.end()) {
-          it->second->event.data = std::move(item.event.data);  // not in progress: it would not be here
-          continue;
-        }
-      }
-      if (backlog.size() >= options.max_publish_backlog) {
-        publish_dropped.fetch_add(1 + (item.then ? 1 : 0), std::memory_order_relaxed);
-        continue;
-      }
-      auto p = std::make_shared<pending_event>(std::move(item));
-      if (resource) backlog_resources.emplace(p->event.topic, p);
-      backlog.push_back(std::move(p));
-      backlog_size.fetch_add(1, std::memory_order_acq_rel);
-    }
-    schedule_drain(std::chrono::milliseconds(0));
-  }
-
-  // Caller holds backlog_mutex.
-  void schedule_drain(std::chrono::milliseconds delay) {
-    if (drain_scheduled || backlog.empty()) return;
-    drain_scheduled = true;
-    std::weak_ptr<engine_core> weak = weak_from_this();
-    timers.schedule(steady::now() + delay, [weak] {
-      if (auto self = weak.lock()) self->drain_backlog();
-    });
-  }
-
-  // On the timer thread: publishes the backlog in order, a batch at a time (other timers, such
-  // as handler timeouts, must not wait long behind a slow bus), until the bus refuses; then again
-  // after a backoff.
-  void drain_backlog() {
-    for (int n = 0;; ++n) {
-      pending_ptr p;
+  // The bus's answer for c's current event (any thread). The last thing it does with the engine
+  // is to count the publish as answered: shutdown() returns once none is left.
+  void published(chain_ptr c, const result<EventPtr>& r) {
+    const auto outcome = classify(r);
+    const std::string topic = c->events[c->next].topic;
+    if (outcome == publish_outcome::failed) {
+      retry_later(std::move(c));
+    } else {
+      pending_events.fetch_sub(1, std::memory_order_acq_rel);
+      if (c->retried) publish_retries.fetch_add(1, std::memory_order_relaxed);
+      c->failures = 0;
+      // The topic's lane passes to its next waiting chain, or is freed.
+      chain_ptr behind;
       {
-        std::lock_guard lock(backlog_mutex);
-        if (backlog.empty()) {
-          drain_scheduled = false;
-          return;
+        auto& shard = shard_for(topic);
+        std::lock_guard lock(shard.mutex);
+        auto it = shard.lanes.find(topic);
+        if (it->second.waiting.empty()) {
+          shard.lanes.erase(it);
+        } else {
+          it->second.failing = false;
+          behind = std::move(it->second.waiting.front());
+          it->second.waiting.pop_front();
         }
-        if (n == 256) {
-          drain_scheduled = false;
-          schedule_drain(std::chrono::milliseconds(0));
-          return;
-        }
-        p = backlog.front();
-        p->in_progress = true;
-        if (auto it = backlog_resources.find(p->event.topic);
-            it != backlog_resources.end() && it->second == p)
-          backlog_resources.erase(it);
       }
-      const bool done = process(*p);
-      std::lock_guard lock(backlog_mutex);
-      if (!done) {
-        p->in_progress = false;
-        if (p->event.topic.starts_with("resource/")) backlog_resources.emplace(p->event.topic, p);
-        const auto backoff = std::chrono::milliseconds(std::min(20 << std::min(drain_attempt, 6u), 1000));
-        ++drain_attempt;
-        drain_scheduled = false;
-        schedule_drain(backoff);
+      bool finished = ++c->next == c->events.size();
+      if (!finished && c->relay && outcome == publish_outcome::duplicate) {
+        // The bus had this version: the rest of the change went before it.
+        pending_events.fetch_sub(c->remaining(), std::memory_order_acq_rel);
+        finished = true;
+      }
+      if (finished) {
+        if (!c->booking_id.empty()) store->published(c->booking_id, c->version);
+      } else {
+        advance(std::move(c));
+      }
+      if (behind) issue(std::move(behind), true);
+    }
+    std::lock_guard lock(issued_mutex);
+    if (--issued == 0) issued_cv.notify_all();
+  }
+
+  // c's current event was refused: it keeps its lane (events of its topic wait behind it) and is
+  // published again after a backoff; on shutdown it is dropped instead.
+  void retry_later(chain_ptr c) {
+    const auto& topic = c->events[c->next].topic;
+    c->retried = true;
+    {
+      auto& shard = shard_for(topic);
+      std::lock_guard lock(shard.mutex);
+      auto& ln = shard.lanes.find(topic)->second;
+      ln.failing = true;
+      for (auto& w : ln.waiting) w->retried = true;
+      if (is_resource_topic(topic) && !ln.waiting.empty()) {
+        // The retry carries the resource's latest state; the waiting one goes.
+        c->events[0].data = ln.waiting.back()->events[0].data;
+        pending_events.fetch_sub(ln.waiting.size(), std::memory_order_acq_rel);
+        ln.waiting.clear();
+      }
+    }
+    {
+      std::lock_guard lock(issued_mutex);
+      if (publishing_stopped) {
+        abandon(std::move(c));
         return;
       }
-      drain_attempt = 0;
-      backlog.pop_front();
-      backlog_size.fetch_sub(1, std::memory_order_acq_rel);
-      publish_retries.fetch_add(1, std::memory_order_relaxed);
     }
+    const auto backoff = std::chrono::milliseconds(std::min(20 << std::min(c->failures, 6u), 1000));
+    ++c->failures;
+    // The timer queue is destroyed before the rest of the engine, and runs nothing after
+    // shutdown(): `this` is valid when it runs.
+    timers.schedule(steady::now() + backoff,
+                    [this, c = std::move(c)]() mutable { issue(std::move(c), false); });
+  }
+
+  // Drops c (and the chains waiting in its lane): the bus refuses and the engine is stopping.
+  // Caller holds issued_mutex (a shard mutex is taken under it, never the reverse).
+  void abandon(chain_ptr c) {
+    std::vector<chain_ptr> dropped{std::move(c)};
+    {
+      const auto& topic = dropped[0]->events[dropped[0]->next].topic;
+      auto& shard = shard_for(topic);
+      std::lock_guard lock(shard.mutex);
+      if (auto it = shard.lanes.find(topic); it != shard.lanes.end()) {
+        for (auto& w : it->second.waiting) dropped.push_back(std::move(w));
+        shard.lanes.erase(it);
+      }
+    }
+    for (const auto& d : dropped) {
+      pending_events.fetch_sub(d->remaining(), std::memory_order_acq_rel);
+      publish_dropped.fetch_add(d->remaining(), std::memory_order_relaxed);
+    }
+  }
+
+  // Waits for every publish handed to the bus to be answered; from then on refused events are
+  // dropped rather than retried (the timers stop next).
+  void stop_publishing() {
+    std::unique_lock lock(issued_mutex);
+    publishing_stopped = true;
+    issued_cv.wait(lock, [&] { return issued == 0; });
   }
 
   // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
@@ -824,8 +920,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (!state) throw Exception(Error(errc::store_failed, "recovery: " + state.error().message));
     // Versions stored and maybe never published (the process died in between): published now,
     // before anything new, each version at most once on booking/<id> (the bus drops what it has).
-    // A bus that refuses them (Redis not there yet) gets them from the backlog later, still
-    // ahead of every new event.
+    // A bus that refuses them (Redis not there yet) gets them again later, still ahead of every
+    // new event of their topics.
     for (const auto& b : state->unpublished) relay(b);
     {
       std::unique_lock lock(resources_mutex);
@@ -906,6 +1002,9 @@ void BookingEngine::shutdown() {
     std::unique_lock lock(impl_->in_flight_mutex);
     impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
   }
+  // The bus answers what it was handed (events still waiting then, behind a refusal, stay
+  // unpublished: a durable store relays them at the next start).
+  impl_->stop_publishing();
   // Then no timer runs any more (holds no longer expire): a timer holding the last reference to
   // the engine would otherwise destroy it, and its timer queue, on the timer thread.
   impl_->timers.stop();
@@ -1173,7 +1272,7 @@ EngineStats BookingEngine::stats() const {
   s.quota_exceeded = m.quota_refused.load();
   s.publish_failures = m.publish_failures.load();
   s.publish_retries = m.publish_retries.load();
-  s.publish_backlog = m.backlog_size.load();
+  s.publish_backlog = m.pending_events.load();
   s.publish_dropped = m.publish_dropped.load();
   s.relayed = m.relayed.load();
   s.ack_latency = m.ack_latency.summary();

@@ -14,8 +14,12 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <map>
+#include <random>
 #include <thread>
 
 using namespace pushbook;
@@ -500,6 +504,26 @@ class FlakyBus final : public EventBus {
     }
     return r;
   }
+  // Forwarded to the inner bus's publish_async (RedisBus: pipelined, answered on its thread).
+  using EventBus::publish_async;
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     const PublishOptions& options, PublishCallback done) override {
+    if (refuse.load()) {
+      refused.fetch_add(1);
+      if (done) done(Error(errc::bus_unavailable, "the bus is away (test)"));
+      return;
+    }
+    inner_->publish_async(
+        topic, std::move(data), options,
+        [this, topic = std::string(topic), seq = options.seq, done = std::move(done)](result<EventPtr> r) {
+          if (seq && (r || r.error().is(errc::already_exists))) {
+            std::lock_guard lock(mutex_);
+            auto& top = taken_[topic];
+            top = std::max(top, *seq);
+          }
+          if (done) done(std::move(r));
+        });
+  }
   /// The highest seq the inner bus took (or already had) on `topic`.
   std::uint64_t taken(const std::string& topic) {
     std::lock_guard lock(mutex_);
@@ -519,6 +543,77 @@ class FlakyBus final : public EventBus {
   std::mutex mutex_;
   std::map<std::string, std::uint64_t> taken_;
 };
+
+// A bus whose publish_async answers only when the test says: publishes wait in `in_flight`
+// until answer() publishes one on the inner bus (or refuses it), in whatever order the test
+// picks. publish() (blocking) goes straight to the inner bus.
+class DelayedBus final : public EventBus {
+ public:
+  struct call {
+    std::string topic;
+    std::shared_ptr<const boost::json::value> data;
+    PublishOptions options;
+    PublishCallback done;
+  };
+  explicit DelayedBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner_->publish(topic, std::move(data), options);
+  }
+  using EventBus::publish_async;
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     const PublishOptions& options, PublishCallback done) override {
+    std::lock_guard lock(mutex_);
+    calls_.push_back({std::string(topic), std::move(data), options, std::move(done)});
+    cv_.notify_all();
+  }
+  /// Topics of the publishes waiting for an answer, oldest first.
+  std::vector<std::string> in_flight() {
+    std::lock_guard lock(mutex_);
+    std::vector<std::string> topics;
+    for (const auto& c : calls_) topics.push_back(c.topic);
+    return topics;
+  }
+  /// Waits (at most `timeout`) until at least `n` publishes wait for an answer.
+  bool wait_in_flight(std::size_t n, std::chrono::milliseconds timeout = 10s) {
+    std::unique_lock lock(mutex_);
+    return cv_.wait_for(lock, timeout, [&] { return calls_.size() >= n; });
+  }
+  /// Answers the i-th waiting publish: published on the inner bus, or refused (bus_unavailable).
+  void answer(std::size_t i, bool take = true) {
+    call c;
+    {
+      std::lock_guard lock(mutex_);
+      REQUIRE(i < calls_.size());
+      c = std::move(calls_[i]);
+      calls_.erase(calls_.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+    auto r = take ? inner_->publish(c.topic, std::move(c.data), c.options)
+                  : result<EventPtr>(Error(errc::bus_unavailable, "refused (test)"));
+    if (c.done) c.done(std::move(r));
+  }
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options = {}) override {
+    return inner_->subscribe(pattern, std::move(callback), std::move(options));
+  }
+  EventPtr last(std::string_view topic) const override { return inner_->last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
+    return inner_->history(topic, since_seq);
+  }
+
+ private:
+  EventBusPtr inner_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<call> calls_;
+};
+
+bool distinct(std::vector<std::string> topics) {
+  std::sort(topics.begin(), topics.end());
+  return std::adjacent_find(topics.begin(), topics.end()) == topics.end();
+}
 
 // A SqliteStore that never hears published(): what a process that died before its marks were
 // written leaves behind (every version still in the outbox).
@@ -704,6 +799,116 @@ TEST_CASE("a bus that refuses, then takes again: every event is retried, in orde
     CHECK(replay.replayed);
     CHECK(replay.version == 2);
   }
+}
+
+TEST_CASE(
+    "the engine never waits for the bus: one event in flight per topic, each topic in order "
+    "whatever order the bus answers in") {
+  auto inner = std::make_shared<LocalBus>();
+  auto bus = std::make_shared<DelayedBus>(inner);
+  Recorder seen(*inner);
+  test::Collector<std::int64_t> availability;
+  auto resource_sub = inner
+                          ->subscribe("resource/r",
+                                      [&](const Delivery& d) {
+                                        if (d.kind == Delivery::Kind::event)
+                                          availability.push(d.event->data().at("available").as_int64());
+                                      })
+                          .value();
+  BookingEngine engine(bus);
+  REQUIRE(engine.add_resource("r", 100));
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(engine.submit(one("u", "r")).value().booking_id);
+  // ACKed and decided while the bus has answered nothing.
+  for (const auto& id : ids) REQUIRE(reaches(engine, id, BookingStatus::confirmed));
+  // One event in flight per topic: resource/r (the resource's first state) and user/u (the first
+  // booking's); each booking/<id> waits behind its user/ event. Waiting: 2 versions x 2 events of
+  // each booking, and one resource state (the latest).
+  REQUIRE(eventually([&] { return engine.stats().publish_backlog == 2 * 2 * ids.size() + 2; }));
+  CHECK(bus->in_flight() == std::vector<std::string>{"resource/r", "user/u"});
+
+  const auto seed = std::random_device{}();
+  MESSAGE("seed " << seed);
+  std::mt19937 rng(seed);
+  bool first = true;
+  while (engine.stats().publish_backlog > 0) {
+    REQUIRE(bus->wait_in_flight(1));  // a refused event comes back after its backoff
+    const auto topics = bus->in_flight();
+    REQUIRE(distinct(topics));
+    // Any of them, in any order; one in four refused (the first always).
+    const auto i = std::uniform_int_distribution<std::size_t>(0, topics.size() - 1)(rng);
+    bus->answer(i, !first && rng() % 4 != 0);
+    first = false;
+  }
+  CHECK(engine.stats().publish_failures >= 1);
+  CHECK(eventually([&] { return engine.stats().publish_retries >= 1; }));
+  CHECK(engine.stats().publish_dropped == 0);
+  auto events = seen.events.wait_for(2 * 2 * ids.size());
+  REQUIRE(events.size() == 2 * 2 * ids.size());
+  for (const auto& id : ids) {
+    CHECK(seen.on("booking/" + id) ==
+          std::vector<Delivered>{{"booking/" + id, 1, "processing"}, {"booking/" + id, 2, "confirmed"}});
+  }
+  // user/u: each booking's processing before its confirmation, and the ACK order kept for the
+  // processing events (made in submit order, on one topic).
+  auto user = seen.on("user/u");
+  REQUIRE(user.size() == 2 * ids.size());
+  std::vector<std::uint64_t> seqs;
+  for (const auto& e : user) seqs.push_back(e.seq);
+  CHECK(std::is_sorted(seqs.begin(), seqs.end()));
+  // The resource's states never go back in time: availability only falls, to the final 94.
+  REQUIRE(eventually([&] { return inner->last("resource/r")->data().at("available") == 94; }));
+  // (A refused state is retried with the latest one: the first, 100, may never be seen.)
+  auto avail = availability.items();
+  CHECK(std::is_sorted(avail.rbegin(), avail.rend()));
+}
+
+TEST_CASE("shutdown() returns once the bus answered every event it was handed") {
+  auto inner = std::make_shared<LocalBus>();
+  auto bus = std::make_shared<DelayedBus>(inner);
+  auto engine = std::make_unique<BookingEngine>(bus);
+  REQUIRE(engine->add_resource("r", 10));
+  auto id = engine->submit(one("u", "r")).value().booking_id;
+  REQUIRE(reaches(*engine, id, BookingStatus::confirmed));
+  REQUIRE(bus->wait_in_flight(2));
+  std::atomic<bool> returned{false};
+  std::thread stopper([&] {
+    engine->shutdown();
+    returned = true;
+  });
+  // Not a synchronisation: whatever the timing, shutdown() must not return before the answers.
+  std::this_thread::sleep_for(100ms);
+  CHECK_FALSE(returned.load());
+  // The booking's events come one after the other (user/ then booking/, version by version).
+  while (!returned.load())
+    if (bus->wait_in_flight(1, 20ms)) bus->answer(0);
+  stopper.join();
+  CHECK(inner->last("booking/" + id)->seq() == 2);
+  CHECK(inner->last("user/u")->data().at("status") == "confirmed");
+  CHECK(engine->stats().publish_backlog == 0);
+}
+
+TEST_CASE("max_publish_backlog bounds what waits for the bus; beyond, events are dropped and counted") {
+  auto inner = std::make_shared<LocalBus>();
+  auto bus = std::make_shared<DelayedBus>(inner);
+  EngineOptions o;
+  o.max_publish_backlog = 5;
+  BookingEngine engine(bus, o);
+  REQUIRE(engine.add_resource("r", 100));
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(engine.submit(one("u", "r")).value().booking_id);
+  for (const auto& id : ids) REQUIRE(reaches(engine, id, BookingStatus::confirmed));
+  REQUIRE(eventually([&] { return engine.stats().publish_dropped > 0; }));
+  CHECK(engine.stats().publish_backlog <= 5);
+  while (engine.stats().publish_backlog > 0) {
+    REQUIRE(bus->wait_in_flight(1));
+    bus->answer(0);
+  }
+  // What was kept went out, in order; what was dropped is counted (a durable store would relay
+  // those versions at the next start).
+  const auto kept = engine.stats();
+  CHECK(kept.publish_dropped > 0);
+  CHECK(bus->in_flight().empty());
 }
 
 TEST_CASE("Redis killed and restarted while the engine publishes: no decision is lost") {

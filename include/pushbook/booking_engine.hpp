@@ -105,11 +105,13 @@ struct EngineOptions {
   /// This process's node id, part of every booking id (default: random). Give each engine of a
   /// deployment its own to make ids unique by construction rather than by probability.
   std::optional<std::uint32_t> node_id;
-  /// Events the bus refused (errc::bus_unavailable: Redis away) are kept, in order, and
-  /// published again with a backoff until the bus takes them; at most this many. Beyond, new
-  /// events are dropped and counted (EngineStats::publish_dropped); a durable store still has
-  /// their booking versions in its outbox, relayed at the next start. A resource's events only
-  /// carry its latest state: one of them is kept per resource, the latest.
+  /// Events not yet taken by the bus are kept, in order per topic: in flight (the engine
+  /// publishes with EventBus::publish_async and never waits for the bus), waiting behind an
+  /// earlier event of their topic, or refused (errc::bus_unavailable: Redis away) and published
+  /// again with a backoff until the bus takes them; at most this many. Beyond, new events are
+  /// dropped and counted (EngineStats::publish_dropped); a durable store still has their booking
+  /// versions in its outbox, relayed at the next start. A resource's events only carry its
+  /// latest state: while one is refused, one more is kept per resource, the latest.
   std::size_t max_publish_backlog = 100'000;
 };
 
@@ -138,9 +140,10 @@ struct EngineStats {
   std::uint64_t quota_exceeded = 0;
   /// Publishes the bus refused (errc::bus_unavailable and the like), first tries and retries.
   std::uint64_t publish_failures = 0;
-  /// Events published from the backlog after the bus had refused them.
+  /// Events published after the bus had refused them or an earlier event of their topic.
   std::uint64_t publish_retries = 0;
-  /// Events waiting in the backlog to be published again (EngineOptions::max_publish_backlog).
+  /// Events not yet taken by the bus: in flight, waiting behind an earlier event of their topic,
+  /// or to be published again (EngineOptions::max_publish_backlog).
   std::uint64_t publish_backlog = 0;
   /// Events given up: the backlog was full, or the bus refused them for good (bad_request,
   /// invalid_topic). A durable store relays the booking versions among them at the next start.
@@ -149,7 +152,7 @@ struct EngineStats {
   std::uint64_t relayed = 0;
   /// From submit() called to submit() returning the ACK.
   LatencySummary ack_latency;
-  /// From submit() called to the decision being published.
+  /// From submit() called to the decision being handed to the bus (publish_async).
   LatencySummary decision_latency;
 };
 
@@ -158,9 +161,13 @@ struct EngineStats {
 /// Bookings publish to "booking/<id>" and "user/<user>" (the booking's JSON, see to_json), and
 /// every change of a resource's availability to "resource/<id>". On "booking/<id>" an event's
 /// seq is the booking's version (PublishOptions::seq): a version published twice (relayed after
-/// a crash, retried after a lost reply) is delivered once. Events the bus refuses are published
-/// again later (EngineOptions::max_publish_backlog); versions a durable store still holds as
-/// unpublished at start are relayed (see docs/architecture.md, "Published means relayed").
+/// a crash, retried after a lost reply) is delivered once. The engine hands events to the bus with
+/// EventBus::publish_async and never waits for it; each topic's events reach the bus in the order
+/// the engine made them. Events the bus refuses are published again later
+/// (EngineOptions::max_publish_backlog); versions a durable store still holds as unpublished at
+/// start are relayed (see docs/architecture.md, "Published means relayed"). A call that returns
+/// after a change (submit's ACK, cancel(), ...) does not wait for its events: a subscriber may
+/// see them a little after.
 class PUSHBOOK_EXPORT BookingEngine {
  public:
   /// Starts the workers. Over a store that holds state (a restart) it first recovers: resources
@@ -219,10 +226,12 @@ class PUSHBOOK_EXPORT BookingEngine {
 
   /// Stops taking bookings (submit() then fails with shutting_down), rejects those still queued
   /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
-  /// and for their commits, and joins the workers; then the timer thread stops (holds no longer
-  /// expire in this process: the next start re-arms them). A decision the store refuses during
-  /// shutdown stays processing in the store: the next start decides it (recovery). Idempotent; the destructor
-  /// calls it. Must not be called from a handler or a worker thread.
+  /// and for their commits, and joins the workers; then waits for the bus to answer every event
+  /// handed to it (events waiting behind a refusal are dropped: a durable store relays their
+  /// versions at the next start), and the timer thread stops (holds no longer expire in this
+  /// process: the next start re-arms them). A decision the store refuses during shutdown stays
+  /// processing in the store: the next start decides it (recovery). Idempotent; the destructor
+  /// calls it. Must not be called from a handler, a worker thread, or a bus callback.
   void shutdown();
 
   EngineStats stats() const;
