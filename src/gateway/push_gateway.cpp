@@ -228,7 +228,7 @@ struct PushGateway::impl {
     // its command_timeout when Redis is away): the hub makes those subscriptions on threads of its
     // own rather than on the gateway's I/O threads.
     const bool local = dynamic_cast<LocalBus*>(ctx->bus.get()) != nullptr;
-    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536, local ? 0 : 4);
+    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536, local ? 0 : 32);
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;
