@@ -157,7 +157,9 @@ std::string GatewayMetrics::render(const EngineStats* engine, const EventBus* bu
     metric(out, "pushbook_publish_retries_total", "counter",
            "Events published from the backlog after a failure.");
     value(out, "pushbook_publish_retries_total", engine->publish_retries);
-    metric(out, "pushbook_publish_backlog", "gauge", "Events waiting to be published again.");
+    metric(out, "pushbook_publish_backlog", "gauge",
+           "Events not yet taken by the bus: in flight, waiting behind an earlier event of their topic, or "
+           "to be published again.");
     value(out, "pushbook_publish_backlog", engine->publish_backlog);
     metric(out, "pushbook_publish_dropped_total", "counter",
            "Events given up (backlog full); a durable store relays their bookings at the next start.");
