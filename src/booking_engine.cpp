@@ -182,7 +182,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   //  - one change's events (a chain) go one after the other: user/<user>, then booking/<id>
   //    once user/ was taken (a relay: booking/<id>, then user/ only if the version was new);
   //  - a refused event is published again after a backoff (timer thread), its lane waiting
-  //    behind it; a resource's lane keeps only its latest state meanwhile.
+  //    behind it; a resource's lane keeps only its latest state meanwhile;
+  //  - while a relay of a booking is under way (at start), the booking's new changes wait for it
+  //    (parked), so its user/ event, which follows the relayed booking/ one, is not overtaken.
   // Lanes are taken in the caller's order: resource events under resources_mutex, a booking's
   // under its booking lock, so "the order the engine made them" is the order of those locks.
 
@@ -202,8 +204,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   };
   using chain_ptr = std::shared_ptr<chain>;
   struct lane {
-    std::deque<chain_ptr> waiting;  // behind the event in flight (or being retried)
-    bool failing = false;           // the event in flight was refused at least once
+    chain_ptr head;                 // the chain whose event is at the bus or to be retried
+    std::deque<chain_ptr> waiting;  // behind it
+    bool failing = false;           // the head's event was refused at least once
   };
   struct lane_shard {
     std::mutex mutex;
@@ -218,6 +221,17 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::condition_variable issued_cv;
   std::size_t issued = 0;           // issued_mutex
   bool publishing_stopped = false;  // issued_mutex: shutdown() is waiting for `issued`
+  // Booking ids with a chain not finished, and how many: the gateway's snapshot of such a booking
+  // from the store would be ahead of its events on the bus (publishing()).
+  struct unpublished_shard {
+    std::mutex mutex;
+    std::unordered_map<std::string, unsigned, string_hash, std::equal_to<>> ids;
+  };
+  std::array<unpublished_shard, 16> unpublished_ids;
+  // Chains of bookings being relayed, parked until the relay is done (relay_mutex).
+  std::mutex relay_mutex;
+  std::unordered_map<std::string, std::vector<chain_ptr>, string_hash, std::equal_to<>> relaying;
+  std::atomic<std::size_t> relays{0};  // entries in `relaying`: publish() looks without the mutex
 
   lane_shard& shard_for(std::string_view topic) {
     return lane_shards[string_hash{}(topic) % lane_shards.size()];
@@ -227,7 +241,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
     auto c = std::make_shared<chain>();
     c->events.push_back({"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0});
-    start(std::move(c));
+    // Never dropped for the bound: a resource's lane holds at most two events (one at the bus, the
+    // latest state behind it), and a dropped state would leave the topic's last value stale for
+    // good (resources are not relayed).
+    start(std::move(c), false);
   }
 
   // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
@@ -248,6 +265,15 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     c->events = std::move(events);
     c->booking_id = b.id;
     c->version = b.version;
+    if (relays.load(std::memory_order_acquire) > 0) {
+      std::lock_guard lock(relay_mutex);
+      if (auto it = relaying.find(b.id); it != relaying.end()) {
+        mark_unpublished(b.id);
+        it->second.push_back(std::move(c));
+        return;
+      }
+    }
+    mark_unpublished(b.id);
     start(std::move(c));
   }
 
@@ -262,14 +288,73 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     c->booking_id = b.id;
     c->version = b.version;
     relayed.fetch_add(1, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(relay_mutex);
+      relaying.try_emplace(b.id);
+      relays.store(relaying.size(), std::memory_order_release);
+    }
+    mark_unpublished(b.id);
     start(std::move(c));
   }
 
-  void start(chain_ptr c) {
+  // A relay of `id` is done (published or dropped): the changes parked behind it go now.
+  void relay_done(const std::string& id) {
+    std::vector<chain_ptr> parked;
+    {
+      std::lock_guard lock(relay_mutex);
+      auto it = relaying.find(id);
+      if (it == relaying.end()) return;
+      parked = std::move(it->second);
+      relaying.erase(it);
+      relays.store(relaying.size(), std::memory_order_release);
+    }
+    bool stopped;
+    {
+      std::lock_guard lock(issued_mutex);
+      stopped = publishing_stopped;
+    }
+    for (auto& c : parked) {
+      if (stopped) {  // the relay was dropped at shutdown: so are the changes behind it
+        publish_dropped.fetch_add(c->remaining(), std::memory_order_relaxed);
+        chain_done(*c);
+      } else {
+        start(std::move(c));
+      }
+    }
+  }
+
+  unpublished_shard& unpublished_for(std::string_view id) {
+    return unpublished_ids[string_hash{}(id) % unpublished_ids.size()];
+  }
+  void mark_unpublished(const std::string& id) {
+    auto& shard = unpublished_for(id);
+    std::lock_guard lock(shard.mutex);
+    ++shard.ids[id];
+  }
+  // c is finished or dropped: its booking has one unfinished chain less (and a relay is done).
+  void chain_done(const chain& c) {
+    if (c.booking_id.empty()) return;
+    {
+      auto& shard = unpublished_for(c.booking_id);
+      std::lock_guard lock(shard.mutex);
+      if (auto it = shard.ids.find(c.booking_id); it != shard.ids.end() && --it->second == 0)
+        shard.ids.erase(it);
+    }
+    if (c.relay) relay_done(c.booking_id);
+  }
+  bool publishing(std::string_view id) {
+    auto& shard = unpublished_for(id);
+    std::lock_guard lock(shard.mutex);
+    return shard.ids.contains(id);
+  }
+
+  // `bounded`: dropped (and counted) when max_publish_backlog events already wait for the bus.
+  void start(chain_ptr c, bool bounded = true) {
     const auto n = c->remaining();
-    if (pending_events.fetch_add(n, std::memory_order_acq_rel) >= options.max_publish_backlog) {
+    if (pending_events.fetch_add(n, std::memory_order_acq_rel) >= options.max_publish_backlog && bounded) {
       pending_events.fetch_sub(n, std::memory_order_acq_rel);
       publish_dropped.fetch_add(n, std::memory_order_relaxed);
+      chain_done(*c);
       return;
     }
     advance(std::move(c));
@@ -283,7 +368,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       auto& shard = shard_for(ev.topic);
       std::lock_guard lock(shard.mutex);
       auto [it, free] = shard.lanes.try_emplace(ev.topic);
-      if (!free) {
+      if (free) {
+        it->second.head = c;
+      } else {
         auto& ln = it->second;
         if (is_resource_topic(ev.topic) && !ln.waiting.empty()) {
           // A resource event carries the whole state: the waiting one takes the newer state.
@@ -303,10 +390,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // from the timer thread, which shutdown() may have overtaken (then it is dropped).
   void issue(chain_ptr c, bool fresh) {
     {
-      std::lock_guard lock(issued_mutex);
+      std::unique_lock lock(issued_mutex);
       if (publishing_stopped && !fresh) {
         // Only retries come here once publishing stopped: the event stays unpublished (a
         // durable store relays its version at the next start).
+        lock.unlock();
         abandon(std::move(c));
         return;
       }
@@ -317,11 +405,20 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     // publishes what the answers start, in a loop.
     thread_local std::vector<std::pair<engine_core*, chain_ptr>>* deferred = nullptr;
     if (deferred) {
-      deferred->emplace_back(this, std::move(c));
+      try {
+        deferred->emplace_back(this, c);
+      } catch (...) {
+        published(std::move(c), Error(errc::internal, "out of memory"));  // retried later
+      }
       return;
     }
     std::vector<std::pair<engine_core*, chain_ptr>> work;
-    work.emplace_back(this, std::move(c));
+    try {
+      work.emplace_back(this, c);
+    } catch (...) {
+      published(std::move(c), Error(errc::internal, "out of memory"));
+      return;
+    }
     deferred = &work;
     struct reset {
       ~reset() { deferred = nullptr; }
@@ -332,14 +429,20 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
   }
 
+  // Hands c's current event to the bus; its answer comes to published() exactly once, also when
+  // publish_async throws.
   void send(chain_ptr c) {
     const auto& ev = c->events[c->next];
     PublishOptions po;
     if (ev.seq > 0) po.seq = ev.seq;
-    auto topic = ev.topic;
-    auto data = ev.data;
-    bus->publish_async(topic, std::move(data), po,
-                       [this, c = std::move(c)](result<EventPtr> r) mutable { published(std::move(c), r); });
+    auto answered = std::make_shared<std::atomic<bool>>(false);
+    try {
+      bus->publish_async(ev.topic, ev.data, po, [this, c, answered](result<EventPtr> r) {
+        if (!answered->exchange(true)) published(c, r);
+      });
+    } catch (const std::exception& e) {
+      if (!answered->exchange(true)) published(std::move(c), Error(errc::internal, e.what()));
+    }
   }
 
   enum class publish_outcome { accepted, duplicate, refused, failed };
@@ -358,6 +461,13 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // The bus's answer for c's current event (any thread). The last thing it does with the engine
   // is to count the publish as answered: shutdown() returns once none is left.
   void published(chain_ptr c, const result<EventPtr>& r) {
+    struct answered {
+      engine_core* engine;
+      ~answered() {
+        std::lock_guard lock(engine->issued_mutex);
+        if (--engine->issued == 0) engine->issued_cv.notify_all();
+      }
+    } count_answered{this};
     const auto outcome = classify(r);
     const std::string topic = c->events[c->next].topic;
     if (outcome == publish_outcome::failed) {
@@ -378,6 +488,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
           it->second.failing = false;
           behind = std::move(it->second.waiting.front());
           it->second.waiting.pop_front();
+          it->second.head = behind;
         }
       }
       bool finished = ++c->next == c->events.size();
@@ -388,13 +499,12 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       }
       if (finished) {
         if (!c->booking_id.empty()) store->published(c->booking_id, c->version);
+        chain_done(*c);
       } else {
         advance(std::move(c));
       }
       if (behind) issue(std::move(behind), true);
     }
-    std::lock_guard lock(issued_mutex);
-    if (--issued == 0) issued_cv.notify_all();
   }
 
   // c's current event was refused: it keeps its lane (events of its topic wait behind it) and is
@@ -416,8 +526,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       }
     }
     {
-      std::lock_guard lock(issued_mutex);
+      std::unique_lock lock(issued_mutex);
       if (publishing_stopped) {
+        lock.unlock();
         abandon(std::move(c));
         return;
       }
@@ -431,7 +542,6 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
 
   // Drops c (and the chains waiting in its lane): the bus refuses and the engine is stopping.
-  // Caller holds issued_mutex (a shard mutex is taken under it, never the reverse).
   void abandon(chain_ptr c) {
     std::vector<chain_ptr> dropped{std::move(c)};
     {
@@ -446,15 +556,40 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     for (const auto& d : dropped) {
       pending_events.fetch_sub(d->remaining(), std::memory_order_acq_rel);
       publish_dropped.fetch_add(d->remaining(), std::memory_order_relaxed);
+      chain_done(*d);
     }
   }
 
-  // Waits for every publish handed to the bus to be answered; from then on refused events are
-  // dropped rather than retried (the timers stop next).
+  // From now on refused events are dropped rather than retried.
   void stop_publishing() {
-    std::unique_lock lock(issued_mutex);
+    std::lock_guard lock(issued_mutex);
     publishing_stopped = true;
-    issued_cv.wait(lock, [&] { return issued == 0; });
+  }
+
+  // Once the timers stopped (no retry and no expiry hands the bus anything more): waits for the
+  // bus to answer what it was handed, then drops what is left (retries the timers discarded, and
+  // what waited behind them).
+  void wait_published() {
+    {
+      std::unique_lock lock(issued_mutex);
+      issued_cv.wait(lock, [&] { return issued == 0; });
+    }
+    for (auto& shard : lane_shards) {
+      std::vector<chain_ptr> left;
+      {
+        std::lock_guard sl(shard.mutex);
+        for (auto& [topic, ln] : shard.lanes) {
+          if (ln.head) left.push_back(std::move(ln.head));
+          for (auto& w : ln.waiting) left.push_back(std::move(w));
+        }
+        shard.lanes.clear();
+      }
+      for (const auto& d : left) {
+        pending_events.fetch_sub(d->remaining(), std::memory_order_acq_rel);
+        publish_dropped.fetch_add(d->remaining(), std::memory_order_relaxed);
+        chain_done(*d);
+      }
+    }
   }
 
   // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
@@ -980,9 +1115,25 @@ bool Completion::operator()(Decision decision) const {
 BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
   if (!bus) throw Exception(Error(errc::bad_request, "BookingEngine needs an event bus"));
   impl_ = std::make_shared<detail::engine_core>(std::move(bus), std::move(options));
-  impl_->recover();
-  const auto n = std::max<std::size_t>(1, impl_->options.workers);
-  for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+  try {
+    impl_->recover();
+    const auto n = std::max<std::size_t>(1, impl_->options.workers);
+    for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+  } catch (...) {
+    // The relays and resource events recover() handed to the bus call back into the engine:
+    // stop what started and wait for those answers before the engine goes.
+    {
+      std::lock_guard lock(impl_->queue_mutex);
+      impl_->stopping.store(true);
+    }
+    impl_->queue_cv.notify_all();
+    for (auto& t : impl_->workers)
+      if (t.joinable()) t.join();
+    impl_->stop_publishing();
+    impl_->timers.stop();
+    impl_->wait_published();
+    throw;
+  }
 }
 
 BookingEngine::~BookingEngine() { shutdown(); }
@@ -1002,12 +1153,15 @@ void BookingEngine::shutdown() {
     std::unique_lock lock(impl_->in_flight_mutex);
     impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
   }
-  // The bus answers what it was handed (events still waiting then, behind a refusal, stay
-  // unpublished: a durable store relays them at the next start).
+  // From here on, an event the bus refuses is dropped, not retried (a durable store relays its
+  // version at the next start).
   impl_->stop_publishing();
-  // Then no timer runs any more (holds no longer expire): a timer holding the last reference to
-  // the engine would otherwise destroy it, and its timer queue, on the timer thread.
+  // Then no timer runs any more (holds no longer expire, nothing refused is retried): a timer
+  // holding the last reference to the engine would otherwise destroy it, and its timer queue, on
+  // the timer thread. A timer running now (an expiry handing events to the bus) finishes first.
   impl_->timers.stop();
+  // The bus answers what it was handed; what is still waiting (behind a refusal) is dropped.
+  impl_->wait_published();
 }
 
 // Capacity changes are serialised by resources_admin_mutex and never hold resources_mutex while
@@ -1281,5 +1435,7 @@ EngineStats BookingEngine::stats() const {
 }
 
 const EventBusPtr& BookingEngine::bus() const noexcept { return impl_->bus; }
+
+bool BookingEngine::publishing(std::string_view booking_id) const { return impl_->publishing(booking_id); }
 
 }  // namespace pushbook

@@ -111,7 +111,8 @@ struct EngineOptions {
   /// again with a backoff until the bus takes them; at most this many. Beyond, new events are
   /// dropped and counted (EngineStats::publish_dropped); a durable store still has their booking
   /// versions in its outbox, relayed at the next start. A resource's events only carry its
-  /// latest state: while one is refused, one more is kept per resource, the latest.
+  /// latest state: they are never dropped, and a resource has at most two waiting (one at the
+  /// bus, the latest state behind it).
   std::size_t max_publish_backlog = 100'000;
 };
 
@@ -233,6 +234,12 @@ class PUSHBOOK_EXPORT BookingEngine {
   /// processing in the store: the next start decides it (recovery). Idempotent; the destructor
   /// calls it. Must not be called from a handler, a worker thread, or a bus callback.
   void shutdown();
+
+  /// True while a change of the booking has events not yet taken by the bus (handed to it,
+  /// waiting behind an earlier event of their topic, or refused and to be retried): the stored
+  /// state (get()) is then ahead of what "booking/<id>" has delivered. The gateway gives no
+  /// snapshot from the store for such a booking; its events follow.
+  bool publishing(std::string_view booking_id) const;
 
   EngineStats stats() const;
   const EventBusPtr& bus() const noexcept;

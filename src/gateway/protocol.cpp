@@ -371,6 +371,9 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   if (!topic.starts_with("booking/")) return {};
   return [engine = ctx.engine,
           id = std::string(topic.substr(8))]() -> std::shared_ptr<const boost::json::value> {
+    // A state the engine has not published yet would come ahead of its own events (a snapshot
+    // of the decision, then the processing event): nothing now, the events follow in order.
+    if (engine->publishing(id)) return nullptr;
     auto b = engine->get(id);
     if (!b) return nullptr;
     return std::make_shared<const boost::json::value>(to_json(*b));
