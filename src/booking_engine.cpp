@@ -1,12 +1,16 @@
 // BookingEngine.
 //
 // Threads: callers of submit()/cancel()/confirm()/release(); `workers` decider threads; one
-// timer thread (handler timeouts, hold expiry); any thread a host handler completes on.
+// timer thread (handler timeouts, hold expiry, publish retries); any thread a host handler
+// completes on; whichever thread the bus answers a publish_async on (publishing's next steps).
 //
 // Locks, always taken in this order (never the reverse):
 //   queue_mutex -> resources_mutex          (a worker hands over between them, see worker())
-//   booking lock (per id, striped) -> resources_mutex -> bus shard locks
+//   booking lock (per id, striped) -> resources_mutex -> lane shard mutex
+//   issued_mutex -> lane shard mutex; relay_mutex and the unpublished-ids stripes are taken alone
 //   idempotency_mutex (never held with another engine lock)
+// With a bus that answers publish_async before returning (LocalBus) the bus's own locks come
+// after these.
 //
 // Store first, then memory, then publish: every state change is committed to the store
 // (BookingStore::commit_async) and only its completion changes the in-memory resource counts and
@@ -21,9 +25,9 @@
 // commits a booking's next version before the previous one completed. Either way "booking/<id>"
 // sees the versions in order. Completions never take a booking lock (a thread holding one may be
 // waiting for the store), and never wait for the store.
-// Resource availability events are published under resources_mutex for the same reason.
-// Callbacks of subscribers that use inline_executor() therefore run under these locks and must
-// not call back into the engine.
+// Resource availability events are handed to the bus under resources_mutex for the same reason;
+// the publish lanes keep that order to the bus. Callbacks of subscribers that use
+// inline_executor() may run under these locks (LocalBus) and must not call back into the engine.
 //
 // Published means relayed (docs/architecture.md): "booking/<id>" events carry seq = version, so
 // the bus drops a version published twice. Events go out with publish_async, in per-topic lanes
@@ -592,8 +596,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
   }
 
-  // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
-  // store's completion, before returning. Caller holds the booking's lock.
+  // Commits `b` and waits; on success runs `then` (memory changes) and hands the events to the
+  // bus, in the store's completion, before returning. Caller holds the booking's lock.
   result<void> commit_and_wait(const Booking& b, const std::function<void()>& then) {
     StateChange change{b, events_for(b), {}};
     std::promise<result<void>> stored;
