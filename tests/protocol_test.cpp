@@ -158,12 +158,13 @@ struct Held {
     o.handler = [this](const Booking&, Completion done) { pending.push(std::move(done)); };
     return o;
   }
-  // Approves the n-th booking handed to the handler (0-based), once it was.
-  void approve(std::size_t n) {
+  // Decides the n-th booking handed to the handler (0-based), once it was.
+  void decide(std::size_t n, Decision d) {
     auto all = pending.wait_for(n + 1);
     REQUIRE(all.size() > n);
-    CHECK(all[n](Decision::approved()));
+    CHECK(all[n](std::move(d)));
   }
+  void approve(std::size_t n) { decide(n, Decision::approved()); }
 };
 
 // The booking a book reply is about, and its topic.
@@ -236,7 +237,7 @@ TEST_CASE("book: a booking decided before the gateway subscribes to its topic: t
   CHECK(nothing_more(*c, *f.sink));
 }
 
-TEST_CASE("book: idempotent retries say the current state with its seq, which then comes once") {
+TEST_CASE("book: an idempotent retry's reply, then the state it reports, whole, once") {
   Held held;
   Fixture f({}, held.options());
   auto first = f.connect("alice");
@@ -245,8 +246,8 @@ TEST_CASE("book: idempotent retries say the current state with its seq, which th
   REQUIRE(sent.size() == 1);
   const auto topic = topic_of(sent[0]);
 
-  // Retried while processing, on the same connection (which follows the booking already) and on
-  // another one (a reconnect): the same booking at seq 1; the decision reaches each once.
+  // Retried while processing on the same connection, which follows the booking already: the
+  // reply, and that subscription goes on (nothing is sent again).
   first->on_message(R"({"id":2,"op":"book","resource":"r","idempotency_key":"k1"})");
   sent = f.sink->take();
   REQUIRE(sent.size() == 1);
@@ -254,14 +255,19 @@ TEST_CASE("book: idempotent retries say the current state with its seq, which th
   CHECK(sent[0].at("result").at("status") == "processing");
   CHECK(sent[0].at("result").at("seq") == 1);
   CHECK(first->subscriptions() == 1);
+  // On another connection (a reconnect whose first reply was lost): the reply, then the state it
+  // reports as an event of the topic, then the decision.
   auto other_sink = std::make_shared<FakeSink>();
   auto second = f.connect("alice", std::nullopt, other_sink);
   second->on_message(R"({"id":3,"op":"book","resource":"r","idempotency_key":"k1"})");
   sent = other_sink->take();
-  REQUIRE(sent.size() == 1);
+  REQUIRE(sent.size() == 2);
   CHECK(sent[0].at("result").at("replayed") == true);
   CHECK(sent[0].at("result").at("seq") == 1);
-  held.approve(0);
+  CHECK(sent[1].at("topic").as_string() == topic);
+  CHECK(sent[1].at("seq") == 1);
+  CHECK(sent[1].at("data").at("status") == "processing");
+  held.decide(0, Decision::approved());
   for (auto* sink : {f.sink.get(), other_sink.get()}) {
     sent = take_at_least(*sink, 1);
     REQUIRE(sent.size() == 1);
@@ -272,16 +278,18 @@ TEST_CASE("book: idempotent retries say the current state with its seq, which th
   CHECK(nothing_more(*first, *f.sink));
   CHECK(nothing_more(*second, *other_sink));
 
-  // Retried after the decision: the reply says it (seq 2), no snapshot repeats it, and the
-  // connection follows the booking for what comes next.
+  // Retried after the decision: the reply says it (seq 2), the decision follows once, whole,
+  // and the connection follows the booking for what comes next.
   auto third_sink = std::make_shared<FakeSink>();
   auto third = f.connect("alice", std::nullopt, third_sink);
   third->on_message(R"({"id":4,"op":"book","resource":"r","idempotency_key":"k1"})");
   sent = third_sink->take();
-  REQUIRE(sent.size() == 1);
+  REQUIRE(sent.size() == 2);
   CHECK(sent[0].at("result").at("replayed") == true);
   CHECK(sent[0].at("result").at("status") == "confirmed");
   CHECK(sent[0].at("result").at("seq") == 2);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(sent[1].at("data").at("status") == "confirmed");
   CHECK(nothing_more(*third, *third_sink));
   CHECK(third->subscriptions() == 1);
   third->on_message(fmt::format(R"({{"id":5,"op":"cancel","booking_id":"{}"}})", topic.substr(8)));
@@ -291,6 +299,23 @@ TEST_CASE("book: idempotent retries say the current state with its seq, which th
   const auto& event = sent[0].at("type") == "event" ? sent[0] : sent[1];
   CHECK(event.at("seq") == 3);
   CHECK(event.at("data").at("status") == "cancelled");
+
+  // A rejected booking retried: what the reply cannot say (the reason) comes with the state.
+  third->on_message(R"({"id":6,"op":"book","resource":"r","idempotency_key":"k2"})");
+  CHECK(third_sink->take().size() == 1);
+  held.decide(1, Decision::declined("no"));
+  CHECK(take_at_least(*third_sink, 1).size() == 1);
+  auto fourth_sink = std::make_shared<FakeSink>();
+  auto fourth = f.connect("alice", std::nullopt, fourth_sink);
+  fourth->on_message(R"({"id":7,"op":"book","resource":"r","idempotency_key":"k2"})");
+  sent = fourth_sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("status") == "rejected");
+  CHECK(sent[0].at("result").at("seq") == 2);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(sent[1].at("data").at("reason") == "rejected_by_handler");
+  CHECK(sent[1].at("data").at("reason_message") == "no");
+  CHECK(nothing_more(*fourth, *fourth_sink));
 }
 
 TEST_CASE("book while the bus refuses the ACK's publish: the decision once it is relayed, nothing before") {

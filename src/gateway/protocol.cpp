@@ -265,15 +265,20 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   // Already following it (a retry of a booking this connection follows): that subscription goes
   // on from where the client stands.
   if (subscriptions_.contains(topic)) return;
-  // The decision follows on this socket. The client has the state of the ACK's version, so the
+  // The decision follows on this socket. A new booking's ACK is its processing state, so the
   // subscription resumes from it (since = that version's seq, in whatever epoch the topic is):
   // the next message on the topic is the change after it, replayed if the booking was decided
   // before the subscription started, live otherwise; where the bus's rules give a snapshot
   // instead (nothing of the topic on the bus yet because the ACK's publish failed and is being
   // retried, history that does not reach back, a numbering that restarted) the snapshot comes,
   // unless it says no more than the ACK did. Nothing of a version at or below the ACK's is sent:
-  // the client never gets the state the ACK said a second time.
-  subscribe(topic, ack->version, std::nullopt, ack->version);
+  // the client never gets the processing state a second time.
+  // An idempotent retry's ACK says only the status of a booking that may be decided already
+  // (no reason, no hold expiry): the subscription starts just before that version, so that the
+  // state it reports comes first, whole, as an event (or a snapshot where the bus's rules give
+  // one), then what follows; the client takes the state from there, once.
+  const auto known = ack->replayed ? ack->version - 1 : ack->version;
+  subscribe(topic, known, std::nullopt, known);
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
