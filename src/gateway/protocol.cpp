@@ -269,10 +269,10 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   // subscription resumes from it (since = that version's seq, in whatever epoch the topic is):
   // the next message on the topic is the change after it, replayed if the booking was decided
   // before the subscription started, live otherwise; where the bus's rules give a snapshot
-  // instead (nothing of the topic on the bus yet because the ACK's publish failed and is being
-  // retried, history that does not reach back, a numbering that restarted) the snapshot comes,
-  // unless it says no more than the ACK did. Nothing of a version at or below the ACK's is sent:
-  // the client never gets the processing state a second time.
+  // instead (nothing of the topic on the bus yet: the ACK's event is still on its way there, or
+  // was refused and waits for its retry; history that does not reach back; a numbering that
+  // restarted) the snapshot comes, unless it says no more than the ACK did. Nothing of a version
+  // at or below the ACK's is sent: the client never gets the processing state a second time.
   // An idempotent retry's ACK says only the status of a booking that may be decided already
   // (no reason, no hold expiry): the subscription starts just before that version, so that the
   // state it reports comes first, whole, as an event (or a snapshot where the bus's rules give
