@@ -207,6 +207,30 @@ HUB_CASE(
   CHECK(resumed.wait_for(2).back() == Seen{ev, 1});
 }
 
+HUB_CASE("a creator that resumes at the topic's last seq still leaves the hub the topic's state") {
+  // The gateway follows a booking's topic from the version its book ACK reported (since = the
+  // topic's last seq): nothing to replay for that creator. The hub must still hold the topic's
+  // last event, for followers that join later and want the current state.
+  F f;
+  auto bus = f.make();
+  TopicHub hub(bus);
+  for (int i = 1; i <= 3; ++i) REQUIRE(bus->publish("user/carol", num(i)));
+  Collector<Seen> creator, fresh, from2;
+  auto s0 = hub.subscribe("user/carol", record(creator), since(3));
+  REQUIRE(s0);
+  auto s1 = hub.subscribe("user/carol", record(fresh), {});
+  auto s2 = hub.subscribe("user/carol", record(from2), since(2));
+  REQUIRE(s1);
+  REQUIRE(s2);
+  CHECK(fresh.wait_for(1) == std::vector<Seen>{{snap, 3}});
+  CHECK(from2.wait_for(1) == std::vector<Seen>{{ev, 3}});
+  CHECK(hub.stats().private_subscriptions == 0);
+  REQUIRE(bus->publish("user/carol", num(4)));
+  CHECK(creator.wait_for(1) == std::vector<Seen>{{ev, 4}});
+  CHECK(fresh.wait_for(2) == std::vector<Seen>{{snap, 3}, {ev, 4}});
+  CHECK(from2.wait_for(2) == std::vector<Seen>{{ev, 3}, {ev, 4}});
+}
+
 HUB_CASE("a follower cannot subscribe from inside its callback: refused, not a deadlock") {
   F f;
   auto bus = f.make();

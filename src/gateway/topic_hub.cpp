@@ -414,12 +414,15 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     // whole; where the bus's history does not reach back that far it sends the last event as a
     // snapshot, which is what such a creator wants). One bus call, no extra read. A creator whose
     // own `since` the widened start does not cover (the bus answered with a snapshot) gets a
-    // bus subscription of its own below.
+    // bus subscription of its own below. A `since` within `replay_events` of the start starts
+    // from the first event too: never from the creator's own position, which would leave the hub
+    // without the topic's last event when the creator has seen it (the gateway follows a booking
+    // from the version its ACK reported), and later joiners without their snapshot or replay.
     if (!so.since_seq) {
       so.since_seq = 0;
       so.since_epoch.reset();
-    } else if (*so.since_seq > replay_events) {
-      *so.since_seq -= replay_events;
+    } else {
+      *so.since_seq = *so.since_seq > replay_events ? *so.since_seq - replay_events : 0;
     }
     so.snapshot = true;
     so.snapshot_source = f->options.snapshot_source;

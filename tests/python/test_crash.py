@@ -264,6 +264,10 @@ class WsClient:
                     booking_id = m["result"]["booking_id"]
                     target.acked_ids.append(booking_id)
                     self.by_id.setdefault(booking_id, target)
+                    # A new booking's reply is its first state (the server does not send it again):
+                    # resume from its seq. A replayed one's state comes as an event after it.
+                    if target.last_seq is None and not m["result"].get("replayed"):
+                        target.last_seq = m["result"].get("seq")
                     self.next_book_at = time.monotonic() + self.rng.uniform(0.2, 1.0)
                 elif m["error"]["code"] in ("overloaded", "internal", "rate_limited"):
                     target.retry_at = time.monotonic() + 0.1
