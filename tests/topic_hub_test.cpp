@@ -317,13 +317,28 @@ HUB_CASE("followers joining and leaving while events are published each see a ga
   CHECK(eventually([&] { return hub.stats().topics == 0 && F::bus_subscriptions(*bus) == 0; }));
 }
 
-TEST_CASE("a bus that cannot subscribe: the first follower gets the error, and nothing stays behind") {
-  // A Redis that is not there: subscribe fails with bus_unavailable after command_timeout.
-  RedisBusOptions o;
-  o.address = "redis://127.0.0.1:1";
-  o.command_timeout = 200ms;
-  o.connect_timeout = 100ms;
-  auto bus = std::make_shared<RedisBus>(o);
+namespace {
+// A bus whose subscribe() fails at once (bus_unavailable), as a bus may before it ever answers:
+// its subscribe_async is the default, which reports before returning.
+struct RefusingBus final : EventBus {
+  LocalBus inner;
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner.publish(topic, std::move(data), options);
+  }
+  result<Subscription> subscribe(std::string_view, DeliveryCallback, SubscribeOptions) override {
+    return Error(errc::bus_unavailable, "refused");
+  }
+  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq) const override {
+    return inner.history(topic, since_seq);
+  }
+};
+}  // namespace
+
+TEST_CASE("a bus that refuses at once: the first follower gets the error, and nothing stays behind") {
+  auto bus = std::make_shared<RefusingBus>();
   TopicHub hub(bus);
   Collector<Seen> c;
   auto s = hub.subscribe("resource/r", record(c), {});
@@ -331,8 +346,35 @@ TEST_CASE("a bus that cannot subscribe: the first follower gets the error, and n
   CHECK(s.error().is(errc::bus_unavailable));
   CHECK(hub.stats().topics == 0);
   CHECK(hub.stats().followers == 0);
+  CHECK(c.items().empty());
   auto bad = hub.subscribe("resource/*", record(c), {});
   CHECK(bad.error().is(errc::invalid_topic));
+}
+
+TEST_CASE(
+    "a Redis that is not there: followers' subscriptions end with bus_unavailable, nothing stays behind") {
+  // subscribe_async fails after command_timeout: the hub has returned by then, so the followers
+  // (the creator and one that joined meanwhile) are ended.
+  RedisBusOptions o;
+  o.address = "redis://127.0.0.1:1";
+  o.command_timeout = 200ms;
+  o.connect_timeout = 100ms;
+  auto bus = std::make_shared<RedisBus>(o);
+  TopicHub hub(bus);
+  Collector<Delivery::Kind> first, second;
+  auto kinds = [](Collector<Delivery::Kind>& into) {
+    return [&into](const Delivery& d) { into.push(d.kind); };
+  };
+  auto s1 = hub.subscribe("resource/r", kinds(first), {});
+  auto s2 = hub.subscribe("resource/r", kinds(second), {});
+  REQUIRE(s1);
+  REQUIRE(s2);
+  CHECK(first.wait_for(1) == std::vector<Delivery::Kind>{Delivery::Kind::ended});
+  CHECK(second.wait_for(1) == std::vector<Delivery::Kind>{Delivery::Kind::ended});
+  CHECK_FALSE(s1->active());
+  CHECK_FALSE(s2->active());
+  CHECK(eventually([&] { return hub.stats().topics == 0 && hub.stats().followers == 0; }));
+  CHECK(bus->stats().subscriptions == 0);
 }
 
 TEST_CASE(
@@ -387,14 +429,40 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "with subscribe threads, following a topic never waits for Redis, and a failure ends the subscription") {
+    "over RedisBus, following a topic never waits for Redis, followers joining meanwhile are served once it "
+    "is ready, and a failure ends the subscription") {
   pushbook::test::RedisServer server;
   RedisBusOptions o;
   o.address = server.address();
   o.command_timeout = 1500ms;
   auto bus = std::make_shared<RedisBus>(o);
   REQUIRE(bus->wait_connected(10s));
-  TopicHub hub(bus, 64, 65536, /*subscribe_threads=*/2);
+  TopicHub hub(bus);
+
+  // Redis stopped while a topic is first followed: subscribe() returns at once, nothing comes
+  // yet; the follower joining meanwhile waits with the creator; both are served once Redis answers.
+  REQUIRE(bus->publish("resource/p", num(1)));
+  server.pause();
+  Collector<Seen> creator, joiner;
+  const auto paused_at = std::chrono::steady_clock::now();
+  auto c1 = hub.subscribe("resource/p", record(creator), {});
+  auto c2 = hub.subscribe("resource/p", record(joiner), {});
+  const auto subscribing_took = std::chrono::steady_clock::now() - paused_at;
+  REQUIRE(c1);
+  REQUIRE(c2);
+  CHECK(subscribing_took < 1s);
+  CHECK(creator.items().empty());  // nothing can be read while Redis is stopped
+  CHECK(joiner.items().empty());
+  server.resume();
+  CHECK(creator.wait_for(1) == std::vector<Seen>{{snap, 1}});
+  CHECK(joiner.wait_for(1) == std::vector<Seen>{{snap, 1}});
+  REQUIRE(bus->publish("resource/p", num(2)));
+  CHECK(creator.wait_for(2).back() == Seen{ev, 2});
+  CHECK(joiner.wait_for(2).back() == Seen{ev, 2});
+  c1->cancel();
+  c2->cancel();
+  REQUIRE(eventually([&] { return hub.stats().topics == 0 && F_bus_subscriptions(*bus) == 0; }));
+
   REQUIRE(bus->publish("resource/r", num(1)));
   std::vector<std::unique_ptr<Collector<Seen>>> seen;
   std::vector<Subscription> subs;
