@@ -82,6 +82,12 @@ void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost
   auto r = publish(topic, std::move(data), options);
   if (done) done(std::move(r));
 }
+void EventBus::subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                               SubscribeCallback done) {
+  auto r = subscribe(pattern, std::move(callback), std::move(options));
+  if (done) done(std::move(r));
+}
+
 detail::SubscriptionState::~SubscriptionState() = default;
 
 namespace {

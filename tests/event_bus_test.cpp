@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <latch>
+#include <optional>
 #include <thread>
 
 using namespace pushbook;
@@ -239,6 +240,73 @@ CONTRACT_CASE("publish_async publishes in the order of the calls and reports eac
       "booking/async", std::make_shared<const boost::json::value>(num(0)), PublishOptions{.seq = 3},
       [&duplicate](result<EventPtr> r) { duplicate.push(!r && r.error().is(errc::already_exists)); });
   CHECK(duplicate.wait_for(1) == std::vector<bool>{true});
+}
+
+CONTRACT_CASE(
+    "subscribe_async: done runs once, after the replay or snapshot (delivered already with an inline "
+    "executor), then live events follow") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  for (int i = 1; i <= 3; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+  Collector<Seen> replay, state;
+  Collector<std::size_t> seen_at_done;
+  Collector<std::shared_ptr<Subscription>> subs;
+  auto keep = [&](Collector<Seen>& c) {
+    return [&](result<Subscription> r) {
+      REQUIRE(r);
+      seen_at_done.push(c.size());
+      subs.push(std::make_shared<Subscription>(std::move(*r)));
+    };
+  };
+  SubscribeOptions o;
+  o.executor = inline_executor();
+  o.since_seq = 1;
+  bus.subscribe_async("booking/a", record(replay), o, keep(replay));
+  REQUIRE(seen_at_done.wait_for(1).size() == 1);
+  o.since_seq.reset();
+  bus.subscribe_async("booking/a", record(state), o, keep(state));
+  auto at_done = seen_at_done.wait_for(2);
+  REQUIRE(at_done.size() == 2);
+  CHECK(at_done == std::vector<std::size_t>{2, 1});  // 2 and 3 replayed; 3 as a snapshot
+  REQUIRE(bus.publish("booking/a", num(4)));
+  CHECK(replay.wait_for(3) ==
+        std::vector<Seen>{{ev, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}, {ev, "booking/a", 4, 0}});
+  CHECK(state.wait_for(2) == std::vector<Seen>{{snap, "booking/a", 3, 0}, {ev, "booking/a", 4, 0}});
+  CHECK(seen_at_done.items().size() == 2);  // once each
+  REQUIRE(subs.items().size() == 2);
+  for (auto& s : subs.items()) CHECK(s->active());
+
+  // A wildcard: done once it is live; then it sees every matching topic.
+  Collector<Seen> all;
+  Collector<std::shared_ptr<Subscription>> wild;
+  bus.subscribe_async("booking/*", record(all), {}, [&](result<Subscription> r) {
+    REQUIRE(r);
+    wild.push(std::make_shared<Subscription>(std::move(*r)));
+  });
+  REQUIRE(wild.wait_for(1).size() == 1);
+  REQUIRE(bus.publish("booking/b", num(1)));
+  CHECK(all.wait_for(1) == std::vector<Seen>{{ev, "booking/b", 1, 0}});
+}
+
+CONTRACT_CASE("subscribe_async reports subscribe's argument errors through done, before returning") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  auto error_of = [&](std::string_view pattern, DeliveryCallback cb, SubscribeOptions o) {
+    std::optional<Error> error;
+    bus.subscribe_async(pattern, std::move(cb), std::move(o), [&](result<Subscription> r) {
+      error = r ? Error() : r.error();  // called before subscribe_async returns: `error` is alive
+    });
+    REQUIRE(error.has_value());
+    return *error;
+  };
+  auto nothing = [](const Delivery&) {};
+  CHECK(error_of("a//b", nothing, {}).is(errc::invalid_topic));
+  CHECK(error_of("booking/a", nullptr, {}).is(errc::bad_request));
+  SubscribeOptions since;
+  since.since_seq = 0;
+  CHECK(error_of("booking/*", nothing, since).is(errc::bad_request));
 }
 
 CONTRACT_CASE("invalid topics and patterns are refused with invalid_topic") {

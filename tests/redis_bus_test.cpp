@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <future>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -447,4 +449,265 @@ TEST_CASE("an inline callback runs on the I/O thread and may not call the bus: a
   CHECK(e[0].is(errc::bad_request));
   REQUIRE(bus->publish("booking/i", num(2)));  // the I/O thread still runs
   CHECK(errors.wait_for(2).size() == 2);
+}
+
+// --- subscribe_async -----------------------------------------------------------------------------
+
+namespace {
+
+// subscribe() or subscribe_async() (waiting for its `done`, with a deadline), so that one test
+// runs through both paths.
+result<Subscription> subscribe_via(bool async, EventBus& bus, std::string_view topic, DeliveryCallback cb,
+                                   SubscribeOptions o = {}) {
+  if (!async) return bus.subscribe(topic, std::move(cb), std::move(o));
+  auto promise = std::make_shared<std::promise<result<Subscription>>>();
+  auto future = promise->get_future();
+  bus.subscribe_async(topic, std::move(cb), std::move(o),
+                      [promise](result<Subscription> r) { promise->set_value(std::move(r)); });
+  REQUIRE(future.wait_for(10s) == std::future_status::ready);
+  return future.get();
+}
+
+}  // namespace
+
+TEST_CASE(
+    "subscribe and subscribe_async: replay, snapshot and live join with no gap and no duplicate while "
+    "another node publishes") {
+  const auto seed = std::random_device{}();
+  MESSAGE("seed " << seed);
+  std::mt19937 random(seed);
+  RedisServer server;
+  RedisBusOptions o;
+  o.history_limit = 1000;
+  auto a = node(server, o);
+  auto b = node(server, o);
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    const std::string topic = async ? "booking/async" : "booking/blocking";
+    constexpr int total = 400;
+    std::atomic<bool> stop{false};
+    std::atomic<int> published{0};
+    std::thread publisher([&] {
+      for (int i = 1; i <= total; ++i) {
+        REQUIRE(a->publish(topic, num(i)));
+        published = i;
+        if (i % 8 == 0) std::this_thread::yield();
+      }
+      stop = true;
+    });
+    struct joiner {
+      std::optional<std::uint64_t> since;
+      std::unique_ptr<Collector<Seen>> got = std::make_unique<Collector<Seen>>();
+      Subscription sub;
+    };
+    std::vector<joiner> joiners;
+    while (!stop && joiners.size() < 40) {
+      joiner j;
+      const int now = published.load();
+      // Half resume from a recent position (replay from history), half want the current state.
+      if (random() % 2 == 0 && now > 0) j.since = static_cast<std::uint64_t>(random() % (now + 1));
+      SubscribeOptions so;
+      so.since_seq = j.since;
+      so.max_queue = 10000;
+      j.sub = subscribe_via(async, *b, topic, record(*j.got), so).value();
+      joiners.push_back(std::move(j));
+    }
+    publisher.join();
+    REQUIRE(joiners.size() >= 2);
+    for (auto& j : joiners) {
+      CAPTURE(j.since.value_or(0));
+      REQUIRE(eventually([&] { return !j.got->items().empty() && j.got->items().back().seq == total; }));
+      auto items = j.got->items();
+      std::uint64_t expect;
+      std::size_t i = 0;
+      if (j.since) {
+        expect = *j.since + 1;
+      } else if (items[0].kind == Delivery::Kind::snapshot) {
+        expect = items[0].seq + 1;
+        i = 1;
+      } else {
+        expect = 1;  // nothing was published yet: live from the first event
+      }
+      for (; i < items.size(); ++i, ++expect) {
+        INFO("delivery " << i << " of " << items.size());
+        REQUIRE(items[i].kind == Delivery::Kind::event);
+        REQUIRE(items[i].seq == expect);
+      }
+    }
+    const std::string how = async ? "subscribe_async: " : "subscribe: ";
+    MESSAGE(how << joiners.size() << " joiners");
+  }
+}
+
+TEST_CASE("2,000 subscribe_async calls in flight at once, from one thread that never waits") {
+  RedisServer server;
+  RedisBusOptions o;
+  o.command_timeout = 8s;
+  auto bus = node(server, o);
+  constexpr int n = 2000;
+  for (int i = 0; i < n; i += 2) REQUIRE(bus->publish("booking/m" + std::to_string(i), num(i)));
+  std::vector<std::unique_ptr<Collector<Seen>>> got;
+  for (int i = 0; i < n; ++i) got.push_back(std::make_unique<Collector<Seen>>());
+  std::mutex mutex;
+  std::vector<Subscription> subs;
+  std::atomic<int> done{0}, failed{0};
+
+  // Redis stopped: every call must return without waiting for it (a blocking subscribe would
+  // wait command_timeout on the first one).
+  server.pause();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < n; ++i)
+    bus->subscribe_async("booking/m" + std::to_string(i), record(*got[i]), {}, [&](result<Subscription> r) {
+      if (!r) {
+        ++failed;
+      } else {
+        std::lock_guard lock(mutex);
+        subs.push_back(std::move(*r));
+      }
+      ++done;
+    });
+  const auto took = std::chrono::steady_clock::now() - start;
+  MESSAGE("2,000 calls took " << std::chrono::duration_cast<std::chrono::microseconds>(took).count()
+                              << " us");
+  CHECK(took < 2s);
+  CHECK(done.load() == 0);  // nothing can be confirmed while Redis is stopped
+  server.resume();
+  REQUIRE(eventually([&] { return done.load() == n; }, 20s));
+  CHECK(failed.load() == 0);
+  // Each got its topic's state: a snapshot where one was published, nothing where none was.
+  for (int i = 0; i < n; i += 2) {
+    auto items = got[i]->wait_for(1);
+    REQUIRE(items.size() == 1);
+    CHECK(items[0].kind == Delivery::Kind::snapshot);
+    CHECK(items[0].seq == 1);
+  }
+  for (int i = 1; i < n; i += 2) CHECK(got[i]->items().empty());
+  CHECK(bus->stats().subscriptions == n);
+  CHECK(bus->stats().channels == n);
+  // And they are live.
+  REQUIRE(bus->publish("booking/m1", num(1)));
+  CHECK(seqs(got[1]->wait_for(1)) == std::vector<std::uint64_t>{1});
+}
+
+TEST_CASE(
+    "subscribe_async while Redis stops answering: bus_unavailable within command_timeout, nothing after") {
+  RedisServer server;
+  RedisBusOptions o;
+  o.command_timeout = 300ms;
+  o.connect_timeout = 300ms;
+  o.reconnect_min = 10ms;
+  o.reconnect_max = 100ms;
+  auto bus = node(server, o);
+  REQUIRE(bus->publish("booking/t", num(1)));
+  Collector<Seen> got;
+  Collector<Error> outcome;
+  server.pause();
+  const auto start = std::chrono::steady_clock::now();
+  bus->subscribe_async("booking/t", record(got), {}, [&](result<Subscription> r) {
+    outcome.push(r ? Error() : r.error());  // a Subscription dropped here would cancel itself
+  });
+  auto e = outcome.wait_for(1, 5s);
+  const auto took = std::chrono::steady_clock::now() - start;
+  server.resume();
+  REQUIRE(e.size() == 1);
+  CHECK(e[0].is(errc::bus_unavailable));
+  MESSAGE("after " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                   << " ms: " << e[0].message);
+  CHECK(took >= 250ms);
+  CHECK(took < 2s);
+  CHECK(got.items().empty());
+  CHECK(bus->stats().subscriptions == 0);
+
+  // Redis is back: a witness subscribed after it sees a new event; the failed one saw nothing.
+  Collector<Seen> witness;
+  REQUIRE(bus->wait_connected(10s));
+  auto sub = subscribe_via(true, *bus, "booking/t", record(witness));
+  REQUIRE(sub);
+  REQUIRE(eventually([&] { return bus->publish("booking/t", num(2)).has_value(); }));
+  REQUIRE(eventually([&] { return !witness.items().empty() && witness.items().back().seq >= 2; }));
+  CHECK(got.items().empty());
+  CHECK(outcome.items().size() == 1);  // done ran once
+}
+
+TEST_CASE("subscribe_async: cancelled in done, and pending when the bus is destroyed") {
+  RedisServer server;
+  auto bus = node(server);
+  REQUIRE(bus->publish("booking/c", num(1)));
+
+  // Dropped in `done` (a caller no longer interested): unsubscribed, nothing after it.
+  Collector<Seen> dropped;
+  std::atomic<bool> was_active{false};
+  Collector<int> finished;
+  SubscribeOptions inline_o;
+  inline_o.executor = inline_executor();
+  bus->subscribe_async("booking/c", record(dropped), inline_o, [&](result<Subscription> r) {
+    REQUIRE(r);
+    was_active = r->active();
+    r->cancel();
+    finished.push(1);
+  });
+  REQUIRE(finished.wait_for(1).size() == 1);
+  CHECK(was_active.load());
+  // Inline: its snapshot was delivered before `done` ran, and nothing after the cancel.
+  auto first = dropped.items();
+  REQUIRE(first.size() == 1);
+  CHECK(first[0].kind == Delivery::Kind::snapshot);
+  CHECK(first[0].seq == 1);
+  Collector<Seen> witness;
+  auto w = subscribe_via(true, *bus, "booking/c", record(witness)).value();
+  REQUIRE(bus->publish("booking/c", num(2)));
+  REQUIRE(witness.wait_for(2).size() == 2);
+  CHECK(dropped.items().size() == 1);
+  w.cancel();
+
+  // Pending (Redis stopped) when the bus is destroyed: each done gets shutting_down, at the
+  // latest from the destructor, and nothing is delivered.
+  Collector<Seen> never;
+  std::atomic<int> shutting_down{0}, other{0};
+  server.pause();
+  for (int i = 0; i < 100; ++i)
+    bus->subscribe_async("booking/p" + std::to_string(i % 10), record(never), {},
+                         [&](result<Subscription> r) {
+                           if (!r && r.error().is(errc::shutting_down))
+                             ++shutting_down;
+                           else
+                             ++other;
+                         });
+  bus.reset();
+  server.resume();
+  CHECK(shutting_down.load() == 100);
+  CHECK(other.load() == 0);
+  CHECK(never.items().empty());
+}
+
+TEST_CASE("subscribe_async from the bus's own I/O thread (an inline callback) is allowed") {
+  RedisServer server;
+  auto bus = node(server);
+  REQUIRE(bus->publish("booking/other", num(7)));
+  Collector<Seen> inner;
+  Collector<Error> outcome;
+  std::mutex mutex;
+  Subscription inner_sub;
+  SubscribeOptions o;
+  o.executor = inline_executor();
+  o.snapshot = false;
+  auto outer = bus->subscribe(
+                      "booking/i",
+                      [&](const Delivery&) {
+                        bus->subscribe_async("booking/other", record(inner), {}, [&](result<Subscription> r) {
+                          outcome.push(r ? Error() : r.error());
+                          std::lock_guard lock(mutex);
+                          if (r) inner_sub = std::move(*r);
+                        });
+                      },
+                      o)
+                   .value();
+  REQUIRE(bus->publish("booking/i", num(1)));
+  auto e = outcome.wait_for(1);
+  REQUIRE(e.size() == 1);
+  CHECK_FALSE(e[0].code);
+  CHECK(seqs(inner.wait_for(1)) == std::vector<std::uint64_t>{1});  // the snapshot
+  outer.cancel();
+  std::lock_guard lock(mutex);
+  inner_sub.cancel();
 }

@@ -224,6 +224,25 @@ class PUSHBOOK_EXPORT EventBus {
   virtual result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                          SubscribeOptions options = {}) = 0;
 
+  /// Called with the outcome of subscribe_async().
+  using SubscribeCallback = std::function<void(result<Subscription>)>;
+
+  /// Subscribes like subscribe() without waiting: `done` (required) is called exactly once with
+  /// the subscription or the error subscribe() would have returned, on the caller's thread
+  /// (before subscribe_async returns) or on the bus's own thread. Never blocks, so a bus that
+  /// subscribes over the network (RedisBus) needs no thread per subscription in progress.
+  ///
+  /// Deliveries may start before `done` runs: the subscription's first deliveries (its replay
+  /// or snapshot) are handed to its executor before `done` is called, so with inline_executor()
+  /// they have been delivered when `done` runs (as they have when subscribe() returns), and live
+  /// events may follow on the bus's thread meanwhile. When `done` gets an error, the callback
+  /// has not run and never will. Until `done` runs the caller has no handle: dropping the
+  /// Subscription `done` receives (or cancelling it there) unsubscribes.
+  ///
+  /// The default calls subscribe() and then `done` before returning.
+  virtual void subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                               SubscribeCallback done);
+
   /// The topic's last event, or nullptr when it has none.
   virtual EventPtr last(std::string_view topic) const = 0;
 

@@ -16,6 +16,7 @@
 //   instead of a duplicate).
 // - subscribe() needs Redis too (it waits for the SUBSCRIBE confirmation and reads history) and
 //   fails with errc::bus_unavailable when it cannot get them within command_timeout.
+//   subscribe_async() does the same without blocking any thread (the gateway's hub uses it).
 // - last() and history() read Redis: while it is unreachable they return nullptr / nothing.
 // - When the connection is lost, events published meanwhile by other nodes are not received
 //   live. After reconnecting the bus resubscribes and each exact-topic subscriber catches up as
@@ -124,8 +125,23 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
   void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                      const PublishOptions& options, PublishCallback done) override;
   /// Errors: those of EventBus::subscribe, and errc::bus_unavailable while Redis is unreachable.
+  /// Blocks for two round trips (the SUBSCRIBE confirmation, then the history read), each up to
+  /// command_timeout; refused (bad_request) on the bus's I/O thread. subscribe_async does not block.
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
+  /// Never blocks, from any thread including the bus's I/O thread (an inline callback, another
+  /// `done`). The subscriber is registered on the I/O thread; once the topic's channel is
+  /// confirmed (at once when this node already has it) the history read is queued on the command
+  /// connection, and its reply is applied with subscribe()'s catch-up rules (no gap, no
+  /// duplicate against live events; a read that raced with a lost connection is read again).
+  /// `done` runs on the I/O thread, after the replay or snapshot was handed to the subscription's
+  /// executor (with inline_executor(): delivered); it must not block nor call the bus's blocking
+  /// functions. A wildcard is done once confirmed. Errors as subscribe(): argument errors before
+  /// returning, on the caller's thread; bus_unavailable when the confirmation, or a read, takes
+  /// longer than command_timeout (the subscription is then cancelled: nothing is delivered);
+  /// shutting_down when the bus is destroyed first (its destructor calls every pending `done`).
+  void subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                       SubscribeCallback done) override;
   /// nullptr as well when Redis is unreachable.
   EventPtr last(std::string_view topic) const override;
   /// Nothing as well when Redis is unreachable.

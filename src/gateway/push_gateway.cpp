@@ -224,11 +224,9 @@ struct PushGateway::impl {
         options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
     ctx->bus = std::move(bus);
-    // A bus other than LocalBus may block in subscribe() (RedisBus: a round trip to Redis, up to
-    // its command_timeout when Redis is away): the hub makes those subscriptions on threads of its
-    // own rather than on the gateway's I/O threads.
-    const bool local = dynamic_cast<LocalBus*>(ctx->bus.get()) != nullptr;
-    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536, local ? 0 : 32);
+    // The hub subscribes with subscribe_async: no gateway thread waits for the bus (RedisBus:
+    // two round trips to Redis per topic the node starts following).
+    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536);
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <deque>
 #include <mutex>
+#include <optional>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -117,14 +119,12 @@ using entry_ptr = std::shared_ptr<topic_entry>;
 }  // namespace
 
 struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
-  impl(EventBusPtr b, std::size_t replay, std::size_t queue, ExecutorPtr sub)
-      : bus(std::move(b)), replay_events(replay), max_queue(queue), subscriber(std::move(sub)) {}
+  impl(EventBusPtr b, std::size_t replay, std::size_t queue)
+      : bus(std::move(b)), replay_events(replay), max_queue(queue) {}
 
   EventBusPtr bus;
   const std::size_t replay_events;
   const std::size_t max_queue;
-  // Where bus subscriptions are made (nullptr: on the subscribing thread).
-  const ExecutorPtr subscriber;
 
   std::mutex mutex;
   std::unordered_map<std::string, entry_ptr> topics;  // guarded by mutex
@@ -295,26 +295,32 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
       if (auto e = w.lock()) tidy(e);
   }
 
+  // The follower's bus subscription of its own (subscribe_async: its replay may be delivered
+  // before `done`, directly to the follower; a failure ends it).
   void subscribe_own(const follower_ptr& f, const std::string& topic) {
     SubscribeOptions so = f->options;
     so.executor = inline_executor();
     std::weak_ptr<follower> weak = f;
-    auto sub = bus->subscribe(
+    bus->subscribe_async(
         topic,
         [weak](const Delivery& d) {
           if (auto self = weak.lock()) self->deliver(d);
         },
-        std::move(so));
-    if (!sub) return f->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
-    std::unique_lock lock(f->own_mutex);
-    if (f->cancelled.load(std::memory_order_acquire)) {
-      lock.unlock();
-      sub->cancel();
-      return;
-    }
-    f->own = std::move(*sub);
-    f->has_own = true;
-    privates.fetch_add(1, std::memory_order_relaxed);
+        std::move(so),
+        [weak, weak_hub = weak_from_this()](result<Subscription> sub) {
+          auto self = weak.lock();
+          if (!self) return;  // gone: the subscription, dropped here, is cancelled
+          if (!sub) return self->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
+          std::unique_lock lock(self->own_mutex);
+          if (self->cancelled.load(std::memory_order_acquire)) {
+            lock.unlock();
+            sub->cancel();
+            return;
+          }
+          self->own = std::move(*sub);
+          self->has_own = true;
+          if (auto hub = weak_hub.lock()) hub->privates.fetch_add(1, std::memory_order_relaxed);
+        });
   }
 
   result<Subscription> subscribe(const std::string& topic, DeliveryCallback callback,
@@ -369,37 +375,24 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
           tidy(e);  // out of the map, so the next round creates it anew
           continue;
         }
-        if (own) {
-          if (subscriber)
-            subscriber->post([weak = weak_from_this(), f, topic] {
-              if (auto self = weak.lock()) self->subscribe_own(f, topic);
-            });
-          else
-            subscribe_own(f, topic);
-        }
+        if (own) subscribe_own(f, topic);
         return Subscription(f);
       }
       break;
     }
 
-    // This call created the topic's entry. With a bus whose subscribe() may block (a round trip
-    // to Redis), the bus subscription is made on the hub's own threads, so that no gateway I/O
-    // thread waits: the creator is served, like any follower that joins meanwhile, once it is
-    // made (a failure then ends its subscription with `ended`).
-    if (subscriber) {
-      subscriber->post([weak = weak_from_this(), e, f] {
-        if (auto self = weak.lock()) (void)self->start(e, f, false);
-      });
-      return Subscription(f);
-    }
-    if (auto started = start(e, f, true); !started) return started.error();
+    // This call created the topic's entry: it makes the topic's bus subscription, without
+    // waiting for it (subscribe_async; RedisBus needs two round trips). The creator is served,
+    // like any follower that joins meanwhile, once it is made. A bus that answers before
+    // subscribe_async returns (LocalBus, any bus using the default) has served it already, and
+    // its error is returned here; a later failure ends the subscription with `ended` instead.
+    if (auto started = start(e, f); !started) return started.error();
     return Subscription(f);
   }
 
-  // Makes the topic's one bus subscription, then serves every follower that waited for it.
-  // `creator_gets_error`: a failure is the creator's to return (it is told nothing else);
-  // otherwise it gets an `ended` like the others.
-  result<void> start(const entry_ptr& e, const follower_ptr& f, bool creator_gets_error) {
+  // Asks the bus for the topic's one bus subscription; ready() serves every follower that waited
+  // for it. Returns the bus's error when it came before subscribe_async returned.
+  result<void> start(const entry_ptr& e, const follower_ptr& f) {
     const std::string& topic = e->topic;
     // One bus subscription for every follower. It starts where the creator's options say (so
     // that the creator's replay comes from the bus's history), always with a snapshot where one
@@ -430,15 +423,48 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     so.max_queue = max_queue;
     std::weak_ptr<topic_entry> weak_entry = e;
     std::weak_ptr<impl> weak_hub = weak_from_this();
-    auto sub = bus->subscribe(
+    // Whether `done` runs inside subscribe_async, on this thread: then an error is the creator's.
+    struct call_state {
+      std::mutex mutex;
+      bool returned = false;
+      const std::thread::id caller = std::this_thread::get_id();
+      std::optional<Error> error;
+    };
+    auto call = std::make_shared<call_state>();
+    bus->subscribe_async(
         topic,
         [weak_entry, weak_hub](const Delivery& d) {
           auto entry = weak_entry.lock();
           auto hub = weak_hub.lock();
           if (entry && hub) hub->on_delivery(entry, d);
         },
-        std::move(so));
+        std::move(so),
+        [weak_hub, e, f, call](result<Subscription> sub) {
+          bool inside;
+          {
+            std::lock_guard lock(call->mutex);
+            inside = !call->returned && std::this_thread::get_id() == call->caller;
+          }
+          auto hub = weak_hub.lock();
+          if (!hub) return;  // the hub is gone: the subscription, dropped here, is cancelled
+          auto r = hub->ready(e, f, std::move(sub), inside);
+          if (!r && inside) {
+            std::lock_guard lock(call->mutex);
+            call->error = r.error();
+          }
+        });
+    std::lock_guard lock(call->mutex);
+    call->returned = true;
+    if (call->error) return *call->error;
+    return {};
+  }
 
+  // The topic's bus subscription is made (or failed): serves every follower that waited for it.
+  // `creator_gets_error`: a failure is the creator's to return (it is told nothing else);
+  // otherwise it gets an `ended` like the others.
+  result<void> ready(const entry_ptr& e, const follower_ptr& f, result<Subscription> sub,
+                     bool creator_gets_error) {
+    const std::string& topic = e->topic;
     std::vector<follower_ptr> own;
     Subscription unused;
     {
@@ -535,18 +561,14 @@ void follower::cancel() noexcept {
 }
 }  // namespace
 
-TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_queue,
-                   std::size_t subscribe_threads)
-    : pool_(subscribe_threads > 0 ? std::make_shared<ThreadPool>(subscribe_threads) : nullptr),
-      impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
-                                   std::max<std::size_t>(max_queue, 1), pool_)) {}
+TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_queue)
+    : impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
+                                   std::max<std::size_t>(max_queue, 1))) {}
 
 TopicHub::~TopicHub() {
+  // Bus subscriptions still being made hold the hub weakly: when they are done, the hub is gone
+  // and they are dropped (cancelled).
   impl_->close();
-  // The subscriptions still being made finish (on a closed hub they end at once), then the
-  // threads go; the pool is not destroyed from one of its own threads: its tasks hold the hub
-  // weakly and this object owns it.
-  pool_.reset();
 }
 
 result<Subscription> TopicHub::subscribe(const std::string& topic, DeliveryCallback callback,

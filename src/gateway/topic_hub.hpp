@@ -14,9 +14,11 @@
 // enough, that one follower gets a bus subscription of its own (the bus's history may reach
 // further), counted in TopicHubStats::private_subscriptions.
 //
-// Thread-safety: subscribe() and Subscription::cancel() from any thread. Callbacks run on the
-// thread that delivers the event (as with inline_executor()), never two of one follower at
-// once; they must not block, and must not call subscribe() (refused with bad_request).
+// Thread-safety: subscribe() and Subscription::cancel() from any thread; subscribe() never waits
+// for the bus (EventBus::subscribe_async). Callbacks run on the thread that delivers the event
+// (as with inline_executor(): with RedisBus the bus's I/O thread, also for the first deliveries
+// of a topic the hub starts following), never two of one follower at once; they must not block,
+// and must not call subscribe() (refused with bad_request).
 // Cancelling from inside a callback is allowed.
 #pragma once
 
@@ -47,12 +49,10 @@ class TopicHub {
   /// `max_queue`: the bound of each of the hub's bus subscriptions (SubscribeOptions::max_queue).
   /// Deliveries are made inline, so it fills only while a fan-out is slower than the topic's
   /// publishers; beyond it the followers get a gap.
-  /// `subscribe_threads`: when not 0, the bus subscription of a topic the hub starts following
-  /// is made on a pool of that many threads of the hub's own, and subscribe() returns at once (a
-  /// bus whose subscribe() blocks, such as RedisBus, then never holds up the caller; a failure
-  /// ends the subscription with `ended` instead of being returned).
-  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536,
-                    std::size_t subscribe_threads = 0);
+  /// Bus subscriptions are made with EventBus::subscribe_async: no thread waits for them (with
+  /// RedisBus, two round trips). Followers of a topic whose bus subscription is still being
+  /// made are served once it is.
+  explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536);
   /// Ends the hub's bus subscriptions. Followers' subscriptions become inactive.
   ~TopicHub();
   TopicHub(const TopicHub&) = delete;
@@ -62,8 +62,9 @@ class TopicHub {
   /// `since_epoch`, `snapshot` and `snapshot_source` have the bus's meaning; `executor`,
   /// `max_queue` and `overflow` are not used (the follower's own send queue bounds it).
   /// Errors: errc::invalid_topic (not an exact topic), errc::bad_request (no callback, or called
-  /// from inside a follower's callback), and the bus's subscribe errors (with subscribe_threads,
-  /// those end the subscription with a Delivery::Kind::ended instead).
+  /// from inside a follower's callback), and the bus's subscribe errors when the bus reports
+  /// them before subscribe_async returns (LocalBus); a bus that reports later (RedisBus) ends
+  /// the subscription with a Delivery::Kind::ended instead.
   result<Subscription> subscribe(const std::string& topic, DeliveryCallback callback,
                                  SubscribeOptions options);
 
@@ -72,7 +73,6 @@ class TopicHub {
   struct impl;
 
  private:
-  std::shared_ptr<ThreadPool> pool_;
   std::shared_ptr<impl> impl_;
 };
 
