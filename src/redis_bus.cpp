@@ -658,7 +658,10 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   };
   read_start begin_read(const sub_ptr& sub);
   // Returns true when the topic must be read again (with `req` as it leaves it).
-  bool apply_read(const sub_ptr& sub, catch_up_request& req, const read_start& start, const read_result& t);
+  // `source`: the subscription's snapshot_source already called (subscribe_async calls it off the
+  // I/O thread); null: apply_read calls it when it needs it.
+  bool apply_read(const sub_ptr& sub, catch_up_request& req, const read_start& start, const read_result& t,
+                  const std::shared_ptr<const boost::json::value>* source = nullptr);
   void read_failed(const sub_ptr& sub);
 
   // subscribe_async (see pending_subscribe); all but make_subscription on the I/O thread.
@@ -1076,12 +1079,13 @@ void RedisBus::impl::read_failed(const sub_ptr& sub) {
 }
 
 bool RedisBus::impl::apply_read(const sub_ptr& sub, catch_up_request& req, const read_start& start,
-                                const read_result& t) {
+                                const read_result& t,
+                                const std::shared_ptr<const boost::json::value>* source) {
   std::vector<std::pair<Delivery::Kind, EventPtr>> initial;
   auto snapshot = [&] {
     if (t.last) return initial.emplace_back(Delivery::Kind::snapshot, t.last), void();
     if (!sub->snapshot_source) return;
-    if (auto data = sub->snapshot_source())
+    if (auto data = source ? *source : sub->snapshot_source())
       initial.emplace_back(
           Delivery::Kind::snapshot,
           std::make_shared<const Event>(sub->pattern, t.seq, std::chrono::system_clock::now(),
@@ -1476,6 +1480,34 @@ void RedisBus::impl::read_async(const op_ptr& op) {
                    self->read_failed(op->sub);
                    return self->finish(op, t.error());
                  }
+                 if (!t->last && op->sub->snapshot_source) {
+                   // Redis has nothing of the topic: the snapshot may come from the source (the
+                   // gateway's store read, which may block): called on the control thread, never
+                   // on the I/O thread; the read is applied back here. The source is the
+                   // caller's to bound: no command_timeout while it runs.
+                   ++op->timer_generation;
+                   op->timer.cancel();
+                   return self->control->post([weak, op, start, t = std::move(*t)]() mutable {
+                     std::shared_ptr<const boost::json::value> data;
+                     try {
+                       data = op->sub->snapshot_source();
+                     }
+                     PUSHBOOK_RETHROW_FORCED_UNWIND
+                     catch (...) {
+                       // A source that throws gives no snapshot, as one that returns null.
+                     }
+                     auto again = weak.lock();
+                     if (!again) return;
+                     asio::post(again->io,
+                                [weak, op, start, t = std::move(t), data = std::move(data)]() mutable {
+                                  auto owner = weak.lock();
+                                  if (!owner || op->finished) return;
+                                  if (owner->apply_read(op->sub, op->req, start, t, &data))
+                                    return owner->read_async(op);
+                                  owner->finish(op, {});
+                                });
+                   });
+                 }
                  if (self->apply_read(op->sub, op->req, start, *t)) return self->read_async(op);
                  self->finish(op, {});
                });
@@ -1493,6 +1525,9 @@ void RedisBus::impl::finish(const op_ptr& op, Error error) {
     auto& registry = op->sub->wildcard ? patterns : topics;
     if (auto it = registry.find(op->sub->pattern); it != registry.end()) std::erase(it->second->waiting, op);
   }
+  // A subscription the bus's destructor cancelled meanwhile is no success.
+  if (!error.code && (closed.load() || op->sub->cancelled.load()))
+    error = Error(errc::shutting_down, "bus is closed");
   auto done = std::move(op->done);
   op->done = nullptr;
   // On failure the subscription goes before `done` runs: nothing was delivered (an exact topic

@@ -711,3 +711,62 @@ TEST_CASE("subscribe_async from the bus's own I/O thread (an inline callback) is
   std::lock_guard lock(mutex);
   inner_sub.cancel();
 }
+
+TEST_CASE("subscribe_async calls a snapshot_source off the I/O thread: a slow source holds up nothing else") {
+  RedisServer server;
+  auto bus = node(server);
+  std::promise<void> release;
+  auto released = release.get_future().share();
+  std::atomic<bool> in_source{false};
+  std::atomic<bool> source_on_io_thread{false};
+  std::thread::id io_thread;
+  // The bus's I/O thread, as an inline callback sees it.
+  {
+    Collector<std::thread::id> where;
+    SubscribeOptions o;
+    o.executor = inline_executor();
+    auto probe = bus->subscribe("t/probe", [&](const Delivery&) { where.push(std::this_thread::get_id()); }, o)
+                     .value();
+    REQUIRE(bus->publish("t/probe", num(1)));
+    auto ids = where.wait_for(1);
+    REQUIRE(ids.size() >= 1);
+    io_thread = ids.back();
+  }
+  Collector<Delivery::Kind> kinds;
+  Collector<std::string> data;
+  Collector<Error> outcome;
+  Subscription sub;
+  std::mutex mutex;
+  SubscribeOptions o;
+  o.snapshot_source = [&]() -> std::shared_ptr<const boost::json::value> {
+    source_on_io_thread = std::this_thread::get_id() == io_thread;
+    in_source = true;
+    released.wait();  // a store read that takes its time
+    return std::make_shared<const boost::json::value>(boost::json::object{{"from", "source"}});
+  };
+  bus->subscribe_async(
+      "t/empty",
+      [&](const Delivery& d) {
+        kinds.push(d.kind);
+        if (d.event) data.push(std::string(d.event->data().at("from").as_string()));
+      },
+      o,
+      [&](result<Subscription> r) {
+        outcome.push(r ? Error() : r.error());
+        std::lock_guard lock(mutex);
+        if (r) sub = std::move(*r);
+      });
+  REQUIRE(eventually([&] { return in_source.load(); }));
+  CHECK_FALSE(source_on_io_thread.load());
+  // The I/O thread is free meanwhile: a publish (and its reply) goes through.
+  CHECK(bus->publish("t/other", num(1)));
+  CHECK(outcome.items().empty());
+  release.set_value();
+  auto e = outcome.wait_for(1);
+  REQUIRE(e.size() == 1);
+  CHECK_FALSE(e[0].code);
+  CHECK(kinds.wait_for(1).front() == Delivery::Kind::snapshot);
+  CHECK(data.wait_for(1).front() == "source");
+  std::lock_guard lock(mutex);
+  sub.cancel();
+}

@@ -236,10 +236,14 @@ class PUSHBOOK_EXPORT EventBus {
   /// or snapshot) are handed to its executor before `done` is called, so with inline_executor()
   /// they have been delivered when `done` runs (as they have when subscribe() returns), and live
   /// events may follow on the bus's thread meanwhile. When `done` gets an error, the callback
-  /// has not run and never will. Until `done` runs the caller has no handle: dropping the
-  /// Subscription `done` receives (or cancelling it there) unsubscribes.
+  /// will not run any more (with RedisBus it may have run already in one case: the subscriber
+  /// connection was lost while the first history read was applied, and the read made again
+  /// failed). Until `done` runs the caller has no handle: dropping the Subscription `done`
+  /// receives (or cancelling it there) unsubscribes.
   ///
-  /// The default calls subscribe() and then `done` before returning.
+  /// The default calls subscribe() and then `done` before returning, so it blocks as long as
+  /// subscribe() does. The gateway subscribes with subscribe_async from its I/O threads: a bus
+  /// whose subscribe() waits for the network must override it.
   virtual void subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
                                SubscribeCallback done);
 
