@@ -409,6 +409,10 @@ TEST_CASE("a Redis that stops answering: publish fails with bus_unavailable in t
   CHECK(failed.error().is(errc::bus_unavailable));
   CHECK(std::chrono::steady_clock::now() - start < 2s);
   MESSAGE("while stopped: " << failed.error().message);
+  // The overdue reply makes the bus give up the command connection (checked on its I/O thread
+  // just after the publish returned): wait for that before Redis answers again, or the late
+  // reply would keep the connection.
+  REQUIRE(eventually([&] { return !bus->wait_connected(0ms); }, 5s));
   server.resume();
 
   // The stalled connection was given up and a new one made; everything works again.
@@ -725,7 +729,8 @@ TEST_CASE("subscribe_async calls a snapshot_source off the I/O thread: a slow so
     Collector<std::thread::id> where;
     SubscribeOptions o;
     o.executor = inline_executor();
-    auto probe = bus->subscribe("t/probe", [&](const Delivery&) { where.push(std::this_thread::get_id()); }, o)
+    auto probe = bus->subscribe(
+                        "t/probe", [&](const Delivery&) { where.push(std::this_thread::get_id()); }, o)
                      .value();
     REQUIRE(bus->publish("t/probe", num(1)));
     auto ids = where.wait_for(1);
