@@ -483,9 +483,26 @@ namespace {
 
 // A bus that refuses publishes on demand (errc::bus_unavailable, as RedisBus while Redis is
 // away) and otherwise hands them to `inner`; records what it accepted.
-class FlakyBus final : public EventBus {
+// A test bus over another one: subscriptions and reads go to the inner bus.
+class WrappingBus : public EventBus {
  public:
-  explicit FlakyBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+  explicit WrappingBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options = {}) override {
+    return inner_->subscribe(pattern, std::move(callback), std::move(options));
+  }
+  EventPtr last(std::string_view topic) const override { return inner_->last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
+    return inner_->history(topic, since_seq);
+  }
+
+ protected:
+  EventBusPtr inner_;
+};
+
+class FlakyBus final : public WrappingBus {
+ public:
+  explicit FlakyBus(EventBusPtr inner) : WrappingBus(std::move(inner)) {}
   std::atomic<bool> refuse{false};
   std::atomic<int> refused{0};
 
@@ -529,17 +546,8 @@ class FlakyBus final : public EventBus {
     std::lock_guard lock(mutex_);
     return taken_[topic];
   }
-  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
-                                 SubscribeOptions options = {}) override {
-    return inner_->subscribe(pattern, std::move(callback), std::move(options));
-  }
-  EventPtr last(std::string_view topic) const override { return inner_->last(topic); }
-  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
-    return inner_->history(topic, since_seq);
-  }
 
  private:
-  EventBusPtr inner_;
   std::mutex mutex_;
   std::map<std::string, std::uint64_t> taken_;
 };
@@ -547,7 +555,7 @@ class FlakyBus final : public EventBus {
 // A bus whose publish_async answers only when the test says: publishes wait in `in_flight`
 // until answer() publishes one on the inner bus (or refuses it), in whatever order the test
 // picks. publish() (blocking) goes straight to the inner bus.
-class DelayedBus final : public EventBus {
+class DelayedBus final : public WrappingBus {
  public:
   struct call {
     std::string topic;
@@ -555,7 +563,7 @@ class DelayedBus final : public EventBus {
     PublishOptions options;
     PublishCallback done;
   };
-  explicit DelayedBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+  explicit DelayedBus(EventBusPtr inner) : WrappingBus(std::move(inner)) {}
 
   using EventBus::publish;
   result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
@@ -616,17 +624,8 @@ class DelayedBus final : public EventBus {
                   : result<EventPtr>(Error(errc::bus_unavailable, "refused (test)"));
     if (c.done) c.done(std::move(r));
   }
-  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
-                                 SubscribeOptions options = {}) override {
-    return inner_->subscribe(pattern, std::move(callback), std::move(options));
-  }
-  EventPtr last(std::string_view topic) const override { return inner_->last(topic); }
-  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
-    return inner_->history(topic, since_seq);
-  }
 
  private:
-  EventBusPtr inner_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<call> calls_;

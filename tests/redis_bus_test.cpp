@@ -45,6 +45,16 @@ std::vector<std::uint64_t> seqs(const std::vector<Seen>& items) {
 
 boost::json::value num(int n) { return boost::json::object{{"n", n}}; }
 
+// Options that notice a Redis that stopped answering within 300 ms and reconnect quickly.
+RedisBusOptions quick_failure() {
+  RedisBusOptions o;
+  o.command_timeout = 300ms;
+  o.connect_timeout = 300ms;
+  o.reconnect_min = 10ms;
+  o.reconnect_max = 100ms;
+  return o;
+}
+
 // A node: a RedisBus with its own connections, on `server`.
 std::unique_ptr<RedisBus> node(const RedisServer& server, RedisBusOptions o = {}) {
   o.address = server.address();
@@ -354,12 +364,7 @@ TEST_CASE(
 
 TEST_CASE("publish_async while Redis stops answering, and while it is gone: every callback gets an outcome") {
   RedisServer server;
-  RedisBusOptions o;
-  o.command_timeout = 300ms;
-  o.connect_timeout = 300ms;
-  o.reconnect_min = 10ms;
-  o.reconnect_max = 100ms;
-  auto bus = node(server, o);
+  auto bus = node(server, quick_failure());
   Collector<std::string> outcomes;
   auto report = [&outcomes](result<EventPtr> r) {
     outcomes.push(r ? "ok" : std::string(r.error().is(errc::bus_unavailable) ? "unavailable" : "other"));
@@ -391,12 +396,7 @@ TEST_CASE("publish_async while Redis stops answering, and while it is gone: ever
 
 TEST_CASE("a Redis that stops answering: publish fails with bus_unavailable in time, then recovers") {
   RedisServer server;
-  RedisBusOptions o;
-  o.command_timeout = 300ms;
-  o.connect_timeout = 300ms;
-  o.reconnect_min = 10ms;
-  o.reconnect_max = 100ms;
-  auto bus = node(server, o);
+  auto bus = node(server, quick_failure());
   Collector<Seen> got;
   auto sub = bus->subscribe("booking/s", record(got)).value();
   REQUIRE(bus->publish("booking/s", num(1)));
@@ -596,12 +596,7 @@ TEST_CASE("2,000 subscribe_async calls in flight at once, from one thread that n
 TEST_CASE(
     "subscribe_async while Redis stops answering: bus_unavailable within command_timeout, nothing after") {
   RedisServer server;
-  RedisBusOptions o;
-  o.command_timeout = 300ms;
-  o.connect_timeout = 300ms;
-  o.reconnect_min = 10ms;
-  o.reconnect_max = 100ms;
-  auto bus = node(server, o);
+  auto bus = node(server, quick_failure());
   REQUIRE(bus->publish("booking/t", num(1)));
   Collector<Seen> got;
   Collector<Error> outcome;
