@@ -566,6 +566,8 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   }
 
   bool on_io_thread() const { return std::this_thread::get_id() == io_thread_id; }
+  // Cancels the subscriptions, stops the catch-up thread and the I/O thread. Not on the I/O thread.
+  void teardown();
 
   // The publish script's command for `data` on `topic_name`, and the event its reply means.
   std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data,
@@ -1251,9 +1253,20 @@ RedisBus::RedisBus(RedisBusOptions options) : impl_(std::make_shared<impl>(std::
 
 RedisBus::~RedisBus() {
   impl_->closed.store(true);
-  for (auto& sub : impl_->all_subscriptions()) sub->cancel();
-  impl_->control.reset();  // waits for a catch-up in progress; queued ones see `closed`
-  impl_->stop();
+  if (impl_->on_io_thread()) {
+    // The last reference went in one of the bus's own callbacks (a `done`, an inline delivery):
+    // the I/O thread cannot join itself. The teardown runs on a thread of its own, which joins
+    // the I/O thread once this callback has returned, and the impl goes with it.
+    std::thread([impl = std::move(impl_)] { impl->teardown(); }).detach();
+    return;
+  }
+  impl_->teardown();
+}
+
+void RedisBus::impl::teardown() {
+  for (auto& sub : all_subscriptions()) sub->cancel();
+  control.reset();  // waits for a catch-up in progress; queued ones see `closed`
+  stop();
 }
 
 bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {

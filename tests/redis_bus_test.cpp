@@ -770,3 +770,45 @@ TEST_CASE("subscribe_async calls a snapshot_source off the I/O thread: a slow so
   std::lock_guard lock(mutex);
   sub.cancel();
 }
+
+TEST_CASE(
+    "the last reference to the bus dropped in its own done callback, on its I/O thread: torn down, no "
+    "abort") {
+  // A host (the gateway's TopicHub, say) may hold the bus only through a callback that is still
+  // pending when everything else has let go: the bus is then destroyed on its own I/O thread,
+  // which cannot join itself.
+  RedisServer server;
+  RedisBusOptions o;
+  o.address = server.address();
+  o.key_prefix = "pb:";
+  auto bus = std::make_shared<RedisBus>(o);
+  REQUIRE(bus->wait_connected(10s));
+  std::promise<void> released;
+  auto released_f = released.get_future().share();
+  Collector<std::thread::id> ran_on;
+  std::weak_ptr<RedisBus> watch = bus;
+  bus->subscribe_async(
+      "booking/last", [](const Delivery&) {}, {},
+      [keep = bus, released_f, &ran_on](result<Subscription> r) mutable {
+        CHECK(r.has_value());
+        // Wait (bounded) until the test has let go, so that `keep` is the last.
+        CHECK(released_f.wait_for(10s) == std::future_status::ready);
+        ran_on.push(std::this_thread::get_id());
+        if (r) r->cancel();
+        keep.reset();  // destroys the bus here, on its I/O thread
+      });
+  bus.reset();
+  released.set_value();
+  REQUIRE(ran_on.wait_for(1).size() == 1);
+  CHECK(ran_on.items()[0] != std::this_thread::get_id());
+  CHECK(eventually([&] { return watch.expired(); }));
+  // Its two connections close once the teardown has run: only the asking one is left.
+  auto clients = [&] {
+    auto list = server.command({"CLIENT", "LIST"});
+    return std::count(list.begin(), list.end(), '\n');
+  };
+  CHECK(eventually([&] { return clients() == 1; }));
+  // And the server is still fine for another node.
+  auto other = node(server);
+  REQUIRE(other->publish("booking/last", num(1)));
+}
