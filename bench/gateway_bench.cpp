@@ -6,12 +6,20 @@
 //   fanout   one topic, 1,000 subscribers (in-process gateway), small events: deliveries/s.
 //   memory   server RSS growth per idle WebSocket (10,000 idle connections).
 //
-//   pushbook-gateway-bench [--only latency|fanout|memory] [--clients N] [--rate R]
-//                          [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
+// --bus redis runs each mode over a RedisBus instead of the LocalBus: the bench starts a
+// redis-server of its own on a free loopback port (tests/redis_server.hpp, no persistence, emptied
+// before every measurement) and gives its address to pushbook-server (--bus redis://...) or to
+// the in-process gateway (fanout). --bus both measures each mode over both buses in every run,
+// one after the other, and prints the ratios.
+//
+//   pushbook-gateway-bench [--only latency|fanout|memory] [--bus local|redis|both] [--clients N]
+//                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
 #include <pushbook/auth.hpp>
 #include <pushbook/metrics.hpp>
 #include <pushbook/push_gateway.hpp>
+#include <pushbook/redis_bus.hpp>
 
+#include "redis_server.hpp"
 #include "server_process.hpp"
 
 #include <fmt/format.h>
@@ -29,6 +37,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -52,6 +61,13 @@ struct Options {
   int events = 20'000;
   int runs = 3;
   bool json = false;
+  std::string bus = "local";  // local, redis or both
+};
+
+// The bus one measurement runs over: "local", or "redis" with the address of the bench's Redis.
+struct BusChoice {
+  std::string kind = "local";
+  std::string address;
 };
 
 void raise_fd_limit() {
@@ -64,11 +80,27 @@ void raise_fd_limit() {
 // A pushbook-server child process on a free port (1 gateway thread, one big resource). The
 // in-memory store: this benchmark measures the gateway (pushbook-store-bench and pushbook-bench
 // measure the durable path), and it leaves no database file behind.
+std::vector<std::string> server_args(const BusChoice& bus) {
+  std::vector<std::string> args = {pushbook::bench::self_dir() + "/pushbook-server",
+                                   "--port",
+                                   "0",
+                                   "--secret",
+                                   secret,
+                                   "--threads",
+                                   "1",
+                                   "--resource",
+                                   "hall:100000000",
+                                   "--store",
+                                   "memory:"};
+  if (bus.kind == "redis") {
+    args.push_back("--bus");
+    args.push_back(bus.address);
+  }
+  return args;
+}
+
 struct ServerProcess : pushbook::bench::ServerProcess {
-  ServerProcess()
-      : pushbook::bench::ServerProcess({pushbook::bench::self_dir() + "/pushbook-server", "--port", "0",
-                                        "--secret", secret, "--threads", "1", "--resource", "hall:100000000",
-                                        "--store", "memory:"}) {}
+  explicit ServerProcess(const BusChoice& bus) : pushbook::bench::ServerProcess(server_args(bus)) {}
   long rss_kib() const { return pushbook::bench::process_rss_kib(pid); }
   double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
 };
@@ -176,8 +208,8 @@ struct LatencyResult {
   double server_cpu_per_booking_us = 0;
 };
 
-LatencyResult bench_latency(const Options& o) {
-  ServerProcess server;
+LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
+  ServerProcess server(bus);
   net::io_context ioc(1);
   auto guard = net::make_work_guard(ioc);
   std::thread io([&] { ioc.run(); });
@@ -236,8 +268,18 @@ LatencyResult bench_latency(const Options& o) {
   return r;
 }
 
-double bench_fanout(const Options& o) {
-  auto bus = std::make_shared<LocalBus>();
+std::shared_ptr<EventBus> make_bus(const BusChoice& choice) {
+  if (choice.kind == "local") return std::make_shared<LocalBus>();
+  RedisBusOptions ro;
+  ro.address = choice.address;
+  auto bus = std::make_shared<RedisBus>(ro);
+  if (!bus->wait_connected(std::chrono::seconds(10)))
+    throw std::runtime_error("Redis at " + choice.address + " does not answer");
+  return bus;
+}
+
+double bench_fanout(const Options& o, const BusChoice& choice) {
+  auto bus = make_bus(choice);
   auto engine = std::make_shared<BookingEngine>(bus);
   GatewayOptions go;
   go.secret = secret;
@@ -278,8 +320,8 @@ double bench_fanout(const Options& o) {
   return static_cast<double>(delivered.load()) / secs;
 }
 
-double bench_memory(const Options& o) {
-  ServerProcess server;
+double bench_memory(const Options& o, const BusChoice& bus) {
+  ServerProcess server(bus);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   const long before = server.rss_kib();
   net::io_context ioc(1);
@@ -330,42 +372,92 @@ int main(int argc, char** argv) {
       o.runs = std::stoi(value());
     else if (a == "--json")
       o.json = true;
+    else if (a == "--bus")
+      o.bus = value();
     else {
       fmt::print(stderr,
-                 "usage: pushbook-gateway-bench [--only latency|fanout|memory] [--clients N] [--rate R] "
-                 "[--seconds S]\n"
-                 "                              [--subscribers N] [--events N] [--runs N] [--json]\n");
+                 "usage: pushbook-gateway-bench [--only latency|fanout|memory] [--bus local|redis|both]\n"
+                 "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
+                 "                              [--events N] [--runs N] [--json]\n");
       return a == "--help" ? 0 : 2;
     }
+  }
+  if (o.bus != "local" && o.bus != "redis" && o.bus != "both") {
+    fmt::print(stderr, "--bus is local, redis or both, not '{}'\n", o.bus);
+    return 2;
   }
   raise_fd_limit();
   std::signal(SIGPIPE, SIG_IGN);
   auto want = [&](std::string_view what) { return o.only.empty() || o.only == what; };
-  std::vector<LatencyResult> lat;
-  std::vector<double> fan, mem;
+  std::unique_ptr<pushbook::test::RedisServer> redis;
+  std::vector<BusChoice> buses;
+  if (o.bus != "redis") buses.push_back({"local", ""});
+  if (o.bus != "local") {
+    redis = std::make_unique<pushbook::test::RedisServer>();
+    buses.push_back({"redis", redis->address()});
+  }
+  std::map<std::string, std::vector<LatencyResult>> lat;
+  std::map<std::string, std::vector<double>> fan, mem;
+  // Every run measures each bus in turn, so that a slow minute of the VM hits both.
   for (int r = 0; r < o.runs; ++r) {
-    if (want("latency")) lat.push_back(bench_latency(o));
-    if (want("fanout")) fan.push_back(bench_fanout(o));
-    if (want("memory")) mem.push_back(bench_memory(o));
+    for (const auto& bus : buses) {
+      // Nothing of an earlier measurement (histories, last values) may reach this one.
+      auto flush = [&] {
+        if (redis) (void)redis->command({"FLUSHALL"});
+      };
+      if (want("latency")) {
+        flush();
+        lat[bus.kind].push_back(bench_latency(o, bus));
+      }
+      if (want("fanout")) {
+        flush();
+        fan[bus.kind].push_back(bench_fanout(o, bus));
+      }
+      if (want("memory")) {
+        flush();
+        mem[bus.kind].push_back(bench_memory(o, bus));
+      }
+    }
     if (!o.json) fmt::print(stderr, "run {}/{} done\n", r + 1, o.runs);
   }
-  if (!lat.empty()) {
-    std::sort(lat.begin(), lat.end(),
-              [](const auto& a, const auto& b) { return a.latency.p99_ns < b.latency.p99_ns; });
-    const auto& m = lat[lat.size() / 2];
-    fmt::print("book -> confirmation, {} WebSocket clients, {} bookings/s for {} s (median of {} runs):\n",
-               o.clients, o.rate, o.seconds, lat.size());
-    fmt::print(
-        "  bookings {}  p50 {:.3f} ms  p90 {:.3f} ms  p99 {:.3f} ms  max {:.3f} ms  server CPU {:.1f} "
-        "us/booking\n",
-        m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
-        m.latency.max_ns / 1e6, m.server_cpu_per_booking_us);
+  for (const auto& bus : buses) {
+    const auto& kind = bus.kind;
+    const std::string over = buses.size() > 1 || kind != "local" ? fmt::format(" [bus {}]", kind) : "";
+    if (auto& runs = lat[kind]; !runs.empty()) {
+      std::sort(runs.begin(), runs.end(),
+                [](const auto& a, const auto& b) { return a.latency.p99_ns < b.latency.p99_ns; });
+      const auto& m = runs[runs.size() / 2];
+      fmt::print(
+          "book -> confirmation, {} WebSocket clients, {} bookings/s for {} s (median of {} runs){}:\n",
+          o.clients, o.rate, o.seconds, runs.size(), over);
+      fmt::print(
+          "  bookings {}  p50 {:.3f} ms  p90 {:.3f} ms  p99 {:.3f} ms  max {:.3f} ms  server CPU {:.1f} "
+          "us/booking\n",
+          m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
+          m.latency.max_ns / 1e6, m.server_cpu_per_booking_us);
+      std::string each;
+      for (const auto& x : runs)
+        each += fmt::format("{}{:.3f}", each.empty() ? "" : ", ", x.latency.p99_ns / 1e6);
+      fmt::print("  p99 of each run, sorted: {} ms\n", each);
+    }
+    if (const auto& runs = fan[kind]; !runs.empty()) {
+      std::string each;
+      for (const auto x : runs) each += fmt::format("{}{:.0f}", each.empty() ? "" : ", ", x);
+      fmt::print(
+          "fan-out, 1 topic, {} subscribers, {} events: {:.0f} deliveries/s (median of {} runs: {}){}\n",
+          o.subscribers, o.events, median(runs), runs.size(), each, over);
+    }
+    if (const auto& runs = mem[kind]; !runs.empty())
+      fmt::print("server memory per idle WebSocket ({} connections): {:.0f} bytes (median of {} runs){}\n",
+                 o.clients, median(runs), runs.size(), over);
   }
-  if (!fan.empty())
-    fmt::print("fan-out, 1 topic, {} subscribers, {} events: {:.0f} deliveries/s (median of {} runs)\n",
-               o.subscribers, o.events, median(fan), fan.size());
-  if (!mem.empty())
-    fmt::print("server memory per idle WebSocket ({} connections): {:.0f} bytes (median of {} runs)\n",
-               o.clients, median(mem), mem.size());
+  if (buses.size() == 2) {
+    if (!fan["local"].empty())
+      fmt::print("fan-out redis/local: {:.3f}\n", median(fan["redis"]) / median(fan["local"]));
+    if (!lat["local"].empty())
+      fmt::print("book -> confirmation p99 redis/local: {:.3f}\n",
+                 static_cast<double>(lat["redis"][lat["redis"].size() / 2].latency.p99_ns) /
+                     static_cast<double>(lat["local"][lat["local"].size() / 2].latency.p99_ns));
+  }
   return 0;
 }

@@ -1,12 +1,16 @@
 // BookingEngine.
 //
 // Threads: callers of submit()/cancel()/confirm()/release(); `workers` decider threads; one
-// timer thread (handler timeouts, hold expiry); any thread a host handler completes on.
+// timer thread (handler timeouts, hold expiry, publish retries); any thread a host handler
+// completes on; whichever thread the bus answers a publish_async on (publishing's next steps).
 //
 // Locks, always taken in this order (never the reverse):
 //   queue_mutex -> resources_mutex          (a worker hands over between them, see worker())
-//   booking lock (per id, striped) -> resources_mutex -> bus shard locks
+//   booking lock (per id, striped) -> resources_mutex -> lane shard mutex
+//   issued_mutex -> lane shard mutex; relay_mutex and the unpublished-ids stripes are taken alone
 //   idempotency_mutex (never held with another engine lock)
+// With a bus that answers publish_async before returning (LocalBus) the bus's own locks come
+// after these.
 //
 // Store first, then memory, then publish: every state change is committed to the store
 // (BookingStore::commit_async) and only its completion changes the in-memory resource counts and
@@ -21,9 +25,20 @@
 // commits a booking's next version before the previous one completed. Either way "booking/<id>"
 // sees the versions in order. Completions never take a booking lock (a thread holding one may be
 // waiting for the store), and never wait for the store.
-// Resource availability events are published under resources_mutex for the same reason.
-// Callbacks of subscribers that use inline_executor() therefore run under these locks and must
-// not call back into the engine.
+// Resource availability events are handed to the bus under resources_mutex for the same reason;
+// the publish lanes keep that order to the bus. Callbacks of subscribers that use
+// inline_executor() may run under these locks (LocalBus) and must not call back into the engine.
+//
+// Published means relayed (docs/architecture.md): "booking/<id>" events carry seq = version, so
+// the bus drops a version published twice. Events go out with publish_async, in per-topic lanes
+// (see "publishing" below): an event the bus refuses is published again after a backoff, and
+// later events of its topic wait behind it (never around it: a later version published first
+// would make the bus drop the earlier one as a duplicate, and a user/ or resource/ topic's last
+// value would go back in time). A change's events go user/ first, booking/ last: once
+// booking/<id> took a version, its user/ event went out before it, which is what a relay relies
+// on (below).
+// Lane shard mutexes are taken under the booking lock and resources_mutex, and under
+// issued_mutex; never the reverse. The bus and the store are never called with either held.
 #include <pushbook/booking_engine.hpp>
 
 #include "detail/adaptive_spin.hpp"
@@ -139,7 +154,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   std::atomic<std::uint64_t> in_flight{0};
 
   std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
-      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0};
+      expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0},
+      publish_failures{0}, publish_retries{0}, publish_dropped{0}, relayed{0};
+
   LatencyHistogram ack_latency, decision_latency;
 
   // Declared last: destroyed first, so no timer runs against a half-destroyed engine.
@@ -158,34 +175,436 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
 
   // --- publishing ---------------------------------------------------------------------------
+  //
+  // Events go to the bus with publish_async: no thread of the engine (nor a gateway thread
+  // submitting a booking) waits for the bus, and a bus over the network (RedisBus) takes them
+  // pipelined. What keeps them in order is the engine's, not the bus's:
+  //  - a topic has at most one event in flight: the next waits in the topic's lane until the
+  //    previous one is taken (or dropped), so a topic's events reach the bus in the order the
+  //    engine made them, whichever thread the outcomes come back on and however a refusal and a
+  //    reconnection interleave;
+  //  - one change's events (a chain) go one after the other: user/<user>, then booking/<id>
+  //    once user/ was taken (a relay: booking/<id>, then user/ only if the version was new);
+  //  - a refused event is published again after a backoff (timer thread), its lane waiting
+  //    behind it; a resource's lane keeps only its latest state meanwhile;
+  //  - while a relay of a booking is under way (at start), the booking's new changes wait for it
+  //    (parked), so its user/ event, which follows the relayed booking/ one, is not overtaken.
+  // Lanes are taken in the caller's order: resource events under resources_mutex, a booking's
+  // under its booking lock, so "the order the engine made them" is the order of those locks.
+
+  // One change's events, published in order.
+  struct chain {
+    std::vector<OutboxEvent> events;
+    std::size_t next = 0;  // the event being published
+    // A relay: events[0] is booking/<id>; when the bus already has that version, the rest went
+    // with it before (the order above), and is not published again.
+    bool relay = false;
+    // Set for a booking's change: the store hears the version is published once all went.
+    std::string booking_id;
+    std::uint64_t version = 0;
+    bool retried = false;   // waited behind a refusal (EngineStats::publish_retries)
+    unsigned failures = 0;  // refusals of the current event in a row, for the backoff
+    std::size_t remaining() const { return events.size() - next; }
+  };
+  using chain_ptr = std::shared_ptr<chain>;
+  struct lane {
+    chain_ptr head;                 // the chain whose event is at the bus or to be retried
+    std::deque<chain_ptr> waiting;  // behind it
+    bool failing = false;           // the head's event was refused at least once
+  };
+  struct lane_shard {
+    std::mutex mutex;
+    std::unordered_map<std::string, lane, string_hash, std::equal_to<>> lanes;  // busy topics only
+  };
+  std::array<lane_shard, 16> lane_shards;
+  // Events not yet taken by the bus (in flight, waiting in a lane or to be retried).
+  std::atomic<std::size_t> pending_events{0};
+  // Publishes handed to the bus whose outcome has not come back (and ones about to be handed):
+  // shutdown() waits for none, since the outcome runs engine code.
+  std::mutex issued_mutex;
+  std::condition_variable issued_cv;
+  std::size_t issued = 0;           // issued_mutex
+  bool publishing_stopped = false;  // issued_mutex: shutdown() is waiting for `issued`
+  // Booking ids with a chain not finished, and how many: the gateway's snapshot of such a booking
+  // from the store would be ahead of its events on the bus (publishing()).
+  struct unpublished_shard {
+    std::mutex mutex;
+    std::unordered_map<std::string, unsigned, string_hash, std::equal_to<>> ids;
+  };
+  std::array<unpublished_shard, 16> unpublished_ids;
+  // Chains of bookings being relayed, parked until the relay is done (relay_mutex).
+  std::mutex relay_mutex;
+  std::unordered_map<std::string, std::vector<chain_ptr>, string_hash, std::equal_to<>> relaying;
+  std::atomic<std::size_t> relays{0};  // entries in `relaying`: publish() looks without the mutex
+
+  lane_shard& shard_for(std::string_view topic) {
+    return lane_shards[string_hash{}(topic) % lane_shards.size()];
+  }
+  static bool is_resource_topic(std::string_view topic) { return topic.starts_with("resource/"); }
 
   void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
-    (void)bus->publish("resource/" + r.id, to_json(r));
+    auto c = std::make_shared<chain>();
+    c->events.push_back({"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0});
+    // Never dropped for the bound: a resource's lane holds at most two events (one at the bus, the
+    // latest state behind it), and a dropped state would leave the topic's last value stale for
+    // good (resources are not relayed).
+    start(std::move(c), false);
   }
 
-  // The events announcing `b`: booking/<id> and user/<user>, one JSON value shared by both.
+  // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
+  // value shared by both. In this order: see the top of this file.
   static std::vector<OutboxEvent> events_for(const Booking& b) {
     auto data = std::make_shared<const boost::json::value>(to_json(b));
     std::vector<OutboxEvent> events;
     events.reserve(2);
-    events.push_back({"booking/" + b.id, data});
-    events.push_back({"user/" + b.user, std::move(data)});
+    events.push_back({"user/" + b.user, data, 0});
+    events.push_back({"booking/" + b.id, std::move(data), b.version});
     return events;
   }
 
-  void publish(const std::vector<OutboxEvent>& events) {
-    for (const auto& ev : events) (void)bus->publish(ev.topic, ev.data);
+  // Publishes a stored change's events; the store hears that the version is published once the
+  // last of them went.
+  void publish(std::vector<OutboxEvent> events, const Booking& b) {
+    auto c = std::make_shared<chain>();
+    c->events = std::move(events);
+    c->booking_id = b.id;
+    c->version = b.version;
+    if (relays.load(std::memory_order_acquire) > 0) {
+      std::lock_guard lock(relay_mutex);
+      if (auto it = relaying.find(b.id); it != relaying.end()) {
+        mark_unpublished(b.id);
+        it->second.push_back(std::move(c));
+        return;
+      }
+    }
+    mark_unpublished(b.id);
+    start(std::move(c));
   }
 
-  // Commits `b` and waits; on success runs `then` (memory changes) and publishes, in the
-  // store's completion, before returning. Caller holds the booking's lock.
+  // Publishes a version found unpublished in the store at start: booking/<id> first, and its
+  // user/ event only when the bus took the version (not a duplicate).
+  void relay(const Booking& b) {
+    auto events = events_for(b);
+    std::swap(events[0], events[1]);
+    auto c = std::make_shared<chain>();
+    c->events = std::move(events);
+    c->relay = true;
+    c->booking_id = b.id;
+    c->version = b.version;
+    relayed.fetch_add(1, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(relay_mutex);
+      relaying.try_emplace(b.id);
+      relays.store(relaying.size(), std::memory_order_release);
+    }
+    mark_unpublished(b.id);
+    start(std::move(c));
+  }
+
+  // A relay of `id` is done (published or dropped): the changes parked behind it go now.
+  void relay_done(const std::string& id) {
+    std::vector<chain_ptr> parked;
+    {
+      std::lock_guard lock(relay_mutex);
+      auto it = relaying.find(id);
+      if (it == relaying.end()) return;
+      parked = std::move(it->second);
+      relaying.erase(it);
+      relays.store(relaying.size(), std::memory_order_release);
+    }
+    bool stopped;
+    {
+      std::lock_guard lock(issued_mutex);
+      stopped = publishing_stopped;
+    }
+    for (auto& c : parked) {
+      if (stopped) {  // the relay was dropped at shutdown: so are the changes behind it
+        publish_dropped.fetch_add(c->remaining(), std::memory_order_relaxed);
+        chain_done(*c);
+      } else {
+        start(std::move(c));
+      }
+    }
+  }
+
+  unpublished_shard& unpublished_for(std::string_view id) {
+    return unpublished_ids[string_hash{}(id) % unpublished_ids.size()];
+  }
+  void mark_unpublished(const std::string& id) {
+    auto& shard = unpublished_for(id);
+    std::lock_guard lock(shard.mutex);
+    ++shard.ids[id];
+  }
+  // c is finished or dropped: its booking has one unfinished chain less (and a relay is done).
+  void chain_done(const chain& c) {
+    if (c.booking_id.empty()) return;
+    {
+      auto& shard = unpublished_for(c.booking_id);
+      std::lock_guard lock(shard.mutex);
+      if (auto it = shard.ids.find(c.booking_id); it != shard.ids.end() && --it->second == 0)
+        shard.ids.erase(it);
+    }
+    if (c.relay) relay_done(c.booking_id);
+  }
+  bool publishing(std::string_view id) {
+    auto& shard = unpublished_for(id);
+    std::lock_guard lock(shard.mutex);
+    return shard.ids.contains(id);
+  }
+
+  // `bounded`: dropped (and counted) when max_publish_backlog events already wait for the bus.
+  void start(chain_ptr c, bool bounded = true) {
+    const auto n = c->remaining();
+    if (pending_events.fetch_add(n, std::memory_order_acq_rel) >= options.max_publish_backlog && bounded) {
+      pending_events.fetch_sub(n, std::memory_order_acq_rel);
+      publish_dropped.fetch_add(n, std::memory_order_relaxed);
+      chain_done(*c);
+      return;
+    }
+    advance(std::move(c));
+  }
+
+  // Publishes c's current event now when its topic has nothing in flight, else queues it in the
+  // topic's lane.
+  void advance(chain_ptr c) {
+    const auto& ev = c->events[c->next];
+    {
+      auto& shard = shard_for(ev.topic);
+      std::lock_guard lock(shard.mutex);
+      auto [it, free] = shard.lanes.try_emplace(ev.topic);
+      if (free) {
+        it->second.head = c;
+      } else {
+        auto& ln = it->second;
+        if (is_resource_topic(ev.topic) && !ln.waiting.empty()) {
+          // A resource event carries the whole state: the waiting one takes the newer state.
+          ln.waiting.back()->events[0].data = ev.data;
+          pending_events.fetch_sub(1, std::memory_order_acq_rel);
+          return;
+        }
+        if (ln.failing) c->retried = true;
+        ln.waiting.push_back(std::move(c));
+        return;
+      }
+    }
+    issue(std::move(c), true);
+  }
+
+  // Hands c's current event to the bus. Its topic's lane is c's. `fresh` is false for a retry
+  // from the timer thread, which shutdown() may have overtaken (then it is dropped).
+  void issue(chain_ptr c, bool fresh) {
+    {
+      std::unique_lock lock(issued_mutex);
+      if (publishing_stopped && !fresh) {
+        // Only retries come here once publishing stopped: the event stays unpublished (a
+        // durable store relays its version at the next start).
+        lock.unlock();
+        abandon(std::move(c));
+        return;
+      }
+      ++issued;
+    }
+    // A bus that answers before publish_async returns (LocalBus, any bus using the default)
+    // would recurse once per event waiting in a lane or chain: this thread's first issue()
+    // publishes what the answers start, in a loop.
+    thread_local std::vector<std::pair<engine_core*, chain_ptr>>* deferred = nullptr;
+    if (deferred) {
+      try {
+        deferred->emplace_back(this, c);
+      } catch (...) {
+        published(std::move(c), Error(errc::internal, "out of memory"));  // retried later
+      }
+      return;
+    }
+    std::vector<std::pair<engine_core*, chain_ptr>> work;
+    try {
+      work.emplace_back(this, c);
+    } catch (...) {
+      published(std::move(c), Error(errc::internal, "out of memory"));
+      return;
+    }
+    deferred = &work;
+    struct reset {
+      ~reset() { deferred = nullptr; }
+    } reset_deferred;
+    for (std::size_t i = 0; i < work.size(); ++i) {
+      auto [engine, next] = std::move(work[i]);
+      engine->send(std::move(next));
+    }
+  }
+
+  // Hands c's current event to the bus; its answer comes to published() exactly once, also when
+  // publish_async throws.
+  void send(chain_ptr c) {
+    const auto& ev = c->events[c->next];
+    PublishOptions po;
+    if (ev.seq > 0) po.seq = ev.seq;
+    auto answered = std::make_shared<std::atomic<bool>>(false);
+    try {
+      bus->publish_async(ev.topic, ev.data, po, [this, c, answered](result<EventPtr> r) {
+        if (!answered->exchange(true)) published(c, r);
+      });
+    } catch (const std::exception& e) {
+      if (!answered->exchange(true)) published(std::move(c), Error(errc::internal, e.what()));
+    }
+  }
+
+  enum class publish_outcome { accepted, duplicate, refused, failed };
+
+  publish_outcome classify(const result<EventPtr>& r) {
+    if (r) return publish_outcome::accepted;
+    if (r.error().is(errc::already_exists)) return publish_outcome::duplicate;
+    if (r.error().is(errc::bad_request) || r.error().is(errc::invalid_topic)) {
+      publish_dropped.fetch_add(1, std::memory_order_relaxed);  // never better on a retry
+      return publish_outcome::refused;
+    }
+    publish_failures.fetch_add(1, std::memory_order_relaxed);
+    return publish_outcome::failed;
+  }
+
+  // The bus's answer for c's current event (any thread). The last thing it does with the engine
+  // is to count the publish as answered: shutdown() returns once none is left.
+  void published(chain_ptr c, const result<EventPtr>& r) {
+    struct answered {
+      engine_core* engine;
+      ~answered() {
+        std::lock_guard lock(engine->issued_mutex);
+        if (--engine->issued == 0) engine->issued_cv.notify_all();
+      }
+    } count_answered{this};
+    const auto outcome = classify(r);
+    const std::string topic = c->events[c->next].topic;
+    if (outcome == publish_outcome::failed) {
+      retry_later(std::move(c));
+    } else {
+      pending_events.fetch_sub(1, std::memory_order_acq_rel);
+      if (c->retried) publish_retries.fetch_add(1, std::memory_order_relaxed);
+      c->failures = 0;
+      // The topic's lane passes to its next waiting chain, or is freed.
+      chain_ptr behind;
+      {
+        auto& shard = shard_for(topic);
+        std::lock_guard lock(shard.mutex);
+        auto it = shard.lanes.find(topic);
+        if (it->second.waiting.empty()) {
+          shard.lanes.erase(it);
+        } else {
+          it->second.failing = false;
+          behind = std::move(it->second.waiting.front());
+          it->second.waiting.pop_front();
+          it->second.head = behind;
+        }
+      }
+      bool finished = ++c->next == c->events.size();
+      if (!finished && c->relay && outcome == publish_outcome::duplicate) {
+        // The bus had this version: the rest of the change went before it.
+        pending_events.fetch_sub(c->remaining(), std::memory_order_acq_rel);
+        finished = true;
+      }
+      if (finished) {
+        if (!c->booking_id.empty()) store->published(c->booking_id, c->version);
+        chain_done(*c);
+      } else {
+        advance(std::move(c));
+      }
+      if (behind) issue(std::move(behind), true);
+    }
+  }
+
+  // c's current event was refused: it keeps its lane (events of its topic wait behind it) and is
+  // published again after a backoff; on shutdown it is dropped instead.
+  void retry_later(chain_ptr c) {
+    const auto& topic = c->events[c->next].topic;
+    c->retried = true;
+    {
+      auto& shard = shard_for(topic);
+      std::lock_guard lock(shard.mutex);
+      auto& ln = shard.lanes.find(topic)->second;
+      ln.failing = true;
+      for (auto& w : ln.waiting) w->retried = true;
+      if (is_resource_topic(topic) && !ln.waiting.empty()) {
+        // The retry carries the resource's latest state; the waiting one goes.
+        c->events[0].data = ln.waiting.back()->events[0].data;
+        pending_events.fetch_sub(ln.waiting.size(), std::memory_order_acq_rel);
+        ln.waiting.clear();
+      }
+    }
+    {
+      std::unique_lock lock(issued_mutex);
+      if (publishing_stopped) {
+        lock.unlock();
+        abandon(std::move(c));
+        return;
+      }
+    }
+    const auto backoff = std::chrono::milliseconds(std::min(20 << std::min(c->failures, 6u), 1000));
+    ++c->failures;
+    // The timer queue is destroyed before the rest of the engine, and runs nothing after
+    // shutdown(): `this` is valid when it runs.
+    timers.schedule(steady::now() + backoff,
+                    [this, c = std::move(c)]() mutable { issue(std::move(c), false); });
+  }
+
+  // Drops c (and the chains waiting in its lane): the bus refuses and the engine is stopping.
+  void abandon(chain_ptr c) {
+    std::vector<chain_ptr> dropped{std::move(c)};
+    {
+      const auto& topic = dropped[0]->events[dropped[0]->next].topic;
+      auto& shard = shard_for(topic);
+      std::lock_guard lock(shard.mutex);
+      if (auto it = shard.lanes.find(topic); it != shard.lanes.end()) {
+        for (auto& w : it->second.waiting) dropped.push_back(std::move(w));
+        shard.lanes.erase(it);
+      }
+    }
+    for (const auto& d : dropped) {
+      pending_events.fetch_sub(d->remaining(), std::memory_order_acq_rel);
+      publish_dropped.fetch_add(d->remaining(), std::memory_order_relaxed);
+      chain_done(*d);
+    }
+  }
+
+  // From now on refused events are dropped rather than retried.
+  void stop_publishing() {
+    std::lock_guard lock(issued_mutex);
+    publishing_stopped = true;
+  }
+
+  // Once the timers stopped (no retry and no expiry hands the bus anything more): waits for the
+  // bus to answer what it was handed, then drops what is left (retries the timers discarded, and
+  // what waited behind them).
+  void wait_published() {
+    {
+      std::unique_lock lock(issued_mutex);
+      issued_cv.wait(lock, [&] { return issued == 0; });
+    }
+    for (auto& shard : lane_shards) {
+      std::vector<chain_ptr> left;
+      {
+        std::lock_guard sl(shard.mutex);
+        for (auto& [topic, ln] : shard.lanes) {
+          if (ln.head) left.push_back(std::move(ln.head));
+          for (auto& w : ln.waiting) left.push_back(std::move(w));
+        }
+        shard.lanes.clear();
+      }
+      for (const auto& d : left) {
+        pending_events.fetch_sub(d->remaining(), std::memory_order_acq_rel);
+        publish_dropped.fetch_add(d->remaining(), std::memory_order_relaxed);
+        chain_done(*d);
+      }
+    }
+  }
+
+  // Commits `b` and waits; on success runs `then` (memory changes) and hands the events to the
+  // bus, in the store's completion, before returning. Caller holds the booking's lock.
   result<void> commit_and_wait(const Booking& b, const std::function<void()>& then) {
     StateChange change{b, events_for(b), {}};
     std::promise<result<void>> stored;
     store->commit_async(change, [&](result<void> r) {
       if (r) {
         if (then) then();
-        publish(change.events);
+        publish(change.events, b);
       }
       stored.set_value(std::move(r));
     });
@@ -427,7 +846,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       // The quota comes back before anyone can see the decision: a client that submits again on
       // seeing it is never refused for the booking it just saw decided.
       give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
-      publish(events);
+      publish(events, d);
       switch (d.status) {
         case BookingStatus::held: {
           held.fetch_add(1, std::memory_order_relaxed);
@@ -652,6 +1071,11 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     const auto steady_now = steady::now();
     auto state = store->recover(wall_now - options.idempotency_window);
     if (!state) throw Exception(Error(errc::store_failed, "recovery: " + state.error().message));
+    // Versions stored and maybe never published (the process died in between): published now,
+    // before anything new, each version at most once on booking/<id> (the bus drops what it has).
+    // A bus that refuses them (Redis not there yet) gets them again later, still ahead of every
+    // new event of their topics.
+    for (const auto& b : state->unpublished) relay(b);
     {
       std::unique_lock lock(resources_mutex);
       for (auto& r : state->resources) {
@@ -709,9 +1133,25 @@ bool Completion::operator()(Decision decision) const {
 BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
   if (!bus) throw Exception(Error(errc::bad_request, "BookingEngine needs an event bus"));
   impl_ = std::make_shared<detail::engine_core>(std::move(bus), std::move(options));
-  impl_->recover();
-  const auto n = std::max<std::size_t>(1, impl_->options.workers);
-  for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+  try {
+    impl_->recover();
+    const auto n = std::max<std::size_t>(1, impl_->options.workers);
+    for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+  } catch (...) {
+    // The relays and resource events recover() handed to the bus call back into the engine:
+    // stop what started and wait for those answers before the engine goes.
+    {
+      std::lock_guard lock(impl_->queue_mutex);
+      impl_->stopping.store(true);
+    }
+    impl_->queue_cv.notify_all();
+    for (auto& t : impl_->workers)
+      if (t.joinable()) t.join();
+    impl_->stop_publishing();
+    impl_->timers.stop();
+    impl_->wait_published();
+    throw;
+  }
 }
 
 BookingEngine::~BookingEngine() { shutdown(); }
@@ -731,9 +1171,15 @@ void BookingEngine::shutdown() {
     std::unique_lock lock(impl_->in_flight_mutex);
     impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
   }
-  // Then no timer runs any more (holds no longer expire): a timer holding the last reference to
-  // the engine would otherwise destroy it, and its timer queue, on the timer thread.
+  // From here on, an event the bus refuses is dropped, not retried (a durable store relays its
+  // version at the next start).
+  impl_->stop_publishing();
+  // Then no timer runs any more (holds no longer expire, nothing refused is retried): a timer
+  // holding the last reference to the engine would otherwise destroy it, and its timer queue, on
+  // the timer thread. A timer running now (an expiry handing events to the bus) finishes first.
   impl_->timers.stop();
+  // The bus answers what it was handed; what is still waiting (behind a refusal) is dropped.
+  impl_->wait_published();
 }
 
 // Capacity changes are serialised by resources_admin_mutex and never hold resources_mutex while
@@ -853,7 +1299,7 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
                           fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
                                       request.idempotency_key, it->second.booking_id)));
       }
-      Ack ack{it->second.booking_id, BookingStatus::processing, true};
+      Ack ack{it->second.booking_id, BookingStatus::processing, true, 1};
       // An ACK means stored: a retry that arrives while the first submit is still storing the
       // booking (or whose store cannot say) gets an error to retry on, never an ACK for a booking
       // that may yet fail to be stored.
@@ -871,6 +1317,7 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
                                                         "stored; retry",
                                                         ack.booking_id, request.idempotency_key)));
       ack.status = (*stored)->status;
+      ack.version = (*stored)->version;
       m.replays.fetch_add(1, std::memory_order_relaxed);
       m.ack_latency.record(steady::now() - t0);
       return done(std::move(ack));
@@ -923,9 +1370,9 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
       return done(std::move(e));
     }
     if (!slot.empty()) m.mark_key_stored(slot, b->id);
-    m.publish(events);
+    m.publish(events, *b);
     m.accepted.fetch_add(1, std::memory_order_relaxed);
-    Ack ack{b->id, BookingStatus::processing, false};
+    Ack ack{b->id, BookingStatus::processing, false, b->version};
     bool wake = false;
     {
       std::unique_lock lock(m.queue_mutex);
@@ -995,11 +1442,18 @@ EngineStats BookingEngine::stats() const {
   s.in_flight = m.in_flight.load();
   s.queue_depth = m.queued.load();
   s.quota_exceeded = m.quota_refused.load();
+  s.publish_failures = m.publish_failures.load();
+  s.publish_retries = m.publish_retries.load();
+  s.publish_backlog = m.pending_events.load();
+  s.publish_dropped = m.publish_dropped.load();
+  s.relayed = m.relayed.load();
   s.ack_latency = m.ack_latency.summary();
   s.decision_latency = m.decision_latency.summary();
   return s;
 }
 
 const EventBusPtr& BookingEngine::bus() const noexcept { return impl_->bus; }
+
+bool BookingEngine::publishing(std::string_view booking_id) const { return impl_->publishing(booking_id); }
 
 }  // namespace pushbook

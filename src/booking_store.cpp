@@ -17,6 +17,8 @@ BookingStore::~BookingStore() = default;
 
 void BookingStore::commit_async(const StateChange& change, CommitCallback done) { done(commit(change)); }
 
+void BookingStore::published(std::string_view, std::uint64_t) {}
+
 namespace {
 struct string_hash {
   using is_transparent = void;

@@ -76,6 +76,18 @@ std::optional<std::uint32_t> parse_epoch(std::string_view text) noexcept {
 }
 
 EventBus::~EventBus() = default;
+
+void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                             const PublishOptions& options, PublishCallback done) {
+  auto r = publish(topic, std::move(data), options);
+  if (done) done(std::move(r));
+}
+void EventBus::subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                               SubscribeCallback done) {
+  auto r = subscribe(pattern, std::move(callback), std::move(options));
+  if (done) done(std::move(r));
+}
+
 detail::SubscriptionState::~SubscriptionState() = default;
 
 namespace {

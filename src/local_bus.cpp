@@ -348,10 +348,14 @@ LocalBus::~LocalBus() {
 }
 
 result<EventPtr> LocalBus::publish(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data) {
+                                   std::shared_ptr<const boost::json::value> data,
+                                   const PublishOptions& options) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
+  if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))
+    return Error(errc::bad_request, "publish seq must be 1.." + std::to_string(max_publish_seq) + ", not " +
+                                        std::to_string(*options.seq));
   if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
   auto& s = impl_->shard_for(topic_name);
   const auto now = std::chrono::system_clock::now();
@@ -361,7 +365,14 @@ result<EventPtr> LocalBus::publish(std::string_view topic_name,
   {
     std::lock_guard lock(s.mutex);
     auto& t = impl_->find_or_create(s, topic_name, steady_now);
-    ev = std::make_shared<const Event>(t.name, ++t.seq, now, std::move(data), t.epoch);
+    // Compared and set under the topic's lock: of two publishes of one numbered event, exactly
+    // one is delivered. A duplicate changes nothing (not even the topic's activity).
+    if (options.seq && t.seq >= *options.seq)
+      return Error(errc::already_exists, "topic '" + t.name + "' already has seq " + std::to_string(t.seq) +
+                                             " (epoch " + format_epoch(t.epoch) + "); seq " +
+                                             std::to_string(*options.seq) + " is not delivered again");
+    t.seq = options.seq ? *options.seq : t.seq + 1;
+    ev = std::make_shared<const Event>(t.name, t.seq, now, std::move(data), t.epoch);
     t.history.push_back(ev);
     impl_->trim_history(t, now);
     t.last = ev;

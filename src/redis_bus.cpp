@@ -2,9 +2,12 @@
 //
 // Threads: one Asio thread runs both connections (commands, pipelined; and the subscriber
 // connection). Callers of publish/subscribe/last/history post a command to that thread and wait
-// for its reply; many callers share the command connection's pipeline. Catching subscribers up
-// after a reconnect reads Redis with blocking calls, so it runs on a `control` thread, never on
-// the I/O thread. Callbacks run on the subscriptions' executors, as with LocalBus.
+// for its reply; many callers share the command connection's pipeline. publish_async and
+// subscribe_async post and never wait: their replies are handled on the I/O thread (a
+// subscribe_async's history read is queued from the confirmation's handler, and its reply
+// applied there with the same catch-up rules as subscribe's). Catching subscribers up after a
+// reconnect reads Redis with blocking calls, so it runs on a `control` thread, never on the I/O
+// thread. Callbacks run on the subscriptions' executors, as with LocalBus.
 //
 // No gap and no duplicate between replay and live: a subscriber starts `buffering`; the topic's
 // channel is SUBSCRIBEd and confirmed first, then the history is read (seq S, epoch E), then the
@@ -122,18 +125,32 @@ std::string sha1_hex(std::string_view text) {
 }
 
 // KEYS: epoch, seq, history stream, last. ARGV: data, history_limit, history_max_age_ms,
-// topic_idle_ttl_ms, channel, candidate epoch. Returns {epoch, seq, time in microseconds}.
+// topic_idle_ttl_ms, channel, candidate epoch, seq the publisher gives ('' for the next one).
+// Returns {epoch, seq, time in microseconds}, or {epoch, current seq, ''} when the given seq is
+// not above the topic's current one (a duplicate: nothing is written or published).
 // A topic whose epoch key is gone (never published, expired, or Redis lost its data) starts a
 // new numbering in a new epoch: whatever remains of the old one is deleted first.
+// The given seq is compared and set here, in the same atomic script as the PUBLISH: two nodes
+// relaying the same numbered event cannot both deliver it, and it costs no extra round trip.
+// (Lua numbers are doubles: seq is at most 2^53, which publish() checks.)
 constexpr std::string_view publish_script = R"lua(
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+elseif ARGV[7] ~= '' then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current >= tonumber(ARGV[7]) then return {tonumber(epoch), current, ''} end
 end
 redis.call('SET', KEYS[1], epoch, 'PX', ARGV[4])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local seq
+if ARGV[7] ~= '' then
+  seq = ARGV[7]  -- kept as text: Lua would print a large number as 1e+15 in the entries below
+  redis.call('SET', KEYS[2], seq, 'PX', ARGV[4])
+else
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 local t = redis.call('TIME')
 local us = t[1] .. string.format('%06d', tonumber(t[2]))
 local entry = seq .. ':' .. us .. ':' .. ARGV[1]
@@ -141,7 +158,7 @@ redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], seq .. '-0', 't', us, 'd', ARGV[1
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], entry, 'PX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], epoch .. ':' .. entry)
-return {tonumber(epoch), seq, us}
+return {tonumber(epoch), tonumber(seq), us}
 )lua";
 
 // KEYS: epoch, seq, history stream, last. ARGV: since_seq, history_max_age_us, create ('1' to
@@ -256,6 +273,9 @@ class connection : public std::enable_shared_from_this<connection> {
     if (!sent_at_.empty() && std::chrono::steady_clock::now() - sent_at_.front() >= timeout)
       fail("no reply within " + std::to_string(timeout.count()) + " ms");
   }
+
+  /// Commands sent and not answered yet.
+  std::size_t pending() const { return pending_.size(); }
 
   std::string where() const {
     return spec_.unix_socket ? "unix:" + spec_.path : spec_.host + ":" + spec_.port;
@@ -479,12 +499,16 @@ struct catch_up_request {
 struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   struct subscription;
   using sub_ptr = std::shared_ptr<subscription>;
+  struct pending_subscribe;
+  using op_ptr = std::shared_ptr<pending_subscribe>;
 
   // A channel (exact topic) or pattern (wildcard) this node subscribes to in Redis.
   struct channel_state {
     std::vector<sub_ptr> subs;
     bool confirmed = false;  // Redis confirmed the (re)subscription on the current connection
     bool missed = false;     // the connection was lost since: wildcard subscribers get a gap
+    // subscribe_async calls waiting for the confirmation (their catch-up read starts then).
+    std::vector<op_ptr> waiting;
   };
 
   RedisBusOptions options;
@@ -494,6 +518,7 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
 
   asio::io_context io;
   std::shared_ptr<connection> commands, subscriber;
+  asio::steady_timer stall_timer{io};
   std::thread io_thread;
   std::atomic<std::thread::id> io_thread_id;
   std::unique_ptr<ThreadPool> control;  // catch-ups after reconnects (blocking reads of Redis)
@@ -501,6 +526,8 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   mutable std::mutex mutex;
   std::condition_variable changed;  // confirmations, connection state
   std::unordered_map<std::string, std::shared_ptr<channel_state>> topics, patterns;
+  // subscribe_async calls not finished yet: failed with shutting_down when the bus closes.
+  std::unordered_map<pending_subscribe*, op_ptr> pending_ops;
   bool commands_ready = false, subscriber_ready = false;
   std::atomic<bool> closed{false};
 
@@ -539,6 +566,33 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   }
 
   bool on_io_thread() const { return std::this_thread::get_id() == io_thread_id; }
+  // Cancels the subscriptions, stops the catch-up thread and the I/O thread. Not on the I/O thread.
+  void teardown();
+
+  // The publish script's command for `data` on `topic_name`, and the event its reply means.
+  std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data,
+                                           const PublishOptions& publish_options);
+  result<EventPtr> published_event(std::string_view topic_name,
+                                   std::shared_ptr<const boost::json::value> data,
+                                   std::optional<std::uint64_t> asked_seq, result<reply_ptr> r);
+
+  // On the I/O thread: while commands nobody waits for (publish_async) are pending, a timer
+  // checks every command_timeout that Redis still answers; one that does not is treated as gone
+  // (check_stalled), so that their callbacks get bus_unavailable rather than waiting forever.
+  void watch_stalls() {
+    if (stall_watch_armed) return;
+    stall_watch_armed = true;
+    stall_timer.expires_after(options.command_timeout);
+    stall_timer.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+      auto self = weak.lock();
+      if (!self) return;
+      self->stall_watch_armed = false;
+      if (ec || self->closed.load()) return;
+      self->commands->check_stalled(self->options.command_timeout);
+      if (self->commands->pending() > 0) self->watch_stalls();
+    });
+  }
+  bool stall_watch_armed = false;  // I/O thread only
 
   // Runs a command on the command connection from any thread but the I/O thread; waits for the
   // reply at most command_timeout.
@@ -585,6 +639,9 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
     std::uint64_t first_kept = 0;  // 0: history is empty
     std::vector<EventPtr> entries;
   };
+  std::vector<std::string> read_command(std::string_view topic, std::uint64_t since_seq, bool create_epoch);
+  result<read_result> parse_read(std::string_view topic, result<reply_ptr> r);
+  // Blocking: read_command, call, parse_read.
   result<read_result> read(std::string_view topic, std::uint64_t since_seq, bool create_epoch);
 
   void on_message(const reply_ptr& reply);
@@ -595,6 +652,31 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   void send_unsubscribe(bool pattern, const std::string& name);
   bool catch_up(const sub_ptr& sub, catch_up_request req, Error* error);
   void catch_up_later(const sub_ptr& sub);
+  // The halves of a catch-up, shared by catch_up() (blocking) and subscribe_async (a read on the
+  // I/O thread): what the read starts from, what its result does, and a read that failed.
+  struct read_start {
+    std::uint64_t losses = 0;
+    bool live = false;
+  };
+  read_start begin_read(const sub_ptr& sub);
+  // Returns true when the topic must be read again (with `req` as it leaves it).
+  // `source`: the subscription's snapshot_source already called (subscribe_async calls it off the
+  // I/O thread); null: apply_read calls it when it needs it.
+  bool apply_read(const sub_ptr& sub, catch_up_request& req, const read_start& start, const read_result& t,
+                  const std::shared_ptr<const boost::json::value>* source = nullptr);
+  void read_failed(const sub_ptr& sub);
+
+  // subscribe_async (see pending_subscribe); all but make_subscription on the I/O thread.
+  sub_ptr make_subscription(std::string_view pattern, DeliveryCallback callback, const SubscribeOptions& o);
+  // Registers `sub` (and `op`, waiting for the confirmation unless the channel has it already)
+  // and sends the channel's SUBSCRIBE when it is new. Returns the channel and whether it was
+  // confirmed at registration.
+  std::pair<std::shared_ptr<channel_state>, bool> register_subscription(const sub_ptr& sub, const op_ptr& op);
+  void arm(const op_ptr& op);
+  void on_confirmed(const op_ptr& op);
+  void read_async(const op_ptr& op);
+  void finish(const op_ptr& op, Error error);
+  void fail_pending(const Error& error);
   void unregister(const sub_ptr& sub);
   std::vector<sub_ptr> all_subscriptions();
 };
@@ -782,16 +864,49 @@ struct RedisBus::impl::subscription final : detail::SubscriptionState,
   }
 };
 
+// One subscribe_async in progress. Created by the caller, then touched only on the I/O thread:
+// registered there, the channel's confirmation (at once when the channel has it) starts the
+// catch-up read, whose reply finishes it; the timer (command_timeout per step) or the bus
+// closing finish it with an error instead. `finished` makes whichever comes first the only one.
+struct RedisBus::impl::pending_subscribe {
+  explicit pending_subscribe(asio::io_context& io) : timer(io) {}
+  sub_ptr sub;
+  catch_up_request req;
+  SubscribeCallback done;
+  asio::steady_timer timer;
+  std::uint64_t timer_generation = 0;  // a timer handler of an older step does nothing
+  bool reading = false;                // confirmed: the history read is in flight
+  bool finished = false;
+};
+
 // --- Redis reads ---------------------------------------------------------------------------------
+
+std::vector<std::string> RedisBus::impl::read_command(std::string_view topic, std::uint64_t since_seq,
+                                                      bool create_epoch) {
+  const auto max_age_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(options.history_max_age).count();
+  return {"EVALSHA",
+          read_sha,
+          "4",
+          key(topic, "epoch"),
+          key(topic, "seq"),
+          key(topic, "h"),
+          key(topic, "last"),
+          std::to_string(since_seq),
+          std::to_string(max_age_us),
+          create_epoch ? "1" : "0",
+          candidate_epoch(),
+          std::to_string(options.topic_idle_ttl.count())};
+}
 
 result<RedisBus::impl::read_result> RedisBus::impl::read(std::string_view topic, std::uint64_t since_seq,
                                                          bool create_epoch) {
-  const auto max_age_us =
-      std::chrono::duration_cast<std::chrono::microseconds>(options.history_max_age).count();
-  auto r =
-      call({"EVALSHA", read_sha, "4", key(topic, "epoch"), key(topic, "seq"), key(topic, "h"),
-            key(topic, "last"), std::to_string(since_seq), std::to_string(max_age_us),
-            create_epoch ? "1" : "0", candidate_epoch(), std::to_string(options.topic_idle_ttl.count())});
+  return parse_read(topic, call(read_command(topic, since_seq, create_epoch)));
+}
+
+result<RedisBus::impl::read_result> RedisBus::impl::parse_read(std::string_view topic, result<reply_ptr> r) {
+  if (r && (*r)->type == REDIS_REPLY_ERROR)
+    r = Error(errc::internal, "Redis: " + std::string(reply_text(r->get())));
   if (!r) return r.error();
   const redisReply* rep = r->get();
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 || rep->element[4]->type != REDIS_REPLY_ARRAY)
@@ -853,9 +968,11 @@ void RedisBus::impl::send_subscribe(bool pattern, const std::string& name,
                      auto state = weak.lock();
                      if (!state) return;
                      std::vector<sub_ptr> gaps, to_catch_up;
+                     std::vector<op_ptr> waiting;
                      {
                        std::lock_guard lock(mutex);
                        state->confirmed = true;
+                       waiting.swap(state->waiting);
                        for (auto& sub : state->subs) {
                          std::lock_guard sl(sub->mutex);
                          sub->live_ok = true;
@@ -866,6 +983,7 @@ void RedisBus::impl::send_subscribe(bool pattern, const std::string& name,
                        }
                      }
                      changed.notify_all();
+                     for (auto& op : waiting) on_confirmed(op);
                      for (auto& sub : gaps)
                        if (sub->lost_events()) sub->post_drain();
                      for (auto& sub : to_catch_up) catch_up_later(sub);
@@ -937,92 +1055,99 @@ void RedisBus::impl::on_commands_ready() {
 // could not be read (the subscriber stays buffering). Not on the I/O thread.
 bool RedisBus::impl::catch_up(const sub_ptr& sub, catch_up_request req, Error* error) {
   for (;;) {
-    // The read joins live events without a gap only when the channel was confirmed before it
-    // and stayed so until the result is applied.
-    std::uint64_t losses_at_start;
-    bool live_at_start;
-    {
-      std::lock_guard lock(sub->mutex);
-      sub->buffer_overflowed = false;
-      sub->again = false;
-      losses_at_start = sub->losses;
-      live_at_start = sub->live_ok;
-    }
+    const auto start = begin_read(sub);
     auto r = read(sub->pattern, req.since_seq.value_or(0), true);
     if (!r) {
       if (error) *error = r.error();
-      std::lock_guard lock(sub->mutex);
+      read_failed(sub);
+      return false;
+    }
+    if (!apply_read(sub, req, start, *r)) return true;
+  }
+}
+
+RedisBus::impl::read_start RedisBus::impl::begin_read(const sub_ptr& sub) {
+  // The read joins live events without a gap only when the channel was confirmed before it
+  // and stayed so until the result is applied.
+  std::lock_guard lock(sub->mutex);
+  sub->buffer_overflowed = false;
+  sub->again = false;
+  return {sub->losses, sub->live_ok};
+}
+
+void RedisBus::impl::read_failed(const sub_ptr& sub) {
+  std::lock_guard lock(sub->mutex);
+  sub->catching_up = false;
+}
+
+bool RedisBus::impl::apply_read(const sub_ptr& sub, catch_up_request& req, const read_start& start,
+                                const read_result& t,
+                                const std::shared_ptr<const boost::json::value>* source) {
+  std::vector<std::pair<Delivery::Kind, EventPtr>> initial;
+  auto snapshot = [&] {
+    if (t.last) return initial.emplace_back(Delivery::Kind::snapshot, t.last), void();
+    if (!sub->snapshot_source) return;
+    if (auto data = source ? *source : sub->snapshot_source())
+      initial.emplace_back(
+          Delivery::Kind::snapshot,
+          std::make_shared<const Event>(sub->pattern, t.seq, std::chrono::system_clock::now(),
+                                        std::move(data), t.epoch));
+  };
+  auto since = req.since_seq;
+  if (req.since_epoch && *req.since_epoch != t.epoch) since.reset();  // renumbered
+  if (!t.last) {
+    if (since || req.snapshot) snapshot();
+  } else if (!since) {
+    if (req.snapshot) snapshot();
+  } else if (*since < t.seq) {
+    const std::uint64_t first_kept = t.first_kept == 0 ? t.seq + 1 : t.first_kept;
+    if (*since + 1 >= first_kept)
+      for (auto& ev : t.entries) initial.emplace_back(Delivery::Kind::event, ev);
+    else
+      snapshot();
+  } else if (*since > t.seq) {
+    snapshot();
+  }
+  bool post = false, read_again = false;
+  {
+    std::lock_guard lock(sub->mutex);
+    if (sub->buffer_overflowed) return true;  // live events were lost while reading: read again
+    if (sub->ended || sub->cancelled.load()) {
       sub->catching_up = false;
       return false;
     }
-    auto& t = *r;
-    std::vector<std::pair<Delivery::Kind, EventPtr>> initial;
-    auto snapshot = [&] {
-      if (t.last) return initial.emplace_back(Delivery::Kind::snapshot, t.last), void();
-      if (!sub->snapshot_source) return;
-      if (auto data = sub->snapshot_source())
-        initial.emplace_back(
-            Delivery::Kind::snapshot,
-            std::make_shared<const Event>(sub->pattern, t.seq, std::chrono::system_clock::now(),
-                                          std::move(data), t.epoch));
-    };
-    auto since = req.since_seq;
-    if (req.since_epoch && *req.since_epoch != t.epoch) since.reset();  // renumbered
-    if (!t.last) {
-      if (since || req.snapshot) snapshot();
-    } else if (!since) {
-      if (req.snapshot) snapshot();
-    } else if (*since < t.seq) {
-      const std::uint64_t first_kept = t.first_kept == 0 ? t.seq + 1 : t.first_kept;
-      if (*since + 1 >= first_kept)
-        for (auto& ev : t.entries) initial.emplace_back(Delivery::Kind::event, ev);
+    for (auto& [kind, ev] : initial) {
+      sub->queue.push_back({kind, ev});
+      ++sub->replay_pending;
+    }
+    sub->last_epoch = t.epoch;
+    sub->last_seq = t.seq;
+    if (sub->losses != start.losses || !start.live) {
+      // The channel was not confirmed throughout the read (a connection lost before or during
+      // it): what was read stands, but live events may be missing after it. Stay buffering;
+      // the resubscription's confirmation catches up again (at once when it came meanwhile).
+      std::erase_if(sub->buffer, [&](const EventPtr& ev) {
+        return ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq;
+      });
+      read_again = sub->again;
+      if (read_again)
+        req = {sub->last_seq, sub->last_epoch, true};
       else
-        snapshot();
-    } else if (*since > t.seq) {
-      snapshot();
-    }
-    bool post = false, read_again = false;
-    {
-      std::lock_guard lock(sub->mutex);
-      if (sub->buffer_overflowed) continue;  // live events were lost while reading: read again
-      if (sub->ended || sub->cancelled.load()) {
         sub->catching_up = false;
-        return true;
-      }
-      for (auto& [kind, ev] : initial) {
-        sub->queue.push_back({kind, ev});
-        ++sub->replay_pending;
-      }
-      sub->last_epoch = t.epoch;
-      sub->last_seq = t.seq;
-      if (sub->losses != losses_at_start || !live_at_start) {
-        // The channel was not confirmed throughout the read (a connection lost before or during
-        // it): what was read stands, but live events may be missing after it. Stay buffering;
-        // the resubscription's confirmation catches up again (at once when it came meanwhile).
-        std::erase_if(sub->buffer, [&](const EventPtr& ev) {
-          return ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq;
-        });
-        read_again = sub->again;
-        if (read_again)
-          req = {sub->last_seq, sub->last_epoch, true};
-        else
-          sub->catching_up = false;
-      } else {
-        auto held = std::move(sub->buffer);
-        sub->buffer.clear();
-        sub->buffering = false;
-        sub->catching_up = false;
-        for (auto& ev : held)
-          if (!(ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq))
-            post = sub->enqueue_locked(Delivery::Kind::event, ev, *this) || post;
-      }
-      if (!sub->queue.empty() || sub->dropped_pending > 0 || sub->unknown_gap_pending || sub->ended)
-        post = sub->schedule_locked() || post;
+    } else {
+      auto held = std::move(sub->buffer);
+      sub->buffer.clear();
+      sub->buffering = false;
+      sub->catching_up = false;
+      for (auto& ev : held)
+        if (!(ev->epoch() == sub->last_epoch && ev->seq() <= sub->last_seq))
+          post = sub->enqueue_locked(Delivery::Kind::event, ev, *this) || post;
     }
-    if (post) sub->post_drain();  // outside the lock: an inline executor drains right here
-    if (read_again) continue;
-    return true;
+    if (!sub->queue.empty() || sub->dropped_pending > 0 || sub->unknown_gap_pending || sub->ended)
+      post = sub->schedule_locked() || post;
   }
+  if (post) sub->post_drain();  // outside the lock: an inline executor drains right here
+  return read_again;
 }
 
 void RedisBus::impl::catch_up_later(const sub_ptr& sub) {
@@ -1112,6 +1237,7 @@ void RedisBus::impl::start() {
 
 void RedisBus::impl::stop() {
   asio::post(io, [this] {
+    fail_pending(Error(errc::shutting_down, "bus is closed"));
     commands->shutdown();
     subscriber->shutdown();
     io.stop();
@@ -1127,9 +1253,20 @@ RedisBus::RedisBus(RedisBusOptions options) : impl_(std::make_shared<impl>(std::
 
 RedisBus::~RedisBus() {
   impl_->closed.store(true);
-  for (auto& sub : impl_->all_subscriptions()) sub->cancel();
-  impl_->control.reset();  // waits for a catch-up in progress; queued ones see `closed`
-  impl_->stop();
+  if (impl_->on_io_thread()) {
+    // The last reference went in one of the bus's own callbacks (a `done`, an inline delivery):
+    // the I/O thread cannot join itself. The teardown runs on a thread of its own, which joins
+    // the I/O thread once this callback has returned, and the impl goes with it.
+    std::thread([impl = std::move(impl_)] { impl->teardown(); }).detach();
+    return;
+  }
+  impl_->teardown();
+}
+
+void RedisBus::impl::teardown() {
+  for (auto& sub : all_subscriptions()) sub->cancel();
+  control.reset();  // waits for a catch-up in progress; queued ones see `closed`
+  stop();
 }
 
 bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
@@ -1138,80 +1275,342 @@ bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
                                  [&] { return impl_->commands_ready && impl_->subscriber_ready; });
 }
 
-result<EventPtr> RedisBus::publish(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data) {
+namespace {
+Error check_publish(std::string_view topic_name, const std::shared_ptr<const boost::json::value>& data,
+                    const PublishOptions& options, bool closed) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
-  if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
-  auto& b = *impl_;
-  auto r = b.call({"EVALSHA", b.publish_sha, "4", b.key(topic_name, "epoch"), b.key(topic_name, "seq"),
-                   b.key(topic_name, "h"), b.key(topic_name, "last"), boost::json::serialize(*data),
-                   std::to_string(b.options.history_limit), std::to_string(b.options.history_max_age.count()),
-                   std::to_string(b.options.topic_idle_ttl.count()),
-                   b.channel_prefix() + std::string(topic_name), b.candidate_epoch()});
+  if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))
+    return Error(errc::bad_request, "publish seq must be 1.." + std::to_string(max_publish_seq) + ", not " +
+                                        std::to_string(*options.seq));
+  if (closed) return Error(errc::shutting_down, "bus is closed");
+  return {};
+}
+}  // namespace
+
+std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_name,
+                                                         const boost::json::value& data,
+                                                         const PublishOptions& publish_options) {
+  return {"EVALSHA",
+          publish_sha,
+          "4",
+          key(topic_name, "epoch"),
+          key(topic_name, "seq"),
+          key(topic_name, "h"),
+          key(topic_name, "last"),
+          boost::json::serialize(data),
+          std::to_string(options.history_limit),
+          std::to_string(options.history_max_age.count()),
+          std::to_string(options.topic_idle_ttl.count()),
+          channel_prefix() + std::string(topic_name),
+          candidate_epoch(),
+          publish_options.seq ? std::to_string(*publish_options.seq) : std::string()};
+}
+
+result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
+                                                 std::shared_ptr<const boost::json::value> data,
+                                                 std::optional<std::uint64_t> asked_seq,
+                                                 result<reply_ptr> r) {
+  if (r && (*r)->type == REDIS_REPLY_ERROR)
+    r = Error(errc::internal, "Redis: " + std::string(reply_text(r->get())));
   if (!r) {
-    if (r.error().is(errc::bus_unavailable)) b.publish_failures.fetch_add(1, std::memory_order_relaxed);
+    if (r.error().is(errc::bus_unavailable)) publish_failures.fetch_add(1, std::memory_order_relaxed);
     return r.error();
   }
   const redisReply* rep = r->get();
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
       rep->element[1]->type != REDIS_REPLY_INTEGER)
     return Error(errc::internal, "unexpected reply of the publish script");
+  if (reply_text(rep->element[2]).empty())
+    return Error(errc::already_exists,
+                 "topic '" + std::string(topic_name) + "' already has seq " +
+                     std::to_string(rep->element[1]->integer) + " (epoch " +
+                     format_epoch(static_cast<std::uint32_t>(rep->element[0]->integer)) + "); seq " +
+                     std::to_string(asked_seq.value_or(0)) + " is not delivered again");
   const auto us = to_u64(reply_text(rep->element[2]));
   const auto time = std::chrono::system_clock::time_point(
       std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::microseconds(us)));
-  b.published.fetch_add(1, std::memory_order_relaxed);
+  published.fetch_add(1, std::memory_order_relaxed);
   return EventPtr(std::make_shared<const Event>(
       std::string(topic_name), static_cast<std::uint64_t>(rep->element[1]->integer), time, std::move(data),
       static_cast<std::uint32_t>(rep->element[0]->integer)));
 }
 
-result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallback callback,
-                                         SubscribeOptions options) {
+result<EventPtr> RedisBus::publish(std::string_view topic_name,
+                                   std::shared_ptr<const boost::json::value> data,
+                                   const PublishOptions& options) {
+  if (auto e = check_publish(topic_name, data, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code)
+    return e;
+  auto& b = *impl_;
+  return b.published_event(topic_name, data, options.seq,
+                           b.call(b.publish_command(topic_name, *data, options)));
+}
+
+void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const boost::json::value> data,
+                             const PublishOptions& options, PublishCallback done) {
+  if (auto e = check_publish(topic_name, data, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code) {
+    if (done) done(std::move(e));
+    return;
+  }
+  auto& b = *impl_;
+  auto args = b.publish_command(topic_name, *data, options);
+  // Posted, not sent here: the I/O thread owns the connection. Posts from one thread run in
+  // order, so the commands go out, and Redis runs them, in the order of the calls.
+  // The handlers hold the bus weakly: they live in its io_context and its connection.
+  asio::post(
+      b.io, [weak = std::weak_ptr<impl>(impl_), args = std::move(args), topic = std::string(topic_name),
+             data = std::move(data), seq = options.seq, done = std::move(done)]() mutable {
+        auto self = weak.lock();
+        if (!self) {
+          if (done) done(Error(errc::shutting_down, "bus is closed"));
+          return;
+        }
+        self->eval_or_send(std::move(args), [weak, topic = std::move(topic), data = std::move(data), seq,
+                                             done = std::move(done)](result<reply_ptr> r) mutable {
+          auto owner = weak.lock();
+          auto ev = owner ? owner->published_event(topic, std::move(data), seq, std::move(r))
+                          : result<EventPtr>(Error(errc::shutting_down, "bus is closed"));
+          if (!done) return;
+          try {
+            done(std::move(ev));
+          }
+          PUSHBOOK_RETHROW_FORCED_UNWIND
+          catch (...) {
+            // The caller's callback must not take the I/O thread down.
+          }
+        });
+        self->watch_stalls();
+      });
+}
+
+namespace {
+bool is_wildcard(std::string_view pattern) { return pattern == "*" || pattern.ends_with("/*"); }
+
+Error check_subscribe(std::string_view pattern, const DeliveryCallback& callback,
+                      const SubscribeOptions& options, bool closed) {
   if (!is_valid_pattern(pattern))
     return Error(errc::invalid_topic, "invalid topic pattern '" + std::string(pattern.substr(0, 300)) + "'");
   if (!callback) return Error(errc::bad_request, "subscribe needs a callback");
   if (options.max_queue == 0) return Error(errc::bad_request, "max_queue must be at least 1");
-  if (impl_->closed.load(std::memory_order_relaxed)) return Error(errc::shutting_down, "bus is closed");
-  const bool wildcard = pattern == "*" || pattern.ends_with("/*");
-  if (wildcard && options.since_seq)
+  if (closed) return Error(errc::shutting_down, "bus is closed");
+  if (is_wildcard(pattern) && options.since_seq)
     return Error(errc::bad_request,
                  "since_seq cannot be used with a wildcard pattern; wildcard subscriptions are live only");
-  if (impl_->on_io_thread())
-    return Error(errc::bad_request, "subscribe from RedisBus's own I/O thread (an inline callback)");
+  return {};
+}
+}  // namespace
 
-  auto sub = std::make_shared<impl::subscription>();
-  sub->bus = impl_;
+RedisBus::impl::sub_ptr RedisBus::impl::make_subscription(std::string_view pattern, DeliveryCallback callback,
+                                                          const SubscribeOptions& o) {
+  const bool wildcard = is_wildcard(pattern);
+  auto sub = std::make_shared<subscription>();
+  sub->bus = weak_from_this();
   sub->pattern = std::string(pattern);
   sub->wildcard = wildcard;
   sub->callback = std::move(callback);
-  sub->executor = options.executor ? options.executor : impl_->delivery_pool;
-  sub->max_queue = options.max_queue;
-  sub->overflow = options.overflow;
-  sub->snapshot_source = options.snapshot_source;
+  sub->executor = o.executor ? o.executor : delivery_pool;
+  sub->max_queue = o.max_queue;
+  sub->overflow = o.overflow;
+  sub->snapshot_source = o.snapshot_source;
   sub->buffering = !wildcard;
   sub->catching_up = !wildcard;
+  return sub;
+}
 
-  std::shared_ptr<impl::channel_state> state;
-  bool first = false;
+std::pair<std::shared_ptr<RedisBus::impl::channel_state>, bool> RedisBus::impl::register_subscription(
+    const sub_ptr& sub, const op_ptr& op) {
+  std::shared_ptr<channel_state> state;
+  bool first = false, confirmed = false;
   {
-    std::lock_guard lock(impl_->mutex);
-    auto& slot = (wildcard ? impl_->patterns : impl_->topics)[sub->pattern];
+    std::lock_guard lock(mutex);
+    auto& slot = (sub->wildcard ? patterns : topics)[sub->pattern];
     if (!slot) {
-      slot = std::make_shared<impl::channel_state>();
+      slot = std::make_shared<channel_state>();
       first = true;
     }
     slot->subs.push_back(sub);
-    sub->live_ok = slot->confirmed;
+    confirmed = slot->confirmed;
+    {
+      std::lock_guard sl(sub->mutex);
+      sub->live_ok = confirmed;
+    }
+    if (op) {
+      pending_ops.emplace(op.get(), op);
+      // Confirmed already: the catch-up starts at once (on the I/O thread, below); otherwise the
+      // confirmation starts it (send_subscribe), on this connection or the next.
+      if (!slot->confirmed) slot->waiting.push_back(op);
+    }
     state = slot;
   }
-  impl_->live_subs.fetch_add(1, std::memory_order_relaxed);
-  Subscription handle(sub);  // cancels (and unregisters) on every early return below
+  live_subs.fetch_add(1, std::memory_order_relaxed);
   if (first)
-    asio::post(impl_->io, [b = impl_.get(), wildcard, name = sub->pattern, channel = state] {
-      b->send_subscribe(wildcard, name, channel);
+    asio::post(io, [this, wildcard = sub->wildcard, name = sub->pattern, channel = state] {
+      send_subscribe(wildcard, name, channel);
     });
+  return {state, confirmed};
+}
+
+void RedisBus::impl::arm(const op_ptr& op) {
+  const auto generation = ++op->timer_generation;
+  op->timer.expires_after(options.command_timeout);
+  op->timer.async_wait([weak = weak_from_this(), op, generation](boost::system::error_code ec) {
+    auto self = weak.lock();
+    if (ec || !self || op->finished || generation != op->timer_generation) return;
+    // As the blocking calls do: a Redis that does not answer is dropped as stalled.
+    if (op->reading) {
+      self->commands->check_stalled(self->options.command_timeout);
+      self->finish(op, Error(errc::bus_unavailable,
+                             "Redis at " + self->commands->where() + " did not answer within " +
+                                 std::to_string(self->options.command_timeout.count()) + " ms"));
+    } else {
+      self->subscriber->check_stalled(self->options.command_timeout);
+      self->finish(op, Error(errc::bus_unavailable, "Redis at " + self->subscriber->where() +
+                                                        " did not confirm the subscription to '" +
+                                                        op->sub->pattern + "'"));
+    }
+  });
+}
+
+void RedisBus::impl::on_confirmed(const op_ptr& op) {
+  if (op->finished) return;
+  if (op->sub->wildcard) return finish(op, {});
+  op->reading = true;
+  read_async(op);
+}
+
+void RedisBus::impl::read_async(const op_ptr& op) {
+  arm(op);  // each read gets command_timeout, as each blocking call does
+  const auto start = begin_read(op->sub);
+  eval_or_send(read_command(op->sub->pattern, op->req.since_seq.value_or(0), true),
+               [weak = weak_from_this(), op, start](result<reply_ptr> r) {
+                 auto self = weak.lock();
+                 if (!self || op->finished) return;
+                 auto t = self->parse_read(op->sub->pattern, std::move(r));
+                 if (!t) {
+                   self->read_failed(op->sub);
+                   return self->finish(op, t.error());
+                 }
+                 if (!t->last && op->sub->snapshot_source) {
+                   // Redis has nothing of the topic: the snapshot may come from the source (the
+                   // gateway's store read, which may block): called on the control thread, never
+                   // on the I/O thread; the read is applied back here. The source is the
+                   // caller's to bound: no command_timeout while it runs.
+                   ++op->timer_generation;
+                   op->timer.cancel();
+                   return self->control->post([weak, op, start, t = std::move(*t)]() mutable {
+                     std::shared_ptr<const boost::json::value> data;
+                     try {
+                       data = op->sub->snapshot_source();
+                     }
+                     PUSHBOOK_RETHROW_FORCED_UNWIND
+                     catch (...) {
+                       // A source that throws gives no snapshot, as one that returns null.
+                     }
+                     auto again = weak.lock();
+                     if (!again) return;
+                     asio::post(again->io,
+                                [weak, op, start, t = std::move(t), data = std::move(data)]() mutable {
+                                  auto owner = weak.lock();
+                                  if (!owner || op->finished) return;
+                                  if (owner->apply_read(op->sub, op->req, start, t, &data))
+                                    return owner->read_async(op);
+                                  owner->finish(op, {});
+                                });
+                   });
+                 }
+                 if (self->apply_read(op->sub, op->req, start, *t)) return self->read_async(op);
+                 self->finish(op, {});
+               });
+  watch_stalls();
+}
+
+void RedisBus::impl::finish(const op_ptr& op, Error error) {
+  if (op->finished) return;
+  op->finished = true;
+  ++op->timer_generation;
+  op->timer.cancel();
+  {
+    std::lock_guard lock(mutex);
+    pending_ops.erase(op.get());
+    auto& registry = op->sub->wildcard ? patterns : topics;
+    if (auto it = registry.find(op->sub->pattern); it != registry.end()) std::erase(it->second->waiting, op);
+  }
+  // A subscription the bus's destructor cancelled meanwhile is no success.
+  if (!error.code && (closed.load() || op->sub->cancelled.load()))
+    error = Error(errc::shutting_down, "bus is closed");
+  auto done = std::move(op->done);
+  op->done = nullptr;
+  // On failure the subscription goes before `done` runs: nothing was delivered (an exact topic
+  // buffers until its catch-up applies; a wildcard receives nothing before its confirmation).
+  if (error.code) op->sub->cancel();
+  try {
+    if (error.code)
+      done(std::move(error));
+    else
+      done(Subscription(op->sub));
+  }
+  PUSHBOOK_RETHROW_FORCED_UNWIND
+  catch (...) {
+    // The caller's callback must not take the I/O thread down.
+  }
+}
+
+void RedisBus::impl::fail_pending(const Error& error) {
+  std::vector<op_ptr> ops;
+  {
+    std::lock_guard lock(mutex);
+    for (auto& [raw, op] : pending_ops) ops.push_back(op);
+  }
+  for (auto& op : ops) finish(op, error);
+}
+
+void RedisBus::subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                               SubscribeCallback done) {
+  if (!done) done = [](result<Subscription>) {};
+  if (auto e = check_subscribe(pattern, callback, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code)
+    return done(std::move(e));
+  auto& b = *impl_;
+  auto op = std::make_shared<impl::pending_subscribe>(b.io);
+  op->sub = b.make_subscription(pattern, std::move(callback), options);
+  op->req = {options.since_seq, options.since_epoch, options.snapshot};
+  op->done = std::move(done);
+  // Everything else on the I/O thread, which then owns the op: registered there, so that the
+  // timer, the confirmation and the read's reply are never concurrent. Posts from one thread run
+  // in order, so subscriptions are registered (and their SUBSCRIBEs sent) in the order of calls.
+  asio::post(b.io, [weak = std::weak_ptr<impl>(impl_), op] {
+    auto self = weak.lock();
+    if (!self || self->closed.load()) {
+      op->finished = true;
+      auto report = std::move(op->done);
+      try {
+        report(Error(errc::shutting_down, "bus is closed"));
+      }
+      PUSHBOOK_RETHROW_FORCED_UNWIND
+      catch (...) {
+      }
+      return;
+    }
+    self->arm(op);
+    if (self->register_subscription(op->sub, op).second) self->on_confirmed(op);
+  });
+}
+
+result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallback callback,
+                                         SubscribeOptions options) {
+  if (auto e = check_subscribe(pattern, callback, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code)
+    return e;
+  const bool wildcard = is_wildcard(pattern);
+  if (impl_->on_io_thread())
+    return Error(errc::bad_request, "subscribe from RedisBus's own I/O thread (an inline callback)");
+
+  auto sub = impl_->make_subscription(pattern, std::move(callback), options);
+  auto state = impl_->register_subscription(sub, nullptr).first;
+  Subscription handle(sub);  // cancels (and unregisters) on every early return below
   {
     // This node receives the topic's events only once Redis confirmed the subscription.
     std::unique_lock lock(impl_->mutex);

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <latch>
+#include <optional>
 #include <thread>
 
 using namespace pushbook;
@@ -112,6 +113,200 @@ CONTRACT_CASE("publish assigns per-topic sequence numbers from 1 and a timestamp
   CHECK(last->time() == (*a2)->time());
   CHECK(last->data() == (*a2)->data());
   CHECK(bus.last("booking/none") == nullptr);
+}
+
+CONTRACT_CASE("a publisher-given seq: delivered once, may jump, never goes back") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/a", record(got)).value();
+  auto first = bus.publish("booking/a", num(1), {.seq = 1});
+  REQUIRE(first);
+  CHECK((*first)->seq() == 1);
+  // The same seq again (a relay of an event already published): dropped, nothing delivered.
+  auto again = bus.publish("booking/a", num(1), {.seq = 1});
+  REQUIRE_FALSE(again.has_value());
+  CHECK(again.error().is(errc::already_exists));
+  CHECK(again.error().message.find("already has seq 1") != std::string::npos);
+  // A jump: the counter follows the publisher's numbering.
+  auto jumped = bus.publish("booking/a", num(4), {.seq = 4});
+  REQUIRE(jumped);
+  CHECK((*jumped)->seq() == 4);
+  CHECK((*jumped)->epoch() == (*first)->epoch());
+  // Below the current seq: refused too, however far below.
+  CHECK(bus.publish("booking/a", num(3), {.seq = 3}).error().is(errc::already_exists));
+  CHECK(bus.publish("booking/a", num(4), {.seq = 4}).error().is(errc::already_exists));
+  // An unnumbered publish goes on from the publisher's last number.
+  auto next = bus.publish("booking/a", num(5));
+  REQUIRE(next);
+  CHECK((*next)->seq() == 5);
+  // Each event once, in order: the duplicates never reached the subscriber.
+  auto items = got.wait_for(3);
+  CHECK(items ==
+        std::vector<Seen>{{ev, "booking/a", 1, 0}, {ev, "booking/a", 4, 0}, {ev, "booking/a", 5, 0}});
+  CHECK(bus.last("booking/a")->seq() == 5);
+  std::vector<std::uint64_t> kept;
+  for (const auto& e : bus.history("booking/a")) kept.push_back(e->seq());
+  CHECK(kept == std::vector<std::uint64_t>{1, 4, 5});
+  // A topic's first event may have any number (a relay after the bus forgot the topic).
+  auto fresh = bus.publish("booking/b", num(7), {.seq = 7});
+  REQUIRE(fresh);
+  CHECK((*fresh)->seq() == 7);
+  // Nothing more came (the next publish to a.. is delivered after any stray one would be).
+  REQUIRE(bus.publish("booking/a", num(6)));
+  CHECK(got.wait_for(4).size() == 4);
+  CHECK(got.items().back() == Seen{ev, "booking/a", 6, 0});
+}
+
+CONTRACT_CASE("a publisher-given seq of 0 or beyond 2^53 is refused with bad_request") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  CHECK(bus.publish("booking/a", num(1), {.seq = 0}).error().is(errc::bad_request));
+  CHECK(bus.publish("booking/a", num(1), {.seq = max_publish_seq + 1}).error().is(errc::bad_request));
+  CHECK(bus.last("booking/a") == nullptr);
+  auto top = bus.publish("booking/a", num(1), {.seq = max_publish_seq});
+  REQUIRE(top);
+  CHECK((*top)->seq() == max_publish_seq);
+  CHECK(bus.last("booking/a")->seq() == max_publish_seq);
+  CHECK(bus.publish("booking/a", num(1), {.seq = max_publish_seq}).error().is(errc::already_exists));
+}
+
+CONTRACT_CASE("concurrent publishes of the same numbered events: each delivered once, in order") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/c", record(got)).value();
+  constexpr int events = 50;
+  std::atomic<int> accepted{0}, duplicates{0};
+  std::vector<std::thread> relays;
+  for (int t = 0; t < 3; ++t)
+    relays.emplace_back([&] {
+      for (int n = 1; n <= events; ++n) {
+        auto r = bus.publish("booking/c", num(n), {.seq = static_cast<std::uint64_t>(n)});
+        if (r) {
+          accepted.fetch_add(1);
+        } else {
+          CHECK(r.error().is(errc::already_exists));
+          duplicates.fetch_add(1);
+        }
+      }
+    });
+  for (auto& t : relays) t.join();
+  CHECK(accepted.load() == events);
+  CHECK(duplicates.load() == 2 * events);
+  auto items = got.wait_for(events);
+  REQUIRE(items.size() == events);
+  for (int n = 1; n <= events; ++n)
+    CHECK(items[static_cast<std::size_t>(n - 1)].seq == static_cast<std::uint64_t>(n));
+  REQUIRE(bus.publish("booking/c", num(0)));
+  CHECK(got.wait_for(events + 1).size() == events + 1);
+}
+
+CONTRACT_CASE("publish_async publishes in the order of the calls and reports each outcome") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  Collector<Seen> got;
+  auto sub = bus.subscribe("booking/async", record(got), {}).value();
+  Collector<std::uint64_t> outcomes;
+  constexpr int n = 500;
+  for (int i = 1; i <= n; ++i)
+    bus.publish_async("booking/async", std::make_shared<const boost::json::value>(num(i)),
+                      [&outcomes](result<EventPtr> r) { outcomes.push(r ? r.value()->seq() : 0); });
+  auto seqs = outcomes.wait_for(n);
+  REQUIRE(seqs.size() == n);
+  for (int i = 0; i < n; ++i) CHECK(seqs[i] == static_cast<std::uint64_t>(i + 1));
+  auto seen = got.wait_for(n);
+  REQUIRE(seen.size() == n);
+  CHECK(seen.back().seq == n);
+  // Bad input is reported through the callback too; an empty callback is allowed.
+  Collector<std::string> errors;
+  bus.publish_async("a//b", std::make_shared<const boost::json::value>(num(0)),
+                    [&errors](result<EventPtr> r) { errors.push(r ? "ok" : r.error().code.message()); });
+  bus.publish_async("booking/async", nullptr,
+                    [&errors](result<EventPtr> r) { errors.push(r ? "ok" : r.error().code.message()); });
+  bus.publish_async("booking/async", std::make_shared<const boost::json::value>(num(0)), {});
+  auto e = errors.wait_for(2);
+  REQUIRE(e.size() == 2);
+  CHECK(e[0] != "ok");
+  CHECK(e[1] != "ok");
+  CHECK(got.wait_for(n + 1).size() == n + 1);
+  // A publisher-given seq the topic already has: refused through the callback too.
+  Collector<bool> duplicate;
+  bus.publish_async(
+      "booking/async", std::make_shared<const boost::json::value>(num(0)), PublishOptions{.seq = 3},
+      [&duplicate](result<EventPtr> r) { duplicate.push(!r && r.error().is(errc::already_exists)); });
+  CHECK(duplicate.wait_for(1) == std::vector<bool>{true});
+}
+
+CONTRACT_CASE(
+    "subscribe_async: done runs once, after the replay or snapshot (delivered already with an inline "
+    "executor), then live events follow") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  for (int i = 1; i <= 3; ++i) REQUIRE(bus.publish("booking/a", num(i)));
+  Collector<Seen> replay, state;
+  Collector<std::size_t> seen_at_done;
+  Collector<std::shared_ptr<Subscription>> subs;
+  auto keep = [&](Collector<Seen>& c) {
+    return [&](result<Subscription> r) {
+      REQUIRE(r);
+      seen_at_done.push(c.size());
+      subs.push(std::make_shared<Subscription>(std::move(*r)));
+    };
+  };
+  SubscribeOptions o;
+  o.executor = inline_executor();
+  o.since_seq = 1;
+  bus.subscribe_async("booking/a", record(replay), o, keep(replay));
+  REQUIRE(seen_at_done.wait_for(1).size() == 1);
+  o.since_seq.reset();
+  bus.subscribe_async("booking/a", record(state), o, keep(state));
+  auto at_done = seen_at_done.wait_for(2);
+  REQUIRE(at_done.size() == 2);
+  CHECK(at_done == std::vector<std::size_t>{2, 1});  // 2 and 3 replayed; 3 as a snapshot
+  REQUIRE(bus.publish("booking/a", num(4)));
+  CHECK(replay.wait_for(3) ==
+        std::vector<Seen>{{ev, "booking/a", 2, 0}, {ev, "booking/a", 3, 0}, {ev, "booking/a", 4, 0}});
+  CHECK(state.wait_for(2) == std::vector<Seen>{{snap, "booking/a", 3, 0}, {ev, "booking/a", 4, 0}});
+  CHECK(seen_at_done.items().size() == 2);  // once each
+  REQUIRE(subs.items().size() == 2);
+  for (auto& s : subs.items()) CHECK(s->active());
+
+  // A wildcard: done once it is live; then it sees every matching topic.
+  Collector<Seen> all;
+  Collector<std::shared_ptr<Subscription>> wild;
+  bus.subscribe_async("booking/*", record(all), {}, [&](result<Subscription> r) {
+    REQUIRE(r);
+    wild.push(std::make_shared<Subscription>(std::move(*r)));
+  });
+  REQUIRE(wild.wait_for(1).size() == 1);
+  REQUIRE(bus.publish("booking/b", num(1)));
+  CHECK(all.wait_for(1) == std::vector<Seen>{{ev, "booking/b", 1, 0}});
+}
+
+CONTRACT_CASE("subscribe_async reports subscribe's argument errors through done, before returning") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  auto error_of = [&](std::string_view pattern, DeliveryCallback cb, SubscribeOptions o) {
+    std::optional<Error> error;
+    bus.subscribe_async(pattern, std::move(cb), std::move(o), [&](result<Subscription> r) {
+      error = r ? Error() : r.error();  // called before subscribe_async returns: `error` is alive
+    });
+    REQUIRE(error.has_value());
+    return *error;
+  };
+  auto nothing = [](const Delivery&) {};
+  CHECK(error_of("a//b", nothing, {}).is(errc::invalid_topic));
+  CHECK(error_of("booking/a", nullptr, {}).is(errc::bad_request));
+  SubscribeOptions since;
+  since.since_seq = 0;
+  CHECK(error_of("booking/*", nothing, since).is(errc::bad_request));
 }
 
 CONTRACT_CASE("invalid topics and patterns are refused with invalid_topic") {

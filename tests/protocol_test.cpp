@@ -4,7 +4,13 @@
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 #include <boost/json/parse.hpp>
+
+#include <atomic>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 using namespace pushbook;
 using namespace pushbook::detail;
@@ -35,14 +41,55 @@ struct FakeSink : ConnectionSink {
   }
 };
 
+// A LocalBus behind a gate the test works: publishes refused on demand (errc::bus_unavailable,
+// as RedisBus while Redis is away; the engine keeps them and retries), a hook run before each
+// subscribe (to make something happen between a book's ACK and the gateway's subscription to its
+// topic), and renumber(): the bus loses everything, as a Redis restarted without its data, so
+// every topic starts a new epoch.
+class GateBus final : public EventBus {
+ public:
+  std::atomic<bool> refuse{false};
+  std::function<void(std::string_view pattern)> before_subscribe;  // set before any subscribe
+
+  void renumber() {
+    std::lock_guard lock(mutex_);
+    inner_ = std::make_shared<LocalBus>();
+  }
+  std::shared_ptr<LocalBus> inner() const {
+    std::lock_guard lock(mutex_);
+    return inner_;
+  }
+
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    if (refuse.load()) return Error(errc::bus_unavailable, "the bus is away (test)");
+    return inner()->publish(topic, std::move(data), options);
+  }
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options = {}) override {
+    if (before_subscribe) before_subscribe(pattern);
+    return inner()->subscribe(pattern, std::move(callback), std::move(options));
+  }
+  EventPtr last(std::string_view topic) const override { return inner()->last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
+    return inner()->history(topic, since_seq);
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::shared_ptr<LocalBus> inner_ = std::make_shared<LocalBus>();
+};
+
 struct Fixture {
   GatewayMetrics metrics;
   std::shared_ptr<GatewayContext> ctx = std::make_shared<GatewayContext>();
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
-  explicit Fixture(GatewayOptions o = {}) {
-    ctx->bus = std::make_shared<LocalBus>();
+  std::shared_ptr<GateBus> bus = std::make_shared<GateBus>();
+  explicit Fixture(GatewayOptions o = {}, EngineOptions eo = {}) {
+    ctx->bus = bus;
     ctx->hub = std::make_shared<TopicHub>(ctx->bus);
-    ctx->engine = std::make_shared<BookingEngine>(ctx->bus);
+    ctx->engine = std::make_shared<BookingEngine>(ctx->bus, std::move(eo));
     ctx->engine->add_resource("r", 5).value();
     o.secret = "s";
     ctx->options = o;
@@ -50,33 +97,346 @@ struct Fixture {
     ctx->metrics = &metrics;
   }
   std::unique_ptr<ConnectionLogic> connect(
-      const std::string& user, std::optional<std::chrono::system_clock::time_point> exp = std::nullopt) {
-    return std::make_unique<ConnectionLogic>(ctx, sink, user, exp);
+      const std::string& user, std::optional<std::chrono::system_clock::time_point> exp = std::nullopt,
+      std::shared_ptr<FakeSink> to = nullptr) {
+    return std::make_unique<ConnectionLogic>(ctx, to ? to : sink, user, exp);
+  }
+  // Waits until the bus has published `version` (or a later one) on `topic`.
+  bool published(const std::string& topic, std::uint64_t version) {
+    return test::eventually([&] {
+      auto last = bus->last(topic);
+      return last && last->seq() >= version;
+    });
   }
 };
 
+// A MemoryStore whose commits complete when the test says (a durable store's completion thread
+// running late): several books can then be in flight on one connection.
+class HeldStore final : public BookingStore {
+ public:
+  void hold() {
+    std::lock_guard lock(mutex_);
+    holding_ = true;
+  }
+  // Completes the held commits, in order, on this thread, and stops holding.
+  void release() {
+    std::vector<std::pair<CommitCallback, result<void>>> held;
+    {
+      std::lock_guard lock(mutex_);
+      holding_ = false;
+      held.swap(held_);
+    }
+    for (auto& [done, r] : held) done(std::move(r));
+  }
+
+  result<void> commit(const StateChange& change) override { return inner_.commit(change); }
+  void commit_async(const StateChange& change, CommitCallback done) override {
+    auto r = inner_.commit(change);
+    std::unique_lock lock(mutex_);
+    if (holding_) return held_.emplace_back(std::move(done), std::move(r)), void();
+    lock.unlock();
+    done(std::move(r));
+  }
+  result<std::optional<Booking>> load(std::string_view id) const override { return inner_.load(id); }
+  result<void> put_resource(std::string_view id, std::uint32_t capacity) override {
+    return inner_.put_resource(id, capacity);
+  }
+  result<RecoveredState> recover(wall_clock::time_point since) override { return inner_.recover(since); }
+
+ private:
+  MemoryStore inner_;
+  std::mutex mutex_;
+  bool holding_ = false;
+  std::vector<std::pair<CommitCallback, result<void>>> held_;
+};
+
+// An engine whose handler holds every booking's Completion until the test decides it.
+struct Held {
+  test::Collector<Completion> pending;
+  EngineOptions options() {
+    EngineOptions o;
+    o.handler = [this](const Booking&, Completion done) { pending.push(std::move(done)); };
+    return o;
+  }
+  // Decides the n-th booking handed to the handler (0-based), once it was.
+  void decide(std::size_t n, Decision d) {
+    auto all = pending.wait_for(n + 1);
+    REQUIRE(all.size() > n);
+    CHECK(all[n](std::move(d)));
+  }
+  void approve(std::size_t n) { decide(n, Decision::approved()); }
+};
+
+// The booking a book reply is about, and its topic.
+std::string topic_of(const boost::json::object& reply) {
+  return "booking/" + std::string(reply.at("result").at("booking_id").as_string());
+}
+
+// Waits until `sink` holds at least n messages; takes them.
+std::vector<boost::json::object> take_at_least(FakeSink& sink, std::size_t n) {
+  test::eventually([&] {
+    std::lock_guard lock(sink.mutex);
+    return sink.sent.size() >= n;
+  });
+  return sink.take();
+}
+
+// A ping's reply: what comes after it in the sink came after everything before it.
+bool nothing_more(ConnectionLogic& c, FakeSink& sink) {
+  c.on_message(R"({"id":999,"op":"ping"})");
+  auto sent = sink.take();
+  return sent.size() == 1 && sent[0].at("id") == 999;
+}
+
 }  // namespace
 
-TEST_CASE("book: the ACK first, then the booking's state from its topic") {
-  Fixture f;
+TEST_CASE("book: the ACK with the booking's seq, then exactly the decision (no second processing)") {
+  Held held;  // decided by the test: after the subscription started, for sure
+  Fixture f({}, held.options());
   auto c = f.connect("alice");
   c->on_message(R"({"id":7,"op":"book","resource":"r","quantity":2})");
-  REQUIRE(test::eventually([&] { return f.ctx->engine->stats().in_flight == 0; }));
   auto sent = f.sink->take();
-  REQUIRE(sent.size() == 2);
+  REQUIRE(sent.size() == 1);
   CHECK(sent[0].at("type") == "reply");
   CHECK(sent[0].at("id") == 7);
   CHECK(sent[0].at("result").at("status") == "processing");
-  const auto id = sent[0].at("result").at("booking_id").as_string();
-  // The decision, and not the processing state the ACK already said (decided before or after the
-  // subscription started: replayed from the topic or live, never as a second "processing").
-  CHECK(sent[1].at("topic").as_string() == "booking/" + std::string(id));
-  CHECK(sent[1].at("seq") == 2);
-  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(sent[0].at("result").at("seq") == 1);
+  CHECK(!sent[0].at("result").as_object().contains("replayed"));
+  const auto topic = topic_of(sent[0]);
   CHECK(c->subscriptions() == 1);
   CHECK(f.metrics.subscriptions.load() == 1);
+  held.approve(0);
+  sent = take_at_least(*f.sink, 1);
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("type") == "event");
+  CHECK(sent[0].at("topic").as_string() == topic);
+  CHECK(sent[0].at("seq") == 2);
+  CHECK(!sent[0].contains("snapshot"));
+  CHECK(sent[0].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
   c.reset();
   CHECK(f.metrics.subscriptions.load() == 0);
+}
+
+TEST_CASE("book: a booking decided before the gateway subscribes to its topic: the decision, replayed") {
+  Fixture f;  // no handler: decided at once, on a worker
+  // Between the ACK and the subscription, the booking is decided and the decision published.
+  f.bus->before_subscribe = [&](std::string_view topic) {
+    if (topic.starts_with("booking/")) CHECK(f.published(std::string(topic), 2));
+  };
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r"})");
+  auto sent = take_at_least(*f.sink, 2);
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("status") == "processing");
+  CHECK(sent[0].at("result").at("seq") == 1);
+  CHECK(sent[1].at("topic").as_string() == topic_of(sent[0]));
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(!sent[1].contains("snapshot"));  // from the topic's history, after the ACK's seq
+  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
+}
+
+TEST_CASE("book: an idempotent retry's reply, then the state it reports, whole, once") {
+  Held held;
+  Fixture f({}, held.options());
+  auto first = f.connect("alice");
+  first->on_message(R"({"id":1,"op":"book","resource":"r","idempotency_key":"k1"})");
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 1);
+  const auto topic = topic_of(sent[0]);
+
+  // Retried while processing on the same connection, which follows the booking already: the
+  // reply, and that subscription goes on (nothing is sent again).
+  first->on_message(R"({"id":2,"op":"book","resource":"r","idempotency_key":"k1"})");
+  sent = f.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("result").at("replayed") == true);
+  CHECK(sent[0].at("result").at("status") == "processing");
+  CHECK(sent[0].at("result").at("seq") == 1);
+  CHECK(first->subscriptions() == 1);
+  // On another connection (a reconnect whose first reply was lost): the reply, then the state it
+  // reports as an event of the topic, then the decision.
+  auto other_sink = std::make_shared<FakeSink>();
+  auto second = f.connect("alice", std::nullopt, other_sink);
+  second->on_message(R"({"id":3,"op":"book","resource":"r","idempotency_key":"k1"})");
+  sent = other_sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("replayed") == true);
+  CHECK(sent[0].at("result").at("seq") == 1);
+  CHECK(sent[1].at("topic").as_string() == topic);
+  CHECK(sent[1].at("seq") == 1);
+  CHECK(sent[1].at("data").at("status") == "processing");
+  held.decide(0, Decision::approved());
+  for (auto* sink : {f.sink.get(), other_sink.get()}) {
+    sent = take_at_least(*sink, 1);
+    REQUIRE(sent.size() == 1);
+    CHECK(sent[0].at("topic").as_string() == topic);
+    CHECK(sent[0].at("seq") == 2);
+    CHECK(sent[0].at("data").at("status") == "confirmed");
+  }
+  CHECK(nothing_more(*first, *f.sink));
+  CHECK(nothing_more(*second, *other_sink));
+
+  // Retried after the decision: the reply says it (seq 2), the decision follows once, whole,
+  // and the connection follows the booking for what comes next.
+  auto third_sink = std::make_shared<FakeSink>();
+  auto third = f.connect("alice", std::nullopt, third_sink);
+  third->on_message(R"({"id":4,"op":"book","resource":"r","idempotency_key":"k1"})");
+  sent = third_sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("replayed") == true);
+  CHECK(sent[0].at("result").at("status") == "confirmed");
+  CHECK(sent[0].at("result").at("seq") == 2);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*third, *third_sink));
+  CHECK(third->subscriptions() == 1);
+  third->on_message(fmt::format(R"({{"id":5,"op":"cancel","booking_id":"{}"}})", topic.substr(8)));
+  sent = take_at_least(*third_sink, 2);
+  REQUIRE(sent.size() == 2);
+  // The cancel's event (seq 3) and its reply, in either order.
+  const auto& event = sent[0].at("type") == "event" ? sent[0] : sent[1];
+  CHECK(event.at("seq") == 3);
+  CHECK(event.at("data").at("status") == "cancelled");
+
+  // A rejected booking retried: what the reply cannot say (the reason) comes with the state.
+  third->on_message(R"({"id":6,"op":"book","resource":"r","idempotency_key":"k2"})");
+  CHECK(third_sink->take().size() == 1);
+  held.decide(1, Decision::declined("no"));
+  CHECK(take_at_least(*third_sink, 1).size() == 1);
+  auto fourth_sink = std::make_shared<FakeSink>();
+  auto fourth = f.connect("alice", std::nullopt, fourth_sink);
+  fourth->on_message(R"({"id":7,"op":"book","resource":"r","idempotency_key":"k2"})");
+  sent = fourth_sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("status") == "rejected");
+  CHECK(sent[0].at("result").at("seq") == 2);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(sent[1].at("data").at("reason") == "rejected_by_handler");
+  CHECK(sent[1].at("data").at("reason_message") == "no");
+  CHECK(nothing_more(*fourth, *fourth_sink));
+}
+
+TEST_CASE("book while the bus refuses the ACK's publish: the decision once it is relayed, nothing before") {
+  Held held;
+  Fixture f({}, held.options());
+  f.bus->refuse = true;  // the processing version's publish fails: the engine retries it later
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r"})");
+  auto sent = f.sink->take();
+  // The ACK only: the topic has nothing on the bus, so the bus gives the booking's stored state as
+  // a snapshot, which is the processing version the ACK just said.
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("result").at("seq") == 1);
+  const auto topic = topic_of(sent[0]);
+  held.approve(0);  // decided while the bus still refuses: queued behind the processing version
+  CHECK(test::eventually([&] { return f.ctx->engine->get(topic.substr(8))->version == 2; }));
+  f.bus->refuse = false;
+  CHECK(f.published(topic, 2));  // the engine relays version 1, then 2
+  sent = take_at_least(*f.sink, 1);
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("seq") == 2);
+  CHECK(sent[0].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
+}
+
+TEST_CASE("book, decided while the bus refuses, then subscribed: the decision once, when the bus has it") {
+  Fixture f;  // decided at once
+  f.bus->refuse = true;
+  f.bus->before_subscribe = [&](std::string_view topic) {
+    if (!topic.starts_with("booking/")) return;
+    // Decided (in the store and in memory), but nothing of it on the bus yet.
+    const auto id = std::string(topic.substr(8));
+    CHECK(test::eventually([&] { return f.ctx->engine->get(id)->status == BookingStatus::confirmed; }));
+  };
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r"})");
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("result").at("status") == "processing");
+  const auto topic = topic_of(sent[0]);
+  // No snapshot from the store: the engine still has the booking's events to publish
+  // (BookingEngine::publishing), and a store state ahead of them would come before them.
+  CHECK(f.ctx->engine->publishing(topic.substr(8)));
+  f.bus->refuse = false;
+  CHECK(f.published(topic, 2));  // versions 1 and 2 retried: 1 is what the reply said
+  auto more = take_at_least(*f.sink, 1);
+  REQUIRE(more.size() == 1);
+  CHECK(more[0].at("seq") == 2);
+  CHECK(!more[0].contains("snapshot"));
+  CHECK(more[0].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
+}
+
+TEST_CASE("book, then the bus's numbering restarts before the subscription: still the decision") {
+  Held held;
+  Fixture f({}, held.options());
+  std::uint32_t acked_epoch = 0;
+  bool renumbered = false;
+  f.bus->before_subscribe = [&](std::string_view pattern) {
+    // Once: the gateway's hub may subscribe again for this connection (its own first subscription
+    // got a snapshot: the new numbering's history starts at 2).
+    if (!pattern.starts_with("booking/") || std::exchange(renumbered, true)) return;
+    const std::string topic(pattern);
+    acked_epoch = f.bus->last(topic)->epoch();
+    f.bus->renumber();  // the bus lost everything (a Redis restarted without its data)
+    held.approve(0);    // the decision goes out in the topic's new numbering, as seq 2
+    CHECK(f.published(topic, 2));
+  };
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r"})");
+  auto sent = take_at_least(*f.sink, 2);
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("seq") == 1);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(!sent[1].contains("snapshot"));
+  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(sent[1].at("epoch").as_string() != format_epoch(acked_epoch));
+  CHECK(nothing_more(*c, *f.sink));
+}
+
+TEST_CASE("book at the subscription cap: the ACK, a notice; then since = its seq: the decision") {
+  Held held;
+  GatewayOptions o;
+  o.max_subscriptions = 1;
+  auto store = std::make_shared<HeldStore>();
+  auto eo = held.options();
+  eo.store = store;
+  Fixture f(o, std::move(eo));
+  auto c = f.connect("alice");
+  // Two books in flight at once, each within the cap when sent (no subscription yet); the store
+  // answers both afterwards.
+  store->hold();
+  c->on_message(R"({"id":1,"op":"book","resource":"r"})");
+  c->on_message(R"({"id":2,"op":"book","resource":"r"})");
+  CHECK(f.sink->take().empty());
+  store->release();
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 3);
+  CHECK(sent[0].at("id") == 1);
+  const auto first = topic_of(sent[0]);
+  CHECK(sent[1].at("id") == 2);
+  CHECK(sent[1].at("result").at("seq") == 1);
+  const auto second = topic_of(sent[1]);
+  CHECK(sent[2].at("type") == "notice");
+  CHECK(sent[2].at("code") == "subscription_ended");
+  CHECK(sent[2].at("topic").as_string() == second);
+  CHECK(c->subscriptions() == 1);
+  // The client makes room and follows the second booking from the ACK's seq.
+  c->on_message(fmt::format(R"({{"id":3,"op":"unsubscribe","topic":"{}"}})", first));
+  c->on_message(fmt::format(R"({{"id":4,"op":"subscribe","topic":"{}","since":1}})", second));
+  sent = f.sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[1].at("result").at("topic").as_string() == second);
+  held.approve(0);
+  held.approve(1);
+  sent = take_at_least(*f.sink, 1);
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("topic").as_string() == second);
+  CHECK(sent[0].at("seq") == 2);
+  CHECK(sent[0].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
 }
 
 TEST_CASE("replies to malformed requests carry stable codes and the id when there is one") {

@@ -1,11 +1,11 @@
 // Test helper: a redis-server of the test's own, on a free loopback port, in a temporary
 // directory, without persistence. Started by the constructor (it answers PING when it returns),
 // stopped by the destructor. kill() and start() simulate a crash and a restart on the same port.
+// Needs nothing of doctest: the benchmarks (bench/bus_bench.cpp, bench/gateway_bench.cpp) start
+// their redis-server with it too.
 // The server is killed when the thread that started it ends (PR_SET_PDEATHSIG), crashed test
 // included: construct and start() it on a thread that outlives it (the test's own).
 #pragma once
-
-#include "temp_dir.hpp"
 
 #include <hiredis/hiredis.h>
 
@@ -16,7 +16,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <stdlib.h>
+
 #include <chrono>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -168,8 +171,29 @@ class RedisServer {
     pid_ = 0;
   }
 
+  // The server's directory (its socket and log), removed with everything in it at the end.
+  class Directory {
+   public:
+    Directory() {
+      std::string pattern = (std::filesystem::temp_directory_path() / "pushbook-redis-XXXXXX").string();
+      if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed for " + pattern);
+      path_ = pattern;
+    }
+    ~Directory() {
+      std::error_code ec;
+      std::filesystem::remove_all(path_, ec);
+    }
+    Directory(const Directory&) = delete;
+    Directory& operator=(const Directory&) = delete;
+    const std::string& path() const { return path_; }
+    std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+   private:
+    std::string path_;
+  };
+
   std::string password_;
-  TempDir dir_{"pushbook-redis"};
+  Directory dir_;
   int port_ = 0;
   pid_t pid_ = 0;
 };

@@ -465,17 +465,111 @@ TEST_CASE("an SQLite database of another application is refused and left unchang
 TEST_CASE("a database with a newer schema version is refused") {
   temp_dir dir;
   const auto path = dir.file("db");
-  open_ok(path).reset();  // a real pushbook database, version 1
+  open_ok(path).reset();  // a real pushbook database, version 2
   {
     raw_db other(path);
-    CHECK(other.text("PRAGMA user_version") == "1");
-    REQUIRE(other.exec("PRAGMA user_version = 2") == SQLITE_OK);
+    CHECK(other.text("PRAGMA user_version") == "2");
+    REQUIRE(other.exec("PRAGMA user_version = 3") == SQLITE_OK);
   }
   auto store = SqliteStore::open(path);
   REQUIRE_FALSE(store.has_value());
   CHECK(store.error().is(errc::store_failed));
   CHECK(store.error().message ==
-        "SQLite database '" + path + "': database schema version 2 is newer than this pushbook (knows 1)");
+        "SQLite database '" + path + "': database schema version 3 is newer than this pushbook (knows 2)");
+}
+
+TEST_CASE("the outbox: a stored version is unpublished until published() says so, lazily") {
+  temp_dir dir;
+  const auto path = dir.file("db");
+  {
+    auto store = open_ok(path);
+    REQUIRE(store->put_resource("r", 10));
+    auto a = make_booking("a", BookingStatus::processing, {{"r", 1}});
+    auto b = make_booking("b", BookingStatus::processing, {{"r", 1}});
+    auto c = make_booking("c", BookingStatus::processing, {{"r", 1}});
+    REQUIRE(commit(*store, a));
+    REQUIRE(commit(*store, b));
+    REQUIRE(commit(*store, c));
+    auto state = store->recover(at_ms(0)).value();
+    CHECK(ids_of(state.unpublished) == std::vector<std::string>{"a", "b", "c"});
+    // a's version 1 went out; b's version 2 is stored before the mark of its version 1 arrives
+    // (the mark must not take the newer version's row with it).
+    store->published("a", 1);
+    b.status = BookingStatus::confirmed;
+    b.version = 2;
+    const auto before = store->transactions();
+    REQUIRE(commit(*store, b));
+    store->published("b", 1);
+    // Marks take no transaction of their own: the next commit carries them.
+    CHECK(store->transactions() == before + 1);
+    REQUIRE(store->put_resource("r", 11));
+    state = store->recover(at_ms(0)).value();
+    CHECK(ids_of(state.unpublished) == std::vector<std::string>{"b", "c"});
+    REQUIRE(state.unpublished.size() == 2);
+    CHECK(state.unpublished[0].version == 2);
+    CHECK(state.unpublished[0].status == BookingStatus::confirmed);
+    store->published("b", 2);
+    store->published("c", 1);
+  }  // closing writes the marks still waiting for a transaction
+  auto store = open_ok(path);
+  CHECK(store->recover(at_ms(0)).value().unpublished.empty());
+}
+
+TEST_CASE("a version-1 file opens, is upgraded to version 2, and keeps everything") {
+  temp_dir dir;
+  const auto path = dir.file("db");
+  {
+    // A version-1 database as a pushbook before the outbox wrote it (its schema, verbatim).
+    raw_db v1(path);
+    REQUIRE(v1.exec(R"sql(
+CREATE TABLE bookings (
+  id          TEXT PRIMARY KEY NOT NULL,
+  user        TEXT NOT NULL,
+  status      TEXT NOT NULL,
+  idem_key    TEXT,
+  fingerprint TEXT,
+  created_at  INTEGER NOT NULL,
+  lines       TEXT NOT NULL,
+  booking     TEXT NOT NULL
+);
+CREATE TABLE resources (
+  id       TEXT PRIMARY KEY NOT NULL,
+  capacity INTEGER NOT NULL
+);
+PRAGMA application_id = 1349740610;
+PRAGMA user_version = 1;
+)sql") == SQLITE_OK);
+    auto held = make_booking("h1", BookingStatus::held, {{"r", 2}}, "k1", 5000);
+    held.version = 2;
+    const auto json = boost::json::serialize(to_json(held));
+    REQUIRE(v1.exec("INSERT INTO resources VALUES ('r', 10)") == SQLITE_OK);
+    REQUIRE(v1.exec("INSERT INTO bookings VALUES ('h1', 'u1', 'held', 'k1', 'fp1', 5000, 'r 2', '" + json +
+                    "')") == SQLITE_OK);
+  }
+  {
+    auto store = open_ok(path);
+    auto state = store->recover(at_ms(0)).value();
+    REQUIRE(state.held.size() == 1);
+    CHECK(state.held[0].id == "h1");
+    CHECK(state.held[0].version == 2);
+    REQUIRE(state.resources.size() == 1);
+    CHECK(state.resources[0].reserved == 2);
+    REQUIRE(state.keys.size() == 1);
+    CHECK(state.keys[0].fingerprint == "fp1");
+    // Bookings of a version-1 file count as published (nothing recorded otherwise).
+    CHECK(state.unpublished.empty());
+    // New versions go through the outbox.
+    auto confirmed = state.held[0];
+    confirmed.status = BookingStatus::confirmed;
+    confirmed.version = 3;
+    REQUIRE(commit(*store, confirmed));
+    state = store->recover(at_ms(0)).value();
+    REQUIRE(state.unpublished.size() == 1);
+    CHECK(state.unpublished[0].version == 3);
+  }
+  raw_db after(path);
+  CHECK(after.text("PRAGMA user_version") == "2");
+  CHECK(after.text("SELECT version FROM outbox WHERE booking_id = 'h1'") == "3");
 }
 
 TEST_CASE("a path that cannot be opened or created is refused") {

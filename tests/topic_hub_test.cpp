@@ -67,6 +67,10 @@ SubscribeOptions since(std::optional<std::uint64_t> seq, std::optional<std::uint
   return o;
 }
 
+std::uint64_t F_bus_subscriptions(EventBus& bus) {
+  return dynamic_cast<RedisBus&>(bus).stats().subscriptions;
+}
+
 }  // namespace
 
 #define HUB_CASE(name) TEST_CASE_TEMPLATE(name, F, LocalFactory, RedisFactory)
@@ -85,6 +89,9 @@ HUB_CASE("a thousand followers of one topic are one bus subscription, and each g
     REQUIRE(s);
     subs.push_back(std::move(*s));
   }
+  // The hub's bus subscription may still be being made (RedisBus: subscribe_async): every
+  // follower is served its snapshot once it is.
+  for (auto& c : seen) REQUIRE(c->wait_for(1) == std::vector<Seen>{{snap, 1}});
   CHECK(F::bus_subscriptions(*bus) == 1);
   CHECK(hub.stats().topics == 1);
   CHECK(hub.stats().followers == n);
@@ -149,7 +156,8 @@ HUB_CASE("a follower whose since is older than the hub's recent events gets its 
   // The hub kept events 10.. only; the bus's history reaches back to 3.
   auto s1 = hub.subscribe("user/alice", record(old), since(2));
   REQUIRE(s1);
-  CHECK(hub.stats().private_subscriptions == 1);
+  // Made with subscribe_async: counted once the bus has made it (at once with LocalBus).
+  CHECK(eventually([&] { return hub.stats().private_subscriptions == 1; }));
   CHECK(F::bus_subscriptions(*bus) == 2);
   REQUIRE(bus->publish("user/alice", num(11)));
   std::vector<Seen> want;
@@ -203,19 +211,47 @@ HUB_CASE(
   CHECK(resumed.wait_for(2).back() == Seen{ev, 1});
 }
 
+HUB_CASE("a creator that resumes at the topic's last seq still leaves the hub the topic's state") {
+  // The gateway follows a booking's topic from the version its book ACK reported (since = the
+  // topic's last seq): nothing to replay for that creator. The hub must still hold the topic's
+  // last event, for followers that join later and want the current state.
+  F f;
+  auto bus = f.make();
+  TopicHub hub(bus);
+  for (int i = 1; i <= 3; ++i) REQUIRE(bus->publish("user/carol", num(i)));
+  Collector<Seen> creator, fresh, from2;
+  auto s0 = hub.subscribe("user/carol", record(creator), since(3));
+  REQUIRE(s0);
+  auto s1 = hub.subscribe("user/carol", record(fresh), {});
+  auto s2 = hub.subscribe("user/carol", record(from2), since(2));
+  REQUIRE(s1);
+  REQUIRE(s2);
+  CHECK(fresh.wait_for(1) == std::vector<Seen>{{snap, 3}});
+  CHECK(from2.wait_for(1) == std::vector<Seen>{{ev, 3}});
+  CHECK(hub.stats().private_subscriptions == 0);
+  REQUIRE(bus->publish("user/carol", num(4)));
+  CHECK(creator.wait_for(1) == std::vector<Seen>{{ev, 4}});
+  CHECK(fresh.wait_for(2) == std::vector<Seen>{{snap, 3}, {ev, 4}});
+  CHECK(from2.wait_for(2) == std::vector<Seen>{{ev, 3}, {ev, 4}});
+}
+
 HUB_CASE("a follower cannot subscribe from inside its callback: refused, not a deadlock") {
   F f;
   auto bus = f.make();
   TopicHub hub(bus);
   Collector<std::string> errors;
+  std::atomic<bool> ready{false};
+  REQUIRE(bus->publish("resource/r", num(0)));
   auto s = hub.subscribe("resource/r",
                          [&](const Delivery& d) {
+                           if (d.kind == snap) ready = true;
                            if (d.kind != ev) return;
                            auto inner = hub.subscribe("resource/other", [](const Delivery&) {}, {});
                            errors.push(inner ? "subscribed" : inner.error().message);
                          },
                          {});
   REQUIRE(s);
+  REQUIRE(eventually([&] { return ready.load(); }));  // the hub's bus subscription is made
   REQUIRE(bus->publish("resource/r", num(1)));
   auto seen = errors.wait_for(1);
   REQUIRE(seen.size() == 1);
@@ -313,13 +349,28 @@ HUB_CASE("followers joining and leaving while events are published each see a ga
   CHECK(eventually([&] { return hub.stats().topics == 0 && F::bus_subscriptions(*bus) == 0; }));
 }
 
-TEST_CASE("a bus that cannot subscribe: the first follower gets the error, and nothing stays behind") {
-  // A Redis that is not there: subscribe fails with bus_unavailable after command_timeout.
-  RedisBusOptions o;
-  o.address = "redis://127.0.0.1:1";
-  o.command_timeout = 200ms;
-  o.connect_timeout = 100ms;
-  auto bus = std::make_shared<RedisBus>(o);
+namespace {
+// A bus whose subscribe() fails at once (bus_unavailable), as a bus may before it ever answers:
+// its subscribe_async is the default, which reports before returning.
+struct RefusingBus final : EventBus {
+  LocalBus inner;
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner.publish(topic, std::move(data), options);
+  }
+  result<Subscription> subscribe(std::string_view, DeliveryCallback, SubscribeOptions) override {
+    return Error(errc::bus_unavailable, "refused");
+  }
+  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq) const override {
+    return inner.history(topic, since_seq);
+  }
+};
+}  // namespace
+
+TEST_CASE("a bus that refuses at once: the first follower gets the error, and nothing stays behind") {
+  auto bus = std::make_shared<RefusingBus>();
   TopicHub hub(bus);
   Collector<Seen> c;
   auto s = hub.subscribe("resource/r", record(c), {});
@@ -327,8 +378,35 @@ TEST_CASE("a bus that cannot subscribe: the first follower gets the error, and n
   CHECK(s.error().is(errc::bus_unavailable));
   CHECK(hub.stats().topics == 0);
   CHECK(hub.stats().followers == 0);
+  CHECK(c.items().empty());
   auto bad = hub.subscribe("resource/*", record(c), {});
   CHECK(bad.error().is(errc::invalid_topic));
+}
+
+TEST_CASE(
+    "a Redis that is not there: followers' subscriptions end with bus_unavailable, nothing stays behind") {
+  // subscribe_async fails after command_timeout: the hub has returned by then, so the followers
+  // (the creator and one that joined meanwhile) are ended.
+  RedisBusOptions o;
+  o.address = "redis://127.0.0.1:1";
+  o.command_timeout = 200ms;
+  o.connect_timeout = 100ms;
+  auto bus = std::make_shared<RedisBus>(o);
+  TopicHub hub(bus);
+  Collector<Delivery::Kind> first, second;
+  auto kinds = [](Collector<Delivery::Kind>& into) {
+    return [&into](const Delivery& d) { into.push(d.kind); };
+  };
+  auto s1 = hub.subscribe("resource/r", kinds(first), {});
+  auto s2 = hub.subscribe("resource/r", kinds(second), {});
+  REQUIRE(s1);
+  REQUIRE(s2);
+  CHECK(first.wait_for(1) == std::vector<Delivery::Kind>{Delivery::Kind::ended});
+  CHECK(second.wait_for(1) == std::vector<Delivery::Kind>{Delivery::Kind::ended});
+  CHECK_FALSE(s1->active());
+  CHECK_FALSE(s2->active());
+  CHECK(eventually([&] { return hub.stats().topics == 0 && hub.stats().followers == 0; }));
+  CHECK(bus->stats().subscriptions == 0);
 }
 
 TEST_CASE(
@@ -380,4 +458,71 @@ TEST_CASE(
   CHECK(all.front() == Seen{ev, 2});
   CHECK(all.back() == Seen{ev, 30});
   CHECK(hub.stats().private_subscriptions == 1);
+}
+
+TEST_CASE(
+    "over RedisBus, following a topic never waits for Redis, followers joining meanwhile are served once it "
+    "is ready, and a failure ends the subscription") {
+  pushbook::test::RedisServer server;
+  RedisBusOptions o;
+  o.address = server.address();
+  o.command_timeout = 1500ms;
+  auto bus = std::make_shared<RedisBus>(o);
+  REQUIRE(bus->wait_connected(10s));
+  TopicHub hub(bus);
+
+  // Redis stopped while a topic is first followed: subscribe() returns at once, nothing comes
+  // yet; the follower joining meanwhile waits with the creator; both are served once Redis answers.
+  REQUIRE(bus->publish("resource/p", num(1)));
+  server.pause();
+  Collector<Seen> creator, joiner;
+  const auto paused_at = std::chrono::steady_clock::now();
+  auto c1 = hub.subscribe("resource/p", record(creator), {});
+  auto c2 = hub.subscribe("resource/p", record(joiner), {});
+  const auto subscribing_took = std::chrono::steady_clock::now() - paused_at;
+  REQUIRE(c1);
+  REQUIRE(c2);
+  CHECK(subscribing_took < 1s);
+  CHECK(creator.items().empty());  // nothing can be read while Redis is stopped
+  CHECK(joiner.items().empty());
+  server.resume();
+  CHECK(creator.wait_for(1) == std::vector<Seen>{{snap, 1}});
+  CHECK(joiner.wait_for(1) == std::vector<Seen>{{snap, 1}});
+  REQUIRE(bus->publish("resource/p", num(2)));
+  CHECK(creator.wait_for(2).back() == Seen{ev, 2});
+  CHECK(joiner.wait_for(2).back() == Seen{ev, 2});
+  c1->cancel();
+  c2->cancel();
+  REQUIRE(eventually([&] { return hub.stats().topics == 0 && F_bus_subscriptions(*bus) == 0; }));
+
+  REQUIRE(bus->publish("resource/r", num(1)));
+  std::vector<std::unique_ptr<Collector<Seen>>> seen;
+  std::vector<Subscription> subs;
+  for (int i = 0; i < 20; ++i) {
+    seen.push_back(std::make_unique<Collector<Seen>>());
+    subs.push_back(hub.subscribe("resource/r", record(*seen.back()), {}).value());
+  }
+  for (auto& c : seen) CHECK(c->wait_for(1) == std::vector<Seen>{{snap, 1}});
+  CHECK(F_bus_subscriptions(*bus) == 1);
+  REQUIRE(bus->publish("resource/r", num(2)));
+  for (auto& c : seen) CHECK(c->wait_for(2).back() == Seen{ev, 2});
+
+  // Redis stops answering: subscribe() still returns at once; the subscription ends with
+  // bus_unavailable once the bus gives up (command_timeout).
+  server.pause();
+  Collector<std::string> ended;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = hub.subscribe("resource/other",
+                         [&](const Delivery& d) {
+                           if (d.kind == Delivery::Kind::ended) ended.push(d.reason.message);
+                         },
+                         {});
+  const auto took = std::chrono::steady_clock::now() - t0;
+  REQUIRE(s);
+  CHECK(took < 1s);  // not the 1.5 s the bus waits for Redis
+  auto why = ended.wait_for(1, 10s);
+  server.resume();
+  REQUIRE(why.size() == 1);
+  CHECK_FALSE(s->active());
+  CHECK(test::eventually([&] { return hub.stats().topics == 1; }));  // resource/r only
 }

@@ -25,10 +25,10 @@ template <class T>
 class Collector {
  public:
   void push(T v) {
-    {
-      std::lock_guard lock(mutex_);
-      items_.push_back(std::move(v));
-    }
+    // Notified under the lock: a waiter that sees the item may return and destroy the collector
+    // (it often lives on the test's stack) as soon as the lock is free.
+    std::lock_guard lock(mutex_);
+    items_.push_back(std::move(v));
     cv_.notify_all();
   }
   /// Waits until at least `n` items arrived (or the deadline); returns a copy of all of them.

@@ -334,10 +334,14 @@ export class PushbookClient {
    * @param {string} [request.idempotencyKey]
    * @param {object} [request.metadata]
    * @param {number} [request.holdMs]
-   * @param {(event: object) => void} [request.onEvent] the booking's events, from the first
+   * @param {(event: object) => void} [request.onEvent] the booking's events, from the first.
+   *   Over WebSocket the first one of a new booking is made from the server's reply (the
+   *   server does not send that state again): `{type: 'event', topic, seq, ts, ack: true, data}`
+   *   where `data` has `booking_id`, `status` ('processing'), `version` (= `seq`) and, from the
+   *   request, `lines`, `metadata`, `hold_ms`; the events that follow carry the whole booking
    * @param {(error: PushbookError) => void} [request.onError] the server stopped following the
    *   booking for this client (e.g. `forbidden` after a new token made it another user)
-   * @returns {Promise<{booking_id: string, status: string, replayed?: boolean,
+   * @returns {Promise<{booking_id: string, status: string, seq?: number, replayed?: boolean,
    *   subscription: Subscription}>} `subscription` follows `booking/<id>`; unsubscribe when done
    */
   async book(request = {}) {
@@ -352,8 +356,20 @@ export class PushbookClient {
     // The reply is handled before the events that follow it in the same frame, so the booking's
     // topic is followed before its first event is read.
     const onReply = (result) => {
-      subscription = this.#follow(`booking/${result.booking_id}`, { onEvent, onError },
-        this.#mode === 'websocket');
+      const topic = `booking/${result.booking_id}`;
+      const websocket = this.#mode === 'websocket';
+      subscription = this.#follow(topic, { onEvent, onError }, websocket);
+      // Over WebSocket the server follows a new booking's topic from the version its reply
+      // reports (`seq`): the reply is the topic's first event, and its seq the resume point (a
+      // reconnect before the decision resubscribes with since = seq and still gets it). After a
+      // replayed reply the server sends the state it reports as an event, whole: nothing to make.
+      if (websocket && !result.replayed && Number.isSafeInteger(result.seq)) {
+        const data = { booking_id: result.booking_id, status: result.status, version: result.seq,
+          lines: msg.lines ?? [{ resource, quantity }] };
+        if (metadata !== undefined) data.metadata = metadata;
+        if (holdMs !== undefined) data.hold_ms = holdMs;
+        this.#onEvent({ type: 'event', topic, seq: result.seq, ts: Date.now(), ack: true, data });
+      }
     };
     const result = await this.#request(msg, { retry: true, onReply });
     return { ...result, subscription };

@@ -601,15 +601,18 @@ PYBIND11_MODULE(_core, m) {
   py::class_<EventBus, std::shared_ptr<EventBus>>(m, "EventBus", "An event bus (LocalBus or RedisBus).")
       .def(
           "publish",
-          [](EventBus& bus, const std::string& topic, py::handle data) {
+          [](EventBus& bus, const std::string& topic, py::handle data, std::optional<std::uint64_t> seq) {
             auto value = std::make_shared<const json::value>(from_py(data));
             result<EventPtr> r = [&] {
               py::gil_scoped_release release;
-              return bus.publish(topic, value);
+              return bus.publish(topic, value, PublishOptions{seq});
             }();
             return take(std::move(r))->seq();
           },
-          "topic"_a, "data"_a, "Publishes data (JSON-like Python values); returns the event's seq.")
+          "topic"_a, "data"_a, "seq"_a = py::none(),
+          "Publishes data (JSON-like Python values); returns the event's seq. With seq, the publisher "
+          "numbers the event: one whose seq the topic already has (or passed) is dropped and raises "
+          "with code already_exists.")
       .def(
           "subscribe",
           [](EventBus& bus, const std::string& topic, py::function callback,
@@ -778,6 +781,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("booking_id", [](const PyAck& a) { return a.ack.booking_id; })
       .def_property_readonly("status", [](const PyAck& a) { return status(a.ack.status); })
       .def_property_readonly("replayed", [](const PyAck& a) { return a.ack.replayed; })
+      .def_property_readonly(
+          "version", [](const PyAck& a) { return a.ack.version; },
+          "The booking's version this ACK reports (1 for a new booking); also its "
+          "event's seq on booking/<id>.")
       .def("__repr__", [](const PyAck& a) {
         return "<pushbook.Ack " + a.ack.booking_id + " " + to_string(a.ack.status) +
                (a.ack.replayed ? " replayed" : "") + ">";
@@ -931,7 +938,11 @@ PYBIND11_MODULE(_core, m) {
                         "expired"_a = s.expired, "idempotent_replays"_a = s.idempotent_replays,
                         "overloaded"_a = s.overloaded, "in_flight"_a = s.in_flight,
                         "queue_depth"_a = s.queue_depth, "quota_exceeded"_a = s.quota_exceeded,
-                        "ack_latency"_a = lat(s.ack_latency), "decision_latency"_a = lat(s.decision_latency));
+                        "store_errors"_a = s.store_errors, "recovered"_a = s.recovered,
+                        "publish_failures"_a = s.publish_failures, "publish_retries"_a = s.publish_retries,
+                        "publish_backlog"_a = s.publish_backlog, "publish_dropped"_a = s.publish_dropped,
+                        "relayed"_a = s.relayed, "ack_latency"_a = lat(s.ack_latency),
+                        "decision_latency"_a = lat(s.decision_latency));
       });
 
   // A Python KeySet is mutable; the gateway gets a copy of it as it is (PushGateway(keys=),

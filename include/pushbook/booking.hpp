@@ -83,6 +83,10 @@ struct Ack {
   BookingStatus status = BookingStatus::processing;
   /// True when this is an idempotent retry answered with an existing booking.
   bool replayed = false;
+  /// The booking's version this ACK reports (Booking::version): 1 for a new booking, the stored
+  /// version for a replay. Also the seq of that version's event on "booking/<id>", so a client
+  /// can subscribe with since_seq = version to get exactly the changes that follow.
+  std::uint64_t version = 1;
 };
 
 /// A booking and its current state.

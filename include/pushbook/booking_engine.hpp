@@ -105,6 +105,15 @@ struct EngineOptions {
   /// This process's node id, part of every booking id (default: random). Give each engine of a
   /// deployment its own to make ids unique by construction rather than by probability.
   std::optional<std::uint32_t> node_id;
+  /// Events not yet taken by the bus are kept, in order per topic: in flight (the engine
+  /// publishes with EventBus::publish_async and never waits for the bus), waiting behind an
+  /// earlier event of their topic, or refused (errc::bus_unavailable: Redis away) and published
+  /// again with a backoff until the bus takes them; at most this many. Beyond, new events are
+  /// dropped and counted (EngineStats::publish_dropped); a durable store still has their booking
+  /// versions in its outbox, relayed at the next start. A resource's events only carry its
+  /// latest state: they are never dropped, and a resource has at most two waiting (one at the
+  /// bus, the latest state behind it).
+  std::size_t max_publish_backlog = 100'000;
 };
 
 /// Counters of an engine, read with BookingEngine::stats().
@@ -130,16 +139,36 @@ struct EngineStats {
   /// Requests refused by a per-user quota (EngineOptions::max_in_flight_per_user,
   /// max_held_units_per_user).
   std::uint64_t quota_exceeded = 0;
+  /// Publishes the bus refused (errc::bus_unavailable and the like), first tries and retries.
+  std::uint64_t publish_failures = 0;
+  /// Events published after the bus had refused them or an earlier event of their topic.
+  std::uint64_t publish_retries = 0;
+  /// Events not yet taken by the bus: in flight, waiting behind an earlier event of their topic,
+  /// or to be published again (EngineOptions::max_publish_backlog).
+  std::uint64_t publish_backlog = 0;
+  /// Events given up: the backlog was full, or the bus refused them for good (bad_request,
+  /// invalid_topic). A durable store relays the booking versions among them at the next start.
+  std::uint64_t publish_dropped = 0;
+  /// Booking versions found unpublished in the store at start and published again (relayed).
+  std::uint64_t relayed = 0;
   /// From submit() called to submit() returning the ACK.
   LatencySummary ack_latency;
-  /// From submit() called to the decision being published.
+  /// From submit() called to the decision being handed to the bus (publish_async).
   LatencySummary decision_latency;
 };
 
 /// The booking engine. Thread-safe.
 ///
 /// Bookings publish to "booking/<id>" and "user/<user>" (the booking's JSON, see to_json), and
-/// every change of a resource's availability to "resource/<id>".
+/// every change of a resource's availability to "resource/<id>". On "booking/<id>" an event's
+/// seq is the booking's version (PublishOptions::seq): a version published twice (relayed after
+/// a crash, retried after a lost reply) is delivered once. The engine hands events to the bus with
+/// EventBus::publish_async and never waits for it; each topic's events reach the bus in the order
+/// the engine made them. Events the bus refuses are published again later
+/// (EngineOptions::max_publish_backlog); versions a durable store still holds as unpublished at
+/// start are relayed (see docs/architecture.md, "Published means relayed"). A call that returns
+/// after a change (submit's ACK, cancel(), ...) does not wait for its events: a subscriber may
+/// see them a little after.
 class PUSHBOOK_EXPORT BookingEngine {
  public:
   /// Starts the workers. Over a store that holds state (a restart) it first recovers: resources
@@ -198,11 +227,19 @@ class PUSHBOOK_EXPORT BookingEngine {
 
   /// Stops taking bookings (submit() then fails with shutting_down), rejects those still queued
   /// with RejectReason::shutdown, waits for handlers in flight (each at most the handler timeout)
-  /// and for their commits, and joins the workers; then the timer thread stops (holds no longer
-  /// expire in this process: the next start re-arms them). A decision the store refuses during
-  /// shutdown stays processing in the store: the next start decides it (recovery). Idempotent; the destructor
-  /// calls it. Must not be called from a handler or a worker thread.
+  /// and for their commits, and joins the workers; then waits for the bus to answer every event
+  /// handed to it (events waiting behind a refusal are dropped: a durable store relays their
+  /// versions at the next start), and the timer thread stops (holds no longer expire in this
+  /// process: the next start re-arms them). A decision the store refuses during shutdown stays
+  /// processing in the store: the next start decides it (recovery). Idempotent; the destructor
+  /// calls it. Must not be called from a handler, a worker thread, or a bus callback.
   void shutdown();
+
+  /// True while a change of the booking has events not yet taken by the bus (handed to it,
+  /// waiting behind an earlier event of their topic, or refused and to be retried): the stored
+  /// state (get()) is then ahead of what "booking/<id>" has delivered. The gateway gives no
+  /// snapshot from the store for such a booking; its events follow.
+  bool publishing(std::string_view booking_id) const;
 
   EngineStats stats() const;
   const EventBusPtr& bus() const noexcept;

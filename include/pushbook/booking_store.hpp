@@ -22,10 +22,16 @@ namespace pushbook {
 struct OutboxEvent {
   std::string topic;
   std::shared_ptr<const boost::json::value> data;
+  /// The seq it is published with (PublishOptions::seq): the booking's version on
+  /// "booking/<id>", so that the bus drops a version relayed twice; 0 for the bus's next seq.
+  std::uint64_t seq = 0;
 };
 
 /// One state change of one booking: the booking as it is after the change, and the events that
 /// announce it. The engine publishes `events` only after the store said the change is stored.
+/// A durable store keeps, with the version, that it is not yet published (its outbox), until the
+/// engine says it is (BookingStore::published); a restart relays what is left (RecoveredState::
+/// unpublished). The events themselves are not stored: they are made again from the booking.
 struct StateChange {
   const Booking& booking;
   std::vector<OutboxEvent> events;
@@ -55,6 +61,11 @@ struct RecoveredState {
   std::vector<Booking> held;
   /// Idempotency keys of bookings created at or after the `keys_since` given to recover().
   std::vector<StoredKey> keys;
+  /// Bookings whose latest version was stored and never marked published (BookingStore::
+  /// published): the process may have died before their events reached the bus. Their latest
+  /// version, in the order they were first stored. The engine publishes them again before it
+  /// takes bookings. Empty for a store that keeps nothing across restarts.
+  std::vector<Booking> unpublished;
 };
 
 /// Called when a commit is durable, or failed (errc::store_failed).
@@ -88,6 +99,14 @@ class PUSHBOOK_EXPORT BookingStore {
   /// Reads back everything the engine keeps in memory (see RecoveredState). Called once, before
   /// the engine takes bookings. Errors: errc::store_failed.
   virtual result<RecoveredState> recover(wall_clock::time_point keys_since) = 0;
+
+  /// The engine says that every event of `booking_id` up to `version` reached the bus: the
+  /// store may forget that they are to be published (RecoveredState::unpublished). Never
+  /// blocks and never fails: a store may record it lazily (SqliteStore does, in its next
+  /// transaction), so after a crash a version already published may be relayed again, which
+  /// the bus drops (PublishOptions::seq). Called from commit callbacks too. The default does
+  /// nothing (a store that keeps nothing across restarts has nothing to relay).
+  virtual void published(std::string_view booking_id, std::uint64_t version);
 };
 
 /// How long a MemoryStore keeps finished bookings (rejected, cancelled, released, expired: no

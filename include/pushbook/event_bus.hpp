@@ -32,7 +32,8 @@ class PUSHBOOK_EXPORT Event {
   Event& operator=(const Event&) = delete;
 
   const std::string& topic() const noexcept { return topic_; }
-  /// Position in its topic: 1 for the first event ever published to the topic, then +1.
+  /// Position in its topic: 1 for the first event ever published to the topic, then +1 (or the
+  /// number its publisher gave it, PublishOptions::seq: always above the previous one).
   std::uint64_t seq() const noexcept { return seq_; }
   /// The numbering `seq` belongs to. A topic's numbering restarts (seq 1 again) when its bus
   /// restarts or forgets the topic; it then gets another epoch, so that a subscriber resuming
@@ -155,21 +156,66 @@ class PUSHBOOK_EXPORT Subscription {
   std::shared_ptr<detail::SubscriptionState> state_;
 };
 
+/// Options of one publish.
+struct PublishOptions {
+  /// nullopt: the event gets the topic's next sequence number (the bus numbers it).
+  /// N: the publisher numbers its events itself (the engine gives booking/<id> the booking's
+  /// version), which makes publishing idempotent: when the topic's current seq (in its current
+  /// epoch) is already N or more, the event is dropped, nothing is delivered and publish() fails
+  /// with errc::already_exists; otherwise the event gets seq N and the topic's counter becomes N.
+  /// Numbers may be skipped (a subscriber then sees seq jump, as after a lost event): the
+  /// publisher that numbers a topic's events is responsible for their continuity, and should
+  /// number every event of that topic (an unnumbered publish takes counter + 1, which a later
+  /// numbered one may then collide with). The bus remembers a topic's seq only while it keeps the
+  /// topic (LocalBusOptions::topic_idle_ttl, max_topics; RedisBusOptions::topic_idle_ttl): a
+  /// topic forgotten and published again starts a new epoch and accepts any N.
+  /// N must be 1..2^53 (Redis compares it as a Lua number): errc::bad_request otherwise.
+  std::optional<std::uint64_t> seq;
+};
+
+/// The largest seq a publisher may give (PublishOptions::seq): 2^53.
+inline constexpr std::uint64_t max_publish_seq = std::uint64_t{1} << 53;
+
 /// Publish/subscribe on `/`-separated topics ("booking/<id>", "user/<id>", "resource/<id>").
 /// Thread-safe. Publishing never blocks on subscribers.
 class PUSHBOOK_EXPORT EventBus {
  public:
   virtual ~EventBus();
 
-  /// Publishes `data` to `topic`, assigning the topic's next sequence number and a timestamp.
-  /// The same `data` may be published to several topics without being copied.
-  /// Errors: errc::invalid_topic, errc::bad_request (null data), errc::shutting_down.
-  virtual result<EventPtr> publish(std::string_view topic,
-                                   std::shared_ptr<const boost::json::value> data) = 0;
+  /// Publishes `data` to `topic` with a sequence number (the topic's next one, or the one
+  /// `options.seq` gives, see PublishOptions) and a timestamp. The same `data` may be published
+  /// to several topics without being copied.
+  /// Errors: errc::invalid_topic, errc::bad_request (null data, seq 0 or beyond max_publish_seq),
+  /// errc::already_exists (options.seq not above the topic's current seq: dropped, not
+  /// delivered), errc::shutting_down.
+  virtual result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                                   const PublishOptions& options) = 0;
+
+  /// Publishes with the topic's next sequence number (PublishOptions{}).
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) {
+    return publish(topic, std::move(data), PublishOptions{});
+  }
 
   /// Convenience: publishes a JSON value it takes ownership of.
-  result<EventPtr> publish(std::string_view topic, boost::json::value data) {
-    return publish(topic, std::make_shared<const boost::json::value>(std::move(data)));
+  result<EventPtr> publish(std::string_view topic, boost::json::value data,
+                           const PublishOptions& options = {}) {
+    return publish(topic, std::make_shared<const boost::json::value>(std::move(data)), options);
+  }
+
+  /// Called with the outcome of publish_async().
+  using PublishCallback = std::function<void(result<EventPtr>)>;
+
+  /// Publishes like publish() without waiting for the outcome: `done` (may be empty) is called
+  /// with it, on the caller's thread or the bus's own. Events one thread publishes this way reach
+  /// the bus, and its subscribers, in the order of the calls; a bus that publishes over the
+  /// network (RedisBus) sends them pipelined instead of one round trip each. The default calls
+  /// publish() and then `done` before returning.
+  virtual void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                             const PublishOptions& options, PublishCallback done);
+  /// publish_async() with the topic's next sequence number (PublishOptions{}).
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     PublishCallback done) {
+    publish_async(topic, std::move(data), PublishOptions{}, std::move(done));
   }
 
   /// Subscribes `callback` to an exact topic or a trailing wildcard ("booking/*" matches every
@@ -177,6 +223,29 @@ class PUSHBOOK_EXPORT EventBus {
   /// Errors: errc::invalid_topic, errc::bad_request (since_seq with a wildcard).
   virtual result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                          SubscribeOptions options = {}) = 0;
+
+  /// Called with the outcome of subscribe_async().
+  using SubscribeCallback = std::function<void(result<Subscription>)>;
+
+  /// Subscribes like subscribe() without waiting: `done` (required) is called exactly once with
+  /// the subscription or the error subscribe() would have returned, on the caller's thread
+  /// (before subscribe_async returns) or on the bus's own thread. Never blocks, so a bus that
+  /// subscribes over the network (RedisBus) needs no thread per subscription in progress.
+  ///
+  /// Deliveries may start before `done` runs: the subscription's first deliveries (its replay
+  /// or snapshot) are handed to its executor before `done` is called, so with inline_executor()
+  /// they have been delivered when `done` runs (as they have when subscribe() returns), and live
+  /// events may follow on the bus's thread meanwhile. When `done` gets an error, the callback
+  /// will not run any more (with RedisBus it may have run already in one case: the subscriber
+  /// connection was lost while the first history read was applied, and the read made again
+  /// failed). Until `done` runs the caller has no handle: dropping the Subscription `done`
+  /// receives (or cancelling it there) unsubscribes.
+  ///
+  /// The default calls subscribe() and then `done` before returning, so it blocks as long as
+  /// subscribe() does. The gateway subscribes with subscribe_async from its I/O threads: a bus
+  /// whose subscribe() waits for the network must override it.
+  virtual void subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                               SubscribeCallback done);
 
   /// The topic's last event, or nullptr when it has none.
   virtual EventPtr last(std::string_view topic) const = 0;
@@ -231,7 +300,10 @@ class PUSHBOOK_EXPORT LocalBus final : public EventBus {
   LocalBus& operator=(const LocalBus&) = delete;
 
   using EventBus::publish;
-  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) override;
+  /// PublishOptions::seq is compared and set under the topic's lock, so of two concurrent
+  /// publishes with the same seq exactly one is delivered.
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override;
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
   EventPtr last(std::string_view topic) const override;

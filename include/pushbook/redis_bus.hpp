@@ -11,9 +11,12 @@
 // - publish() needs Redis: while Redis is unreachable it fails with errc::bus_unavailable (never
 //   queued, never dropped silently). A publish whose connection is lost before its reply came
 //   also fails with bus_unavailable, although Redis may have executed it: the event may then be
-//   delivered although publish() reported failure (at most a duplicate, never a lost event).
+//   delivered although publish() reported failure (at most a duplicate, never a lost event; a
+//   publisher that numbers its events with PublishOptions::seq and retries gets already_exists
+//   instead of a duplicate).
 // - subscribe() needs Redis too (it waits for the SUBSCRIBE confirmation and reads history) and
 //   fails with errc::bus_unavailable when it cannot get them within command_timeout.
+//   subscribe_async() does the same without blocking any thread (the gateway's hub uses it).
 // - last() and history() read Redis: while it is unreachable they return nullptr / nothing.
 // - When the connection is lost, events published meanwhile by other nodes are not received
 //   live. After reconnecting the bus resubscribes and each exact-topic subscriber catches up as
@@ -109,10 +112,36 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
 
   using EventBus::publish;
   /// Errors: those of EventBus::publish, and errc::bus_unavailable while Redis is unreachable.
-  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data) override;
+  /// PublishOptions::seq is compared and set by the publish script, atomically in Redis, so it
+  /// holds across every node sharing the Redis: of two nodes relaying the same numbered event,
+  /// exactly one delivers it. A publish that failed with bus_unavailable although Redis ran it,
+  /// retried with the same seq, fails with already_exists instead of delivering it twice.
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override;
+  using EventBus::publish_async;
+  /// Pipelined: the script is queued on the command connection and `done` runs on the bus's I/O
+  /// thread with the reply (bus_unavailable when Redis is unreachable or does not answer within
+  /// command_timeout). `done` must not block nor call the bus's blocking functions.
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     const PublishOptions& options, PublishCallback done) override;
   /// Errors: those of EventBus::subscribe, and errc::bus_unavailable while Redis is unreachable.
+  /// Blocks for two round trips (the SUBSCRIBE confirmation, then the history read), each up to
+  /// command_timeout; refused (bad_request) on the bus's I/O thread. subscribe_async does not block.
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
+  /// Never blocks, from any thread including the bus's I/O thread (an inline callback, another
+  /// `done`). The subscriber is registered on the I/O thread; once the topic's channel is
+  /// confirmed (at once when this node already has it) the history read is queued on the command
+  /// connection, and its reply is applied with subscribe()'s catch-up rules (no gap, no
+  /// duplicate against live events; a read that raced with a lost connection is read again).
+  /// `done` runs on the I/O thread, after the replay or snapshot was handed to the subscription's
+  /// executor (with inline_executor(): delivered); it must not block nor call the bus's blocking
+  /// functions. A wildcard is done once confirmed. Errors as subscribe(): argument errors before
+  /// returning, on the caller's thread; bus_unavailable when the confirmation, or a read, takes
+  /// longer than command_timeout (the subscription is then cancelled: nothing is delivered);
+  /// shutting_down when the bus is destroyed first (its destructor calls every pending `done`).
+  void subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
+                       SubscribeCallback done) override;
   /// nullptr as well when Redis is unreachable.
   EventPtr last(std::string_view topic) const override;
   /// Nothing as well when Redis is unreachable.

@@ -55,6 +55,12 @@ struct SqliteOptions {
 ///
 /// Reads: load() and recover() use a small pool of read-only connections; with WAL they read the
 /// last committed state and never wait for the writer.
+///
+/// Outbox: every booking version is stored together with a row (booking id, version) in an
+/// `outbox` table, in the same transaction; published() deletes it later, lazily. recover()
+/// reports the bookings still in the outbox (RecoveredState::unpublished). Schema version 2; a
+/// version-1 file is upgraded when opened (its bookings count as published: the engine that
+/// wrote them published right after each commit).
 class PUSHBOOK_EXPORT SqliteStore final : public BookingStore {
  public:
   /// Opens (creating if missing) the database at `path` (a file name, never a URI). Errors:
@@ -77,6 +83,9 @@ class PUSHBOOK_EXPORT SqliteStore final : public BookingStore {
   result<std::optional<Booking>> load(std::string_view booking_id) const override;
   result<void> put_resource(std::string_view resource_id, std::uint32_t capacity) override;
   result<RecoveredState> recover(wall_clock::time_point keys_since) override;
+  /// Recorded lazily: the outbox rows up to `version` are deleted inside the next group-commit
+  /// transaction (or when the store closes), never with a transaction (and fsync) of their own.
+  void published(std::string_view booking_id, std::uint64_t version) override;
 
   /// The database file as given to open().
   const std::string& path() const noexcept;

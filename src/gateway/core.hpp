@@ -91,6 +91,10 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   std::uint64_t accept_failures_unlogged = 0;
   std::atomic<bool> accept_failing{false};
 
+  /// What /metrics serves (and PushGateway::metrics_text() returns): the gateway's, the engine's,
+  /// the bus's and the topic hub's counters.
+  std::string metrics_text() const;
+
   /// Writes an access log line ("access " + fields) when GatewayOptions::access_log is on.
   void access(std::string_view fields) const;
 

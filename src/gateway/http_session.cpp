@@ -261,10 +261,7 @@ void HttpSession::handle(Request&& req) {
                 "/healthz");
   }
   if (path == "/metrics") {
-    auto stats = ctx.engine->stats();
-    auto body = core_->metrics.render(&stats);
-    if (ctx.hub) GatewayMetrics::render_topic_hub(body, ctx.hub->stats());
-    auto res = json_response(req, http::status::ok, std::move(body));
+    auto res = json_response(req, http::status::ok, core_->metrics_text());
     res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
     res.prepare_payload();
     return send(std::move(res), "/metrics");

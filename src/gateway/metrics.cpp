@@ -1,5 +1,7 @@
 #include "gateway/metrics.hpp"
 
+#include <pushbook/redis_bus.hpp>
+
 #include <fmt/format.h>
 
 namespace pushbook::detail {
@@ -28,9 +30,61 @@ void summary(std::string& out, std::string_view name, std::string_view help, con
   value(out, fmt::format("{}_sum", name), s.mean_ns * static_cast<double>(s.count) / 1e9);
   value(out, fmt::format("{}_count", name), s.count);
 }
+
+// The counters both buses keep, under the same names whichever bus it is.
+template <class Stats>
+void common_bus_metrics(std::string& out, const Stats& s) {
+  metric(out, "pushbook_bus_published_total", "counter", "Events published through this node's bus.");
+  value(out, "pushbook_bus_published_total", s.published);
+  metric(out, "pushbook_bus_delivered_total", "counter", "Deliveries made to this node's bus subscribers.");
+  value(out, "pushbook_bus_delivered_total", s.delivered);
+  metric(out, "pushbook_bus_dropped_total", "counter",
+         "Events dropped from bus subscriber queues that fell behind (delivered as a gap).");
+  value(out, "pushbook_bus_dropped_total", s.dropped);
+  metric(out, "pushbook_bus_slow_consumer_ends_total", "counter",
+         "Bus subscriptions ended for falling behind (errc::slow_consumer).");
+  value(out, "pushbook_bus_slow_consumer_ends_total", s.slow_consumer_ends);
+  metric(out, "pushbook_bus_subscriptions", "gauge", "Live subscriptions to this node's bus.");
+  value(out, "pushbook_bus_subscriptions", s.subscriptions);
+}
+
+void bus_metrics(std::string& out, const EventBus& bus) {
+  // EventBus has no stats of its own (its interface is the contract every bus keeps): ask the
+  // buses pushbook knows; a host's own bus shows nothing here.
+  if (const auto* local = dynamic_cast<const LocalBus*>(&bus)) {
+    const auto s = local->stats();
+    metric(out, "pushbook_bus_info", "gauge", "The kind of event bus this node uses.");
+    value(out, "pushbook_bus_info", 1, "kind=\"local\"");
+    common_bus_metrics(out, s);
+    metric(out, "pushbook_bus_topics", "gauge", "Topics the LocalBus keeps (history, last value, counter).");
+    value(out, "pushbook_bus_topics", s.topics);
+  } else if (const auto* redis = dynamic_cast<const RedisBus*>(&bus)) {
+    const auto s = redis->stats();
+    // Both connections (commands and subscriber) up; a zero wait only reads the state.
+    const bool connected = redis->wait_connected(std::chrono::milliseconds(0));
+    metric(out, "pushbook_bus_info", "gauge", "The kind of event bus this node uses.");
+    value(out, "pushbook_bus_info", 1, "kind=\"redis\"");
+    common_bus_metrics(out, s);
+    metric(out, "pushbook_bus_connected", "gauge", "1 while both connections to Redis are established.");
+    value(out, "pushbook_bus_connected", connected ? 1 : 0);
+    metric(out, "pushbook_bus_received_total", "counter", "Event messages received from Redis.");
+    value(out, "pushbook_bus_received_total", s.received);
+    metric(out, "pushbook_bus_channels", "gauge", "Redis channels and patterns this node is subscribed to.");
+    value(out, "pushbook_bus_channels", s.channels);
+    metric(out, "pushbook_bus_reconnects_total", "counter",
+           "Connections to Redis established again after the first one.");
+    value(out, "pushbook_bus_reconnects_total", s.reconnects);
+    metric(out, "pushbook_bus_publish_failures_total", "counter",
+           "Publishes that failed because Redis was unreachable (bus_unavailable).");
+    value(out, "pushbook_bus_publish_failures_total", s.publish_failures);
+    metric(out, "pushbook_bus_resyncs_total", "counter",
+           "Subscribers caught up (from history or a snapshot) after a reconnect.");
+    value(out, "pushbook_bus_resyncs_total", s.resyncs);
+  }
+}
 }  // namespace
 
-std::string GatewayMetrics::render(const EngineStats* engine) const {
+std::string GatewayMetrics::render(const EngineStats* engine, const EventBus* bus) const {
   std::string out;
   out.reserve(4096);
   metric(out, "pushbook_connections", "gauge", "Open client connections by kind.");
@@ -97,10 +151,27 @@ std::string GatewayMetrics::render(const EngineStats* engine) const {
     value(out, "pushbook_bookings_in_flight", engine->in_flight);
     metric(out, "pushbook_engine_queue_depth", "gauge", "Bookings waiting for an engine worker.");
     value(out, "pushbook_engine_queue_depth", engine->queue_depth);
+    metric(out, "pushbook_publish_failures_total", "counter",
+           "Publishes the event bus refused (e.g. Redis unreachable); the events are kept and retried.");
+    value(out, "pushbook_publish_failures_total", engine->publish_failures);
+    metric(out, "pushbook_publish_retries_total", "counter",
+           "Events published from the backlog after a failure.");
+    value(out, "pushbook_publish_retries_total", engine->publish_retries);
+    metric(out, "pushbook_publish_backlog", "gauge",
+           "Events not yet taken by the bus: in flight, waiting behind an earlier event of their topic, or "
+           "to be published again.");
+    value(out, "pushbook_publish_backlog", engine->publish_backlog);
+    metric(out, "pushbook_publish_dropped_total", "counter",
+           "Events given up (backlog full); a durable store relays their bookings at the next start.");
+    value(out, "pushbook_publish_dropped_total", engine->publish_dropped);
+    metric(out, "pushbook_relayed_total", "counter",
+           "Booking versions found unpublished at start and relayed.");
+    value(out, "pushbook_relayed_total", engine->relayed);
     summary(out, "pushbook_booking_ack_latency_seconds", "From submit to ACK.", engine->ack_latency);
     summary(out, "pushbook_booking_decision_latency_seconds", "From submit to the published decision.",
             engine->decision_latency);
   }
+  if (bus) bus_metrics(out, *bus);
   return out;
 }
 

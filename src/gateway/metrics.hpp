@@ -2,6 +2,7 @@
 #pragma once
 
 #include <pushbook/booking_engine.hpp>
+#include <pushbook/event_bus.hpp>
 
 #include "gateway/topic_hub.hpp"
 
@@ -37,8 +38,9 @@ struct GatewayMetrics {
   std::atomic<std::int64_t> fd_limit{0};
 
   void count_request(std::string_view route, unsigned status);
-  /// The Prometheus text exposition (format 0.0.4) of these counters and the engine's.
-  std::string render(const EngineStats* engine) const;
+  /// The Prometheus text exposition (format 0.0.4) of these counters, the engine's and the bus's
+  /// (a LocalBus's or a RedisBus's stats(); nothing of a bus of another kind).
+  std::string render(const EngineStats* engine, const EventBus* bus = nullptr) const;
   /// The topic hub's gauges and counters (see topic_hub.hpp), appended to `out`.
   static void render_topic_hub(std::string& out, const TopicHubStats& hub);
 

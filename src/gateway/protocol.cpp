@@ -1,6 +1,7 @@
 #include "gateway/protocol.hpp"
 
 #include <fmt/format.h>
+#include <atomic>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 #include <mutex>
@@ -245,7 +246,11 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   // is made; the client follows it with a subscribe once it has room.
   const auto topic = "booking/" + ack->booking_id;
   const bool room = subscriptions_.size() < ctx_->options.max_subscriptions || subscriptions_.contains(topic);
-  boost::json::object result{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
+  // "seq": the version the ACK reports, which is also that version's seq on booking/<id> (the
+  // engine numbers the topic with the booking's versions, in every epoch): where the client
+  // stands on the topic, to resume from with `since` after a reconnect.
+  boost::json::object result{
+      {"booking_id", ack->booking_id}, {"status", to_string(ack->status)}, {"seq", ack->version}};
   if (ack->replayed) result["replayed"] = true;
   reply(id, std::move(result));
   if (!room) {
@@ -259,12 +264,23 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
                                   ctx_->options.max_subscriptions, topic)}})));
     return;
   }
-  // The decision follows on this socket: the subscription starts with the booking's current
-  // state, so nothing decided in between is missed. That state is not sent when it is the one the
-  // ACK just said (a new booking's version 1, processing): the client gets the changes, not the
-  // same state twice. By version, not seq: the topic's numbering may have restarted meanwhile.
-  subscribe(topic, std::nullopt, std::nullopt,
-            ack->replayed ? std::nullopt : std::optional<std::uint64_t>(1));
+  // Already following it (a retry of a booking this connection follows): that subscription goes
+  // on from where the client stands.
+  if (subscriptions_.contains(topic)) return;
+  // The decision follows on this socket. A new booking's ACK is its processing state, so the
+  // subscription resumes from it (since = that version's seq, in whatever epoch the topic is):
+  // the next message on the topic is the change after it, replayed if the booking was decided
+  // before the subscription started, live otherwise; where the bus's rules give a snapshot
+  // instead (nothing of the topic on the bus yet: the ACK's event is still on its way there, or
+  // was refused and waits for its retry; history that does not reach back; a numbering that
+  // restarted) the snapshot comes, unless it says no more than the ACK did. Nothing of a version
+  // at or below the ACK's is sent: the client never gets the processing state a second time.
+  // An idempotent retry's ACK says only the status of a booking that may be decided already
+  // (no reason, no hold expiry): the subscription starts just before that version, so that the
+  // state it reports comes first, whole, as an event (or a snapshot where the bus's rules give
+  // one), then what follows; the client takes the state from there, once.
+  const auto known = ack->replayed ? ack->version - 1 : ack->version;
+  subscribe(topic, known, std::nullopt, known);
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -376,6 +392,9 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
   if (!topic.starts_with("booking/")) return {};
   return [engine = ctx.engine,
           id = std::string(topic.substr(8))]() -> std::shared_ptr<const boost::json::value> {
+    // A state the engine has not published yet would come ahead of its own events (a snapshot
+    // of the decision, then the processing event): nothing now, the events follow in order.
+    if (engine->publishing(id)) return nullptr;
     auto b = engine->get(id);
     if (!b) return nullptr;
     return std::make_shared<const boost::json::value>(to_json(*b));
@@ -391,8 +410,7 @@ std::uint64_t version_of(const boost::json::value& data) {
 }  // namespace
 
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                                std::optional<std::uint32_t> epoch,
-                                std::optional<std::uint64_t> known_version) {
+                                std::optional<std::uint32_t> epoch, std::uint64_t known_version) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -406,16 +424,28 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   // bus subscription per topic for the whole node, see topic_hub.hpp); the queue (not the bus)
   // applies the slow-consumer policy.
   std::weak_ptr<ConnectionSink> weak = sink_;
+  // The highest booking version the client has (0: no such filter). A subscription's callbacks
+  // never run concurrently, but they may run on different threads one after another.
+  auto known = known_version > 0 ? std::make_shared<std::atomic<std::uint64_t>>(known_version) : nullptr;
+  auto stale = [known](const Delivery& d) {
+    if (!known) return false;
+    const auto version = version_of(d.event->data());
+    if (version == 0) return false;  // not a booking state: not ours to judge
+    if (version <= known->load(std::memory_order_relaxed)) return true;
+    known->store(version, std::memory_order_relaxed);
+    return false;
+  };
   auto sub = ctx_->follow(
       topic,
-      [weak, topic, known_version](const Delivery& d) {
+      [weak, topic, stale](const Delivery& d) {
         auto sink = weak.lock();
         if (!sink) return;
         switch (d.kind) {
-          case Delivery::Kind::event: sink->send_event(d.event, false); break;
+          case Delivery::Kind::event:
+            if (!stale(d)) sink->send_event(d.event, false);
+            break;
           case Delivery::Kind::snapshot:
-            if (known_version && version_of(d.event->data()) <= *known_version) break;  // said already
-            sink->send_event(d.event, true);
+            if (!stale(d)) sink->send_event(d.event, true);
             break;
           case Delivery::Kind::gap:
             sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{

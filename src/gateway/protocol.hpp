@@ -178,11 +178,12 @@ class ConnectionLogic {
   void op_unsubscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_cancel(const boost::json::object& msg, const boost::json::value& id);
   void op_refresh(const boost::json::object& msg, const boost::json::value& id);
-  /// Subscribes the sink to `topic` (replacing an existing subscription to it). A snapshot whose
-  /// data's "version" is at most `known_version` is not sent (the client has that state).
+  /// Subscribes the sink to `topic` (replacing an existing subscription to it). With a
+  /// `known_version` (booking topics: the version a book ACK reported), a booking state whose
+  /// data's "version" is at most the highest the client has (that one, then each sent) is not
+  /// sent: the client has it, or a newer one.
   void subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                 std::optional<std::uint32_t> epoch = std::nullopt,
-                 std::optional<std::uint64_t> known_version = std::nullopt);
+                 std::optional<std::uint32_t> epoch = std::nullopt, std::uint64_t known_version = 0);
   void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
 
   std::shared_ptr<const GatewayContext> ctx_;

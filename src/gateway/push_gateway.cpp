@@ -98,6 +98,13 @@ void GatewayCore::accept_succeeded() {
       fmt::format("accepting connections again ({} more failed accept(s) since the last report)", count));
 }
 
+std::string GatewayCore::metrics_text() const {
+  auto stats = ctx->engine->stats();
+  auto text = metrics.render(&stats, ctx->bus.get());
+  if (ctx->hub) GatewayMetrics::render_topic_hub(text, ctx->hub->stats());
+  return text;
+}
+
 void GatewayCore::access(std::string_view fields) const {
   if (!ctx->options.access_log) return;
   log(LogLevel::info, fmt::format("access {}", fields));
@@ -217,7 +224,9 @@ struct PushGateway::impl {
         options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
     ctx->bus = std::move(bus);
-    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus);
+    // The hub subscribes with subscribe_async: no gateway thread waits for the bus (RedisBus:
+    // two round trips to Redis per topic the node starts following).
+    ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536);
     ctx->engine = std::move(engine);
     ctx->options = std::move(options);
     ctx->metrics = &core->metrics;
@@ -377,10 +386,7 @@ GatewayStats PushGateway::stats() const {
   return s;
 }
 
-std::string PushGateway::metrics_text() const {
-  auto stats = impl_->core->ctx->engine->stats();
-  return impl_->core->metrics.render(&stats);
-}
+std::string PushGateway::metrics_text() const { return impl_->core->metrics_text(); }
 
 class GatewayAccess {
  public:

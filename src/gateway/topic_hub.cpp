@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <deque>
 #include <mutex>
+#include <optional>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -293,26 +295,32 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
       if (auto e = w.lock()) tidy(e);
   }
 
+  // The follower's bus subscription of its own (subscribe_async: its replay may be delivered
+  // before `done`, directly to the follower; a failure ends it).
   void subscribe_own(const follower_ptr& f, const std::string& topic) {
     SubscribeOptions so = f->options;
     so.executor = inline_executor();
     std::weak_ptr<follower> weak = f;
-    auto sub = bus->subscribe(
+    bus->subscribe_async(
         topic,
         [weak](const Delivery& d) {
           if (auto self = weak.lock()) self->deliver(d);
         },
-        std::move(so));
-    if (!sub) return f->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
-    std::unique_lock lock(f->own_mutex);
-    if (f->cancelled.load(std::memory_order_acquire)) {
-      lock.unlock();
-      sub->cancel();
-      return;
-    }
-    f->own = std::move(*sub);
-    f->has_own = true;
-    privates.fetch_add(1, std::memory_order_relaxed);
+        std::move(so),
+        [weak, weak_hub = weak_from_this()](result<Subscription> sub) {
+          auto self = weak.lock();
+          if (!self) return;  // gone: the subscription, dropped here, is cancelled
+          if (!sub) return self->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
+          std::unique_lock lock(self->own_mutex);
+          if (self->cancelled.load(std::memory_order_acquire)) {
+            lock.unlock();
+            sub->cancel();
+            return;
+          }
+          self->own = std::move(*sub);
+          self->has_own = true;
+          if (auto hub = weak_hub.lock()) hub->privates.fetch_add(1, std::memory_order_relaxed);
+        });
   }
 
   result<Subscription> subscribe(const std::string& topic, DeliveryCallback callback,
@@ -373,9 +381,22 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
       break;
     }
 
-    // This call created the topic's entry: one bus subscription for every follower. It starts
-    // where the creator's options say (so that the creator's replay comes from the bus's
-    // history), always with a snapshot where one is due, so that later followers have one.
+    // This call created the topic's entry: it makes the topic's bus subscription, without
+    // waiting for it (subscribe_async; RedisBus needs two round trips). The creator is served,
+    // like any follower that joins meanwhile, once it is made. A bus that answers before
+    // subscribe_async returns (LocalBus, any bus using the default) has served it already, and
+    // its error is returned here; a later failure ends the subscription with `ended` instead.
+    if (auto started = start(e, f); !started) return started.error();
+    return Subscription(f);
+  }
+
+  // Asks the bus for the topic's one bus subscription; ready() serves every follower that waited
+  // for it. Returns the bus's error when it came before subscribe_async returned.
+  result<void> start(const entry_ptr& e, const follower_ptr& f) {
+    const std::string& topic = e->topic;
+    // One bus subscription for every follower. It starts where the creator's options say (so
+    // that the creator's replay comes from the bus's history), always with a snapshot where one
+    // is due, so that later followers have one.
     SubscribeOptions so;
     so.since_seq = f->options.since_seq;
     so.since_epoch = f->options.since_epoch;
@@ -386,12 +407,15 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     // whole; where the bus's history does not reach back that far it sends the last event as a
     // snapshot, which is what such a creator wants). One bus call, no extra read. A creator whose
     // own `since` the widened start does not cover (the bus answered with a snapshot) gets a
-    // bus subscription of its own below.
+    // bus subscription of its own below. A `since` within `replay_events` of the start starts
+    // from the first event too: never from the creator's own position, which would leave the hub
+    // without the topic's last event when the creator has seen it (the gateway follows a booking
+    // from the version its ACK reported), and later joiners without their snapshot or replay.
     if (!so.since_seq) {
       so.since_seq = 0;
       so.since_epoch.reset();
-    } else if (*so.since_seq > replay_events) {
-      *so.since_seq -= replay_events;
+    } else {
+      *so.since_seq = *so.since_seq > replay_events ? *so.since_seq - replay_events : 0;
     }
     so.snapshot = true;
     so.snapshot_source = f->options.snapshot_source;
@@ -399,26 +423,60 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     so.max_queue = max_queue;
     std::weak_ptr<topic_entry> weak_entry = e;
     std::weak_ptr<impl> weak_hub = weak_from_this();
-    auto sub = bus->subscribe(
+    // Whether `done` runs inside subscribe_async, on this thread: then an error is the creator's.
+    struct call_state {
+      std::mutex mutex;
+      bool returned = false;
+      const std::thread::id caller = std::this_thread::get_id();
+      std::optional<Error> error;
+    };
+    auto call = std::make_shared<call_state>();
+    bus->subscribe_async(
         topic,
         [weak_entry, weak_hub](const Delivery& d) {
           auto entry = weak_entry.lock();
           auto hub = weak_hub.lock();
           if (entry && hub) hub->on_delivery(entry, d);
         },
-        std::move(so));
+        std::move(so),
+        [weak_hub, e, f, call](result<Subscription> sub) {
+          bool inside;
+          {
+            std::lock_guard lock(call->mutex);
+            inside = !call->returned && std::this_thread::get_id() == call->caller;
+          }
+          auto hub = weak_hub.lock();
+          if (!hub) return;  // the hub is gone: the subscription, dropped here, is cancelled
+          auto r = hub->ready(e, f, std::move(sub), inside);
+          if (!r && inside) {
+            std::lock_guard lock(call->mutex);
+            call->error = r.error();
+          }
+        });
+    std::lock_guard lock(call->mutex);
+    call->returned = true;
+    if (call->error) return *call->error;
+    return {};
+  }
 
+  // The topic's bus subscription is made (or failed): serves every follower that waited for it.
+  // `creator_gets_error`: a failure is the creator's to return (it is told nothing else);
+  // otherwise it gets an `ended` like the others.
+  result<void> ready(const entry_ptr& e, const follower_ptr& f, result<Subscription> sub,
+                     bool creator_gets_error) {
+    const std::string& topic = e->topic;
     std::vector<follower_ptr> own;
     Subscription unused;
     {
       std::lock_guard lock(e->mutex);
       fanout_scope scope;
       if (!sub) {
-        // The bus could not subscribe: the creator gets the error, followers that joined
-        // meanwhile an `ended`.
+        // The bus could not subscribe: the creator gets the error (or an `ended`), followers
+        // that joined meanwhile an `ended`.
         e->closed = true;
         for (const auto& w : e->waiting)
-          if (w != f) w->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
+          if (w != f || !creator_gets_error)
+            w->deliver(Delivery{Delivery::Kind::ended, nullptr, 0, sub.error()});
         followers.fetch_sub(e->waiting.size(), std::memory_order_relaxed);
         e->waiting.clear();
       } else if (e->closed) {
@@ -447,7 +505,7 @@ struct TopicHub::impl : std::enable_shared_from_this<TopicHub::impl> {
     for (const auto& w : own) subscribe_own(w, topic);
     tidy(e);  // nothing left to follow (everyone cancelled meanwhile), or it failed: out of the map
     if (!sub) return sub.error();
-    return Subscription(f);
+    return {};
   }
 
   void close() {
@@ -507,7 +565,11 @@ TopicHub::TopicHub(EventBusPtr bus, std::size_t replay_events, std::size_t max_q
     : impl_(std::make_shared<impl>(std::move(bus), std::max<std::size_t>(replay_events, 1),
                                    std::max<std::size_t>(max_queue, 1))) {}
 
-TopicHub::~TopicHub() { impl_->close(); }
+TopicHub::~TopicHub() {
+  // Bus subscriptions still being made hold the hub weakly: when they are done, the hub is gone
+  // and they are dropped (cancelled).
+  impl_->close();
+}
 
 result<Subscription> TopicHub::subscribe(const std::string& topic, DeliveryCallback callback,
                                          SubscribeOptions options) {

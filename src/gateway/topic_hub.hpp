@@ -14,9 +14,11 @@
 // enough, that one follower gets a bus subscription of its own (the bus's history may reach
 // further), counted in TopicHubStats::private_subscriptions.
 //
-// Thread-safety: subscribe() and Subscription::cancel() from any thread. Callbacks run on the
-// thread that delivers the event (as with inline_executor()), never two of one follower at
-// once; they must not block, and must not call subscribe() (refused with bad_request).
+// Thread-safety: subscribe() and Subscription::cancel() from any thread; subscribe() never waits
+// for the bus (EventBus::subscribe_async). Callbacks run on the thread that delivers the event
+// (as with inline_executor(): with RedisBus the bus's I/O thread, also for the first deliveries
+// of a topic the hub starts following), never two of one follower at once; they must not block,
+// and must not call subscribe() (refused with bad_request).
 // Cancelling from inside a callback is allowed.
 #pragma once
 
@@ -47,6 +49,9 @@ class TopicHub {
   /// `max_queue`: the bound of each of the hub's bus subscriptions (SubscribeOptions::max_queue).
   /// Deliveries are made inline, so it fills only while a fan-out is slower than the topic's
   /// publishers; beyond it the followers get a gap.
+  /// Bus subscriptions are made with EventBus::subscribe_async: no thread waits for them (with
+  /// RedisBus, two round trips). Followers of a topic whose bus subscription is still being
+  /// made are served once it is.
   explicit TopicHub(EventBusPtr bus, std::size_t replay_events = 64, std::size_t max_queue = 65536);
   /// Ends the hub's bus subscriptions. Followers' subscriptions become inactive.
   ~TopicHub();
@@ -56,8 +61,10 @@ class TopicHub {
   /// Follows an exact topic, like EventBus::subscribe with inline_executor(): `since_seq`,
   /// `since_epoch`, `snapshot` and `snapshot_source` have the bus's meaning; `executor`,
   /// `max_queue` and `overflow` are not used (the follower's own send queue bounds it).
-  /// Errors: errc::invalid_topic (not an exact topic), errc::bad_request (no callback), and a
-  /// bus that cannot subscribe ends the subscription with a Delivery::Kind::ended instead.
+  /// Errors: errc::invalid_topic (not an exact topic), errc::bad_request (no callback, or called
+  /// from inside a follower's callback), and the bus's subscribe errors when the bus reports
+  /// them before subscribe_async returns (LocalBus); a bus that reports later (RedisBus) ends
+  /// the subscription with a Delivery::Kind::ended instead.
   result<Subscription> subscribe(const std::string& topic, DeliveryCallback callback,
                                  SubscribeOptions options);
 

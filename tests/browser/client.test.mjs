@@ -190,6 +190,57 @@ test('a book in flight is sent again with its idempotency key; cancel is rejecte
   assert.equal((await iterator.next()).done, true);
 });
 
+test('book over WebSocket: the reply is the first event; a reconnect before the decision resumes from its seq',
+  async () => {
+    const { client, socket } = makeClient();
+    const connected = client.connect();
+    await until(() => socket(0), 'a socket');
+    socket(0).open();
+    await connected;
+
+    const seen = [];
+    const logged = [];
+    client.on('event', (ev) => logged.push([ev.topic, ev.seq]));
+    const booking = client.book({ resource: 'room-101', quantity: 2, metadata: { seat: 4 },
+      onEvent: (ev) => seen.push(ev) });
+    const [request] = socket(0).requests('book');
+    // The server sends no processing event after this reply: it follows the topic from seq 1.
+    socket(0).reply(request, { booking_id: 'B3', status: 'processing', seq: 1 });
+    const result = await booking;
+    assert.equal(result.seq, 1);
+    assert.equal(seen.length, 1);
+    const { ts, ...first } = seen[0];
+    assert.equal(typeof ts, 'number');
+    assert.deepEqual(first, { type: 'event', topic: 'booking/B3', seq: 1, ack: true, data: {
+      booking_id: 'B3', status: 'processing', version: 1, lines: [{ resource: 'room-101', quantity: 2 }],
+      metadata: { seat: 4 } } });
+    assert.deepEqual(logged, [['booking/B3', 1]]);  // the 'event' listeners see it too
+    assert.equal(socket(0).requests('subscribe').length, 0);
+
+    // Cut after the reply, before the decision: the resubscribe resumes from the reply's seq (no
+    // epoch: the server's numbering of a booking is its version), and the decision comes once.
+    socket(0).drop();
+    await until(() => socket(1), 'a second socket');
+    socket(1).open();
+    await until(() => socket(1).requests('subscribe').length, 'the resubscribe');
+    const [resume] = socket(1).requests('subscribe');
+    assert.deepEqual(resume, { id: resume.id, op: 'subscribe', topic: 'booking/B3', since: 1 });
+    socket(1).reply(resume, { topic: 'booking/B3' });
+    const confirmed = { ...event('booking/B3', 2, { status: 'confirmed' }), epoch: '0000abcd' };
+    socket(1).push(confirmed, confirmed);
+    assert.deepEqual(seen.map((ev) => [ev.seq, ev.data.status]), [[1, 'processing'], [2, 'confirmed']]);
+
+    // A server that sends no seq (before this protocol addition): its events come as they are.
+    const older = [];
+    const again = client.book({ resource: 'room-101', onEvent: (ev) => older.push(ev.data.status) });
+    const [second] = socket(1).requests('book');
+    socket(1).push({ type: 'reply', id: second.id, ok: true, result: { booking_id: 'B4', status: 'processing' } },
+      event('booking/B4', 1, { status: 'processing' }, true));
+    await again;
+    assert.deepEqual(older, ['processing']);
+    client.close();
+  });
+
 test('gap markers and skipped seqs make the client resubscribe from the last seq', async () => {
   const { client, socket } = makeClient();
   const sub = client.subscribe('resource/a', { since: 10 });

@@ -20,11 +20,11 @@ before(async () => {
 after(() => server?.stop());
 
 // Runs `script` (an ES module body with `PushbookClient` and `env` in scope) in a child Node;
-// returns what it printed, one JSON value per line.
-function runClient(script, user) {
+// returns what it printed, one JSON value per line. `url`: another server's.
+function runClient(script, user, url = server.url) {
   const token = execFileSync(serverPath, ['--token-for', user, '--secret', SECRET], { encoding: 'utf8' }).trim();
   const source = `import { PushbookClient } from ${JSON.stringify(path.resolve(here, '../../web/pushbook.js'))};
-    const env = ${JSON.stringify({ url: server.url, token })};
+    const env = ${JSON.stringify({ url, token })};
     const print = (v) => console.log(JSON.stringify(v));
     ${script}`;
   return new Promise((resolve, reject) => {
@@ -61,6 +61,46 @@ test('from Node: book, then the decision over the same WebSocket; a second booki
     const second = lines.filter((l) => l.i === 1);
     assert.deepEqual(second.map((l) => [l.status, l.reason]).at(-1), ['rejected', 'sold_out']);
     assert.deepEqual(lines.at(-1), { transport: 'websocket' });
+  });
+
+test('from Node: the connection cut after the ACK, before the decision: the decision comes once',
+  { skip: !nodeHasWebSocket && 'this Node has no WebSocket (Node 20.10+ or 22 needed)' }, async () => {
+    // A server of its own that decides slowly (1.5 s): the cut and the reconnect happen well
+    // before the decision, whatever the machine's load.
+    const slow = await startServer(['--secret', SECRET, '--decision-delay-ms', '1500', '--resource', 'hall:10']);
+    try {
+      const lines = await runClient(`
+        // Node's WebSocket, recording what the client sends, with a way to cut the connection.
+        const sockets = [];
+        class Cuttable extends WebSocket {
+          constructor(...args) { super(...args); this.sent = []; sockets.push(this); }
+          send(text) { this.sent.push(JSON.parse(text)); super.send(text); }
+        }
+        const client = new PushbookClient({ url: env.url, token: async () => env.token, WebSocket: Cuttable,
+                                            random: () => 0 });
+        const opened = [];
+        client.on('open', () => opened.push(Date.now()));
+        await client.connect();
+        const { booking_id, seq, subscription } = await client.book({ resource: 'hall' });
+        print({ ack: seq });
+        sockets[0].close();  // after the ACK: the client reconnects at once and resumes
+        for await (const ev of subscription) {
+          print({ seq: ev.seq, status: ev.data.status, ack: ev.ack === true, snapshot: ev.snapshot === true,
+                  opens: opened.length });
+          if (ev.data.status !== 'processing') break;
+        }
+        print({ resubscribe: sockets[1]?.sent.filter((m) => m.op === 'subscribe').map(({ topic, since }) =>
+          ({ topic: topic === 'booking/' + booking_id, since })) });
+        client.close();`, 'pia', slow.url);
+      assert.deepEqual(lines, [
+        { ack: 1 },
+        { seq: 1, status: 'processing', ack: true, snapshot: false, opens: 1 },
+        { seq: 2, status: 'confirmed', ack: false, snapshot: false, opens: 2 },  // after the reconnect
+        { resubscribe: [{ topic: true, since: 1 }] },
+      ]);
+    } finally {
+      await slow.stop();
+    }
   });
 
 test('from Node: a resource subscription starts with a snapshot; a forbidden topic is refused',

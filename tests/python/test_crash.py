@@ -264,6 +264,10 @@ class WsClient:
                     booking_id = m["result"]["booking_id"]
                     target.acked_ids.append(booking_id)
                     self.by_id.setdefault(booking_id, target)
+                    # A new booking's reply is its first state (the server does not send it again):
+                    # resume from its seq. A replayed one's state comes as an event after it.
+                    if target.last_seq is None and not m["result"].get("replayed"):
+                        target.last_seq = m["result"].get("seq")
                     self.next_book_at = time.monotonic() + self.rng.uniform(0.2, 1.0)
                 elif m["error"]["code"] in ("overloaded", "internal", "rate_limited"):
                     target.retry_at = time.monotonic() + 0.1
@@ -419,6 +423,14 @@ def check(cluster, http_clients, ws_clients, observer, failures, summary):
         if (e["capacity"] != cap or e["confirmed"] + e["reserved"] > cap or e["available"] < 0
                 or e["available"] + e["confirmed"] + e["reserved"] != cap):
             failures.append(f"resource event over capacity or inconsistent: {e}")
+    # The store shows a decision before the engine's memory applies it (completer thread): wait
+    # until nothing is in flight before comparing the engine's counts with the stored decisions.
+    settle = time.monotonic() + DECIDED_S
+    while time.monotonic() < settle:
+        _, _, text = http_request(port, "GET", "/metrics", None)
+        if re.search(r"^pushbook_bookings_in_flight 0$", str(text), re.M):
+            break
+        time.sleep(0.05)
     status, _, body = http_request(port, "GET", "/v1/resources", None)
     resources = {r["resource"]: r for r in body["resources"]}
     summary["resources"] = {r: resources.get(r) for r in CAPACITY}

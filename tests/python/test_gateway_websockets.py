@@ -44,8 +44,11 @@ def test_book_gets_ack_then_decision_on_the_same_socket(server):
             reply = (await messages(ws, 1))[0]
             assert reply["type"] == "reply" and reply["id"] == 1 and reply["ok"] is True
             assert reply["result"]["status"] == "processing"
+            assert reply["result"]["seq"] == 1  # the booking's version: where the client stands on its topic
             booking = reply["result"]["booking_id"]
-            decided = await until_decided(ws, "booking/" + booking)
+            decided = (await messages(ws, 1))[0]  # next: the decision, not "processing" again
+            assert decided["type"] == "event" and decided["topic"] == "booking/" + booking
+            assert decided["seq"] == 2
             assert decided["data"]["status"] == "confirmed"
             assert decided["data"]["lines"] == [{"resource": "hall", "quantity": 2}]
     run(go())

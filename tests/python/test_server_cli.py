@@ -309,6 +309,21 @@ def test_bus_redis_carries_the_events_through_redis(tmp_path):
             assert time.monotonic() < deadline, "no event of the booking reached Redis"
             time.sleep(0.01)
         assert int(redis_command("GET", key).split("\r\n")[1]) >= 1
+        # /metrics shows the bus: a RedisBus, connected (both connections: the subscriber's may
+        # come up just after the command connection), that published the booking's events.
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as answer:
+                metrics = answer.read().decode()
+            if "pushbook_bus_connected 1\n" in metrics or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert 'pushbook_bus_info{kind="redis"} 1\n' in metrics
+        assert "pushbook_bus_connected 1\n" in metrics
+        assert "pushbook_bus_reconnects_total 0\n" in metrics
+        published = int(next(line.split()[1] for line in metrics.splitlines()
+                             if line.startswith("pushbook_bus_published_total ")))
+        assert published >= 1
     finally:
         server.stop()
         redis.terminate()

@@ -29,9 +29,11 @@ KeySet = _core.KeySet
 class LocalBus(_core.LocalBus):
     """The in-process event bus: ``publish``, ``subscribe``, ``last``, ``history``, ``stream``."""
 
-    def publish(self, topic, data):
-        """Publishes data (JSON-like Python values) to topic; returns the event's seq."""
-        return super().publish(topic, data)
+    def publish(self, topic, data, seq=None):
+        """Publishes data (JSON-like Python values) to topic; returns the event's seq. With
+        ``seq`` the publisher numbers the event: one whose seq the topic already has (or passed)
+        is dropped and raises AlreadyExists."""
+        return super().publish(topic, data, seq=seq)
 
     def subscribe(self, topic, callback, since=None, max_queue=4096, overflow="drop_oldest", snapshot=True):
         """Calls ``callback(event)`` on a bus thread for every event of ``topic`` (or a trailing
