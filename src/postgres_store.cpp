@@ -6,16 +6,20 @@
 #include <boost/json/serialize.hpp>
 
 #include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
+#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 #include <variant>
@@ -26,7 +30,7 @@ namespace {
 using steady = std::chrono::steady_clock;
 
 // The schema version this build writes and reads; migrate() upgrades older databases to it.
-constexpr int current_schema_version = 2;
+constexpr int current_schema_version = 4;
 // pg_advisory_xact_lock key under which a process creates or upgrades the schema ("PshB"):
 // processes starting together upgrade once, one after the other.
 constexpr const char* migration_lock_sql = "SELECT pg_advisory_xact_lock(1349740610)";
@@ -149,6 +153,122 @@ END
 $fn$;
 )sql";
 
+// Version 3: the outbox. One row per booking whose latest stored version is not known to be
+// published (BookingStore::published): written by a trigger in the transaction that stores the
+// version (an upsert: a newer version replaces an older one; only statements that set `version`
+// fire it, not claims or lease renewals), deleted once the engine says the
+// version's events reached the bus. Bookings stored before the upgrade count as published (their
+// engine published right after each commit, and nothing recorded whether it got there).
+// recover() returns what is left, in first-stored order, for the engine to relay; a row older
+// than the lease (its process died between commit and publish) is relayed by a live process
+// (`stale_outbox`, which stamps the row again so that one node relays it per lease).
+constexpr const char* schema_v3 = R"sql(
+CREATE TABLE pushbook_outbox (
+  booking_id text PRIMARY KEY,
+  version    bigint NOT NULL,
+  stored_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE FUNCTION pushbook_outbox_put() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+  INSERT INTO pushbook_outbox (booking_id, version) VALUES (NEW.id, NEW.version)
+    ON CONFLICT (booking_id) DO UPDATE SET version = excluded.version, stored_at = excluded.stored_at;
+  RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER pushbook_outbox_put AFTER INSERT OR UPDATE OF version ON pushbook_bookings
+  FOR EACH ROW EXECUTE FUNCTION pushbook_outbox_put();
+)sql";
+
+// Version 4: the claim queue. A processing booking is claimed by the process (node) that decides
+// it, for a lease that its store renews while it lives; `attempt` counts the claims. A booking
+// is claimed by the node that stores its first version; when a lease runs out (the node died),
+// any node claims it (FOR UPDATE SKIP LOCKED) and decides it. pushbook_put_booking now refuses
+// ('conflict<TAB>stored version<TAB>stored status<TAB>claimed by') a version that does not follow
+// the stored one (another process changed the booking meanwhile) and the decision of a
+// processing booking that another node has claimed, so that each booking is decided once. The
+// connection's node and lease are the session settings pushbook.node and pushbook.lease_ms.
+// Processing bookings from before the upgrade have no claim: the first store to look claims them.
+constexpr const char* schema_v4 = R"sql(
+ALTER TABLE pushbook_bookings
+  ADD COLUMN claimed_by  text,
+  ADD COLUMN lease_until timestamptz,
+  ADD COLUMN attempt     integer NOT NULL DEFAULT 0;
+CREATE INDEX pushbook_bookings_claims ON pushbook_bookings (lease_until) WHERE status = 'processing';
+
+CREATE OR REPLACE FUNCTION pushbook_put_booking(
+    p_id text, p_user text, p_status text, p_version bigint, p_key text, p_fingerprint text,
+    p_created_ms bigint, p_updated_ms bigint, p_expires_ms bigint, p_lines json, p_booking json,
+    p_resources text[], p_units bigint[])
+  RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_node text := current_setting('pushbook.node', true);
+  v_prev text;
+  v_claimed text;
+  v_stored bigint;
+  v_reserved bigint;
+  v_confirmed bigint;
+  v_free bigint;
+  v_existing text;
+BEGIN
+  SELECT status, claimed_by, version INTO v_prev, v_claimed, v_stored
+    FROM pushbook_bookings WHERE id = p_id FOR UPDATE;
+  -- A version follows the stored one (or is the stored one again: a commit retried after an
+  -- unknown outcome), and a processing booking is decided only by the node that claimed it.
+  IF v_prev IS NOT NULL AND (
+       NOT (v_stored = p_version - 1 OR (v_stored = p_version AND v_prev = p_status))
+       OR (v_prev = 'processing' AND p_status <> 'processing' AND v_claimed IS DISTINCT FROM v_node)) THEN
+    RETURN 'conflict' || chr(9) || v_stored || chr(9) || v_prev || chr(9) || coalesce(v_claimed, '');
+  END IF;
+  v_reserved := (p_status = 'held')::int - coalesce((v_prev = 'held')::int, 0);
+  v_confirmed := (p_status = 'confirmed')::int - coalesce((v_prev = 'confirmed')::int, 0);
+  IF v_reserved <> 0 OR v_confirmed <> 0 THEN
+    FOR i IN 1 .. coalesce(array_length(p_resources, 1), 0) LOOP
+      SELECT capacity - reserved - confirmed INTO v_free FROM pushbook_resources WHERE id = p_resources[i] FOR UPDATE;
+      IF v_reserved + v_confirmed > 0 AND (v_free IS NULL OR v_free < p_units[i] * (v_reserved + v_confirmed)) THEN
+        RETURN 'sold_out' || chr(9) || p_resources[i] || chr(9) || coalesce(v_free, 0) || chr(9) || p_units[i];
+      END IF;
+    END LOOP;
+  END IF;
+  IF v_prev IS NULL THEN
+    INSERT INTO pushbook_bookings (id, user_id, status, version, idem_key, fingerprint, created_at,
+                                   updated_at, expires_at, lines, booking, claimed_by, lease_until, attempt)
+    VALUES (p_id, p_user, p_status, p_version, p_key, p_fingerprint,
+            timestamptz 'epoch' + p_created_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_updated_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_expires_ms * interval '1 millisecond', p_lines, p_booking,
+            CASE WHEN p_status = 'processing' THEN v_node END,
+            CASE WHEN p_status = 'processing'
+                 THEN now() + current_setting('pushbook.lease_ms')::bigint * interval '1 millisecond' END,
+            (p_status = 'processing')::int)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+      SELECT id INTO v_existing FROM pushbook_bookings WHERE user_id = p_user AND idem_key = p_key;
+      RETURN 'duplicate_key' || chr(9) || coalesce(v_existing, p_id);
+    END IF;
+  ELSE
+    UPDATE pushbook_bookings SET
+        user_id = p_user, status = p_status, version = p_version, idem_key = p_key,
+        fingerprint = coalesce(fingerprint, p_fingerprint),
+        created_at = timestamptz 'epoch' + p_created_ms * interval '1 millisecond',
+        updated_at = timestamptz 'epoch' + p_updated_ms * interval '1 millisecond',
+        expires_at = timestamptz 'epoch' + p_expires_ms * interval '1 millisecond',
+        lines = p_lines, booking = p_booking,
+        claimed_by = CASE WHEN p_status = 'processing' THEN claimed_by END,
+        lease_until = CASE WHEN p_status = 'processing' THEN lease_until END
+      WHERE id = p_id;
+  END IF;
+  IF v_reserved <> 0 OR v_confirmed <> 0 THEN
+    FOR i IN 1 .. coalesce(array_length(p_resources, 1), 0) LOOP
+      UPDATE pushbook_resources SET reserved = reserved + p_units[i] * v_reserved,
+                                    confirmed = confirmed + p_units[i] * v_confirmed
+       WHERE id = p_resources[i];
+    END LOOP;
+  END IF;
+  RETURN 'ok';
+END
+$fn$;
+)sql";
+
 // Prepared on every connection once the schema is current.
 struct prepared_statement {
   const char* name;
@@ -171,11 +291,47 @@ constexpr prepared_statement prepared_statements[] = {
      "SELECT id FROM pushbook_resources WHERE id IN (SELECT json_array_elements_text($1::json)) "
      "ORDER BY id COLLATE \"C\" FOR UPDATE"},
     {"load", "SELECT booking, idem_key FROM pushbook_bookings WHERE id = $1"},
+    {"find_key",
+     "SELECT coalesce(fingerprint, ''), id, (extract(epoch FROM created_at) * 1000)::bigint "
+     "FROM pushbook_bookings WHERE user_id = $1 AND idem_key = $2"},
     {"resources",
      "SELECT id, capacity, reserved, confirmed FROM pushbook_resources ORDER BY id COLLATE \"C\""},
+    // Held bookings, and the processing ones this node has claimed ($1).
     {"live",
-     "SELECT id, status, booking, idem_key FROM pushbook_bookings "
-     "WHERE status IN ('processing', 'held') ORDER BY seq"},
+     "SELECT id, status, booking, idem_key, attempt FROM pushbook_bookings "
+     "WHERE status IN ('processing', 'held') AND (status = 'held' OR claimed_by = $1) ORDER BY seq"},
+    // Claims processing bookings whose lease ran out (or that never had one), at most $3, for
+    // node $1 for $2 ms; a row another transaction has locked (being decided, or claimed by
+    // another node right now) is skipped.
+    {"claim",
+     "UPDATE pushbook_bookings SET claimed_by = $1, "
+     "lease_until = now() + $2::bigint * interval '1 millisecond', attempt = attempt + 1 "
+     "WHERE id IN (SELECT id FROM pushbook_bookings WHERE status = 'processing' "
+     "AND (lease_until IS NULL OR lease_until < now()) ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+     "RETURNING seq, id, booking, idem_key, attempt"},
+    // Outbox rows older than $1 ms (their process died between commit and publish, or its bus
+    // has been refusing for that long), at most $2: stamped again (no other node takes them for
+    // another while) and returned with their bookings.
+    {"stale_outbox",
+     "WITH stale AS (SELECT booking_id FROM pushbook_outbox "
+     "WHERE stored_at < now() - $1::bigint * interval '1 millisecond' "
+     "ORDER BY stored_at LIMIT $2 FOR UPDATE SKIP LOCKED), "
+     "touched AS (UPDATE pushbook_outbox o SET stored_at = now() FROM stale "
+     "WHERE o.booking_id = stale.booking_id RETURNING o.booking_id) "
+     "SELECT b.seq, b.id, b.booking, b.idem_key FROM pushbook_bookings b JOIN touched t ON t.booking_id = "
+     "b.id"},
+    // Extends this node's claims.
+    {"renew",
+     "UPDATE pushbook_bookings SET lease_until = now() + $2::bigint * interval '1 millisecond' "
+     "WHERE status = 'processing' AND claimed_by = $1"},
+    {"unpublished",
+     "SELECT b.id, b.booking, b.idem_key FROM pushbook_outbox o JOIN pushbook_bookings b "
+     "ON b.id = o.booking_id ORDER BY b.seq"},
+    // Published marks, a batch at a time (text[] and bigint[]): a mark of an older version
+    // leaves a newer one in the outbox.
+    {"unmark",
+     "DELETE FROM pushbook_outbox o USING unnest($1::text[], $2::bigint[]) AS m(id, version) "
+     "WHERE o.booking_id = m.id AND o.version <= m.version"},
     {"keys",
      "SELECT user_id, idem_key, coalesce(fingerprint, ''), id, "
      "(extract(epoch FROM created_at) * 1000)::bigint FROM pushbook_bookings "
@@ -270,12 +426,43 @@ struct waiter {
 
 thread_local const void* current_writer = nullptr;  // the store whose callbacks run on this thread
 
+// Appends `text` to a PostgreSQL array literal as one quoted element.
+void append_array_text(std::string& literal, std::string_view text) {
+  literal += '"';
+  for (char ch : text) {
+    if (ch == '"' || ch == '\\') literal += '\\';
+    literal += ch;
+  }
+  literal += '"';
+}
+
+// Published marks (BookingStore::published) waiting for the writer's next transaction.
+struct published_marks {
+  std::vector<std::pair<std::string, std::uint64_t>> marks;
+  bool empty() const noexcept { return marks.empty(); }
+  // The unmark statement's parameters: a text[] and a bigint[] literal.
+  std::pair<std::string, std::string> literals() const {
+    std::string ids = "{", versions = "{";
+    for (const auto& [id, version] : marks) {
+      if (ids.size() > 1) {
+        ids += ',';
+        versions += ',';
+      }
+      append_array_text(ids, id);
+      versions += std::to_string(version);
+    }
+    return {ids + '}', versions + '}'};
+  }
+};
+
 }  // namespace
 
 struct PostgresStore::impl {
   std::string conninfo;
   PostgresOptions options;
-  std::string label;  // "PostgreSQL database 'x' on host:port", for messages (never the password)
+  std::string label;     // "PostgreSQL database 'x' on host:port", for messages (never the password)
+  std::string node;      // this store's claims (PostgresOptions::node_id)
+  std::string lease_ms;  // PostgresOptions::lease, in ms, as text
 
   connection writer_conn;  // the writer thread's
   std::atomic<bool> healthy{false};
@@ -289,6 +476,7 @@ struct PostgresStore::impl {
   mutable std::mutex queue_mutex;
   std::condition_variable queue_cv;
   std::deque<pending> queue;
+  published_marks marks;  // for the next transaction
   bool stopping = false;
   bool closed = false;
   std::thread writer;
@@ -303,10 +491,34 @@ struct PostgresStore::impl {
   mutable std::condition_variable readers_cv;
   mutable std::vector<std::unique_ptr<connection>> idle_readers;
 
-  impl(std::string info, PostgresOptions o) : conninfo(std::move(info)), options(o) {
+  // The lease thread: renews this node's claims and takes over bookings whose lease ran out.
+  std::mutex lease_mutex;
+  std::condition_variable lease_cv;
+  bool lease_stopping = false;
+  std::thread lease_thread;
+  // on_takeover's callback; held while it runs, so that clearing it waits for a call.
+  std::mutex taker_mutex;
+  std::function<void(Booking, Takeover)> taker;
+  std::atomic<std::uint64_t> taken_over{0};
+
+  impl(std::string info, PostgresOptions o) : conninfo(std::move(info)), options(std::move(o)) {
     options.max_group = std::max<std::size_t>(options.max_group, 1);
     options.pool_size = std::max<std::size_t>(options.pool_size, 1);
     options.statement_timeout = std::max(options.statement_timeout, std::chrono::milliseconds(1));
+    options.lease = std::max(options.lease, std::chrono::milliseconds(100));
+    node = options.node_id.empty() ? default_node_id() : options.node_id;
+    lease_ms = std::to_string(options.lease.count());
+  }
+
+  // host:pid:random, unique per store object: a restarted process is a new node, whose
+  // predecessor's claims are taken over once their lease runs out.
+  static std::string default_node_id() {
+    char host[256] = {};
+    if (::gethostname(host, sizeof host - 1) != 0) std::snprintf(host, sizeof host, "host");
+    std::random_device rd;
+    char tail[32];
+    std::snprintf(tail, sizeof tail, ":%ld:%08x", static_cast<long>(::getpid()), rd());
+    return std::string(host).substr(0, 200) + tail;
   }
 
   const std::string& where() const { return label; }
@@ -377,6 +589,13 @@ struct PostgresStore::impl {
         "SET statement_timeout = " + std::to_string(options.statement_timeout.count()) +
         "; SET client_min_messages = warning";
     if (auto r = run(c, "configuring the connection", settings.c_str(), {}, false); !r) return r.error();
+    // Who this store is, for pushbook_put_booking's claims.
+    if (auto r =
+            run(c, "configuring the connection",
+                "SELECT set_config('pushbook.node', $1, false), set_config('pushbook.lease_ms', $2, false)",
+                {node.c_str(), lease_ms.c_str()}, false);
+        !r)
+      return r.error();
     return c;
   }
 
@@ -510,7 +729,11 @@ struct PostgresStore::impl {
   // Upgrades the schema by one version, inside the caller's transaction. Every future schema
   // change is one more case here; databases never go back.
   result<void> migrate_step(connection& c, int from) const {
-    const char* sql = from == 0 ? schema_v1 : from == 1 ? schema_v2 : nullptr;
+    const char* sql = from == 0   ? schema_v1
+                      : from == 1 ? schema_v2
+                      : from == 2 ? schema_v3
+                      : from == 3 ? schema_v4
+                                  : nullptr;
     if (!sql)
       return Error(errc::store_failed, label + ": no migration from schema version " + std::to_string(from));
     auto r = run(c, "upgrading the schema to version " + std::to_string(from + 1), sql, {}, false);
@@ -606,11 +829,33 @@ struct PostgresStore::impl {
     return std::optional<Booking>{std::move(*b)};
   }
 
+  result<std::optional<StoredKey>> find_key(std::string_view user, std::string_view key) const {
+    reader_lease lease(*this);
+    auto c = lease.get();
+    if (!c) return c.error();
+    const std::string u(user), k(key);
+    auto r = run_prepared(**c, "looking up idempotency key '" + k + "'", "find_key", {u.c_str(), k.c_str()});
+    if (!r) return r.error();
+    if (PQntuples(r->get()) == 0) return std::optional<StoredKey>{};
+    const auto* row = r->get();
+    return std::optional<StoredKey>{
+        StoredKey{u, k, PQgetvalue(row, 0, 0), PQgetvalue(row, 0, 1),
+                  wall_clock::time_point(std::chrono::duration_cast<wall_clock::duration>(
+                      std::chrono::milliseconds(std::atoll(PQgetvalue(row, 0, 2)))))}};
+  }
+
   result<RecoveredState> recover(wall_clock::time_point keys_since) const {
     reader_lease lease(*this);
     auto c = lease.get();
     if (!c) return c.error();
     connection& conn = **c;
+    // Every processing booking nobody holds a live claim on becomes this node's (a process that
+    // died, or this one's predecessor); the snapshot below returns those this node holds.
+    const std::string no_limit = std::to_string(std::numeric_limits<std::int64_t>::max());
+    if (auto r = run_prepared(conn, "claiming undecided bookings", "claim",
+                              {node.c_str(), lease_ms.c_str(), no_limit.c_str()});
+        !r)
+      return r.error();
     // One snapshot for every query below.
     if (auto r = run(conn, "recovering", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", {}, false); !r)
       return r.error();
@@ -638,17 +883,27 @@ struct PostgresStore::impl {
         return Error(errc::store_failed, label + ": resource '" + r.id + "' has counts out of range");
       state.resources.push_back(std::move(r));
     }
-    auto live = run_prepared(c, "recovering bookings", "live", {});
+    auto live = run_prepared(c, "recovering bookings", "live", {node.c_str()});
     if (!live) return live.error();
     for (int i = 0; i < PQntuples(live->get()); ++i) {
       const std::string_view id = PQgetvalue(live->get(), i, 0), status_text = PQgetvalue(live->get(), i, 1);
       auto b = booking_of(id, PQgetvalue(live->get(), i, 2), PQgetvalue(live->get(), i, 3));
       if (!b) return b.error();
+      if (b->status == BookingStatus::processing)
+        (void)parse_count(PQgetvalue(live->get(), i, 4), b->attempt);
       if (to_string(b->status) != status_text)
         return Error(errc::store_failed, label + ": booking '" + std::string(id) + "' has status '" +
                                              std::string(status_text) + "' but its JSON says '" +
                                              to_string(b->status) + "'");
       (b->status == BookingStatus::processing ? state.processing : state.held).push_back(std::move(*b));
+    }
+    auto unpublished = run_prepared(c, "recovering the outbox", "unpublished", {});
+    if (!unpublished) return unpublished.error();
+    for (int i = 0; i < PQntuples(unpublished->get()); ++i) {
+      const auto* u = unpublished->get();
+      auto b = booking_of(PQgetvalue(u, i, 0), PQgetvalue(u, i, 1), PQgetvalue(u, i, 2));
+      if (!b) return b.error();
+      state.unpublished.push_back(std::move(*b));
     }
     const auto since = std::to_string(unix_ms(keys_since));
     auto keys = run_prepared(c, "recovering idempotency keys", "keys", {since.c_str()});
@@ -712,6 +967,19 @@ struct PostgresStore::impl {
                                        ": resource '" + std::string(parts[1]) + "' has " +
                                        std::string(parts[2]) + " units free, the booking needs " +
                                        std::string(parts[3]) + " (nothing of this version was stored)");
+    if (parts[0] == "conflict" && parts.size() == 4) {
+      // parts: stored version, stored status, the node that claimed it (processing only).
+      if (parts[2] == "processing")
+        return Error(
+            errc::invalid_transition,
+            label + ": booking '" + row.id + "' is being decided by another process (" +
+                (parts[3].empty() ? std::string("nobody's claim") : "node '" + std::string(parts[3]) + "'") +
+                "); this process's claim on it ran out, and its " + row.status + " version was not stored");
+      return Error(errc::invalid_transition,
+                   label + ": booking '" + row.id + "' was changed by another process meanwhile: version " +
+                       std::string(parts[1]) + " is stored as " + std::string(parts[2]) + "; this " +
+                       row.status + " version " + row.version + " was not stored");
+    }
     if (parts[0] == "duplicate_key" && parts.size() == 2)
       return Error(errc::idempotency_conflict, label + ": user '" + row.user + "' already has booking '" +
                                                    std::string(parts[1]) + "' with idempotency key '" +
@@ -761,7 +1029,7 @@ struct PostgresStore::impl {
   // every change's statement, COMMIT, then all the replies. One round trip per group instead of
   // one per change. Returns the group's outcome; each change's own refusal (which stored
   // nothing of it) is in its `outcome`.
-  result<void> write_group(std::vector<pending>& group) noexcept {
+  result<void> write_group(std::vector<pending>& group, const published_marks& group_marks) noexcept {
     try {
       if (!writer_conn.usable()) {
         writer_conn = connection{};
@@ -769,7 +1037,7 @@ struct PostgresStore::impl {
         if (!c) return c.error();
         writer_conn = std::move(*c);
       }
-      auto outcome = write_pipeline(group);
+      auto outcome = write_pipeline(group, group_marks);
       PGconn* pg = writer_conn.conn.get();
       if (PQpipelineStatus(pg) != PQ_PIPELINE_OFF && !PQexitPipelineMode(pg)) writer_conn.broken = true;
       if (!writer_conn.broken && PQsetnonblocking(pg, 0) != 0) writer_conn.broken = true;
@@ -781,7 +1049,7 @@ struct PostgresStore::impl {
     }
   }
 
-  result<void> write_pipeline(std::vector<pending>& group) {
+  result<void> write_pipeline(std::vector<pending>& group, const published_marks& group_marks) {
     connection& c = writer_conn;
     PGconn* pg = c.conn.get();
     const auto deadline = steady::now() + options.statement_timeout + std::chrono::seconds(1);
@@ -803,6 +1071,12 @@ struct PostgresStore::impl {
 
     // Send everything. Nothing is read until the sync: a failed send breaks the connection.
     bool sent = PQsendQueryParams(pg, "BEGIN", 0, nullptr, nullptr, nullptr, nullptr, 0);
+    // Marks alone need not wait for the disk: a mark lost in a crash only has its version
+    // relayed again.
+    const bool marks_only = group.empty();
+    if (sent && marks_only)
+      sent = PQsendQueryParams(pg, "SET LOCAL synchronous_commit TO off", 0, nullptr, nullptr, nullptr,
+                               nullptr, 0);
     const char* lock_param = lock_json.c_str();
     if (sent && !lock.empty())
       sent = PQsendQueryPrepared(pg, "lock_resources", 1, &lock_param, nullptr, nullptr, 0);
@@ -816,6 +1090,12 @@ struct PostgresStore::impl {
         const char* params[] = {r.id.c_str(), r.capacity.c_str()};
         sent = PQsendQueryPrepared(pg, "put_resource", 2, params, nullptr, nullptr, 0);
       }
+    }
+    std::pair<std::string, std::string> mark_params;
+    if (sent && !group_marks.empty()) {
+      mark_params = group_marks.literals();
+      const char* params[] = {mark_params.first.c_str(), mark_params.second.c_str()};
+      sent = PQsendQueryPrepared(pg, "unmark", 2, params, nullptr, nullptr, 0);
     }
     if (sent) sent = PQsendQueryParams(pg, "COMMIT", 0, nullptr, nullptr, nullptr, nullptr, 0);
     if (sent) sent = PQpipelineSync(pg);
@@ -843,6 +1123,8 @@ struct PostgresStore::impl {
     };
     auto ignore = [](const PGresult*) {};
     if (auto r = next_reply("starting a transaction", ignore); !r) return r;
+    if (marks_only)
+      if (auto r = next_reply("starting a transaction", ignore); !r) return r;
     if (!lock.empty())
       if (auto r = next_reply("locking resources", ignore); !r) return r;
     for (auto& p : group) {
@@ -858,6 +1140,8 @@ struct PostgresStore::impl {
       }
       if (!step) return step;
     }
+    if (!group_marks.empty())
+      if (auto r = next_reply("marking versions published", ignore); !r) return r;
     if (auto r = next_reply("committing", ignore); !r) return r;
     // The sync's own result ends the pipeline.
     if (auto r = wait_ready(c, deadline, "committing"); !r) return r;
@@ -874,12 +1158,13 @@ struct PostgresStore::impl {
 
   void writer_loop() {
     std::vector<pending> group;
+    published_marks group_marks;
     for (;;) {
       try {
         {
           std::unique_lock lock(queue_mutex);
-          queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
-          if (queue.empty()) {
+          queue_cv.wait(lock, [&] { return stopping || !queue.empty() || !marks.empty(); });
+          if (queue.empty() && marks.empty()) {
             closed = true;
             break;
           }
@@ -887,8 +1172,13 @@ struct PostgresStore::impl {
             group.push_back(std::move(queue.front()));
             queue.pop_front();
           }
+          std::swap(group_marks, marks);
         }
-        auto outcome = write_group(group);
+        // The marks ride along (no transaction of their own while changes come); when the
+        // transaction fails they are forgotten, which at worst has a version relayed again
+        // after a restart (the bus drops it as a duplicate).
+        auto outcome = write_group(group, group_marks);
+        group_marks.marks.clear();
         healthy.store(outcome.has_value(), std::memory_order_relaxed);
         transactions.fetch_add(1, std::memory_order_relaxed);
         hand_over(std::move(group), std::move(outcome));
@@ -951,6 +1241,100 @@ struct PostgresStore::impl {
   }
 
   bool on_writer_thread() const noexcept { return current_writer == this; }
+
+  // ---- claims ----
+
+  static void run_leases(std::shared_ptr<impl> self) { self->lease_loop(); }
+
+  // On a connection of its own: renews this node's claims every lease/3 and, while an engine
+  // takes them (on_takeover), claims bookings whose lease ran out, every lease/5 (at most
+  // 500 ms). A failure (the database away) is tried again at the next turn.
+  void lease_loop() {
+    connection conn;
+    const auto renew_every = options.lease / 3;
+    const auto poll_every =
+        std::min<std::chrono::milliseconds>(options.lease / 5, std::chrono::milliseconds(500));
+    auto next_renew = steady::now() + renew_every;
+    std::unique_lock lock(lease_mutex);
+    for (;;) {
+      const auto wake = std::min(next_renew, steady::now() + poll_every);
+      if (lease_cv.wait_until(lock, wake, [&] { return lease_stopping; })) break;
+      lock.unlock();
+      try {
+        if (!conn.usable()) {
+          conn = connection{};
+          if (auto c = connect_prepared()) conn = std::move(*c);
+        }
+        if (conn.conn && !conn.broken) {
+          if (steady::now() >= next_renew &&
+              run_prepared(conn, "renewing claims", "renew", {node.c_str(), lease_ms.c_str()}))
+            next_renew = steady::now() + renew_every;
+          take_over_expired(conn);
+        }
+      } catch (const std::exception&) {
+        conn.broken = true;  // out of memory or the like: a new connection next turn
+      }
+      lock.lock();
+    }
+  }
+
+  // Claims processing bookings whose lease ran out, a batch at a time, and hands each to the
+  // engine in first-stored order. Under taker_mutex: on_takeover(nullptr) waits for this, and
+  // nothing is claimed without an engine to decide it.
+  void take_over_expired(connection& conn) {
+    std::lock_guard hold(taker_mutex);
+    constexpr int batch = 100;
+    const std::string limit = std::to_string(batch);
+    while (taker) {
+      auto r = run_prepared(conn, "relaying what other processes left", "stale_outbox",
+                            {lease_ms.c_str(), limit.c_str()});
+      if (!r) return;
+      hand_over(r->get(), -1, Takeover::relay);
+      if (PQntuples(r->get()) < batch) break;
+    }
+    while (taker) {
+      auto r = run_prepared(conn, "taking over bookings", "claim",
+                            {node.c_str(), lease_ms.c_str(), limit.c_str()});
+      if (!r) return;
+      hand_over(r->get(), 4, Takeover::decide);
+      if (PQntuples(r->get()) < batch) return;
+    }
+  }
+
+  // Hands rows (seq, id, booking, idem_key[, attempt at column `attempt_column`]) to the taker in
+  // seq order. Under taker_mutex.
+  void hand_over(const PGresult* rows, int attempt_column, Takeover what) {
+    std::vector<std::pair<std::int64_t, Booking>> got;
+    for (int i = 0; i < PQntuples(rows); ++i) {
+      auto b = booking_of(PQgetvalue(rows, i, 1), PQgetvalue(rows, i, 2), PQgetvalue(rows, i, 3));
+      if (!b) continue;  // malformed in the database: no engine can take it
+      if (attempt_column >= 0) (void)parse_count(PQgetvalue(rows, i, attempt_column), b->attempt);
+      got.emplace_back(std::atoll(PQgetvalue(rows, i, 0)), std::move(*b));
+    }
+    std::sort(got.begin(), got.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+    for (auto& [seq, b] : got) {
+      taken_over.fetch_add(1, std::memory_order_relaxed);
+      try {
+        taker(std::move(b), what);
+      } catch (...) {
+        // The engine could not take it (out of memory): handed over again once its claim or
+        // its outbox stamp is older than the lease.
+      }
+    }
+  }
+
+  void stop_leases() {
+    {
+      std::lock_guard lock(lease_mutex);
+      lease_stopping = true;
+    }
+    lease_cv.notify_all();
+    if (!lease_thread.joinable()) return;
+    if (lease_thread.get_id() == std::this_thread::get_id())
+      lease_thread.detach();
+    else
+      lease_thread.join();
+  }
 };
 
 PostgresStore::PostgresStore(std::shared_ptr<impl> state) : impl_(std::move(state)) {}
@@ -968,6 +1352,9 @@ PostgresStore::~PostgresStore() {
     if (impl_->writer.joinable()) impl_->writer.join();
     if (impl_->completer.joinable()) impl_->completer.join();
   }
+  // Claims are no longer renewed: another process takes over what this one did not decide
+  // once the lease runs out.
+  impl_->stop_leases();
 }
 
 result<std::shared_ptr<PostgresStore>> PostgresStore::open(const std::string& conninfo,
@@ -986,6 +1373,7 @@ result<std::shared_ptr<PostgresStore>> PostgresStore::open(const std::string& co
       state->idle_readers.push_back(std::make_unique<connection>());
     state->completer = std::thread(&impl::run_completer, state);
     state->writer = std::thread(&impl::run_writer, state);
+    state->lease_thread = std::thread(&impl::run_leases, state);
     return std::shared_ptr<PostgresStore>(new PostgresStore(std::move(state)));
   } catch (const std::exception& e) {
     return Error(errc::store_failed, "cannot open PostgreSQL store: " + std::string(e.what()));
@@ -1022,12 +1410,7 @@ void PostgresStore::commit_async(const StateChange& change, CommitCallback done)
         row.resources += ',';
         row.units += ',';
       }
-      row.resources += '"';
-      for (char ch : resource) {
-        if (ch == '"' || ch == '\\') row.resources += '\\';
-        row.resources += ch;
-      }
-      row.resources += '"';
+      append_array_text(row.resources, resource);
       row.units += std::to_string(quantity);
       if (may_change_units(b.status)) row.lock.push_back(resource);
     }
@@ -1077,6 +1460,40 @@ result<RecoveredState> PostgresStore::recover(wall_clock::time_point keys_since)
   } catch (const std::exception& e) {
     return Error(errc::store_failed, impl_->where() + ": " + e.what());
   }
+}
+
+void PostgresStore::published(std::string_view booking_id, std::uint64_t version) {
+  try {
+    {
+      std::lock_guard lock(impl_->queue_mutex);
+      if (impl_->closed) return;  // the writer is gone: relayed again after a restart
+      impl_->marks.marks.emplace_back(booking_id, version);
+    }
+    impl_->queue_cv.notify_one();
+  } catch (...) {
+    // Out of memory: the mark is lost, and the version at worst relayed again after a restart.
+  }
+}
+
+result<std::optional<StoredKey>> PostgresStore::find_key(std::string_view user, std::string_view key) const {
+  try {
+    return impl_->find_key(user, key);
+  } catch (const std::exception& e) {
+    return Error(errc::store_failed, impl_->where() + ": " + e.what());
+  }
+}
+
+void PostgresStore::on_takeover(std::function<void(Booking, Takeover)> take) {
+  {
+    std::lock_guard lock(impl_->taker_mutex);
+    impl_->taker = std::move(take);
+  }
+  impl_->lease_cv.notify_all();
+}
+
+const std::string& PostgresStore::node_id() const noexcept { return impl_->node; }
+std::uint64_t PostgresStore::taken_over() const noexcept {
+  return impl_->taken_over.load(std::memory_order_relaxed);
 }
 
 bool PostgresStore::available() const noexcept { return impl_->healthy.load(std::memory_order_relaxed); }

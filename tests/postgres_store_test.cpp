@@ -11,13 +11,16 @@
 
 #include <doctest/doctest.h>
 
+#include <poll.h>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
+#include <set>
 #include <thread>
 
 using namespace pushbook;
@@ -142,8 +145,8 @@ TEST_CASE("commit then load gives back the booking; a missing one is nullopt") {
   CHECK(loaded->metadata == b.metadata);
   CHECK(loaded->created_at == b.created_at);
   CHECK(store->load("nope").value() == std::nullopt);
-  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
-  CHECK(PostgresStore::schema_version() == 2);
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
+  CHECK(PostgresStore::schema_version() == 4);
 }
 
 TEST_CASE("the database keeps the counts: each status change moves units, in the same transaction") {
@@ -298,14 +301,17 @@ TEST_CASE("idempotency keys are unique per user in the database") {
   auto k1 = make_booking("k1", BookingStatus::processing, {{"r", 1}}, "key");
   k1.status = BookingStatus::rejected;
   ++k1.version;
-  REQUIRE(commit(*two, k1));
+  REQUIRE(commit(*one, k1));  // decided by the store that claimed it
   CHECK(pg.query("SELECT fingerprint FROM pushbook_bookings WHERE id = 'k1'") == "fp");
 }
 
 TEST_CASE("recover: the database's counts, processing in first-stored order, held, recent keys") {
   PostgresServer pg;
+  // A process restarted under the same node id: its undecided bookings are its own at once.
+  auto options = quick_options();
+  options.node_id = "node-a";
   {
-    auto store = open_ok(pg);
+    auto store = open_ok(pg, options);
     REQUIRE(store->put_resource("r", 10));
     REQUIRE(store->put_resource("s", 2));
     auto c = make_booking("c", BookingStatus::processing, {{"r", 2}});
@@ -322,7 +328,10 @@ TEST_CASE("recover: the database's counts, processing in first-stored order, hel
     p2.version = 2;  // a new version keeps its first-stored place
     REQUIRE(commit(*store, p2));
   }
-  auto store = open_ok(pg);
+  // Another node's recovery gets the holds but not node-a's undecided bookings (its claims have
+  // not run out).
+  CHECK(open_ok(pg)->recover(at_ms(1650000000000)).value().processing.empty());
+  auto store = open_ok(pg, options);
   auto state = store->recover(at_ms(1650000000000)).value();
   REQUIRE(state.resources.size() == 2);
   CHECK(state.resources[0].id == "r");
@@ -360,8 +369,10 @@ TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one
   REQUIRE(pg.error().empty());
   {
     auto store = open_ok(pg);
-    CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
+    CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
     CHECK(counters(pg, "r") == "5 2 1");
+    // Bookings from before the outbox count as published: nothing to relay.
+    CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "0");
     // The upgraded database enforces capacity like a new one.
     auto big = make_booking("big", BookingStatus::processing, {{"r", 3}});
     REQUIRE(commit(*store, big));
@@ -373,13 +384,13 @@ TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one
   }
   // Two stores opening an up-to-date database change nothing.
   open_ok(pg);
-  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "2");
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
 
   REQUIRE(pg.query("UPDATE pushbook_schema_version SET version = 9").empty());
   auto newer = PostgresStore::open(pg.conninfo(), quick_options());
   REQUIRE(!newer);
   CHECK(newer.error().is(errc::store_failed));
-  CHECK(newer.error().message.find("database schema version 9 is newer than this pushbook (knows 2)") !=
+  CHECK(newer.error().message.find("database schema version 9 is newer than this pushbook (knows 4)") !=
         std::string::npos);
 }
 
@@ -637,4 +648,412 @@ TEST_CASE("two engines on one database: the database's refusal becomes a sold_ou
   CHECK(counters(pg, "seat") == "5 0 5");
   // Each engine's memory freed the units it had set aside for its refused bookings.
   CHECK(first.resource("seat").value().confirmed + second.resource("seat").value().confirmed == 5);
+}
+
+namespace {
+std::vector<std::string> ids_of(const std::vector<Booking>& bookings) {
+  std::vector<std::string> ids;
+  for (const auto& b : bookings) ids.push_back(b.id);
+  return ids;
+}
+}  // namespace
+
+TEST_CASE("the outbox: a stored version is unpublished until published() says so") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  REQUIRE(store->put_resource("r", 10));
+  auto a = make_booking("a", BookingStatus::processing, {{"r", 1}});
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 1}});
+  auto c = make_booking("c", BookingStatus::processing, {{"r", 1}}, {}, 1700000000000, "u\"2\\");
+  REQUIRE(commit(*store, a));
+  REQUIRE(commit(*store, b));
+  REQUIRE(commit(*store, c));
+  auto state = store->recover(at_ms(0)).value();
+  CHECK(ids_of(state.unpublished) == std::vector<std::string>{"a", "b", "c"});
+  // a's version 1 went out; b's version 2 is stored before the mark of its version 1 arrives
+  // (the mark must not take the newer version's row with it).
+  store->published("a", 1);
+  REQUIRE(advance(*store, b, BookingStatus::confirmed));
+  store->published("b", 1);
+  // Marks alone are written too, without waiting for another commit.
+  CHECK(eventually([&] { return pg.query("SELECT count(*) FROM pushbook_outbox") == "2"; }));
+  state = store->recover(at_ms(0)).value();
+  CHECK(ids_of(state.unpublished) == std::vector<std::string>{"b", "c"});
+  REQUIRE(state.unpublished.size() == 2);
+  CHECK(state.unpublished[0].version == 2);
+  CHECK(state.unpublished[0].status == BookingStatus::confirmed);
+  CHECK(state.unpublished[1].user == "u\"2\\");
+  store->published("b", 2);
+  store->published("c", 1);
+  store->published("nobody", 7);  // a booking the store does not have: nothing happens
+  CHECK(eventually([&] { return pg.query("SELECT count(*) FROM pushbook_outbox") == "0"; }));
+  // A refused version (sold out) puts nothing in the outbox.
+  REQUIRE(store->put_resource("small", 1));
+  auto big = make_booking("big", BookingStatus::processing, {{"small", 2}});
+  REQUIRE(commit(*store, big));
+  store->published("big", 1);
+  CHECK(advance(*store, big, BookingStatus::confirmed).error().is(errc::sold_out));
+  CHECK(eventually([&] { return pg.query("SELECT count(*) FROM pushbook_outbox") == "0"; }));
+}
+
+namespace {
+// A bus that refuses every publish: the engine over it commits and never gets its events out,
+// as a process that dies between its commits and its publishes.
+struct RefusingBus final : EventBus {
+  LocalBus inner;
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view, std::shared_ptr<const boost::json::value>,
+                           const PublishOptions&) override {
+    return Error(errc::bus_unavailable, "refused");
+  }
+  result<Subscription> subscribe(std::string_view topic, DeliveryCallback cb, SubscribeOptions o) override {
+    return inner.subscribe(topic, std::move(cb), std::move(o));
+  }
+  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq) const override {
+    return inner.history(topic, since_seq);
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "an engine dies between commit and publish: the next engine on the database relays each version once") {
+  PostgresServer pg;
+  std::vector<std::string> ids;
+  {
+    EngineOptions o;
+    o.store = open_ok(pg);
+    BookingEngine engine(std::make_shared<RefusingBus>(), o);
+    REQUIRE(engine.add_resource("r", 10));
+    for (int i = 0; i < 4; ++i)
+      ids.push_back(engine.submit(test::one("u" + std::to_string(i % 2), "r", 1)).value().booking_id);
+    for (const auto& id : ids)
+      REQUIRE(eventually([&] { return engine.get(id).value().status == BookingStatus::confirmed; }));
+    CHECK(engine.stats().publish_failures > 0);
+  }
+  CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "4");
+  // Another engine (another process) on the same database and a working bus: the latest version
+  // of each booking is published once, with seq = version, before anything new is taken.
+  auto bus = std::make_shared<LocalBus>();
+  test::Collector<std::pair<std::string, std::uint64_t>> seen;
+  auto sub = bus->subscribe("booking/*",
+                            [&](const Delivery& d) {
+                              if (d.event) seen.push({std::string(d.event->topic()), d.event->seq()});
+                            })
+                 .value();
+  {
+    EngineOptions o;
+    o.store = open_ok(pg);
+    BookingEngine engine(bus, o);
+    CHECK(engine.stats().relayed == ids.size());
+    auto events = seen.wait_for(ids.size());
+    REQUIRE(events.size() == ids.size());
+    std::set<std::string> topics;
+    for (const auto& [topic, seq] : events) {
+      CHECK(seq == 2);
+      topics.insert(topic);
+    }
+    CHECK(topics.size() == ids.size());
+    CHECK(eventually([&] { return pg.query("SELECT count(*) FROM pushbook_outbox") == "0"; }));
+  }
+  // A third start has nothing to relay; the bus got nothing twice.
+  {
+    EngineOptions o;
+    o.store = open_ok(pg);
+    BookingEngine engine(bus, o);
+    CHECK(engine.stats().relayed == 0);
+  }
+  REQUIRE(bus->publish("booking/end", boost::json::object{{"status", "end"}}));
+  CHECK(seen.wait_for(ids.size() + 1).size() == ids.size() + 1);
+}
+
+namespace {
+// tests/postgres_node.cpp as a child process: its stdin and stdout are pipes to the test.
+class NodeProcess {
+ public:
+  NodeProcess(const std::string& conninfo, int bookings, std::chrono::milliseconds lease,
+              const char* mode = "hang") {
+    int in[2], out[2];
+    REQUIRE(::pipe(in) == 0);
+    REQUIRE(::pipe(out) == 0);
+    const std::string count = std::to_string(bookings), lease_ms = std::to_string(lease.count());
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      ::dup2(in[0], 0);
+      ::dup2(out[1], 1);
+      ::close(in[0]);
+      ::close(in[1]);
+      ::close(out[0]);
+      ::close(out[1]);
+      ::execl(PUSHBOOK_POSTGRES_NODE, PUSHBOOK_POSTGRES_NODE, conninfo.c_str(), count.c_str(),
+              lease_ms.c_str(), mode, static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(in[0]);
+    ::close(out[1]);
+    to_ = in[1];
+    from_ = out[0];
+  }
+  ~NodeProcess() {
+    if (to_ >= 0) ::close(to_);
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    ::close(from_);
+  }
+  NodeProcess(const NodeProcess&) = delete;
+  NodeProcess& operator=(const NodeProcess&) = delete;
+
+  // The next line it prints, or nullopt when none comes within `timeout` (or it exited).
+  std::optional<std::string> line(std::chrono::milliseconds timeout = 20s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      if (auto nl = buffer_.find('\n'); nl != std::string::npos) {
+        auto l = buffer_.substr(0, nl);
+        buffer_.erase(0, nl + 1);
+        return l;
+      }
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return std::nullopt;
+      pollfd p{from_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+      char chunk[4096];
+      const auto n = ::read(from_, chunk, sizeof chunk);
+      if (n <= 0) return std::nullopt;
+      buffer_.append(chunk, static_cast<std::size_t>(n));
+    }
+  }
+  // Reads lines up to "ready"; returns the ids it ACKed.
+  std::vector<std::string> until_ready() {
+    std::vector<std::string> acked;
+    for (;;) {
+      auto l = line();
+      REQUIRE(l.has_value());
+      if (*l == "ready") return acked;
+      if (l->starts_with("acked ")) acked.push_back(l->substr(6));
+    }
+  }
+  void send(const std::string& text) {
+    REQUIRE(::write(to_, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+  }
+  void signal(int sig) { REQUIRE(::kill(pid_, sig) == 0); }
+  void kill9() {
+    signal(SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int to_ = -1, from_ = -1;
+  std::string buffer_;
+};
+
+// An engine in this process that approves every booking and records which runs it saw.
+struct TakingNode {
+  std::shared_ptr<LocalBus> bus = std::make_shared<LocalBus>();
+  std::mutex mutex;
+  std::map<std::string, std::vector<std::uint32_t>> runs;       // booking id -> attempts seen
+  test::Collector<std::pair<std::string, std::string>> events;  // (topic, status)
+  Subscription sub;
+  std::shared_ptr<PostgresStore> store;
+  std::unique_ptr<BookingEngine> engine;
+
+  TakingNode(PostgresServer& pg, std::chrono::milliseconds lease) {
+    sub = bus->subscribe("booking/*",
+                         [this](const Delivery& d) {
+                           if (d.event)
+                             events.push({std::string(d.event->topic()),
+                                          std::string(d.event->data().at("status").as_string())});
+                         })
+              .value();
+    PostgresOptions o = quick_options();
+    o.lease = lease;
+    store = open_ok(pg, o);
+    EngineOptions eo;
+    eo.store = store;
+    eo.handler = [this](const Booking& b, Completion done) {
+      {
+        std::lock_guard lock(mutex);
+        runs[b.id].push_back(b.attempt);
+      }
+      done(Decision::approved());
+    };
+    engine = std::make_unique<BookingEngine>(bus, eo);
+  }
+  // The statuses each booking/<id> event carried, in order.
+  std::map<std::string, std::vector<std::string>> by_topic() {
+    std::map<std::string, std::vector<std::string>> out;
+    for (const auto& [topic, status] : events.items()) out[topic].push_back(status);
+    return out;
+  }
+  // Whether every one of `ids` has had its decided event, and none twice.
+  bool each_decided_once(const std::vector<std::string>& ids, const std::string& decided) {
+    auto seen = by_topic();
+    for (const auto& id : ids)
+      if (std::count(seen["booking/" + id].begin(), seen["booking/" + id].end(), decided) != 1) return false;
+    return true;
+  }
+};
+
+std::string status_counts(PostgresServer& pg) {
+  return pg.query(
+      "SELECT string_agg(status || '=' || n, ' ' ORDER BY status) FROM "
+      "(SELECT status, count(*) AS n FROM pushbook_bookings GROUP BY status) s");
+}
+}  // namespace
+
+TEST_CASE(
+    "kill -9 while handlers run: another process takes each booking over after the lease and decides it "
+    "once") {
+  PostgresServer pg;
+  constexpr int n = 20;
+  const auto lease = 1000ms;
+  NodeProcess first(pg.conninfo(), n, lease);
+  const auto ids = first.until_ready();  // every handler started, none answered
+  REQUIRE(ids.size() == n);
+  CHECK(status_counts(pg) == "processing=20");
+  TakingNode second(pg, lease);  // starts while the first is alive: takes nothing at start
+  CHECK(second.engine->stats().recovered == 0);
+  first.kill9();
+  const auto killed = std::chrono::steady_clock::now();
+  REQUIRE(eventually([&] { return status_counts(pg) == "confirmed=20"; }, 30s));
+  const auto took =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - killed);
+  MESSAGE("decided by the second process " << took.count() << " ms after the kill (lease " << lease.count()
+                                           << " ms)");
+  CHECK(second.engine->stats().taken_over == n);
+  CHECK(second.store->taken_over() == n);
+  {
+    std::lock_guard lock(second.mutex);
+    CHECK(second.runs.size() == n);
+    for (const auto& id : ids) CHECK(second.runs[id] == std::vector<std::uint32_t>{2});  // once, the 2nd run
+  }
+  // Each decision published once (a "processing" version the first process had not marked
+  // published may be relayed too); the counts agree with the rows.
+  CHECK(eventually([&] { return second.each_decided_once(ids, "confirmed"); }));
+  CHECK(counters(pg, "r") == "1000000 0 20");
+  CHECK(recount(pg, "r") == "0 20");
+}
+
+TEST_CASE(
+    "a process stopped past its lease: its bookings are decided by another, and its late decisions are "
+    "refused") {
+  PostgresServer pg;
+  constexpr int n = 10;
+  const auto lease = 1000ms;
+  NodeProcess first(pg.conninfo(), n, lease);
+  const auto ids = first.until_ready();
+  REQUIRE(ids.size() == n);
+  TakingNode second(pg, lease);
+  first.signal(SIGSTOP);  // its lease thread stops renewing
+  REQUIRE(eventually([&] { return status_counts(pg) == "confirmed=10"; }, 30s));
+  first.signal(SIGCONT);
+  first.send("go\n");  // its handlers now decline every booking
+  auto lost = first.line();
+  REQUIRE(lost.has_value());
+  CHECK(*lost == "lost 10");  // every late decision refused: nothing of them stored
+  CHECK(status_counts(pg) == "confirmed=10");
+  CHECK(counters(pg, "r") == "1000000 0 10");
+  {
+    std::lock_guard lock(second.mutex);
+    for (const auto& id : ids) CHECK(second.runs[id] == std::vector<std::uint32_t>{2});
+  }
+}
+
+TEST_CASE("a decided booking is never decided again: a stale version is refused with invalid_transition") {
+  PostgresServer pg;
+  auto one = open_ok(pg);
+  auto two = open_ok(pg);
+  REQUIRE(one->put_resource("r", 5));
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*one, b));  // claimed by `one`
+  auto other = b;
+  // Another store may not decide it while `one` holds the claim.
+  auto refused = advance(*two, other, BookingStatus::confirmed);
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().is(errc::invalid_transition));
+  CHECK(refused.error().message.find("is being decided by another process (node '" + one->node_id() + "')") !=
+        std::string::npos);
+  auto decided = b;
+  REQUIRE(advance(*one, decided, BookingStatus::confirmed));
+  // The same version again (a commit retried after an unknown outcome) is fine; version 2 with
+  // another status is not: it does not follow the stored one.
+  auto again = b;
+  REQUIRE(advance(*one, again, BookingStatus::confirmed));
+  auto late = b;
+  auto stale = advance(*one, late, BookingStatus::rejected);
+  REQUIRE_FALSE(stale);
+  CHECK(stale.error().is(errc::invalid_transition));
+  CHECK(stale.error().message.find("version 2 is stored as confirmed") != std::string::npos);
+  CHECK(counters(pg, "r") == "5 0 1");
+}
+
+TEST_CASE(
+    "a process dies between commit and publish: a live process relays its versions after the lease, once") {
+  PostgresServer pg;
+  constexpr int n = 12;
+  const auto lease = 1000ms;
+  TakingNode live(pg, lease);  // up before and after
+  NodeProcess first(pg.conninfo(), n, lease, "unpublished");
+  const auto ids = first.until_ready();  // all confirmed, nothing of them published
+  REQUIRE(ids.size() == n);
+  CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == std::to_string(n));
+  first.kill9();
+  const auto killed = std::chrono::steady_clock::now();
+  // The live process relays each booking's latest version (confirmed, seq 2) once, and the
+  // outbox empties.
+  REQUIRE(eventually([&] { return live.each_decided_once(ids, "confirmed"); }, 30s));
+  MESSAGE("relayed " << std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now() - killed)
+                            .count()
+                     << " ms after the kill (lease " << lease.count() << " ms)");
+  CHECK(eventually([&] { return pg.query("SELECT count(*) FROM pushbook_outbox") == "0"; }));
+  CHECK(live.engine->stats().relayed == n);
+  CHECK(live.engine->stats().taken_over == 0);  // nothing to decide
+  {
+    std::lock_guard lock(live.mutex);
+    CHECK(live.runs.empty());
+  }
+  // Nothing more comes: one event per booking.
+  REQUIRE(live.bus->publish("booking/end", boost::json::object{{"status", "end"}}));
+  CHECK(live.events.wait_for(n + 1).size() == n + 1);
+  auto seen = live.by_topic();
+  for (const auto& id : ids) CHECK(seen["booking/" + id] == std::vector<std::string>{"confirmed"});
+}
+
+TEST_CASE(
+    "the same key sent to two processes at once gives one booking; another body is a conflict on both") {
+  PostgresServer pg;
+  auto bus = std::make_shared<LocalBus>();
+  EngineOptions o1, o2;
+  o1.store = open_ok(pg);
+  o2.store = open_ok(pg);
+  BookingEngine first(bus, o1);
+  REQUIRE(first.add_resource("r", 100));
+  BookingEngine second(bus, o2);
+  constexpr int rounds = 20;
+  for (int round = 0; round < rounds; ++round) {
+    const auto request = test::one("u", "r", 1, "key-" + std::to_string(round));
+    std::optional<result<Ack>> a, b;
+    std::thread racer([&] { a = first.submit(request); });
+    b = second.submit(request);
+    racer.join();
+    REQUIRE(a->has_value());
+    REQUIRE(b->has_value());
+    CHECK((*a)->booking_id == (*b)->booking_id);
+    CHECK((*a)->replayed != (*b)->replayed);  // one stored it, the other answers with it
+  }
+  CHECK(pg.query("SELECT count(*) FROM pushbook_bookings") == std::to_string(rounds));
+  // A different request with a used key: the conflict, whichever process gets it.
+  const auto other = test::one("u", "r", 2, "key-0");
+  auto at_first = first.submit(other), at_second = second.submit(other);
+  REQUIRE_FALSE(at_first);
+  REQUIRE_FALSE(at_second);
+  CHECK(at_first.error().is(errc::idempotency_conflict));
+  CHECK(at_second.error().is(errc::idempotency_conflict));
+  CHECK(pg.query("SELECT count(*) FROM pushbook_bookings") == std::to_string(rounds));
 }

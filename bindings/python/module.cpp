@@ -570,8 +570,8 @@ PYBIND11_MODULE(_core, m) {
       "Raises pushbook.Error (code 'store_failed') when the file cannot be used.");
   m.def(
       "PostgresStore",
-      [](const std::string& conninfo, std::size_t pool_size, double statement_timeout,
-         double connect_timeout) {
+      [](const std::string& conninfo, std::size_t pool_size, double statement_timeout, double connect_timeout,
+         double lease, const std::string& node_id) {
         auto seconds = [](double s, const char* name) {
           if (!(s > 0) || s > 86400)
             raise(Error(errc::bad_request, std::string(name) + " must be a number of seconds, above 0"));
@@ -581,13 +581,18 @@ PYBIND11_MODULE(_core, m) {
         o.pool_size = pool_size;
         o.statement_timeout = seconds(statement_timeout, "statement_timeout");
         o.connect_timeout = seconds(connect_timeout, "connect_timeout");
+        o.lease = seconds(lease, "lease");
+        o.node_id = node_id;
         auto store = nogil([&] { return PostgresStore::open(conninfo, o); });
         return gil_safe_store(take(std::move(store)));
       },
       "conninfo"_a, "pool_size"_a = 4, "statement_timeout"_a = 5.0, "connect_timeout"_a = 2.0,
+      "lease"_a = 10.0, "node_id"_a = "",
       "Bookings in PostgreSQL (a libpq conninfo or postgresql:// URI), shareable by several "
       "processes: the database enforces capacity, so together they never overbook. No call waits "
-      "longer than statement_timeout seconds for it. Raises pushbook.Error (code 'store_failed') "
+      "longer than statement_timeout seconds for it. A process's undecided bookings are claimed "
+      "for `lease` seconds, renewed while it lives; once it dies another process's engine takes "
+      "them over (the handler sees booking.attempt > 1). Raises pushbook.Error (code 'store_failed') "
       "when the database cannot be reached or its schema is newer than this build.");
   m.def(
       "open_store",
@@ -772,6 +777,10 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("reason_message", [](const PyBooking& p) { return p.b.reason_message; })
       .def_property_readonly("version", [](const PyBooking& p) { return p.b.version; })
+      .def_property_readonly(
+          "attempt", [](const PyBooking& p) { return p.b.attempt; },
+          "In a handler: 1 the first time it runs for this booking, more when it may have run before "
+          "(a restart recovered it, another process took it over). 0 outside a handler.")
       .def("to_dict", [](const PyBooking& p) { return booking_dict(p.b); })
       .def("__repr__", [](const PyBooking& p) {
         return "<pushbook.Booking " + p.b.id + " " + to_string(p.b.status) + " user=" + p.b.user + ">";

@@ -35,6 +35,15 @@ struct PostgresOptions {
   std::chrono::milliseconds reconnect_interval{200};
   /// Most changes grouped into one transaction.
   std::size_t max_group = 1024;
+  /// How long a claim on a processing booking lasts without renewal. The store renews its
+  /// claims every lease/3 while it lives; once a process dies, its undecided bookings are taken
+  /// over by another process's store within the lease plus lease/5 (at most 500 ms). At least
+  /// 100 ms. Longer leases ride out longer stalls (a process paused past its lease loses its
+  /// bookings to another, and its decisions are then refused); shorter ones take over sooner.
+  std::chrono::milliseconds lease{10000};
+  /// This store's name in the claims (pushbook_bookings.claimed_by). Empty: host:pid:random,
+  /// different for every store object. Two live stores must never share one.
+  std::string node_id;
 };
 
 /// A durable BookingStore in a PostgreSQL database, shared by any number of processes.
@@ -97,10 +106,28 @@ class PUSHBOOK_EXPORT PostgresStore final : public BookingStore {
   /// counters (the truth every process shares), not a recount; they are equal to the recount, the
   /// tests check it.
   result<RecoveredState> recover(wall_clock::time_point keys_since) override;
+  /// Recorded with the writer's next transaction (with the changes queued then, or alone, without
+  /// waiting for the disk when nothing else is queued): the booking leaves the outbox that
+  /// recover() reads. A mark lost in a crash only has its version relayed again.
+  void published(std::string_view booking_id, std::uint64_t version) override;
+  /// On the store's lease thread, every lease/5 (at most 500 ms): processing bookings whose claim
+  /// ran out (their process died) are claimed for this node, at most 100 at a time, each with
+  /// its attempt counted up, and handed over to decide; versions in the outbox for longer than
+  /// the lease (their process died between commit and publish) are handed over to relay, and
+  /// their outbox rows stamped again so that no other node relays them for another lease.
+  /// Nothing is taken while no callback is set (recover() claims every undecided booking nobody
+  /// holds for the engine that starts).
+  void on_takeover(std::function<void(Booking, Takeover)> take) override;
+  /// Reads the key's booking (its first version stored it, from any process).
+  result<std::optional<StoredKey>> find_key(std::string_view user, std::string_view key) const override;
+  /// This store's node id in the claims (PostgresOptions::node_id or the generated one).
+  const std::string& node_id() const noexcept;
+  /// Bookings handed over (to decide or to relay) so far.
+  std::uint64_t taken_over() const noexcept;
 
   /// Whether the last write transaction or connection attempt succeeded (false while the
   /// database is unreachable; for health checks).
-  bool available() const noexcept;
+  bool available() const noexcept override;
   /// Write transactions run so far, committed or rolled back (with N concurrent commits it is
   /// well below N when grouping works).
   std::uint64_t transactions() const noexcept;
