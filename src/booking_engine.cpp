@@ -952,6 +952,15 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     (void)take_quota(b.user, 1, hold_units(b, BookingStatus::processing), false);
     taken_over.fetch_add(1, std::memory_order_relaxed);
     in_flight.fetch_add(1, std::memory_order_acq_rel);
+    if (options.recovery == RecoveryPolicy::reject) {
+      // The host asked that no handler run twice: rejected as a recovered booking would be. On
+      // the timer thread: this is the store's lease thread, which must not wait for a commit.
+      timers.schedule(steady::now(), [this, b = std::move(b)]() mutable {
+        decide(std::move(b), steady::now(), false, RejectReason::recovery,
+               "taken over from a process that stopped deciding it (recovery policy: reject)", units::none);
+      });
+      return;
+    }
     queued.fetch_add(1, std::memory_order_relaxed);
     bool wake;
     {

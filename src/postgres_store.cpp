@@ -22,6 +22,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <unordered_set>
 #include <variant>
 
 namespace pushbook {
@@ -159,19 +160,24 @@ $fn$;
 // fire it, not claims or lease renewals), deleted once the engine says the
 // version's events reached the bus. Bookings stored before the upgrade count as published (their
 // engine published right after each commit, and nothing recorded whether it got there).
-// recover() returns what is left, in first-stored order, for the engine to relay; a row older
+// `node` is the store that wrote the version. recover() returns what its own node left and what
+// any node left for longer than the lease, in first-stored order, for the engine to relay (not
+// what live processes are publishing right now); a row older
 // than the lease (its process died between commit and publish) is relayed by a live process
 // (`stale_outbox`, which stamps the row again so that one node relays it per lease).
 constexpr const char* schema_v3 = R"sql(
 CREATE TABLE pushbook_outbox (
   booking_id text PRIMARY KEY,
   version    bigint NOT NULL,
-  stored_at  timestamptz NOT NULL DEFAULT now()
+  stored_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+  node       text
 );
 CREATE FUNCTION pushbook_outbox_put() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-  INSERT INTO pushbook_outbox (booking_id, version) VALUES (NEW.id, NEW.version)
-    ON CONFLICT (booking_id) DO UPDATE SET version = excluded.version, stored_at = excluded.stored_at;
+  INSERT INTO pushbook_outbox (booking_id, version, node)
+    VALUES (NEW.id, NEW.version, current_setting('pushbook.node', true))
+    ON CONFLICT (booking_id) DO UPDATE
+      SET version = excluded.version, stored_at = excluded.stored_at, node = excluded.node;
   RETURN NULL;
 END
 $fn$;
@@ -192,7 +198,8 @@ constexpr const char* schema_v4 = R"sql(
 ALTER TABLE pushbook_bookings
   ADD COLUMN claimed_by  text,
   ADD COLUMN lease_until timestamptz,
-  ADD COLUMN attempt     integer NOT NULL DEFAULT 0;
+  ADD COLUMN attempt     integer NOT NULL DEFAULT 0,
+  ADD COLUMN written_by  text;
 CREATE INDEX pushbook_bookings_claims ON pushbook_bookings (lease_until) WHERE status = 'processing';
 
 CREATE OR REPLACE FUNCTION pushbook_put_booking(
@@ -205,17 +212,20 @@ DECLARE
   v_prev text;
   v_claimed text;
   v_stored bigint;
+  v_writer text;
   v_reserved bigint;
   v_confirmed bigint;
   v_free bigint;
   v_existing text;
 BEGIN
-  SELECT status, claimed_by, version INTO v_prev, v_claimed, v_stored
+  SELECT status, claimed_by, version, written_by INTO v_prev, v_claimed, v_stored, v_writer
     FROM pushbook_bookings WHERE id = p_id FOR UPDATE;
-  -- A version follows the stored one (or is the stored one again: a commit retried after an
-  -- unknown outcome), and a processing booking is decided only by the node that claimed it.
+  -- A version follows the stored one (or is the stored one again, from the node that stored it:
+  -- a commit retried after an unknown outcome; another node's equal version is a second
+  -- decision), and a processing booking is decided only by the node that claimed it.
   IF v_prev IS NOT NULL AND (
-       NOT (v_stored = p_version - 1 OR (v_stored = p_version AND v_prev = p_status))
+       NOT (v_stored = p_version - 1
+            OR (v_stored = p_version AND v_prev = p_status AND v_writer IS NOT DISTINCT FROM v_node))
        OR (v_prev = 'processing' AND p_status <> 'processing' AND v_claimed IS DISTINCT FROM v_node)) THEN
     RETURN 'conflict' || chr(9) || v_stored || chr(9) || v_prev || chr(9) || coalesce(v_claimed, '');
   END IF;
@@ -231,15 +241,17 @@ BEGIN
   END IF;
   IF v_prev IS NULL THEN
     INSERT INTO pushbook_bookings (id, user_id, status, version, idem_key, fingerprint, created_at,
-                                   updated_at, expires_at, lines, booking, claimed_by, lease_until, attempt)
+                                   updated_at, expires_at, lines, booking, claimed_by, lease_until, attempt,
+                                   written_by)
     VALUES (p_id, p_user, p_status, p_version, p_key, p_fingerprint,
             timestamptz 'epoch' + p_created_ms * interval '1 millisecond',
             timestamptz 'epoch' + p_updated_ms * interval '1 millisecond',
             timestamptz 'epoch' + p_expires_ms * interval '1 millisecond', p_lines, p_booking,
             CASE WHEN p_status = 'processing' THEN v_node END,
             CASE WHEN p_status = 'processing'
-                 THEN now() + current_setting('pushbook.lease_ms')::bigint * interval '1 millisecond' END,
-            (p_status = 'processing')::int)
+                 THEN clock_timestamp() + coalesce(current_setting('pushbook.lease_ms', true), '10000')::bigint
+                                          * interval '1 millisecond' END,
+            (p_status = 'processing')::int, v_node)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
       SELECT id INTO v_existing FROM pushbook_bookings WHERE user_id = p_user AND idem_key = p_key;
@@ -254,7 +266,8 @@ BEGIN
         expires_at = timestamptz 'epoch' + p_expires_ms * interval '1 millisecond',
         lines = p_lines, booking = p_booking,
         claimed_by = CASE WHEN p_status = 'processing' THEN claimed_by END,
-        lease_until = CASE WHEN p_status = 'processing' THEN lease_until END
+        lease_until = CASE WHEN p_status = 'processing' THEN lease_until END,
+        written_by = v_node
       WHERE id = p_id;
   END IF;
   IF v_reserved <> 0 OR v_confirmed <> 0 THEN
@@ -305,28 +318,38 @@ constexpr prepared_statement prepared_statements[] = {
     // another node right now) is skipped.
     {"claim",
      "UPDATE pushbook_bookings SET claimed_by = $1, "
-     "lease_until = now() + $2::bigint * interval '1 millisecond', attempt = attempt + 1 "
+     "lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond', attempt = attempt + 1 "
      "WHERE id IN (SELECT id FROM pushbook_bookings WHERE status = 'processing' "
-     "AND (lease_until IS NULL OR lease_until < now()) ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+     "AND (lease_until IS NULL OR lease_until < clock_timestamp()) ORDER BY seq LIMIT $3 "
+     "FOR UPDATE SKIP LOCKED) "
      "RETURNING seq, id, booking, idem_key, attempt"},
+    // At recovery: this node's own claims (a restart under the same node_id), their attempt
+    // counted up (the handler may have run before the restart).
+    {"reclaim",
+     "UPDATE pushbook_bookings SET lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond', "
+     "attempt = attempt + 1 WHERE status = 'processing' AND claimed_by = $1"},
     // Outbox rows older than $1 ms (their process died between commit and publish, or its bus
     // has been refusing for that long), at most $2: stamped again (no other node takes them for
     // another while) and returned with their bookings.
     {"stale_outbox",
      "WITH stale AS (SELECT booking_id FROM pushbook_outbox "
-     "WHERE stored_at < now() - $1::bigint * interval '1 millisecond' "
+     "WHERE stored_at < clock_timestamp() - $1::bigint * interval '1 millisecond' "
      "ORDER BY stored_at LIMIT $2 FOR UPDATE SKIP LOCKED), "
-     "touched AS (UPDATE pushbook_outbox o SET stored_at = now() FROM stale "
+     "touched AS (UPDATE pushbook_outbox o SET stored_at = clock_timestamp() FROM stale "
      "WHERE o.booking_id = stale.booking_id RETURNING o.booking_id) "
      "SELECT b.seq, b.id, b.booking, b.idem_key FROM pushbook_bookings b JOIN touched t ON t.booking_id = "
      "b.id"},
-    // Extends this node's claims.
+    // Extends this node's claims on the bookings its engine holds ($3, text[]); a row being
+    // written right now (decided) is skipped rather than waited for.
     {"renew",
-     "UPDATE pushbook_bookings SET lease_until = now() + $2::bigint * interval '1 millisecond' "
-     "WHERE status = 'processing' AND claimed_by = $1"},
+     "UPDATE pushbook_bookings SET lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond' "
+     "WHERE id IN (SELECT id FROM pushbook_bookings WHERE id = ANY($3::text[]) AND status = 'processing' "
+     "AND claimed_by = $1 FOR UPDATE SKIP LOCKED)"},
+    // What node $1 left unpublished, and what any node left for longer than $2 ms.
     {"unpublished",
      "SELECT b.id, b.booking, b.idem_key FROM pushbook_outbox o JOIN pushbook_bookings b "
-     "ON b.id = o.booking_id ORDER BY b.seq"},
+     "ON b.id = o.booking_id WHERE o.node IS NOT DISTINCT FROM $1 OR o.node IS NULL "
+     "OR o.stored_at < clock_timestamp() - $2::bigint * interval '1 millisecond' ORDER BY b.seq"},
     // Published marks, a batch at a time (text[] and bigint[]): a mark of an older version
     // leaves a newer one in the outbox.
     {"unmark",
@@ -499,6 +522,9 @@ struct PostgresStore::impl {
   // on_takeover's callback; held while it runs, so that clearing it waits for a call.
   std::mutex taker_mutex;
   std::function<void(Booking, Takeover)> taker;
+  // The claims this node renews (hold_claim).
+  mutable std::mutex claims_mutex;
+  mutable std::unordered_set<std::string> holding;
   std::atomic<std::uint64_t> taken_over{0};
 
   impl(std::string info, PostgresOptions o) : conninfo(std::move(info)), options(std::move(o)) {
@@ -856,6 +882,10 @@ struct PostgresStore::impl {
                               {node.c_str(), lease_ms.c_str(), no_limit.c_str()});
         !r)
       return r.error();
+    if (auto r =
+            run_prepared(conn, "taking back this node's claims", "reclaim", {node.c_str(), lease_ms.c_str()});
+        !r)
+      return r.error();
     // One snapshot for every query below.
     if (auto r = run(conn, "recovering", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", {}, false); !r)
       return r.error();
@@ -889,15 +919,18 @@ struct PostgresStore::impl {
       const std::string_view id = PQgetvalue(live->get(), i, 0), status_text = PQgetvalue(live->get(), i, 1);
       auto b = booking_of(id, PQgetvalue(live->get(), i, 2), PQgetvalue(live->get(), i, 3));
       if (!b) return b.error();
-      if (b->status == BookingStatus::processing)
+      if (b->status == BookingStatus::processing) {
         (void)parse_count(PQgetvalue(live->get(), i, 4), b->attempt);
+        hold_claim(b->id);
+      }
       if (to_string(b->status) != status_text)
         return Error(errc::store_failed, label + ": booking '" + std::string(id) + "' has status '" +
                                              std::string(status_text) + "' but its JSON says '" +
                                              to_string(b->status) + "'");
       (b->status == BookingStatus::processing ? state.processing : state.held).push_back(std::move(*b));
     }
-    auto unpublished = run_prepared(c, "recovering the outbox", "unpublished", {});
+    auto unpublished =
+        run_prepared(c, "recovering the outbox", "unpublished", {node.c_str(), lease_ms.c_str()});
     if (!unpublished) return unpublished.error();
     for (int i = 0; i < PQntuples(unpublished->get()); ++i) {
       const auto* u = unpublished->get();
@@ -1180,6 +1213,7 @@ struct PostgresStore::impl {
         auto outcome = write_group(group, group_marks);
         group_marks.marks.clear();
         healthy.store(outcome.has_value(), std::memory_order_relaxed);
+        if (outcome) track_claims(group);
         transactions.fetch_add(1, std::memory_order_relaxed);
         hand_over(std::move(group), std::move(outcome));
       } catch (const std::exception& e) {
@@ -1265,16 +1299,64 @@ struct PostgresStore::impl {
           conn = connection{};
           if (auto c = connect_prepared()) conn = std::move(*c);
         }
-        if (conn.conn && !conn.broken) {
-          if (steady::now() >= next_renew &&
-              run_prepared(conn, "renewing claims", "renew", {node.c_str(), lease_ms.c_str()}))
-            next_renew = steady::now() + renew_every;
-          take_over_expired(conn);
+        bool ok = conn.usable();
+        const bool renew_due = steady::now() >= next_renew;
+        if (ok && renew_due) {
+          // Also the health probe of an idle store (the writer's transactions are the other).
+          const auto ids = held_claims();
+          ok = ids == "{}" ? bool(run(conn, "probing the database", "SELECT 1", {}, false))
+                           : bool(run_prepared(conn, "renewing claims", "renew",
+                                               {node.c_str(), lease_ms.c_str(), ids.c_str()}));
         }
+        if (renew_due || !ok) healthy.store(ok, std::memory_order_relaxed);
+        // A failed turn waits a poll interval, never less: no spinning while the database is away.
+        if (!ok)
+          next_renew = steady::now() + poll_every;
+        else if (renew_due)
+          next_renew = steady::now() + renew_every;
+        if (ok) take_over_expired(conn);
       } catch (const std::exception&) {
         conn.broken = true;  // out of memory or the like: a new connection next turn
       }
       lock.lock();
+    }
+  }
+
+  // The processing bookings this node's engine is deciding: the claims the lease thread renews
+  // (a booking the engine no longer holds, a first version whose commit outcome was unknown,
+  // say, is not renewed: its claim runs out and any node takes it over).
+  void hold_claim(const std::string& id) const {
+    std::lock_guard lock(claims_mutex);
+    holding.insert(id);
+  }
+  void drop_claim(const std::string& id) const {
+    std::lock_guard lock(claims_mutex);
+    holding.erase(id);
+  }
+  bool holds_claim(const std::string& id) const {
+    std::lock_guard lock(claims_mutex);
+    return holding.contains(id);
+  }
+  std::string held_claims() const {
+    std::string ids = "{";
+    std::lock_guard lock(claims_mutex);
+    for (const auto& id : holding) {
+      if (ids.size() > 1) ids += ',';
+      append_array_text(ids, id);
+    }
+    return ids + '}';
+  }
+
+  // After a group committed: its processing versions are this node's to decide, its other
+  // versions (and decisions refused as another node's) no longer.
+  void track_claims(const std::vector<pending>& group) const {
+    for (const auto& p : group) {
+      const auto* b = std::get_if<booking_row>(&p.row);
+      if (!b) continue;
+      if (p.outcome && b->status == "processing")
+        hold_claim(b->id);
+      else if (p.outcome || p.outcome.error().is(errc::invalid_transition))
+        drop_claim(b->id);
     }
   }
 
@@ -1313,12 +1395,21 @@ struct PostgresStore::impl {
     }
     std::sort(got.begin(), got.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
     for (auto& [seq, b] : got) {
+      const std::string id = b.id;
+      if (what == Takeover::decide) {
+        // Its own claim ran out (the database was away longer than the lease) while its engine
+        // still decides it: claimed again, not handed over twice.
+        if (holds_claim(id)) continue;
+        hold_claim(id);
+      }
       taken_over.fetch_add(1, std::memory_order_relaxed);
       try {
         taker(std::move(b), what);
       } catch (...) {
-        // The engine could not take it (out of memory): handed over again once its claim or
-        // its outbox stamp is older than the lease.
+        // The engine could not take it (out of memory): its claim is not renewed, so it is
+        // taken over again once it runs out; a relay, once its outbox stamp is older than the
+        // lease.
+        if (what == Takeover::decide) drop_claim(id);
       }
     }
   }

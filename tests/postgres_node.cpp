@@ -6,9 +6,9 @@
 // Adds resource "r" (if missing), submits <bookings> bookings of one unit (users n0, n1, ...)
 // and prints "acked <id>" for each.
 // hang: its handler answers nothing until told: it prints "started <id> <attempt>" and keeps the
-// completion. Once every handler has started it prints "ready". A line "go" on stdin makes every
-// handler decline ("declined by the first node"); once none is in flight it prints "lost
-// <claims_lost>".
+// completion. Once every handler has started it prints "ready". A line "decline" (or "approve")
+// on stdin makes every handler decline ("declined by the first node") or approve; once none is in
+// flight it prints "lost <claims_lost>".
 // unpublished: no handler (every booking confirmed at once), and a bus that refuses every
 // publish, so that every version stays in the outbox; "ready" once all are decided.
 // It exits at the end of its input.
@@ -112,13 +112,14 @@ int main(int argc, char** argv) {
   say("ready");
 
   for (std::string line; std::getline(std::cin, line);) {
-    if (line != "go") continue;
+    if (line != "decline" && line != "approve") continue;
     std::vector<Completion> now;
     {
       std::lock_guard lock(mutex);
       now.swap(pending);
     }
-    for (auto& done : now) done(Decision::declined("declined by the first node"));
+    for (auto& done : now)
+      done(line == "approve" ? Decision::approved() : Decision::declined("declined by the first node"));
     while (engine.stats().in_flight > 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     say("lost " + std::to_string(engine.stats().claims_lost));
   }

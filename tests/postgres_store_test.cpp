@@ -719,10 +719,14 @@ struct RefusingBus final : EventBus {
 TEST_CASE(
     "an engine dies between commit and publish: the next engine on the database relays each version once") {
   PostgresServer pg;
+  // The same process slot restarted (a stable node id): what it left unpublished is relayed at
+  // its start. (Another node's leftovers wait for the lease: a live process may be publishing them.)
+  auto options = quick_options();
+  options.node_id = "slot-1";
   std::vector<std::string> ids;
   {
     EngineOptions o;
-    o.store = open_ok(pg);
+    o.store = open_ok(pg, options);
     BookingEngine engine(std::make_shared<RefusingBus>(), o);
     REQUIRE(engine.add_resource("r", 10));
     for (int i = 0; i < 4; ++i)
@@ -732,8 +736,9 @@ TEST_CASE(
     CHECK(engine.stats().publish_failures > 0);
   }
   CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "4");
-  // Another engine (another process) on the same database and a working bus: the latest version
-  // of each booking is published once, with seq = version, before anything new is taken.
+  CHECK(open_ok(pg)->recover(at_ms(0)).value().unpublished.empty());  // another node, within the lease
+  // The slot's next process, with a working bus: the latest version of each booking is published
+  // once, with seq = version, before anything new is taken.
   auto bus = std::make_shared<LocalBus>();
   test::Collector<std::pair<std::string, std::uint64_t>> seen;
   auto sub = bus->subscribe("booking/*",
@@ -743,7 +748,7 @@ TEST_CASE(
                  .value();
   {
     EngineOptions o;
-    o.store = open_ok(pg);
+    o.store = open_ok(pg, options);
     BookingEngine engine(bus, o);
     CHECK(engine.stats().relayed == ids.size());
     auto events = seen.wait_for(ids.size());
@@ -911,7 +916,7 @@ TEST_CASE(
     "once") {
   PostgresServer pg;
   constexpr int n = 20;
-  const auto lease = 1000ms;
+  const auto lease = 2000ms;
   NodeProcess first(pg.conninfo(), n, lease);
   const auto ids = first.until_ready();  // every handler started, none answered
   REQUIRE(ids.size() == n);
@@ -926,7 +931,6 @@ TEST_CASE(
   MESSAGE("decided by the second process " << took.count() << " ms after the kill (lease " << lease.count()
                                            << " ms)");
   CHECK(second.engine->stats().taken_over == n);
-  CHECK(second.store->taken_over() == n);
   {
     std::lock_guard lock(second.mutex);
     CHECK(second.runs.size() == n);
@@ -942,23 +946,29 @@ TEST_CASE(
 TEST_CASE(
     "a process stopped past its lease: its bookings are decided by another, and its late decisions are "
     "refused") {
-  PostgresServer pg;
-  constexpr int n = 10;
-  const auto lease = 1000ms;
-  NodeProcess first(pg.conninfo(), n, lease);
-  const auto ids = first.until_ready();
-  REQUIRE(ids.size() == n);
-  TakingNode second(pg, lease);
-  first.signal(SIGSTOP);  // its lease thread stops renewing
-  REQUIRE(eventually([&] { return status_counts(pg) == "confirmed=10"; }, 30s));
-  first.signal(SIGCONT);
-  first.send("go\n");  // its handlers now decline every booking
-  auto lost = first.line();
-  REQUIRE(lost.has_value());
-  CHECK(*lost == "lost 10");  // every late decision refused: nothing of them stored
-  CHECK(status_counts(pg) == "confirmed=10");
-  CHECK(counters(pg, "r") == "1000000 0 10");
-  {
+  // Late declines, and late approvals (the same status as the other's decision: refused all the
+  // same, it is not a retry of this process's own commit).
+  for (const std::string late : {"decline", "approve"}) {
+    CAPTURE(late);
+    PostgresServer pg;
+    constexpr int n = 10;
+    const auto lease = 2000ms;
+    NodeProcess first(pg.conninfo(), n, lease);
+    const auto ids = first.until_ready();
+    REQUIRE(ids.size() == n);
+    TakingNode second(pg, lease);
+    first.signal(SIGSTOP);  // its lease thread stops renewing
+    REQUIRE(eventually([&] { return status_counts(pg) == "confirmed=10"; }, 30s));
+    first.signal(SIGCONT);
+    first.send(late + "\n");  // its handlers answer now
+    auto lost = first.line();
+    REQUIRE(lost.has_value());
+    CHECK(*lost == "lost 10");  // every late decision refused: nothing of them stored
+    CHECK(status_counts(pg) == "confirmed=10");
+    CHECK(pg.query("SELECT count(*) FROM pushbook_bookings WHERE written_by = '" + second.store->node_id() +
+                   "'") == "10");
+    CHECK(counters(pg, "r") == "1000000 0 10");
+    CHECK(recount(pg, "r") == "0 10");
     std::lock_guard lock(second.mutex);
     for (const auto& id : ids) CHECK(second.runs[id] == std::vector<std::uint32_t>{2});
   }
@@ -996,12 +1006,11 @@ TEST_CASE(
     "a process dies between commit and publish: a live process relays its versions after the lease, once") {
   PostgresServer pg;
   constexpr int n = 12;
-  const auto lease = 1000ms;
+  const auto lease = 2000ms;
   TakingNode live(pg, lease);  // up before and after
   NodeProcess first(pg.conninfo(), n, lease, "unpublished");
   const auto ids = first.until_ready();  // all confirmed, nothing of them published
   REQUIRE(ids.size() == n);
-  CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == std::to_string(n));
   first.kill9();
   const auto killed = std::chrono::steady_clock::now();
   // The live process relays each booking's latest version (confirmed, seq 2) once, and the

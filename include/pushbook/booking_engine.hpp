@@ -62,7 +62,8 @@ enum class RecoveryPolicy {
   /// Decide them again, in their original order (the handler may run a second time for a
   /// booking whose first run was cut off by the crash).
   requeue,
-  /// Reject them with RejectReason::recovery.
+  /// Reject them with RejectReason::recovery (so that no handler ever runs twice for a booking);
+  /// bookings taken over from another process (PostgresStore) too.
   reject,
 };
 
