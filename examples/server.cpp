@@ -15,7 +15,9 @@
 //
 // --store: where bookings are kept. The default is the SQLite file pushbook.db in the current
 // directory (a booking ACKed is stored; a restart recovers everything); "sqlite:PATH?sync=full"
-// survives a power loss too; "memory:" keeps nothing across a restart (benchmarks, throwaway use).
+// survives a power loss too; "memory:" keeps nothing across a restart (benchmarks, throwaway use);
+// "postgresql://user@host/db" keeps them in PostgreSQL, which several servers can share: the
+// database then enforces capacity, so together they never give out more than a resource has.
 //
 // --bus: where events travel. "local" (the default) is the in-process LocalBus; a Redis address
 // (redis://host:port[/db], unix:/path) makes it a RedisBus, so that several servers on one Redis
@@ -107,7 +109,8 @@ constexpr const char* synopsis =
       "\nBookings:\n"
       "  --store URL         where bookings are kept (default sqlite:pushbook.db, in the current\n"
       "                      directory): sqlite:PATH survives a crash, sqlite:PATH?sync=full a power\n"
-      "                      loss too; memory: keeps nothing across a restart\n"
+      "                      loss too; memory: keeps nothing across a restart;\n"
+      "                      postgresql://USER@HOST[:PORT]/DB: PostgreSQL, shared by several servers\n"
       "  --bus B             where events travel: local (in this process, the default) or a Redis\n"
       "                      address, redis://HOST:PORT[/DB] or unix:/PATH, shared by every server\n"
       "                      on it (RedisBus: clients resume on any of them)\n"
@@ -432,6 +435,16 @@ void reload_keys(pushbook::PushGateway& gateway, const std::string& path) {
 
 }  // namespace
 
+// The store URL as it may be printed: a postgresql:// URI's password replaced by "***".
+std::string without_password(const std::string& url) {
+  const auto scheme = url.find("://");
+  const auto at = url.find('@');
+  if (scheme == std::string::npos || at == std::string::npos || !url.starts_with("postgres")) return url;
+  const auto colon = url.find(':', scheme + 3);
+  if (colon == std::string::npos || colon > at) return url;
+  return url.substr(0, colon + 1) + "***" + url.substr(at);
+}
+
 int main(int argc, char** argv) {
   auto opt = parse(argc, argv);
   if (!opt.keys_file.empty()) {
@@ -472,7 +485,8 @@ int main(int argc, char** argv) {
 
   auto store = pushbook::open_store(opt.store);
   if (!store) {
-    fmt::print(stderr, "pushbook-server: --store {}: {}\n", opt.store, store.error().message);
+    fmt::print(stderr, "pushbook-server: --store {}: {}\n", without_password(opt.store),
+               store.error().message);
     return store.error().is(pushbook::errc::bad_request) ? 2 : 1;
   }
 
@@ -518,7 +532,7 @@ int main(int argc, char** argv) {
     const auto recovered = engine->stats().recovered;
 
     // Before the "listening" line, which scripts wait for.
-    fmt::print("pushbook-server: store {}{}\n", opt.store,
+    fmt::print("pushbook-server: store {}{}\n", without_password(opt.store),
                recovered ? fmt::format(" ({} undecided bookings recovered)", recovered) : "");
 
     pushbook::PushGateway gateway(bus, engine, opt.gateway);

@@ -8,6 +8,7 @@ packages=(
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
   libfmt-dev doctest-dev libssl-dev libsqlite3-dev
   redis-server libhiredis-dev  # RedisBus: hiredis's RESP reader; the tests start their own redis-server
+  postgresql-15 libpq-dev  # PostgresStore: libpq; the tests start their own server (initdb as postgres)
   python3 python3-dev pybind11-dev python3-pytest python3-websockets python3-aiohttp
   clang libclang-rt-14-dev  # the libFuzzer targets (scripts/fuzz.sh): clang 14 and its libFuzzer
 )

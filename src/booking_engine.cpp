@@ -155,7 +155,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   std::atomic<std::uint64_t> accepted{0}, confirmed{0}, rejected{0}, held{0}, cancelled{0}, released{0},
       expired{0}, replays{0}, invalid{0}, overloaded{0}, store_errors{0}, recovered{0}, quota_refused{0},
-      publish_failures{0}, publish_retries{0}, publish_dropped{0}, relayed{0};
+      publish_failures{0}, publish_retries{0}, publish_dropped{0}, relayed{0}, taken_over{0}, claims_lost{0};
 
   LatencyHistogram ack_latency, decision_latency;
 
@@ -281,7 +281,8 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     start(std::move(c));
   }
 
-  // Publishes a version found unpublished in the store at start: booking/<id> first, and its
+  // Publishes a version found unpublished in the store (at start, or handed over by a store
+  // shared with a process that died: BookingStore::Takeover::relay): booking/<id> first, and its
   // user/ event only when the bus took the version (not a duplicate).
   void relay(const Booking& b) {
     auto events = events_for(b);
@@ -831,6 +832,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     store->commit_async(change, [this, decided, events = change.events, original = std::move(b), submitted,
                                  approve, reason, message = std::move(message), held_units,
                                  attempt](result<void> r) mutable {
+      if (!r && approve && r.error().is(errc::sold_out))
+        return capacity_refused(std::move(original), submitted, r.error().message, held_units);
+      if (!r && r.error().is(errc::invalid_transition)) return claim_lost(original, submitted, held_units);
       if (!r)
         return decision_not_stored(std::move(original), submitted, approve, reason, std::move(message),
                                    held_units, attempt);
@@ -876,6 +880,97 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     });
   }
 
+  // A store that enforces capacity itself (PostgresStore, shared by several processes) refused
+  // the approval: the units this process set aside were taken by another one. Nothing of the
+  // approval was stored, so the booking is still processing there: it is rejected as sold out,
+  // which frees the units set aside here. On the timer thread: a completion must not take a
+  // booking lock.
+  void capacity_refused(Booking b, steady::time_point submitted, std::string message, units held_units) {
+    timers.schedule(steady::now(), [this, b = std::move(b), submitted, message = std::move(message),
+                                    held_units]() mutable {
+      decide(std::move(b), submitted, false, RejectReason::sold_out, std::move(message), held_units);
+    });
+  }
+
+  // A store shared by several processes refused the decision: the booking is no longer this
+  // process's to decide (it stalled past its lease and another process took the booking over,
+  // PostgresStore). Nothing of the decision was stored; the units set aside here and the quota
+  // come back, nothing is published: the other process decides and publishes.
+  void claim_lost(const Booking& b, steady::time_point submitted, units held_units) {
+    claims_lost.fetch_add(1, std::memory_order_relaxed);
+    if (held_units == units::reserved) change_capacity(b.lines, capacity_change::free_reserved);
+    if (held_units == units::confirmed) change_capacity(b.lines, capacity_change::free_confirmed);
+    give_back_quota(b.user, 1, hold_units(b, BookingStatus::processing));
+    finish_in_flight(submitted, false);
+  }
+
+  // A submit whose key the store says another process stored first (submit_async): the same
+  // request (fingerprint) is answered with that booking, as a replay; a different one is
+  // idempotency_conflict. Runs on the timer thread; ends the submit's in-flight count.
+  void answer_foreign_key(const Booking& mine, const std::string& slot, const std::string& fp,
+                          steady::time_point t0, Error conflict, BookingEngine::SubmitCallback done) {
+    auto answer = [&]() -> result<Ack> {
+      auto key = store->find_key(mine.user, mine.idempotency_key);
+      if (!key) return key.error();
+      if (!*key) return conflict;  // gone meanwhile: nothing to replay
+      if ((*key)->fingerprint != fp) {
+        invalid.fetch_add(1, std::memory_order_relaxed);
+        return Error(errc::idempotency_conflict,
+                     fmt::format("idempotency key '{}' was used for a different request (booking '{}')",
+                                 mine.idempotency_key, (*key)->booking_id));
+      }
+      auto stored = store->load((*key)->booking_id);
+      if (!stored) return stored.error();
+      if (!*stored) return conflict;
+      {
+        // Later retries of this key at this process are answered from memory.
+        std::lock_guard lock(idempotency_mutex);
+        if (auto it = idempotency.find(slot); it != idempotency.end() && it->second.booking_id == mine.id) {
+          it->second.booking_id = (*key)->booking_id;
+          it->second.stored = true;
+        }
+      }
+      replays.fetch_add(1, std::memory_order_relaxed);
+      ack_latency.record(steady::now() - t0);
+      return Ack{(*stored)->id, (*stored)->status, true, (*stored)->version};
+    };
+    auto outcome = answer();
+    if (!outcome) forget_key(slot);
+    try {
+      done(std::move(outcome));
+    } catch (...) {
+      // A throwing callback must not take the timer thread down.
+    }
+    finish_in_flight(t0, false);
+  }
+
+  // A booking another process ACKed and stopped deciding, claimed for this one by the store
+  // (BookingStore::on_takeover, on the store's thread): queued for the workers like a recovered
+  // one. Never called once shutdown() began (it clears the callback first).
+  void take_over(Booking b) {
+    if (b.attempt == 0) b.attempt = 2;
+    (void)take_quota(b.user, 1, hold_units(b, BookingStatus::processing), false);
+    taken_over.fetch_add(1, std::memory_order_relaxed);
+    in_flight.fetch_add(1, std::memory_order_acq_rel);
+    if (options.recovery == RecoveryPolicy::reject) {
+      // The host asked that no handler run twice: rejected as a recovered booking would be. On
+      // the timer thread: this is the store's lease thread, which must not wait for a commit.
+      timers.schedule(steady::now(), [this, b = std::move(b)]() mutable {
+        decide(std::move(b), steady::now(), false, RejectReason::recovery,
+               "taken over from a process that stopped deciding it (recovery policy: reject)", units::none);
+      });
+      return;
+    }
+    queued.fetch_add(1, std::memory_order_relaxed);
+    bool wake;
+    {
+      std::lock_guard lock(queue_mutex);
+      queue.push_back({std::move(b), steady::now()});
+      wake = parked_workers > 0;
+    }
+    if (wake) queue_cv.notify_one();
+  }
+
   // Expires the hold at `expires_at` (at once when that has passed).
   void arm_expiry(const std::string& id, wall_clock::time_point expires_at) {
     const auto left = std::max(expires_at - wall_clock::now(), wall_clock::duration::zero());
@@ -906,6 +1001,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     auto st = std::make_shared<Completion::state>();
     st->engine = weak_from_this();
     st->booking = std::move(j.booking);
+    if (st->booking.attempt == 0) st->booking.attempt = 1;
     st->submitted = j.submitted;
     st->deadline = steady::now() + options.handler_timeout;
     {
@@ -1089,6 +1185,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       arm_expiry(b.id, b.expires_at.value_or(wall_now));
     }
     for (auto& b : state->processing) {
+      if (b.attempt == 0) b.attempt = 2;  // its handler may have run before the restart
       (void)take_quota(b.user, 1, hold_units(b, BookingStatus::processing), false);
       recovered.fetch_add(1, std::memory_order_relaxed);
       in_flight.fetch_add(1, std::memory_order_acq_rel);
@@ -1123,6 +1220,13 @@ BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
     impl_->recover();
     const auto n = std::max<std::size_t>(1, impl_->options.workers);
     for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
+    // shutdown() clears it before anything stops, and clearing waits for a call in progress.
+    impl_->store->on_takeover([p = impl_.get()](Booking b, BookingStore::Takeover what) {
+      if (what == BookingStore::Takeover::relay)
+        p->relay(b);
+      else
+        p->take_over(std::move(b));
+    });
   } catch (...) {
     // The relays and resource events recover() handed to the bus call back into the engine:
     // stop what started and wait for those answers before the engine goes.
@@ -1144,6 +1248,9 @@ BookingEngine::~BookingEngine() { shutdown(); }
 
 void BookingEngine::shutdown() {
   std::lock_guard once(impl_->shutdown_mutex);
+  // No booking of another process's is taken over from here on (what this one claimed and does
+  // not decide goes to another process once its claim runs out).
+  impl_->store->on_takeover(nullptr);
   {
     std::lock_guard lock(impl_->queue_mutex);
     impl_->stopping.store(true);
@@ -1344,8 +1451,21 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
   m.in_flight.fetch_add(1, std::memory_order_acq_rel);
   StateChange change{*b, detail::engine_core::events_for(*b), fp};
   // Nobody else knows this booking id before the completion, so no booking lock is needed.
-  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), t0, quota_units,
+  // `fp` is copied, not moved: `change` refers to it until commit_async has serialised it.
+  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), fp, t0, quota_units,
                                  done = std::move(done)](result<void> stored) mutable {
+    if (!stored && !slot.empty() && stored.error().is(errc::idempotency_conflict)) {
+      // Another process stored this user's key first (a store shared by several processes): the
+      // same request gets that booking, a different one the conflict. Read on the timer thread
+      // (a completion must not wait for the store); still in flight until answered.
+      m.queued.fetch_sub(1, std::memory_order_acq_rel);
+      m.give_back_quota(b->user, 1, quota_units);
+      m.timers.schedule(steady::now(), [&m, b, slot = std::move(slot), fp = std::move(fp), t0,
+                                        done = std::move(done), e = stored.error()]() mutable {
+        m.answer_foreign_key(*b, slot, fp, t0, std::move(e), std::move(done));
+      });
+      return;
+    }
     if (!stored) {
       m.store_errors.fetch_add(1, std::memory_order_relaxed);
       m.queued.fetch_sub(1, std::memory_order_acq_rel);
@@ -1433,12 +1553,15 @@ EngineStats BookingEngine::stats() const {
   s.publish_backlog = m.pending_events.load();
   s.publish_dropped = m.publish_dropped.load();
   s.relayed = m.relayed.load();
+  s.taken_over = m.taken_over.load();
+  s.claims_lost = m.claims_lost.load();
   s.ack_latency = m.ack_latency.summary();
   s.decision_latency = m.decision_latency.summary();
   return s;
 }
 
 const EventBusPtr& BookingEngine::bus() const noexcept { return impl_->bus; }
+bool BookingEngine::store_available() const noexcept { return impl_->store->available(); }
 
 bool BookingEngine::publishing(std::string_view booking_id) const { return impl_->publishing(booking_id); }
 

@@ -18,6 +18,11 @@ BookingStore::~BookingStore() = default;
 void BookingStore::commit_async(const StateChange& change, CommitCallback done) { done(commit(change)); }
 
 void BookingStore::published(std::string_view, std::uint64_t) {}
+void BookingStore::on_takeover(std::function<void(Booking, Takeover)>) {}
+bool BookingStore::available() const noexcept { return true; }
+result<std::optional<StoredKey>> BookingStore::find_key(std::string_view, std::string_view) const {
+  return std::optional<StoredKey>{};
+}
 
 namespace {
 struct string_hash {

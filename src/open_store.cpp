@@ -1,5 +1,6 @@
 // open_store(): a store from a URL, so hosts and pushbook-server take one option for it.
 #include <pushbook/booking_store.hpp>
+#include <pushbook/postgres_store.hpp>
 #include <pushbook/sqlite_store.hpp>
 
 #include <fmt/format.h>
@@ -9,10 +10,18 @@ namespace pushbook {
 result<std::shared_ptr<BookingStore>> open_store(std::string_view url) {
   if (url == "memory:" || url == "memory")
     return std::shared_ptr<BookingStore>(std::make_shared<MemoryStore>());
+  // libpq takes the whole URI (host, port, database, user, password, sslmode, ...).
+  if (url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+    auto store = PostgresStore::open(std::string(url));
+    if (!store) return store.error();
+    return std::shared_ptr<BookingStore>(std::move(*store));
+  }
   constexpr std::string_view sqlite = "sqlite:";
   if (!url.starts_with(sqlite))
-    return Error(errc::bad_request,
-                 fmt::format("unknown store '{}': use memory: or sqlite:PATH[?sync=normal|full]", url));
+    return Error(
+        errc::bad_request,
+        fmt::format("unknown store '{}': use memory: or sqlite:PATH[?sync=normal|full], or postgresql://...",
+                    url));
   auto rest = url.substr(sqlite.size());
   std::string_view path = rest, query;
   if (auto q = rest.find('?'); q != std::string_view::npos) {

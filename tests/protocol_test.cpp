@@ -561,6 +561,8 @@ TEST_CASE("wire error mapping") {
   CHECK(wire_error(make_error_code(errc::overloaded)).http_status == 503);
   CHECK(std::string(wire_error(make_error_code(errc::bus_unavailable)).code) == "overloaded");
   CHECK(wire_error(make_error_code(errc::bus_unavailable)).http_status == 503);
+  CHECK(std::string(wire_error(make_error_code(errc::store_failed)).code) == "overloaded");
+  CHECK(wire_error(make_error_code(errc::store_failed)).http_status == 503);
   CHECK(std::string(wire_error(make_error_code(errc::invalid_transition)).code) == "bad_request");
   CHECK(wire_error(std::make_error_code(std::errc::io_error)).http_status == 500);
   CHECK(http_error_body("not_found", "no booking 'x'") ==

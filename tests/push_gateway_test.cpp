@@ -557,7 +557,7 @@ TEST_CASE("HTTP: bad input gets a JSON error with the right status") {
   auto big = s.http().request("POST", "/v1/bookings", std::string(5000, ' '), auth).value();
   CHECK(big.status == 413);
   CHECK(big.json().at("error").at("code") == "too_large");
-  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok"})");
+  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up"})");
 }
 
 TEST_CASE("SSE: events with id, resume with Last-Event-ID") {
@@ -1315,4 +1315,37 @@ TEST_CASE("/metrics tells the file-descriptor limit and accept failures") {
   CHECK(body.find("pushbook_fd_limit ") != std::string::npos);
   CHECK(body.find("pushbook_accept_failures_total 0\n") != std::string::npos);
   CHECK(body.find("pushbook_accept_paused 0\n") != std::string::npos);
+}
+
+namespace {
+// A MemoryStore that says whether it can take changes as the test decides (as PostgresStore
+// does while its database is away).
+struct SwitchableStore final : BookingStore {
+  MemoryStore inner;
+  std::atomic<bool> up{true};
+  result<void> commit(const StateChange& change) override { return inner.commit(change); }
+  result<std::optional<Booking>> load(std::string_view id) const override { return inner.load(id); }
+  result<void> put_resource(std::string_view id, std::uint32_t capacity) override {
+    return inner.put_resource(id, capacity);
+  }
+  result<RecoveredState> recover(wall_clock::time_point since) override { return inner.recover(since); }
+  bool available() const noexcept override { return up.load(); }
+};
+}  // namespace
+
+TEST_CASE("/healthz: 503 'degraded' while the store cannot take changes, 200 once it can again") {
+  auto store = std::make_shared<SwitchableStore>();
+  EngineOptions eo;
+  eo.store = store;
+  Server s({}, eo);
+  auto http = s.http();
+  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up"})");
+  store->up = false;
+  auto down = http.request("GET", "/healthz").value();
+  CHECK(down.status == 503);
+  CHECK(down.body == R"({"status":"degraded","store":"down"})");
+  store->up = true;
+  auto again = http.request("GET", "/healthz").value();
+  CHECK(again.status == 200);
+  CHECK(again.body == R"({"status":"ok","store":"up"})");
 }

@@ -10,6 +10,7 @@
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
+#include <pushbook/postgres_store.hpp>
 #include <pushbook/push_gateway.hpp>
 #include <pushbook/redis_bus.hpp>
 #include <pushbook/sqlite_store.hpp>
@@ -568,12 +569,38 @@ PYBIND11_MODULE(_core, m) {
       "recovers everything. sync='normal' survives a crash of the process, 'full' a power loss too. "
       "Raises pushbook.Error (code 'store_failed') when the file cannot be used.");
   m.def(
+      "PostgresStore",
+      [](const std::string& conninfo, std::size_t pool_size, double statement_timeout, double connect_timeout,
+         double lease, const std::string& node_id) {
+        auto seconds = [](double s, const char* name) {
+          if (!(s > 0) || s > 86400)
+            raise(Error(errc::bad_request, std::string(name) + " must be a number of seconds, above 0"));
+          return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000));
+        };
+        PostgresOptions o;
+        o.pool_size = pool_size;
+        o.statement_timeout = seconds(statement_timeout, "statement_timeout");
+        o.connect_timeout = seconds(connect_timeout, "connect_timeout");
+        o.lease = seconds(lease, "lease");
+        o.node_id = node_id;
+        auto store = nogil([&] { return PostgresStore::open(conninfo, o); });
+        return gil_safe_store(take(std::move(store)));
+      },
+      "conninfo"_a, "pool_size"_a = 4, "statement_timeout"_a = 5.0, "connect_timeout"_a = 2.0,
+      "lease"_a = 10.0, "node_id"_a = "",
+      "Bookings in PostgreSQL (a libpq conninfo or postgresql:// URI), shareable by several "
+      "processes: the database enforces capacity, so together they never overbook. No call waits "
+      "longer than statement_timeout seconds for it. A process's undecided bookings are claimed "
+      "for `lease` seconds, renewed while it lives; once it dies another process's engine takes "
+      "them over (the handler sees booking.attempt > 1). Raises pushbook.Error (code 'store_failed') "
+      "when the database cannot be reached or its schema is newer than this build.");
+  m.def(
       "open_store",
       [](const std::string& url) {
         auto store = nogil([&] { return open_store(url); });
         return gil_safe_store(take(std::move(store)));
       },
-      "url"_a, "A store from a URL: 'memory:' or 'sqlite:PATH[?sync=normal|full]'.");
+      "url"_a, "A store from a URL: 'memory:', 'sqlite:PATH[?sync=normal|full]' or 'postgresql://...'.");
 
   // The bus methods once, on the interface; LocalBus and RedisBus add their constructors and stats.
   py::class_<EventBus, std::shared_ptr<EventBus>>(m, "EventBus", "An event bus (LocalBus or RedisBus).")
@@ -750,6 +777,10 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("reason_message", [](const PyBooking& p) { return p.b.reason_message; })
       .def_property_readonly("version", [](const PyBooking& p) { return p.b.version; })
+      .def_property_readonly(
+          "attempt", [](const PyBooking& p) { return p.b.attempt; },
+          "In a handler: 1 the first time it runs for this booking, more when it may have run before "
+          "(a restart recovered it, another process took it over). 0 outside a handler.")
       .def("to_dict", [](const PyBooking& p) { return booking_dict(p.b); })
       .def("__repr__", [](const PyBooking& p) {
         return "<pushbook.Booking " + p.b.id + " " + to_string(p.b.status) + " user=" + p.b.user + ">";

@@ -107,6 +107,12 @@ struct Booking {
   wall_clock::time_point updated_at;
   /// Number of state changes so far: 1 for processing, then +1 per transition.
   std::uint64_t version = 1;
+  /// Which run of the business step (BookingHandler) this is: 1 the first time; more when the
+  /// handler may have run before for this booking and been cut off (a restart recovered it, or
+  /// another process took it over: PostgresStore counts every claim; other stores say 2 after a
+  /// restart). A host whose side effect must happen once keys it on the booking id. Set for the
+  /// handler; not part of the JSON.
+  std::uint32_t attempt = 0;
 };
 
 /// The JSON form used in events and by the gateway:

@@ -62,7 +62,8 @@ enum class RecoveryPolicy {
   /// Decide them again, in their original order (the handler may run a second time for a
   /// booking whose first run was cut off by the crash).
   requeue,
-  /// Reject them with RejectReason::recovery.
+  /// Reject them with RejectReason::recovery (so that no handler ever runs twice for a booking);
+  /// bookings taken over from another process (PostgresStore) too.
   reject,
 };
 
@@ -149,8 +150,17 @@ struct EngineStats {
   /// Events given up: the backlog was full, or the bus refused them for good (bad_request,
   /// invalid_topic). A durable store relays the booking versions among them at the next start.
   std::uint64_t publish_dropped = 0;
-  /// Booking versions found unpublished in the store at start and published again (relayed).
+  /// Booking versions found unpublished in the store at start, or handed over by a store shared
+  /// with a process that died before publishing them (BookingStore::Takeover::relay), and
+  /// published again (relayed).
   std::uint64_t relayed = 0;
+  /// Bookings another process ACKed and stopped deciding, taken over by this engine
+  /// (BookingStore::on_takeover: PostgresStore, after the other's lease ran out).
+  std::uint64_t taken_over = 0;
+  /// Decisions the store refused because another process had taken the booking over meanwhile
+  /// (this process stalled past its lease): that process decides it; nothing of this decision
+  /// was stored or published.
+  std::uint64_t claims_lost = 0;
   /// From submit() called to submit() returning the ACK.
   LatencySummary ack_latency;
   /// From submit() called to the decision being handed to the bus (publish_async).
@@ -243,6 +253,8 @@ class PUSHBOOK_EXPORT BookingEngine {
 
   EngineStats stats() const;
   const EventBusPtr& bus() const noexcept;
+  /// Whether the engine's store can take changes now (BookingStore::available), for health checks.
+  bool store_available() const noexcept;
 
  private:
   std::shared_ptr<detail::engine_core> impl_;

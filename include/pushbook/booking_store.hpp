@@ -107,6 +107,36 @@ class PUSHBOOK_EXPORT BookingStore {
   /// the bus drops (PublishOptions::seq). Called from commit callbacks too. The default does
   /// nothing (a store that keeps nothing across restarts has nothing to relay).
   virtual void published(std::string_view booking_id, std::uint64_t version);
+
+  /// What a store shared by several processes hands over (on_takeover).
+  enum class Takeover {
+    /// A processing booking another process ACKed and stopped deciding (it died, so its claim
+    /// ran out), now claimed for this one, with Booking::attempt counted up: decide it.
+    decide,
+    /// A stored version whose events another process may never have published (it stayed in
+    /// the outbox past the lease): relay it (the bus drops it if it has the version).
+    relay,
+  };
+
+  /// A store that several processes share (PostgresStore) hands this process what other
+  /// processes left behind (see Takeover), in the order the bookings were first stored, on a
+  /// thread of the store's. The engine sets it once it has recovered and clears it (nullptr)
+  /// when it shuts down; clearing waits for a call in progress, and no call comes after it.
+  /// `take` must not call on_takeover. The default never calls it (a store one process owns has
+  /// nothing to take over).
+  virtual void on_takeover(std::function<void(Booking, Takeover)> take);
+
+  /// The booking that holds `user`'s idempotency `key` in the store (its fingerprint and id), or
+  /// nullopt. The engine asks when a first version was refused with idempotency_conflict: in a
+  /// store several processes share (PostgresStore) another process stored the key first, and the
+  /// same request is answered with that booking. The default says nullopt (a store one process
+  /// owns never refuses a key its engine does not know). Errors: errc::store_failed.
+  virtual result<std::optional<StoredKey>> find_key(std::string_view user, std::string_view key) const;
+
+  /// Whether the store can take changes now, as far as it knows (PostgresStore: its last write
+  /// transaction or connection attempt succeeded). For health checks: the gateway's /healthz
+  /// says 503 while it is false. The default is true.
+  virtual bool available() const noexcept;
 };
 
 /// How long a MemoryStore keeps finished bookings (rejected, cancelled, released, expired: no
@@ -141,7 +171,8 @@ class PUSHBOOK_EXPORT MemoryStore final : public BookingStore {
 };
 
 /// Opens a store from a URL: "memory:" (MemoryStore), "sqlite:PATH" or
-/// "sqlite:PATH?sync=normal|full" (SqliteStore). Errors: errc::bad_request (unknown scheme or
+/// "sqlite:PATH?sync=normal|full" (SqliteStore), "postgresql://..." (PostgresStore, the URI as
+/// libpq takes it, default PostgresOptions). Errors: errc::bad_request (unknown scheme or
 /// option), errc::store_failed (the database cannot be opened; the message says why).
 PUSHBOOK_EXPORT result<std::shared_ptr<BookingStore>> open_store(std::string_view url);
 

@@ -218,7 +218,7 @@ Response HttpSession::error_response(const Request& req, const Error& e) const {
   if (w.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
   if (e.is(errc::rate_limited) && retry_after_ > 0)
     res.set(http::field::retry_after, std::to_string(retry_after_));
-  if (e.is(errc::quota_exceeded)) res.set(http::field::retry_after, "1");
+  if (e.is(errc::quota_exceeded) || e.is(errc::store_failed)) res.set(http::field::retry_after, "1");
   return res;
 }
 
@@ -255,10 +255,16 @@ void HttpSession::handle(Request&& req) {
     if (req.method() != http::verb::get)
       return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
                   "/healthz");
-    const bool up = !core_->stopping.load();
-    return send(json_response(req, up ? http::status::ok : http::status::service_unavailable,
-                              up ? R"({"status":"ok"})" : R"({"status":"stopping"})"),
-                "/healthz");
+    // 503 while draining, or while the store cannot take changes (a database that went away):
+    // a balancer sends new bookings elsewhere meanwhile.
+    const bool stopping = core_->stopping.load();
+    const bool store_up = core_->ctx->engine->store_available();
+    const std::string status = stopping ? "stopping" : store_up ? "ok" : "degraded";
+    const std::string body =
+        R"({"status":")" + status + R"(","store":")" + (store_up ? "up" : "down") + R"("})";
+    return send(
+        json_response(req, status == "ok" ? http::status::ok : http::status::service_unavailable, body),
+        "/healthz");
   }
   if (path == "/metrics") {
     auto res = json_response(req, http::status::ok, core_->metrics_text());

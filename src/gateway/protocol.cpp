@@ -23,7 +23,9 @@ WireError wire_error(const std::error_code& ec) {
     case errc::slow_consumer: return {"overloaded", 503};
     case errc::invalid_topic: return {"bad_request", 400};
     case errc::shutting_down: return {"overloaded", 503};
-    case errc::store_failed: return {"internal", 500};
+    // The store cannot be reached or written (PostgreSQL down, a disk full): nothing was stored,
+    // and a retry after a while may well succeed.
+    case errc::store_failed: return {"overloaded", 503};
     case errc::unauthorized: return {"unauthorized", 401};
     case errc::forbidden: return {"forbidden", 403};
     case errc::rate_limited: return {"rate_limited", 429};

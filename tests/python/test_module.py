@@ -296,6 +296,7 @@ def test_four_threads_submit_concurrently_without_overbooking(bus):
 def test_handler_sync_decision_raise_and_timeout(bus):
     def handler(req):
         assert req.lines == [("r", 1)] and isinstance(req.metadata, dict)
+        assert req.attempt == 1  # its first run (more after a restart or a takeover)
         if req.user == "raise":
             raise ValueError("card expired")
         if req.user == "slow":
@@ -545,6 +546,15 @@ def test_stores_refuse_bad_input_with_clear_errors(tmp_path):
         pushbook.SqliteStore(str(notes))
     assert e.value.code == "store_failed"
     assert notes.read_text().startswith("not a database")
+    # No server behind this socket directory: refused at once, saying which database and why.
+    with pytest.raises(pushbook.Error) as e:
+        pushbook.PostgresStore(f"host={tmp_path} port=1 dbname=nowhere", connect_timeout=1)
+    assert e.value.code == "store_failed"
+    assert "PostgreSQL database 'nowhere'" in str(e.value) and "cannot connect" in str(e.value)
+    with pytest.raises(pushbook.ValidationError, match="statement_timeout must be"):
+        pushbook.PostgresStore("postgresql:///x", statement_timeout=0)
+    with pytest.raises(pushbook.ValidationError, match="lease must be"):
+        pushbook.PostgresStore("postgresql:///x", lease=-1)
     with pytest.raises(pushbook.ValidationError, match="recovery is 'requeue' or 'reject'"):
         pushbook.BookingEngine(pushbook.LocalBus(), recovery="sometimes")
     memory = pushbook.MemoryStore()

@@ -17,6 +17,7 @@ Booking = _core.Booking
 BookingStore = _core.BookingStore
 MemoryStore = _core.MemoryStore
 SqliteStore = _core.SqliteStore
+PostgresStore = _core.PostgresStore
 open_store = _core.open_store
 Decision = _core.Decision
 Event = _core.Event
@@ -282,6 +283,6 @@ class PushGateway(_core.PushGateway):
 __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
     "IdempotencyConflict", "InvalidTransition", "KeySet", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
-    "PushGateway", "QuotaExceeded", "Reason", "RedisBus", "SqliteStore", "Status", "Subscription", "Unauthorized",
+    "PostgresStore", "PushGateway", "QuotaExceeded", "Reason", "RedisBus", "SqliteStore", "Status", "Subscription", "Unauthorized",
     "ValidationError", "__version__", "open_store", "sign_token",
 ]
