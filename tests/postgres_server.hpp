@@ -26,6 +26,8 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -110,7 +112,14 @@ class PostgresServer {
   /// go on serving its client until it notices the postmaster's death); no shutdown checkpoint,
   /// start() then recovers from the WAL.
   void kill() {
-    if (pid_ > 0) ::kill(-pid_, SIGKILL);
+    if (pid_ <= 0) return;
+    // Backends make themselves process-group leaders (postgres does so for every child), so a
+    // kill of the postmaster's group misses them, and a backend killed late could still commit a
+    // transaction after "the crash". The postmaster is stopped first (it forks no new backend),
+    // then each of its children is killed, then the postmaster.
+    ::kill(pid_, SIGSTOP);
+    for (pid_t child : children_of(pid_)) ::kill(child, SIGKILL);
+    ::kill(-pid_, SIGKILL);
     signal(SIGKILL);
   }
   /// Starts the server again on the same port with the same data.
@@ -249,6 +258,26 @@ class PostgresServer {
     }
     signal(SIGKILL);
     return false;
+  }
+
+  // The processes whose parent is `parent` (from /proc/<pid>/stat).
+  static std::vector<pid_t> children_of(pid_t parent) {
+    std::vector<pid_t> out;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+      const auto name = entry.path().filename().string();
+      if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::ifstream in(entry.path() / "stat");
+      std::string stat;
+      std::getline(in, stat);
+      const auto close = stat.rfind(')');  // the command name may hold spaces and parentheses
+      if (close == std::string::npos) continue;
+      std::istringstream rest(stat.substr(close + 1));
+      char state = 0;
+      long ppid = 0;
+      if (rest >> state >> ppid && ppid == parent) out.push_back(static_cast<pid_t>(std::stol(name)));
+    }
+    return out;
   }
 
   void signal(int sig) {
