@@ -576,9 +576,12 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
                                    std::shared_ptr<const boost::json::value> data,
                                    std::optional<std::uint64_t> asked_seq, result<reply_ptr> r);
 
-  // On the I/O thread: while commands nobody waits for (publish_async) are pending, a timer
-  // checks every command_timeout that Redis still answers; one that does not is treated as gone
-  // (check_stalled), so that their callbacks get bus_unavailable rather than waiting forever.
+  // On the I/O thread: while commands are pending on either connection, a timer checks every
+  // command_timeout that Redis still answers; one that does not is treated as gone
+  // (check_stalled), so that callbacks get bus_unavailable rather than waiting forever. A caller
+  // that gave up waiting (call(), subscribe()) also asks for a check at once, but that one can
+  // come a little early (the command was written after the caller began to wait); the watch is
+  // what makes sure the stalled connection is given up.
   void watch_stalls() {
     if (stall_watch_armed) return;
     stall_watch_armed = true;
@@ -589,7 +592,8 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
       self->stall_watch_armed = false;
       if (ec || self->closed.load()) return;
       self->commands->check_stalled(self->options.command_timeout);
-      if (self->commands->pending() > 0) self->watch_stalls();
+      self->subscriber->check_stalled(self->options.command_timeout);
+      if (self->commands->pending() > 0 || self->subscriber->pending() > 0) self->watch_stalls();
     });
   }
   bool stall_watch_armed = false;  // I/O thread only
@@ -605,9 +609,13 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
     auto future = promise->get_future();
     asio::post(io, [this, args = std::move(args), promise]() mutable {
       eval_or_send(std::move(args), [promise](result<reply_ptr> r) { promise->set_value(std::move(r)); });
+      watch_stalls();
     });
     if (future.wait_for(options.command_timeout) != std::future_status::ready) {
-      asio::post(io, [this] { commands->check_stalled(options.command_timeout); });
+      asio::post(io, [this] {
+        commands->check_stalled(options.command_timeout);
+        watch_stalls();
+      });
       return Error(errc::bus_unavailable, "Redis at " + commands->where() + " did not answer within " +
                                               std::to_string(options.command_timeout.count()) + " ms");
     }
@@ -1615,7 +1623,10 @@ result<Subscription> RedisBus::subscribe(std::string_view pattern, DeliveryCallb
     // This node receives the topic's events only once Redis confirmed the subscription.
     std::unique_lock lock(impl_->mutex);
     if (!impl_->changed.wait_for(lock, impl_->options.command_timeout, [&] { return state->confirmed; })) {
-      asio::post(impl_->io, [b = impl_.get()] { b->subscriber->check_stalled(b->options.command_timeout); });
+      asio::post(impl_->io, [b = impl_.get()] {
+        b->subscriber->check_stalled(b->options.command_timeout);
+        b->watch_stalls();
+      });
       return Error(errc::bus_unavailable, "Redis at " + impl_->subscriber->where() +
                                               " did not confirm the subscription to '" + sub->pattern + "'");
     }
