@@ -481,6 +481,17 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       pending_events.fetch_sub(1, std::memory_order_acq_rel);
       if (c->retried) publish_retries.fetch_add(1, std::memory_order_relaxed);
       c->failures = 0;
+      bool finished = ++c->next == c->events.size();
+      if (!finished && c->relay && outcome == publish_outcome::duplicate) {
+        // The bus had this version: the rest of the change went before it.
+        pending_events.fetch_sub(c->remaining(), std::memory_order_acq_rel);
+        finished = true;
+      }
+      // c joins its next topic's lane before it leaves this one. Leaving first opened a window in
+      // which c was in no lane: a later change of the same booking could find this lane free, go
+      // through it and take the next topic ahead of c (version 2 on booking/<id> before version
+      // 1, which the bus then dropped as a duplicate).
+      if (!finished) advance(std::move(c));
       // The topic's lane passes to its next waiting chain, or is freed.
       chain_ptr behind;
       {
@@ -496,17 +507,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
           it->second.head = behind;
         }
       }
-      bool finished = ++c->next == c->events.size();
-      if (!finished && c->relay && outcome == publish_outcome::duplicate) {
-        // The bus had this version: the rest of the change went before it.
-        pending_events.fetch_sub(c->remaining(), std::memory_order_acq_rel);
-        finished = true;
-      }
       if (finished) {
         if (!c->booking_id.empty()) store->published(c->booking_id, c->version);
         chain_done(*c);
-      } else {
-        advance(std::move(c));
       }
       if (behind) issue(std::move(behind), true);
     }
