@@ -242,14 +242,32 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   }
   static bool is_resource_topic(std::string_view topic) { return topic.starts_with("resource/"); }
 
-  void publish_resource(const ResourceState& r) {  // caller holds resources_mutex
+  // The engine's own counts of `r` changed. Caller holds resources_mutex.
+  void publish_resource(const ResourceState& r) {
+    // A store that holds the counts of several processes reports them (publish_counts); this
+    // process's counts know only its own bookings.
+    if (store_counts) return;
+    publish_resource_event(r);
+  }
+
+  void publish_resource_event(const ResourceState& r) {
     auto c = std::make_shared<chain>();
-    c->events.push_back({"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), 0});
+    c->events.push_back(
+        {"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), r.version});
     // Never dropped for the bound: a resource's lane holds at most two events (one at the bus, the
     // latest state behind it), and a dropped state would leave the topic's last value stale for
     // good (resources are not relayed).
     start(std::move(c), false);
   }
+
+  // The counts a shared store's transaction left (BookingStore::on_resource_counts, on the
+  // store's completion thread), numbered with the resource's version in the store: the bus drops
+  // a version older than one another process already published.
+  void publish_counts(std::vector<ResourceState> counts) {
+    for (const auto& r : counts)
+      if (r.version > 0 && r.version <= max_publish_seq) publish_resource_event(r);
+  }
+  bool store_counts = false;  // set before recover(): the store reports resource counts
 
   // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
   // value shared by both. In this order: see the top of this file.
@@ -380,6 +398,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         if (is_resource_topic(ev.topic) && !ln.waiting.empty()) {
           // A resource event carries the whole state: the waiting one takes the newer state.
           ln.waiting.back()->events[0].data = ev.data;
+          ln.waiting.back()->events[0].seq = ev.seq;
           pending_events.fetch_sub(1, std::memory_order_acq_rel);
           return;
         }
@@ -1167,7 +1186,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         undeclared.insert(r.id);
         auto& mine = resources[r.id];
         mine = std::move(r);
-        publish_resource(mine);
+        // The store's counts (a store that reports counts numbers them): published either way.
+        publish_resource_event(mine);
+        mine.version = 0;  // memory's counts are not the store's numbered ones
       }
     }
     {
@@ -1220,6 +1241,9 @@ BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
   if (!bus) throw Exception(Error(errc::bad_request, "BookingEngine needs an event bus"));
   impl_ = std::make_shared<detail::engine_core>(std::move(bus), std::move(options));
   try {
+    // Cleared (and waited for) by shutdown() once no commit of this engine is left.
+    impl_->store_counts = impl_->store->on_resource_counts(
+        [p = impl_.get()](std::vector<ResourceState> counts) { p->publish_counts(std::move(counts)); });
     impl_->recover();
     const auto n = std::max<std::size_t>(1, impl_->options.workers);
     for (std::size_t i = 0; i < n; ++i) impl_->workers.emplace_back([p = impl_.get()] { p->worker(); });
@@ -1233,6 +1257,7 @@ BookingEngine::BookingEngine(EventBusPtr bus, EngineOptions options) {
   } catch (...) {
     // The relays and resource events recover() handed to the bus call back into the engine:
     // stop what started and wait for those answers before the engine goes.
+    impl_->store->on_resource_counts(nullptr);
     {
       std::lock_guard lock(impl_->queue_mutex);
       impl_->stopping.store(true);
@@ -1267,6 +1292,9 @@ void BookingEngine::shutdown() {
     std::unique_lock lock(impl_->in_flight_mutex);
     impl_->in_flight_cv.wait(lock, [&] { return impl_->in_flight.load() == 0; });
   }
+  // The store's counts after those commits are published; later ones (a hold expiring now) are
+  // not.
+  impl_->store->on_resource_counts(nullptr);
   // From here on, an event the bus refuses is dropped, not retried (a durable store relays its
   // version at the next start).
   impl_->stop_publishing();

@@ -19,6 +19,7 @@ void BookingStore::commit_async(const StateChange& change, CommitCallback done) 
 
 void BookingStore::published(std::string_view, std::uint64_t) {}
 void BookingStore::on_takeover(std::function<void(Booking, Takeover)>) {}
+bool BookingStore::on_resource_counts(std::function<void(std::vector<ResourceState>)>) { return false; }
 bool BookingStore::available() const noexcept { return true; }
 result<std::optional<StoredKey>> BookingStore::find_key(std::string_view, std::string_view) const {
   return std::optional<StoredKey>{};

@@ -31,7 +31,7 @@ namespace {
 using steady = std::chrono::steady_clock;
 
 // The schema version this build writes and reads; migrate() upgrades older databases to it.
-constexpr int current_schema_version = 4;
+constexpr int current_schema_version = 5;
 // pg_advisory_xact_lock key under which a process creates or upgrades the schema ("PshB"):
 // processes starting together upgrade once, one after the other.
 constexpr const char* migration_lock_sql = "SELECT pg_advisory_xact_lock(1349740610)";
@@ -282,6 +282,23 @@ END
 $fn$;
 )sql";
 
+// Version 5: each resource row numbers its changes (`version`, 1 when created, one more for each
+// update that changes its capacity or counts: a trigger), so that the counts every process
+// publishes after its transactions reach subscribers in the database's order (the engine
+// publishes resource/<id> with seq = version; the bus drops an older one that comes late).
+constexpr const char* schema_v5 = R"sql(
+ALTER TABLE pushbook_resources ADD COLUMN version bigint NOT NULL DEFAULT 1;
+CREATE FUNCTION pushbook_resource_version() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+  NEW.version := OLD.version + 1;
+  RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER pushbook_resource_version BEFORE UPDATE ON pushbook_resources FOR EACH ROW
+  WHEN ((OLD.capacity, OLD.reserved, OLD.confirmed) IS DISTINCT FROM (NEW.capacity, NEW.reserved, NEW.confirmed))
+  EXECUTE FUNCTION pushbook_resource_version();
+)sql";
+
 // Prepared on every connection once the schema is current.
 struct prepared_statement {
   const char* name;
@@ -300,6 +317,11 @@ constexpr prepared_statement prepared_statements[] = {
      "SELECT (SELECT count(*) FROM stored), coalesce((SELECT units FROM used), 0)"},
     // A group's resource rows, all locked before anything else and in id order: two groups that
     // touch the same resources lock them in the same order and never deadlock.
+    // The counts a group's transaction leaves on the resources it locked, read before its COMMIT
+    // (on_resource_counts).
+    {"counts",
+     "SELECT id, capacity, reserved, confirmed, version FROM pushbook_resources "
+     "WHERE id IN (SELECT json_array_elements_text($1::json)) ORDER BY id COLLATE \"C\""},
     {"lock_resources",
      "SELECT id FROM pushbook_resources WHERE id IN (SELECT json_array_elements_text($1::json)) "
      "ORDER BY id COLLATE \"C\" FOR UPDATE"},
@@ -308,7 +330,7 @@ constexpr prepared_statement prepared_statements[] = {
      "SELECT coalesce(fingerprint, ''), id, (extract(epoch FROM created_at) * 1000)::bigint "
      "FROM pushbook_bookings WHERE user_id = $1 AND idem_key = $2"},
     {"resources",
-     "SELECT id, capacity, reserved, confirmed FROM pushbook_resources ORDER BY id COLLATE \"C\""},
+     "SELECT id, capacity, reserved, confirmed, version FROM pushbook_resources ORDER BY id COLLATE \"C\""},
     // Held bookings, and the processing ones this node has claimed ($1).
     {"live",
      "SELECT id, status, booking, idem_key, attempt FROM pushbook_bookings "
@@ -506,7 +528,12 @@ struct PostgresStore::impl {
 
   std::mutex done_mutex;
   std::condition_variable done_cv;
-  std::deque<std::pair<std::vector<pending>, result<void>>> done_queue;
+  struct done_group {
+    std::vector<pending> changes;
+    result<void> outcome;
+    std::vector<ResourceState> counts;  // what the group left on its resources (committed only)
+  };
+  std::deque<done_group> done_queue;
   bool writer_finished = false;
   std::thread completer;
 
@@ -519,6 +546,10 @@ struct PostgresStore::impl {
   std::condition_variable lease_cv;
   bool lease_stopping = false;
   std::thread lease_thread;
+  // on_resource_counts's callback; held while it runs, so that clearing it waits for a call.
+  std::mutex counter_mutex;
+  std::function<void(std::vector<ResourceState>)> counter;
+  std::atomic<bool> wants_counts{false};
   // on_takeover's callback; held while it runs, so that clearing it waits for a call.
   std::mutex taker_mutex;
   std::function<void(Booking, Takeover)> taker;
@@ -759,6 +790,7 @@ struct PostgresStore::impl {
                       : from == 1 ? schema_v2
                       : from == 2 ? schema_v3
                       : from == 3 ? schema_v4
+                      : from == 4 ? schema_v5
                                   : nullptr;
     if (!sql)
       return Error(errc::store_failed, label + ": no migration from schema version " + std::to_string(from));
@@ -911,6 +943,7 @@ struct PostgresStore::impl {
           !parse_count(PQgetvalue(resources->get(), i, 2), r.reserved) ||
           !parse_count(PQgetvalue(resources->get(), i, 3), r.confirmed))
         return Error(errc::store_failed, label + ": resource '" + r.id + "' has counts out of range");
+      r.version = std::strtoull(PQgetvalue(resources->get(), i, 4), nullptr, 10);
       state.resources.push_back(std::move(r));
     }
     auto live = run_prepared(c, "recovering bookings", "live", {node.c_str()});
@@ -1062,7 +1095,8 @@ struct PostgresStore::impl {
   // every change's statement, COMMIT, then all the replies. One round trip per group instead of
   // one per change. Returns the group's outcome; each change's own refusal (which stored
   // nothing of it) is in its `outcome`.
-  result<void> write_group(std::vector<pending>& group, const published_marks& group_marks) noexcept {
+  result<void> write_group(std::vector<pending>& group, const published_marks& group_marks,
+                           std::vector<ResourceState>& counts) noexcept {
     try {
       if (!writer_conn.usable()) {
         writer_conn = connection{};
@@ -1070,7 +1104,7 @@ struct PostgresStore::impl {
         if (!c) return c.error();
         writer_conn = std::move(*c);
       }
-      auto outcome = write_pipeline(group, group_marks);
+      auto outcome = write_pipeline(group, group_marks, counts);
       PGconn* pg = writer_conn.conn.get();
       if (PQpipelineStatus(pg) != PQ_PIPELINE_OFF && !PQexitPipelineMode(pg)) writer_conn.broken = true;
       if (!writer_conn.broken && PQsetnonblocking(pg, 0) != 0) writer_conn.broken = true;
@@ -1082,7 +1116,8 @@ struct PostgresStore::impl {
     }
   }
 
-  result<void> write_pipeline(std::vector<pending>& group, const published_marks& group_marks) {
+  result<void> write_pipeline(std::vector<pending>& group, const published_marks& group_marks,
+                              std::vector<ResourceState>& counts) {
     connection& c = writer_conn;
     PGconn* pg = c.conn.get();
     const auto deadline = steady::now() + options.statement_timeout + std::chrono::seconds(1);
@@ -1130,6 +1165,9 @@ struct PostgresStore::impl {
       const char* params[] = {mark_params.first.c_str(), mark_params.second.c_str()};
       sent = PQsendQueryPrepared(pg, "unmark", 2, params, nullptr, nullptr, 0);
     }
+    // What the group left on its resources, for the engine to publish (only when it asked).
+    const bool read_counts = !lock.empty() && wants_counts.load(std::memory_order_acquire);
+    if (sent && read_counts) sent = PQsendQueryPrepared(pg, "counts", 1, &lock_param, nullptr, nullptr, 0);
     if (sent) sent = PQsendQueryParams(pg, "COMMIT", 0, nullptr, nullptr, nullptr, nullptr, 0);
     if (sent) sent = PQpipelineSync(pg);
     if (!sent) {
@@ -1175,6 +1213,21 @@ struct PostgresStore::impl {
     }
     if (!group_marks.empty())
       if (auto r = next_reply("marking versions published", ignore); !r) return r;
+    if (read_counts) {
+      auto r = next_reply("reading resource counts", [&](const PGresult* rows) {
+        for (int i = 0; i < PQntuples(rows); ++i) {
+          ResourceState st;
+          st.id = PQgetvalue(rows, i, 0);
+          if (!parse_count(PQgetvalue(rows, i, 1), st.capacity) ||
+              !parse_count(PQgetvalue(rows, i, 2), st.reserved) ||
+              !parse_count(PQgetvalue(rows, i, 3), st.confirmed))
+            continue;  // counts beyond 32 bits (another program's rows): not published
+          st.version = std::strtoull(PQgetvalue(rows, i, 4), nullptr, 10);
+          counts.push_back(std::move(st));
+        }
+      });
+      if (!r) return r;
+    }
     if (auto r = next_reply("committing", ignore); !r) return r;
     // The sync's own result ends the pipeline.
     if (auto r = wait_ready(c, deadline, "committing"); !r) return r;
@@ -1210,14 +1263,16 @@ struct PostgresStore::impl {
         // The marks ride along (no transaction of their own while changes come); when the
         // transaction fails they are forgotten, which at worst has a version relayed again
         // after a restart (the bus drops it as a duplicate).
-        auto outcome = write_group(group, group_marks);
+        std::vector<ResourceState> counts;
+        auto outcome = write_group(group, group_marks, counts);
+        if (!outcome) counts.clear();  // rolled back: nothing changed
         group_marks.marks.clear();
         healthy.store(outcome.has_value(), std::memory_order_relaxed);
         if (outcome) track_claims(group);
         transactions.fetch_add(1, std::memory_order_relaxed);
-        hand_over(std::move(group), std::move(outcome));
+        hand_over(std::move(group), std::move(outcome), std::move(counts));
       } catch (const std::exception& e) {
-        hand_over(std::move(group), Error(errc::store_failed, label + ": " + e.what()));
+        hand_over(std::move(group), Error(errc::store_failed, label + ": " + e.what()), {});
       }
       group = {};
     }
@@ -1229,11 +1284,12 @@ struct PostgresStore::impl {
     done_cv.notify_one();
   }
 
-  void hand_over(std::vector<pending> group, result<void> outcome) noexcept {
+  void hand_over(std::vector<pending> group, result<void> outcome,
+                 std::vector<ResourceState> counts) noexcept {
     try {
       {
         std::lock_guard lock(done_mutex);
-        done_queue.emplace_back(std::move(group), std::move(outcome));
+        done_queue.push_back({std::move(group), std::move(outcome), std::move(counts)});
       }
       done_cv.notify_one();
     } catch (...) {
@@ -1246,7 +1302,7 @@ struct PostgresStore::impl {
   void completer_loop() {
     current_writer = this;  // callbacks run here: commit() from one must not wait for itself
     for (;;) {
-      std::pair<std::vector<pending>, result<void>> next;
+      done_group next;
       {
         std::unique_lock lock(done_mutex);
         done_cv.wait(lock, [&] { return writer_finished || !done_queue.empty(); });
@@ -1254,7 +1310,8 @@ struct PostgresStore::impl {
         next = std::move(done_queue.front());
         done_queue.pop_front();
       }
-      finish(next.first, next.second);
+      finish(next.changes, next.outcome);
+      report_counts(next.counts);
     }
     current_writer = nullptr;
   }
@@ -1271,6 +1328,19 @@ struct PostgresStore::impl {
       } catch (...) {
         // A throwing callback must not stop the writer nor keep the others from running.
       }
+    }
+  }
+
+  // After a group's callbacks, on the completion thread (commit order): its resources' counts to
+  // on_resource_counts's callback.
+  void report_counts(std::vector<ResourceState>& counts) noexcept {
+    if (counts.empty()) return;
+    std::lock_guard lock(counter_mutex);
+    if (!counter) return;
+    try {
+      counter(std::move(counts));
+    } catch (...) {
+      // The engine's callback must not stop the completion thread.
     }
   }
 
@@ -1572,6 +1642,13 @@ result<std::optional<StoredKey>> PostgresStore::find_key(std::string_view user, 
   } catch (const std::exception& e) {
     return Error(errc::store_failed, impl_->where() + ": " + e.what());
   }
+}
+
+bool PostgresStore::on_resource_counts(std::function<void(std::vector<ResourceState>)> report) {
+  impl_->wants_counts.store(static_cast<bool>(report), std::memory_order_release);
+  std::lock_guard lock(impl_->counter_mutex);
+  impl_->counter = std::move(report);
+  return true;
 }
 
 void PostgresStore::on_takeover(std::function<void(Booking, Takeover)> take) {

@@ -145,8 +145,8 @@ TEST_CASE("commit then load gives back the booking; a missing one is nullopt") {
   CHECK(loaded->metadata == b.metadata);
   CHECK(loaded->created_at == b.created_at);
   CHECK(store->load("nope").value() == std::nullopt);
-  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
-  CHECK(PostgresStore::schema_version() == 4);
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "5");
+  CHECK(PostgresStore::schema_version() == 5);
 }
 
 TEST_CASE("the database keeps the counts: each status change moves units, in the same transaction") {
@@ -369,8 +369,9 @@ TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one
   REQUIRE(pg.error().empty());
   {
     auto store = open_ok(pg);
-    CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
+    CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "5");
     CHECK(counters(pg, "r") == "5 2 1");
+    CHECK(pg.query("SELECT version FROM pushbook_resources WHERE id = 'r'") == "1");  // schema 5
     // Bookings from before the outbox count as published: nothing to relay.
     CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "0");
     // The upgraded database enforces capacity like a new one.
@@ -381,16 +382,17 @@ TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one
     big.lines[0].quantity = 2;
     REQUIRE(advance(*store, big, BookingStatus::confirmed));
     CHECK(counters(pg, "r") == "5 2 3");
+    CHECK(pg.query("SELECT version FROM pushbook_resources WHERE id = 'r'") == "2");
   }
   // Two stores opening an up-to-date database change nothing.
   open_ok(pg);
-  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "4");
+  CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "5");
 
   REQUIRE(pg.query("UPDATE pushbook_schema_version SET version = 9").empty());
   auto newer = PostgresStore::open(pg.conninfo(), quick_options());
   REQUIRE(!newer);
   CHECK(newer.error().is(errc::store_failed));
-  CHECK(newer.error().message.find("database schema version 9 is newer than this pushbook (knows 4)") !=
+  CHECK(newer.error().message.find("database schema version 9 is newer than this pushbook (knows 5)") !=
         std::string::npos);
 }
 
@@ -618,9 +620,24 @@ TEST_CASE("an engine over PostgresStore: book, decide, and recover after a resta
   CHECK(recount(pg, "room") == "0 3");
 }
 
-TEST_CASE("two engines on one database: the database's refusal becomes a sold_out rejection") {
+TEST_CASE(
+    "two engines on one database: the database's refusal becomes a sold_out rejection; resource events "
+    "carry the database's counts") {
   PostgresServer pg;
   auto bus = std::make_shared<LocalBus>();
+  // Every resource event: seq, reserved + confirmed, capacity.
+  std::mutex seen_mutex;
+  std::vector<std::array<std::int64_t, 3>> seen;
+  auto watch = bus->subscribe("resource/seat",
+                              [&](const Delivery& d) {
+                                if (d.kind != Delivery::Kind::event) return;
+                                const auto& o = d.event->data().as_object();
+                                std::lock_guard lock(seen_mutex);
+                                seen.push_back({static_cast<std::int64_t>(d.event->seq()),
+                                                o.at("reserved").as_int64() + o.at("confirmed").as_int64(),
+                                                o.at("capacity").as_int64()});
+                              })
+                   .value();
   EngineOptions o1, o2;
   o1.store = open_ok(pg);
   o2.store = open_ok(pg);
@@ -648,6 +665,70 @@ TEST_CASE("two engines on one database: the database's refusal becomes a sold_ou
   CHECK(counters(pg, "seat") == "5 0 5");
   // Each engine's memory freed the units it had set aside for its refused bookings.
   CHECK(first.resource("seat").value().confirmed + second.resource("seat").value().confirmed == 5);
+  // Neither engine's memory knows all 5 confirmed seats, but the events carry what the database
+  // holds, numbered by its row version: the last one is the database's row, no event ever showed
+  // more than capacity, and seqs only grow (a late, older count from the other engine is dropped).
+  const auto version = std::stoll(pg.query("SELECT version FROM pushbook_resources WHERE id = 'seat'"));
+  REQUIRE(eventually([&] {
+    auto last = bus->last("resource/seat");
+    return last && static_cast<std::int64_t>(last->seq()) == version;
+  }));
+  CHECK(bus->last("resource/seat")->data().at("confirmed").as_int64() == 5);
+  CHECK(bus->last("resource/seat")->data().at("available").as_int64() == 0);
+  std::lock_guard lock(seen_mutex);
+  REQUIRE(!seen.empty());
+  for (std::size_t i = 0; i < seen.size(); ++i) {
+    CAPTURE(i);
+    CHECK(seen[i][1] <= seen[i][2]);
+    if (i > 0) CHECK(seen[i][0] > seen[i - 1][0]);
+  }
+}
+
+TEST_CASE(
+    "on_resource_counts: each transaction reports the counts it left, numbered; a refusal changes nothing") {
+  PostgresServer pg;
+  auto store = open_ok(pg);
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<ResourceState> reported;
+  CHECK(store->on_resource_counts([&](std::vector<ResourceState> counts) {
+    std::lock_guard lock(mutex);
+    for (auto& r : counts) reported.push_back(std::move(r));
+    cv.notify_all();
+  }));
+  auto wait_for = [&](std::size_t n) {
+    std::unique_lock lock(mutex);
+    return cv.wait_for(lock, 10s, [&] { return reported.size() >= n; });
+  };
+  REQUIRE(store->put_resource("r", 3));
+  REQUIRE(wait_for(1));
+  auto b = make_booking("b", BookingStatus::processing, {{"r", 2}});
+  REQUIRE(commit(*store, b));
+  REQUIRE(advance(*store, b, BookingStatus::confirmed));
+  REQUIRE(wait_for(2));
+  auto c = make_booking("c", BookingStatus::processing, {{"r", 2}});
+  REQUIRE(commit(*store, c));
+  CHECK(advance(*store, c, BookingStatus::confirmed).error().is(errc::sold_out));
+  REQUIRE(store->put_resource("r", 4));
+  REQUIRE(wait_for(4));
+  std::unique_lock lock(mutex);
+  REQUIRE(reported.size() == 4);
+  CHECK(reported[0].id == "r");
+  CHECK(reported[0].capacity == 3);
+  CHECK(reported[0].version == 1);  // created
+  CHECK(reported[1].confirmed == 2);
+  CHECK(reported[1].version == 2);
+  // The refused version changed nothing: the same counts and version are reported again.
+  CHECK(reported[2].confirmed == 2);
+  CHECK(reported[2].version == 2);
+  CHECK(reported[3].capacity == 4);
+  CHECK(reported[3].version == 3);
+  lock.unlock();  // a call in progress would wait for it, and clearing waits for that call
+  // Cleared: no more calls.
+  CHECK(store->on_resource_counts(nullptr));
+  lock.lock();
+  REQUIRE(store->put_resource("r", 5));
+  CHECK(reported.size() == 4);
 }
 
 namespace {

@@ -132,6 +132,10 @@ struct ResourceState {
   /// Units held by bookings being decided or in a hold.
   std::uint32_t reserved = 0;
   std::uint32_t confirmed = 0;
+  /// How many times the store changed this resource (capacity or units), when the store numbers
+  /// them (PostgresStore: BookingStore::on_resource_counts); 0 otherwise. Not in to_json: events
+  /// carry it as their seq.
+  std::uint64_t version = 0;
   std::uint32_t available() const noexcept {
     const auto used = reserved + confirmed;
     return used >= capacity ? 0 : capacity - used;

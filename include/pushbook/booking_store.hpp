@@ -126,6 +126,16 @@ class PUSHBOOK_EXPORT BookingStore {
   /// nothing to take over).
   virtual void on_takeover(std::function<void(Booking, Takeover)> take);
 
+  /// A store that holds each resource's counts for several processes (PostgresStore) reports
+  /// them after each transaction that changed them: the resources as the store holds them
+  /// (ResourceState::version counts their changes), on a thread of the store's, in commit order.
+  /// The engine then publishes these on resource/<id> (seq = version, so that counts another
+  /// process published later are never overwritten by older ones), not its own counts, which
+  /// know only this process's bookings. Returns whether the store reports counts; the default
+  /// does not (false: the engine's counts are the whole truth). Clearing (nullptr) waits for a
+  /// call in progress; no call comes after it. `report` must not call the store.
+  virtual bool on_resource_counts(std::function<void(std::vector<ResourceState>)> report);
+
   /// The booking that holds `user`'s idempotency `key` in the store (its fingerprint and id), or
   /// nullopt. The engine asks when a first version was refused with idempotency_conflict: in a
   /// store several processes share (PostgresStore) another process stored the key first, and the

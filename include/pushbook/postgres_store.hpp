@@ -118,6 +118,9 @@ class PUSHBOOK_EXPORT PostgresStore final : public BookingStore {
   /// Nothing is taken while no callback is set (recover() claims every undecided booking nobody
   /// holds for the engine that starts).
   void on_takeover(std::function<void(Booking, Takeover)> take) override;
+  /// Reports, after each transaction that changed resources, their capacity and units as the
+  /// database holds them (every process's bookings), with the row's version.
+  bool on_resource_counts(std::function<void(std::vector<ResourceState>)> report) override;
   /// Reads the key's booking (its first version stored it, from any process).
   result<std::optional<StoredKey>> find_key(std::string_view user, std::string_view key) const override;
   /// This store's node id in the claims (PostgresOptions::node_id or the generated one).
