@@ -6,6 +6,7 @@
 #include <boost/json/serialize.hpp>
 
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <unordered_set>
 #include <variant>
@@ -367,6 +369,15 @@ constexpr prepared_statement prepared_statements[] = {
      "UPDATE pushbook_bookings SET lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond' "
      "WHERE id IN (SELECT id FROM pushbook_bookings WHERE id = ANY($3::text[]) AND status = 'processing' "
      "AND claimed_by = $1 FOR UPDATE SKIP LOCKED)"},
+    // A store closing: the claims node $1 still holds lapse now, its outbox rows become stale,
+    // and the other stores are woken (LISTEN pushbook_handover) to take both at once.
+    {"hand_off",
+     "WITH released AS (UPDATE pushbook_bookings SET lease_until = NULL "
+     "WHERE status = 'processing' AND claimed_by = $1 RETURNING 1), "
+     "stale AS (UPDATE pushbook_outbox SET stored_at = stored_at - interval '100 years' "
+     "WHERE node = $1 RETURNING 1) "
+     "SELECT pg_notify('pushbook_handover', $1), (SELECT count(*) FROM released), (SELECT count(*) FROM "
+     "stale)"},
     // What node $1 left unpublished, and what any node left for longer than $2 ms.
     {"unpublished",
      "SELECT b.id, b.booking, b.idem_key FROM pushbook_outbox o JOIN pushbook_bookings b "
@@ -542,9 +553,8 @@ struct PostgresStore::impl {
   mutable std::vector<std::unique_ptr<connection>> idle_readers;
 
   // The lease thread: renews this node's claims and takes over bookings whose lease ran out.
-  std::mutex lease_mutex;
-  std::condition_variable lease_cv;
-  bool lease_stopping = false;
+  std::atomic<bool> lease_stopping{false};
+  int wake_fd = -1;  // an eventfd: wakes the lease thread (stop, a new taker)
   std::thread lease_thread;
   // on_resource_counts's callback; held while it runs, so that clearing it waits for a call.
   std::mutex counter_mutex;
@@ -565,6 +575,18 @@ struct PostgresStore::impl {
     options.lease = std::max(options.lease, std::chrono::milliseconds(100));
     node = options.node_id.empty() ? default_node_id() : options.node_id;
     lease_ms = std::to_string(options.lease.count());
+    wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+  }
+  ~impl() {
+    if (wake_fd >= 0) ::close(wake_fd);
+  }
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
+
+  void wake_leases() const noexcept {
+    const std::uint64_t one = 1;
+    (void)!::write(wake_fd, &one, sizeof one);
   }
 
   // host:pid:random, unique per store object: a restarted process is a new node, whose
@@ -1357,20 +1379,30 @@ struct PostgresStore::impl {
     connection conn;
     const auto renew_every = options.lease / 3;
     const auto poll_every =
-        std::min<std::chrono::milliseconds>(options.lease / 5, std::chrono::milliseconds(500));
+        options.poll_interval.count() > 0
+            ? options.poll_interval
+            : std::min<std::chrono::milliseconds>(options.lease / 5, std::chrono::milliseconds(500));
+    // After a failure: a new attempt this long after, never sooner (no spinning while the
+    // database is away), never later than a renewal is due.
+    const auto retry_every = std::min<std::chrono::milliseconds>(poll_every, renew_every);
     auto next_renew = steady::now() + renew_every;
-    std::unique_lock lock(lease_mutex);
+    auto next_poll = steady::now();  // the first turn at once: connected and listening from the start
     for (;;) {
-      const auto wake = std::min(next_renew, steady::now() + poll_every);
-      if (lease_cv.wait_until(lock, wake, [&] { return lease_stopping; })) break;
-      lock.unlock();
+      const bool woken = wait_for_turn(conn, std::min(next_renew, next_poll));
+      if (lease_stopping.load()) break;
       try {
         if (!conn.usable()) {
           conn = connection{};
-          if (auto c = connect_prepared()) conn = std::move(*c);
+          if (auto c = connect_prepared()) {
+            conn = std::move(*c);
+            // Another store closing says so (hand_off); the poll is the fallback for one that died.
+            if (!run(conn, "listening for hand-overs", "LISTEN pushbook_handover", {}, false))
+              conn.broken = true;
+          }
         }
         bool ok = conn.usable();
-        const bool renew_due = steady::now() >= next_renew;
+        const auto now = steady::now();
+        const bool renew_due = now >= next_renew;
         if (ok && renew_due) {
           // Also the health probe of an idle store (the writer's transactions are the other).
           const auto ids = held_claims();
@@ -1379,16 +1411,65 @@ struct PostgresStore::impl {
                                                {node.c_str(), lease_ms.c_str(), ids.c_str()}));
         }
         if (renew_due || !ok) healthy.store(ok, std::memory_order_relaxed);
-        // A failed turn waits a poll interval, never less: no spinning while the database is away.
-        if (!ok)
-          next_renew = steady::now() + poll_every;
-        else if (renew_due)
+        if (ok && (woken || now >= next_poll)) {
+          take_over_expired(conn);
+          next_poll = steady::now() + poll_every;
+        }
+        if (!ok) {
+          next_renew = steady::now() + retry_every;
+          next_poll = next_renew;
+        } else if (renew_due) {
           next_renew = steady::now() + renew_every;
-        if (ok) take_over_expired(conn);
+        }
       } catch (const std::exception&) {
         conn.broken = true;  // out of memory or the like: a new connection next turn
       }
-      lock.lock();
+    }
+    hand_off(conn);
+  }
+
+  // Waits until `until`, the store stops, wake_leases(), or a notification on `conn` (another
+  // store handed its work over). True when woken early for work.
+  bool wait_for_turn(connection& conn, steady::time_point until) {
+    bool woken = false;
+    for (;;) {
+      if (lease_stopping.load()) return false;
+      if (conn.usable())
+        while (PGnotify* n = PQnotifies(conn.conn.get())) {
+          woken = true;
+          PQfreemem(n);
+        }
+      if (woken) return true;
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - steady::now()).count();
+      if (left <= 0) return false;
+      pollfd fds[2] = {{wake_fd, POLLIN, 0}, {conn.usable() ? PQsocket(conn.conn.get()) : -1, POLLIN, 0}};
+      if (::poll(fds, 2, static_cast<int>(std::min<std::int64_t>(left, 60000))) < 0 && errno != EINTR) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::min<std::int64_t>(left, 100)));
+        continue;
+      }
+      if (fds[0].revents & POLLIN) {
+        std::uint64_t count = 0;
+        (void)!::read(wake_fd, &count, sizeof count);
+        woken = true;
+      }
+      if ((fds[1].revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(conn.conn.get()))
+        conn.broken = true;  // the server went away: the next turn reconnects
+    }
+  }
+
+  // The store is closing (its engine has shut down): the bookings this node still claims (its
+  // engine did not decide them) and the versions it left unpublished go to the other stores now,
+  // not once the lease runs out; NOTIFY wakes them. With the database away (no connection within
+  // connect_timeout), the lease does it.
+  void hand_off(connection& conn) noexcept {
+    try {
+      if (!conn.usable()) {
+        conn = connection{};
+        if (auto c = connect_prepared()) conn = std::move(*c);
+      }
+      if (conn.usable()) (void)run_prepared(conn, "handing over", "hand_off", {node.c_str()});
+    } catch (...) {
+      // Nothing handed over: the lease runs out instead.
     }
   }
 
@@ -1485,11 +1566,8 @@ struct PostgresStore::impl {
   }
 
   void stop_leases() {
-    {
-      std::lock_guard lock(lease_mutex);
-      lease_stopping = true;
-    }
-    lease_cv.notify_all();
+    lease_stopping.store(true);
+    wake_leases();
     if (!lease_thread.joinable()) return;
     if (lease_thread.get_id() == std::this_thread::get_id())
       lease_thread.detach();
@@ -1656,7 +1734,7 @@ void PostgresStore::on_takeover(std::function<void(Booking, Takeover)> take) {
     std::lock_guard lock(impl_->taker_mutex);
     impl_->taker = std::move(take);
   }
-  impl_->lease_cv.notify_all();
+  impl_->wake_leases();
 }
 
 const std::string& PostgresStore::node_id() const noexcept { return impl_->node; }

@@ -328,9 +328,9 @@ TEST_CASE("recover: the database's counts, processing in first-stored order, hel
     p2.version = 2;  // a new version keeps its first-stored place
     REQUIRE(commit(*store, p2));
   }
-  // Another node's recovery gets the holds but not node-a's undecided bookings (its claims have
-  // not run out).
-  CHECK(open_ok(pg)->recover(at_ms(1650000000000)).value().processing.empty());
+  // node-a's store closed and handed its undecided bookings over (their claims lapsed at once):
+  // another node's recovery claims them, and hands them back when it closes too.
+  CHECK(open_ok(pg)->recover(at_ms(1650000000000)).value().processing.size() == 2);
   auto store = open_ok(pg, options);
   auto state = store->recover(at_ms(1650000000000)).value();
   REQUIRE(state.resources.size() == 2);
@@ -801,7 +801,8 @@ TEST_CASE(
     "an engine dies between commit and publish: the next engine on the database relays each version once") {
   PostgresServer pg;
   // The same process slot restarted (a stable node id): what it left unpublished is relayed at
-  // its start. (Another node's leftovers wait for the lease: a live process may be publishing them.)
+  // its start. (A live process's leftovers wait for the lease, as it may be publishing them; one
+  // that closed handed them over, so any node's recovery has them.)
   auto options = quick_options();
   options.node_id = "slot-1";
   std::vector<std::string> ids;
@@ -817,7 +818,7 @@ TEST_CASE(
     CHECK(engine.stats().publish_failures > 0);
   }
   CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "4");
-  CHECK(open_ok(pg)->recover(at_ms(0)).value().unpublished.empty());  // another node, within the lease
+  CHECK(open_ok(pg)->recover(at_ms(0)).value().unpublished.size() == 4);  // handed over at close
   // The slot's next process, with a working bus: the latest version of each booking is published
   // once, with seq = version, before anything new is taken.
   auto bus = std::make_shared<LocalBus>();
@@ -1146,4 +1147,62 @@ TEST_CASE(
   CHECK(at_first.error().is(errc::idempotency_conflict));
   CHECK(at_second.error().is(errc::idempotency_conflict));
   CHECK(pg.query("SELECT count(*) FROM pushbook_bookings") == std::to_string(rounds));
+}
+
+TEST_CASE(
+    "a store that closes hands over at once (NOTIFY): its undecided bookings are decided and its "
+    "unpublished versions relayed by another process long before the lease") {
+  PostgresServer pg;
+  auto options = quick_options();
+  options.lease = 30s;
+  options.poll_interval = 30s;  // nothing but the notification can wake the other store in time
+  options.node_id = "leaving";
+  auto leaving = open_ok(pg, options);
+  REQUIRE(leaving->put_resource("r", 10));
+  // Claimed by "leaving" and never decided; confirmed by "leaving" and never published.
+  auto undecided = make_booking("undecided", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*leaving, undecided));
+  auto unpublished = make_booking("unpublished", BookingStatus::processing, {{"r", 2}});
+  REQUIRE(commit(*leaving, unpublished));
+  REQUIRE(advance(*leaving, unpublished, BookingStatus::confirmed));
+  leaving->published("undecided", 1);
+
+  options.node_id = "staying";
+  auto bus = std::make_shared<LocalBus>();
+  test::Collector<std::pair<std::string, std::uint64_t>> seen;
+  auto sub = bus->subscribe("booking/*",
+                            [&](const Delivery& d) {
+                              if (d.kind == Delivery::Kind::event)
+                                seen.push({std::string(d.event->topic()), d.event->seq()});
+                            })
+                 .value();
+  test::Collector<std::uint32_t> attempts;  // what the handler is told
+  EngineOptions o;
+  o.store = open_ok(pg, options);
+  o.handler = [&](const Booking& b, Completion done) {
+    attempts.push(b.attempt);
+    done(Decision::approved());
+  };
+  BookingEngine staying(bus, o);
+  // Within the lease, the other process's work is not taken: it may still be doing it.
+  CHECK(staying.stats().taken_over == 0);
+  CHECK(staying.stats().relayed == 0);
+
+  const auto start = std::chrono::steady_clock::now();
+  leaving.reset();  // closes: claims released, outbox stamped, NOTIFY pushbook_handover
+  REQUIRE(
+      eventually([&] { return staying.get("undecided").value().status == BookingStatus::confirmed; }, 10s));
+  REQUIRE(eventually([&] { return staying.stats().relayed == 1; }, 10s));
+  const auto took =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
+  MESSAGE("handed over in " << took.count() << " ms (lease and poll 30,000 ms)");
+  CHECK(took < 10s);
+  CHECK(attempts.wait_for(1) == std::vector<std::uint32_t>{2});  // the second claim
+  CHECK(staying.stats().taken_over == 1);
+  // The relayed version once, and the decision of the one taken over.
+  auto got = seen.wait_for(2);
+  std::set<std::pair<std::string, std::uint64_t>> events(got.begin(), got.end());
+  CHECK(events.count({"booking/unpublished", 2}) == 1);
+  CHECK(events.count({"booking/undecided", 2}) == 1);
+  CHECK(counters(pg, "r") == "10 0 3");
 }

@@ -571,7 +571,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "PostgresStore",
       [](const std::string& conninfo, std::size_t pool_size, double statement_timeout, double connect_timeout,
-         double lease, const std::string& node_id) {
+         double lease, const std::string& node_id, double poll_interval) {
         auto seconds = [](double s, const char* name) {
           if (!(s > 0) || s > 86400)
             raise(Error(errc::bad_request, std::string(name) + " must be a number of seconds, above 0"));
@@ -583,16 +583,19 @@ PYBIND11_MODULE(_core, m) {
         o.connect_timeout = seconds(connect_timeout, "connect_timeout");
         o.lease = seconds(lease, "lease");
         o.node_id = node_id;
+        if (poll_interval != 0) o.poll_interval = seconds(poll_interval, "poll_interval");
         auto store = nogil([&] { return PostgresStore::open(conninfo, o); });
         return gil_safe_store(take(std::move(store)));
       },
       "conninfo"_a, "pool_size"_a = 4, "statement_timeout"_a = 5.0, "connect_timeout"_a = 2.0,
-      "lease"_a = 10.0, "node_id"_a = "",
+      "lease"_a = 10.0, "node_id"_a = "", "poll_interval"_a = 0.0,
       "Bookings in PostgreSQL (a libpq conninfo or postgresql:// URI), shareable by several "
       "processes: the database enforces capacity, so together they never overbook. No call waits "
       "longer than statement_timeout seconds for it. A process's undecided bookings are claimed "
       "for `lease` seconds, renewed while it lives; once it dies another process's engine takes "
-      "them over (the handler sees booking.attempt > 1). Raises pushbook.Error (code 'store_failed') "
+      "them over (the handler sees booking.attempt > 1), looking every poll_interval seconds (0: "
+      "lease/5, at most 0.5); a store that closes hands its work over at once (NOTIFY). Raises "
+      "pushbook.Error (code 'store_failed') "
       "when the database cannot be reached or its schema is newer than this build.");
   m.def(
       "open_store",

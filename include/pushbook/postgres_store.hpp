@@ -41,6 +41,13 @@ struct PostgresOptions {
   /// 100 ms. Longer leases ride out longer stalls (a process paused past its lease loses its
   /// bookings to another, and its decisions are then refused); shorter ones take over sooner.
   std::chrono::milliseconds lease{10000};
+  /// How often the store looks for what other processes left behind: processing bookings whose
+  /// claim ran out, versions left in the outbox longer than the lease (their process died).
+  /// Zero: lease/5, at most 500 ms. A store that closes (its process shutting down) hands over
+  /// at once: the claims it still holds lapse, its outbox rows become stale, and NOTIFY
+  /// pushbook_handover wakes the other stores (each LISTENs), which take both without waiting
+  /// for the lease or this poll; the poll is the fallback for a process that died.
+  std::chrono::milliseconds poll_interval{0};
   /// This store's name in the claims (pushbook_bookings.claimed_by). Empty: host:pid:random,
   /// different for every store object. Two live stores must never share one.
   std::string node_id;

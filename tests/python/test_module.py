@@ -555,6 +555,8 @@ def test_stores_refuse_bad_input_with_clear_errors(tmp_path):
         pushbook.PostgresStore("postgresql:///x", statement_timeout=0)
     with pytest.raises(pushbook.ValidationError, match="lease must be"):
         pushbook.PostgresStore("postgresql:///x", lease=-1)
+    with pytest.raises(pushbook.ValidationError, match="poll_interval must be"):
+        pushbook.PostgresStore("postgresql:///x", poll_interval=-1)
     with pytest.raises(pushbook.ValidationError, match="recovery is 'requeue' or 'reject'"):
         pushbook.BookingEngine(pushbook.LocalBus(), recovery="sometimes")
     memory = pushbook.MemoryStore()
