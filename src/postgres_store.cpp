@@ -284,21 +284,15 @@ END
 $fn$;
 )sql";
 
-// Version 5: each resource row numbers its changes (`version`, 1 when created, one more for each
-// update that changes its capacity or counts: a trigger), so that the counts every process
-// publishes after its transactions reach subscribers in the database's order (the engine
-// publishes resource/<id> with seq = version; the bus drops an older one that comes late).
+// Version 5: each resource row numbers the transactions that changed it (`version`, 1 when
+// created), so that the counts every process publishes after its transactions reach subscribers
+// in the database's order (the engine publishes resource/<id> with seq = version; the bus drops
+// an older one that comes late). A store whose engine takes counts (on_resource_counts) counts
+// the version up once per group transaction, for each resource the group locked, and reads the
+// counts back in the same statement ("counts"); a trigger per row update would cost a function
+// call for every booking version.
 constexpr const char* schema_v5 = R"sql(
 ALTER TABLE pushbook_resources ADD COLUMN version bigint NOT NULL DEFAULT 1;
-CREATE FUNCTION pushbook_resource_version() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-  NEW.version := OLD.version + 1;
-  RETURN NEW;
-END
-$fn$;
-CREATE TRIGGER pushbook_resource_version BEFORE UPDATE ON pushbook_resources FOR EACH ROW
-  WHEN ((OLD.capacity, OLD.reserved, OLD.confirmed) IS DISTINCT FROM (NEW.capacity, NEW.reserved, NEW.confirmed))
-  EXECUTE FUNCTION pushbook_resource_version();
 )sql";
 
 // Prepared on every connection once the schema is current.
@@ -319,11 +313,12 @@ constexpr prepared_statement prepared_statements[] = {
      "SELECT (SELECT count(*) FROM stored), coalesce((SELECT units FROM used), 0)"},
     // A group's resource rows, all locked before anything else and in id order: two groups that
     // touch the same resources lock them in the same order and never deadlock.
-    // The counts a group's transaction leaves on the resources it locked, read before its COMMIT
-    // (on_resource_counts).
+    // The counts a group's transaction leaves on the resources it locked, numbered (the rows are
+    // locked by the group already): read before its COMMIT (on_resource_counts).
     {"counts",
-     "SELECT id, capacity, reserved, confirmed, version FROM pushbook_resources "
-     "WHERE id IN (SELECT json_array_elements_text($1::json)) ORDER BY id COLLATE \"C\""},
+     "UPDATE pushbook_resources SET version = version + 1 "
+     "WHERE id IN (SELECT json_array_elements_text($1::json)) "
+     "RETURNING id, capacity, reserved, confirmed, version"},
     {"lock_resources",
      "SELECT id FROM pushbook_resources WHERE id IN (SELECT json_array_elements_text($1::json)) "
      "ORDER BY id COLLATE \"C\" FOR UPDATE"},
