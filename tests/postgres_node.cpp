@@ -16,6 +16,8 @@
 #include <pushbook/event_bus.hpp>
 #include <pushbook/postgres_store.hpp>
 
+#include "refusing_bus.hpp"
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -28,22 +30,6 @@
 using namespace pushbook;
 
 namespace {
-// Refuses every publish, as a bus that is down: the engine's events never leave the process.
-struct RefusingBus final : EventBus {
-  LocalBus inner;
-  using EventBus::publish;
-  result<EventPtr> publish(std::string_view, std::shared_ptr<const boost::json::value>,
-                           const PublishOptions&) override {
-    return Error(errc::bus_unavailable, "this bus refuses everything");
-  }
-  result<Subscription> subscribe(std::string_view topic, DeliveryCallback cb, SubscribeOptions o) override {
-    return inner.subscribe(topic, std::move(cb), std::move(o));
-  }
-  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
-  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq) const override {
-    return inner.history(topic, since_seq);
-  }
-};
 
 std::mutex out_mutex;
 void say(const std::string& line) {
@@ -86,7 +72,7 @@ int main(int argc, char** argv) {
   if (hang)
     bus = std::make_shared<LocalBus>();
   else
-    bus = std::make_shared<RefusingBus>();
+    bus = std::make_shared<test::RefusingBus>();
   BookingEngine engine(bus, o);
   if (auto r = engine.add_resource("r", 1000000); !r && !r.error().is(errc::already_exists)) {
     std::cerr << r.error().message << "\n";
