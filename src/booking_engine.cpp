@@ -548,6 +548,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       if (is_resource_topic(topic) && !ln.waiting.empty()) {
         // The retry carries the resource's latest state; the waiting one goes.
         c->events[0].data = ln.waiting.back()->events[0].data;
+        c->events[0].seq = ln.waiting.back()->events[0].seq;  // the state's number goes with it
         pending_events.fetch_sub(ln.waiting.size(), std::memory_order_acq_rel);
         ln.waiting.clear();
       }
