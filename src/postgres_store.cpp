@@ -24,6 +24,7 @@
 #include <set>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 #include <variant>
 
@@ -284,15 +285,17 @@ END
 $fn$;
 )sql";
 
-// Version 5: each resource row numbers the transactions that changed it (`version`, 1 when
-// created), so that the counts every process publishes after its transactions reach subscribers
-// in the database's order (the engine publishes resource/<id> with seq = version; the bus drops
-// an older one that comes late). A store whose engine takes counts (on_resource_counts) counts
-// the version up once per group transaction, for each resource the group locked, and reads the
-// counts back in the same statement ("counts"); a trigger per row update would cost a function
+// Version 5: each resource row numbers the transactions that changed it (`version`, starting
+// from the time it was created or upgraded in Unix milliseconds, above any seq a bus gave the
+// topic when an older build numbered its events there), so that the counts every process publishes after its
+// transactions reach subscribers in the database's order (the engine publishes resource/<id> with seq =
+// version; the bus drops an older one that comes late). A store whose engine takes counts
+// (on_resource_counts) counts the version up once per group transaction, for each resource the group locked,
+// and reads the counts back in the same statement ("counts"); a trigger per row update would cost a function
 // call for every booking version.
 constexpr const char* schema_v5 = R"sql(
-ALTER TABLE pushbook_resources ADD COLUMN version bigint NOT NULL DEFAULT 1;
+ALTER TABLE pushbook_resources
+  ADD COLUMN version bigint NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
 )sql";
 
 // Prepared on every connection once the schema is current.
@@ -364,13 +367,15 @@ constexpr prepared_statement prepared_statements[] = {
      "UPDATE pushbook_bookings SET lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond' "
      "WHERE id IN (SELECT id FROM pushbook_bookings WHERE id = ANY($3::text[]) AND status = 'processing' "
      "AND claimed_by = $1 FOR UPDATE SKIP LOCKED)"},
-    // A store closing: the claims node $1 still holds lapse now, its outbox rows become stale,
-    // and the other stores are woken (LISTEN pushbook_handover) to take both at once.
+    // A store closing: the claims it holds ($2, text[]) lapse now, the outbox rows of the
+    // versions it stored and never saw published ($3) become stale, and the other stores are
+    // woken (LISTEN pushbook_handover) to take both at once. Only this store object's: another
+    // live one under the same node id (a replacement opened before this one closed) keeps its own.
     {"hand_off",
      "WITH released AS (UPDATE pushbook_bookings SET lease_until = NULL "
-     "WHERE status = 'processing' AND claimed_by = $1 RETURNING 1), "
+     "WHERE id = ANY($2::text[]) AND status = 'processing' AND claimed_by = $1 RETURNING 1), "
      "stale AS (UPDATE pushbook_outbox SET stored_at = stored_at - interval '100 years' "
-     "WHERE node = $1 RETURNING 1) "
+     "WHERE booking_id = ANY($3::text[]) AND node = $1 RETURNING 1) "
      "SELECT pg_notify('pushbook_handover', $1), (SELECT count(*) FROM released), (SELECT count(*) FROM "
      "stale)"},
     // What node $1 left unpublished, and what any node left for longer than $2 ms.
@@ -561,6 +566,8 @@ struct PostgresStore::impl {
   // The claims this node renews (hold_claim).
   mutable std::mutex claims_mutex;
   mutable std::unordered_set<std::string> holding;
+  // Booking id -> the latest version this store stored and was not told is published.
+  mutable std::unordered_map<std::string, std::uint64_t> unmarked;
   std::atomic<std::uint64_t> taken_over{0};
 
   impl(std::string info, PostgresOptions o) : conninfo(std::move(info)), options(std::move(o)) {
@@ -1306,7 +1313,7 @@ struct PostgresStore::impl {
     try {
       {
         std::lock_guard lock(done_mutex);
-        done_queue.push_back({std::move(group), std::move(outcome), std::move(counts)});
+        done_queue.emplace_back(std::move(group), std::move(outcome), std::move(counts));
       }
       done_cv.notify_one();
     } catch (...) {
@@ -1327,8 +1334,10 @@ struct PostgresStore::impl {
         next = std::move(done_queue.front());
         done_queue.pop_front();
       }
-      finish(next.changes, next.outcome);
+      // Counts first: once a change's callback ran, its engine may take it as done (shutdown
+      // clears on_resource_counts once nothing is in flight), and the counts must be out by then.
       report_counts(next.counts);
+      finish(next.changes, next.outcome);
     }
     current_writer = nullptr;
   }
@@ -1348,7 +1357,7 @@ struct PostgresStore::impl {
     }
   }
 
-  // After a group's callbacks, on the completion thread (commit order): its resources' counts to
+  // Before a group's callbacks, on the completion thread (commit order): its resources' counts to
   // on_resource_counts's callback.
   void report_counts(std::vector<ResourceState>& counts) noexcept {
     if (counts.empty()) return;
@@ -1458,11 +1467,15 @@ struct PostgresStore::impl {
   // connect_timeout), the lease does it.
   void hand_off(connection& conn) noexcept {
     try {
+      const auto claims = held_claims(), versions = unpublished_versions();
+      if (claims == "{}" && versions == "{}") return;  // nothing to hand over
       if (!conn.usable()) {
         conn = connection{};
         if (auto c = connect_prepared()) conn = std::move(*c);
       }
-      if (conn.usable()) (void)run_prepared(conn, "handing over", "hand_off", {node.c_str()});
+      if (conn.usable())
+        (void)run_prepared(conn, "handing over", "hand_off",
+                           {node.c_str(), claims.c_str(), versions.c_str()});
     } catch (...) {
       // Nothing handed over: the lease runs out instead.
     }
@@ -1483,6 +1496,23 @@ struct PostgresStore::impl {
     std::lock_guard lock(claims_mutex);
     return holding.contains(id);
   }
+  // The bookings whose latest version this store stored and was not told is published (for
+  // hand_off), as a text[] literal.
+  std::string unpublished_versions() const {
+    std::string ids = "{";
+    std::lock_guard lock(claims_mutex);
+    for (const auto& [id, version] : unmarked) {
+      if (ids.size() > 1) ids += ',';
+      append_array_text(ids, id);
+    }
+    return ids + '}';
+  }
+  void mark_published(std::string_view id, std::uint64_t version) const {
+    std::lock_guard lock(claims_mutex);
+    if (auto it = unmarked.find(std::string(id)); it != unmarked.end() && it->second <= version)
+      unmarked.erase(it);
+  }
+
   std::string held_claims() const {
     std::string ids = "{";
     std::lock_guard lock(claims_mutex);
@@ -1499,6 +1529,11 @@ struct PostgresStore::impl {
     for (const auto& p : group) {
       const auto* b = std::get_if<booking_row>(&p.row);
       if (!b) continue;
+      if (p.outcome) {
+        std::lock_guard lock(claims_mutex);
+        auto& latest = unmarked[b->id];
+        latest = std::max<std::uint64_t>(latest, std::strtoull(b->version.c_str(), nullptr, 10));
+      }
       if (p.outcome && b->status == "processing")
         hold_claim(b->id);
       else if (p.outcome || p.outcome.error().is(errc::invalid_transition))
@@ -1698,6 +1733,7 @@ result<RecoveredState> PostgresStore::recover(wall_clock::time_point keys_since)
 
 void PostgresStore::published(std::string_view booking_id, std::uint64_t version) {
   try {
+    impl_->mark_published(booking_id, version);
     {
       std::lock_guard lock(impl_->queue_mutex);
       if (impl_->closed) return;  // the writer is gone: relayed again after a restart

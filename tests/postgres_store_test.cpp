@@ -372,7 +372,8 @@ TEST_CASE("schema: a version 1 database is upgraded with its counts; a newer one
     auto store = open_ok(pg);
     CHECK(pg.query("SELECT version FROM pushbook_schema_version") == "5");
     CHECK(counters(pg, "r") == "5 2 1");
-    CHECK(pg.query("SELECT version FROM pushbook_resources WHERE id = 'r'") == "1");  // schema 5
+    // Schema 5: numbered from the upgrade's time in ms, above any seq a bus numbered the topic with.
+    CHECK(std::stoll(pg.query("SELECT version FROM pushbook_resources WHERE id = 'r'")) > 1'600'000'000'000);
     // Bookings from before the outbox count as published: nothing to relay.
     CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "0");
     // The upgraded database enforces capacity like a new one.
@@ -715,15 +716,16 @@ TEST_CASE(
   REQUIRE(reported.size() == 4);
   CHECK(reported[0].id == "r");
   CHECK(reported[0].capacity == 3);
-  CHECK(reported[0].version == 2);  // created (1), then counted up by its transaction
+  const auto base = reported[0].version;  // the creation time in ms, counted up by its transaction
+  CHECK(base > 1'600'000'000'000);
   CHECK(reported[1].confirmed == 2);
-  CHECK(reported[1].version == 3);
+  CHECK(reported[1].version == base + 1);
   // The refused version changed nothing: the same counts again (under a new number: a group's
   // transaction numbers each resource it locked).
   CHECK(reported[2].confirmed == 2);
-  CHECK(reported[2].version == 4);
+  CHECK(reported[2].version == base + 2);
   CHECK(reported[3].capacity == 4);
-  CHECK(reported[3].version == 5);
+  CHECK(reported[3].version == base + 3);
   lock.unlock();  // a call in progress would wait for it, and clearing waits for that call
   // Cleared: no more calls.
   CHECK(store->on_resource_counts(nullptr));
@@ -1186,4 +1188,23 @@ TEST_CASE(
   CHECK(events.count({"booking/unpublished", 2}) == 1);
   CHECK(events.count({"booking/undecided", 2}) == 1);
   CHECK(counters(pg, "r") == "10 0 3");
+}
+
+TEST_CASE("a closing store hands over only its own work, not another live store's under the same node id") {
+  PostgresServer pg;
+  auto options = quick_options();
+  options.lease = 30s;
+  options.node_id = "slot";
+  auto old_one = open_ok(pg, options);
+  auto replacement = open_ok(pg, options);  // opened before the old one closed
+  auto x = make_booking("x", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*old_one, x));
+  auto y = make_booking("y", BookingStatus::processing, {{"r", 1}});
+  REQUIRE(commit(*replacement, y));
+  old_one.reset();
+  CHECK(pg.query("SELECT id || ' ' || (lease_until IS NULL)::text FROM pushbook_bookings ORDER BY id") ==
+        "x true\ny false");
+  // The replacement's versions stay in the outbox as fresh rows (not stale: nobody relays them).
+  CHECK(pg.query("SELECT booking_id FROM pushbook_outbox WHERE stored_at > now() - interval '1 hour' "
+                 "ORDER BY booking_id") == "y");
 }

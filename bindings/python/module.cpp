@@ -575,7 +575,8 @@ PYBIND11_MODULE(_core, m) {
         auto seconds = [](double s, const char* name) {
           if (!(s > 0) || s > 86400)
             raise(Error(errc::bad_request, std::string(name) + " must be a number of seconds, above 0"));
-          return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000));
+          // At least 1 ms: a positive value never rounds down to 0 (which would mean the default).
+          return std::chrono::milliseconds(std::max<std::int64_t>(1, static_cast<std::int64_t>(s * 1000)));
         };
         PostgresOptions o;
         o.pool_size = pool_size;

@@ -129,7 +129,9 @@ PUSHBOOK_EXPORT result<Booking> booking_from_json(const boost::json::value& v);
 struct ResourceState {
   std::string id;
   std::uint32_t capacity = 0;
-  /// Units held by bookings being decided or in a hold.
+  /// Units held by bookings being decided or in a hold. In the counts a store reports
+  /// (BookingStore::on_resource_counts: PostgresStore's rows, which resource events then carry)
+  /// only holds: a booking being decided takes units in the database with its decision.
   std::uint32_t reserved = 0;
   std::uint32_t confirmed = 0;
   /// How many times the store changed this resource (capacity or units), when the store numbers
