@@ -14,6 +14,8 @@
 #include <pushbook/postgres_store.hpp>
 #include <pushbook/redis_bus.hpp>
 
+#include "random_booking.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -118,14 +120,7 @@ int main(int argc, char** argv) {
       for (int op = 0; op < ops; ++op) {
         const int dice = pick(100);
         if (dice < 50 || mine.empty()) {  // book: one line, sometimes two, sometimes a hold
-          BookingRequest r;
-          r.user = user;
-          const int first = pick(4);
-          r.lines.push_back(
-              {resource_ids[static_cast<std::size_t>(first)], static_cast<std::uint32_t>(1 + pick(3))});
-          if (pick(4) == 0) r.lines.push_back({resource_ids[static_cast<std::size_t>((first + 1) % 4)], 1});
-          if (pick(5) == 0) r.hold_for = std::chrono::milliseconds(5 + pick(25));
-          auto res = engine.submit(r);
+          auto res = engine.submit(test::random_booking(pick, user, resource_ids, 5));
           if (res) {
             mine.push_back(res->booking_id);
             std::lock_guard lock(acked_mutex);

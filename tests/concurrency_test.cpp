@@ -6,6 +6,7 @@
 // Set PUSHBOOK_SEED to replay a run; the seed is printed.
 #include <pushbook/booking_engine.hpp>
 
+#include "random_booking.hpp"
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
@@ -146,16 +147,7 @@ void run(int ops, bool one_user) {
       const std::string user = one_user ? "u" : "u" + std::to_string(t);
       std::vector<std::string> mine;
       std::unordered_map<std::string, std::pair<BookingRequest, std::string>> keys;  // key -> request, id
-      auto random_request = [&] {
-        BookingRequest r;
-        r.user = user;
-        const int first = pick(4);
-        r.lines.push_back(
-            {resource_ids[static_cast<std::size_t>(first)], static_cast<std::uint32_t>(1 + pick(3))});
-        if (pick(4) == 0) r.lines.push_back({resource_ids[static_cast<std::size_t>((first + 1) % 4)], 1});
-        if (pick(10) == 0) r.hold_for = std::chrono::milliseconds(5 + pick(25));
-        return r;
-      };
+      auto random_request = [&] { return test::random_booking(pick, user, resource_ids, 10); };
       for (int op = 0; op < ops; ++op) {
         const int dice = pick(100);
         if (dice < 50) {  // submit, sometimes with an idempotency key (new, retry or conflict)
