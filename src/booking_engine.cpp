@@ -1069,6 +1069,47 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     return !queue.empty();
   }
 
+  // A booking whose store commit completed within submit_async, decided on the submitting thread
+  // (EngineOptions::decide_on_caller): as a worker would, in arrival order. Not from a store
+  // completion (decide takes the booking's lock).
+  void decide_here(job j) {
+    std::vector<ResourceState*> touched;
+    std::optional<std::string> refused;
+    {
+      std::unique_lock qlock(queue_mutex);
+      if (stopping.load()) {
+        qlock.unlock();
+        queued.fetch_sub(1, std::memory_order_acq_rel);
+        timers.schedule(steady::now(), [this, b = std::move(j.booking), t0 = j.submitted]() mutable {
+          decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down", units::none);
+        });
+        return;
+      }
+      if (!queue.empty()) {
+        // Bookings that came earlier wait for a worker: this one waits behind them.
+        queue.push_back(std::move(j));
+        const bool wake = parked_workers > 0;
+        qlock.unlock();
+        if (wake) queue_cv.notify_one();
+        return;
+      }
+      queued.fetch_sub(1, std::memory_order_acq_rel);
+      // As a worker: the resources lock before the queue's is let go, so that reservations keep
+      // the order of arrival.
+      std::unique_lock rlock(resources_mutex);
+      qlock.unlock();
+      refused = try_reserve(j.booking.lines, !j.booking.hold_for, touched);
+      for (auto* r : touched) publish_resource(*r);
+    }
+    if (refused) {
+      decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*refused),
+             units::none);
+    } else {
+      const auto where = j.booking.hold_for ? units::reserved : units::confirmed;
+      decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, where);
+    }
+  }
+
   void worker() {
     // Without a handler deciding is quick, so a worker takes a batch: one lock hand-off and one
     // availability event per resource for many bookings. With a handler (which may block) it
@@ -1481,11 +1522,21 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
   b->created_at = b->updated_at = wall_clock::now();
   // Counted in flight from here: shutdown() waits for this commit's completion.
   m.in_flight.fetch_add(1, std::memory_order_acq_rel);
+  // Deciding on this thread (decide_on_caller) needs the commit to have completed when
+  // commit_async returns (MemoryStore; or a store thread that was quick); a completion that comes
+  // later (on the store's thread) hands the booking to the workers as before.
+  struct caller_slot {
+    std::mutex mutex;
+    bool returned = false;
+    std::optional<detail::engine_core::job> job;
+  };
+  std::shared_ptr<caller_slot> here;
+  if (!m.options.handler && m.options.decide_on_caller) here = std::make_shared<caller_slot>();
   StateChange change{*b, detail::engine_core::events_for(*b), fp};
   // Nobody else knows this booking id before the completion, so no booking lock is needed.
   // `fp` is copied, not moved: `change` refers to it until commit_async has serialised it.
   m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), fp, t0, quota_units,
-                                 done = std::move(done)](result<void> stored) mutable {
+                                 here, done = std::move(done)](result<void> stored) mutable {
     if (!stored && !slot.empty() && stored.error().is(errc::idempotency_conflict)) {
       // Another process stored this user's key first (a store shared by several processes): the
       // same request gets that booking, a different one the conflict. Read on the timer thread
@@ -1511,6 +1562,15 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
     m.publish(events, *b);
     m.accepted.fetch_add(1, std::memory_order_relaxed);
     Ack ack{b->id, BookingStatus::processing, false, b->version};
+    if (here) {
+      std::unique_lock lock(here->mutex);
+      if (!here->returned) {  // within commit_async: submit_async decides it once this returns
+        here->job.emplace(detail::engine_core::job{std::move(*b), t0});
+        lock.unlock();
+        m.ack_latency.record(steady::now() - t0);
+        return done(std::move(ack));
+      }
+    }
     bool wake = false;
     {
       std::unique_lock lock(m.queue_mutex);
@@ -1532,6 +1592,13 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
     m.ack_latency.record(steady::now() - t0);
     done(std::move(ack));
   });
+  if (here) {
+    std::unique_lock lock(here->mutex);
+    here->returned = true;
+    auto j = std::move(here->job);
+    lock.unlock();
+    if (j) m.decide_here(std::move(*j));
+  }
 }
 
 result<Booking> BookingEngine::get(std::string_view booking_id) const {

@@ -2,12 +2,16 @@
 
 #include <boost/json/serialize.hpp>
 
+#include <atomic>
 #include <mutex>
 
 namespace pushbook {
 
+// Each wire form is built once, by the first caller. Not std::call_once: glibc's pthread_once
+// makes a futex system call after every initialisation, and an event is made per state change.
 struct Event::cache {
-  std::once_flag plain_once, snapshot_once;
+  std::mutex mutex;  // taken only until a form is built
+  std::atomic<bool> plain_ready{false}, snapshot_ready{false};
   std::shared_ptr<const std::string> plain, snapshot;
 };
 
@@ -42,12 +46,15 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
     out += '}';
     return std::make_shared<const std::string>(std::move(out));
   };
-  if (snapshot) {
-    std::call_once(cache_->snapshot_once, [&] { cache_->snapshot = build(true); });
-    return cache_->snapshot;
+  auto& ready = snapshot ? cache_->snapshot_ready : cache_->plain_ready;
+  auto& form = snapshot ? cache_->snapshot : cache_->plain;
+  if (ready.load(std::memory_order_acquire)) return form;
+  std::lock_guard lock(cache_->mutex);
+  if (!form) {
+    form = build(snapshot);
+    ready.store(true, std::memory_order_release);
   }
-  std::call_once(cache_->plain_once, [&] { cache_->plain = build(false); });
-  return cache_->plain;
+  return form;
 }
 
 std::string format_epoch(std::uint32_t epoch) {

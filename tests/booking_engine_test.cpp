@@ -1,11 +1,13 @@
 #include <pushbook/booking_engine.hpp>
 
 #include "requests.hpp"
+#include "test_store.hpp"
 #include "wait.hpp"
 
 #include <doctest/doctest.h>
 #include <boost/json/serialize.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <latch>
 #include <map>
@@ -142,6 +144,52 @@ TEST_CASE("submit ACKs processing at once; the decision follows on booking/<id> 
   CHECK(last->data().at("booking_id").as_string() == ack.booking_id);
   CHECK(last->data().at("lines").as_array().size() == 1);
   CHECK(bus->last("resource/room-1")->data().at("available") == 0);
+}
+
+TEST_CASE(
+    "without a handler a booking is decided on the submitting thread; decide_on_caller off: on a worker") {
+  struct Case {
+    bool on_caller;
+    bool async_store;  // commits completed on the store's own thread, as SQLite's are
+  };
+  for (const auto c : {Case{true, false}, Case{false, false}, Case{true, true}}) {
+    CAPTURE(c.on_caller);
+    CAPTURE(c.async_store);
+    auto bus = std::make_shared<LocalBus>();
+    auto store = std::make_shared<test::TestStore>(c.async_store);
+    std::mutex mutex;
+    std::vector<std::pair<BookingStatus, std::thread::id>> commits;  // the thread of each commit
+    store->fail_when([&](const Booking& b) {
+      std::lock_guard lock(mutex);
+      commits.emplace_back(b.status, std::this_thread::get_id());
+      return false;
+    });
+    EngineOptions o;
+    o.decide_on_caller = c.on_caller;
+    o.store = store;
+    BookingEngine engine(bus, o);
+    REQUIRE(engine.add_resource("room-1", 1));
+    auto first = engine.submit(one("alice", "room-1")).value();
+    auto second = engine.submit(one("bob", "room-1")).value();
+    const bool here = c.on_caller && !c.async_store;
+    if (here) {  // decided before submit returned
+      CHECK(engine.get(first.booking_id)->status == BookingStatus::confirmed);
+      CHECK(engine.get(second.booking_id)->reason == RejectReason::sold_out);  // in arrival order
+    }
+    REQUIRE(eventually([&] { return engine.stats().in_flight == 0; }));
+    CHECK(engine.get(first.booking_id)->status == BookingStatus::confirmed);
+    CHECK(engine.get(second.booking_id)->status == BookingStatus::rejected);
+    std::lock_guard lock(mutex);
+    REQUIRE(commits.size() == 4);
+    for (const auto& [status, thread] : commits) {
+      if (status == BookingStatus::processing)
+        CHECK(thread == std::this_thread::get_id());  // the ACK's commit: always the caller's
+      else if (here || !c.on_caller)
+        CHECK((thread == std::this_thread::get_id()) == here);
+      // With the store's own thread completing, either may decide: the caller when the completion
+      // came before submit looked for it, else a worker.
+    }
+  }
 }
 
 TEST_CASE("capacity 1, three bookings: the first is confirmed, the others sold_out, in arrival order") {

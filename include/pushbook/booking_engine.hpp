@@ -75,6 +75,12 @@ struct EngineOptions {
   std::size_t max_queue = 65536;
   /// Optional business step; without one every booking that fits is approved.
   BookingHandler handler;
+  /// Without a handler, a booking whose store commit completes within submit (MemoryStore) is
+  /// decided on the submitting thread, right after its ACK, instead of on a worker: no thread
+  /// hand-off and no wake-up per booking. Arrival order is kept (a booking that finds others
+  /// waiting for a worker joins them). A store that commits on its own thread (SQLite,
+  /// PostgreSQL) still hands the booking to the workers. Off: every booking goes to a worker.
+  bool decide_on_caller = true;
   /// How long the handler may take before the booking is rejected with handler_timeout.
   std::chrono::milliseconds handler_timeout = std::chrono::seconds(10);
   /// How long idempotency keys are remembered...
