@@ -2,9 +2,11 @@
 //
 //   pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]
 //                   [--store URL] [--recovery requeue|reject] [--bus local|redis://HOST:PORT]
+//                   [--node-id N [--store-lease-ms MS]]
 //                   [--resource ID:CAPACITY]... [--secret S | --keys FILE | --dev-insecure]
 //                   [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...
 //                   [--static-dir DIR] [--demo [--demo-token-ttl-s N]]
+//                   [--tls-cert FILE --tls-key FILE [--tls-only] [--tls-client-ca FILE]]
 //   pushbook-server --token-for USER [--secret S | --keys FILE] [--ttl-s N]   print a client token
 //
 // --demo serves the demo page (web/: index.html and the browser client pushbook.js) at "/" and
@@ -22,10 +24,17 @@
 // --bus: where events travel. "local" (the default) is the in-process LocalBus; a Redis address
 // (redis://host:port[/db], unix:/path) makes it a RedisBus, so that several servers on one Redis
 // share every topic's numbering and events.
+//
+// --node-id N: this server's number in a cluster (several servers on one PostgreSQL and one
+// Redis, behind a load balancer: examples/cluster, docs/deployment.md).
+//
+// --tls-cert/--tls-key: https, wss and SSE over TLS on the port (plain HTTP too unless
+// --tls-only); SIGHUP reloads the certificate and key (a renewal without a restart).
 #include <pushbook/auth.hpp>
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/booking_store.hpp>
 #include <pushbook/event_bus.hpp>
+#include <pushbook/postgres_store.hpp>
 #include <pushbook/push_gateway.hpp>
 #include <pushbook/redis_bus.hpp>
 
@@ -39,6 +48,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <random>
 #include <string_view>
 #include <thread>
@@ -58,6 +68,8 @@ struct Options {
   std::size_t workers = 2;
   std::string store = "sqlite:pushbook.db";
   std::string bus = "local";
+  std::optional<std::uint32_t> node_id;  // --node-id
+  long store_lease_ms = 0;               // --store-lease-ms (0: PostgresOptions' default)
   pushbook::RecoveryPolicy recovery = pushbook::RecoveryPolicy::requeue;
   std::vector<std::pair<std::string, std::uint32_t>> resources;
   int decision_delay_ms = 0;
@@ -68,6 +80,11 @@ struct Options {
   bool demo = false;
   long demo_ttl_s = 600;
 };
+
+// Whether --store names a PostgreSQL database (opened with this server's node id and lease).
+bool is_postgres_url(std::string_view url) {
+  return url.starts_with("postgresql://") || url.starts_with("postgres://");
+}
 
 // The demo page's files: installed beside the binary (<prefix>/share/pushbook/web for
 // <prefix>/bin/pushbook-server), else the source tree this binary was built from.
@@ -84,10 +101,12 @@ std::string demo_web_dir() {
 constexpr const char* synopsis =
     "usage: pushbook-server [--port N] [--bind ADDR] [--threads N] [--workers N]\n"
     "                       [--store URL] [--recovery requeue|reject] [--bus local|redis://H:P]\n"
+    "                       [--node-id N [--store-lease-ms MS]]\n"
     "                       [--resource ID:CAPACITY]...\n"
     "                       [--secret S | --secret-file F | --keys FILE | --dev-insecure]\n"
     "                       [--decision-delay-ms N [--decision-jitter-ms J]] [--allow-origin ORIGIN]...\n"
     "                       [--static-dir DIR] [--demo [--demo-token-ttl-s N]] [--access-log]\n"
+    "                       [--tls-cert FILE --tls-key FILE [--tls-only] [--tls-client-ca FILE]]\n"
     "                       [limits: --max-connections N, --user-rate-limit N, ... (see --help)]\n"
     "       pushbook-server --token-for USER [--secret S | --keys FILE] [--ttl-s N]\n";
 
@@ -114,6 +133,14 @@ constexpr const char* synopsis =
       "  --bus B             where events travel: local (in this process, the default) or a Redis\n"
       "                      address, redis://HOST:PORT[/DB] or unix:/PATH, shared by every server\n"
       "                      on it (RedisBus: clients resume on any of them)\n"
+      "  --node-id N         this server's number in a cluster (0 to 4294967295), unique among the\n"
+      "                      servers sharing a store and bus: it is part of every booking id, names\n"
+      "                      this server's claims in PostgreSQL (\"node-N\"; a restart under the same\n"
+      "                      number takes its own claims back at once), and is sent as the\n"
+      "                      Pushbook-Node header and in /healthz (docs/deployment.md)\n"
+      "  --store-lease-ms MS how long a postgresql:// store's claim on an undecided booking lasts\n"
+      "                      without renewal: a server that dies has its bookings taken over by the\n"
+      "                      others within it (default 10000, at least 100)\n"
       "  --recovery P        bookings found undecided at start: requeue (decide them again, the\n"
       "                      default) or reject (reason \"recovery\")\n"
       "  --resource ID:N     a resource and its capacity, repeatable (default room-101:10,\n"
@@ -142,6 +169,14 @@ constexpr const char* synopsis =
       "  --demo-token-ttl-s N    lifetime of a demo token (default 600)\n"
       "  --access-log        log a line per HTTP request and per WebSocket/SSE session (user, peer,\n"
       "                      route, status, bytes, duration; never a token) on stderr\n"
+      "\nTLS (https, wss, SSE over TLS; TLS 1.2 and 1.3, ALPN http/1.1):\n"
+      "  --tls-cert FILE     PEM: the server certificate, then its chain's intermediates\n"
+      "  --tls-key FILE      PEM: its private key (RSA or EC, not encrypted)\n"
+      "  --tls-only          TLS only (default: plain and TLS share the port, told apart by the\n"
+      "                      first bytes); plain HTTP then gets a 400 saying so\n"
+      "  --tls-client-ca FILE    PEM CAs: clients must present a certificate one of them signed\n"
+      "                      SIGHUP reloads the certificate and key (a bad pair is reported and\n"
+      "                      the one in use stays)\n"
       "\nLimits (what one client or user may cost the server):\n"
       "  --max-connections N     open connections, at most (default 100000); beyond, 503. At the\n"
       "                      open file limit (ulimit -n) accepts wait: a warning every 10 s and\n"
@@ -175,7 +210,8 @@ constexpr const char* synopsis =
       "  --token-for USER    print a client token for USER signed with --secret (or with the\n"
       "                      signing HS256 key of --keys, its kid in the header), and exit\n"
       "  --ttl-s N           its lifetime in seconds (default 3600)\n"
-      "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001); SIGHUP reloads --keys.\n"
+      "\nSIGINT and SIGTERM stop it gracefully (WebSockets get close code 1001); SIGHUP reloads --keys\n"
+      "and the TLS certificate and key.\n"
       "\nExample:\n"
       "  export PUSHBOOK_SECRET=$(head -c 32 /dev/urandom | base64)\n"
       "  pushbook-server --port 8080 --resource room-101:5 --decision-delay-ms 20\n"
@@ -314,6 +350,19 @@ Options parse(int argc, char** argv) {
                    o.bus);
         usage(2);
       }
+    } else if (a == "--node-id") {
+      const long n = number();
+      if (n > 4294967295L) {
+        fmt::print(stderr, "--node-id is from 0 to 4294967295, not {}\n", n);
+        usage(2);
+      }
+      o.node_id = static_cast<std::uint32_t>(n);
+    } else if (a == "--store-lease-ms") {
+      o.store_lease_ms = number();
+      if (o.store_lease_ms < 100 || o.store_lease_ms > 3'600'000) {
+        fmt::print(stderr, "--store-lease-ms is from 100 to 3600000, not {}\n", o.store_lease_ms);
+        usage(2);
+      }
     } else if (a == "--recovery")
       o.recovery = one_of<pushbook::RecoveryPolicy>(
           a, value(),
@@ -346,6 +395,14 @@ Options parse(int argc, char** argv) {
       o.gateway.allowed_origins.push_back(value());
     else if (a == "--static-dir")
       o.gateway.static_dir = value();
+    else if (a == "--tls-cert")
+      o.gateway.tls.cert_file = value();
+    else if (a == "--tls-key")
+      o.gateway.tls.key_file = value();
+    else if (a == "--tls-only")
+      o.gateway.tls.tls_only = true;
+    else if (a == "--tls-client-ca")
+      o.gateway.tls.client_ca_file = value();
     else if (a == "--demo")
       o.demo = true;
     else if (a == "--demo-token-ttl-s")
@@ -386,6 +443,20 @@ Options parse(int argc, char** argv) {
                o.gateway.secret.size());
     usage(2);
   }
+  if (o.store_lease_ms && !is_postgres_url(o.store)) {
+    fmt::print(stderr, "--store-lease-ms is for a postgresql:// store (--store), not '{}'\n", o.store);
+    usage(2);
+  }
+  const auto& tls = o.gateway.tls;
+  if ((tls.tls_only || !tls.client_ca_file.empty() || !tls.key_file.empty()) && tls.cert_file.empty()) {
+    fmt::print(stderr, "--tls-key, --tls-only and --tls-client-ca need --tls-cert\n");
+    usage(2);
+  }
+  if (!tls.cert_file.empty() && tls.key_file.empty()) {
+    fmt::print(stderr, "--tls-cert needs --tls-key\n");
+    usage(2);
+  }
+  if (o.node_id) o.gateway.node_name = fmt::format("node-{}", *o.node_id);
   if (o.resources.empty()) o.resources = {{"room-101", 10}, {"room-102", 10}, {"concert", 100}};
   if (o.demo) {
     if (o.demo_ttl_s <= 0) {
@@ -415,10 +486,17 @@ pushbook::result<std::shared_ptr<const pushbook::KeySet>> load_keys(const std::s
   return std::make_shared<const pushbook::KeySet>(std::move(*keys));
 }
 
-// SIGHUP: the --keys file again. A file that does not load leaves the keys in use as they were.
-void reload_keys(pushbook::PushGateway& gateway, const std::string& path) {
+// SIGHUP: the --keys file and the TLS certificate and key again. What does not load leaves what
+// is in use as it was.
+void reload(pushbook::PushGateway& gateway, const std::string& path) {
+  if (gateway.tls_enabled()) {
+    if (auto r = gateway.reload_tls(); !r)
+      fmt::print(stderr, "pushbook-server: SIGHUP: {}; the certificate in use stays\n", r.error().message);
+    else
+      fmt::print("pushbook-server: SIGHUP: TLS certificate and key reloaded\n");
+  }
   if (path.empty()) {
-    fmt::print("pushbook-server: SIGHUP received; no --keys file to reload\n");
+    if (!gateway.tls_enabled()) fmt::print("pushbook-server: SIGHUP received; no --keys file to reload\n");
   } else if (auto keys = load_keys(path); !keys) {
     fmt::print(stderr, "pushbook-server: SIGHUP: {}; the keys in use stay\n", keys.error().message);
   } else {
@@ -483,7 +561,16 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  auto store = pushbook::open_store(opt.store);
+  // PostgreSQL with this node's name and lease; anything else from its URL alone.
+  auto store = [&]() -> pushbook::result<std::shared_ptr<pushbook::BookingStore>> {
+    if (!is_postgres_url(opt.store)) return pushbook::open_store(opt.store);
+    pushbook::PostgresOptions po;
+    if (opt.node_id) po.node_id = opt.gateway.node_name;
+    if (opt.store_lease_ms) po.lease = std::chrono::milliseconds(opt.store_lease_ms);
+    auto pg = pushbook::PostgresStore::open(opt.store, po);
+    if (!pg) return pg.error();
+    return std::shared_ptr<pushbook::BookingStore>(std::move(*pg));
+  }();
   if (!store) {
     fmt::print(stderr, "pushbook-server: --store {}: {}\n", without_password(opt.store),
                store.error().message);
@@ -515,6 +602,7 @@ int main(int argc, char** argv) {
     pushbook::EngineOptions eo = opt.engine;
     eo.workers = opt.workers;
     eo.recovery = opt.recovery;
+    eo.node_id = opt.node_id;
     eo.store = std::move(*store);
     if (opt.decision_delay_ms > 0 || opt.decision_jitter_ms > 0)
       eo.handler = [&timers, delay = opt.decision_delay_ms, jitter = opt.decision_jitter_ms](
@@ -537,20 +625,25 @@ int main(int argc, char** argv) {
 
     pushbook::PushGateway gateway(bus, engine, opt.gateway);
     auto port = gateway.listen();
-    if (!port) {
-      fmt::print(stderr, "pushbook-server: {}\n", port.error().message);
-      return 1;
-    }
-    fmt::print("pushbook-server listening on http://{}:{} ({} resources, decision delay {}{} ms)\n",
-               opt.gateway.host, *port, opt.resources.size(), opt.decision_delay_ms,
-               opt.decision_jitter_ms ? fmt::format("+0..{}", opt.decision_jitter_ms) : "");
+    // Through the handler below, which stops the timer thread: returning from here would destroy
+    // it joinable (std::terminate, an abort instead of a clear exit status).
+    if (!port) throw std::runtime_error(port.error().message);
+    const auto& tls = opt.gateway.tls;
+    fmt::print("pushbook-server listening on {}://{}:{} ({}{} resources, decision delay {}{} ms{})\n",
+               tls.cert_file.empty() ? "http" : "https", opt.gateway.host, *port,
+               tls.cert_file.empty() ? ""
+               : tls.tls_only        ? "TLS only, "
+                                     : "plain HTTP too, ",
+               opt.resources.size(), opt.decision_delay_ms,
+               opt.decision_jitter_ms ? fmt::format("+0..{}", opt.decision_jitter_ms) : "",
+               opt.node_id ? ", " + opt.gateway.node_name : "");
     if (opt.demo)
-      fmt::print("pushbook-server: demo page at http://{}:{}/ (serving {})\n", opt.gateway.host, *port,
-                 opt.gateway.static_dir);
+      fmt::print("pushbook-server: demo page at {}://{}:{}/ (serving {})\n",
+                 tls.cert_file.empty() ? "http" : "https", opt.gateway.host, *port, opt.gateway.static_dir);
     std::fflush(stdout);
 
     int sig = 0;
-    while (sigwait(&signals, &sig) == 0 && sig == SIGHUP) reload_keys(gateway, opt.keys_file);
+    while (sigwait(&signals, &sig) == 0 && sig == SIGHUP) reload(gateway, opt.keys_file);
     fmt::print("pushbook-server: {} received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
     std::fflush(stdout);
     gateway.stop();

@@ -84,6 +84,8 @@ std::optional<std::uint32_t> parse_epoch(std::string_view text) noexcept {
 
 EventBus::~EventBus() = default;
 
+bool EventBus::available() const noexcept { return true; }
+
 void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                              const PublishOptions& options, PublishCallback done) {
   auto r = publish(topic, std::move(data), options);

@@ -1277,6 +1277,11 @@ void RedisBus::impl::teardown() {
   stop();
 }
 
+bool RedisBus::available() const noexcept {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->commands_ready && impl_->subscriber_ready;
+}
+
 bool RedisBus::wait_connected(std::chrono::milliseconds timeout) const {
   std::unique_lock lock(impl_->mutex);
   return impl_->changed.wait_for(lock, timeout,

@@ -255,8 +255,9 @@ CONTRACT_CASE(
   auto keep = [&](Collector<Seen>& c) {
     return [&](result<Subscription> r) {
       REQUIRE(r);
-      seen_at_done.push(c.size());
-      subs.push(std::make_shared<Subscription>(std::move(*r)));
+      const auto seen = c.size();
+      subs.push(std::make_shared<Subscription>(std::move(*r)));  // kept before the test is told
+      seen_at_done.push(seen);
     };
   };
   SubscribeOptions o;

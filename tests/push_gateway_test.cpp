@@ -293,6 +293,49 @@ TEST_CASE("after a restart a booking's state comes from the store, as a snapshot
         "forbidden");
 }
 
+TEST_CASE(
+    "a booking's snapshot read from the store ahead of the bus is not followed by the events it contains "
+    "(another node decided it and is still publishing)") {
+  // Two engines on one store, as two nodes on one database; each its own bus here, so that the
+  // test publishes node B's events on node A's bus when it chooses (as Redis would, late).
+  auto store = std::make_shared<MemoryStore>();
+  EngineOptions eo;
+  eo.store = store;
+  Server a({}, eo);
+  auto b_bus = std::make_shared<LocalBus>();
+  auto b = std::make_shared<BookingEngine>(b_bus, eo);
+  b->add_resource("hall", 1000).value();
+  const auto ack = b->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}).value();
+  const auto topic = "booking/" + ack.booking_id;
+  REQUIRE(
+      test::eventually([&] { return b->get(ack.booking_id).value().status == BookingStatus::confirmed; }));
+  REQUIRE(a.bus->last(topic) == nullptr);  // A's bus has nothing of it yet
+
+  // The client (on node A) follows the booking from the ACK's version 1: the store already has
+  // version 2, which comes as a snapshot.
+  auto ws = a.ws("alice");
+  REQUIRE(ws->request({{"id", 1}, {"op", "subscribe"}, {"topic", topic}, {"since", 1}}).value().at("ok") ==
+          true);
+  auto first = ws->next(5s);
+  REQUIRE(first);
+  CHECK(first->at("snapshot") == true);
+  CHECK(first->at("data").at("version") == 2);
+  // Node B's events reach A's bus now: version 1 and 2, then a cancel (version 3).
+  REQUIRE(b->cancel(ack.booking_id));
+  REQUIRE(test::eventually([&] { return b_bus->history(topic).size() == 3; }));
+  for (const auto& ev : b_bus->history(topic)) {
+    PublishOptions po;
+    po.seq = ev->seq();
+    REQUIRE(a.bus->publish(topic, ev->shared_data(), po));
+  }
+  // The client gets version 3 next: never version 1 after 2, never 2 twice.
+  auto next = ws->next(5s);
+  REQUIRE(next);
+  CHECK(next->at("data").at("version") == 3);
+  CHECK(status_of(*next) == "cancelled");
+  b->shutdown();
+}
+
 TEST_CASE("since replays what was missed, without gap or duplicate") {
   Server s;
   for (int i = 0; i < 3; ++i) REQUIRE(s.engine->submit(BookingRequest{"alice", {{"hall", 1}}, {}, {}, {}}));
@@ -378,6 +421,42 @@ TEST_CASE("a frame over max_message_bytes closes the connection with 1009") {
   CHECK(closed->code == 1009);
   auto other = s.ws("bob");  // the server carries on
   CHECK(other->request({{"op", "ping"}}).value().at("ok") == true);
+}
+
+TEST_CASE(
+    "messages arrive whole however framed: fragments, an empty first fragment, a ping between, one byte, "
+    "empty") {
+  // The session waits for a message's first byte alone and reads the rest after it: every way a
+  // message can be cut must still reach the protocol whole.
+  Server s;
+  RawSocket raw(s.port);
+  REQUIRE(raw.send(test::ws_upgrade_request(Server::token("alice"))));
+  REQUIRE(raw.receive_until("\r\n\r\n", 5s).starts_with("HTTP/1.1 101"));
+  // Fragments (an empty first one), with a ping frame between two of them.
+  REQUIRE(raw.send(test::ws_frame("", 0x1, false) + test::ws_frame(R"({"id":1,)", 0x0, false) +
+                   test::ws_frame("hi", 0x9) + test::ws_frame(R"("op":"pi)", 0x0, false) +
+                   test::ws_frame(R"(ng"})", 0x0, true)));
+  auto got = raw.receive_until(R"("id":1)", 5s);
+  CHECK(got.find(R"("id":1,"ok":true)") != std::string::npos);
+  CHECK(got.find("\x8a\x02hi") != std::string::npos);  // the pong, answered mid-message
+  // A message of one byte, and an empty one: both answered (not JSON).
+  REQUIRE(raw.send(test::ws_frame("x")));
+  CHECK(raw.receive_until("bad_request", 5s).find("bad_request") != std::string::npos);
+  REQUIRE(raw.send(test::ws_frame("")));
+  CHECK(raw.receive_until("bad_request", 5s).find("bad_request") != std::string::npos);
+  // A frame trickling in a byte at a time.
+  const auto frame = test::ws_frame(R"({"id":2,"op":"ping"})");
+  for (char c : frame) {
+    REQUIRE(raw.send(std::string(1, c)));
+    std::this_thread::sleep_for(1ms);  // pacing the bytes into separate segments, not a synchronisation
+  }
+  got = raw.receive_until(R"("id":2)", 5s);
+  CHECK(got.find(R"("id":2,"ok":true)") != std::string::npos);
+  // A long message (many reads) after short ones.
+  const std::string pad(20000, ' ');
+  REQUIRE(raw.send(test::ws_frame(R"({"id":3,"op":"ping")" + pad + "}")));
+  got = raw.receive_until(R"("id":3)", 5s);
+  CHECK(got.find(R"("id":3,"ok":true)") != std::string::npos);
 }
 
 TEST_CASE("malformed messages get error replies and the connection stays usable") {
@@ -505,9 +584,11 @@ TEST_CASE("HTTP: POST 202 with Location, GET with ETag and 304, long-poll, DELET
   auto del = http.request("DELETE", "/v1/bookings/" + id, {}, auth).value();
   CHECK(del.status == 200);
   CHECK(del.json().at("status") == "cancelled");
+  // Sent again (a balancer or a client after a lost answer): the same answer, nothing changed.
   auto again = http.request("DELETE", "/v1/bookings/" + id, {}, auth).value();
-  CHECK(again.status == 409);
-  CHECK(again.json().at("error").at("code") == "bad_request");
+  CHECK(again.status == 200);
+  CHECK(again.json().at("status") == "cancelled");
+  CHECK(again.json().at("version") == del.json().at("version"));
 
   auto bob =
       std::vector<std::pair<std::string, std::string>>{{"Authorization", "Bearer " + Server::token("bob")}};
@@ -557,7 +638,7 @@ TEST_CASE("HTTP: bad input gets a JSON error with the right status") {
   auto big = s.http().request("POST", "/v1/bookings", std::string(5000, ' '), auth).value();
   CHECK(big.status == 413);
   CHECK(big.json().at("error").at("code") == "too_large");
-  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up"})");
+  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up","bus":"up"})");
 }
 
 TEST_CASE("SSE: events with id, resume with Last-Event-ID") {
@@ -616,6 +697,26 @@ TEST_CASE("graceful shutdown closes WebSockets with 1001 going away") {
   REQUIRE(closed.has_value());
   CHECK(closed->code == 1001);
   CHECK(closed->reason == "going away");
+}
+
+TEST_CASE("connections accepted while stop() runs are ended too, not left for the shutdown timeout") {
+  GatewayOptions o;
+  o.shutdown_timeout = 20s;  // an idle connection the shutdown missed would hold stop() 10 s
+  Server s(o);
+  std::atomic<bool> stopped{false};
+  std::vector<std::unique_ptr<RawSocket>> sockets;
+  std::thread connector([&] {  // new connections keep arriving until stop() returns
+    while (!stopped.load() && sockets.size() < 2000) sockets.push_back(std::make_unique<RawSocket>(s.port));
+  });
+  REQUIRE(test::eventually([&] { return s.gateway->stats().connections_total >= 20; }));
+  const auto start = std::chrono::steady_clock::now();
+  s.gateway->stop();
+  const auto took = std::chrono::steady_clock::now() - start;
+  stopped = true;
+  connector.join();
+  CHECK(took < 8s);
+  MESSAGE(sockets.size() << " connections opened, stop() took "
+                         << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
 }
 
 TEST_CASE("graceful shutdown drains: healthz 503, no new bookings, decisions in flight pushed, then 1001") {
@@ -1339,13 +1440,81 @@ TEST_CASE("/healthz: 503 'degraded' while the store cannot take changes, 200 onc
   eo.store = store;
   Server s({}, eo);
   auto http = s.http();
-  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up"})");
+  CHECK(http.request("GET", "/healthz").value().body == R"({"status":"ok","store":"up","bus":"up"})");
   store->up = false;
   auto down = http.request("GET", "/healthz").value();
   CHECK(down.status == 503);
-  CHECK(down.body == R"({"status":"degraded","store":"down"})");
+  CHECK(down.body == R"({"status":"degraded","store":"down","bus":"up"})");
   store->up = true;
   auto again = http.request("GET", "/healthz").value();
   CHECK(again.status == 200);
-  CHECK(again.body == R"({"status":"ok","store":"up"})");
+  CHECK(again.body == R"({"status":"ok","store":"up","bus":"up"})");
+}
+
+namespace {
+// A LocalBus that says whether it is reachable as the test decides (as RedisBus does while
+// Redis is away).
+struct SwitchableBus final : EventBus {
+  LocalBus inner;
+  std::atomic<bool> up{true};
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& o) override {
+    return inner.publish(topic, std::move(data), o);
+  }
+  result<Subscription> subscribe(std::string_view topic, DeliveryCallback cb, SubscribeOptions o) override {
+    return inner.subscribe(topic, std::move(cb), std::move(o));
+  }
+  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq) const override {
+    return inner.history(topic, since_seq);
+  }
+  bool available() const noexcept override { return up.load(); }
+};
+}  // namespace
+
+TEST_CASE("/healthz: 503 'degraded' while the bus is unreachable; node_name names the node in every answer") {
+  auto bus = std::make_shared<SwitchableBus>();
+  auto engine = std::make_shared<BookingEngine>(bus);
+  engine->add_resource("hall", 10).value();
+  GatewayOptions o;
+  o.secret = secret;
+  o.threads = 1;
+  o.node_name = "node-7";
+  o.log = [](LogLevel, std::string_view) {};
+  PushGateway gateway(bus, engine, o);
+  const auto port = gateway.listen().value();
+  client::HttpClient http("127.0.0.1", port);
+
+  auto ok = http.request("GET", "/healthz").value();
+  CHECK(ok.status == 200);
+  CHECK(ok.body == R"({"status":"ok","store":"up","bus":"up","node":"node-7"})");
+  CHECK(ok.header("pushbook-node") == "node-7");
+  bus->up = false;
+  auto down = http.request("GET", "/healthz").value();
+  CHECK(down.status == 503);
+  CHECK(down.body == R"({"status":"degraded","store":"up","bus":"down","node":"node-7"})");
+  bus->up = true;
+  CHECK(http.request("GET", "/healthz").value().status == 200);
+  // Every answer says which node gave it: errors, the WebSocket handshake, an SSE stream.
+  CHECK(http.request("GET", "/v1/nothing").value().header("pushbook-node") == "node-7");
+  const auto token = Server::token("alice");
+  RawSocket ws(port);
+  REQUIRE(ws.send(test::ws_upgrade_request(token)));
+  const auto head = ws.receive_until("\r\n\r\n", 5s);
+  CHECK(head.starts_with("HTTP/1.1 101"));
+  CHECK(head.find("Pushbook-Node: node-7\r\n") != std::string::npos);
+  RawSocket sse(port);
+  REQUIRE(sse.send("GET /v1/events?topic=user/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token +
+                   "\r\n\r\n"));
+  const auto sse_head = sse.receive_until("\r\n\r\n", 5s);
+  CHECK(sse_head.starts_with("HTTP/1.1 200"));
+  CHECK(sse_head.find("Pushbook-Node: node-7\r\n") != std::string::npos);
+  gateway.stop();
+
+  // A name that could break a header is refused.
+  o.node_name = "node\r\nX-Evil: 1";
+  CHECK_THROWS_AS(PushGateway(bus, engine, o), Exception);
+  o.node_name = std::string(65, 'n');
+  CHECK_THROWS_AS(PushGateway(bus, engine, o), Exception);
 }

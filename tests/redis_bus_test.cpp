@@ -278,6 +278,7 @@ TEST_CASE(
   CHECK(before[0].kind == Delivery::Kind::snapshot);
   REQUIRE(wild.wait_for(3).size() == 3);
   const auto old_epoch = before.back().epoch;
+  CHECK(bus->available());  // what /healthz reports
 
   server.kill();
   const auto start = std::chrono::steady_clock::now();
@@ -287,6 +288,7 @@ TEST_CASE(
   CHECK(std::chrono::steady_clock::now() - start < 3s);  // never blocks beyond command_timeout
   CHECK(bus->last("booking/r") == nullptr);              // unreachable: nothing to say
   CHECK(bus->stats().publish_failures >= 1);
+  CHECK(eventually([&] { return !bus->available(); }));  // the connections are gone
   MESSAGE("while down: " << failed.error().message);
 
   server.start();  // empty: the restart lost every key
@@ -296,6 +298,7 @@ TEST_CASE(
   CHECK(eventually([&] { return bus->stats().resyncs >= 1; }));
   REQUIRE(eventually([&] { return bus->publish("booking/r", num(5)).has_value(); }, 10s));
   CHECK(bus->stats().reconnects >= 1);
+  CHECK(eventually([&] { return bus->available(); }));
   // Then the new numbering, in the new epoch.
   auto after = exact.wait_for(6);
   REQUIRE(after.size() >= 6);
@@ -694,9 +697,13 @@ TEST_CASE("subscribe_async from the bus's own I/O thread (an inline callback) is
                       "booking/i",
                       [&](const Delivery&) {
                         bus->subscribe_async("booking/other", record(inner), {}, [&](result<Subscription> r) {
-                          outcome.push(r ? Error() : r.error());
-                          std::lock_guard lock(mutex);
-                          if (r) inner_sub = std::move(*r);
+                          Error error = r ? Error() : r.error();
+                          {
+                            std::lock_guard lock(mutex);
+                            if (r) inner_sub = std::move(*r);
+                          }
+                          // After `inner_sub` is kept: the test may end once it sees this.
+                          outcome.push(std::move(error));
                         });
                       },
                       o)
@@ -752,9 +759,12 @@ TEST_CASE("subscribe_async calls a snapshot_source off the I/O thread: a slow so
       },
       o,
       [&](result<Subscription> r) {
-        outcome.push(r ? Error() : r.error());
-        std::lock_guard lock(mutex);
-        if (r) sub = std::move(*r);
+        Error error = r ? Error() : r.error();
+        {
+          std::lock_guard lock(mutex);
+          if (r) sub = std::move(*r);
+        }
+        outcome.push(std::move(error));  // after `sub` is kept: the test may end once it sees this
       });
   REQUIRE(eventually([&] { return in_source.load(); }));
   CHECK_FALSE(source_on_io_thread.load());

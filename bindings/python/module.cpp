@@ -608,6 +608,9 @@ PYBIND11_MODULE(_core, m) {
 
   // The bus methods once, on the interface; LocalBus and RedisBus add their constructors and stats.
   py::class_<EventBus, std::shared_ptr<EventBus>>(m, "EventBus", "An event bus (LocalBus or RedisBus).")
+      .def_property_readonly(
+          "available", [](const EventBus& bus) { return bus.available(); },
+          "Whether the bus can publish and subscribe now (RedisBus: connected to Redis); for health checks.")
       .def(
           "publish",
           [](EventBus& bus, const std::string& topic, py::handle data, std::optional<std::uint64_t> seq) {
@@ -810,9 +813,10 @@ PYBIND11_MODULE(_core, m) {
                       double handler_timeout, std::size_t max_queue, double idempotency_window,
                       std::shared_ptr<BookingStore> store, const std::string& recovery, double max_hold,
                       std::size_t max_metadata_bytes, std::size_t max_in_flight_per_user,
-                      std::uint64_t max_held_units_per_user) {
+                      std::uint64_t max_held_units_per_user, bool decide_on_caller) {
             if (!bus) throw py::type_error("BookingEngine needs a bus (LocalBus or RedisBus)");
             EngineOptions o;
+            o.decide_on_caller = decide_on_caller;
             if (!(max_hold > 0) || max_hold > 365.0 * 86400)
               raise(Error(errc::bad_request, "max_hold must be a number of seconds above 0, at most a year"));
             o.max_hold = std::chrono::milliseconds(static_cast<std::int64_t>(max_hold * 1000));
@@ -850,7 +854,8 @@ PYBIND11_MODULE(_core, m) {
           "bus"_a, "workers"_a = 2, "handler"_a = py::none(), "loop"_a = py::none(),
           "handler_timeout"_a = 10.0, "max_queue"_a = 65536, "idempotency_window"_a = 86400.0,
           "store"_a = nullptr, "recovery"_a = "requeue", "max_hold"_a = 900.0, "max_metadata_bytes"_a = 4096,
-          "max_in_flight_per_user"_a = 1000, "max_held_units_per_user"_a = 0, py::keep_alive<1, 2>())
+          "max_in_flight_per_user"_a = 1000, "max_held_units_per_user"_a = 0, "decide_on_caller"_a = true,
+          py::keep_alive<1, 2>())
       .def(
           "add_resource",
           [](BookingEngine& e, const std::string& id, py::object capacity) {
@@ -1028,8 +1033,14 @@ PYBIND11_MODULE(_core, m) {
                        std::uint16_t port, std::optional<std::string> secret, bool dev_insecure,
                        std::size_t threads, std::vector<std::string> allowed_origins, std::string static_dir,
                        std::shared_ptr<KeySet> keys, double user_rate_limit, std::size_t user_rate_burst,
-                       bool access_log) {
+                       bool access_log, std::string node_name, std::string tls_cert, std::string tls_key,
+                       bool tls_only, std::string tls_client_ca) {
              GatewayOptions o;
+             o.node_name = std::move(node_name);
+             o.tls.cert_file = std::move(tls_cert);
+             o.tls.key_file = std::move(tls_key);
+             o.tls.tls_only = tls_only;
+             o.tls.client_ca_file = std::move(tls_client_ca);
              o.user_rate_limit_per_second = user_rate_limit;
              o.user_rate_limit_burst = user_rate_burst;
              o.access_log = access_log;
@@ -1055,7 +1066,11 @@ PYBIND11_MODULE(_core, m) {
            "bus"_a, "engine"_a, "host"_a = "127.0.0.1", "port"_a = 0, "secret"_a = py::none(),
            "dev_insecure"_a = false, "threads"_a = 1, "allowed_origins"_a = std::vector<std::string>{},
            "static_dir"_a = "", "keys"_a = nullptr, "user_rate_limit"_a = 20.0, "user_rate_burst"_a = 100,
-           "access_log"_a = false, py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+           "access_log"_a = false, "node_name"_a = "", "tls_cert"_a = "", "tls_key"_a = "",
+           "tls_only"_a = false, "tls_client_ca"_a = "", py::keep_alive<1, 2>(), py::keep_alive<1, 3>(),
+           "tls_cert/tls_key (PEM files) turn TLS on: https, wss and SSE over TLS, on the same port as\n"
+           "plain HTTP unless tls_only; tls_client_ca asks clients for a certificate it signed. A bad\n"
+           "certificate, key or pair raises ValidationError.")
       .def(
           "start",
           [](PushGateway& g) {
@@ -1079,6 +1094,20 @@ PYBIND11_MODULE(_core, m) {
           },
           "keys"_a,
           "Replaces the token keys (a copy of `keys`) while running: new connections and refreshes use them.")
+      .def(
+          "reload_tls",
+          [](PushGateway& g) {
+            result<void> r = [&] {
+              py::gil_scoped_release release;
+              return g.reload_tls();
+            }();
+            take(std::move(r));
+          },
+          "Reads tls_cert and tls_key again (a renewed certificate): new handshakes use them, open\n"
+          "connections go on. Raises ValidationError (TLS off, or a bad file or pair; the certificate in "
+          "use\n"
+          "then stays).")
+      .def_property_readonly("tls_enabled", &PushGateway::tls_enabled)
       .def("stop", &PushGateway::stop, py::call_guard<py::gil_scoped_release>(),
            "Graceful: WebSockets get 1001, then the threads are joined.")
       .def("metrics", &PushGateway::metrics_text, py::call_guard<py::gil_scoped_release>())

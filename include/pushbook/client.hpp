@@ -23,6 +23,35 @@ namespace pushbook::client {
 
 using namespace std::chrono_literals;
 
+/// TLS for a client connection (https://, wss://).
+struct TlsClientOptions {
+  bool enabled = false;
+  /// PEM file of the CA certificates to trust; empty: the system's (OpenSSL's default paths).
+  std::string ca_file;
+  /// Development only: accept any certificate (a self-signed test server) and any name. Never
+  /// against a server that real users' tokens go to.
+  bool insecure = false;
+  /// The name the certificate must carry, sent as SNI too (an IP address is checked against the
+  /// certificate's IP addresses and not sent); empty: the host connected to.
+  std::string server_name;
+  /// PEM client certificate (chain) and key, for servers that ask for one (mutual TLS).
+  std::string cert_file;
+  std::string key_file;
+};
+
+/// Where a URL points: "ws://", "wss://", "http://" or "https://", a host (a name, an IPv4
+/// address or a bracketed IPv6 one), an optional port (default 80 / 443), an optional path
+/// with query (default "/").
+struct Url {
+  bool tls = false;
+  bool websocket = false;
+  std::string host;
+  std::uint16_t port = 0;
+  std::string target = "/";
+  /// Errors: bad_request naming what is wrong with `url`.
+  static result<Url> parse(std::string_view url);
+};
+
 struct ConnectOptions {
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
@@ -33,6 +62,11 @@ struct ConnectOptions {
   /// Sent as the Origin header when not empty.
   std::string origin;
   std::chrono::milliseconds timeout = 5s;
+  /// TLS (wss://); off by default.
+  TlsClientOptions tls;
+  /// host, port, target and tls.enabled from a "ws://" or "wss://" URL (an "http(s)://" one is
+  /// taken as the same server). Errors: bad_request.
+  static result<ConnectOptions> from_url(std::string_view url);
 };
 
 /// How the server closed a WebSocket.
@@ -45,8 +79,10 @@ struct CloseInfo {
 /// gap markers and notices queue up in arrival order for next(). Thread-safe.
 class PUSHBOOK_EXPORT WsClient {
  public:
-  /// Connects and completes the handshake. Errors: unauthorized / forbidden / overloaded (the
-  /// HTTP status the server refused the upgrade with), internal (connection failed, timeout).
+  /// Connects (with TLS when options.tls.enabled) and completes the handshake. Errors:
+  /// unauthorized / forbidden / overloaded (the HTTP status the server refused the upgrade
+  /// with), internal (connection failed, timeout, TLS handshake or certificate check failed:
+  /// the message says which).
   static result<std::unique_ptr<WsClient>> connect(ConnectOptions options);
   ~WsClient();
   WsClient(const WsClient&) = delete;
@@ -88,10 +124,16 @@ struct HttpResponse {
   std::string header(const std::string& lower_case_name) const;
 };
 
-/// A keep-alive HTTP/1.1 client for one server; reconnects when the server closed.
+/// A keep-alive HTTP/1.1 client for one server (https with `tls.enabled`); reconnects when the
+/// server closed.
 class PUSHBOOK_EXPORT HttpClient {
  public:
-  HttpClient(std::string host, std::uint16_t port, std::chrono::milliseconds timeout = 5s);
+  HttpClient(std::string host, std::uint16_t port, std::chrono::milliseconds timeout = 5s,
+             TlsClientOptions tls = {});
+  /// For the server of an "http://" or "https://" URL (its path is ignored); `tls.enabled` is
+  /// set from the scheme. Errors: bad_request.
+  static result<std::unique_ptr<HttpClient>> from_url(std::string_view url, TlsClientOptions tls = {},
+                                                      std::chrono::milliseconds timeout = 5s);
   ~HttpClient();
   HttpClient(const HttpClient&) = delete;
   HttpClient& operator=(const HttpClient&) = delete;

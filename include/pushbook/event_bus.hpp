@@ -252,6 +252,11 @@ class PUSHBOOK_EXPORT EventBus {
 
   /// The events of `topic` with seq > since_seq still in history, oldest first.
   virtual std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const = 0;
+
+  /// Whether the bus can publish and subscribe now, as far as it knows (RedisBus: both its
+  /// connections to Redis are up). For health checks: the gateway's /healthz says 503 while it is
+  /// false. The default (LocalBus) is true.
+  virtual bool available() const noexcept;
 };
 
 using EventBusPtr = std::shared_ptr<EventBus>;

@@ -40,6 +40,23 @@ enum class SlowConsumerPolicy {
   drop_with_gap,
 };
 
+/// TLS on the gateway's port: https, wss and SSE over TLS (TLS 1.2 and 1.3, ECDHE with AES-GCM
+/// or ChaCha20-Poly1305, ALPN "http/1.1"). Off while cert_file is empty. OpenSSL does the work;
+/// it stays out of this header.
+struct TlsOptions {
+  /// PEM: the server's certificate, then the intermediates of its chain.
+  std::string cert_file;
+  /// PEM: the certificate's private key (RSA or EC, not encrypted).
+  std::string key_file;
+  /// PEM CA certificates (optional): when set, every client must present a certificate one of
+  /// them signed (mutual TLS); the handshake fails otherwise.
+  std::string client_ca_file;
+  /// false: plain and TLS connections share the port, told apart by their first bytes (a TLS
+  /// ClientHello or not). true: only TLS; a plain HTTP request gets a plain-text 400 saying so,
+  /// anything else is closed. Production wants true (tokens never travel in clear).
+  bool tls_only = false;
+};
+
 struct GatewayOptions {
   /// Where listen() binds. Port 0 picks a free port (see PushGateway::port()).
   std::string host = "127.0.0.1";
@@ -112,6 +129,14 @@ struct GatewayOptions {
   /// user, peer, method, route (the route's pattern, never the query: tokens can be there),
   /// status or close code, bytes, duration. Format: docs/protocol.md, "Access log".
   bool access_log = false;
+  /// This gateway's name in a cluster (e.g. "node-2"; at most 64 letters, digits and `-_.:`).
+  /// When set, every HTTP response, SSE stream and WebSocket handshake carries it as the
+  /// `Pushbook-Node` header, and /healthz reports it, so that people (and tests) behind a load
+  /// balancer can see which node answered. Empty (the default): no header.
+  std::string node_name;
+  /// TLS (off by default). The files are read at construction (an unreadable file, a bad PEM or
+  /// a key that does not match the certificate throws bad_request) and again by reload_tls().
+  TlsOptions tls;
   /// Log sink (default: one line per message on stderr).
   LogFunction log;
 };
@@ -174,6 +199,15 @@ class PUSHBOOK_EXPORT PushGateway {
   result<void> set_keys(std::shared_ptr<const KeySet> keys);
   /// The keys in use (null in dev_insecure mode without keys).
   std::shared_ptr<const KeySet> keys() const;
+
+  /// Reads GatewayOptions::tls's files again (a renewed certificate) and uses them for the
+  /// handshakes that start from then on; connections open already go on with the certificate
+  /// they were given. Thread-safe. Errors: bad_request when TLS is off, when a file
+  /// cannot be read or parsed, or when the key does not match the certificate (the message says
+  /// which); the certificate in use then stays.
+  result<void> reload_tls();
+  /// Whether the gateway speaks TLS (GatewayOptions::tls.cert_file was given).
+  bool tls_enabled() const noexcept;
 
   GatewayStats stats() const;
   /// The Prometheus text exposition served at /metrics.

@@ -149,6 +149,8 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
 
   /// Waits until both connections are established (or `timeout` passes); true when they are.
   bool wait_connected(std::chrono::milliseconds timeout) const;
+  /// Both connections are established (connected and handshaken) now.
+  bool available() const noexcept override;
   RedisBusStats stats() const;
 
  private:

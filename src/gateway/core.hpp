@@ -40,9 +40,13 @@ class Session {
 /// The live sessions, weakly held.
 class SessionRegistry {
  public:
+  /// Registers a session; once close_all() has run, the session is also told to shut down
+  /// (a connection accepted while stop() runs is not left waiting for the shutdown timeout).
   void add(const std::shared_ptr<Session>& s);
   void remove(const Session* s);
   std::vector<std::shared_ptr<Session>> snapshot();
+  /// From now on every session added is shut down at once; returns the sessions open now.
+  std::vector<std::shared_ptr<Session>> close_all();
   /// Waits until no session is left or the deadline passes; true when empty.
   bool wait_empty(std::chrono::steady_clock::time_point deadline);
   std::size_t size();
@@ -50,10 +54,12 @@ class SessionRegistry {
  private:
   std::mutex mutex_;
   std::condition_variable empty_;
+  bool closing_ = false;
   std::unordered_map<const Session*, std::weak_ptr<Session>> sessions_;
 };
 
 class Listener;
+class TlsContext;
 
 struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   std::shared_ptr<GatewayContext> ctx;
@@ -67,6 +73,8 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   std::atomic<bool> stopping{false};
   std::atomic<std::int64_t> open_connections{0};
   std::shared_ptr<Listener> listener;
+  /// Set when GatewayOptions::tls is on: every accepted connection starts with serve_tls_port().
+  std::shared_ptr<TlsContext> tls;
   std::atomic<std::uint16_t> port{0};
 
   /// New demo users (POST /v1/demo/token without a token) for the whole gateway: a token bucket
@@ -101,7 +109,8 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
   /// The io_context for the next connection (round robin over the gateway's threads).
   net::io_context& next_context();
   void log(LogLevel level, std::string_view message) const;
-  /// Starts serving an accepted TCP connection (HTTP first; upgrades and SSE from there).
+  /// Starts serving an accepted TCP connection (TLS detection and handshake when TLS is on; HTTP
+  /// first; upgrades and SSE from there).
   void serve(tcp::socket socket);
 };
 

@@ -61,51 +61,71 @@ std::string_view content_type_for(std::string_view path) {
 
 }  // namespace
 
-HttpSession::HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse)
-    : core_(std::move(core)), stream_(std::move(socket)), buffer_(read_buffer_limit), refuse_(refuse) {
+template <class Stream>
+HttpSession<Stream>::HttpSession(std::shared_ptr<GatewayCore> core, Stream stream, bool refuse,
+                                 std::string_view already_read)
+    : core_(std::move(core)),
+      stream_(std::move(stream)),
+      executor_(stream_.get_executor()),
+      buffer_(read_buffer_limit),
+      refuse_(refuse) {
+  if (!already_read.empty()) {
+    const auto n = std::min(already_read.size(), buffer_.max_size());
+    buffer_.commit(net::buffer_copy(buffer_.prepare(n), net::buffer(already_read.data(), n)));
+  }
   core_->metrics.http_connections.fetch_add(1);
   counted_ = true;
 }
 
-HttpSession::~HttpSession() {
+template <class Stream>
+HttpSession<Stream>::~HttpSession() {
   if (counted_) core_->metrics.http_connections.fetch_sub(1);
   if (!handed_over_) core_->open_connections.fetch_sub(1);
   core_->registry.remove(this);
 }
 
-void HttpSession::run() {
-  core_->registry.add(shared_from_this());
-  net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->do_read(); });
+template <class Stream>
+void HttpSession<Stream>::run() {
+  // Reading starts before the session registers: a shutdown() that registering posts (stop()
+  // running) then finds the read started and closes the idle connection.
+  net::dispatch(executor_, [self = this->shared_from_this()] { self->do_read(); });
+  core_->registry.add(this->shared_from_this());
 }
 
-void HttpSession::run_with(Request request) {
+template <class Stream>
+void HttpSession<Stream>::run_with(Request request) {
   started_ = std::chrono::steady_clock::now();
-  core_->registry.add(shared_from_this());
-  net::dispatch(stream_.get_executor(), [self = shared_from_this(), req = std::move(request)]() mutable {
+  net::dispatch(executor_, [self = this->shared_from_this(), req = std::move(request)]() mutable {
     self->handle(std::move(req));
   });
+  core_->registry.add(this->shared_from_this());  // after: a shutdown() it posts finds the request
 }
 
-void HttpSession::shutdown() {
-  net::post(stream_.get_executor(), [self = shared_from_this()] {
+template <class Stream>
+void HttpSession<Stream>::shutdown() {
+  net::post(executor_, [self = this->shared_from_this()] {
+    if (self->handed_over_) return;  // the WebSocket or SSE session has the connection
     self->shutdown_requested_ = true;
     if (self->poll_) {
       self->poll_->keep_alive = false;
       self->finish_long_poll(true);
-    } else if (!self->handed_over_ && self->parser_ && !self->parser_->got_some()) {
+    } else if (self->parser_ && !self->parser_->got_some()) {
       self->do_close();  // idle between requests: nothing to finish
     }
   });
 }
 
-void HttpSession::abort() {
-  net::post(stream_.get_executor(), [self = shared_from_this()] {
+template <class Stream>
+void HttpSession<Stream>::abort() {
+  net::post(executor_, [self = this->shared_from_this()] {
+    if (self->handed_over_) return;
     boost::system::error_code ec;
-    self->stream_.socket().close(ec);
+    socket_of(self->stream_).close(ec);
   });
 }
 
-void HttpSession::do_read() {
+template <class Stream>
+void HttpSession<Stream>::do_read() {
   if (refuse_) {
     started_ = std::chrono::steady_clock::now();
     Request dummy;
@@ -125,9 +145,9 @@ void HttpSession::do_read() {
   if (first_request_ || buffer_.size() > 0) return read_request();
   // Keep-alive: the next request may start any time within the idle timeout; once its first
   // bytes are here it gets the handshake timeout to be complete, as the first one (slow-loris).
-  stream_.expires_after(core_->ctx->options.idle_timeout);
+  beast::get_lowest_layer(stream_).expires_after(core_->ctx->options.idle_timeout);
   stream_.async_read_some(buffer_.prepare(std::min<std::size_t>(4096, buffer_.max_size() - buffer_.size())),
-                          [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                          [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
                             if (ec) return self->on_read(ec, 0);
                             self->buffer_.commit(n);
                             self->read_request();
@@ -135,15 +155,18 @@ void HttpSession::do_read() {
 }
 
 // The request (head and body) within the handshake timeout.
-void HttpSession::read_request() {
+template <class Stream>
+void HttpSession<Stream>::read_request() {
   started_ = std::chrono::steady_clock::now();  // the request's first bytes are here (or expected now)
-  stream_.expires_after(core_->ctx->options.handshake_timeout);
-  http::async_read(
-      stream_, buffer_, *parser_,
-      [self = shared_from_this()](boost::system::error_code ec, std::size_t n) { self->on_read(ec, n); });
+  beast::get_lowest_layer(stream_).expires_after(core_->ctx->options.handshake_timeout);
+  http::async_read(stream_, buffer_, *parser_,
+                   [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                     self->on_read(ec, n);
+                   });
 }
 
-void HttpSession::on_read(boost::system::error_code ec, std::size_t) {
+template <class Stream>
+void HttpSession<Stream>::on_read(boost::system::error_code ec, std::size_t) {
   if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
       ec == net::error::operation_aborted || ec == net::error::connection_reset || ec == net::error::eof)
     return do_close();
@@ -176,12 +199,13 @@ void HttpSession::on_read(boost::system::error_code ec, std::size_t) {
     return send(std::move(res), "error");
   }
   first_request_ = false;
-  stream_.expires_never();
+  beast::get_lowest_layer(stream_).expires_never();
   handle(parser_->release());
 }
 
-result<Identity> HttpSession::auth(const Request& req, const boost::urls::url_view& url,
-                                   bool allow_subprotocol) {
+template <class Stream>
+result<Identity> HttpSession<Stream>::auth(const Request& req, const boost::urls::url_view& url,
+                                           bool allow_subprotocol) {
   auto who = authenticate(*core_->ctx, req, url, allow_subprotocol);
   if (!who) return who;
   user_ = who->user;
@@ -196,7 +220,8 @@ result<Identity> HttpSession::auth(const Request& req, const boost::urls::url_vi
   return who;
 }
 
-Response HttpSession::json_response(const Request& req, http::status status, std::string body) const {
+template <class Stream>
+Response HttpSession<Stream>::json_response(const Request& req, http::status status, std::string body) const {
   Response res{status, req.version()};
   res.set(http::field::server, server_name);
   res.set(http::field::content_type, "application/json");
@@ -207,12 +232,14 @@ Response HttpSession::json_response(const Request& req, http::status status, std
   return res;
 }
 
-Response HttpSession::error_response(const Request& req, http::status status, std::string_view code,
-                                     std::string_view message) const {
+template <class Stream>
+Response HttpSession<Stream>::error_response(const Request& req, http::status status, std::string_view code,
+                                             std::string_view message) const {
   return json_response(req, status, http_error_body(code, message));
 }
 
-Response HttpSession::error_response(const Request& req, const Error& e) const {
+template <class Stream>
+Response HttpSession<Stream>::error_response(const Request& req, const Error& e) const {
   const auto w = wire_error(e.code);
   auto res = error_response(req, static_cast<http::status>(w.http_status), w.code, e.message);
   if (w.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
@@ -222,7 +249,8 @@ Response HttpSession::error_response(const Request& req, const Error& e) const {
   return res;
 }
 
-void HttpSession::handle(Request&& req) {
+template <class Stream>
+void HttpSession<Stream>::handle(Request&& req) {
   const auto& ctx = *core_->ctx;
   method_ = std::string(req.method_string());
   core_->log(LogLevel::debug,
@@ -246,8 +274,9 @@ void HttpSession::handle(Request&& req) {
                   "/v1/ws");
     core_->metrics.count_request("/v1/ws", 101);
     handed_over_ = true;
-    auto ws = std::make_shared<WebSocketSession>(core_, stream_.release_socket());
+    auto ws = std::make_shared<WebSocketSession<Stream>>(core_, std::move(stream_));
     ws->run(std::move(req), std::move(who->user), who->expires);
+    core_->registry.remove(this);  // after the new session registered: stop() sees one of them
     return;
   }
 
@@ -255,13 +284,16 @@ void HttpSession::handle(Request&& req) {
     if (req.method() != http::verb::get)
       return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"),
                   "/healthz");
-    // 503 while draining, or while the store cannot take changes (a database that went away):
-    // a balancer sends new bookings elsewhere meanwhile.
+    // 503 while draining, or while the store cannot take changes (a database that went away) or
+    // the bus is unreachable (Redis): a balancer sends new clients and bookings elsewhere meanwhile.
     const bool stopping = core_->stopping.load();
     const bool store_up = core_->ctx->engine->store_available();
-    const std::string status = stopping ? "stopping" : store_up ? "ok" : "degraded";
-    const std::string body =
-        R"({"status":")" + status + R"(","store":")" + (store_up ? "up" : "down") + R"("})";
+    const bool bus_up = core_->ctx->bus->available();
+    const std::string status = stopping ? "stopping" : store_up && bus_up ? "ok" : "degraded";
+    const auto& node = core_->ctx->options.node_name;
+    const std::string body = R"({"status":")" + status + R"(","store":")" + (store_up ? "up" : "down") +
+                             R"(","bus":")" + (bus_up ? "up" : "down") + '"' +
+                             (node.empty() ? "" : R"(,"node":")" + node + '"') + "}";
     return send(
         json_response(req, status == "ok" ? http::status::ok : http::status::service_unavailable, body),
         "/healthz");
@@ -305,10 +337,15 @@ void HttpSession::handle(Request&& req) {
                   "/v1/events");
     auto resume = resume_point(req, *url);
     if (!resume) return send(error_response(req, resume.error()), "/v1/events");
+    // Draining: a new stream would be cut in a moment; a balancer sends it to another node.
+    if (core_->stopping.load())
+      return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
+                  "/v1/events");
     core_->metrics.count_request("/v1/events", 200);
     handed_over_ = true;
-    auto sse = std::make_shared<SseSession>(core_, std::move(stream_));
+    auto sse = std::make_shared<SseSession<Stream>>(core_, std::move(stream_));
     sse->run(req.version(), *topic, resume->since, resume->epoch, who->user);
+    core_->registry.remove(this);  // after the new session registered: stop() sees one of them
     return;
   }
   if (path == "/v1/bookings" || path.starts_with("/v1/bookings/"))
@@ -322,7 +359,9 @@ void HttpSession::handle(Request&& req) {
        "other");
 }
 
-void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url, std::string_view rest) {
+template <class Stream>
+void HttpSession<Stream>::route_bookings(Request&& req, const boost::urls::url_view& url,
+                                         std::string_view rest) {
   const auto& ctx = *core_->ctx;
   auto who = auth(req, url, false);
   if (rest.empty() || rest == "/") {
@@ -361,10 +400,10 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
     // The engine answers once the booking is stored; this thread does not wait for the store.
     submit_on_strand(
         ctx, std::move(*request),
-        [self = shared_from_this()](std::function<void()> fn) {
+        [self = this->shared_from_this()](std::function<void()> fn) {
           net::post(self->stream_.get_executor(), std::move(fn));
         },
-        [self = shared_from_this(), req = std::move(req)](result<Ack> ack) {
+        [self = this->shared_from_this(), req = std::move(req)](result<Ack> ack) {
           self->answer_booking(req, ack);
         });
     return;
@@ -388,7 +427,7 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
   if (req.method() == http::verb::delete_) {
     if (!origin_allowed(ctx, req))  // CSRF, as for POST
       return send(error_response(req, http::status::forbidden, "forbidden", "origin not allowed"), route);
-    auto cancelled = ctx.engine->cancel(id);
+    auto cancelled = cancel_idempotent(*ctx.engine, id);
     if (!cancelled) return send(error_response(req, cancelled.error()), route);
     auto res = json_response(req, http::status::ok, booking_body(*cancelled));
     res.set(http::field::etag, etag_of(*cancelled));
@@ -419,7 +458,9 @@ void HttpSession::route_bookings(Request&& req, const boost::urls::url_view& url
   send(std::move(res), route);
 }
 
-void HttpSession::start_long_poll(const Request& req, const Booking& booking, std::chrono::seconds wait) {
+template <class Stream>
+void HttpSession<Stream>::start_long_poll(const Request& req, const Booking& booking,
+                                          std::chrono::seconds wait) {
   poll_.emplace();
   poll_->booking_id = booking.id;
   poll_->known_version = booking.version;
@@ -427,7 +468,7 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   poll_->keep_alive = req.keep_alive();
   poll_->timer = std::make_unique<net::steady_timer>(stream_.get_executor());
   poll_->timer->expires_after(wait);
-  poll_->timer->async_wait([self = shared_from_this()](boost::system::error_code ec) {
+  poll_->timer->async_wait([self = this->shared_from_this()](boost::system::error_code ec) {
     if (!ec) self->finish_long_poll(true);
   });
   // The current state first (a snapshot: from the bus, or from the store after a restart), then
@@ -435,7 +476,7 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   // numbering (seq and version part ways after a restart).
   SubscribeOptions so;
   so.snapshot_source = snapshot_source(*core_->ctx, "booking/" + booking.id);
-  std::weak_ptr<HttpSession> weak = shared_from_this();
+  std::weak_ptr<HttpSession> weak = this->shared_from_this();
   auto sub = core_->ctx->follow(
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {
@@ -451,7 +492,8 @@ void HttpSession::start_long_poll(const Request& req, const Booking& booking, st
   if (sub) poll_->subscription = std::move(*sub);
 }
 
-void HttpSession::finish_long_poll(bool timed_out) {
+template <class Stream>
+void HttpSession<Stream>::finish_long_poll(bool timed_out) {
   if (!poll_) return;
   auto poll = std::move(*poll_);
   poll_.reset();
@@ -474,7 +516,8 @@ void HttpSession::finish_long_poll(bool timed_out) {
   send(std::move(res), "/v1/bookings/{id}");
 }
 
-void HttpSession::route_resources(const Request& req, std::string_view rest) {
+template <class Stream>
+void HttpSession<Stream>::route_resources(const Request& req, std::string_view rest) {
   const bool list = rest.empty() || rest == "/";
   const std::string route = list ? "/v1/resources" : "/v1/resources/{id}";
   if (req.method() != http::verb::get) {
@@ -494,7 +537,8 @@ void HttpSession::route_resources(const Request& req, std::string_view rest) {
   send(json_response(req, http::status::ok, boost::json::serialize(to_json(*r))), route);
 }
 
-void HttpSession::route_demo_token(const Request& req, const boost::urls::url_view& url) {
+template <class Stream>
+void HttpSession<Stream>::route_demo_token(const Request& req, const boost::urls::url_view& url) {
   const auto& options = core_->ctx->options;
   if (req.method() != http::verb::post) {
     auto res = error_response(req, http::status::method_not_allowed, "bad_request", "use POST");
@@ -539,7 +583,8 @@ void HttpSession::route_demo_token(const Request& req, const boost::urls::url_vi
   send(json_response(req, http::status::ok, boost::json::serialize(body)), "/v1/demo/token");
 }
 
-void HttpSession::route_static(const Request& req, std::string path) {
+template <class Stream>
+void HttpSession<Stream>::route_static(const Request& req, std::string path) {
   if (req.method() != http::verb::get && req.method() != http::verb::head)
     return send(error_response(req, http::status::method_not_allowed, "bad_request", "use GET"), "static");
   if (path.empty() || path.back() == '/') path += "index.html";
@@ -565,7 +610,8 @@ void HttpSession::route_static(const Request& req, std::string path) {
   send(std::move(res), "static");
 }
 
-void HttpSession::answer_booking(const Request& req, const result<Ack>& ack) {
+template <class Stream>
+void HttpSession<Stream>::answer_booking(const Request& req, const result<Ack>& ack) {
   if (!ack) return send(error_response(req, ack.error()), "/v1/bookings");
   boost::json::object out{{"booking_id", ack->booking_id}, {"status", to_string(ack->status)}};
   if (ack->replayed) out["replayed"] = true;
@@ -575,37 +621,43 @@ void HttpSession::answer_booking(const Request& req, const result<Ack>& ack) {
   send(std::move(res), "/v1/bookings");
 }
 
-void HttpSession::send(Response&& res, std::string_view route) {
+template <class Stream>
+void HttpSession<Stream>::send(Response&& res, std::string_view route) {
   core_->metrics.count_request(route, static_cast<unsigned>(res.result_int()));
+  if (const auto& node = core_->ctx->options.node_name; !node.empty()) res.set("Pushbook-Node", node);
   if (core_->ctx->options.access_log) route_ = std::string(route);
   response_ = std::move(res);
   const bool keep_alive = response_.keep_alive();
-  stream_.expires_after(core_->ctx->options.idle_timeout);  // a client that does not read is cut
+  beast::get_lowest_layer(stream_).expires_after(
+      core_->ctx->options.idle_timeout);  // a client that does not read is cut
   http::async_write(stream_, response_,
-                    [self = shared_from_this(), keep_alive](boost::system::error_code ec, std::size_t n) {
-                      self->on_write(keep_alive, ec, n);
-                    });
+                    [self = this->shared_from_this(), keep_alive](
+                        boost::system::error_code ec, std::size_t n) { self->on_write(keep_alive, ec, n); });
 }
 
-void HttpSession::on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes) {
+template <class Stream>
+void HttpSession<Stream>::on_write(bool keep_alive, boost::system::error_code ec, std::size_t bytes) {
   if (core_->ctx->options.access_log) {
     // The route's pattern, never the target: a token may be in the query.
     const auto ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_).count();
     core_->access(fmt::format("http user={} peer={} method={} route={} status={} bytes={} ms={:.3f}{}",
-                              user_.empty() ? "-" : user_, peer_address(stream_.socket()),
+                              user_.empty() ? "-" : user_, peer_address(socket_of(stream_)),
                               method_.empty() ? "-" : method_, route_, response_.result_int(), bytes, ms,
                               ec ? " write=failed" : ""));
   }
-  if (ec || !keep_alive || shutdown_requested_) return do_close();
+  if (ec) return do_close();
+  if (!keep_alive || shutdown_requested_) return close_after_response(stream_, this->shared_from_this());
   response_ = {};
   do_read();
 }
 
-void HttpSession::do_close() {
-  boost::system::error_code ec;
-  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-  stream_.socket().close(ec);
+template <class Stream>
+void HttpSession<Stream>::do_close() {
+  close_now(stream_);
 }
+
+template class HttpSession<PlainStream>;
+template class HttpSession<TlsStream>;
 
 }  // namespace pushbook::detail

@@ -5,6 +5,7 @@
 
 #include "gateway/core.hpp"
 #include "gateway/http_request.hpp"
+#include "gateway/stream.hpp"
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -20,10 +21,14 @@ namespace pushbook::detail {
 
 using Response = http::response<http::string_body>;
 
-class HttpSession : public Session, public std::enable_shared_from_this<HttpSession> {
+/// Over a PlainStream or a TlsStream (gateway/stream.hpp; instantiated for both).
+template <class Stream>
+class HttpSession : public Session, public std::enable_shared_from_this<HttpSession<Stream>> {
  public:
-  /// `refuse`: answer 503 (connection limit) and close.
-  HttpSession(std::shared_ptr<GatewayCore> core, tcp::socket socket, bool refuse);
+  /// `refuse`: answer 503 (connection limit) and close. `already_read`: bytes of the first
+  /// request read before the session began (the bytes a TLS detection looked at).
+  HttpSession(std::shared_ptr<GatewayCore> core, Stream stream, bool refuse,
+              std::string_view already_read = {});
   ~HttpSession() override;
   void run();
   /// Serves a request the host already read from `stream` (pushbook/beast.hpp).
@@ -56,7 +61,10 @@ class HttpSession : public Session, public std::enable_shared_from_this<HttpSess
   void finish_long_poll(bool timed_out);
 
   std::shared_ptr<GatewayCore> core_;
-  beast::tcp_stream stream_;
+  Stream stream_;
+  // The connection's strand, kept: a TLS stream handed to a WebSocket or SSE session is empty
+  // (Beast's ssl_stream moves its state out), and shutdown()/abort() may still come here then.
+  net::any_io_executor executor_;
   // Bounded: everything a client can make the parser hold before it decides (a chunk-size line,
   // a chunk extension, a trailer) lives here, before authentication (constructor).
   beast::flat_buffer buffer_;

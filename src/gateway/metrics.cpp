@@ -127,6 +127,17 @@ std::string GatewayMetrics::render(const EngineStats* engine, const EventBus* bu
   value(out, "pushbook_accept_failures_total", accept_failures.load());
   metric(out, "pushbook_accept_paused", "gauge", "1 while the listener backs off after a failed accept.");
   value(out, "pushbook_accept_paused", accept_paused.load());
+  metric(out, "pushbook_tls_handshakes_total", "counter", "TLS handshakes completed.");
+  value(out, "pushbook_tls_handshakes_total", tls_handshakes.load());
+  metric(out, "pushbook_tls_handshake_failures_total", "counter",
+         "TLS handshakes that failed (bad input, timeout, client gone, no common protocol).");
+  value(out, "pushbook_tls_handshake_failures_total", tls_handshake_failures.load());
+  metric(out, "pushbook_tls_plain_refused_total", "counter",
+         "Plain (not TLS) connections refused by a TLS-only port.");
+  value(out, "pushbook_tls_plain_refused_total", tls_plain_refused.load());
+  metric(out, "pushbook_tls_reloads_total", "counter", "Certificate and key reloads, by result.");
+  value(out, "pushbook_tls_reloads_total", tls_reloads.load(), R"(result="ok")");
+  value(out, "pushbook_tls_reloads_total", tls_reload_failures.load(), R"(result="failed")");
   metric(out, "pushbook_fd_limit", "gauge", "The process's open file limit (RLIMIT_NOFILE).");
   value(out, "pushbook_fd_limit", fd_limit.load());
   metric(out, "pushbook_http_requests_total", "counter", "HTTP requests by route and status.");

@@ -34,6 +34,14 @@ struct GatewayMetrics {
   std::atomic<std::uint64_t> accept_failures{0};
   /// 1 while the listener backs off after a failed accept (e.g. out of file descriptors).
   std::atomic<std::int64_t> accept_paused{0};
+  /// TLS (GatewayOptions::tls): handshakes completed, handshakes that failed (bad input, a
+  /// stall past handshake_timeout, a client that went away, no common protocol), plain
+  /// connections a TLS-only port refused, and certificate reloads that failed.
+  std::atomic<std::uint64_t> tls_handshakes{0};
+  std::atomic<std::uint64_t> tls_handshake_failures{0};
+  std::atomic<std::uint64_t> tls_plain_refused{0};
+  std::atomic<std::uint64_t> tls_reloads{0};
+  std::atomic<std::uint64_t> tls_reload_failures{0};
   /// The process's file-descriptor limit (RLIMIT_NOFILE, soft), read at start.
   std::atomic<std::int64_t> fd_limit{0};
 

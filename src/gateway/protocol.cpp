@@ -367,7 +367,7 @@ void ConnectionLogic::op_cancel(const boost::json::object& msg, const boost::jso
   auto booking = ctx_->engine->get(booking_id);
   if (!booking) return fail(id, booking.error());
   if (booking->user != user_) return fail(id, "forbidden", "you may cancel only your own bookings");
-  auto r = ctx_->engine->cancel(booking_id);
+  auto r = cancel_idempotent(*ctx_->engine, booking_id);
   if (!r) return fail(id, r.error());
   reply(id, to_json(*r));
 }
@@ -409,6 +409,30 @@ std::uint64_t version_of(const boost::json::value& data) {
 }
 }  // namespace
 
+result<Booking> cancel_idempotent(BookingEngine& engine, std::string_view booking_id) {
+  auto r = engine.cancel(booking_id);
+  if (r || !r.error().is(errc::invalid_transition)) return r;
+  auto now = engine.get(booking_id);
+  if (now && now->status == BookingStatus::cancelled) return std::move(*now);
+  return r;
+}
+
+BookingVersionFilter::BookingVersionFilter(std::string_view topic, std::optional<std::uint64_t> since,
+                                           std::uint64_t known)
+    : highest_(topic.starts_with("booking/")
+                   ? std::make_shared<std::atomic<std::uint64_t>>(
+                         std::max<std::uint64_t>(known, since && *since > 0 ? *since - 1 : 0))
+                   : nullptr) {}
+
+bool BookingVersionFilter::stale(const Delivery& d) const {
+  if (!highest_ || !d.event) return false;
+  const auto version = version_of(d.event->data());
+  if (version == 0) return false;  // not a booking state: not ours to judge
+  if (version <= highest_->load(std::memory_order_relaxed)) return true;
+  highest_->store(version, std::memory_order_relaxed);
+  return false;
+}
+
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
                                 std::optional<std::uint32_t> epoch, std::uint64_t known_version) {
   auto it = subscriptions_.find(topic);
@@ -424,17 +448,8 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   // bus subscription per topic for the whole node, see topic_hub.hpp); the queue (not the bus)
   // applies the slow-consumer policy.
   std::weak_ptr<ConnectionSink> weak = sink_;
-  // The highest booking version the client has (0: no such filter). A subscription's callbacks
-  // never run concurrently, but they may run on different threads one after another.
-  auto known = known_version > 0 ? std::make_shared<std::atomic<std::uint64_t>>(known_version) : nullptr;
-  auto stale = [known](const Delivery& d) {
-    if (!known) return false;
-    const auto version = version_of(d.event->data());
-    if (version == 0) return false;  // not a booking state: not ours to judge
-    if (version <= known->load(std::memory_order_relaxed)) return true;
-    known->store(version, std::memory_order_relaxed);
-    return false;
-  };
+  const BookingVersionFilter filter(topic, since, known_version);
+  auto stale = [filter](const Delivery& d) { return filter.stale(d); };
   auto sub = ctx_->follow(
       topic,
       [weak, topic, stale](const Delivery& d) {

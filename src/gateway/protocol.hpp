@@ -132,6 +132,31 @@ class ConnectionSink {
 std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const GatewayContext& ctx,
                                                                            std::string_view topic);
 
+/// Cancels a booking; one already cancelled is answered as it is (a cancel sent again, by a client
+/// or a balancer after a lost answer, gets the answer the first one got). Other errors as
+/// BookingEngine::cancel.
+result<Booking> cancel_idempotent(BookingEngine& engine, std::string_view booking_id);
+
+/// One follower's filter of booking states (a copy shares the state): on a `booking/<id>` topic
+/// a state whose data's "version" is at most the highest this follower was given, or `known` (the
+/// version a book ACK reported), or below the `since` the client resumes from, is stale, and not
+/// sent (booking topics are numbered by version in every epoch, so `since` is the version the
+/// client has: an older state is never sent, that one may come again as the snapshot the bus's
+/// rules give). In a cluster a snapshot read from the
+/// store can be ahead of the bus: the booking was decided on another node, which is still
+/// publishing its events; the events the snapshot already contains then arrive after it. Other
+/// topics: nothing is stale.
+class BookingVersionFilter {
+ public:
+  BookingVersionFilter(std::string_view topic, std::optional<std::uint64_t> since, std::uint64_t known = 0);
+  /// Whether `d` (an event or snapshot) is stale; when it is not, it becomes the highest given.
+  /// A follower's deliveries never run concurrently (they may on different threads in turn).
+  bool stale(const Delivery& d) const;
+
+ private:
+  std::shared_ptr<std::atomic<std::uint64_t>> highest_;
+};
+
 /// Submits `request` without blocking the calling I/O thread on the store, and hands the answer
 /// to `then` on the caller's strand: at once when the engine answered before submit_async()
 /// returned (bad input, an inline store such as MemoryStore: no thread hop), otherwise through

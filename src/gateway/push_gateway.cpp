@@ -1,9 +1,11 @@
 #include <pushbook/beast.hpp>
+#include <pushbook/beast_ssl.hpp>
 #include <pushbook/push_gateway.hpp>
 
 #include "gateway/core.hpp"
 #include "gateway/http_session.hpp"
 #include "gateway/listener.hpp"
+#include "gateway/tls.hpp"
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>
@@ -23,8 +25,13 @@ namespace detail {
 // --- SessionRegistry -------------------------------------------------------------------------
 
 void SessionRegistry::add(const std::shared_ptr<Session>& s) {
-  std::lock_guard lock(mutex_);
-  sessions_[s.get()] = s;
+  bool closing = false;
+  {
+    std::lock_guard lock(mutex_);
+    sessions_[s.get()] = s;
+    closing = closing_;
+  }
+  if (closing) s->shutdown();  // posts to the session's strand: runs after what run() started
 }
 
 void SessionRegistry::remove(const Session* s) {
@@ -40,6 +47,14 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::snapshot() {
   for (auto& [p, weak] : sessions_)
     if (auto s = weak.lock()) out.push_back(std::move(s));
   return out;
+}
+
+std::vector<std::shared_ptr<Session>> SessionRegistry::close_all() {
+  {
+    std::lock_guard lock(mutex_);
+    closing_ = true;
+  }
+  return snapshot();
 }
 
 bool SessionRegistry::wait_empty(std::chrono::steady_clock::time_point deadline) {
@@ -140,7 +155,9 @@ void GatewayCore::serve(tcp::socket socket) {
   // balancer stops sending), bookings and upgrades are refused with 503.
   const bool refuse = static_cast<std::size_t>(open) > ctx->options.max_connections;
   set_no_delay(socket);
-  std::make_shared<HttpSession>(shared_from_this(), std::move(socket), refuse)->run();
+  if (tls) return serve_tls_port(shared_from_this(), std::move(socket), refuse);
+  std::make_shared<HttpSession<PlainStream>>(shared_from_this(), PlainStream(std::move(socket)), refuse)
+      ->run();
 }
 
 namespace {
@@ -219,7 +236,19 @@ struct PushGateway::impl {
       throw Exception(Error(errc::bad_request, "limits must be positive"));
     if (!(options.user_rate_limit_per_second >= 0) || std::isinf(options.user_rate_limit_per_second))
       throw Exception(Error(errc::bad_request, "user_rate_limit_per_second must be 0 (none) or positive"));
+    // A header value: nothing that could split or forge a header.
+    if (options.node_name.size() > 64 ||
+        options.node_name.find_first_not_of(
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:") != std::string::npos)
+      throw Exception(Error(errc::bad_request, "node_name is at most 64 letters, digits and -_.: , not '" +
+                                                   options.node_name.substr(0, 80) + "'"));
     core = std::make_shared<detail::GatewayCore>();
+    const auto& tls = options.tls;
+    if (!tls.cert_file.empty() || !tls.key_file.empty() || !tls.client_ca_file.empty()) {
+      auto context = detail::TlsContext::create(tls);
+      if (!context) throw Exception(context.error());
+      core->tls = std::move(*context);
+    }
     core->user_limiter = std::make_unique<detail::UserRateLimiter>(
         options.user_rate_limit_per_second, static_cast<double>(options.user_rate_limit_burst));
     auto ctx = std::make_shared<detail::GatewayContext>();
@@ -287,7 +316,10 @@ result<std::uint16_t> PushGateway::listen() {
   core->listener = listener;
   core->port = *port;
   listener->run();
-  core->log(LogLevel::info, fmt::format("listening on {}:{}", core->ctx->options.host, *port));
+  core->log(LogLevel::info, fmt::format("listening on {}:{}{}", core->ctx->options.host, *port,
+                                        !core->tls                        ? ""
+                                        : core->ctx->options.tls.tls_only ? " (TLS only)"
+                                                                          : " (TLS and plain)"));
   return *port;
 }
 
@@ -331,7 +363,7 @@ void PushGateway::stop() {
   //    for them is written), within another shutdown_timeout.
   if (core->listener) core->listener->stop();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (auto& s : core->registry.snapshot()) s->shutdown();
+  for (auto& s : core->registry.close_all()) s->shutdown();
   if (!core->registry.wait_empty(deadline)) {
     core->log(LogLevel::warning,
               fmt::format("{} connections still open after the shutdown timeout; cutting them",
@@ -367,6 +399,23 @@ result<void> PushGateway::set_keys(std::shared_ptr<const KeySet> keys) {
 }
 
 std::shared_ptr<const KeySet> PushGateway::keys() const { return impl_->core->ctx->keys->get(); }
+
+result<void> PushGateway::reload_tls() {
+  auto& core = impl_->core;
+  if (!core->tls) return Error(errc::bad_request, "reload_tls: the gateway has no TLS (GatewayOptions::tls)");
+  if (auto r = core->tls->reload(); !r) {
+    core->metrics.tls_reload_failures.fetch_add(1);
+    core->log(LogLevel::error,
+              fmt::format("TLS reload failed, the certificate in use stays: {}", r.error().message));
+    return r.error();
+  }
+  core->metrics.tls_reloads.fetch_add(1);
+  core->log(LogLevel::info,
+            fmt::format("TLS certificate reloaded from '{}'", core->ctx->options.tls.cert_file));
+  return {};
+}
+
+bool PushGateway::tls_enabled() const noexcept { return impl_->core->tls != nullptr; }
 
 GatewayStats PushGateway::stats() const {
   const auto& m = impl_->core->metrics;
@@ -415,7 +464,20 @@ void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
   core->metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
   core->open_connections.fetch_add(1);
   detail::set_no_delay(own);
-  std::make_shared<detail::HttpSession>(core, std::move(own), false)->run_with(std::move(request));
+  std::make_shared<detail::HttpSession<detail::PlainStream>>(core, detail::PlainStream(std::move(own)), false)
+      ->run_with(std::move(request));
+}
+
+void serve_request(PushGateway& gateway, boost::beast::ssl_stream<boost::beast::tcp_stream> stream,
+                   boost::beast::http::request<boost::beast::http::string_body> request) {
+  auto& core = GatewayAccess::core(gateway);
+  if (core->stopping.load()) return;  // the stream closes the connection as it goes
+  // The TLS state cannot change executors: the session stays on the stream's (a strand).
+  core->metrics.connections_total.fetch_add(1, std::memory_order_relaxed);
+  core->open_connections.fetch_add(1);
+  detail::set_no_delay(detail::socket_of(stream));
+  std::make_shared<detail::HttpSession<detail::TlsStream>>(core, std::move(stream), false)
+      ->run_with(std::move(request));
 }
 
 }  // namespace pushbook

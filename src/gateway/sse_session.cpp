@@ -6,44 +6,53 @@
 
 namespace pushbook::detail {
 
-SseSession::SseSession(std::shared_ptr<GatewayCore> core, beast::tcp_stream stream)
+template <class Stream>
+SseSession<Stream>::SseSession(std::shared_ptr<GatewayCore> core, Stream stream)
     : core_(std::move(core)), stream_(std::move(stream)), keepalive_(stream_.get_executor()) {
   core_->metrics.sse_connections.fetch_add(1);
 }
 
-SseSession::~SseSession() {
+template <class Stream>
+SseSession<Stream>::~SseSession() {
   core_->metrics.sse_connections.fetch_sub(1);
   core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
   core_->open_connections.fetch_sub(1);
   core_->registry.remove(this);
 }
 
-void SseSession::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
-                     std::optional<std::uint32_t> epoch, std::string user) {
-  core_->registry.add(shared_from_this());
+template <class Stream>
+void SseSession<Stream>::run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
+                             std::optional<std::uint32_t> epoch, std::string user) {
+  core_->registry.add(this->shared_from_this());
   if (core_->ctx->options.access_log) {
     started_ = std::chrono::steady_clock::now();
-    peer_ = peer_address(stream_.socket());
+    peer_ = peer_address(socket_of(stream_));
     user_ = std::move(user);
     topic_ = topic;
   }
-  stream_.expires_never();
-  enqueue(
-      fmt::format("HTTP/1.{} 200 OK\r\nServer: pushbook\r\nContent-Type: text/event-stream\r\n"
-                  "Cache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n"
-                  "retry: 2000\n\n",
-                  http_version == 10 ? 0 : 1));
+  beast::get_lowest_layer(stream_).expires_never();
+  enqueue(fmt::format(
+      "HTTP/1.{} 200 OK\r\nServer: pushbook\r\nContent-Type: text/event-stream\r\n"
+      "Cache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n{}\r\n"
+      "retry: 2000\n\n",
+      http_version == 10 ? 0 : 1,
+      core_->ctx->options.node_name.empty() ? std::string()
+                                            : "Pushbook-Node: " + core_->ctx->options.node_name + "\r\n"));
   SubscribeOptions so;
   so.since_seq = since;
   so.since_epoch = epoch;
   so.snapshot_source = snapshot_source(*core_->ctx, topic);
-  std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(shared_from_this());
+  std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(this->shared_from_this());
+  const BookingVersionFilter filter(topic, since);
   auto sub = core_->ctx->follow(
       topic,
-      [weak](const Delivery& d) {
+      [weak, filter](const Delivery& d) {
         auto sink = weak.lock();
         if (!sink) return;
-        if (d.event) return sink->send_event(d.event, d.kind == Delivery::Kind::snapshot);
+        if (d.event) {
+          if (!filter.stale(d)) sink->send_event(d.event, d.kind == Delivery::Kind::snapshot);
+          return;
+        }
         if (d.kind == Delivery::Kind::gap)
           sink->send_text(std::make_shared<const std::string>(
               fmt::format(R"({{"type":"gap","dropped":{}}})", d.dropped)));
@@ -52,13 +61,14 @@ void SseSession::run(unsigned http_version, std::string topic, std::optional<std
       },
       so);
   if (sub) subscription_ = std::move(*sub);
-  net::dispatch(stream_.get_executor(), [self = shared_from_this()] {
+  net::dispatch(stream_.get_executor(), [self = this->shared_from_this()] {
     self->do_watch();
     self->arm_keepalive();
   });
 }
 
-void SseSession::send_event(const EventPtr& event, bool snapshot) {
+template <class Stream>
+void SseSession<Stream>::send_event(const EventPtr& event, bool snapshot) {
   // No "event:" line: everything arrives as a plain message (EventSource.onmessage); the JSON
   // says whether it is a snapshot. "id: EPOCH:SEQ" lets EventSource resume with Last-Event-ID, and
   // the server tell a seq of another numbering (a restart) from one of this.
@@ -71,22 +81,26 @@ void SseSession::send_event(const EventPtr& event, bool snapshot) {
   enqueue(std::move(chunk));
 }
 
-void SseSession::send_text(std::shared_ptr<const std::string> message) {
+template <class Stream>
+void SseSession<Stream>::send_text(std::shared_ptr<const std::string> message) {
   enqueue("data: " + *message + "\n\n");
 }
 
-void SseSession::close(std::uint16_t, std::string reason) {
+template <class Stream>
+void SseSession<Stream>::close(std::uint16_t, std::string reason) {
   core_->log(LogLevel::info, fmt::format("closing SSE stream: {}", reason));
-  net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+  net::post(stream_.get_executor(), [self = this->shared_from_this()] { self->finish(); });
 }
 
-void SseSession::post(std::function<void()> fn) {
-  net::post(stream_.get_executor(), [self = shared_from_this(), fn = std::move(fn)] {
+template <class Stream>
+void SseSession<Stream>::post(std::function<void()> fn) {
+  net::post(stream_.get_executor(), [self = this->shared_from_this(), fn = std::move(fn)] {
     if (!self->finished_) fn();
   });
 }
 
-void SseSession::enqueue(std::string chunk) {
+template <class Stream>
+void SseSession<Stream>::enqueue(std::string chunk) {
   bool post = false;
   {
     std::lock_guard lock(mutex_);
@@ -94,7 +108,7 @@ void SseSession::enqueue(std::string chunk) {
     if (queued_bytes_ + chunk.size() > core_->ctx->options.max_queued_bytes) {
       closing_ = true;  // EventSource reconnects with Last-Event-ID and misses nothing
       core_->metrics.slow_consumer_disconnects.fetch_add(1);
-      net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+      net::post(stream_.get_executor(), [self = this->shared_from_this()] { self->finish(); });
       return;
     }
     queued_bytes_ += chunk.size();
@@ -103,10 +117,11 @@ void SseSession::enqueue(std::string chunk) {
     queue_.push_back(std::move(chunk));
     if (!write_scheduled_) post = write_scheduled_ = true;
   }
-  if (post) net::post(stream_.get_executor(), [self = shared_from_this()] { self->do_write(); });
+  if (post) net::post(stream_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
-void SseSession::do_write() {
+template <class Stream>
+void SseSession<Stream>::do_write() {
   if (finished_) return;
   {
     std::lock_guard lock(mutex_);
@@ -124,10 +139,11 @@ void SseSession::do_write() {
   }
   net::async_write(
       stream_, net::buffer(writing_),
-      [self = shared_from_this()](boost::system::error_code ec, std::size_t) { self->on_write(ec); });
+      [self = this->shared_from_this()](boost::system::error_code ec, std::size_t) { self->on_write(ec); });
 }
 
-void SseSession::on_write(boost::system::error_code ec) {
+template <class Stream>
+void SseSession<Stream>::on_write(boost::system::error_code ec) {
   if (ec) return finish();
   core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
   core_->metrics.bytes_pushed.fetch_add(writing_.size(), std::memory_order_relaxed);
@@ -137,30 +153,37 @@ void SseSession::on_write(boost::system::error_code ec) {
 }
 
 // Reads (and discards) until the client goes away: that is how a closed EventSource shows.
-void SseSession::do_watch() {
+template <class Stream>
+void SseSession<Stream>::do_watch() {
   stream_.async_read_some(net::buffer(discard_),
-                          [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+                          [self = this->shared_from_this()](boost::system::error_code ec, std::size_t) {
                             if (ec) return self->finish();
                             self->do_watch();
                           });
 }
 
-void SseSession::arm_keepalive() {
+template <class Stream>
+void SseSession<Stream>::arm_keepalive() {
   if (finished_) return;
   keepalive_.expires_after(core_->ctx->options.sse_keepalive);
-  keepalive_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+  keepalive_.async_wait([self = this->shared_from_this()](boost::system::error_code ec) {
     if (ec) return;
     self->enqueue(": keep-alive\n\n");
   });
 }
 
-void SseSession::shutdown() {
-  net::post(stream_.get_executor(), [self = shared_from_this()] { self->finish(); });
+template <class Stream>
+void SseSession<Stream>::shutdown() {
+  net::post(stream_.get_executor(), [self = this->shared_from_this()] { self->finish(); });
 }
 
-void SseSession::abort() { shutdown(); }
+template <class Stream>
+void SseSession<Stream>::abort() {
+  shutdown();
+}
 
-void SseSession::finish() {
+template <class Stream>
+void SseSession<Stream>::finish() {
   if (finished_) return;
   finished_ = true;
   {
@@ -176,9 +199,11 @@ void SseSession::finish() {
         fmt::format("sse user={} peer={} route=/v1/events topic={} status=200 out_bytes={} ms={:.3f}", user_,
                     peer_, topic_, bytes_out_, ms));
   }
-  boost::system::error_code ec;
-  stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-  stream_.socket().close(ec);
+  // A read is pending (do_watch): no TLS close_notify, the client reconnects either way.
+  close_now(stream_);
 }
+
+template class SseSession<PlainStream>;
+template class SseSession<TlsStream>;
 
 }  // namespace pushbook::detail

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "gateway/core.hpp"
+#include "gateway/stream.hpp"
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -14,9 +15,13 @@ namespace pushbook::detail {
 
 namespace beast = boost::beast;
 
-class SseSession : public Session, public ConnectionSink, public std::enable_shared_from_this<SseSession> {
+/// Over a PlainStream or a TlsStream (gateway/stream.hpp; instantiated for both).
+template <class Stream>
+class SseSession : public Session,
+                   public ConnectionSink,
+                   public std::enable_shared_from_this<SseSession<Stream>> {
  public:
-  SseSession(std::shared_ptr<GatewayCore> core, beast::tcp_stream stream);
+  SseSession(std::shared_ptr<GatewayCore> core, Stream stream);
   ~SseSession() override;
   void run(unsigned http_version, std::string topic, std::optional<std::uint64_t> since,
            std::optional<std::uint32_t> epoch, std::string user);
@@ -37,7 +42,7 @@ class SseSession : public Session, public ConnectionSink, public std::enable_sha
   void finish();
 
   std::shared_ptr<GatewayCore> core_;
-  beast::tcp_stream stream_;
+  Stream stream_;
   net::steady_timer keepalive_;
   std::array<char, 512> discard_{};
   Subscription subscription_;

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <boost/asio/post.hpp>
 #include <boost/beast/core/buffers_to_string.hpp>
+#include <boost/beast/ssl.hpp>  // the WebSocket teardown of a TLS stream
 #include <boost/beast/websocket.hpp>
 #include <boost/json/serialize.hpp>
 
@@ -12,21 +13,24 @@ namespace {
 constexpr std::size_t max_frame_bytes = 256 * 1024;  // one write packs at most this much
 }  // namespace
 
-WebSocketSession::WebSocketSession(std::shared_ptr<GatewayCore> core, tcp::socket socket)
-    : core_(std::move(core)), ws_(std::move(socket)), deadline_timer_(ws_.get_executor()) {
+template <class Stream>
+WebSocketSession<Stream>::WebSocketSession(std::shared_ptr<GatewayCore> core, Stream stream)
+    : core_(std::move(core)), ws_(std::move(stream)), deadline_timer_(ws_.get_executor()) {
   core_->metrics.websocket_connections.fetch_add(1);
 }
 
-WebSocketSession::~WebSocketSession() {
+template <class Stream>
+WebSocketSession<Stream>::~WebSocketSession() {
   core_->metrics.websocket_connections.fetch_sub(1);
   core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
   core_->open_connections.fetch_sub(1);
   core_->registry.remove(this);
 }
 
-void WebSocketSession::run(Request req, std::string user,
-                           std::optional<std::chrono::system_clock::time_point> token_expires) {
-  core_->registry.add(shared_from_this());
+template <class Stream>
+void WebSocketSession<Stream>::run(Request req, std::string user,
+                                   std::optional<std::chrono::system_clock::time_point> token_expires) {
+  core_->registry.add(this->shared_from_this());
   user_ = std::move(user);
   token_expires_ = token_expires;
   const auto& o = core_->ctx->options;
@@ -45,40 +49,78 @@ void WebSocketSession::run(Request req, std::string user,
   bool offers_v1 = false;
   if (auto it = req.find(http::field::sec_websocket_protocol); it != req.end())
     offers_v1 = std::string_view(it->value()).find("pushbook.v1") != std::string_view::npos;
-  ws_.set_option(websocket::stream_base::decorator([offers_v1](websocket::response_type& res) {
-    res.set(http::field::server, "pushbook");
-    if (offers_v1) res.set(http::field::sec_websocket_protocol, "pushbook.v1");
-  }));
+  ws_.set_option(
+      websocket::stream_base::decorator([offers_v1, node = o.node_name](websocket::response_type& res) {
+        res.set(http::field::server, "pushbook");
+        if (offers_v1) res.set(http::field::sec_websocket_protocol, "pushbook.v1");
+        if (!node.empty()) res.set("Pushbook-Node", node);
+      }));
   ws_.text(true);
-  ws_.async_accept(req, [self = shared_from_this()](boost::system::error_code ec) { self->on_accept(ec); });
+  ws_.async_accept(req,
+                   [self = this->shared_from_this()](boost::system::error_code ec) { self->on_accept(ec); });
 }
 
-void WebSocketSession::on_accept(boost::system::error_code ec) {
+template <class Stream>
+void WebSocketSession<Stream>::on_accept(boost::system::error_code ec) {
   if (ec) return finish();
   opened_ = true;
   if (core_->ctx->options.access_log) {
     started_ = std::chrono::steady_clock::now();
-    peer_ = peer_address(beast::get_lowest_layer(ws_).socket());
+    peer_ = peer_address(socket_of(ws_));
   }
   logic_ = std::make_unique<ConnectionLogic>(
-      core_->ctx, std::static_pointer_cast<ConnectionSink>(shared_from_this()), user_, token_expires_);
+      core_->ctx, std::static_pointer_cast<ConnectionSink>(this->shared_from_this()), user_, token_expires_);
   if (core_->stopping.load()) return start_close({websocket::close_code::going_away, "going away"});
   arm_deadline();
   do_read();
 }
 
-void WebSocketSession::do_read() {
-  ws_.async_read(buffer_, [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
-    self->on_read(ec, n);
-  });
+template <class Stream>
+void WebSocketSession<Stream>::do_read() {
+  ws_.async_read_some(net::buffer(&first_byte_, 1),
+                      [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                        self->on_first_byte(ec, n);
+                      });
 }
 
-void WebSocketSession::on_read(boost::system::error_code ec, std::size_t bytes) {
+template <class Stream>
+void WebSocketSession<Stream>::on_first_byte(boost::system::error_code ec, std::size_t bytes) {
+  if (ec) return on_read(ec, 0);
+  buffer_.clear();
+  if (bytes == 1) {
+    auto b = buffer_.prepare(1);
+    *static_cast<char*>(b.data()) = first_byte_;
+    buffer_.commit(1);
+  }
+  read_rest();
+}
+
+// The rest of the message, frame by frame. With plain buffers, not Beast's dynamic-buffer read:
+// after a read that ended exactly at the end of the last frame Beast only learns the message is
+// done on the next read, and its dynamic-buffer read asks for a size hint it cannot give then.
+template <class Stream>
+void WebSocketSession<Stream>::read_rest() {
+  if (ws_.is_message_done()) return on_message(buffer_.size());
+  ws_.async_read_some(buffer_.prepare(4096),
+                      [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                        if (ec) return self->on_read(ec, 0);
+                        self->buffer_.commit(n);
+                        self->read_rest();
+                      });
+}
+
+template <class Stream>
+void WebSocketSession<Stream>::on_read(boost::system::error_code ec, std::size_t bytes) {
   if (ec) {
     // Closed by the client, timed out, too big (Beast already sent 1009), or cut: all end here.
     core_->log(LogLevel::debug, fmt::format("websocket {}: read ended: {}", user_, ec.message()));
     return finish();
   }
+  on_message(bytes);
+}
+
+template <class Stream>
+void WebSocketSession<Stream>::on_message(std::size_t bytes) {
   ++messages_in_;
   bytes_in_ += bytes;
   if (!ws_.got_text()) {
@@ -90,11 +132,13 @@ void WebSocketSession::on_read(boost::system::error_code ec, std::size_t bytes) 
     logic_->on_message(text);
     arm_deadline();  // a refresh may have moved it
   }
-  if (buffer_.capacity() > 16 * 1024) buffer_.shrink_to_fit();  // keep idle connections small
+  buffer_.clear();
+  buffer_.shrink_to_fit();  // an idle connection keeps no read buffer
   if (!finished_) do_read();
 }
 
-void WebSocketSession::arm_deadline() {
+template <class Stream>
+void WebSocketSession<Stream>::arm_deadline() {
   if (!logic_) return;
   auto when = logic_->next_deadline();
   if (!when) {
@@ -102,22 +146,25 @@ void WebSocketSession::arm_deadline() {
     return;
   }
   deadline_timer_.expires_at(*when);
-  deadline_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+  deadline_timer_.async_wait([self = this->shared_from_this()](boost::system::error_code ec) {
     if (ec || !self->logic_ || self->finished_) return;
     self->logic_->on_deadline();
     self->arm_deadline();
   });
 }
 
-void WebSocketSession::send_text(std::shared_ptr<const std::string> message) {
+template <class Stream>
+void WebSocketSession<Stream>::send_text(std::shared_ptr<const std::string> message) {
   enqueue({std::move(message), nullptr});
 }
 
-void WebSocketSession::send_event(const EventPtr& event, bool snapshot) {
+template <class Stream>
+void WebSocketSession<Stream>::send_event(const EventPtr& event, bool snapshot) {
   enqueue({event->wire(snapshot), event, snapshot});
 }
 
-void WebSocketSession::enqueue(Item item) {
+template <class Stream>
+void WebSocketSession<Stream>::enqueue(Item item) {
   bool post = false;
   {
     std::lock_guard lock(mutex_);
@@ -127,7 +174,8 @@ void WebSocketSession::enqueue(Item item) {
     if (queued_bytes_ + size > limit) {
       if (core_->ctx->options.slow_consumer == SlowConsumerPolicy::drop_with_gap) {
         // Drop the oldest events (never replies) until this one fits.
-        for (auto it = queue_.begin(); it != queue_.end() && queued_bytes_ + size > limit;) {
+        for (auto it = queue_.begin() + static_cast<std::ptrdiff_t>(queue_head_);
+             it != queue_.end() && queued_bytes_ + size > limit;) {
           if (!it->event) {
             ++it;
             continue;
@@ -150,7 +198,7 @@ void WebSocketSession::enqueue(Item item) {
         closing_ = true;
         core_->metrics.slow_consumer_disconnects.fetch_add(1);
         const auto reason = fmt::format("too slow: {} bytes waiting", queued_bytes_);
-        net::post(ws_.get_executor(), [self = shared_from_this(), reason] {
+        net::post(ws_.get_executor(), [self = this->shared_from_this(), reason] {
           self->start_close({websocket::close_code::try_again_later, reason});
         });
         return;
@@ -161,10 +209,11 @@ void WebSocketSession::enqueue(Item item) {
     queue_.push_back(std::move(item));
     if (!write_scheduled_) post = write_scheduled_ = true;
   }
-  if (post) net::post(ws_.get_executor(), [self = shared_from_this()] { self->do_write(); });
+  if (post) net::post(ws_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
-void WebSocketSession::do_write() {
+template <class Stream>
+void WebSocketSession<Stream>::do_write() {
   // Nothing is queued before the handshake completes: output comes from logic_, made then.
   if (finished_) return;
   if (write_in_flight_) return;
@@ -180,17 +229,31 @@ void WebSocketSession::do_write() {
       dropped_ = 0;
       dropped_topics_.clear();
     }
-    while (!queue_.empty() && (frame == 0 || frame + queue_.front().bytes->size() <= max_frame_bytes)) {
-      frame += queue_.front().bytes->size() + 1;
-      writing_.push_back(std::move(queue_.front().bytes));
-      queue_.pop_front();
+    while (queue_head_ < queue_.size() &&
+           (frame == 0 || frame + queue_[queue_head_].bytes->size() <= max_frame_bytes)) {
+      auto& item = queue_[queue_head_++];
+      frame += item.bytes->size() + 1;
+      writing_.push_back(std::move(item.bytes));
+      item.event.reset();
+    }
+    if (queue_head_ == queue_.size()) {
+      queue_head_ = 0;
+      if (queue_.capacity() > 4)
+        std::vector<Item>().swap(queue_);  // a burst's queue is not kept by an idle connection
+      else
+        queue_.clear();
+    } else if (queue_head_ >= 1024 && queue_head_ * 2 >= queue_.size()) {
+      queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(queue_head_));
+      queue_head_ = 0;
     }
     queued_bytes_ -= frame;
     core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(frame));
     if (writing_.empty()) write_scheduled_ = false;
   }
   if (writing_.empty()) {
-    // Everything queued is written: a pending close goes now (outside the lock: it takes it).
+    // Everything queued is written: an idle connection keeps no frame buffer, and a pending
+    // close goes now (outside the lock: it takes it).
+    if (frame_.capacity() > std::string().capacity()) std::string().swap(frame_);
     if (close_pending_ && !close_sent_) {
       auto reason = *close_pending_;
       close_pending_.reset();
@@ -207,11 +270,14 @@ void WebSocketSession::do_write() {
     frame_ += *writing_[i];
   }
   write_in_flight_ = true;
-  ws_.async_write(net::buffer(frame_), [self = shared_from_this()](boost::system::error_code ec,
-                                                                   std::size_t n) { self->on_write(ec, n); });
+  ws_.async_write(net::buffer(frame_),
+                  [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                    self->on_write(ec, n);
+                  });
 }
 
-void WebSocketSession::on_write(boost::system::error_code ec, std::size_t bytes) {
+template <class Stream>
+void WebSocketSession<Stream>::on_write(boost::system::error_code ec, std::size_t bytes) {
   write_in_flight_ = false;
   if (ec) {
     core_->log(LogLevel::debug, fmt::format("websocket {}: write failed: {}", user_, ec.message()));
@@ -222,25 +288,30 @@ void WebSocketSession::on_write(boost::system::error_code ec, std::size_t bytes)
   core_->metrics.bytes_pushed.fetch_add(bytes, std::memory_order_relaxed);
   messages_out_ += writing_.size();
   bytes_out_ += bytes;
-  writing_.clear();
-  if (frame_.capacity() > 64 * 1024) frame_ = std::string();  // idle connections keep no big buffer
+  if (writing_.capacity() > 8)
+    std::vector<std::shared_ptr<const std::string>>().swap(writing_);
+  else
+    writing_.clear();
   do_write();  // with a close pending, do_write sends it once the queue is empty
 }
 
-void WebSocketSession::close(std::uint16_t code, std::string reason) {
-  net::post(ws_.get_executor(), [self = shared_from_this(), code, reason = std::move(reason)] {
+template <class Stream>
+void WebSocketSession<Stream>::close(std::uint16_t code, std::string reason) {
+  net::post(ws_.get_executor(), [self = this->shared_from_this(), code, reason = std::move(reason)] {
     self->start_close({static_cast<websocket::close_code>(code), reason});
   });
 }
 
-void WebSocketSession::post(std::function<void()> fn) {
-  net::post(ws_.get_executor(), [self = shared_from_this(), fn = std::move(fn)] {
+template <class Stream>
+void WebSocketSession<Stream>::post(std::function<void()> fn) {
+  net::post(ws_.get_executor(), [self = this->shared_from_this(), fn = std::move(fn)] {
     if (!self->finished_) fn();
   });
 }
 
 // Strand only. One write at a time: a close waits for the write in flight.
-void WebSocketSession::start_close(websocket::close_reason reason) {
+template <class Stream>
+void WebSocketSession<Stream>::start_close(websocket::close_reason reason) {
   if (close_sent_ || finished_) return;
   if (!opened_) {
     finish();
@@ -263,29 +334,33 @@ void WebSocketSession::start_close(websocket::close_reason reason) {
     std::lock_guard lock(mutex_);
     closing_ = true;
   }
-  ws_.async_close(reason, [self = shared_from_this()](boost::system::error_code) {
+  ws_.async_close(reason, [self = this->shared_from_this()](boost::system::error_code) {
     // The read loop sees the close handshake complete (or fail) and calls finish().
   });
 }
 
-void WebSocketSession::shutdown() {
+template <class Stream>
+void WebSocketSession<Stream>::shutdown() {
   close(static_cast<std::uint16_t>(websocket::close_code::going_away), "going away");
 }
 
-void WebSocketSession::abort() {
-  net::post(ws_.get_executor(), [self = shared_from_this()] {
+template <class Stream>
+void WebSocketSession<Stream>::abort() {
+  net::post(ws_.get_executor(), [self = this->shared_from_this()] {
     boost::system::error_code ec;
-    beast::get_lowest_layer(self->ws_).socket().close(ec);
+    socket_of(self->ws_).close(ec);
   });
 }
 
-void WebSocketSession::finish() {
+template <class Stream>
+void WebSocketSession<Stream>::finish() {
   if (finished_) return;
   finished_ = true;
   {
     std::lock_guard lock(mutex_);
     closing_ = true;
     queue_.clear();
+    queue_head_ = 0;
     core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
     queued_bytes_ = 0;
   }
@@ -303,7 +378,10 @@ void WebSocketSession::finish() {
         messages_in_, bytes_in_, messages_out_, bytes_out_, ms));
   }
   boost::system::error_code ec;
-  beast::get_lowest_layer(ws_).socket().close(ec);
+  socket_of(ws_).close(ec);
 }
+
+template class WebSocketSession<PlainStream>;
+template class WebSocketSession<TlsStream>;
 
 }  // namespace pushbook::detail

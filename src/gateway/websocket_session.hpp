@@ -11,18 +11,21 @@
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/websocket/stream.hpp>
 
-#include <deque>
 #include <set>
+#include <vector>
 
 namespace pushbook::detail {
 
 namespace websocket = boost::beast::websocket;
 
+/// Over a PlainStream or a TlsStream (gateway/stream.hpp; instantiated for both).
+template <class Stream>
 class WebSocketSession : public Session,
                          public ConnectionSink,
-                         public std::enable_shared_from_this<WebSocketSession> {
+                         public std::enable_shared_from_this<WebSocketSession<Stream>> {
  public:
-  WebSocketSession(std::shared_ptr<GatewayCore> core, tcp::socket socket);
+  /// `stream`: the connection the upgrade request came on (its HTTP session is done with it).
+  WebSocketSession(std::shared_ptr<GatewayCore> core, Stream stream);
   ~WebSocketSession() override;
   /// Completes the upgrade of `req` for the authenticated `user`.
   void run(Request req, std::string user, std::optional<std::chrono::system_clock::time_point> token_expires);
@@ -43,7 +46,10 @@ class WebSocketSession : public Session,
 
   void on_accept(boost::system::error_code ec);
   void do_read();
+  void on_first_byte(boost::system::error_code ec, std::size_t bytes);
+  void read_rest();
   void on_read(boost::system::error_code ec, std::size_t bytes);
+  void on_message(std::size_t bytes);
   void enqueue(Item item);
   void do_write();
   void on_write(boost::system::error_code ec, std::size_t bytes);
@@ -52,7 +58,11 @@ class WebSocketSession : public Session,
   void finish();
 
   std::shared_ptr<GatewayCore> core_;
-  websocket::stream<beast::tcp_stream> ws_;
+  websocket::stream<Stream> ws_;
+  // An idle connection waits for the first byte of the next message in first_byte_ (Beast
+  // reads the frame into its own buffer); the rest of the message goes to buffer_, which is
+  // released again once the message is handled. So an idle connection holds no read buffer.
+  char first_byte_ = 0;
   beast::flat_buffer buffer_;
   net::steady_timer deadline_timer_;
   std::unique_ptr<ConnectionLogic> logic_;  // strand only
@@ -60,7 +70,10 @@ class WebSocketSession : public Session,
   std::optional<std::chrono::system_clock::time_point> token_expires_;
 
   std::mutex mutex_;  // guards what publisher threads touch
-  std::deque<Item> queue_;
+  // What waits to be written: queue_[queue_head_] onwards. A vector with a head index, not a
+  // std::deque (which allocates ~576 bytes even empty); emptied and released when drained.
+  std::vector<Item> queue_;
+  std::size_t queue_head_ = 0;
   std::size_t queued_bytes_ = 0;
   std::uint64_t dropped_ = 0;
   std::set<std::string> dropped_topics_;

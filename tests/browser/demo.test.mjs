@@ -4,10 +4,12 @@
 //   CHROMIUM          the browser (default: /usr/bin/chromium)
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startServer as startPushbookServer } from './server.mjs';
 
@@ -85,6 +87,9 @@ before(async () => {
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
     viewport: { width: 1280, height: 720 },
+    // The https test's server has a certificate of a CA made for the run (made at test time by
+    // scripts/make-test-certs.sh), which this browser accepts; plain http pages are unaffected.
+    ignoreHTTPSErrors: true,
   });
 });
 
@@ -155,6 +160,24 @@ test('Book: the page shows confirmed and the time from click to confirmation', T
   const ms = Number(await latency.getAttribute('data-latency-ms'));
   assert.ok(ms >= DECISION_DELAY_MS - 100 && ms < WAIT_MS, `click to confirmation: ${ms} ms`);
   const id = await booking.getAttribute('data-booking-id');
+  await assertCleanHistory(page, `booking/${id}`, ['processing', 'confirmed']);
+  page.assertNoErrors();
+});
+
+test('from an https page: wss, and the booking confirmed as over plain http', TEST_OPTIONS, async () => {
+  const certs = mkdtempSync(path.join(os.tmpdir(), 'pushbook-certs-'));
+  cleanups.push(async () => rmSync(certs, { recursive: true, force: true }));
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  execFileSync('bash', [path.resolve(here, '../../scripts/make-test-certs.sh'), certs]);
+  const tls = await startServer(['--decision-delay-ms', '200', '--resource', 'room-101:10',
+    '--tls-cert', path.join(certs, 'server.pem'), '--tls-key', path.join(certs, 'server.key'), '--tls-only']);
+  cleanups.push(() => tls.stop());
+  const page = await openDemo(`https://127.0.0.1:${tls.port}`);
+  assert.equal(await page.evaluate(() => location.protocol), 'https:');
+  assert.equal(await page.locator('#transport').textContent(), 'websocket');
+  const key = await clickBook(page, 'room-101');
+  await row(page, key, 'confirmed').waitFor({ timeout: WAIT_MS });
+  const id = await row(page, key).getAttribute('data-booking-id');
   await assertCleanHistory(page, `booking/${id}`, ['processing', 'confirmed']);
   page.assertNoErrors();
 });

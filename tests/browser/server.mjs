@@ -27,7 +27,7 @@ export async function startServer(args) {
     child.on('error', (error) => fail(error.message));
     child.on('exit', (code, signal) => fail(`exited (${code ?? signal})`));
     child.stdout.on('data', () => {
-      const match = /listening on http:\/\/[\d.]+:(\d+) /.exec(output);  // the whole port
+      const match = /listening on https?:\/\/[\d.]+:(\d+) /.exec(output);  // the whole port
       if (match) { clearTimeout(timer); resolve(Number(match[1])); }
     });
   });

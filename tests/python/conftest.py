@@ -47,7 +47,7 @@ class Server:
         self.output = []
         for line in self.proc.stdout:  # the server prints where it listens, then serves
             self.output.append(line)
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", line)
             if m:
                 self.port = int(m.group(1))
                 break
@@ -78,3 +78,33 @@ def server():
     s = Server()
     yield s
     s.stop()
+
+
+class Certs:
+    """A test CA and certificates made by scripts/make-test-certs.sh (no key is committed)."""
+
+    def __init__(self, directory):
+        self.dir = str(directory)
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "make-test-certs.sh"), self.dir], check=True)
+
+    def file(self, name):
+        return os.path.join(self.dir, name)
+
+    def client_context(self):
+        """An ssl context that trusts the test CA."""
+        import ssl
+        return ssl.create_default_context(cafile=self.file("ca.pem"))
+
+    def peer_common_name(self, port):
+        """The CN of the certificate a TLS server on 127.0.0.1:port presents."""
+        import socket
+        import ssl
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                subject = dict(x[0] for x in tls.getpeercert()["subject"])
+                return subject["commonName"]
+
+
+@pytest.fixture(scope="session")
+def test_certs(tmp_path_factory):
+    return Certs(tmp_path_factory.mktemp("certs"))

@@ -82,6 +82,31 @@ def test_arrival_rate_model_against_a_running_server():
     assert r["server_cpu_s_ramp"] is not None  # the server was found through /proc by its port
 
 
+@pytest.mark.parametrize("mode, connection", [("push", "keep-alive"), ("poll", "close"), ("sse", "keep-alive")])
+def test_over_tls_every_mode_decides_and_a_new_connection_is_a_new_handshake(test_certs, mode, connection):
+    # The bench starts a TLS-only server (--tls-cert/--tls-key) and trusts the test CA.
+    r = json.loads(bench("--mode", mode, "--connection", connection, "--users", "4", "--bookings-per-user", "2",
+                         "--interval-ms", "50", "--ramp-ms", "20", "--store", "memory:",
+                         "--tls-cert", test_certs.file("server.pem"), "--tls-key", test_certs.file("server.key"),
+                         "--ca", test_certs.file("ca.pem"), "--json").stdout)
+    check_result(r, mode, 8)
+    assert r["tls"] is True
+    server = Server("--store", "memory:", "--tls-cert", test_certs.file("server.pem"),
+                    "--tls-key", test_certs.file("server.key"), "--tls-only")
+    try:
+        # Against a running server: https:// in --url; an untrusted certificate is an error
+        # the run reports (nothing decided), --insecure accepts it.
+        url = f"https://127.0.0.1:{server.port}"
+        common = ("--secret", SECRET, "--resource", "hall", "--mode", mode, "--users", "2",
+                  "--bookings-per-user", "1", "--json")
+        refused = bench("--url", url, *common, check=False)
+        assert refused.returncode == 1
+        assert "certificate verify failed" in json.loads(refused.stdout)["first_error"]
+        check_result(json.loads(bench("--url", url, "--insecure", *common).stdout), mode, 2)
+    finally:
+        server.stop()
+
+
 def test_wrong_secret_is_reported_not_hidden():
     server = Server()
     try:
@@ -101,7 +126,8 @@ def test_wrong_secret_is_reported_not_hidden():
     (["--users", "1e12"], "--users is at most 1000000000"),
     (["--connection", "maybe"], "--connection is keep-alive or close"),
     (["--url", "http://127.0.0.1:1"], "--url needs --secret"),
-    (["--url", "ftp://x", "--secret", "s"], "--url must look like http://HOST:PORT"),
+    (["--url", "ftp://x", "--secret", "s"], "--url must look like http://HOST:PORT or https://HOST:PORT"),
+    (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
     (["--frobnicate"], "unknown option"),
 ])
 def test_bad_options_get_clear_errors(args, message):
@@ -127,3 +153,20 @@ def test_compare_writes_table_and_picture(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["mode"] for r in results[0]["results"]] == ["poll", "longpoll", "sse", "push"]
     assert all(r["errors"] == 0 and r["timeouts"] == 0 for r in results[0]["results"])
+
+
+def test_bench_through_a_cluster():
+    """pushbook-bench against the cluster (examples/cluster) through nginx, as against one server,
+    with the CPU of every process of the cluster (--server-pid with several roots)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples", "cluster"))
+    from run_cluster import Cluster
+    with Cluster(nodes=3, server_args=["--resource", "bench:1000000", "--workers", "1"], fast_unsafe=True) as c:
+        pids = ",".join(str(p) for p in c.pids())
+        for mode in ("push", "poll", "sse"):
+            r = json.loads(bench("--url", c.url, "--secret", c.secret, "--server-pid", pids, "--mode", mode,
+                                 "--users", "60", "--bookings-per-user", "3", "--ramp-ms", "200", "--json").stdout)
+            check_result(r, mode, 180)
+            assert r["server_cpu_s_per_booking"] > 0
+    # A bad process list is a usage error.
+    done = bench("--server-pid", "12,x", check=False)
+    assert done.returncode == 2 and "--server-pid needs process ids" in done.stderr

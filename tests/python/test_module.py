@@ -133,6 +133,23 @@ def test_holds(engine):
     wait_until(lambda: engine.get(short.booking_id).status == "expired")
 
 
+def test_decide_on_caller(bus):
+    # Without a handler, over the in-memory store: decided within submit, on the calling thread.
+    engine = pushbook.BookingEngine(bus)
+    engine.add_resource("solo", 1)
+    first = engine.submit("alice", "solo")
+    second = engine.submit("bob", "solo")
+    assert engine.get(first.booking_id).status == "confirmed"
+    assert engine.get(second.booking_id).status == "rejected"  # in arrival order
+    # Off: the workers decide, after submit returned.
+    workers = pushbook.BookingEngine(bus, decide_on_caller=False)
+    workers.add_resource("duo", 2)
+    ack = workers.submit("alice", "duo")
+    assert decided(workers, ack.booking_id).status == "confirmed"
+    with pytest.raises(TypeError):
+        pushbook.BookingEngine(bus, decide_on_caller="yes please")
+
+
 def test_limits_and_quotas_raise_clear_exceptions(bus):
     engine = pushbook.BookingEngine(bus, max_hold=60, max_metadata_bytes=32, max_held_units_per_user=2)
     try:
@@ -378,6 +395,65 @@ def test_gateway_end_to_end_with_a_websockets_client(bus, engine):
         assert "pushbook_connections" in gw.metrics()
     with pytest.raises(pushbook.ValidationError):
         pushbook.PushGateway(bus, engine)  # no secret and not dev_insecure
+
+
+def test_gateway_node_name_in_healthz_and_every_answer(bus, engine):
+    import urllib.request
+    assert bus.available is True
+    with pushbook.PushGateway(bus, engine, secret="s3cret", node_name="node-2") as gw:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/healthz", timeout=5) as r:
+            assert r.headers["Pushbook-Node"] == "node-2"
+            assert json.loads(r.read()) == {"status": "ok", "store": "up", "bus": "up", "node": "node-2"}
+    with pytest.raises(pushbook.ValidationError):
+        pushbook.PushGateway(bus, engine, secret="s3cret", node_name="bad name\r\n")
+
+
+def test_gateway_over_tls_wss_https_and_a_certificate_reload(bus, engine, test_certs, tmp_path):
+    import shutil
+    import ssl
+    import urllib.error
+    import urllib.request
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(test_certs.file("server.pem"), cert)
+    shutil.copy(test_certs.file("server.key"), key)
+    with pushbook.PushGateway(bus, engine, secret="s3cret", tls_cert=str(cert), tls_key=str(key),
+                              tls_only=True) as gw:
+        assert gw.tls_enabled
+        context = test_certs.client_context()
+        with urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/healthz", context=context, timeout=5) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        token = pushbook.sign_token("alice", 60, "s3cret")
+
+        async def book():
+            async with websockets.connect(f"wss://127.0.0.1:{gw.port}/v1/ws", ssl=context,
+                                          extra_headers={"Authorization": "Bearer " + token}) as ws:
+                await ws.send(json.dumps({"id": 1, "op": "book", "resource": "room-2"}))
+                while True:
+                    frame = await asyncio.wait_for(ws.recv(), DEADLINE)
+                    for m in (json.loads(x) for x in frame.split("\n") if x):
+                        if m.get("type") == "event" and m["data"]["status"] != "processing":
+                            return m["data"]["status"]
+        assert asyncio.run(book()) == "confirmed"
+        # Plain HTTP on a TLS-only port: told what to do.
+        with pytest.raises(urllib.error.HTTPError) as plain:
+            urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/healthz", timeout=5)
+        assert plain.value.code == 400 and b"TLS only" in plain.value.read()
+        # A renewed certificate, then a bad one (a key of no certificate here).
+        assert test_certs.peer_common_name(gw.port) == "localhost"
+        shutil.copy(test_certs.file("server2.pem"), cert)
+        shutil.copy(test_certs.file("server2.key"), key)
+        gw.reload_tls()
+        assert test_certs.peer_common_name(gw.port) == "localhost (renewed)"
+        shutil.copy(test_certs.file("other.key"), key)
+        with pytest.raises(pushbook.ValidationError, match="does not match"):
+            gw.reload_tls()
+        assert test_certs.peer_common_name(gw.port) == "localhost (renewed)"
+    with pytest.raises(pushbook.ValidationError, match="cannot be read"):
+        pushbook.PushGateway(bus, engine, secret="s3cret", tls_cert=str(tmp_path / "none.pem"), tls_key=str(key))
+    with pushbook.PushGateway(bus, engine, secret="s3cret") as plain_gw:
+        assert not plain_gw.tls_enabled
+        with pytest.raises(pushbook.ValidationError, match="no TLS"):
+            plain_gw.reload_tls()
 
 
 def test_key_sets_rotate_and_refuse_bad_input(tmp_path):
@@ -694,6 +770,7 @@ def test_redis_bus_unreachable_raises_overloaded_and_a_bad_address_a_validation_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bus = pushbook.RedisBus(f"redis://127.0.0.1:{port}", command_timeout=0.5, connect_wait=0.1)
+    assert bus.available is False  # what a health check reports
     with pytest.raises(pushbook.Overloaded) as caught:
         bus.publish("user/u1", {"n": 1})
     assert caught.value.code == "bus_unavailable"

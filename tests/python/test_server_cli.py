@@ -42,11 +42,39 @@ def run_server(*args):
     (["--max-hold-s", "-5"], "--max-hold-s needs a non-negative number, not '-5'"),
     (["--user-rate-limit", "many"], "--user-rate-limit needs a number of requests per second (0: none), not 'many'"),
     (["--user-rate-limit", "-1"], "--user-rate-limit needs a number of requests per second (0: none), not '-1'"),
+    (["--node-id", "two"], "--node-id needs a non-negative number, not 'two'"),
+    (["--node-id", "4294967296"], "--node-id is from 0 to 4294967295, not 4294967296"),
+    (["--store-lease-ms", "50"], "--store-lease-ms is from 100 to 3600000, not 50"),
+    (["--store-lease-ms", "2000", "--store", "memory:"],
+     "--store-lease-ms is for a postgresql:// store (--store), not 'memory:'"),
+    (["--tls-cert", "c.pem"], "--tls-cert needs --tls-key"),
+    (["--tls-only"], "--tls-key, --tls-only and --tls-client-ca need --tls-cert"),
 ])
 def test_bad_options_get_clear_errors(args, message):
     done = run_server(*args)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_node_id_names_the_node_in_every_answer_and_in_healthz():
+    server = Server("--node-id", "7", "--store", "memory:")
+    try:
+        assert any("node-7" in line for line in server.output)  # on the "listening" line
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as r:
+            assert r.headers["Pushbook-Node"] == "node-7"
+            assert json.loads(r.read()) == {"status": "ok", "store": "up", "bus": "up", "node": "node-7"}
+    finally:
+        server.stop()
+
+
+def test_a_port_in_use_stops_the_start_with_a_clear_error_not_an_abort():
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_server("--port", str(taken.getsockname()[1]), "--secret", "s" * 32, "--store", "memory:")
+    assert done.returncode == 1, done.stderr  # not -6 (SIGABRT)
+    assert "cannot listen on 127.0.0.1:" in done.stderr and "terminate" not in done.stderr
 
 
 def test_token_for_prints_a_jwt():
@@ -126,7 +154,7 @@ def test_help_describes_every_option_with_its_default():
                    "--max-queued-bytes", "--slow-consumer", "--handshake-timeout-ms", "--idle-timeout-s",
                    "--max-long-poll-s", "--shutdown-timeout-s", "--max-queue", "--max-hold-s",
                    "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user",
-                   "--keys", "--secret-file", "--bus"):
+                   "--keys", "--secret-file", "--bus", "--node-id", "--store-lease-ms"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
@@ -328,3 +356,36 @@ def test_bus_redis_carries_the_events_through_redis(tmp_path):
         server.stop()
         redis.terminate()
         redis.wait(10)
+
+
+def test_tls_https_and_wss_then_sighup_reloads_the_certificate(test_certs, tmp_path):
+    import shutil
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(test_certs.file("server.pem"), cert)
+    shutil.copy(test_certs.file("server.key"), key)
+    server = Server("--store", "memory:", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert any("https://" in line and "plain HTTP too" in line for line in server.output)
+        context = test_certs.client_context()
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.port}/healthz", context=context,
+                                    timeout=5) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as r:
+            assert r.status == 200  # the same port serves plain HTTP without --tls-only
+        assert test_certs.peer_common_name(server.port) == "localhost"
+        shutil.copy(test_certs.file("server2.pem"), cert)
+        shutil.copy(test_certs.file("server2.key"), key)
+        server.proc.send_signal(signal.SIGHUP)
+        lines = [server.proc.stdout.readline() for _ in range(2)]  # the gateway's log line, then ours
+        assert any("TLS certificate and key reloaded" in line for line in lines), lines
+        assert test_certs.peer_common_name(server.port) == "localhost (renewed)"
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_key_that_does_not_match_the_certificate_stops_the_start(test_certs):
+    done = run_server("--port", "0", "--secret", "x" * 32, "--store", "memory:",
+                      "--tls-cert", test_certs.file("server.pem"), "--tls-key", test_certs.file("other.key"))
+    assert done.returncode == 1
+    assert "does not match the certificate" in done.stderr

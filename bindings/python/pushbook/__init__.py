@@ -80,22 +80,26 @@ class BookingEngine(_core.BookingEngine):
 
     ``BookingEngine(bus, workers=2, handler=None, loop=None, handler_timeout=10.0,
     max_queue=65536, idempotency_window=86400.0, store=None, recovery="requeue", max_hold=900.0,
-    max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0)``.
+    max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0,
+    decide_on_caller=True)``.
 
     The limits a public service needs: ``max_hold`` (seconds) is the longest hold a booking may ask
     for, ``max_metadata_bytes`` the largest metadata (as JSON); ``max_in_flight_per_user`` and
     ``max_held_units_per_user`` are per-user quotas (0: none) whose excess raises QuotaExceeded.
+    Without a handler and over the in-memory store, ``decide_on_caller`` decides a booking within
+    ``submit`` (no hand-off to a worker thread); ``False`` sends every booking to the workers.
     """
 
     # Python signatures over the extension's calls: inspect.signature() and help() show them.
     def __init__(self, bus, workers=2, handler=None, loop=None, handler_timeout=10.0, max_queue=65536,
                  idempotency_window=86400.0, store=None, recovery="requeue", max_hold=900.0,
-                 max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0):
+                 max_metadata_bytes=4096, max_in_flight_per_user=1000, max_held_units_per_user=0,
+                 decide_on_caller=True):
         super().__init__(bus, workers=workers, handler=handler, loop=loop, handler_timeout=handler_timeout,
                          max_queue=max_queue, idempotency_window=idempotency_window, store=store,
                          recovery=recovery, max_hold=max_hold, max_metadata_bytes=max_metadata_bytes,
                          max_in_flight_per_user=max_in_flight_per_user,
-                         max_held_units_per_user=max_held_units_per_user)
+                         max_held_units_per_user=max_held_units_per_user, decide_on_caller=decide_on_caller)
         self._bus = bus
 
     def add_resource(self, resource_id, capacity):
@@ -258,15 +262,21 @@ class PushGateway(_core.PushGateway):
     Its log lines go to the ``pushbook`` logger (the logger's level when the gateway is made
     decides which lines are sent). ``user_rate_limit`` (requests per second, 0: none) and
     ``user_rate_burst`` bound each user's HTTP requests; ``access_log=True`` logs a line per HTTP
-    request and per WebSocket/SSE session at INFO (docs/protocol.md, "Access log")."""
+    request and per WebSocket/SSE session at INFO (docs/protocol.md, "Access log"). ``node_name``
+    ("node-2") names this gateway in a cluster: the ``Pushbook-Node`` header of every answer and
+    the ``node`` of /healthz (docs/deployment.md). ``tls_cert`` and ``tls_key`` (PEM files) turn
+    TLS on: https, wss and SSE over TLS, on the same port as plain HTTP unless ``tls_only``;
+    ``tls_client_ca`` asks every client for a certificate it signed; ``reload_tls()`` reads the
+    files again (a renewed certificate) while connections go on (docs/deployment.md, "TLS")."""
 
     def __init__(self, bus, engine, host="127.0.0.1", port=0, secret=None, dev_insecure=False, threads=1,
                  allowed_origins=(), static_dir="", keys=None, user_rate_limit=20.0, user_rate_burst=100,
-                 access_log=False):
+                 access_log=False, node_name="", tls_cert="", tls_key="", tls_only=False, tls_client_ca=""):
         super().__init__(bus, engine, host=host, port=port, secret=secret, dev_insecure=dev_insecure,
                          threads=threads, allowed_origins=list(allowed_origins), static_dir=static_dir,
                          keys=keys, user_rate_limit=user_rate_limit, user_rate_burst=user_rate_burst,
-                         access_log=access_log)
+                         access_log=access_log, node_name=node_name, tls_cert=tls_cert, tls_key=tls_key,
+                         tls_only=tls_only, tls_client_ca=tls_client_ca)
 
     def __enter__(self):
         self.start()
