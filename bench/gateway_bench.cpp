@@ -3,8 +3,13 @@
 //   latency  N WebSocket clients (default 10,000) connected to a pushbook-server process; they
 //            book at a steady aggregate rate with no business delay; book-to-confirmation time
 //            is measured from each booking's *scheduled* send time (no coordinated omission).
-//   fanout   one topic, 1,000 subscribers (in-process gateway), small events: deliveries/s.
-//   memory   server RSS growth per idle WebSocket (10,000 idle connections).
+//   fanout   one topic, 1,000 subscribers, ~110-byte events: deliveries per second and per
+//            server CPU-second. The server is this program in a child process (--serve-fanout:
+//            a gateway on 1 thread that publishes when told on stdin), so the clients' CPU is
+//            not the server's.
+//   handshakes  10,000 WebSocket upgrades (256 in flight) to a pushbook-server process on 1
+//            gateway thread: upgrades per second, and per server CPU-second.
+//   memory   server RSS growth per idle WebSocket subscribed to one topic (10,000 connections).
 //
 // --bus redis runs each mode over a RedisBus instead of the LocalBus: the bench starts a
 // redis-server of its own on a free loopback port (tests/redis_server.hpp, no persistence, emptied
@@ -12,7 +17,7 @@
 // the in-process gateway (fanout). --bus both measures each mode over both buses in every run,
 // one after the other, and prints the ratios.
 //
-//   pushbook-gateway-bench [--only latency|fanout|memory] [--bus local|redis|both] [--clients N]
+//   pushbook-gateway-bench [--only latency|fanout|handshakes|memory] [--bus local|redis|both] [--clients N]
 //                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
 #include <pushbook/auth.hpp>
 #include <pushbook/metrics.hpp>
@@ -37,6 +42,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -59,6 +65,7 @@ struct Options {
   int seconds = 10;
   int subscribers = 1'000;
   int events = 20'000;
+  bool serve_fanout = false;  // the child role of the fanout mode
   int runs = 3;
   bool json = false;
   std::string bus = "local";  // local, redis or both
@@ -98,6 +105,8 @@ std::vector<std::string> server_args(const BusChoice& bus) {
   }
   return args;
 }
+
+using ServerProcessBase = pushbook::bench::ServerProcess;
 
 struct ServerProcess : pushbook::bench::ServerProcess {
   explicit ServerProcess(const BusChoice& bus) : pushbook::bench::ServerProcess(server_args(bus)) {}
@@ -168,10 +177,16 @@ struct Conn : std::enable_shared_from_this<Conn> {
   }
 };
 
-// Connects `n` clients; returns them once all are open.
+// Connects `n` clients; returns them once all are open. The tokens are signed first, so that
+// `seconds` (when given) is the time of the connections and upgrades alone.
 std::vector<std::shared_ptr<Conn>> connect_all(net::io_context& ioc, std::uint16_t port, int n,
-                                               const std::function<void(Conn&, std::string_view)>& on_line) {
+                                               const std::function<void(Conn&, std::string_view)>& on_line,
+                                               double* seconds = nullptr) {
   const tcp::endpoint ep(net::ip::make_address("127.0.0.1"), port);
+  std::vector<std::string> tokens;
+  for (int i = 0; i < n; ++i)
+    tokens.push_back(sign_token("u" + std::to_string(i),
+                                std::chrono::system_clock::now() + std::chrono::hours(1), secret));
   std::vector<std::shared_ptr<Conn>> conns;
   std::atomic<int> done{0}, ok{0};
   // At most 256 handshakes in flight: a burst of 10,000 SYNs overflows the listen backlog.
@@ -180,24 +195,23 @@ std::vector<std::shared_ptr<Conn>> connect_all(net::io_context& ioc, std::uint16
     const int i = next.fetch_add(1);
     if (i >= n) return;
     auto c = conns[static_cast<std::size_t>(i)];
-    c->start(
-        ep,
-        sign_token("u" + std::to_string(i), std::chrono::system_clock::now() + std::chrono::hours(1), secret),
-        [&](bool success) {
-          if (success) ++ok;
-          ++done;
-          launch();
-        });
+    c->start(ep, tokens[static_cast<std::size_t>(i)], [&](bool success) {
+      if (success) ++ok;
+      launch();  // before `done`: the caller returns (and its locals go) once done == n
+      ++done;
+    });
   };
   for (int i = 0; i < n; ++i) {
     conns.push_back(std::make_shared<Conn>(ioc));
     conns.back()->index = i;
     conns.back()->on_line = on_line;
   }
+  const auto t0 = steady::now();
   net::post(ioc, [&] {
     for (int i = 0; i < 256; ++i) launch();
   });
-  while (done.load() < n) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (done.load() < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (seconds) *seconds = std::chrono::duration<double>(steady::now() - t0).count();
   if (ok.load() != n) throw std::runtime_error(fmt::format("only {} of {} clients connected", ok.load(), n));
   return conns;
 }
@@ -278,7 +292,10 @@ std::shared_ptr<EventBus> make_bus(const BusChoice& choice) {
   return bus;
 }
 
-double bench_fanout(const Options& o, const BusChoice& choice) {
+// The fanout mode's server (this program run with --serve-fanout): a gateway on one thread over
+// the chosen bus, printing its port; each number read on stdin publishes that many events on
+// resource/fan. Ends at the end of its input.
+int serve_fanout(const BusChoice& choice) {
   auto bus = make_bus(choice);
   auto engine = std::make_shared<BookingEngine>(bus);
   GatewayOptions go;
@@ -286,38 +303,98 @@ double bench_fanout(const Options& o, const BusChoice& choice) {
   go.threads = 1;
   go.log = [](LogLevel, std::string_view) {};
   PushGateway gw(bus, engine, go);
-  const auto port = gw.listen().value();
+  const auto port = gw.listen();
+  if (!port) {
+    fmt::print(stderr, "cannot listen: {}\n", port.error().message);
+    return 1;
+  }
+  fmt::print("listening on http://127.0.0.1:{}\n", *port);
+  std::fflush(stdout);
+  // An event of ~110 bytes on the wire, as the issue's comparison used.
+  const std::string pad(28, 'x');
+  std::uint64_t n = 0;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    const int count = std::stoi(line);
+    for (int k = 0; k < count; ++k)
+      (void)bus->publish("resource/fan", boost::json::object{{"n", ++n}, {"pad", pad}});
+  }
+  gw.stop();
+  return 0;
+}
+
+struct FanoutResult {
+  double per_second = 0;             // deliveries per wall-clock second
+  double per_server_cpu_second = 0;  // deliveries per second of the server process's CPU
+};
+
+FanoutResult bench_fanout(const Options& o, const BusChoice& choice) {
+  std::vector<std::string> args = {pushbook::bench::self_dir() + "/pushbook-gateway-bench", "--serve-fanout",
+                                   "--bus", choice.kind == "redis" ? choice.address : "local"};
+  ServerProcessBase server(args, /*with_input=*/true);
   net::io_context ioc(1);
   auto guard = net::make_work_guard(ioc);
   std::thread io([&] { ioc.run(); });
   std::atomic<std::uint64_t> delivered{0};
-  auto conns = connect_all(ioc, port, o.subscribers, [&](Conn&, std::string_view line) {
-    if (line.starts_with(R"({"type":"event")")) delivered.fetch_add(1, std::memory_order_relaxed);
+  std::atomic<int> subscribed{0};
+  auto conns = connect_all(ioc, server.port, o.subscribers, [&](Conn&, std::string_view line) {
+    if (line.starts_with(R"({"type":"event")"))
+      delivered.fetch_add(1, std::memory_order_relaxed);
+    else if (line.starts_with(R"({"type":"reply")"))
+      subscribed.fetch_add(1);
   });
   for (auto& c : conns)
     net::post(c->ws.get_executor(), [c] { c->send(R"({"id":1,"op":"subscribe","topic":"resource/fan"})"); });
-  while (gw.stats().subscriptions < o.subscribers) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (subscribed.load() < o.subscribers) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // A subscription's snapshot event (nothing published yet: none) must not count.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  delivered = 0;
   const std::uint64_t expected =
       static_cast<std::uint64_t>(o.events) * static_cast<std::uint64_t>(o.subscribers);
   const auto t0 = steady::now();
-  // Publish in bursts that keep each connection's queue well under its 1 MiB bound.
+  const double cpu0 = pushbook::bench::process_cpu_seconds(server.pid).value_or(0);
+  // Bursts of 500, at most two outstanding: each connection's queue stays well under its bound
+  // and the server always has the next burst.
   constexpr int burst = 500;
   for (int i = 0; i < o.events; i += burst) {
-    for (int j = i; j < std::min(o.events, i + burst); ++j)
-      (void)bus->publish("resource/fan", boost::json::object{{"n", j}});
-    // Sleep, not spin: this thread must leave the 2 cores to the server and the clients.
-    while (delivered.load(std::memory_order_relaxed) + static_cast<std::uint64_t>(burst) * o.subscribers <
-           static_cast<std::uint64_t>(std::min(o.events, i + burst)) * o.subscribers)
+    if (!server.send_line(std::to_string(std::min(burst, o.events - i))))
+      throw std::runtime_error("the fan-out server went away");
+    const auto need = static_cast<std::uint64_t>(std::max(0, i - burst)) * o.subscribers;
+    while (delivered.load(std::memory_order_relaxed) < need && steady::now() - t0 < std::chrono::seconds(120))
       std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
   while (delivered.load() < expected && steady::now() - t0 < std::chrono::seconds(120))
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   const double secs = std::chrono::duration<double>(steady::now() - t0).count();
+  const double cpu = pushbook::bench::process_cpu_seconds(server.pid).value_or(0) - cpu0;
+  if (delivered.load() < expected)
+    throw std::runtime_error(fmt::format("only {} of {} deliveries arrived", delivered.load(), expected));
   for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
   guard.reset();
   ioc.stop();
   io.join();
-  return static_cast<double>(delivered.load()) / secs;
+  return {static_cast<double>(expected) / secs, static_cast<double>(expected) / std::max(cpu, 1e-9)};
+}
+
+struct HandshakeResult {
+  double per_second = 0;             // upgrades completed per wall-clock second
+  double per_server_cpu_second = 0;  // per second of the server process's CPU
+};
+
+HandshakeResult bench_handshakes(const Options& o, const BusChoice& bus) {
+  ServerProcess server(bus);
+  net::io_context ioc(1);
+  auto guard = net::make_work_guard(ioc);
+  std::thread io([&] { ioc.run(); });
+  const double cpu0 = server.cpu_seconds();
+  double secs = 0;
+  auto conns = connect_all(ioc, server.port, o.clients, {}, &secs);
+  const double cpu = server.cpu_seconds() - cpu0;
+  for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
+  guard.reset();
+  ioc.stop();
+  io.join();
+  return {o.clients / secs, o.clients / std::max(cpu, 1e-9)};
 }
 
 double bench_memory(const Options& o, const BusChoice& bus) {
@@ -327,7 +404,19 @@ double bench_memory(const Options& o, const BusChoice& bus) {
   net::io_context ioc(1);
   auto guard = net::make_work_guard(ioc);
   std::thread io([&] { ioc.run(); });
-  auto conns = connect_all(ioc, server.port, o.clients, {});
+  std::atomic<int> subscribed{0};
+  auto conns = connect_all(ioc, server.port, o.clients, [&](Conn&, std::string_view line) {
+    if (line.starts_with(R"({"type":"reply")")) subscribed.fetch_add(1);
+  });
+  // Idle and subscribed: every connection follows the same topic, as 10,000 clients of a hall.
+  for (auto& c : conns)
+    net::post(c->ws.get_executor(), [c] { c->send(R"({"id":1,"op":"subscribe","topic":"resource/hall"})"); });
+  const auto give_up = steady::now() + std::chrono::seconds(60);
+  while (subscribed.load() < o.clients && steady::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (subscribed.load() < o.clients)
+    throw std::runtime_error(
+        fmt::format("only {} of {} subscriptions answered", subscribed.load(), o.clients));
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   const long after = server.rss_kib();
   for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
@@ -341,6 +430,13 @@ template <class T>
 T median(std::vector<T> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+template <class R>
+double median_of(const std::vector<R>& runs, double R::*field) {
+  std::vector<double> v;
+  for (const auto& r : runs) v.push_back(r.*field);
+  return median(v);
 }
 
 }  // namespace
@@ -374,13 +470,23 @@ int main(int argc, char** argv) {
       o.json = true;
     else if (a == "--bus")
       o.bus = value();
+    else if (a == "--serve-fanout")
+      o.serve_fanout = true;
     else {
       fmt::print(stderr,
-                 "usage: pushbook-gateway-bench [--only latency|fanout|memory] [--bus local|redis|both]\n"
+                 "usage: pushbook-gateway-bench [--only latency|fanout|handshakes|memory]\n"
+                 "                              [--bus local|redis|both]\n"
                  "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
                  "                              [--events N] [--runs N] [--json]\n");
       return a == "--help" ? 0 : 2;
     }
+  }
+  if (o.serve_fanout)  // the fanout mode's child: --bus is "local" or the Redis address
+    return serve_fanout(o.bus == "local" ? BusChoice{"local", ""} : BusChoice{"redis", o.bus});
+  if (!o.only.empty() && o.only != "latency" && o.only != "fanout" && o.only != "handshakes" &&
+      o.only != "memory") {
+    fmt::print(stderr, "--only is latency, fanout, handshakes or memory, not '{}'\n", o.only);
+    return 2;
   }
   if (o.bus != "local" && o.bus != "redis" && o.bus != "both") {
     fmt::print(stderr, "--bus is local, redis or both, not '{}'\n", o.bus);
@@ -397,7 +503,9 @@ int main(int argc, char** argv) {
     buses.push_back({"redis", redis->address()});
   }
   std::map<std::string, std::vector<LatencyResult>> lat;
-  std::map<std::string, std::vector<double>> fan, mem;
+  std::map<std::string, std::vector<FanoutResult>> fan;
+  std::map<std::string, std::vector<HandshakeResult>> shakes;
+  std::map<std::string, std::vector<double>> mem;
   // Every run measures each bus in turn, so that a slow minute of the VM hits both.
   for (int r = 0; r < o.runs; ++r) {
     for (const auto& bus : buses) {
@@ -412,6 +520,10 @@ int main(int argc, char** argv) {
       if (want("fanout")) {
         flush();
         fan[bus.kind].push_back(bench_fanout(o, bus));
+      }
+      if (want("handshakes")) {
+        flush();
+        shakes[bus.kind].push_back(bench_handshakes(o, bus));
       }
       if (want("memory")) {
         flush();
@@ -441,19 +553,45 @@ int main(int argc, char** argv) {
       fmt::print("  p99 of each run, sorted: {} ms\n", each);
     }
     if (const auto& runs = fan[kind]; !runs.empty()) {
+      std::vector<double> wall, cpu;
       std::string each;
-      for (const auto x : runs) each += fmt::format("{}{:.0f}", each.empty() ? "" : ", ", x);
+      for (const auto& x : runs) {
+        wall.push_back(x.per_second);
+        cpu.push_back(x.per_server_cpu_second);
+        each += fmt::format("{}{:.0f}", each.empty() ? "" : ", ", x.per_server_cpu_second);
+      }
       fmt::print(
-          "fan-out, 1 topic, {} subscribers, {} events: {:.0f} deliveries/s (median of {} runs: {}){}\n",
-          o.subscribers, o.events, median(runs), runs.size(), each, over);
+          "fan-out, 1 topic, {} subscribers, {} events: {:.0f} deliveries per server CPU-second (median of "
+          "{} "
+          "runs: {}), {:.0f} deliveries/s{}\n",
+          o.subscribers, o.events, median(cpu), runs.size(), each, median(wall), over);
+    }
+    if (const auto& runs = shakes[kind]; !runs.empty()) {
+      std::vector<double> wall, cpu;
+      std::string each;
+      for (const auto& x : runs) {
+        wall.push_back(x.per_second);
+        cpu.push_back(x.per_server_cpu_second);
+        each += fmt::format("{}{:.0f}", each.empty() ? "" : ", ", x.per_second);
+      }
+      fmt::print(
+          "WebSocket handshakes, {} connections, 256 in flight, 1 gateway thread: {:.0f}/s (median of {} "
+          "runs: "
+          "{}), {:.0f} per server CPU-second{}\n",
+          o.clients, median(wall), runs.size(), each, median(cpu), over);
     }
     if (const auto& runs = mem[kind]; !runs.empty())
-      fmt::print("server memory per idle WebSocket ({} connections): {:.0f} bytes (median of {} runs){}\n",
-                 o.clients, median(runs), runs.size(), over);
+      fmt::print(
+          "server memory per idle WebSocket subscribed to one topic ({} connections): {:.0f} bytes (median "
+          "of {} "
+          "runs){}\n",
+          o.clients, median(runs), runs.size(), over);
   }
   if (buses.size() == 2) {
     if (!fan["local"].empty())
-      fmt::print("fan-out redis/local: {:.3f}\n", median(fan["redis"]) / median(fan["local"]));
+      fmt::print("fan-out per server CPU-second redis/local: {:.3f}\n",
+                 median_of(fan["redis"], &FanoutResult::per_server_cpu_second) /
+                     median_of(fan["local"], &FanoutResult::per_server_cpu_second));
     if (!lat["local"].empty())
       fmt::print("book -> confirmation p99 redis/local: {:.3f}\n",
                  static_cast<double>(lat["redis"][lat["redis"].size() / 2].latency.p99_ns) /

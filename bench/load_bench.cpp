@@ -15,7 +15,8 @@
 //
 // Without --url it starts pushbook-server itself on a free port (with --decision-delay-ms as the
 // simulated business step and --capacity as the resource's capacity). Server CPU per booking comes
-// from /proc/<pid>/stat of a local server (found by its listening port, or --server-pid).
+// from /proc/<pid>/stat of a local server (found by its listening port, or --server-pid: several
+// processes and their descendants, e.g. a cluster's nodes, nginx, Redis and PostgreSQL).
 //
 // Run with --help for every option. --json prints one JSON object (docs/benchmarks.md).
 #include <pushbook/auth.hpp>
@@ -26,13 +27,16 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
 
@@ -68,11 +72,16 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 namespace json = boost::json;
+namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 using steady = std::chrono::steady_clock;
+using PlainStream = beast::tcp_stream;
+using TlsStream = beast::ssl_stream<beast::tcp_stream>;
+template <class Stream>
+constexpr bool is_tls = std::is_same_v<Stream, TlsStream>;
 using net::awaitable;
 using net::use_awaitable;
-using pushbook::bench::process_cpu_seconds;
+using pushbook::bench::process_tree_cpu_seconds;
 using pushbook::bench::self_dir;
 using pushbook::bench::ServerProcess;
 using pushbook::bench::tcp_bytes;
@@ -82,6 +91,10 @@ enum class Mode { poll, longpoll, sse, push };
 
 struct Options {
   std::string url;
+  std::string ca_file;    // --ca: trust this CA for https/wss
+  bool insecure = false;  // --insecure: no certificate check
+  std::string tls_cert;   // --tls-cert/--tls-key: the server this bench starts speaks TLS only
+  std::string tls_key;
   Mode mode = Mode::push;
   bool new_connection = false;  // --connection close
   int users = 100;
@@ -102,8 +115,8 @@ struct Options {
   int server_threads = 1;
   int server_workers = 1;
   std::string server_path;
-  std::string store;  // empty: the server's default kind (SQLite) in a temporary directory
-  long server_pid = 0;
+  std::string store;              // empty: the server's default kind (SQLite) in a temporary directory
+  std::vector<long> server_pids;  // with their descendants
   int client_threads = 1;
   std::uint64_t seed = 0;
   bool json = false;
@@ -122,12 +135,16 @@ std::string_view mode_name(Mode m) {
 
 [[noreturn]] void usage(int code) {
   fmt::print(code ? stderr : stdout,
-             R"(usage: pushbook-bench [--url http://HOST:PORT] [--mode poll|longpoll|sse|push]
+             R"(usage: pushbook-bench [--url http(s)://HOST:PORT] [--mode poll|longpoll|sse|push]
                       [--users N] [--bookings-per-user K] [--interval-ms MS] [--secret S] [--json]
 options:
-  --url URL              server to load; without it pushbook-bench starts pushbook-server itself
+  --url URL              server to load; without it pushbook-bench starts pushbook-server itself.
+                         https://: every connection speaks TLS (wss for push)
+  --ca FILE              PEM CA to trust for https (default: the system's)
+  --insecure             no certificate check (a self-signed test server)
   --mode M               poll (default interval 500 ms), longpoll, sse or push (default push)
-  --connection C         keep-alive (default) or close: a new TCP connection per HTTP request
+  --connection C         keep-alive (default) or close: a new TCP (and TLS) connection per HTTP
+                         request (each TLS connection a full handshake: no session resumption)
   --users N              concurrent users (default 100)
   --bookings-per-user K  closed model: bookings each user makes one after another (default 5)
   --rate R               arrival-rate model: R bookings/s in all, for --duration seconds
@@ -140,7 +157,9 @@ options:
   --resource ID          resource to book (default bench)
   --secret S             HS256 secret for user tokens (default: $PUSHBOOK_SECRET; made up when
                          the bench starts the server)
-  --server-pid PID       server process for CPU accounting (default: found by the listening port)
+  --server-pid PID[,PID...]  server processes for CPU accounting, each with its descendants
+                         (a cluster: nodes, nginx, Redis, PostgreSQL; default: the process
+                         listening on --url's port)
   --client-threads N     load generator threads (default 1)
   --seed N               seed for the users' start offsets (default: random, printed)
   --json                 print one JSON object instead of the table
@@ -153,8 +172,29 @@ when it starts the server itself:
   --server PATH          pushbook-server binary (default: next to pushbook-bench)
   --store URL            the server's store (default: the server's default kind, a SQLite file,
                          in a temporary directory removed afterwards; memory: for none)
+  --tls-cert F --tls-key K   the server speaks TLS only with this certificate and key (give
+                         --ca or --insecure for the clients)
 )");
   std::exit(code);
+}
+
+// "--server-pid 12,345,678": process ids, each at least 1.
+std::vector<long> pid_list(const std::string& text) {
+  std::vector<long> pids;
+  std::size_t at = 0;
+  while (at <= text.size()) {
+    const auto comma = std::min(text.find(',', at), text.size());
+    const auto item = text.substr(at, comma - at);
+    char* end = nullptr;
+    const long pid = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end || pid < 1) {
+      fmt::print(stderr, "--server-pid needs process ids separated by commas, not '{}'\n", text);
+      usage(2);
+    }
+    pids.push_back(pid);
+    at = comma + 1;
+  }
+  return pids;
 }
 
 Options parse(int argc, char** argv) {
@@ -190,6 +230,14 @@ Options parse(int argc, char** argv) {
     };
     if (a == "--url")
       o.url = value();
+    else if (a == "--ca")
+      o.ca_file = value();
+    else if (a == "--insecure")
+      o.insecure = true;
+    else if (a == "--tls-cert")
+      o.tls_cert = value();
+    else if (a == "--tls-key")
+      o.tls_key = value();
     else if (a == "--mode") {
       const auto m = value();
       if (m == "poll")
@@ -248,7 +296,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--store")
       o.store = value();
     else if (a == "--server-pid")
-      o.server_pid = static_cast<long>(number(1));
+      o.server_pids = pid_list(value());
     else if (a == "--client-threads")
       o.client_threads = integer(1);
     else if (a == "--seed")
@@ -264,6 +312,11 @@ Options parse(int argc, char** argv) {
       usage(2);
     }
   }
+  if (o.tls_cert.empty() != o.tls_key.empty() || (!o.tls_cert.empty() && !o.url.empty())) {
+    fmt::print(stderr,
+               "pushbook-bench: --tls-cert and --tls-key go together, for a server the bench starts\n");
+    std::exit(2);
+  }
   if (!o.url.empty() && o.secret.empty()) {
     fmt::print(stderr,
                "pushbook-bench: --url needs --secret (or PUSHBOOK_SECRET): the server's token secret\n");
@@ -277,23 +330,28 @@ Options parse(int argc, char** argv) {
 
 // The command line of a pushbook-server of our own, with the options this run asks for.
 std::vector<std::string> server_command(const Options& o) {
-  return {o.server_path.empty() ? self_dir() + "/pushbook-server" : o.server_path,
-          "--port",
-          "0",
-          "--secret",
-          o.secret,
-          "--threads",
-          std::to_string(o.server_threads),
-          "--workers",
-          std::to_string(o.server_workers),
-          "--decision-delay-ms",
-          std::to_string(o.decision_delay_ms),
-          "--decision-jitter-ms",
-          std::to_string(o.decision_jitter_ms),
-          "--resource",
-          fmt::format("{}:{}", o.resource, o.capacity),
-          "--store",
-          o.store};
+  std::vector<std::string> command{o.server_path.empty() ? self_dir() + "/pushbook-server" : o.server_path,
+                                   "--port",
+                                   "0",
+                                   "--secret",
+                                   o.secret,
+                                   "--threads",
+                                   std::to_string(o.server_threads),
+                                   "--workers",
+                                   std::to_string(o.server_workers),
+                                   "--decision-delay-ms",
+                                   std::to_string(o.decision_delay_ms),
+                                   "--decision-jitter-ms",
+                                   std::to_string(o.decision_jitter_ms),
+                                   "--resource",
+                                   fmt::format("{}:{}", o.resource, o.capacity),
+                                   "--store",
+                                   o.store};
+  if (!o.tls_cert.empty())
+    for (const auto& arg : {std::string("--tls-cert"), o.tls_cert, std::string("--tls-key"), o.tls_key,
+                            std::string("--tls-only")})
+      command.push_back(arg);
+  return command;
 }
 
 // The local process listening on a loopback/any-address TCP port: the socket's inode from
@@ -350,9 +408,11 @@ struct Run {
   Options o;
   tcp::endpoint endpoint;
   std::string host_header;
-  steady::time_point start;         // users begin (connect) from here, spread over the ramp
-  steady::time_point schedule_at;   // arrival-rate model: first scheduled booking
-  steady::time_point measure_from;  // bookings meant to start before this are warm-up
+  std::string host;                   // the name checked against the certificate (and SNI)
+  std::shared_ptr<ssl::context> tls;  // set for https:// (wss:// for push)
+  steady::time_point start;           // users begin (connect) from here, spread over the ramp
+  steady::time_point schedule_at;     // arrival-rate model: first scheduled booking
+  steady::time_point measure_from;    // bookings meant to start before this are warm-up
   std::uint64_t planned = 0;
 
   pushbook::LatencyHistogram latency, ack;
@@ -391,6 +451,35 @@ struct Run {
                                 std::chrono::system_clock::now() + std::chrono::hours(12), o.secret);
   }
 };
+
+// A new stream of either kind on `ex` (TLS: SNI for a name, and the certificate check unless
+// --insecure).
+template <class Stream>
+void emplace_stream(std::optional<Stream>& stream, const net::any_io_executor& ex, const Run& run) {
+  if constexpr (is_tls<Stream>) {
+    stream.emplace(ex, *run.tls);
+    beast::error_code ec;
+    net::ip::make_address(run.host, ec);
+    if (ec)  // SSL_set_tlsext_host_name() without its macro's old-style cast
+      SSL_ctrl(stream->native_handle(), SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
+               const_cast<char*>(run.host.c_str()));
+    if (!run.o.insecure) stream->set_verify_callback(ssl::host_name_verification(run.host));
+  } else {
+    stream.emplace(ex);
+  }
+}
+
+// TCP connect (no Nagle delay, as browsers), then the TLS handshake for a TLS stream, within
+// `op_timeout`.
+template <class Stream>
+awaitable<void> establish(Stream& stream, const Run& run, std::chrono::milliseconds op_timeout) {
+  auto& tcp_layer = beast::get_lowest_layer(stream);
+  tcp_layer.expires_after(op_timeout);
+  co_await tcp_layer.async_connect(run.endpoint, use_awaitable);
+  tcp_layer.socket().set_option(tcp::no_delay(true));
+  if constexpr (is_tls<Stream>) co_await stream.async_handshake(ssl::stream_base::client, use_awaitable);
+  tcp_layer.expires_never();
+}
 
 bool is_decision(std::string_view status) {
   return status == "confirmed" || status == "rejected" || status == "cancelled" || status == "expired" ||
@@ -439,10 +528,11 @@ constexpr auto reuse_limit = std::chrono::seconds(30);
 // ---------------------------------------------------------------------------------------------
 // HTTP: one keep-alive connection per user (or a new one per request with --connection close).
 
+template <class Stream>
 struct HttpClient {
   Run& run;
   std::string authorization;
-  std::optional<beast::tcp_stream> stream;
+  std::optional<Stream> stream;
   beast::flat_buffer buffer;
   steady::time_point last_used;
 
@@ -452,10 +542,8 @@ struct HttpClient {
   // Opens the connection now (keep-alive users connect when they start, like the WebSocket and
   // SSE users, so no mode pays its connection inside a measured booking).
   awaitable<void> connect(std::chrono::milliseconds op_timeout) {
-    stream.emplace(co_await net::this_coro::executor);
-    stream->expires_after(op_timeout);
-    co_await stream->async_connect(run.endpoint, use_awaitable);
-    stream->socket().set_option(tcp::no_delay(true));  // as browsers do: no Nagle delay on requests
+    emplace_stream(stream, co_await net::this_coro::executor, run);
+    co_await establish(*stream, run, op_timeout);
     last_used = steady::now();
   }
 
@@ -473,7 +561,7 @@ struct HttpClient {
     }
     req.keep_alive(!run.o.new_connection);
     req.prepare_payload();
-    stream->expires_after(op_timeout);
+    beast::get_lowest_layer(*stream).expires_after(op_timeout);
     co_await http::async_write(*stream, req, use_awaitable);
     http::response<http::string_body> res;
     co_await http::async_read(*stream, buffer, res, use_awaitable);
@@ -496,15 +584,16 @@ struct HttpClient {
 
   void close() {
     if (!stream) return;
-    run.retire(stream->socket());
+    run.retire(beast::get_lowest_layer(*stream).socket());
     stream.reset();
     buffer.clear();
   }
 };
 
 // poll and longpoll.
+template <class Stream>
 awaitable<void> http_user(Run& run, Plan plan) {
-  HttpClient http(run, run.token(plan.user));
+  HttpClient<Stream> http(run, run.token(plan.user));
   const bool longpoll = run.o.mode == Mode::longpoll;
   if (!run.o.new_connection) {
     try {
@@ -582,15 +671,16 @@ class Watchdog {
 };
 
 // sse: a persistent event stream on user/<id>, bookings by POST.
+template <class Stream>
 awaitable<void> sse_user(Run& run, Plan plan) {
   const auto ex = co_await net::this_coro::executor;
   const auto token = run.token(plan.user);  // one token for the stream and the bookings
-  HttpClient http(run, token);
-  std::optional<tcp::socket> events;
+  HttpClient<Stream> http(run, token);
+  std::optional<Stream> events;
   std::string pending;  // stream bytes not parsed yet
   auto close_events = [&] {
     if (!events) return;
-    run.retire(*events);
+    run.retire(beast::get_lowest_layer(*events).socket());
     events.reset();
     pending.clear();
   };
@@ -602,10 +692,9 @@ awaitable<void> sse_user(Run& run, Plan plan) {
   for (;;) {
     if (!events) {  // connect before the next booking is due (a failed connect costs that booking)
       try {
-        events.emplace(ex);
-        Watchdog watchdog(ex, steady::now() + run.timeout(), *events);
-        co_await events->async_connect(run.endpoint, use_awaitable);
-        events->set_option(tcp::no_delay(true));
+        emplace_stream(events, ex, run);
+        Watchdog watchdog(ex, steady::now() + run.timeout(), beast::get_lowest_layer(*events).socket());
+        co_await establish(*events, run, run.timeout());
         const auto head = fmt::format(
             "GET /v1/events?topic=user/bench-u{} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n"
             "Accept: text/event-stream\r\n\r\n",
@@ -631,7 +720,7 @@ awaitable<void> sse_user(Run& run, Plan plan) {
       const auto id = co_await http.book();
       const auto acked = steady::now();
       if (id.empty()) continue;
-      Watchdog watchdog(ex, deadline, *events);
+      Watchdog watchdog(ex, deadline, beast::get_lowest_layer(*events).socket());
       bool done = false;
       while (!done) {
         // Messages end with a blank line; the JSON is on the "data: " line.
@@ -663,11 +752,12 @@ awaitable<void> sse_user(Run& run, Plan plan) {
   close_events();
 }
 
-// push: one WebSocket per user.
+// push: one WebSocket per user (wss over TLS).
+template <class Stream>
 awaitable<void> push_user(Run& run, Plan plan) {
   const auto ex = co_await net::this_coro::executor;
-  using Ws = websocket::stream<beast::tcp_stream>;
-  std::optional<Ws> ws;
+  std::optional<Stream> transport;  // made here, then moved into the WebSocket stream
+  std::optional<websocket::stream<Stream>> ws;
   beast::flat_buffer buffer;
   const auto token = run.token(plan.user);
   std::int64_t next_id = 0;
@@ -684,12 +774,10 @@ awaitable<void> push_user(Run& run, Plan plan) {
     if (ws && steady::now() - last_used > reuse_limit) close_ws();
     if (!ws) {  // connect before the next booking is due (a failed connect costs that booking)
       try {
-        ws.emplace(ex);
-        auto& tcp_layer = beast::get_lowest_layer(*ws);
-        tcp_layer.expires_after(run.timeout());
-        co_await tcp_layer.async_connect(run.endpoint, use_awaitable);
-        tcp_layer.socket().set_option(tcp::no_delay(true));
-        tcp_layer.expires_never();
+        emplace_stream(transport, ex, run);
+        ws.emplace(std::move(*transport));
+        transport.reset();
+        co_await establish(ws->next_layer(), run, run.timeout());
         ws->set_option(websocket::stream_base::decorator([&token](websocket::request_type& req) {
           req.set(http::field::authorization, "Bearer " + token);
         }));
@@ -772,21 +860,30 @@ awaitable<void> push_user(Run& run, Plan plan) {
   close_ws();
 }
 
+// One user's bookings in the run's mode, over one kind of stream.
+template <class Stream>
+awaitable<void> user_over(Run& run, Plan plan) {
+  switch (run.o.mode) {
+    case Mode::poll:
+    case Mode::longpoll: co_await http_user<Stream>(run, std::move(plan)); break;
+    case Mode::sse: co_await sse_user<Stream>(run, std::move(plan)); break;
+    case Mode::push: co_await push_user<Stream>(run, std::move(plan)); break;
+  }
+}
+
 awaitable<void> user(Run& run, Plan plan) {
   co_await sleep_until(plan.first);  // users start spread over the ramp
   try {
-    switch (run.o.mode) {
-      case Mode::poll:
-      case Mode::longpoll: co_await http_user(run, std::move(plan)); break;
-      case Mode::sse: co_await sse_user(run, std::move(plan)); break;
-      case Mode::push: co_await push_user(run, std::move(plan)); break;
-    }
+    if (run.tls)  // not a conditional expression: GCC 12 destroys the awaitable of one twice
+      co_await user_over<TlsStream>(run, std::move(plan));
+    else
+      co_await user_over<PlainStream>(run, std::move(plan));
   } catch (const std::exception& e) {
     run.error(fmt::format("user: {}", e.what()));
   }
   if (--run.users_left == 0) {
     run.finished = steady::now();
-    if (run.o.server_pid) run.cpu_at_finish = process_cpu_seconds(run.o.server_pid);
+    if (!run.o.server_pids.empty()) run.cpu_at_finish = process_tree_cpu_seconds(run.o.server_pids);
   }
 }
 
@@ -848,19 +945,40 @@ int main(int argc, char** argv) {
       server.emplace(server_command(o));
       run.endpoint = tcp::endpoint(net::ip::make_address("127.0.0.1"), server->port);
       run.host_header = fmt::format("127.0.0.1:{}", server->port);
-      if (!o.server_pid) o.server_pid = server->pid;
+      run.host = "127.0.0.1";
+      if (o.server_pids.empty()) o.server_pids = {server->pid};
     } else {
       auto url = boost::urls::parse_uri(o.url);
-      if (!url || url->scheme() != "http" || url->host().empty())
-        throw std::runtime_error(fmt::format("--url must look like http://HOST:PORT, not '{}'", o.url));
+      if (!url || (url->scheme() != "http" && url->scheme() != "https") || url->host().empty())
+        throw std::runtime_error(
+            fmt::format("--url must look like http://HOST:PORT or https://HOST:PORT, not '{}'", o.url));
       net::io_context resolve_io;
       tcp::resolver resolver(resolve_io);
-      const auto port = url->has_port() ? std::string(url->port()) : "80";
-      auto results = resolver.resolve(std::string(url->host()), port);
+      const bool https = url->scheme() == "https";
+      const auto port = url->has_port() ? std::string(url->port()) : https ? "443" : "80";
+      run.host = url->host_address();
+      auto results = resolver.resolve(std::string(url->host_address()), port);  // [::1] without brackets
       run.endpoint = *results.begin();
       run.host_header = fmt::format("{}:{}", std::string(url->host()), port);
-      if (!o.server_pid && run.endpoint.address().is_loopback())
-        o.server_pid = find_listening_pid(run.endpoint.port());
+      if (o.server_pids.empty() && run.endpoint.address().is_loopback())
+        if (const long pid = find_listening_pid(run.endpoint.port())) o.server_pids = {pid};
+    }
+    if (!o.tls_cert.empty() || o.url.starts_with("https://")) {
+      // One client context: full handshakes on every new connection (no session cache), the
+      // cost a client without resumption pays.
+      run.tls = std::make_shared<ssl::context>(ssl::context::tls_client);
+      SSL_CTX_set_min_proto_version(run.tls->native_handle(), TLS1_2_VERSION);
+      static const unsigned char alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+      SSL_CTX_set_alpn_protos(run.tls->native_handle(), alpn, sizeof alpn);
+      if (o.insecure) {
+        run.tls->set_verify_mode(ssl::verify_none);
+      } else {
+        run.tls->set_verify_mode(ssl::verify_peer);
+        if (o.ca_file.empty())
+          run.tls->set_default_verify_paths();
+        else
+          run.tls->load_verify_file(o.ca_file);
+      }
     }
   } catch (const std::exception& e) {
     fmt::print(stderr, "pushbook-bench: {}\n", e.what());
@@ -892,16 +1010,16 @@ int main(int argc, char** argv) {
     run.planned = static_cast<std::uint64_t>(o.users) * static_cast<std::uint64_t>(o.bookings_per_user);
   }
 
-  const auto cpu_start = o.server_pid ? process_cpu_seconds(o.server_pid) : std::nullopt;
+  const auto cpu_start = o.server_pids.empty() ? std::nullopt : process_tree_cpu_seconds(o.server_pids);
   // Arrival-rate model: server CPU is counted from the first scheduled booking on, so the ramp
   // in which users open their connections (a one-off cost per user, reported apart) is not
   // charged to the bookings. The closed model counts the whole run.
   auto cpu_before = cpu_start;
   std::optional<double> cpu_at_schedule;
   net::steady_timer cpu_timer(ioc, run.schedule_at);
-  if (o.rate > 0 && o.server_pid)
+  if (o.rate > 0 && !o.server_pids.empty())
     cpu_timer.async_wait([&](beast::error_code ec) {
-      if (!ec) cpu_at_schedule = process_cpu_seconds(o.server_pid);
+      if (!ec) cpu_at_schedule = process_tree_cpu_seconds(o.server_pids);
     });
   run.users_left = o.users;
   for (auto& p : plans) net::co_spawn(net::make_strand(ioc), user(run, std::move(p)), net::detached);
@@ -935,6 +1053,7 @@ int main(int argc, char** argv) {
     json::object out{
         {"mode", mode_name(o.mode)},
         {"connection", o.new_connection ? "close" : "keep-alive"},
+        {"tls", run.tls != nullptr},
         {"users", o.users},
         {"model", o.rate > 0 ? "arrival-rate" : "closed"},
         {"rate", o.rate},
@@ -964,8 +1083,9 @@ int main(int argc, char** argv) {
     fmt::print("{}\n", json::serialize(out));
   } else {
     fmt::print(
-        "pushbook-bench: mode {}{}, {} users, {} ({} bookings decided, {} measured) in {:.1f} s, seed {}\n",
-        mode_name(o.mode), o.mode == Mode::poll ? fmt::format(" every {} ms", o.interval_ms) : "", o.users,
+        "pushbook-bench: mode {}{}{}, {} users, {} ({} bookings decided, {} measured) in {:.1f} s, seed {}\n",
+        mode_name(o.mode), o.mode == Mode::poll ? fmt::format(" every {} ms", o.interval_ms) : "",
+        run.tls ? " over TLS" : "", o.users,
         o.rate > 0 ? fmt::format("{} bookings/s for {} s", o.rate, o.duration_s)
                    : fmt::format("{} bookings each", o.bookings_per_user),
         bookings, lat.count, elapsed, o.seed);

@@ -29,7 +29,7 @@ def start(server, *extra):
                              "--resource", "tiny:1", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     for line in proc.stdout:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", line)
         if m:
             return proc, int(m.group(1))
     raise RuntimeError("pushbook-server did not start")

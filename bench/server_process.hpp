@@ -15,7 +15,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -42,9 +44,14 @@ struct ServerProcess {
   std::uint16_t port = 0;
   std::thread drain;
 
-  explicit ServerProcess(std::vector<std::string> args) {
+  /// The write end of the child's stdin when it was started `with_input` (else -1).
+  int input = -1;
+
+  explicit ServerProcess(std::vector<std::string> args, bool with_input = false) {
     int out[2];
     if (pipe(out) != 0) throw std::runtime_error("pipe failed");
+    int in[2] = {-1, -1};
+    if (with_input && pipe(in) != 0) throw std::runtime_error("pipe failed");
     char log_path[] = "/tmp/pushbook-bench-server-XXXXXX";
     const int log_fd = mkstemp(log_path);
     if (log_fd < 0) throw std::runtime_error("cannot create a temporary file for the server's log");
@@ -57,10 +64,19 @@ struct ServerProcess {
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
     posix_spawn_file_actions_adddup2(&fa, log_fd, 2);
     posix_spawn_file_actions_addclose(&fa, out[0]);
+    if (with_input) {
+      posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+      posix_spawn_file_actions_addclose(&fa, in[1]);
+    }
     const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     close(out[1]);
+    if (with_input) {
+      close(in[0]);
+      input = in[1];
+    }
     if (rc != 0) {
+      if (input >= 0) close(input);
       close(out[0]);
       close(log_fd);
       throw std::runtime_error(fmt::format("cannot start {}: {}", args[0], std::strerror(rc)));
@@ -110,7 +126,17 @@ struct ServerProcess {
   ~ServerProcess() { stop(); }
 
   // SIGTERM (a graceful stop), then wait for it.
+  /// Writes a line to the child's stdin (started `with_input`); false when it cannot.
+  bool send_line(const std::string& line) {
+    const std::string l = line + "\n";
+    return input >= 0 && write(input, l.data(), l.size()) == static_cast<ssize_t>(l.size());
+  }
+
   void stop() {
+    if (input >= 0) {
+      close(input);
+      input = -1;
+    }
     if (pid <= 0) return;
     kill(pid, SIGTERM);
     int status;
@@ -134,6 +160,50 @@ inline std::optional<double> process_cpu_seconds(long pid) {
     if (i == 15) stime = std::stol(field);
   }
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// CPU seconds (user + system) of the processes `roots` and all their descendants, including
+// what their children that exited and were waited for used (cutime, cstime): a cluster's nodes,
+// nginx and its workers, PostgreSQL and its backends. nullopt when no root can be read.
+inline std::optional<double> process_tree_cpu_seconds(const std::vector<long>& roots) {
+  struct stat_line {
+    long ppid = 0;
+    long ticks = 0;  // utime + stime + cutime + cstime
+  };
+  std::map<long, stat_line> all;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    const auto name = entry.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(entry.path() / "stat");
+    std::string s((std::istreambuf_iterator<char>(f)), {});
+    const auto close_paren = s.rfind(')');
+    if (close_paren == std::string::npos) continue;
+    std::istringstream rest(s.substr(close_paren + 2));
+    std::string field;
+    stat_line line;
+    for (int i = 3; i <= 17 && rest >> field; ++i) {
+      if (i == 4) line.ppid = std::stol(field);
+      if (i >= 14) line.ticks += std::stol(field);
+    }
+    all.emplace(std::stol(name), line);
+  }
+  std::multimap<long, long> children;
+  for (const auto& [pid, line] : all) children.emplace(line.ppid, pid);
+  std::vector<long> todo;
+  for (long root : roots)
+    if (all.count(root)) todo.push_back(root);
+  if (todo.empty()) return std::nullopt;
+  std::set<long> seen;
+  long ticks = 0;
+  while (!todo.empty()) {
+    const long pid = todo.back();
+    todo.pop_back();
+    if (!seen.insert(pid).second) continue;
+    ticks += all[pid].ticks;
+    for (auto [it, end] = children.equal_range(pid); it != end; ++it) todo.push_back(it->second);
+  }
+  return static_cast<double>(ticks) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 // Resident memory of a process in KiB (0 when it cannot be read).

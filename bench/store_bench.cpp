@@ -329,8 +329,8 @@ void fill(const std::string& path, int n) {
     if (i % 100 == 5) r.lines[0].quantity = 1u << 30;  // more than is free: rejected
     window.take();
     engine->submit_async(std::move(r), [&](result<Ack>) {
+      window.give();  // before `acked`: the caller returns (and `window` goes) once all are acked
       acked.fetch_add(1);
-      window.give();
     });
   }
   // Everything ACKed and everything but the hanging ones decided: then the file is what a
