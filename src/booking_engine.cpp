@@ -1069,96 +1069,84 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     return !queue.empty();
   }
 
-  // A booking whose store commit completed within submit_async, decided on the submitting thread
-  // (EngineOptions::decide_on_caller): as a worker would, in arrival order. Not from a store
-  // completion (decide takes the booking's lock).
-  void decide_here(job j) {
-    std::vector<ResourceState*> touched;
-    std::optional<std::string> refused;
+  // Takes up to max_batch bookings off the front of the queue (qlock held, queue not empty) and
+  // decides them as a worker does: the resources lock is taken before the queue's is let go, so
+  // reservations happen in the order bookings arrived, whichever thread picks them. Returns with
+  // qlock released.
+  void take_and_decide(std::unique_lock<std::mutex>& qlock, std::vector<job>& batch,
+                       std::vector<std::optional<std::string>>& outcome,
+                       std::vector<ResourceState*>& touched) {
+    const std::size_t max_batch = options.handler ? 1 : 64;
+    batch.clear();
+    outcome.clear();
+    touched.clear();
     {
-      std::unique_lock qlock(queue_mutex);
+      const auto n = std::min(queue.size(), max_batch);
+      for (std::size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(queue.front()));
+        queue.pop_front();
+      }
+      queued.fetch_sub(n, std::memory_order_relaxed);
       if (stopping.load()) {
         qlock.unlock();
-        queued.fetch_sub(1, std::memory_order_acq_rel);
-        timers.schedule(steady::now(), [this, b = std::move(j.booking), t0 = j.submitted]() mutable {
-          decide(std::move(b), t0, false, RejectReason::shutdown, "engine shut down", units::none);
-        });
+        for (auto& j : batch)
+          decide(std::move(j.booking), j.submitted, false, RejectReason::shutdown, "engine shut down",
+                 units::none);
         return;
       }
-      if (!queue.empty()) {
-        // Bookings that came earlier wait for a worker: this one waits behind them.
-        queue.push_back(std::move(j));
-        const bool wake = parked_workers > 0;
-        qlock.unlock();
-        if (wake) queue_cv.notify_one();
-        return;
-      }
-      queued.fetch_sub(1, std::memory_order_acq_rel);
-      // As a worker: the resources lock before the queue's is let go, so that reservations keep
-      // the order of arrival.
       std::unique_lock rlock(resources_mutex);
       qlock.unlock();
-      refused = try_reserve(j.booking.lines, !j.booking.hold_for, touched);
+      for (const auto& j : batch)
+        outcome.push_back(try_reserve(j.booking.lines, !options.handler && !j.booking.hold_for, touched));
       for (auto* r : touched) publish_resource(*r);
     }
-    if (refused) {
-      decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*refused),
-             units::none);
-    } else {
-      const auto where = j.booking.hold_for ? units::reserved : units::confirmed;
-      decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, where);
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      auto& j = batch[i];
+      if (outcome[i]) {
+        decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*outcome[i]),
+               units::none);
+      } else if (!options.handler) {
+        const auto where = j.booking.hold_for ? units::reserved : units::confirmed;
+        decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, where);
+      } else {
+        run_handler(std::move(j));
+      }
     }
+  }
+
+  // The submitting thread's turn as a worker (EngineOptions::decide_on_caller): its booking's
+  // completion queued it in arrival order without waking a worker; this decides the front batch
+  // (that booking, behind any that came earlier) and wakes a worker for what is left. Nothing to
+  // do when a worker took it meanwhile. Not from a store completion (decide takes booking locks).
+  void help_once() {
+    std::vector<job> batch;
+    std::vector<std::optional<std::string>> outcome;
+    std::vector<ResourceState*> touched;
+    {
+      std::unique_lock qlock(queue_mutex);
+      if (queue.empty()) return;
+      take_and_decide(qlock, batch, outcome, touched);
+    }
+    bool wake;
+    {
+      std::lock_guard qlock(queue_mutex);
+      wake = !queue.empty() && parked_workers > 0;
+    }
+    if (wake) queue_cv.notify_one();
   }
 
   void worker() {
     // Without a handler deciding is quick, so a worker takes a batch: one lock hand-off and one
     // availability event per resource for many bookings. With a handler (which may block) it
     // takes one booking at a time so that the other workers share the load.
-    const std::size_t max_batch = options.handler ? 1 : 64;
     std::vector<job> batch;
     std::vector<std::optional<std::string>> outcome;
     std::vector<ResourceState*> touched;
     detail::AdaptiveSpin spin;
     for (;;) {
-      batch.clear();
-      outcome.clear();
-      touched.clear();
-      {
-        std::unique_lock qlock(queue_mutex);
-        if (!wait_for_work(qlock, spin)) return;
-        const auto n = std::min(queue.size(), max_batch);
-        for (std::size_t i = 0; i < n; ++i) {
-          batch.push_back(std::move(queue.front()));
-          queue.pop_front();
-        }
-        queued.fetch_sub(n, std::memory_order_relaxed);
-        if (stopping.load()) {
-          qlock.unlock();
-          for (auto& j : batch)
-            decide(std::move(j.booking), j.submitted, false, RejectReason::shutdown, "engine shut down",
-                   units::none);
-          continue;
-        }
-        // Take the resources lock before letting go of the queue: reservations then happen in the
-        // order bookings arrived, whichever worker picks them.
-        std::unique_lock rlock(resources_mutex);
-        qlock.unlock();
-        for (const auto& j : batch)
-          outcome.push_back(try_reserve(j.booking.lines, !options.handler && !j.booking.hold_for, touched));
-        for (auto* r : touched) publish_resource(*r);
-      }
-      for (std::size_t i = 0; i < batch.size(); ++i) {
-        auto& j = batch[i];
-        if (outcome[i]) {
-          decide(std::move(j.booking), j.submitted, false, RejectReason::sold_out, std::move(*outcome[i]),
-                 units::none);
-        } else if (!options.handler) {
-          const auto where = j.booking.hold_for ? units::reserved : units::confirmed;
-          decide(std::move(j.booking), j.submitted, true, RejectReason::none, {}, where);
-        } else {
-          run_handler(std::move(j));
-        }
-      }
+      std::unique_lock qlock(queue_mutex);
+      if (!wait_for_work(qlock, spin)) return;
+      take_and_decide(qlock, batch, outcome, touched);
     }
   }
 
@@ -1522,83 +1510,97 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
   b->created_at = b->updated_at = wall_clock::now();
   // Counted in flight from here: shutdown() waits for this commit's completion.
   m.in_flight.fetch_add(1, std::memory_order_acq_rel);
-  // Deciding on this thread (decide_on_caller) needs the commit to have completed when
-  // commit_async returns (MemoryStore; or a store thread that was quick); a completion that comes
-  // later (on the store's thread) hands the booking to the workers as before.
+  // Deciding on this thread (decide_on_caller): when the commit completes within commit_async
+  // (MemoryStore; or a store thread that was quick), the completion queues the booking without
+  // waking a worker, and this thread decides the queue's front once commit_async returned. A
+  // completion that comes later (on the store's thread) wakes a worker as before. `keep`: deciding
+  // here ends with the booking's lock released after in_flight reached 0, which lets shutdown()
+  // return: the core must outlive that.
   struct caller_slot {
     std::mutex mutex;
-    bool returned = false;
-    std::optional<detail::engine_core::job> job;
+    bool returned = false;  // commit_async returned
+    bool queued = false;    // the completion queued the booking for this thread to decide
   };
   std::shared_ptr<caller_slot> here;
-  if (!m.options.handler && m.options.decide_on_caller) here = std::make_shared<caller_slot>();
+  std::shared_ptr<detail::engine_core> keep;
+  if (!m.options.handler && m.options.decide_on_caller) {
+    here = std::make_shared<caller_slot>();
+    keep = impl_;
+  }
   StateChange change{*b, detail::engine_core::events_for(*b), fp};
   // Nobody else knows this booking id before the completion, so no booking lock is needed.
   // `fp` is copied, not moved: `change` refers to it until commit_async has serialised it.
-  m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), fp, t0, quota_units,
-                                 here, done = std::move(done)](result<void> stored) mutable {
-    if (!stored && !slot.empty() && stored.error().is(errc::idempotency_conflict)) {
-      // Another process stored this user's key first (a store shared by several processes): the
-      // same request gets that booking, a different one the conflict. Read on the timer thread
-      // (a completion must not wait for the store); still in flight until answered.
-      m.queued.fetch_sub(1, std::memory_order_acq_rel);
-      m.give_back_quota(b->user, 1, quota_units);
-      m.timers.schedule(steady::now(), [&m, b, slot = std::move(slot), fp = std::move(fp), t0,
-                                        done = std::move(done), e = stored.error()]() mutable {
-        m.answer_foreign_key(*b, slot, fp, t0, std::move(e), std::move(done));
-      });
-      return;
-    }
-    if (!stored) {
-      m.store_errors.fetch_add(1, std::memory_order_relaxed);
-      m.queued.fetch_sub(1, std::memory_order_acq_rel);
-      m.give_back_quota(b->user, 1, quota_units);
-      if (!slot.empty()) m.forget_key(slot);
-      Error e = stored.error();
-      m.finish_in_flight(t0, false);
-      return done(std::move(e));
-    }
-    if (!slot.empty()) m.mark_key_stored(slot, b->id);
-    m.publish(events, *b);
-    m.accepted.fetch_add(1, std::memory_order_relaxed);
-    Ack ack{b->id, BookingStatus::processing, false, b->version};
-    if (here) {
-      std::unique_lock lock(here->mutex);
-      if (!here->returned) {  // within commit_async: submit_async decides it once this returns
-        here->job.emplace(detail::engine_core::job{std::move(*b), t0});
-        lock.unlock();
-        m.ack_latency.record(steady::now() - t0);
-        return done(std::move(ack));
-      }
-    }
-    bool wake = false;
-    {
-      std::unique_lock lock(m.queue_mutex);
-      if (m.stopping.load()) {
-        // shutdown() began meanwhile; the workers may be gone. Decided on the timer thread: a
-        // completion must not take a booking lock.
-        lock.unlock();
+  auto commit = [&] {
+    m.store->commit_async(change, [&m, b, events = change.events, slot = std::move(slot), fp, t0, quota_units,
+                                   here, done = std::move(done)](result<void> stored) mutable {
+      if (!stored && !slot.empty() && stored.error().is(errc::idempotency_conflict)) {
+        // Another process stored this user's key first (a store shared by several processes): the
+        // same request gets that booking, a different one the conflict. Read on the timer thread
+        // (a completion must not wait for the store); still in flight until answered.
         m.queued.fetch_sub(1, std::memory_order_acq_rel);
-        m.timers.schedule(steady::now(), [&m, b, t0] {
-          m.decide(std::move(*b), t0, false, RejectReason::shutdown, "engine shut down",
-                   detail::engine_core::units::none);
+        m.give_back_quota(b->user, 1, quota_units);
+        m.timers.schedule(steady::now(), [&m, b, slot = std::move(slot), fp = std::move(fp), t0,
+                                          done = std::move(done), e = stored.error()]() mutable {
+          m.answer_foreign_key(*b, slot, fp, t0, std::move(e), std::move(done));
         });
-      } else {
-        m.queue.push_back({std::move(*b), t0});
-        wake = m.parked_workers > 0;
+        return;
       }
-    }
-    if (wake) m.queue_cv.notify_one();
-    m.ack_latency.record(steady::now() - t0);
-    done(std::move(ack));
-  });
-  if (here) {
-    std::unique_lock lock(here->mutex);
+      if (!stored) {
+        m.store_errors.fetch_add(1, std::memory_order_relaxed);
+        m.queued.fetch_sub(1, std::memory_order_acq_rel);
+        m.give_back_quota(b->user, 1, quota_units);
+        if (!slot.empty()) m.forget_key(slot);
+        Error e = stored.error();
+        m.finish_in_flight(t0, false);
+        return done(std::move(e));
+      }
+      if (!slot.empty()) m.mark_key_stored(slot, b->id);
+      m.publish(events, *b);
+      m.accepted.fetch_add(1, std::memory_order_relaxed);
+      Ack ack{b->id, BookingStatus::processing, false, b->version};
+      bool wake = false;
+      {
+        // Held until the booking is queued: the submitting thread, once commit_async returned,
+        // either finds `queued` and the booking in the queue, or has said it returned (then a
+        // worker is woken here).
+        std::unique_lock<std::mutex> caller;
+        if (here) caller = std::unique_lock(here->mutex);
+        std::unique_lock lock(m.queue_mutex);
+        if (m.stopping.load()) {
+          // shutdown() began meanwhile; the workers may be gone. Decided on the timer thread: a
+          // completion must not take a booking lock.
+          lock.unlock();
+          m.queued.fetch_sub(1, std::memory_order_acq_rel);
+          m.timers.schedule(steady::now(), [&m, b, t0] {
+            m.decide(std::move(*b), t0, false, RejectReason::shutdown, "engine shut down",
+                     detail::engine_core::units::none);
+          });
+        } else {
+          m.queue.push_back({std::move(*b), t0});
+          if (here && !here->returned)
+            here->queued = true;  // submit_async decides it, in its place in the queue
+          else
+            wake = m.parked_workers > 0;
+        }
+      }
+      if (wake) m.queue_cv.notify_one();
+      m.ack_latency.record(steady::now() - t0);
+      done(std::move(ack));
+    });
+  };
+  // Said even when commit_async throws (a `done` that threw): the booking is then left to a worker.
+  auto returned = [&here] {
+    std::lock_guard lock(here->mutex);
     here->returned = true;
-    auto j = std::move(here->job);
-    lock.unlock();
-    if (j) m.decide_here(std::move(*j));
+    return here->queued;
+  };
+  try {
+    commit();
+  } catch (...) {
+    if (here && returned()) m.queue_cv.notify_one();
+    throw;
   }
+  if (here && returned()) m.help_once();
 }
 
 result<Booking> BookingEngine::get(std::string_view booking_id) const {

@@ -192,6 +192,45 @@ TEST_CASE(
   }
 }
 
+// Regression (review of decide_on_caller): the first version set the ACKed booking aside until
+// submit_async returned, so a booking submitted from its ACK callback (or by another thread in
+// between) was decided first and took the last unit.
+TEST_CASE("decide_on_caller: a booking submitted from another's ACK callback is decided after it") {
+  auto bus = std::make_shared<LocalBus>();
+  BookingEngine engine(bus, EngineOptions{});
+  REQUIRE(engine.add_resource("room-1", 1));
+  std::optional<result<Ack>> first, second;
+  engine.submit_async(one("alice", "room-1"), [&](result<Ack> a) {
+    first = std::move(a);
+    engine.submit_async(one("bob", "room-1"), [&](result<Ack> b) { second = std::move(b); });
+  });
+  REQUIRE(first);
+  REQUIRE(*first);
+  REQUIRE(eventually([&] { return second.has_value() && engine.stats().in_flight == 0; }));
+  REQUIRE(*second);
+  CHECK(engine.get((*first)->booking_id)->status == BookingStatus::confirmed);
+  CHECK(engine.get((*second)->booking_id)->reason == RejectReason::sold_out);
+}
+
+// A `done` that throws leaves submit_async with the exception; the booking it ACKed is decided all
+// the same (by a worker), and shutdown does not wait for it forever.
+TEST_CASE("decide_on_caller: an ACK callback that throws does not lose its booking") {
+  auto bus = std::make_shared<LocalBus>();
+  BookingEngine engine(bus, EngineOptions{});
+  REQUIRE(engine.add_resource("room-1", 5));
+  std::string id;
+  CHECK_THROWS_AS(engine.submit_async(one("alice", "room-1"),
+                                      [&](result<Ack> a) {
+                                        id = a.value().booking_id;
+                                        throw std::runtime_error("host callback failed");
+                                      }),
+                  std::runtime_error);
+  REQUIRE(!id.empty());
+  REQUIRE(eventually([&] { return engine.get(id)->status == BookingStatus::confirmed; }));
+  CHECK(engine.stats().in_flight == 0);
+  engine.shutdown();
+}
+
 TEST_CASE("capacity 1, three bookings: the first is confirmed, the others sold_out, in arrival order") {
   auto bus = std::make_shared<LocalBus>();
   EngineOptions o;

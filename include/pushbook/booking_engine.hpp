@@ -77,9 +77,11 @@ struct EngineOptions {
   BookingHandler handler;
   /// Without a handler, a booking whose store commit completes within submit (MemoryStore) is
   /// decided on the submitting thread, right after its ACK, instead of on a worker: no thread
-  /// hand-off and no wake-up per booking. Arrival order is kept (a booking that finds others
-  /// waiting for a worker joins them). A store that commits on its own thread (SQLite,
-  /// PostgreSQL) still hands the booking to the workers. Off: every booking goes to a worker.
+  /// hand-off and no wake-up per booking. Arrival order is kept: the booking takes its place in
+  /// the work queue when it is stored, and the submitting thread then decides the queue's front
+  /// as a worker would (its own booking, behind any that came earlier). A store that commits on
+  /// its own thread (SQLite, PostgreSQL) still hands the booking to the workers. Off: every
+  /// booking goes to a worker.
   bool decide_on_caller = true;
   /// How long the handler may take before the booking is rejected with handler_timeout.
   std::chrono::milliseconds handler_timeout = std::chrono::seconds(10);
@@ -226,7 +228,9 @@ class PUSHBOOK_EXPORT BookingEngine {
   /// submit() without waiting for the store: `done` is called exactly once with the ACK or the
   /// error, on the calling thread when the answer is known at once (bad input, MemoryStore) and
   /// otherwise on the store's thread once the commit is durable. `done` must be short and must
-  /// not call the engine's blocking methods (post the work elsewhere, as the gateway does).
+  /// not call the engine's blocking methods (post the work elsewhere, as the gateway does). An
+  /// exception `done` throws on the calling thread leaves submit_async; the booking it ACKed is
+  /// decided all the same.
   void submit_async(BookingRequest request, SubmitCallback done);
 
   /// The booking as stored now. Errors: not_found, store_failed.
