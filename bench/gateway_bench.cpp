@@ -87,6 +87,9 @@ void raise_fd_limit() {
 // A pushbook-server child process on a free port (1 gateway thread, one big resource). The
 // in-memory store: this benchmark measures the gateway (pushbook-store-bench and pushbook-bench
 // measure the durable path), and it leaves no database file behind.
+// More arguments for every pushbook-server the benchmark starts (--server-arg, repeatable).
+std::vector<std::string> extra_server_args;
+
 std::vector<std::string> server_args(const BusChoice& bus) {
   std::vector<std::string> args = {pushbook::bench::self_dir() + "/pushbook-server",
                                    "--port",
@@ -103,6 +106,7 @@ std::vector<std::string> server_args(const BusChoice& bus) {
     args.push_back("--bus");
     args.push_back(bus.address);
   }
+  args.insert(args.end(), extra_server_args.begin(), extra_server_args.end());
   return args;
 }
 
@@ -472,12 +476,15 @@ int main(int argc, char** argv) {
       o.bus = value();
     else if (a == "--serve-fanout")
       o.serve_fanout = true;
+    else if (a == "--server-arg")
+      extra_server_args.push_back(value());
     else {
       fmt::print(stderr,
                  "usage: pushbook-gateway-bench [--only latency|fanout|handshakes|memory]\n"
                  "                              [--bus local|redis|both]\n"
                  "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
-                 "                              [--events N] [--runs N] [--json]\n");
+                 "                              [--events N] [--runs N] [--json]\n"
+                 "                              [--server-arg ARG]...   (to pushbook-server)\n");
       return a == "--help" ? 0 : 2;
     }
   }

@@ -66,6 +66,7 @@ struct Options {
     return e;
   }();
   std::size_t workers = 2;
+  bool decide_on_caller = true;  // --decide-on-caller
   std::string store = "sqlite:pushbook.db";
   std::string bus = "local";
   std::optional<std::uint32_t> node_id;  // --node-id
@@ -125,6 +126,9 @@ constexpr const char* synopsis =
       "  --bind ADDR         address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)\n"
       "  --threads N         gateway I/O threads (default: one per core)\n"
       "  --workers N         engine threads that decide bookings (default 2)\n"
+      "  --decide-on-caller on|off   without --decision-delay-ms, decide a booking on the\n"
+      "                      thread that took it (default on; off: on a worker; the in-memory\n"
+      "                      store only: a durable store's commits complete on its own thread)\n"
       "\nBookings:\n"
       "  --store URL         where bookings are kept (default sqlite:pushbook.db, in the current\n"
       "                      directory): sqlite:PATH survives a crash, sqlite:PATH?sync=full a power\n"
@@ -369,6 +373,8 @@ Options parse(int argc, char** argv) {
           {{"requeue", pushbook::RecoveryPolicy::requeue}, {"reject", pushbook::RecoveryPolicy::reject}});
     else if (a == "--workers")
       o.workers = static_cast<std::size_t>(number());
+    else if (a == "--decide-on-caller")
+      o.decide_on_caller = one_of<bool>(a, value(), {{"on", true}, {"off", false}});
     else if (a == "--secret") {
       o.gateway.secret = value();
       explicit_secret = true;
@@ -601,6 +607,7 @@ int main(int argc, char** argv) {
     }
     pushbook::EngineOptions eo = opt.engine;
     eo.workers = opt.workers;
+    eo.decide_on_caller = opt.decide_on_caller;
     eo.recovery = opt.recovery;
     eo.node_id = opt.node_id;
     eo.store = std::move(*store);

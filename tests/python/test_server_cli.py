@@ -32,6 +32,7 @@ def run_server(*args):
     (["--store", "redis://127.0.0.1"], "unknown store 'redis://127.0.0.1': use memory: or sqlite:PATH"),
     (["--store", "sqlite:x.db?sync=sometimes"], "unknown sqlite option 'sync=sometimes'"),
     (["--recovery", "maybe"], "--recovery is requeue or reject, not 'maybe'"),
+    (["--decide-on-caller", "yes"], "--decide-on-caller is on or off, not 'yes'"),
     (["--bus", "tcp://127.0.0.1:6379"], "--bus is local or a Redis address (redis://HOST:PORT[/DB], unix:/PATH), not 'tcp://127.0.0.1:6379'"),
     (["--secret", "s3cret"], "the secret must be at least 32 bytes, not 6"),
     (["--token-for", "alice", "--secret", "short"], "the secret must be at least 32 bytes, not 5"),
@@ -154,7 +155,7 @@ def test_help_describes_every_option_with_its_default():
                    "--max-queued-bytes", "--slow-consumer", "--handshake-timeout-ms", "--idle-timeout-s",
                    "--max-long-poll-s", "--shutdown-timeout-s", "--max-queue", "--max-hold-s",
                    "--max-metadata-bytes", "--max-in-flight-per-user", "--max-held-units-per-user",
-                   "--keys", "--secret-file", "--bus", "--node-id", "--store-lease-ms"):
+                   "--keys", "--secret-file", "--bus", "--node-id", "--store-lease-ms", "--decide-on-caller"):
         assert f"\n  {option} " in done.stdout, f"{option} is not described"
     assert "default sqlite:pushbook.db" in done.stdout and "Example:" in done.stdout
     short = run_server("--frobnicate")
