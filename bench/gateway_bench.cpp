@@ -19,6 +19,7 @@
 //
 //   pushbook-gateway-bench [--only latency|fanout|handshakes|memory] [--bus local|redis|both] [--clients N]
 //                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
+//                          [--server-arg ARG]...  (given to every pushbook-server it starts)
 #include <pushbook/auth.hpp>
 #include <pushbook/metrics.hpp>
 #include <pushbook/push_gateway.hpp>
