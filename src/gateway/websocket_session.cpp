@@ -15,14 +15,16 @@ constexpr std::size_t max_frame_bytes = 256 * 1024;  // one write packs at most 
 
 template <class Stream>
 WebSocketSession<Stream>::WebSocketSession(std::shared_ptr<GatewayCore> core, Stream stream)
-    : core_(std::move(core)), ws_(std::move(stream)), deadline_timer_(ws_.get_executor()) {
+    : core_(std::move(core)),
+      ws_(std::move(stream)),
+      deadline_timer_(ws_.get_executor()),
+      out_(core_->ctx->options.max_queued_bytes, core_->ctx->options.slow_consumer, &core_->metrics) {
   core_->metrics.websocket_connections.fetch_add(1);
 }
 
 template <class Stream>
 WebSocketSession<Stream>::~WebSocketSession() {
   core_->metrics.websocket_connections.fetch_sub(1);
-  core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
   core_->open_connections.fetch_sub(1);
   core_->registry.remove(this);
 }
@@ -155,61 +157,24 @@ void WebSocketSession<Stream>::arm_deadline() {
 
 template <class Stream>
 void WebSocketSession<Stream>::send_text(std::shared_ptr<const std::string> message) {
-  enqueue({std::move(message), nullptr});
+  enqueue(std::move(message), nullptr);
 }
 
 template <class Stream>
 void WebSocketSession<Stream>::send_event(const EventPtr& event, bool snapshot) {
-  enqueue({event->wire(snapshot), event, snapshot});
+  enqueue(event->wire(snapshot), event);
 }
 
 template <class Stream>
-void WebSocketSession<Stream>::enqueue(Item item) {
-  bool post = false;
-  {
-    std::lock_guard lock(mutex_);
-    if (closing_) return;
-    const std::size_t size = item.bytes->size() + 1;
-    const auto limit = core_->ctx->options.max_queued_bytes;
-    if (queued_bytes_ + size > limit) {
-      if (core_->ctx->options.slow_consumer == SlowConsumerPolicy::drop_with_gap) {
-        // Drop the oldest events (never replies) until this one fits.
-        for (auto it = queue_.begin() + static_cast<std::ptrdiff_t>(queue_head_);
-             it != queue_.end() && queued_bytes_ + size > limit;) {
-          if (!it->event) {
-            ++it;
-            continue;
-          }
-          queued_bytes_ -= it->bytes->size() + 1;
-          core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(it->bytes->size() + 1));
-          dropped_topics_.insert(it->event->topic());
-          ++dropped_;
-          core_->metrics.dropped_messages.fetch_add(1);
-          it = queue_.erase(it);
-        }
-        if (queued_bytes_ + size > limit && item.event) {
-          dropped_topics_.insert(item.event->topic());
-          ++dropped_;
-          core_->metrics.dropped_messages.fetch_add(1);
-          return;
-        }
-      }
-      if (queued_bytes_ + size > limit) {
-        closing_ = true;
-        core_->metrics.slow_consumer_disconnects.fetch_add(1);
-        const auto reason = fmt::format("too slow: {} bytes waiting", queued_bytes_);
-        net::post(ws_.get_executor(), [self = this->shared_from_this(), reason] {
-          self->start_close({websocket::close_code::try_again_later, reason});
-        });
-        return;
-      }
-    }
-    queued_bytes_ += size;
-    core_->metrics.queued_bytes.fetch_add(static_cast<std::int64_t>(size));
-    queue_.push_back(std::move(item));
-    if (!write_scheduled_) post = write_scheduled_ = true;
+void WebSocketSession<Stream>::enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
+  auto pushed = out_.push(std::move(bytes), event);
+  if (pushed.too_slow) {
+    net::post(ws_.get_executor(), [self = this->shared_from_this(), reason = std::move(*pushed.too_slow)] {
+      self->start_close({websocket::close_code::try_again_later, reason});
+    });
+    return;
   }
-  if (post) net::post(ws_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
+  if (pushed.wake) net::post(ws_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
 template <class Stream>
@@ -217,42 +182,13 @@ void WebSocketSession<Stream>::do_write() {
   // Nothing is queued before the handshake completes: output comes from logic_, made then.
   if (finished_) return;
   if (write_in_flight_) return;
-  writing_.clear();
-  std::size_t frame = 0;
-  {
-    std::lock_guard lock(mutex_);
-    if (dropped_ > 0) {
-      boost::json::array topics;
-      for (const auto& t : dropped_topics_) topics.emplace_back(t);
-      writing_.push_back(std::make_shared<const std::string>(boost::json::serialize(
-          boost::json::object{{"type", "gap"}, {"dropped", dropped_}, {"topics", std::move(topics)}})));
-      dropped_ = 0;
-      dropped_topics_.clear();
-    }
-    while (queue_head_ < queue_.size() &&
-           (frame == 0 || frame + queue_[queue_head_].bytes->size() <= max_frame_bytes)) {
-      auto& item = queue_[queue_head_++];
-      frame += item.bytes->size() + 1;
-      writing_.push_back(std::move(item.bytes));
-      item.event.reset();
-    }
-    if (queue_head_ == queue_.size()) {
-      queue_head_ = 0;
-      if (queue_.capacity() > 4)
-        std::vector<Item>().swap(queue_);  // a burst's queue is not kept by an idle connection
-      else
-        queue_.clear();
-    } else if (queue_head_ >= 1024 && queue_head_ * 2 >= queue_.size()) {
-      queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(queue_head_));
-      queue_head_ = 0;
-    }
-    queued_bytes_ -= frame;
-    core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(frame));
-    if (writing_.empty()) write_scheduled_ = false;
-  }
-  if (writing_.empty()) {
+  // Everything pending goes in one frame, newline-separated, copied into one buffer: a gather
+  // write of hundreds of small buffers costs Beast more (it re-walks the sequence per write
+  // step) than copying them does.
+  writing_ = out_.take(frame_, max_frame_bytes);
+  if (writing_ == 0) {
     // Everything queued is written: an idle connection keeps no frame buffer, and a pending
-    // close goes now (outside the lock: it takes it).
+    // close goes now.
     if (frame_.capacity() > std::string().capacity()) std::string().swap(frame_);
     if (close_pending_ && !close_sent_) {
       auto reason = *close_pending_;
@@ -260,14 +196,6 @@ void WebSocketSession<Stream>::do_write() {
       start_close(reason);
     }
     return;
-  }
-  // One frame, newline-separated, copied into one buffer: a gather write of hundreds of small
-  // buffers costs Beast more (it re-walks the sequence per write step) than copying them does.
-  frame_.clear();
-  frame_.reserve(frame);
-  for (std::size_t i = 0; i < writing_.size(); ++i) {
-    if (i > 0) frame_ += '\n';
-    frame_ += *writing_[i];
   }
   write_in_flight_ = true;
   ws_.async_write(net::buffer(frame_),
@@ -284,14 +212,11 @@ void WebSocketSession<Stream>::on_write(boost::system::error_code ec, std::size_
     return finish();
   }
   core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
-  core_->metrics.messages_pushed.fetch_add(writing_.size(), std::memory_order_relaxed);
+  core_->metrics.messages_pushed.fetch_add(writing_, std::memory_order_relaxed);
   core_->metrics.bytes_pushed.fetch_add(bytes, std::memory_order_relaxed);
-  messages_out_ += writing_.size();
+  messages_out_ += writing_;
   bytes_out_ += bytes;
-  if (writing_.capacity() > 8)
-    std::vector<std::shared_ptr<const std::string>>().swap(writing_);
-  else
-    writing_.clear();
+  writing_ = 0;
   do_write();  // with a close pending, do_write sends it once the queue is empty
 }
 
@@ -317,11 +242,7 @@ void WebSocketSession<Stream>::start_close(websocket::close_reason reason) {
     finish();
     return;
   }
-  bool queued = false;
-  {
-    std::lock_guard lock(mutex_);
-    queued = !queue_.empty() || dropped_ > 0;
-  }
+  const bool queued = !out_.empty();
   if (write_in_flight_ || queued) {
     // What is queued (a decision being pushed while the server drains) goes first.
     close_pending_ = reason;
@@ -330,10 +251,7 @@ void WebSocketSession<Stream>::start_close(websocket::close_reason reason) {
   }
   close_sent_ = true;
   close_code_ = static_cast<std::uint16_t>(reason.code);
-  {
-    std::lock_guard lock(mutex_);
-    closing_ = true;
-  }
+  out_.close(false);
   ws_.async_close(reason, [self = this->shared_from_this()](boost::system::error_code) {
     // The read loop sees the close handshake complete (or fail) and calls finish().
   });
@@ -356,14 +274,7 @@ template <class Stream>
 void WebSocketSession<Stream>::finish() {
   if (finished_) return;
   finished_ = true;
-  {
-    std::lock_guard lock(mutex_);
-    closing_ = true;
-    queue_.clear();
-    queue_head_ = 0;
-    core_->metrics.queued_bytes.fetch_sub(static_cast<std::int64_t>(queued_bytes_));
-    queued_bytes_ = 0;
-  }
+  out_.close(true);
   deadline_timer_.cancel();
   if (logic_) logic_->unsubscribe_all();  // no more events, and no callback keeps us alive
   if (opened_ && core_->ctx->options.access_log) {

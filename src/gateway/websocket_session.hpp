@@ -5,14 +5,12 @@
 
 #include "gateway/core.hpp"
 #include "gateway/http_session.hpp"
+#include "gateway/outbound_queue.hpp"
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/websocket/stream.hpp>
-
-#include <set>
-#include <vector>
 
 namespace pushbook::detail {
 
@@ -38,19 +36,13 @@ class WebSocketSession : public Session,
   void post(std::function<void()> fn) override;
 
  private:
-  struct Item {
-    std::shared_ptr<const std::string> bytes;
-    EventPtr event;  // set for events (droppable), null for replies and notices
-    bool snapshot = false;
-  };
-
   void on_accept(boost::system::error_code ec);
   void do_read();
   void on_first_byte(boost::system::error_code ec, std::size_t bytes);
   void read_rest();
   void on_read(boost::system::error_code ec, std::size_t bytes);
   void on_message(std::size_t bytes);
-  void enqueue(Item item);
+  void enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event);
   void do_write();
   void on_write(boost::system::error_code ec, std::size_t bytes);
   void start_close(websocket::close_reason reason);
@@ -69,20 +61,13 @@ class WebSocketSession : public Session,
   std::string user_;
   std::optional<std::chrono::system_clock::time_point> token_expires_;
 
-  std::mutex mutex_;  // guards what publisher threads touch
-  // What waits to be written: queue_[queue_head_] onwards. A vector with a head index, not a
-  // std::deque (which allocates ~576 bytes even empty); emptied and released when drained.
-  std::vector<Item> queue_;
-  std::size_t queue_head_ = 0;
-  std::size_t queued_bytes_ = 0;
-  std::uint64_t dropped_ = 0;
-  std::set<std::string> dropped_topics_;
-  bool write_scheduled_ = false;  // a do_write is posted or a write is in flight
-  bool closing_ = false;          // no more output accepted
+  // What waits to be written (publisher threads push; the strand takes). Its writer is busy
+  // while a do_write is posted or a write is in flight.
+  OutboundQueue out_;
 
   // Strand only.
-  std::vector<std::shared_ptr<const std::string>> writing_;
-  std::string frame_;  // the frame being written
+  std::size_t writing_ = 0;  // messages in the frame being written
+  std::string frame_;        // the frame being written
   bool write_in_flight_ = false;
   std::optional<websocket::close_reason> close_pending_;
   bool close_sent_ = false;

@@ -1,0 +1,227 @@
+// ProtocolSession: ConnectionLogic (the gateway's protocol code) driven by a host's own
+// WebSocket server. The host's calls are serialized by `logic_mutex`; events and booking answers
+// arrive on other threads and only queue (OutboundQueue, `posted`) and wake the host.
+#include <pushbook/protocol_session.hpp>
+
+#include "gateway/outbound_queue.hpp"
+#include "gateway/protocol.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+namespace pushbook {
+
+struct ProtocolHost::impl {
+  std::shared_ptr<detail::GatewayContext> ctx;
+  detail::GatewayMetrics metrics;
+};
+
+result<std::shared_ptr<ProtocolHost>> ProtocolHost::create(std::shared_ptr<BookingEngine> engine,
+                                                           EventBusPtr bus, GatewayOptions options) {
+  if (!engine) return Error(errc::bad_request, "ProtocolHost needs a booking engine");
+  if (!bus) return Error(errc::bad_request, "ProtocolHost needs an event bus");
+  if (!options.secret.empty() && options.keys)
+    return Error(errc::bad_request, "give GatewayOptions::secret or GatewayOptions::keys, not both");
+  if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 || options.max_subscriptions == 0 ||
+      options.rate_limit_burst == 0 || !(options.rate_limit_per_second > 0) ||
+      std::isinf(options.rate_limit_per_second))
+    return Error(errc::bad_request,
+                 "limits must be positive (max_message_bytes, max_queued_bytes, max_subscriptions, "
+                 "rate_limit_per_second, rate_limit_burst)");
+  auto keys = options.keys             ? std::move(options.keys)
+              : options.secret.empty() ? nullptr
+                                       : std::make_shared<const KeySet>(KeySet::from_secret(options.secret));
+  if (keys && keys->empty()) return Error(errc::bad_request, "GatewayOptions::keys is an empty key set");
+  auto p = std::make_shared<impl>();
+  auto ctx = std::make_shared<detail::GatewayContext>();
+  ctx->bus = std::move(bus);
+  ctx->hub = std::make_shared<detail::TopicHub>(ctx->bus, 64, 65536);
+  ctx->engine = std::move(engine);
+  // The host authenticated its users; a refresh token is verified only with keys it gave.
+  options.dev_insecure = false;
+  ctx->options = std::move(options);
+  ctx->metrics = &p->metrics;
+  ctx->keys->set(std::move(keys));
+  p->ctx = std::move(ctx);
+  return std::shared_ptr<ProtocolHost>(new ProtocolHost(std::move(p)));
+}
+
+ProtocolHost::ProtocolHost(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
+ProtocolHost::~ProtocolHost() = default;
+
+void ProtocolHost::drain() { impl_->ctx->draining->store(true); }
+
+std::string ProtocolHost::metrics_text() const {
+  const auto stats = impl_->ctx->engine->stats();
+  auto text = impl_->metrics.render(&stats, impl_->ctx->bus.get());
+  detail::GatewayMetrics::render_topic_hub(text, impl_->ctx->hub->stats());
+  return text;
+}
+
+std::size_t ProtocolHost::sessions() const {
+  return static_cast<std::size_t>(std::max<std::int64_t>(0, impl_->metrics.websocket_connections.load()));
+}
+
+struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_this<ProtocolSession::impl> {
+  impl(std::shared_ptr<ProtocolHost::impl> h, std::function<void()> w)
+      : host(std::move(h)),
+        wake(std::move(w)),
+        out(host->ctx->options.max_queued_bytes, host->ctx->options.slow_consumer, &host->metrics) {
+    host->metrics.websocket_connections.fetch_add(1);
+    host->metrics.connections_total.fetch_add(1);
+  }
+  ~impl() override { host->metrics.websocket_connections.fetch_sub(1); }
+
+  void notify() {
+    if (wake) wake();
+  }
+
+  // --- ConnectionSink: any thread --------------------------------------------------------------
+  void push(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
+    auto pushed = out.push(std::move(bytes), event);
+    if (pushed.too_slow) return close(1013, std::move(*pushed.too_slow));
+    if (pushed.wake) notify();
+  }
+  void send_text(std::shared_ptr<const std::string> message) override { push(std::move(message), nullptr); }
+  void send_event(const EventPtr& event, bool snapshot) override { push(event->wire(snapshot), event); }
+  void close(std::uint16_t code, std::string reason) override {
+    {
+      std::lock_guard lock(state_mutex);
+      if (finished || close_requested) return;
+      close_requested = Close{code, std::move(reason)};
+    }
+    out.close(false);  // what is queued goes first, then the close
+    notify();
+  }
+  void post(std::function<void()> fn) override {
+    bool first = false;
+    {
+      std::lock_guard lock(state_mutex);
+      if (finished) return;
+      first = posted.empty();
+      posted.push_back(std::move(fn));
+    }
+    if (first) notify();
+  }
+
+  // --- The host's side: under logic_mutex ------------------------------------------------------
+  void finish() {
+    {
+      std::lock_guard lock(state_mutex);
+      if (finished) return;
+      finished = true;
+      posted.clear();
+    }
+    out.close(true);
+    if (logic) logic->unsubscribe_all();
+  }
+
+  std::shared_ptr<ProtocolHost::impl> host;
+  std::function<void()> wake;
+  detail::OutboundQueue out;
+  std::mutex logic_mutex;  // serializes the host's calls
+  std::unique_ptr<detail::ConnectionLogic> logic;
+  std::string frame;
+
+  std::mutex state_mutex;  // what other threads touch
+  std::vector<std::function<void()>> posted;
+  std::optional<Close> close_requested;
+  bool close_returned = false;
+  bool finished = false;
+};
+
+ProtocolSession::ProtocolSession(std::shared_ptr<ProtocolHost> host, std::string user,
+                                 std::optional<std::chrono::system_clock::time_point> token_expires,
+                                 std::function<void()> wake) {
+  if (!host) throw Exception(Error(errc::bad_request, "ProtocolSession needs a ProtocolHost"));
+  if (user.empty()) throw Exception(Error(errc::bad_request, "ProtocolSession needs a user id"));
+  impl_ = std::make_shared<impl>(host->impl_, std::move(wake));
+  impl_->logic = std::make_unique<detail::ConnectionLogic>(
+      impl_->host->ctx, std::static_pointer_cast<detail::ConnectionSink>(impl_), std::move(user),
+      token_expires);
+}
+
+ProtocolSession::~ProtocolSession() {
+  std::lock_guard lock(impl_->logic_mutex);
+  impl_->finish();
+  impl_->logic.reset();
+}
+
+void ProtocolSession::feed(std::string_view text, clock::time_point now) {
+  std::lock_guard lock(impl_->logic_mutex);
+  if (impl_->finished || impl_->out.closed()) return;
+  const auto limit = impl_->host->ctx->options.max_message_bytes;
+  if (text.size() > limit)
+    return impl_->close(1009, fmt::format("message too big: {} bytes, at most {}", text.size(), limit));
+  impl_->logic->on_message(text, now);
+}
+
+void ProtocolSession::feed_binary(clock::time_point now) {
+  std::lock_guard lock(impl_->logic_mutex);
+  if (impl_->finished || impl_->out.closed()) return;
+  impl_->logic->on_binary(now);
+}
+
+ProtocolSession::Output ProtocolSession::poll(clock::time_point now, std::size_t max_frame) {
+  auto& s = *impl_;
+  std::lock_guard lock(s.logic_mutex);
+  std::vector<std::function<void()>> posted;
+  {
+    std::lock_guard state(s.state_mutex);
+    if (s.finished) return {};
+    posted.swap(s.posted);
+  }
+  for (auto& fn : posted) fn();  // booking answers, in the order they came
+  posted.clear();
+  if (auto when = s.logic->next_deadline(); when && *when <= now) s.logic->on_deadline(now);
+  Output out;
+  if (const auto n = s.out.take(s.frame, std::max<std::size_t>(max_frame, 1)); n > 0) {
+    s.host->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
+    s.host->metrics.messages_pushed.fetch_add(n, std::memory_order_relaxed);
+    s.host->metrics.bytes_pushed.fetch_add(s.frame.size(), std::memory_order_relaxed);
+    out.text.swap(s.frame);
+    return out;
+  }
+  if (s.frame.capacity() > std::string().capacity()) std::string().swap(s.frame);
+  std::optional<Close> close;
+  {
+    std::lock_guard state(s.state_mutex);
+    if (s.close_requested && !s.close_returned) {
+      s.close_returned = true;
+      close = s.close_requested;
+    }
+  }
+  if (close) {
+    out.close = std::move(close);
+    s.finish();
+  }
+  return out;
+}
+
+std::optional<ProtocolSession::clock::time_point> ProtocolSession::next_deadline() const {
+  std::lock_guard lock(impl_->logic_mutex);
+  if (impl_->finished) return std::nullopt;
+  return impl_->logic->next_deadline();
+}
+
+void ProtocolSession::close() {
+  std::lock_guard lock(impl_->logic_mutex);
+  impl_->finish();
+}
+
+bool ProtocolSession::closed() const {
+  std::lock_guard lock(impl_->state_mutex);
+  return impl_->finished || impl_->close_requested.has_value();
+}
+
+const std::string& ProtocolSession::user() const noexcept { return impl_->logic->user(); }
+
+std::size_t ProtocolSession::subscriptions() const {
+  std::lock_guard lock(impl_->logic_mutex);
+  return impl_->finished ? 0 : impl_->logic->subscriptions();
+}
+
+}  // namespace pushbook
