@@ -11,6 +11,7 @@
 #include <pushbook/booking_engine.hpp>
 #include <pushbook/event_bus.hpp>
 #include <pushbook/postgres_store.hpp>
+#include <pushbook/protocol_session.hpp>
 #include <pushbook/push_gateway.hpp>
 #include <pushbook/redis_bus.hpp>
 #include <pushbook/sqlite_store.hpp>
@@ -21,11 +22,16 @@
 #include <pybind11/stl.h>
 #include <boost/json.hpp>
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
 #include <set>
+#include <utility>
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -293,6 +299,46 @@ PyEvent make_event(const Delivery& d) {
   e.reason = d.reason.message;
   return e;
 }
+
+// Wakes an asyncio loop from any thread without the GIL: an eventfd the loop watches, and the ids
+// of the sessions that have output.
+class Waker {
+ public:
+  Waker() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+    if (fd_ < 0) raise(Error(errc::internal, "eventfd failed"));
+  }
+  ~Waker() { close(); }
+  Waker(const Waker&) = delete;
+  Waker& operator=(const Waker&) = delete;
+  int fileno() const { return fd_; }
+  void wake(std::uint64_t id) {
+    std::lock_guard lock(mutex_);
+    ready_.push_back(id);
+    if (signalled_ || fd_ < 0) return;
+    signalled_ = true;
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(fd_, &one, sizeof one);  // cannot fail but by overflow (2^64)
+  }
+  std::vector<std::uint64_t> take() {
+    std::lock_guard lock(mutex_);
+    std::uint64_t count = 0;
+    if (fd_ >= 0) [[maybe_unused]]
+      auto n = ::read(fd_, &count, sizeof count);  // EAGAIN: nothing
+    signalled_ = false;
+    return std::exchange(ready_, {});
+  }
+  void close() {
+    std::lock_guard lock(mutex_);
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  std::mutex mutex_;
+  int fd_;
+  bool signalled_ = false;
+  std::vector<std::uint64_t> ready_;
+};
 
 // Objects whose destruction waits for C++ threads (which may be waiting for the GIL to run a
 // Python callback) are destroyed with the GIL released.
@@ -1024,6 +1070,15 @@ PYBIND11_MODULE(_core, m) {
           "verify",
           [](const KeySet& k, const std::string& token) { return take(verify_token(token, k)).subject; },
           "token"_a, "The user (sub) of a token these keys verify; raises Unauthorized otherwise.")
+      .def(
+          "verify_claims",
+          [](const KeySet& k, const std::string& token) {
+            auto claims = take(verify_token(token, k));
+            return py::make_tuple(
+                claims.subject, std::chrono::duration<double>(claims.expires_at.time_since_epoch()).count());
+          },
+          "token"_a,
+          "(user, expires_at as Unix seconds) of a token these keys verify; raises Unauthorized otherwise.")
       .def("__repr__",
            [](const KeySet& k) { return "<pushbook.KeySet of " + std::to_string(k.size()) + " keys>"; });
 
@@ -1118,6 +1173,133 @@ PYBIND11_MODULE(_core, m) {
                         "messages_pushed"_a = s.messages_pushed, "bytes_pushed"_a = s.bytes_pushed,
                         "slow_consumer_disconnects"_a = s.slow_consumer_disconnects);
       });
+
+  // --- ProtocolHost / ProtocolSession: the protocol in a Python web app (pushbook.protocol) ---
+  py::class_<Waker, std::shared_ptr<Waker>>(
+      m, "_Waker",
+      "An eventfd the sessions of one host signal from any thread (no GIL needed) when they have\n"
+      "output; the event loop reads it (loop.add_reader) and takes the ids of the sessions to poll.")
+      .def(py::init<>())
+      .def("fileno", &Waker::fileno)
+      .def("take", &Waker::take, py::call_guard<py::gil_scoped_release>(),
+           "Clears the eventfd and returns the ids of the sessions woken since the last take.")
+      .def("close", &Waker::close);
+
+  py::class_<ProtocolHost, std::shared_ptr<ProtocolHost>>(
+      m, "_ProtocolHost", "What the protocol sessions of one web app share (pushbook.ProtocolHost wraps it).")
+      .def(py::init([](std::shared_ptr<BookingEngine> engine, std::shared_ptr<EventBus> bus,
+                       std::optional<std::string> secret, std::shared_ptr<KeySet> keys,
+                       std::size_t max_message_bytes, std::size_t max_subscriptions, double rate_limit,
+                       std::size_t rate_burst, std::size_t max_queued_bytes, const std::string& slow_consumer,
+                       double token_refresh_grace, py::object authorize) {
+             GatewayOptions o;
+             if (secret) o.secret = *secret;
+             if (keys) o.keys = std::make_shared<const KeySet>(*keys);
+             o.max_message_bytes = max_message_bytes;
+             o.max_subscriptions = max_subscriptions;
+             o.rate_limit_per_second = rate_limit;
+             o.rate_limit_burst = rate_burst;
+             o.max_queued_bytes = max_queued_bytes;
+             if (slow_consumer == "disconnect")
+               o.slow_consumer = SlowConsumerPolicy::disconnect;
+             else if (slow_consumer == "drop_with_gap")
+               o.slow_consumer = SlowConsumerPolicy::drop_with_gap;
+             else
+               raise(Error(errc::bad_request, "slow_consumer is 'disconnect' or 'drop_with_gap', not '" +
+                                                  slow_consumer.substr(0, 40) + "'"));
+             if (!(token_refresh_grace >= 0) || token_refresh_grace > 86400.0 * 365)
+               raise(Error(errc::bad_request, "token_refresh_grace is seconds, 0 or more"));
+             o.token_refresh_grace =
+                 std::chrono::milliseconds(static_cast<std::int64_t>(token_refresh_grace * 1000));
+             if (!authorize.is_none()) {
+               if (!PyCallable_Check(authorize.ptr()))
+                 raise(Error(errc::bad_request, "authorize must be a callable (user, topic) -> bool"));
+               // Called inside feed() (the GIL released): takes the GIL; an exception refuses.
+               auto fn = std::shared_ptr<py::object>(new py::object(std::move(authorize)), [](py::object* p) {
+                 if (finalizing.load()) return;  // the interpreter is gone: leak it
+                 py::gil_scoped_acquire gil;
+                 delete p;
+               });
+               o.authorize = [fn](std::string_view user, std::string_view topic) {
+                 py::gil_scoped_acquire gil;
+                 try {
+                   return py::cast<bool>(
+                       (*fn)(py::str(user.data(), user.size()), py::str(topic.data(), topic.size())));
+                 } catch (py::error_already_set& e) {
+                   e.discard_as_unraisable("pushbook ProtocolHost authorize");
+                   return false;
+                 } catch (const py::cast_error&) {
+                   return false;
+                 }
+               };
+             }
+             return take(ProtocolHost::create(std::move(engine), std::move(bus), std::move(o)));
+           }),
+           "engine"_a, "bus"_a, "secret"_a = py::none(), "keys"_a = nullptr,
+           "max_message_bytes"_a = 64 * 1024, "max_subscriptions"_a = 256, "rate_limit"_a = 100.0,
+           "rate_burst"_a = 200, "max_queued_bytes"_a = 1024 * 1024, "slow_consumer"_a = "disconnect",
+           "token_refresh_grace"_a = 30.0, "authorize"_a = py::none(), py::keep_alive<1, 2>(),
+           py::keep_alive<1, 3>())
+      .def("drain", &ProtocolHost::drain)
+      .def("metrics", &ProtocolHost::metrics_text, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("sessions", &ProtocolHost::sessions);
+
+  py::class_<ProtocolSession, std::shared_ptr<ProtocolSession>>(
+      m, "_ProtocolSession", "One client's protocol state (pushbook.ProtocolSession wraps it).")
+      .def(py::init([](std::shared_ptr<ProtocolHost> host, std::string user,
+                       std::optional<double> token_expires, std::shared_ptr<Waker> waker, std::uint64_t id) {
+             std::optional<std::chrono::system_clock::time_point> expires;
+             if (token_expires) {
+               if (!std::isfinite(*token_expires) || *token_expires < 0 || *token_expires > 1e11)
+                 raise(Error(errc::bad_request, "token_expires is a Unix time in seconds"));
+               expires = std::chrono::system_clock::time_point(
+                   std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                       std::chrono::duration<double>(*token_expires)));
+             }
+             std::function<void()> wake;
+             if (waker) wake = [waker, id] { waker->wake(id); };
+             try {
+               return make_gil_safe<ProtocolSession>(std::move(host), std::move(user), expires,
+                                                     std::move(wake));
+             } catch (const Exception& e) {
+               raise(Error(e.code(), e.what()));
+             }
+           }),
+           "host"_a, "user"_a, "token_expires"_a = py::none(), "waker"_a = nullptr, "id"_a = 0)
+      .def(
+          "feed", [](ProtocolSession& s, const std::string& text) { s.feed(text); }, "text"_a,
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "feed_binary", [](ProtocolSession& s) { s.feed_binary(); },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "poll",
+          [](ProtocolSession& s, std::size_t max_frame) {
+            ProtocolSession::Output out;
+            {
+              py::gil_scoped_release release;
+              out = s.poll(ProtocolSession::clock::now(), max_frame);
+            }
+            py::object text = py::none(), close = py::none();
+            if (!out.text.empty()) text = py::str(out.text);
+            if (out.close) close = py::make_tuple(out.close->code, out.close->reason);
+            return py::make_tuple(text, close);
+          },
+          "max_frame"_a = 256 * 1024,
+          "(text or None, (code, reason) or None): the next frame to send and whether to close after it.")
+      .def(
+          "next_deadline",
+          [](ProtocolSession& s) -> std::optional<double> {
+            auto when = s.next_deadline();
+            if (!when) return std::nullopt;
+            return std::max(0.0,
+                            std::chrono::duration<double>(*when - ProtocolSession::clock::now()).count());
+          },
+          "Seconds until poll() must run even without a wake (the token deadline), or None.")
+      .def("close", &ProtocolSession::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &ProtocolSession::closed)
+      .def_property_readonly("user", &ProtocolSession::user)
+      .def_property_readonly("subscriptions", &ProtocolSession::subscriptions);
 
   m.def(
       "sign_token",

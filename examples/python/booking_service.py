@@ -1,7 +1,8 @@
 """A Python booking service on aiohttp with pushbook underneath.
 
-Its own HTTP API takes bookings; a Python handler stands in for the payment call; the embedded
-PushGateway pushes each decision to the client's WebSocket the moment it is made.
+Its own HTTP API takes bookings; a Python handler stands in for the payment call; the same app,
+on the same port, serves the push protocol at /v1/ws (pushbook.aiohttp), which pushes each
+decision to the client's WebSocket the moment it is made. One origin, one port, one auth.
 
     PUSHBOOK_SECRET=s3cret PYTHONPATH=build/python python3 examples/python/booking_service.py
 
@@ -11,10 +12,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 
 from aiohttp import web
 
 import pushbook
+import pushbook.aiohttp
 
 log = logging.getLogger("booking-service")
 
@@ -37,7 +40,7 @@ def error(code, message):
     return web.json_response({"error": {"code": code, "message": message}}, status=STATUS.get(code, 422))
 
 
-def make_app(engine, gateway, secret):
+def make_app(engine, bus, secret):
     routes = web.RouteTableDef()
 
     @routes.post("/bookings")
@@ -56,9 +59,9 @@ def make_app(engine, gateway, secret):
             return error("bad_request", f"missing field {e}")
         except (ValueError, TypeError) as e:  # not JSON, or a field of the wrong type
             return error("bad_request", str(e))
-        # The decision is pushed: subscribe to booking/<id> on the gateway (or book over it).
+        # The decision is pushed: subscribe to booking/<id> over /v1/ws (or book over it).
         return web.json_response({"booking_id": ack.booking_id, "status": ack.status.value,
-                                  "push": f"ws://127.0.0.1:{gateway.port}/v1/ws"}, status=202)
+                                  "push": "/v1/ws"}, status=202)
 
     @routes.get("/bookings/{booking_id}")
     async def get(request):
@@ -77,6 +80,9 @@ def make_app(engine, gateway, secret):
 
     app = web.Application()
     app.add_routes(routes)
+    # The push protocol on this app's port. Here the user is whoever a token from /token names;
+    # a real service passes its own session or identity check as user_of.
+    pushbook.aiohttp.setup(app, engine, bus, user_of=pushbook.aiohttp.bearer_user(secret), secret=secret)
     return app
 
 
@@ -87,25 +93,25 @@ async def main(args):
     for spec in args.resource:
         rid, cap = spec.rsplit(":", 1)
         engine.add_resource(rid, capacity=int(cap))
-    with pushbook.PushGateway(bus, engine, host="127.0.0.1", port=args.push_port, secret=secret) as gateway:
-        runner = web.AppRunner(make_app(engine, gateway, secret))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", args.port)
-        await site.start()
-        log.info("booking API on http://127.0.0.1:%d, push gateway on ws://127.0.0.1:%d/v1/ws",
-                 site._server.sockets[0].getsockname()[1], gateway.port)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-    engine.shutdown()
+    runner = web.AppRunner(make_app(engine, bus, secret))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    log.info("booking API on http://127.0.0.1:%d, push on ws://127.0.0.1:%d/v1/ws", port, port)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # WebSockets close with 1001 "going away" (pushbook.aiohttp)
+        engine.shutdown()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--push-port", type=int, default=8001)
     parser.add_argument("--resource", action="append", default=[], help="ID:CAPACITY (repeatable)")
     a = parser.parse_args()
     a.resource = a.resource or ["room-101:5", "room-102:5"]

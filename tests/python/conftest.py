@@ -33,6 +33,8 @@ def _server_binary():
 
 
 class Server:
+    kind = "gateway"
+
     def __init__(self, *extra, preexec_fn=None):
         # The default store (SQLite), in a directory of its own unless the test names a store.
         self.tmpdir = None
@@ -76,6 +78,39 @@ class Server:
 @pytest.fixture
 def server():
     s = Server()
+    yield s
+    s.stop()
+
+
+class PythonHost(Server):
+    """A Python web app serving the protocol through pushbook's adapter (tests/python/protocol_host.py):
+    the same interface as Server (url, token(), stop(), proc)."""
+
+    def __init__(self, kind):  # noqa: the base's __init__ starts pushbook-server: not called
+        self.tmpdir = None
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "python", "protocol_host.py"), "--kind", kind,
+             "--secret", SECRET, "--resource", "room-1:1", "--resource", "hall:1000"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+        self.output = []
+        for line in self.proc.stdout:
+            self.output.append(line)
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        else:
+            raise RuntimeError(f"the {kind} host did not start: " + "".join(self.output))
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+
+
+@pytest.fixture(params=["gateway", "aiohttp"])
+def protocol_server(request):
+    """One protocol suite, several servers: the Beast gateway (pushbook-server) and the Python
+    web-app hosts (pushbook.aiohttp)."""
+    s = Server() if request.param == "gateway" else PythonHost(request.param)
     yield s
     s.stop()
 

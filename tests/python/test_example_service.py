@@ -21,10 +21,10 @@ def free_port():
 
 
 def test_booking_service_pushes_the_decision_of_a_booking_made_over_its_api():
-    api, push = free_port(), free_port()
+    api = free_port()
     env = dict(os.environ, PUSHBOOK_SECRET="t")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples/python/booking_service.py"),
-                             "--port", str(api), "--push-port", str(push)],
+                             "--port", str(api)],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # wait for the start-up line
@@ -33,7 +33,7 @@ def test_booking_service_pushes_the_decision_of_a_booking_made_over_its_api():
         token = json.load(urllib.request.urlopen(f"http://127.0.0.1:{api}/token?user=alice"))["token"]
 
         async def go():
-            async with websockets.connect(f"ws://127.0.0.1:{push}/v1/ws",
+            async with websockets.connect(f"ws://127.0.0.1:{api}/v1/ws",
                                           extra_headers={"Authorization": "Bearer " + token}) as ws:
                 def post(body):
                     req = urllib.request.Request(f"http://127.0.0.1:{api}/bookings", method="POST",

@@ -25,6 +25,8 @@ Subscription = _core.Subscription
 sign_token = _core.sign_token
 KeySet = _core.KeySet
 
+from .protocol import ProtocolHost, ProtocolSession  # noqa: E402  (needs _core)
+
 
 class LocalBus(_core.LocalBus):
     """The in-process event bus: ``publish``, ``subscribe``, ``last``, ``history``, ``stream``."""

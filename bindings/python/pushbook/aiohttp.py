@@ -1,0 +1,126 @@
+"""The push protocol at a route of your own aiohttp application: one port, one origin, your auth.
+
+    from aiohttp import web
+    import pushbook, pushbook.aiohttp
+
+    app = web.Application()
+    pushbook.aiohttp.setup(app, engine, bus, user_of=current_user)   # GET /v1/ws
+
+``user_of(request)`` (plain or async) returns the id of the user the request is authenticated as
+(your session cookie, your own tokens), or ``(user, expires_at)`` when the credential expires (Unix
+seconds: the client is then asked to ``refresh``), or None to refuse the upgrade with 401.
+``bearer_user(secret_or_keys)`` makes one that accepts pushbook tokens as the built-in gateway does
+(pass the same secret or keys to ``setup`` so that ``refresh`` messages can be verified).
+Clients speak docs/protocol.md exactly as with the gateway (web/pushbook.js works unchanged).
+"""
+import inspect
+
+from aiohttp import WSMsgType, web
+
+from . import _core
+from .protocol import ProtocolHost, ProtocolSession
+
+__all__ = ["setup", "websocket_handler", "bearer_user"]
+
+HOST_KEY = "pushbook.protocol_host"
+
+
+def bearer_user(keys):
+    """A ``user_of`` that verifies a pushbook token (``KeySet`` or an HS256 secret string) from the
+    ``Authorization: Bearer`` header, the ``access_token`` query parameter or a ``bearer.<token>``
+    WebSocket subprotocol (browsers), as the built-in gateway does."""
+    if isinstance(keys, str):
+        secret, keys = keys, _core.KeySet()
+        keys.add_hs256("", secret)  # the key of tokens without a kid
+
+    def user_of(request):
+        token = None
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            token = auth[7:].strip()
+        elif "access_token" in request.query:
+            token = request.query["access_token"]
+        else:
+            for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+                proto = proto.strip()
+                if proto.startswith("bearer."):
+                    token = proto[7:]
+        if not token:
+            return None
+        try:
+            return keys.verify_claims(token)
+        except _core_errors():
+            return None
+
+    return user_of
+
+
+def _core_errors():
+    from ._types import Error
+    return (Error, ValueError)
+
+
+def _unauthorized(message):
+    return web.json_response({"error": {"code": "unauthorized", "message": message}}, status=401)
+
+
+def websocket_handler(host, user_of, *, heartbeat=30.0):
+    """An aiohttp handler serving the protocol over a WebSocket. ``host``: a ProtocolHost, or a
+    function of the app returning one (``setup`` passes the app's)."""
+
+    async def handler(request):
+        h = host(request.app) if callable(host) and not isinstance(host, ProtocolHost) else host
+        user = user_of(request)
+        if inspect.isawaitable(user):
+            user = await user
+        expires = None
+        if isinstance(user, tuple):
+            user, expires = user
+        if not user:
+            return _unauthorized("a valid token or session is required")
+        ws = web.WebSocketResponse(protocols=("pushbook.v1",), max_msg_size=h.max_message_bytes,
+                                   heartbeat=heartbeat)
+        await ws.prepare(request)
+
+        async def close(code, reason):
+            await ws.close(code=code, message=reason.encode()[:123])
+
+        session = ProtocolSession(h, user=user, send=ws.send_str, close=close, token_expires=expires)
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    session.feed(msg.data)
+        finally:
+            if session.close_code is not None:
+                # The server is closing it (shutdown, rate limit, too slow...): its close frame
+                # goes out before aiohttp ends the response with a plain 1000.
+                await session.wait_closed()
+            session.close()
+        return ws
+
+    return handler
+
+
+def setup(app, engine, bus, *, user_of, path="/v1/ws", heartbeat=30.0, **limits):
+    """Adds ``GET path`` (the protocol's WebSocket) to ``app``, with a ProtocolHost made when the
+    app starts (``limits``: see ProtocolHost) and, when the app shuts down, new bookings refused
+    and every WebSocket closed with 1001 "going away" once its queued frames are sent. Returns
+    nothing; the host is ``app["pushbook.protocol_host"]`` once the app runs."""
+
+    async def start(app):
+        app[HOST_KEY] = ProtocolHost(engine, bus, **limits)
+
+    async def shutdown(app):
+        host = app.get(HOST_KEY)
+        if host is not None:
+            await host.close_all(1001, "going away")
+
+    async def cleanup(app):
+        host = app.get(HOST_KEY)
+        if host is not None:
+            host.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    app.router.add_get(path, websocket_handler(lambda a: a[HOST_KEY], user_of, heartbeat=heartbeat))

@@ -1,0 +1,56 @@
+"""A Python web app serving the push protocol through pushbook's adapter, for the tests that run
+one protocol suite against the Beast gateway and the Python hosts.
+
+    protocol_host.py --kind aiohttp --secret S [--resource ID:CAP ...] [--port 0]
+
+Prints "listening on http://127.0.0.1:PORT" once it serves; SIGTERM stops it gracefully
+(WebSockets closed with 1001).
+"""
+import argparse
+import asyncio
+import signal
+import sys
+
+import pushbook
+
+
+async def serve_aiohttp(engine, bus, args):
+    from aiohttp import web
+    import pushbook.aiohttp
+
+    app = web.Application()
+    pushbook.aiohttp.setup(app, engine, bus, user_of=pushbook.aiohttp.bearer_user(args.secret),
+                           secret=args.secret)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(f"listening on http://127.0.0.1:{port}", flush=True)
+    await stop.wait()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second SIGTERM changes nothing
+    await runner.cleanup()
+
+
+async def main(args):
+    bus = pushbook.LocalBus()
+    engine = pushbook.BookingEngine(bus, workers=2)
+    for spec in args.resource:
+        rid, cap = spec.rsplit(":", 1)
+        engine.add_resource(rid, capacity=int(cap))
+    try:
+        await {"aiohttp": serve_aiohttp}[args.kind](engine, bus, args)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--kind", choices=["aiohttp"], required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret", required=True)
+    p.add_argument("--resource", action="append", default=[])
+    asyncio.run(main(p.parse_args()))
+    sys.exit(0)
