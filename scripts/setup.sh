@@ -11,6 +11,7 @@ packages=(
   postgresql-15 libpq-dev  # PostgresStore: libpq; the tests start their own server (initdb as postgres)
   nginx  # the cluster's load balancer (examples/cluster, the cluster test): started by them, never as a service
   python3 python3-dev pybind11-dev python3-pytest python3-websockets python3-aiohttp
+  python3-fastapi python3-starlette python3-uvicorn
   clang libclang-rt-14-dev  # the libFuzzer targets (scripts/fuzz.sh): clang 14 and its libFuzzer
 )
 

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { serverPath, startServer } from './server.mjs';
+import { serverPath, startPythonHost, startServer } from './server.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const SECRET = 'node-test-secret-at-least-32-bytes';
@@ -116,3 +116,39 @@ test('from Node: a resource subscription starts with a snapshot; a forbidden top
       client.close();`, 'olga');
     assert.deepEqual(lines, [{ snapshot: true, capacity: 1 }, { code: 'forbidden' }]);
   });
+
+// The same client against a Python web app that serves the protocol itself (pushbook.aiohttp,
+// and pushbook.asgi on FastAPI under uvicorn): web/pushbook.js cannot tell it from the gateway.
+for (const kind of ['aiohttp', 'asgi']) {
+  test(`from Node, against the ${kind} host: book, the decision, sold out, a forbidden topic`,
+    { skip: !nodeHasWebSocket && 'this Node has no WebSocket (Node 20.10+ or 22 needed)' }, async () => {
+      const host = await startPythonHost(kind, ['--secret', SECRET, '--resource', 'room:1']);
+      try {
+        const lines = await runClient(`
+          const client = new PushbookClient({ url: env.url, token: async () => env.token });
+          await client.connect();
+          for (let i = 0; i < 2; i++) {
+            const { subscription } = await client.book({ resource: 'room' });
+            for await (const ev of subscription) {
+              print({ i, seq: ev.seq, status: ev.data.status, reason: ev.data.reason ?? null });
+              if (ev.data.status !== 'processing') break;
+            }
+          }
+          try {
+            for await (const ev of client.subscribe('user/somebody-else')) print({ unexpected: ev });
+          } catch (e) { print({ code: e.code }); }
+          print({ transport: client.transport });
+          client.close();`, 'quinn', host.url);
+        assert.deepEqual(lines, [
+          { i: 0, seq: 1, status: 'processing', reason: null },
+          { i: 0, seq: 2, status: 'confirmed', reason: null },
+          { i: 1, seq: 1, status: 'processing', reason: null },
+          { i: 1, seq: 2, status: 'rejected', reason: 'sold_out' },
+          { code: 'forbidden' },
+          { transport: 'websocket' },
+        ]);
+      } finally {
+        await host.stop();
+      }
+    });
+}

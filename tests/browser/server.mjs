@@ -17,12 +17,30 @@ export const serverPath = process.env.PUSHBOOK_SERVER ?? path.resolve(here, '../
 export async function startServer(args) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pushbook-browser-'));
   const store = args.includes('--store') ? [] : ['--store', `sqlite:${path.join(dir, 'pushbook.db')}`];
-  const child = spawn(serverPath, ['--port', '0', ...store, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  return watch(spawn(serverPath, ['--port', '0', ...store, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }), dir,
+    serverPath);
+}
+
+/**
+ * A Python web app serving the protocol through pushbook's adapter (tests/python/protocol_host.py;
+ * `kind`: aiohttp or asgi), with the Python module of build/python (or PUSHBOOK_PYTHONPATH), run by
+ * /usr/bin/python3 (where Debian's aiohttp, FastAPI and uvicorn are).
+ */
+export async function startPythonHost(kind, args) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pushbook-browser-'));
+  const script = path.resolve(here, '../python/protocol_host.py');
+  const env = { ...process.env,
+                PYTHONPATH: process.env.PUSHBOOK_PYTHONPATH ?? path.resolve(path.dirname(serverPath), '../python') };
+  return watch(spawn('/usr/bin/python3', [script, '--kind', kind, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env }),
+    dir, `protocol_host.py --kind ${kind}`);
+}
+
+async function watch(child, dir, name) {
   let output = '';
   child.stdout.on('data', (chunk) => { output += chunk; });
   child.stderr.on('data', (chunk) => { output += chunk; });  // kept for failure messages only
   const port = await new Promise((resolve, reject) => {
-    const fail = (why) => { clearTimeout(timer); reject(new Error(`${serverPath}: ${why}\n${output}`)); };
+    const fail = (why) => { clearTimeout(timer); reject(new Error(`${name}: ${why}\n${output}`)); };
     const timer = setTimeout(() => fail('no "listening" line within 10 s'), 10_000);
     child.on('error', (error) => fail(error.message));
     child.on('exit', (code, signal) => fail(`exited (${code ?? signal})`));

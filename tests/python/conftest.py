@@ -106,10 +106,10 @@ class PythonHost(Server):
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
 
 
-@pytest.fixture(params=["gateway", "aiohttp"])
+@pytest.fixture(params=["gateway", "aiohttp", "asgi"])
 def protocol_server(request):
     """One protocol suite, several servers: the Beast gateway (pushbook-server) and the Python
-    web-app hosts (pushbook.aiohttp)."""
+    web-app hosts (pushbook.aiohttp; pushbook.asgi on FastAPI under uvicorn)."""
     s = Server() if request.param == "gateway" else PythonHost(request.param)
     yield s
     s.stop()

@@ -17,47 +17,24 @@ import inspect
 
 from aiohttp import WSMsgType, web
 
-from . import _core
-from .protocol import ProtocolHost, ProtocolSession
+from .protocol import ProtocolHost, ProtocolSession, bearer_verifier
 
 __all__ = ["setup", "websocket_handler", "bearer_user"]
 
 HOST_KEY = "pushbook.protocol_host"
 
 
-def bearer_user(keys):
+def bearer_user(secret_or_keys):
     """A ``user_of`` that verifies a pushbook token (``KeySet`` or an HS256 secret string) from the
     ``Authorization: Bearer`` header, the ``access_token`` query parameter or a ``bearer.<token>``
     WebSocket subprotocol (browsers), as the built-in gateway does."""
-    if isinstance(keys, str):
-        secret, keys = keys, _core.KeySet()
-        keys.add_hs256("", secret)  # the key of tokens without a kid
+    verify = bearer_verifier(secret_or_keys)
 
     def user_of(request):
-        token = None
-        auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            token = auth[7:].strip()
-        elif "access_token" in request.query:
-            token = request.query["access_token"]
-        else:
-            for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
-                proto = proto.strip()
-                if proto.startswith("bearer."):
-                    token = proto[7:]
-        if not token:
-            return None
-        try:
-            return keys.verify_claims(token)
-        except _core_errors():
-            return None
+        return verify(request.headers.get("Authorization"), request.query.get("access_token"),
+                      request.headers.get("Sec-WebSocket-Protocol", "").split(","))
 
     return user_of
-
-
-def _core_errors():
-    from ._types import Error
-    return (Error, ValueError)
 
 
 def _unauthorized(message):

@@ -14,8 +14,40 @@ import inspect
 import itertools
 
 from . import _core
+from ._types import Error
 
-__all__ = ["ProtocolHost", "ProtocolSession"]
+__all__ = ["ProtocolHost", "ProtocolSession", "bearer_verifier"]
+
+
+def bearer_verifier(secret_or_keys):
+    """``verify(authorization, access_token, subprotocols)`` -> ``(user, expires_at)`` or None: a
+    pushbook token (``KeySet``, or an HS256 secret string) taken from an ``Authorization: Bearer``
+    header, an ``access_token`` query parameter or a ``bearer.<token>`` WebSocket subprotocol
+    (browsers), as the built-in gateway takes it. The framework adapters' ``bearer_user`` use it."""
+    keys = secret_or_keys
+    if isinstance(keys, str):
+        keys = _core.KeySet()
+        keys.add_hs256("", secret_or_keys)  # the key of tokens without a kid
+
+    def verify(authorization=None, access_token=None, subprotocols=()):
+        token = None
+        if authorization and authorization.startswith("Bearer "):
+            token = authorization[7:].strip()
+        elif access_token:
+            token = access_token
+        else:
+            for proto in subprotocols:
+                proto = proto.strip()
+                if proto.startswith("bearer."):
+                    token = proto[7:]
+        if not token:
+            return None
+        try:
+            return keys.verify_claims(token)
+        except (Error, ValueError):
+            return None
+
+    return verify
 
 
 class ProtocolHost:
