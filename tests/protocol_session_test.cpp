@@ -216,3 +216,58 @@ TEST_CASE("OutboundQueue: one wake per idle period, frames bounded, replies neve
   CHECK(q.closed());
   CHECK_FALSE(q.push(msg("d")).wake);  // closed: nothing more
 }
+
+TEST_CASE("ProtocolSession::events: an SSE stream of a topic, resumed from Last-Event-ID") {
+  Host h;
+  std::atomic<int> wakes{0};
+  auto wake = [&] { wakes.fetch_add(1); };
+  auto stream = ProtocolSession::events(h.host, "alice", "user/alice", std::nullopt, "", "", wake);
+  REQUIRE(stream);
+  CHECK((*stream)->poll().text == "retry: 2000\n\n");
+  Client c(h, "alice");
+  c.session.feed(R"({"id":1,"op":"book","resource":"hall"})");
+  REQUIRE(c.until(is_decision));
+  std::string text;
+  REQUIRE(eventually([&] {
+    text += (*stream)->poll().text;
+    return text.find("confirmed") != std::string::npos;
+  }));
+  // Two messages, each "id: EPOCH:SEQ" and "data: {...}", each ended by a blank line.
+  const auto first_id = text.substr(4, text.find('\n') - 4);
+  CHECK(text.starts_with("id: "));
+  CHECK(text.ends_with("}\n\n"));
+  CHECK(text.find("\n\nid: ") != std::string::npos);
+  CHECK(text.find("processing") < text.find("confirmed"));
+  CHECK(wakes.load() >= 1);
+  // Resumed after the first: only the second comes.
+  auto resumed = ProtocolSession::events(h.host, "alice", "user/alice", first_id, "", "", {});
+  REQUIRE(resumed);
+  std::string again;
+  REQUIRE(eventually([&] {
+    again += (*resumed)->poll().text;
+    return again.find("confirmed") != std::string::npos;
+  }));
+  CHECK(again.find("processing") == std::string::npos);
+  // Refusals, for the host to answer as HTTP.
+  CHECK(ProtocolSession::events(h.host, "alice", "user/bob", std::nullopt, "", "", {}).error().is(errc::forbidden));
+  CHECK(ProtocolSession::events(h.host, "alice", "", std::nullopt, "", "", {}).error().is(errc::bad_request));
+  CHECK(ProtocolSession::events(h.host, "alice", "user/alice", "x:1", "", "", {}).error().is(errc::bad_request));
+  CHECK(ProtocolSession::events(h.host, "alice", "user/alice", std::nullopt, "nine", "", {})
+            .error()
+            .is(errc::bad_request));
+}
+
+TEST_CASE("ProtocolSession::events: a client that does not read is ended with 1013 (it resumes)") {
+  GatewayOptions o;
+  o.max_queued_bytes = 2000;
+  o.slow_consumer = SlowConsumerPolicy::drop_with_gap;  // streams always disconnect: the id resumes
+  Host h(o);
+  auto stream = ProtocolSession::events(h.host, "alice", "resource/hall", std::nullopt, "", "", {}).value();
+  for (int i = 0; i < 100; ++i) h.bus->publish("resource/hall", boost::json::object{{"n", i}}).value();
+  std::optional<ProtocolSession::Close> closed;
+  for (auto out = stream->poll(); !out.empty(); out = stream->poll())
+    if (out.close) closed = out.close;
+  REQUIRE(closed);
+  CHECK(closed->code == 1013);
+  CHECK(stream->closed());
+}

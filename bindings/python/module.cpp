@@ -1266,6 +1266,27 @@ PYBIND11_MODULE(_core, m) {
              }
            }),
            "host"_a, "user"_a, "token_expires"_a = py::none(), "waker"_a = nullptr, "id"_a = 0)
+      .def_static(
+          "events",
+          [](std::shared_ptr<ProtocolHost> host, std::string user, const std::string& topic,
+             std::optional<std::string> last_event_id, const std::string& since, const std::string& epoch,
+             std::shared_ptr<Waker> waker, std::uint64_t id) {
+            std::function<void()> wake;
+            if (waker) wake = [waker, id] { waker->wake(id); };
+            result<std::unique_ptr<ProtocolSession>> r = [&] {
+              py::gil_scoped_release release;  // may read the store (who owns a booking topic)
+              std::optional<std::string_view> last;
+              if (last_event_id) last = *last_event_id;
+              return ProtocolSession::events(std::move(host), std::move(user), topic, last, since, epoch,
+                                             std::move(wake));
+            }();
+            auto session = take(std::move(r));
+            return std::shared_ptr<ProtocolSession>(session.release(), &delete_without_gil<ProtocolSession>);
+          },
+          "host"_a, "user"_a, "topic"_a, "last_event_id"_a = py::none(), "since"_a = "", "epoch"_a = "",
+          "waker"_a = nullptr, "id"_a = 0,
+          "An SSE stream of one topic (GET /v1/events); raises ValidationError (bad topic or resume point)\n"
+          "or Unauthorized (code 'forbidden': the user may not see the topic).")
       .def(
           "feed", [](ProtocolSession& s, const std::string& text) { s.feed(text); }, "text"_a,
           py::call_guard<py::gil_scoped_release>())

@@ -57,7 +57,7 @@ class ProtocolHost {
   /// The sessions' counters (the gateway's names: pushbook_connections{kind="websocket"}, messages
   /// pushed, drops, rate limits...), the engine's and the bus's, in Prometheus text format.
   std::string metrics_text() const;
-  /// Open sessions.
+  /// Open sessions (WebSocket clients and event streams).
   std::size_t sessions() const;
 
   struct impl;
@@ -84,6 +84,22 @@ class ProtocolSession {
   ProtocolSession(std::shared_ptr<ProtocolHost> host, std::string user,
                   std::optional<std::chrono::system_clock::time_point> token_expires,
                   std::function<void()> wake);
+  /// A Server-Sent Events stream of one topic for `user` (GET /v1/events in docs/protocol.md):
+  /// `last_event_id` is the request's Last-Event-ID header if it has one (it wins), else `since`
+  /// and `epoch` are its ?since= and ?epoch= ("" when absent). poll() then gives the stream's
+  /// bytes: "retry: 2000" first, then one message per event ("id: EPOCH:SEQ", "data: <JSON>"),
+  /// and a close when the stream ends (a slow client: 1013; the bus ended the subscription:
+  /// 1011): the host then ends the response, and the client's EventSource resumes with
+  /// Last-Event-ID. Idle streams need a comment line (": keep-alive") now and then through
+  /// proxies: that is the host's, as is the HTTP head (Content-Type: text/event-stream,
+  /// Cache-Control: no-store). feed() does nothing on it.
+  /// Errors, to answer as HTTP: bad_request (400: an invalid topic, a bad resume point),
+  /// forbidden (403: the user may not see the topic), and the bus's subscribe errors.
+  static result<std::unique_ptr<ProtocolSession>> events(std::shared_ptr<ProtocolHost> host, std::string user,
+                                                         const std::string& topic,
+                                                         std::optional<std::string_view> last_event_id,
+                                                         std::string_view since, std::string_view epoch,
+                                                         std::function<void()> wake);
   /// Ends the session (as close()).
   ~ProtocolSession();
   ProtocolSession(const ProtocolSession&) = delete;
@@ -126,6 +142,7 @@ class ProtocolSession {
   struct impl;
 
  private:
+  ProtocolSession() = default;
   std::shared_ptr<impl> impl_;
 };
 

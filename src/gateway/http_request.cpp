@@ -63,29 +63,10 @@ result<Identity> authenticate(const GatewayContext& ctx, const Request& req, con
 }
 
 result<ResumePoint> resume_point(const Request& req, const boost::urls::url_view& url) {
-  std::string since_text, epoch_text;
-  if (auto it = req.find("Last-Event-ID"); it != req.end()) {
-    since_text = std::string(it->value());
-    if (auto colon = since_text.find(':'); colon != std::string::npos) {
-      epoch_text = since_text.substr(0, colon);
-      since_text.erase(0, colon + 1);
-      if (epoch_text.empty()) epoch_text = "-";  // refused below
-    }
-  } else {
-    since_text = query_param(url, "since").value_or("");
-    epoch_text = query_param(url, "epoch").value_or("");
-  }
-  ResumePoint out;
-  if (!since_text.empty()) {
-    std::uint64_t n = 0;
-    const auto [end, err] = std::from_chars(since_text.data(), since_text.data() + since_text.size(), n);
-    if (err != std::errc() || end != since_text.data() + since_text.size())
-      return Error(errc::bad_request, "Last-Event-ID / since must be a sequence number (EPOCH:SEQ or SEQ)");
-    out.since = n;
-  }
-  if (!epoch_text.empty() && !(out.epoch = parse_epoch(epoch_text)))
-    return Error(errc::bad_request, "the epoch of Last-Event-ID / ?epoch= must be 8 hex digits");
-  return out;
+  if (auto it = req.find("Last-Event-ID"); it != req.end())
+    return parse_resume_point(std::string_view(it->value()), {}, {});
+  return parse_resume_point(std::nullopt, query_param(url, "since").value_or(""),
+                            query_param(url, "epoch").value_or(""));
 }
 
 result<std::chrono::seconds> long_poll_wait(const boost::urls::url_view& url, std::chrono::seconds max) {

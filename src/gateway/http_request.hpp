@@ -46,11 +46,6 @@ result<Identity> authenticate(const GatewayContext& ctx, const Request& req, con
 /// The (percent-decoded) value of the first query parameter named `key`.
 std::optional<std::string> query_param(const boost::urls::url_view& url, std::string_view key);
 
-/// Where an event stream resumes: after event `since` of the numbering `epoch` (each optional).
-struct ResumePoint {
-  std::optional<std::uint64_t> since;
-  std::optional<std::uint32_t> epoch;
-};
 /// The resume point of GET /v1/events: the Last-Event-ID header ("EPOCH:SEQ" as sent in "id:",
 /// or a bare SEQ), else ?since=SEQ with an optional ?epoch=EPOCH. Errors: bad_request.
 result<ResumePoint> resume_point(const Request& req, const boost::urls::url_view& url);

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
+#include <charconv>
 #include <mutex>
 
 namespace pushbook::detail {
@@ -431,6 +432,71 @@ bool BookingVersionFilter::stale(const Delivery& d) const {
   if (version <= highest_->load(std::memory_order_relaxed)) return true;
   highest_->store(version, std::memory_order_relaxed);
   return false;
+}
+
+result<ResumePoint> parse_resume_point(std::optional<std::string_view> last_event_id, std::string_view since,
+                                       std::string_view epoch) {
+  std::string since_text, epoch_text;
+  if (last_event_id) {
+    since_text = std::string(*last_event_id);
+    if (auto colon = since_text.find(':'); colon != std::string::npos) {
+      epoch_text = since_text.substr(0, colon);
+      since_text.erase(0, colon + 1);
+      if (epoch_text.empty()) epoch_text = "-";  // refused below
+    }
+  } else {
+    since_text = std::string(since);
+    epoch_text = std::string(epoch);
+  }
+  ResumePoint out;
+  if (!since_text.empty()) {
+    std::uint64_t n = 0;
+    const auto [end, err] = std::from_chars(since_text.data(), since_text.data() + since_text.size(), n);
+    if (err != std::errc() || end != since_text.data() + since_text.size())
+      return Error(errc::bad_request, "Last-Event-ID / since must be a sequence number (EPOCH:SEQ or SEQ)");
+    out.since = n;
+  }
+  if (!epoch_text.empty() && !(out.epoch = parse_epoch(epoch_text)))
+    return Error(errc::bad_request, "the epoch of Last-Event-ID / ?epoch= must be 8 hex digits");
+  return out;
+}
+
+std::string sse_event(const Event& event, bool snapshot) {
+  // No "event:" line: everything arrives as a plain message (EventSource.onmessage); the JSON
+  // says whether it is a snapshot. "id: EPOCH:SEQ" lets EventSource resume with Last-Event-ID, and
+  // the server tell a seq of another numbering (a restart) from one of this.
+  const auto& wire = *event.wire(snapshot);
+  std::string chunk;
+  chunk.reserve(wire.size() + 32);
+  fmt::format_to(std::back_inserter(chunk), "id: {}:{}\ndata: ", format_epoch(event.epoch()), event.seq());
+  chunk += wire;
+  chunk += '\n';
+  return chunk;
+}
+
+result<Subscription> follow_for_events(const GatewayContext& ctx, const std::string& topic,
+                                       ResumePoint resume, std::weak_ptr<ConnectionSink> sink) {
+  SubscribeOptions so;
+  so.since_seq = resume.since;
+  so.since_epoch = resume.epoch;
+  so.snapshot_source = snapshot_source(ctx, topic);
+  const BookingVersionFilter filter(topic, resume.since);
+  return ctx.follow(
+      topic,
+      [weak = std::move(sink), filter](const Delivery& d) {
+        auto s = weak.lock();
+        if (!s) return;
+        if (d.event) {
+          if (!filter.stale(d)) s->send_event(d.event, d.kind == Delivery::Kind::snapshot);
+          return;
+        }
+        if (d.kind == Delivery::Kind::gap)
+          s->send_text(std::make_shared<const std::string>(
+              fmt::format(R"({{"type":"gap","dropped":{}}})", d.dropped)));
+        else
+          s->close(1011, d.reason.message);
+      },
+      so);
 }
 
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,

@@ -165,6 +165,27 @@ class BookingVersionFilter {
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
                       std::function<void(std::function<void()>)> post, std::function<void(result<Ack>)> then);
 
+/// Where an event stream resumes: after event `since` of the numbering `epoch` (each optional).
+struct ResumePoint {
+  std::optional<std::uint64_t> since;
+  std::optional<std::uint32_t> epoch;
+};
+/// The resume point of GET /v1/events: `last_event_id` (the Last-Event-ID header: "EPOCH:SEQ" as
+/// sent in "id:", or a bare SEQ) when there is one, else `since` (SEQ) with an optional `epoch`
+/// (8 hex digits); empty strings are absent. Errors: bad_request.
+result<ResumePoint> parse_resume_point(std::optional<std::string_view> last_event_id, std::string_view since,
+                                       std::string_view epoch);
+
+/// An SSE message of an event: "id: EPOCH:SEQ\ndata: <the event's JSON>\n", without the blank
+/// line that ends it (the writer adds it, or joins messages with it).
+std::string sse_event(const Event& event, bool snapshot);
+
+/// Follows `topic` for an event stream (SSE): events and snapshots (stale booking states left
+/// out, as for a WebSocket) to sink->send_event, a gap marker to sink->send_text, the end of the
+/// subscription to sink->close(1011, why). The caller checked the topic and the user's right.
+result<Subscription> follow_for_events(const GatewayContext& ctx, const std::string& topic,
+                                       ResumePoint resume, std::weak_ptr<ConnectionSink> sink);
+
 /// The per-connection protocol state of a WebSocket client: identity, subscriptions, rate
 /// limit, token expiry. Called on the connection's strand only (not thread-safe itself).
 class ConnectionLogic {

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -62,18 +63,30 @@ std::string ProtocolHost::metrics_text() const {
 }
 
 std::size_t ProtocolHost::sessions() const {
-  return static_cast<std::size_t>(std::max<std::int64_t>(0, impl_->metrics.websocket_connections.load()));
+  return static_cast<std::size_t>(std::max<std::int64_t>(
+      0, impl_->metrics.websocket_connections.load() + impl_->metrics.sse_connections.load()));
 }
 
 struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_this<ProtocolSession::impl> {
-  impl(std::shared_ptr<ProtocolHost::impl> h, std::function<void()> w)
+  // `events`: an SSE stream (the disconnect policy always: EventSource resumes from its
+  // Last-Event-ID, so dropping with a gap would lose what a reconnect gets back).
+  impl(std::shared_ptr<ProtocolHost::impl> h, std::string u, std::function<void()> w, bool ev)
       : host(std::move(h)),
         wake(std::move(w)),
-        out(host->ctx->options.max_queued_bytes, host->ctx->options.slow_consumer, &host->metrics) {
-    host->metrics.websocket_connections.fetch_add(1);
+        user(std::move(u)),
+        events(ev),
+        out(host->ctx->options.max_queued_bytes,
+            ev ? SlowConsumerPolicy::disconnect : host->ctx->options.slow_consumer, &host->metrics) {
+    (events ? host->metrics.sse_connections : host->metrics.websocket_connections).fetch_add(1);
     host->metrics.connections_total.fetch_add(1);
   }
-  ~impl() override { host->metrics.websocket_connections.fetch_sub(1); }
+  ~impl() override { uncount(); }
+  // The session counts as open (ProtocolHost::sessions, the connection gauges) until it is
+  // finished, even while the host still holds the object.
+  void uncount() {
+    if (counted.exchange(false))
+      (events ? host->metrics.sse_connections : host->metrics.websocket_connections).fetch_sub(1);
+  }
 
   void notify() {
     if (wake) wake();
@@ -85,8 +98,14 @@ struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_t
     if (pushed.too_slow) return close(1013, std::move(*pushed.too_slow));
     if (pushed.wake) notify();
   }
-  void send_text(std::shared_ptr<const std::string> message) override { push(std::move(message), nullptr); }
-  void send_event(const EventPtr& event, bool snapshot) override { push(event->wire(snapshot), event); }
+  void send_text(std::shared_ptr<const std::string> message) override {
+    if (events) return push(std::make_shared<const std::string>("data: " + *message + "\n"), nullptr);
+    push(std::move(message), nullptr);
+  }
+  void send_event(const EventPtr& event, bool snapshot) override {
+    if (events) return push(std::make_shared<const std::string>(detail::sse_event(*event, snapshot)), event);
+    push(event->wire(snapshot), event);
+  }
   void close(std::uint16_t code, std::string reason) override {
     {
       std::lock_guard lock(state_mutex);
@@ -116,12 +135,21 @@ struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_t
       posted.clear();
     }
     out.close(true);
+    uncount();
     if (logic) logic->unsubscribe_all();
+    if (subscription.active()) {
+      subscription.cancel();
+      host->metrics.subscriptions.fetch_sub(1);
+    }
   }
 
   std::shared_ptr<ProtocolHost::impl> host;
   std::function<void()> wake;
+  const std::string user;
+  const bool events;
   detail::OutboundQueue out;
+  Subscription subscription;  // an event stream's
+  std::atomic<bool> counted{true};
   std::mutex logic_mutex;  // serializes the host's calls
   std::unique_ptr<detail::ConnectionLogic> logic;
   std::string frame;
@@ -138,13 +166,39 @@ ProtocolSession::ProtocolSession(std::shared_ptr<ProtocolHost> host, std::string
                                  std::function<void()> wake) {
   if (!host) throw Exception(Error(errc::bad_request, "ProtocolSession needs a ProtocolHost"));
   if (user.empty()) throw Exception(Error(errc::bad_request, "ProtocolSession needs a user id"));
-  impl_ = std::make_shared<impl>(host->impl_, std::move(wake));
+  impl_ = std::make_shared<impl>(host->impl_, user, std::move(wake), false);
   impl_->logic = std::make_unique<detail::ConnectionLogic>(
       impl_->host->ctx, std::static_pointer_cast<detail::ConnectionSink>(impl_), std::move(user),
       token_expires);
 }
 
+result<std::unique_ptr<ProtocolSession>> ProtocolSession::events(
+    std::shared_ptr<ProtocolHost> host, std::string user, const std::string& topic,
+    std::optional<std::string_view> last_event_id, std::string_view since, std::string_view epoch,
+    std::function<void()> wake) {
+  if (!host) return Error(errc::bad_request, "ProtocolSession needs a ProtocolHost");
+  if (user.empty()) return Error(errc::bad_request, "ProtocolSession needs a user id");
+  const auto& ctx = *host->impl_->ctx;
+  if (!is_valid_topic(topic))
+    return Error(errc::bad_request,
+                 "give one valid ?topic= ('/'-separated segments of letters, digits and -_.:@+=~)");
+  if (!ctx.may_subscribe(user, topic))
+    return Error(errc::forbidden, fmt::format("you may not subscribe to '{}'", topic));
+  auto resume = detail::parse_resume_point(last_event_id, since, epoch);
+  if (!resume) return resume.error();
+  std::unique_ptr<ProtocolSession> s(new ProtocolSession());
+  s->impl_ = std::make_shared<impl>(host->impl_, std::move(user), std::move(wake), true);
+  s->impl_->push(std::make_shared<const std::string>("retry: 2000\n"), nullptr);
+  auto sub = detail::follow_for_events(ctx, topic, *resume,
+                                       std::static_pointer_cast<detail::ConnectionSink>(s->impl_));
+  if (!sub) return sub.error();
+  s->impl_->subscription = std::move(*sub);
+  host->impl_->metrics.subscriptions.fetch_add(1);
+  return s;
+}
+
 ProtocolSession::~ProtocolSession() {
+  if (!impl_) return;
   std::lock_guard lock(impl_->logic_mutex);
   impl_->finish();
   impl_->logic.reset();
@@ -152,7 +206,7 @@ ProtocolSession::~ProtocolSession() {
 
 void ProtocolSession::feed(std::string_view text, clock::time_point now) {
   std::lock_guard lock(impl_->logic_mutex);
-  if (impl_->finished || impl_->out.closed()) return;
+  if (impl_->finished || impl_->out.closed() || !impl_->logic) return;
   const auto limit = impl_->host->ctx->options.max_message_bytes;
   if (text.size() > limit)
     return impl_->close(1009, fmt::format("message too big: {} bytes, at most {}", text.size(), limit));
@@ -161,7 +215,7 @@ void ProtocolSession::feed(std::string_view text, clock::time_point now) {
 
 void ProtocolSession::feed_binary(clock::time_point now) {
   std::lock_guard lock(impl_->logic_mutex);
-  if (impl_->finished || impl_->out.closed()) return;
+  if (impl_->finished || impl_->out.closed() || !impl_->logic) return;
   impl_->logic->on_binary(now);
 }
 
@@ -176,9 +230,11 @@ ProtocolSession::Output ProtocolSession::poll(clock::time_point now, std::size_t
   }
   for (auto& fn : posted) fn();  // booking answers, in the order they came
   posted.clear();
-  if (auto when = s.logic->next_deadline(); when && *when <= now) s.logic->on_deadline(now);
+  if (s.logic)
+    if (auto when = s.logic->next_deadline(); when && *when <= now) s.logic->on_deadline(now);
   Output out;
   if (const auto n = s.out.take(s.frame, std::max<std::size_t>(max_frame, 1)); n > 0) {
+    if (s.events) s.frame += '\n';  // the blank line that ends the last message
     s.host->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
     s.host->metrics.messages_pushed.fetch_add(n, std::memory_order_relaxed);
     s.host->metrics.bytes_pushed.fetch_add(s.frame.size(), std::memory_order_relaxed);
@@ -203,7 +259,7 @@ ProtocolSession::Output ProtocolSession::poll(clock::time_point now, std::size_t
 
 std::optional<ProtocolSession::clock::time_point> ProtocolSession::next_deadline() const {
   std::lock_guard lock(impl_->logic_mutex);
-  if (impl_->finished) return std::nullopt;
+  if (impl_->finished || !impl_->logic) return std::nullopt;
   return impl_->logic->next_deadline();
 }
 
@@ -217,11 +273,12 @@ bool ProtocolSession::closed() const {
   return impl_->finished || impl_->close_requested.has_value();
 }
 
-const std::string& ProtocolSession::user() const noexcept { return impl_->logic->user(); }
+const std::string& ProtocolSession::user() const noexcept { return impl_->user; }
 
 std::size_t ProtocolSession::subscriptions() const {
   std::lock_guard lock(impl_->logic_mutex);
-  return impl_->finished ? 0 : impl_->logic->subscriptions();
+  if (impl_->finished) return 0;
+  return impl_->logic ? impl_->logic->subscriptions() : (impl_->subscription.active() ? 1 : 0);
 }
 
 }  // namespace pushbook

@@ -38,28 +38,8 @@ void SseSession<Stream>::run(unsigned http_version, std::string topic, std::opti
       http_version == 10 ? 0 : 1,
       core_->ctx->options.node_name.empty() ? std::string()
                                             : "Pushbook-Node: " + core_->ctx->options.node_name + "\r\n"));
-  SubscribeOptions so;
-  so.since_seq = since;
-  so.since_epoch = epoch;
-  so.snapshot_source = snapshot_source(*core_->ctx, topic);
-  std::weak_ptr<ConnectionSink> weak = std::static_pointer_cast<ConnectionSink>(this->shared_from_this());
-  const BookingVersionFilter filter(topic, since);
-  auto sub = core_->ctx->follow(
-      topic,
-      [weak, filter](const Delivery& d) {
-        auto sink = weak.lock();
-        if (!sink) return;
-        if (d.event) {
-          if (!filter.stale(d)) sink->send_event(d.event, d.kind == Delivery::Kind::snapshot);
-          return;
-        }
-        if (d.kind == Delivery::Kind::gap)
-          sink->send_text(std::make_shared<const std::string>(
-              fmt::format(R"({{"type":"gap","dropped":{}}})", d.dropped)));
-        else
-          sink->close(1011, d.reason.message);
-      },
-      so);
+  auto sub = follow_for_events(*core_->ctx, topic, {since, epoch},
+                               std::static_pointer_cast<ConnectionSink>(this->shared_from_this()));
   if (sub) subscription_ = std::move(*sub);
   net::dispatch(stream_.get_executor(), [self = this->shared_from_this()] {
     self->do_watch();
@@ -69,15 +49,8 @@ void SseSession<Stream>::run(unsigned http_version, std::string topic, std::opti
 
 template <class Stream>
 void SseSession<Stream>::send_event(const EventPtr& event, bool snapshot) {
-  // No "event:" line: everything arrives as a plain message (EventSource.onmessage); the JSON
-  // says whether it is a snapshot. "id: EPOCH:SEQ" lets EventSource resume with Last-Event-ID, and
-  // the server tell a seq of another numbering (a restart) from one of this.
-  const auto& wire = *event->wire(snapshot);
-  std::string chunk;
-  chunk.reserve(wire.size() + 32);
-  fmt::format_to(std::back_inserter(chunk), "id: {}:{}\ndata: ", format_epoch(event->epoch()), event->seq());
-  chunk += wire;
-  chunk += "\n\n";
+  auto chunk = sse_event(*event, snapshot);
+  chunk += '\n';
   enqueue(std::move(chunk));
 }
 

@@ -43,6 +43,7 @@ async def serve_asgi(engine, bus, args):
                                       secret=args.secret)
     app = FastAPI()
     app.add_websocket_route("/v1/ws", push)
+    app.add_route("/v1/events", pushbook.asgi.EventsEndpoint(push))
     server = pushbook.asgi.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
                                                  lifespan="off"), [push])
     serving = asyncio.create_task(server.serve())  # uvicorn handles SIGTERM: 1001 first, then stop

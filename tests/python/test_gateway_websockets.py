@@ -183,3 +183,56 @@ def test_a_client_that_reconnects_resumes_with_since_and_misses_nothing(protocol
             decided = await until_decided(ws, "booking/" + booking)
             assert decided["data"]["status"] == "confirmed" and decided["seq"] == 2
     run(go())
+
+
+async def sse_messages(resp, n):
+    """The next n messages of an event stream: {"id": ..., "data": parsed JSON} (comments and
+    the retry line skipped)."""
+    out, current = [], {}
+    while len(out) < n:
+        line = (await asyncio.wait_for(resp.content.readline(), TIMEOUT)).decode()
+        assert line, "the stream ended"
+        line = line.rstrip("\n")
+        if not line:
+            if "data" in current:
+                out.append(current)
+            current = {}
+        elif line.startswith("id: "):
+            current["id"] = line[4:]
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+    return out
+
+
+def test_events_stream_pushes_and_resumes_with_last_event_id(protocol_server):
+    server = protocol_server
+    import aiohttp
+    base = f"http://127.0.0.1:{server.port}/v1/events"
+    auth = {"Authorization": "Bearer " + server.token("alice")}
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "?topic=user/alice", headers=auth) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                async with connect(server, "alice") as ws:
+                    await ws.send(json.dumps({"id": 1, "op": "book", "resource": "hall"}))
+                    (ack,) = await messages(ws, 1)
+                    await until_decided(ws, "booking/" + ack["result"]["booking_id"])
+                first, second = await sse_messages(resp, 2)
+            assert [m["data"]["data"]["status"] for m in (first, second)] == ["processing", "confirmed"]
+            epoch, seq = first["id"].split(":")
+            assert second["id"] == f"{epoch}:{int(seq) + 1}"
+            # EventSource reconnects with the last id it saw: the stream goes on from there.
+            async with http.get(base + "?topic=user/alice", headers={**auth, "Last-Event-ID": first["id"]}) as resp:
+                (again,) = await sse_messages(resp, 1)
+                assert again["id"] == second["id"] and again["data"] == second["data"]
+            # Refusals are HTTP statuses with the protocol's error body.
+            for query, headers, status, code in [
+                    ("", auth, 400, "bad_request"),
+                    ("?topic=user/bob", auth, 403, "forbidden"),
+                    ("?topic=user/alice", {}, 401, "unauthorized"),
+                    ("?topic=user/alice", {**auth, "Last-Event-ID": "x:y"}, 400, "bad_request")]:
+                async with http.get(base + query, headers=headers) as resp:
+                    assert (resp.status, (await resp.json())["error"]["code"]) == (status, code), query
+    run(go())

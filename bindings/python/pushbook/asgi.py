@@ -5,6 +5,7 @@ origin, your auth.
     push = pushbook.asgi.PushEndpoint(engine, bus, user_of=current_user)
     app = FastAPI()
     app.add_websocket_route("/v1/ws", push)      # Starlette: Route list or add_websocket_route
+    app.add_route("/v1/events", pushbook.asgi.EventsEndpoint(push))   # Server-Sent Events
 
 ``user_of(scope)`` (plain or async) returns the id of the user the connection is authenticated
 as, ``(user, expires_at)`` when the credential expires (Unix seconds; the client is then asked to
@@ -17,12 +18,35 @@ without a close frame before the app's lifespan shutdown runs. ``pushbook.asgi.S
 ``uvicorn.Server``) closes the endpoints' WebSockets with 1001 "going away" first, as the gateway
 does; with another server, ``await push.close_all()`` before it stops.
 """
+import asyncio
 import inspect
+import json
 from urllib.parse import parse_qs
 
+from ._types import Error
 from .protocol import ProtocolHost, ProtocolSession, bearer_verifier
 
-__all__ = ["PushEndpoint", "bearer_user", "Server"]
+__all__ = ["PushEndpoint", "EventsEndpoint", "bearer_user", "Server"]
+
+# The HTTP status of a refused event stream, by error code (as the gateway answers).
+_STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404}
+
+
+async def _user(user_of, scope):
+    user = user_of(scope)
+    if inspect.isawaitable(user):
+        user = await user
+    expires = None
+    if isinstance(user, tuple):
+        user, expires = user
+    return user, expires
+
+
+async def _json_error(send, status, code, message):
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _header(scope, name):
@@ -70,12 +94,7 @@ class PushEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        user = self._user_of(scope)
-        if inspect.isawaitable(user):
-            user = await user
-        expires = None
-        if isinstance(user, tuple):
-            user, expires = user
+        user, expires = await _user(self._user_of, scope)
         if not user:
             await send({"type": "websocket.close", "code": 1008})  # the server answers 403
             return
@@ -95,7 +114,7 @@ class PushEndpoint:
                 kind = message["type"]
                 if kind == "websocket.receive":
                     text = message.get("text")
-                    session.feed(text if text is not None else (message.get("bytes") or b""))
+                    await session.afeed(text if text is not None else (message.get("bytes") or b""))
                 elif kind == "websocket.disconnect":
                     break
         finally:
@@ -108,6 +127,66 @@ class PushEndpoint:
         are sent (call it when the app begins to shut down)."""
         if self.host is not None:
             await self.host.close_all(code, reason)
+
+
+class EventsEndpoint:
+    """An ASGI application serving ``GET /v1/events?topic=...`` (Server-Sent Events, resumed with
+    Last-Event-ID) as the gateway does. ``EventsEndpoint(push)`` shares the PushEndpoint's host and
+    user_of; mount it at ``/v1/events`` (Starlette/FastAPI: ``app.add_route("/v1/events",
+    EventsEndpoint(push))``)."""
+
+    def __init__(self, push, *, keepalive=15.0):
+        self._push = push
+        self._keepalive = keepalive
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            raise RuntimeError("EventsEndpoint serves HTTP requests")
+        if scope.get("method", "GET") != "GET":
+            return await _json_error(send, 405, "bad_request", "use GET")
+        host = self._push._host()
+        user, _ = await _user(self._push._user_of, scope)
+        if not user:
+            return await _json_error(send, 401, "unauthorized", "a valid token or session is required")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        first = lambda key: (query.get(key) or [None])[0]  # noqa: E731
+        ready = asyncio.Event()
+        ended = asyncio.Event()
+
+        async def write(text):
+            await ready.wait()
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+        try:
+            session = ProtocolSession.events(host, user=user, topic=first("topic"), send=write,
+                                             close=lambda code, reason: ended.set(),
+                                             last_event_id=_header(scope, "last-event-id"), since=first("since"),
+                                             epoch=first("epoch"))
+        except Error as e:
+            return await _json_error(send, _STATUS.get(e.code, 503), e.code, e.message)
+
+        async def watch():  # the client going away shows as http.disconnect
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            ended.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
+                                    (b"x-accel-buffering", b"no")]})
+            ready.set()
+            while not ended.is_set():  # a comment line now and then keeps proxies from timing out
+                try:
+                    await asyncio.wait_for(ended.wait(), self._keepalive)
+                except asyncio.TimeoutError:
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away under a write
+            pass
+        finally:
+            watcher.cancel()
+            session.close()
 
 
 def Server(config, endpoints):

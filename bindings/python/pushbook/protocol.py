@@ -10,6 +10,7 @@ and bus's threads: they wake the loop through an eventfd, never taking the GIL o
 ``pushbook.aiohttp`` and ``pushbook.asgi`` wrap this for aiohttp and ASGI (FastAPI, Starlette).
 """
 import asyncio
+import concurrent.futures
 import inspect
 import itertools
 
@@ -69,6 +70,8 @@ class ProtocolHost:
     def __init__(self, engine, bus, *, loop=None, **limits):
         self._core = _core._ProtocolHost(engine, bus, **limits)
         self.max_message_bytes = limits.get("max_message_bytes", 64 * 1024)
+        self._authorize = limits.get("authorize") is not None
+        self._pool = None  # feeds that may wait for the store (ProtocolSession.afeed)
         self._waker = _core._Waker()
         self._sessions = {}
         self._ids = itertools.count(1)
@@ -126,6 +129,14 @@ class ProtocolHost:
         if self._watching and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._waker.fileno())
         self._watching = False
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pushbook-feed")
+        return self._pool
 
 
 def _running_loop():
@@ -167,7 +178,7 @@ class ProtocolSession:
     """
 
     def __init__(self, engine_or_host, bus=None, *, user, send, close=None, token_expires=None, loop=None,
-                 **limits):
+                 _events=None, **limits):
         if isinstance(engine_or_host, ProtocolHost):
             if bus is not None or limits:
                 raise TypeError("with a ProtocolHost, pass no bus or limits")
@@ -187,7 +198,10 @@ class ProtocolSession:
         self._on_close = close
         self._id = host._add(self)
         try:
-            self._core = _core._ProtocolSession(host._core, user, token_expires, host._waker, self._id)
+            if _events is not None:
+                self._core = _core._ProtocolSession.events(host._core, user, *_events, waker=host._waker, id=self._id)
+            else:
+                self._core = _core._ProtocolSession(host._core, user, token_expires, host._waker, self._id)
         except BaseException:
             host._sessions.pop(self._id, None)
             raise
@@ -196,6 +210,21 @@ class ProtocolSession:
         self._done = loop.create_future()
         self.close_code = None
         self.close_reason = None
+        if _running_loop() is loop:
+            self._arm_deadline()  # the token's expiry, if any
+        else:
+            loop.call_soon_threadsafe(self._arm_deadline)
+
+    @classmethod
+    def events(cls, host, *, user, topic, send, close=None, last_event_id=None, since=None, epoch=None, loop=None):
+        """A Server-Sent Events stream of one topic (``GET /v1/events``): ``send`` gets the stream's
+        text (write it to the response as it comes), ``close(code, reason)`` when the stream ends
+        (end the response: the client's EventSource resumes with Last-Event-ID). ``last_event_id``
+        is the request's Last-Event-ID header, ``since``/``epoch`` its query parameters. Raises
+        ValidationError (a bad topic or resume point: answer 400) or Unauthorized with code
+        "forbidden" (403). Comment lines (": keep-alive") for idle streams are the host's."""
+        return cls(host, user=user, send=send, close=close, loop=loop,
+                   _events=(topic or "", last_event_id, since or "", epoch or ""))
 
     @property
     def user(self):
@@ -215,6 +244,18 @@ class ProtocolSession:
             self._core.feed_binary()
         else:
             self._core.feed(message)
+
+    async def afeed(self, message):
+        """feed() for an event loop that must never wait for the engine: a message that may wait
+        for the store (a ``cancel``; a ``subscribe`` to a booking topic, whose owner is read from
+        the store; any ``subscribe`` when the host has an ``authorize`` callable) is fed on a
+        worker thread, the others inline (no thread hop). Await each before feeding the next: the
+        messages of one client are handled in order."""
+        if isinstance(message, str) and ('"cancel"' in message or '"booking/' in message or
+                                         (self._host._authorize and '"subscribe"' in message)):
+            await self._loop.run_in_executor(self._host._executor(), self._core.feed, message)
+        else:
+            self.feed(message)
 
     def _kick(self):
         if self._task is None or self._task.done():
