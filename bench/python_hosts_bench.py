@@ -3,14 +3,16 @@
 uvicorn) beside the Beast gateway, in one sitting (docs/benchmarks.md, "Python hosts").
 
     /usr/bin/python3 bench/python_hosts_bench.py [--users 1000] [--rate 500] [--duration 10]
-                                                 [--runs 3] [--build build] [--json]
+                                                 [--closed 10] [--runs 3] [--build build] [--json]
 
 Each run starts each server in turn (interleaved: gateway, aiohttp, asgi), each with one engine
 over the in-memory store, one event-loop (or gateway) thread and the resource "bench", and loads
 it with pushbook-bench --mode push (a separate process: --users WebSockets, each booking and
 waiting for its decision pushed; --rate bookings per second in all, for --duration seconds).
-Reported per server: medians over the runs of book-to-confirmation p50 and p99, decided bookings
-per second, and the server's CPU per booking (from /proc, the server process and its threads).
+Then a throughput run on the same server: each user books --closed times one after another
+(closed model). Reported per server: medians over the runs of book-to-confirmation p50 and p99
+and the server's CPU per booking at the offered rate (from /proc, the server process and its
+threads), and bookings decided per second in the throughput run.
 """
 import argparse
 import json
@@ -51,21 +53,29 @@ def stop(proc):
         proc.wait()
 
 
+def bench(kind, port, pid, args, load):
+    out = subprocess.run(
+        [os.path.join(args.build, "bin", "pushbook-bench"), "--url", f"http://127.0.0.1:{port}", "--mode", "push",
+         "--users", str(args.users), "--secret", SECRET, "--resource", "bench",
+         "--server-pid", str(pid), "--json", "--no-progress", *load],
+        capture_output=True, text=True, timeout=args.duration + 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"pushbook-bench against {kind} failed: {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def one(kind, args):
     proc, port = start(kind, args.build)
     try:
-        out = subprocess.run(
-            [os.path.join(args.build, "bin", "pushbook-bench"), "--url", f"http://127.0.0.1:{port}", "--mode", "push",
-             "--users", str(args.users), "--rate", str(args.rate), "--duration", str(args.duration),
-             "--warmup", "2", "--ramp-ms", "3000", "--secret", SECRET, "--resource", "bench",
-             "--server-pid", str(proc.pid), "--json", "--no-progress"],
-            capture_output=True, text=True, timeout=args.duration + 120)
-        if out.returncode != 0:
-            raise RuntimeError(f"pushbook-bench against {kind} failed: {out.stderr}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        # Latency at the offered rate (arrival-rate model), then throughput: every user books
+        # --closed bookings one after another (closed model), as fast as the server decides them.
+        r = bench(kind, port, proc.pid, args,
+                  ["--rate", str(args.rate), "--duration", str(args.duration), "--warmup", "2", "--ramp-ms", "3000"])
+        c = bench(kind, port, proc.pid, args, ["--bookings-per-user", str(args.closed), "--ramp-ms", "200"])
         return {"p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
-                "bookings_per_s": r["bookings"] / r["duration_s"], "errors": r["errors"] + r["timeouts"],
-                "cpu_us_per_booking": (r["server_cpu_s_per_booking"] or 0) * 1e6}
+                "cpu_us_per_booking": (r["server_cpu_s_per_booking"] or 0) * 1e6,
+                "bookings_per_s": c["bookings"] / c["duration_s"],
+                "errors": r["errors"] + r["timeouts"] + c["errors"] + c["timeouts"]}
     finally:
         stop(proc)
 
@@ -75,6 +85,7 @@ def main():
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--rate", type=float, default=500)
     p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--closed", type=int, default=10, help="bookings per user in the throughput run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--build", default=os.path.join(ROOT, "build"))
     p.add_argument("--json", action="store_true")
@@ -92,7 +103,8 @@ def main():
         print(json.dumps({"users": args.users, "rate": args.rate, "runs": args.runs, "medians": med, "all": results}))
         return
     g = med["gateway"]
-    print(f"{args.users} users, {args.rate:g} bookings/s for {args.duration:g} s, medians of {args.runs} runs")
+    print(f"{args.users} users; latency and CPU at {args.rate:g} bookings/s for {args.duration:g} s; "
+          f"throughput with {args.closed} bookings per user back to back; medians of {args.runs} runs")
     print(f"{'server':10}{'p50 ms':>10}{'p99 ms':>10}{'p99 / gw':>10}{'booked/s':>10}{'CPU us/bk':>11}{'errors':>8}")
     for k in KINDS:
         m = med[k]

@@ -206,3 +206,56 @@ def test_aiohttp_host_closes_websockets_with_1001_and_ends_streams_at_shutdown()
                 await cleanup
     run(go())
     engine.shutdown()
+
+
+def test_a_client_that_stops_reading_is_closed_with_1013_by_the_aiohttp_host():
+    """The socket's buffers fill, the host's writes wait, the session's bounded queue fills: the
+    client is closed with 1013 (as by the gateway) and the host goes on."""
+    import base64
+    import os
+    import socket
+    import struct
+
+    engine, bus = make_engine()
+
+    async def go():
+        app = web.Application()
+        pushbook.aiohttp.setup(app, engine, bus, user_of=lambda r: r.headers.get("X-User"), max_queued_bytes=64 * 1024)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        # A client by hand that subscribes and then never reads.
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nX-User: a\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await loop.run_in_executor(None, sock.recv, 1)
+        assert head.startswith(b"HTTP/1.1 101")
+        payload = json.dumps({"id": 1, "op": "subscribe", "topic": "resource/hall"}).encode()
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # masked with zeros
+        host = app["pushbook.protocol_host"]
+        await until(lambda: 'pushbook_subscriptions 1' in host.metrics())
+        big = {"padding": "x" * 1000}
+        for i in range(20000):  # ~20 MB: more than the socket buffers hold
+            bus.publish("resource/hall", big)
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+                if "pushbook_slow_consumer_disconnects_total 1" in host.metrics():
+                    break
+        await until(lambda: "pushbook_slow_consumer_disconnects_total 1" in host.metrics())
+        await until(lambda: host.sessions == 0)
+        sock.close()
+        # The host goes on: a new client is served.
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"http://127.0.0.1:{port}/v1/ws", headers={"X-User": "b"}) as ws:
+                await ws.send_json({"id": 1, "op": "ping"})
+                assert json.loads(await ws.receive_str())["ok"] is True
+        await runner.cleanup()
+    run(go())
+    engine.shutdown()
