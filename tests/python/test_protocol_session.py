@@ -214,7 +214,6 @@ def test_a_client_that_stops_reading_is_closed_with_1013_by_the_aiohttp_host():
     import base64
     import os
     import socket
-    import struct
 
     engine, bus = make_engine()
 

@@ -295,6 +295,7 @@ class PushGateway(_core.PushGateway):
 __all__ = [
     "Ack", "AlreadyExists", "Booking", "BookingEngine", "BookingStore", "Decision", "Error", "Event",
     "IdempotencyConflict", "InvalidTransition", "KeySet", "LocalBus", "MemoryStore", "NotFound", "Overloaded",
-    "PostgresStore", "PushGateway", "QuotaExceeded", "Reason", "RedisBus", "SqliteStore", "Status", "Subscription", "Unauthorized",
+    "PostgresStore", "ProtocolHost", "ProtocolSession", "PushGateway", "QuotaExceeded", "Reason", "RedisBus", "SqliteStore",
+    "Status", "Subscription", "Unauthorized",
     "ValidationError", "__version__", "open_store", "sign_token",
 ]

@@ -14,12 +14,11 @@ seconds: the client is then asked to ``refresh``), or None to refuse the upgrade
 Clients speak docs/protocol.md exactly as with the gateway (web/pushbook.js works unchanged).
 """
 import asyncio
-import inspect
 
 from aiohttp import WSMsgType, web
 
 from ._types import Error
-from .protocol import ProtocolHost, ProtocolSession, bearer_verifier
+from .protocol import ProtocolHost, ProtocolSession, bearer_verifier, resolve_user as _user
 
 __all__ = ["setup", "websocket_handler", "events_handler", "bearer_user"]
 
@@ -44,16 +43,6 @@ def bearer_user(secret_or_keys):
 
 def _unauthorized(message):
     return web.json_response({"error": {"code": "unauthorized", "message": message}}, status=401)
-
-
-async def _user(user_of, request):
-    user = user_of(request)
-    if inspect.isawaitable(user):
-        user = await user
-    expires = None
-    if isinstance(user, tuple):
-        user, expires = user
-    return user, expires
 
 
 def events_handler(host, user_of, *, keepalive=15.0):

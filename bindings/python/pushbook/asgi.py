@@ -19,27 +19,16 @@ without a close frame before the app's lifespan shutdown runs. ``pushbook.asgi.S
 does; with another server, ``await push.close_all()`` before it stops.
 """
 import asyncio
-import inspect
 import json
 from urllib.parse import parse_qs
 
 from ._types import Error
-from .protocol import ProtocolHost, ProtocolSession, bearer_verifier
+from .protocol import ProtocolHost, ProtocolSession, bearer_verifier, resolve_user as _user
 
 __all__ = ["PushEndpoint", "EventsEndpoint", "bearer_user", "Server"]
 
 # The HTTP status of a refused event stream, by error code (as the gateway answers).
 _STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404}
-
-
-async def _user(user_of, scope):
-    user = user_of(scope)
-    if inspect.isawaitable(user):
-        user = await user
-    expires = None
-    if isinstance(user, tuple):
-        user, expires = user
-    return user, expires
 
 
 async def _json_error(send, status, code, message):

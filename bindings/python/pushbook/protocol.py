@@ -17,7 +17,19 @@ import itertools
 from . import _core
 from ._types import Error
 
-__all__ = ["ProtocolHost", "ProtocolSession", "bearer_verifier"]
+__all__ = ["ProtocolHost", "ProtocolSession", "bearer_verifier", "resolve_user"]
+
+
+async def resolve_user(user_of, request):
+    """``(user, expires_at)`` from a host's ``user_of(request)``, which may be async and may return
+    a user id, ``(user, expires_at)`` or None."""
+    user = user_of(request)
+    if inspect.isawaitable(user):
+        user = await user
+    expires = None
+    if isinstance(user, tuple):
+        user, expires = user
+    return user, expires
 
 
 def bearer_verifier(secret_or_keys):
