@@ -88,7 +88,10 @@ struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_t
       (events ? host->metrics.sse_connections : host->metrics.websocket_connections).fetch_sub(1);
   }
 
+  // The host's wake, called under wake_mutex: once finish() has returned it is never called
+  // again, so a host may destroy what it captured as soon as the session is closed.
   void notify() {
+    std::lock_guard lock(wake_mutex);
     if (wake) wake();
   }
 
@@ -135,6 +138,10 @@ struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_t
       posted.clear();
     }
     out.close(true);
+    {
+      std::lock_guard lock(wake_mutex);
+      wake = nullptr;
+    }
     uncount();
     if (logic) logic->unsubscribe_all();
     if (subscription.active()) {
@@ -144,7 +151,8 @@ struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_t
   }
 
   std::shared_ptr<ProtocolHost::impl> host;
-  std::function<void()> wake;
+  std::mutex wake_mutex;
+  std::function<void()> wake;  // null once finished
   const std::string user;
   const bool events;
   detail::OutboundQueue out;

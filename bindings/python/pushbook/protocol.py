@@ -129,11 +129,11 @@ class ProtocolHost:
         """The sessions', engine's and bus's counters in Prometheus text format."""
         return self._core.metrics()
 
-    async def close_all(self, code=1001, reason="going away"):
+    async def close_all(self, code=1001, reason="going away", timeout=5.0):
         """Drains, then closes every open session with ``code``/``reason`` once what is queued
-        for it is sent (an app's shutdown hook)."""
+        for it is sent (for up to ``timeout`` seconds) (an app's shutdown hook)."""
         self.drain()
-        await asyncio.gather(*(s.aclose(code, reason) for s in list(self._sessions.values())),
+        await asyncio.gather(*(s.aclose(code, reason, timeout) for s in list(self._sessions.values())),
                              return_exceptions=True)
 
     def close(self):
@@ -318,15 +318,20 @@ class ProtocolSession:
         else:
             self._loop.call_soon_threadsafe(self._finish)
 
-    async def aclose(self, code=1001, reason="going away"):
-        """Closes from the server's side: what is queued is sent, then ``close(code, reason)``."""
+    async def aclose(self, code=1001, reason="going away", timeout=5.0):
+        """Closes from the server's side: what is queued is sent (for up to ``timeout`` seconds: a
+        client that does not read is not waited for longer), then ``close(code, reason)``."""
         if self._done.done():
             return
-        if self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-        if not self._done.done():  # what is queued goes first (one drain at a time: the order)
-            self._task = self._loop.create_task(self._drain())
-            await asyncio.shield(self._task)
+        deadline = self._loop.time() + timeout
+        try:
+            if self._task is not None and not self._task.done():
+                await asyncio.wait_for(asyncio.shield(self._task), max(0.0, deadline - self._loop.time()))
+            if not self._done.done():  # what is queued goes first (one drain at a time: the order)
+                self._task = self._loop.create_task(self._drain())
+                await asyncio.wait_for(asyncio.shield(self._task), max(0.0, deadline - self._loop.time()))
+        except asyncio.TimeoutError:
+            self._task.cancel()
         if self._done.done() or self.close_code is not None:  # the protocol closed it meanwhile
             return
         await self._close_with(code, reason)
