@@ -8,6 +8,7 @@
 #include <boost/json/parse.hpp>
 
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -568,4 +569,132 @@ TEST_CASE("wire error mapping") {
   CHECK(http_error_body("not_found", "no booking 'x'") ==
         R"({"error":{"code":"not_found","message":"no booking 'x'"}})");
   CHECK(reply_ok(1, {{"a", 1}}) == R"({"type":"reply","id":1,"ok":true,"result":{"a":1}})");
+}
+
+// --- ConnectionLogic without an engine or a bus: a fake backend (ProtocolBackend) ----------------
+
+namespace {
+
+struct FakeSubscription : detail::SubscriptionState {
+  std::atomic<bool> live{true};
+  void cancel() noexcept override { live = false; }
+  bool active() const noexcept override { return live; }
+};
+
+// Records what the protocol asks of the engine and the bus; the test answers.
+struct FakeBackend : ProtocolBackend {
+  std::vector<std::pair<BookingRequest, std::function<void(result<Ack>)>>> submitted;
+  std::map<std::string, Booking, std::less<>> bookings;
+  struct Follow {
+    std::string topic;
+    std::optional<std::uint64_t> since;
+    DeliveryCallback deliver;
+    std::shared_ptr<FakeSubscription> state;
+  };
+  std::vector<Follow> follows;
+  std::vector<std::string> cancelled;
+
+  void submit_async(BookingRequest request, std::function<void(result<Ack>)> done) override {
+    submitted.emplace_back(std::move(request), std::move(done));
+  }
+  result<Booking> get(std::string_view id) override {
+    auto it = bookings.find(id);
+    if (it == bookings.end()) return Error(errc::not_found, "no such booking");
+    return it->second;
+  }
+  result<Booking> cancel(std::string_view id) override {
+    cancelled.emplace_back(id);
+    auto b = get(id);
+    if (b) b->status = BookingStatus::cancelled;
+    return b;
+  }
+  result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
+                              SubscribeOptions so) override {
+    auto state = std::make_shared<FakeSubscription>();
+    follows.push_back({topic, so.since_seq, std::move(callback), state});
+    return Subscription(state);
+  }
+};
+
+EventPtr booking_event(const std::string& id, std::uint64_t version, std::string_view status) {
+  return std::make_shared<Event>("booking/" + id, version, std::chrono::system_clock::now(),
+                                 std::make_shared<const boost::json::value>(boost::json::object{
+                                     {"booking_id", id}, {"version", version}, {"status", status}}));
+}
+
+struct NoEngine {
+  GatewayMetrics metrics;
+  std::shared_ptr<FakeBackend> backend = std::make_shared<FakeBackend>();
+  std::shared_ptr<GatewayContext> ctx = std::make_shared<GatewayContext>();
+  std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
+  NoEngine() {
+    ctx->backend = backend;  // no engine, no bus, no hub
+    ctx->metrics = &metrics;
+    ctx->options.secret = "s";
+  }
+};
+
+}  // namespace
+
+TEST_CASE("without an engine: book is submitted, answered later, then followed from the ACK's version") {
+  NoEngine t;
+  ConnectionLogic logic(t.ctx, t.sink, "alice", std::nullopt);
+  logic.on_message(R"({"id":7,"op":"book","resource":"hall","quantity":2})");
+  REQUIRE(t.backend->submitted.size() == 1);
+  CHECK(t.backend->submitted[0].first.user == "alice");
+  CHECK(t.backend->submitted[0].first.lines.at(0).resource == "hall");
+  CHECK(t.sink->take().empty());  // nothing until the engine answers
+  t.backend->submitted[0].second(Ack{"b1", BookingStatus::processing, false, 1});
+  auto sent = t.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("id") == 7);
+  CHECK(sent[0].at("result").as_object().at("seq") == 1);
+  REQUIRE(t.backend->follows.size() == 1);
+  CHECK(t.backend->follows[0].topic == "booking/b1");
+  CHECK(t.backend->follows[0].since == 1);
+  // The bus's deliveries: the ACK's version again (a snapshot) is not sent; the decision is.
+  auto& deliver = t.backend->follows[0].deliver;
+  deliver(Delivery{Delivery::Kind::snapshot, booking_event("b1", 1, "processing"), 0, {}});
+  deliver(Delivery{Delivery::Kind::event, booking_event("b1", 2, "confirmed"), 0, {}});
+  sent = t.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("seq") == 2);
+  CHECK(sent[0].at("data").as_object().at("status") == "confirmed");
+  CHECK(logic.subscriptions() == 1);
+}
+
+TEST_CASE(
+    "without an engine: a refused book, cancel of one's own booking only, unsubscribe ends the follow") {
+  NoEngine t;
+  ConnectionLogic logic(t.ctx, t.sink, "alice", std::nullopt);
+  logic.on_message(R"({"id":1,"op":"book","resource":"hall"})");
+  t.backend->submitted.at(0).second(Error(errc::sold_out, "sold out"));
+  auto sent = t.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("error").as_object().at("code") == "sold_out");
+  CHECK(t.backend->follows.empty());
+
+  Booking mine;
+  mine.id = "m1";
+  mine.user = "alice";
+  mine.status = BookingStatus::confirmed;
+  Booking theirs = mine;
+  theirs.id = "t1";
+  theirs.user = "bob";
+  t.backend->bookings = {{"m1", mine}, {"t1", theirs}};
+  logic.on_message(R"({"id":2,"op":"cancel","booking_id":"t1"})");
+  logic.on_message(R"({"id":3,"op":"cancel","booking_id":"m1"})");
+  logic.on_message(R"({"id":4,"op":"subscribe","topic":"booking/t1"})");  // bob's: refused
+  logic.on_message(R"({"id":5,"op":"subscribe","topic":"booking/m1"})");
+  logic.on_message(R"({"id":6,"op":"unsubscribe","topic":"booking/m1"})");
+  sent = t.sink->take();
+  REQUIRE(sent.size() == 5);
+  CHECK(sent[0].at("error").as_object().at("code") == "forbidden");
+  CHECK(sent[1].at("result").as_object().at("status") == "cancelled");
+  CHECK(t.backend->cancelled == std::vector<std::string>{"m1"});
+  CHECK(sent[2].at("error").as_object().at("code") == "forbidden");
+  CHECK(sent[3].at("ok") == true);
+  CHECK(sent[4].at("ok") == true);
+  REQUIRE(t.backend->follows.size() == 1);
+  CHECK_FALSE(t.backend->follows[0].state->active());  // unsubscribed: the follow was cancelled
 }

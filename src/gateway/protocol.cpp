@@ -66,8 +66,23 @@ result<TokenClaims> GatewayContext::verify(std::string_view token) const {
   return claims;
 }
 
+void GatewayContext::submit_async(BookingRequest request, std::function<void(result<Ack>)> done) const {
+  if (backend) return backend->submit_async(std::move(request), std::move(done));
+  engine->submit_async(std::move(request), std::move(done));
+}
+
+result<Booking> GatewayContext::booking(std::string_view booking_id) const {
+  return backend ? backend->get(booking_id) : engine->get(booking_id);
+}
+
+result<Booking> GatewayContext::cancel(std::string_view booking_id) const {
+  return backend ? backend->cancel(booking_id) : cancel_idempotent(*engine, booking_id);
+}
+
 result<Subscription> GatewayContext::follow(const std::string& topic, DeliveryCallback callback,
                                             SubscribeOptions so) const {
+  if (backend) return backend->follow(topic, std::move(callback), std::move(so));
+  if (!so.snapshot_source) so.snapshot_source = snapshot_source(*this, topic);
   if (hub) return hub->subscribe(topic, std::move(callback), std::move(so));
   so.executor = inline_executor();
   return bus->subscribe(topic, std::move(callback), std::move(so));
@@ -77,7 +92,7 @@ bool GatewayContext::may_subscribe(std::string_view user, std::string_view topic
   if (options.authorize) return options.authorize(user, topic);
   std::optional<std::string> owner;
   if (topic.starts_with("booking/")) {
-    if (auto b = engine->get(topic.substr(8))) owner = b->user;
+    if (auto b = booking(topic.substr(8))) owner = b->user;
   }
   return default_topic_rule(user, topic, owner);
 }
@@ -302,7 +317,7 @@ void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
   auto st = std::make_shared<state>(ctx.pending_submits);
   st->then = std::move(then);
   st->post = std::move(post);
-  ctx.engine->submit_async(std::move(request), [st](result<Ack> r) {
+  ctx.submit_async(std::move(request), [st](result<Ack> r) {
     std::unique_lock lock(st->mutex);
     if (!st->returned) {
       st->early.emplace(std::move(r));
@@ -365,10 +380,10 @@ void ConnectionLogic::op_cancel(const boost::json::object& msg, const boost::jso
   auto b = msg.if_contains("booking_id");
   if (!b || !b->is_string()) return fail(id, "bad_request", "cancel needs a string \"booking_id\"");
   const std::string_view booking_id = b->get_string();
-  auto booking = ctx_->engine->get(booking_id);
+  auto booking = ctx_->booking(booking_id);
   if (!booking) return fail(id, booking.error());
   if (booking->user != user_) return fail(id, "forbidden", "you may cancel only your own bookings");
-  auto r = cancel_idempotent(*ctx_->engine, booking_id);
+  auto r = ctx_->cancel(booking_id);
   if (!r) return fail(id, r.error());
   reply(id, to_json(*r));
 }
@@ -406,6 +421,7 @@ namespace {
 // A booking event's "version" (0 when it has none).
 std::uint64_t version_of(const boost::json::value& data) {
   const auto* v = data.is_object() ? data.as_object().if_contains("version") : nullptr;
+  if (v && v->is_uint64()) return v->as_uint64();  // a host's own events may carry it unsigned
   return v && v->is_int64() && v->as_int64() > 0 ? static_cast<std::uint64_t>(v->as_int64()) : 0;
 }
 }  // namespace
@@ -479,7 +495,6 @@ result<Subscription> follow_for_events(const GatewayContext& ctx, const std::str
   SubscribeOptions so;
   so.since_seq = resume.since;
   so.since_epoch = resume.epoch;
-  so.snapshot_source = snapshot_source(ctx, topic);
   const BookingVersionFilter filter(topic, resume.since);
   return ctx.follow(
       topic,
@@ -509,7 +524,6 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   SubscribeOptions so;
   so.since_seq = since;
   so.since_epoch = epoch;
-  so.snapshot_source = snapshot_source(*ctx_, topic);
   // Events go straight into the connection's bounded send queue on the delivering thread (one
   // bus subscription per topic for the whole node, see topic_hub.hpp); the queue (not the bus)
   // applies the slow-consumer policy.

@@ -85,6 +85,25 @@ class CurrentKeys {
   std::shared_ptr<const KeySet> keys_;
 };
 
+/// What the protocol asks of the engine and the bus behind it. The node's default is the
+/// engine and the topic hub themselves (GatewayContext without a `backend`); a test puts a fake
+/// here (tests/protocol_test.cpp, "without an engine") and drives ConnectionLogic with no engine
+/// and no bus at all.
+class ProtocolBackend {
+ public:
+  virtual ~ProtocolBackend() = default;
+  /// BookingEngine::submit_async: `done` once, on any thread, possibly before this returns.
+  virtual void submit_async(BookingRequest request, std::function<void(result<Ack>)> done) = 0;
+  /// BookingEngine::get.
+  virtual result<Booking> get(std::string_view booking_id) = 0;
+  /// cancel_idempotent (a booking cancelled already is answered as it is).
+  virtual result<Booking> cancel(std::string_view booking_id) = 0;
+  /// Follows an exact topic (TopicHub::subscribe's contract: callbacks inline on the delivering
+  /// thread, the bus's resume rules, a snapshot of booking topics from the store).
+  virtual result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
+                                      SubscribeOptions options) = 0;
+};
+
 /// Everything the connections of one gateway share. Immutable after start (but for the keys,
 /// which swap atomically).
 struct GatewayContext {
@@ -100,12 +119,23 @@ struct GatewayContext {
   std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
   /// The keys in use; the set is null only in dev_insecure mode without keys.
   std::shared_ptr<CurrentKeys> keys = std::make_shared<CurrentKeys>();
+  /// When set, the protocol's engine and bus calls (below) go to it instead, and `engine`, `bus`
+  /// and `hub` may be null (a test's fake: see ProtocolBackend).
+  std::shared_ptr<ProtocolBackend> backend;
+
+  /// The engine's submit_async (or the backend's).
+  void submit_async(BookingRequest request, std::function<void(result<Ack>)> done) const;
+  /// The engine's get (or the backend's).
+  result<Booking> booking(std::string_view booking_id) const;
+  /// cancel_idempotent on the engine (or the backend's cancel).
+  result<Booking> cancel(std::string_view booking_id) const;
 
   /// Verifies a token with the current keys (or, in dev_insecure mode without keys, reads its
   /// "sub" unverified).
   result<TokenClaims> verify(std::string_view token) const;
   /// Follows an exact topic for a connection: through the hub (callbacks run on the delivering
-  /// thread, as with inline_executor()), or straight on the bus when there is no hub.
+  /// thread, as with inline_executor()), or straight on the bus when there is no hub; a booking
+  /// topic's snapshot comes from the store (snapshot_source). Or the backend's follow.
   result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
                               SubscribeOptions options) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
