@@ -249,9 +249,13 @@ TEST_CASE("ProtocolSession::events: an SSE stream of a topic, resumed from Last-
   }));
   CHECK(again.find("processing") == std::string::npos);
   // Refusals, for the host to answer as HTTP.
-  CHECK(ProtocolSession::events(h.host, "alice", "user/bob", std::nullopt, "", "", {}).error().is(errc::forbidden));
+  CHECK(ProtocolSession::events(h.host, "alice", "user/bob", std::nullopt, "", "", {})
+            .error()
+            .is(errc::forbidden));
   CHECK(ProtocolSession::events(h.host, "alice", "", std::nullopt, "", "", {}).error().is(errc::bad_request));
-  CHECK(ProtocolSession::events(h.host, "alice", "user/alice", "x:1", "", "", {}).error().is(errc::bad_request));
+  CHECK(ProtocolSession::events(h.host, "alice", "user/alice", "x:1", "", "", {})
+            .error()
+            .is(errc::bad_request));
   CHECK(ProtocolSession::events(h.host, "alice", "user/alice", std::nullopt, "nine", "", {})
             .error()
             .is(errc::bad_request));

@@ -53,6 +53,17 @@ std::string reply_error(const boost::json::value& id, std::string_view code, std
       {"type", "reply"}, {"id", id}, {"ok", false}, {"error", {{"code", code}, {"message", message}}}});
 }
 
+result<std::shared_ptr<const KeySet>> keys_from_options(GatewayOptions& options) {
+  if (!options.secret.empty() && options.keys)
+    return Error(errc::bad_request, "give GatewayOptions::secret or GatewayOptions::keys, not both");
+  std::shared_ptr<const KeySet> keys =
+      options.keys             ? std::move(options.keys)
+      : options.secret.empty() ? nullptr
+                               : std::make_shared<const KeySet>(KeySet::from_secret(options.secret));
+  if (keys && keys->empty()) return Error(errc::bad_request, "GatewayOptions::keys is an empty key set");
+  return keys;
+}
+
 // --- GatewayContext --------------------------------------------------------------------------
 
 result<TokenClaims> GatewayContext::verify(std::string_view token) const {

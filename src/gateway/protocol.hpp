@@ -104,6 +104,10 @@ class ProtocolBackend {
                                       SubscribeOptions options) = 0;
 };
 
+/// The token keys `options` names: `keys`, or a set of one from `secret`, or null (neither).
+/// Errors: bad_request (both given, or an empty key set).
+result<std::shared_ptr<const KeySet>> keys_from_options(GatewayOptions& options);
+
 /// Everything the connections of one gateway share. Immutable after start (but for the keys,
 /// which swap atomically).
 struct GatewayContext {

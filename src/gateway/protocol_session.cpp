@@ -24,18 +24,14 @@ result<std::shared_ptr<ProtocolHost>> ProtocolHost::create(std::shared_ptr<Booki
                                                            EventBusPtr bus, GatewayOptions options) {
   if (!engine) return Error(errc::bad_request, "ProtocolHost needs a booking engine");
   if (!bus) return Error(errc::bad_request, "ProtocolHost needs an event bus");
-  if (!options.secret.empty() && options.keys)
-    return Error(errc::bad_request, "give GatewayOptions::secret or GatewayOptions::keys, not both");
   if (options.max_message_bytes == 0 || options.max_queued_bytes == 0 || options.max_subscriptions == 0 ||
       options.rate_limit_burst == 0 || !(options.rate_limit_per_second > 0) ||
       std::isinf(options.rate_limit_per_second))
     return Error(errc::bad_request,
                  "limits must be positive (max_message_bytes, max_queued_bytes, max_subscriptions, "
                  "rate_limit_per_second, rate_limit_burst)");
-  auto keys = options.keys             ? std::move(options.keys)
-              : options.secret.empty() ? nullptr
-                                       : std::make_shared<const KeySet>(KeySet::from_secret(options.secret));
-  if (keys && keys->empty()) return Error(errc::bad_request, "GatewayOptions::keys is an empty key set");
+  auto keys = detail::keys_from_options(options);
+  if (!keys) return keys.error();
   auto p = std::make_shared<impl>();
   auto ctx = std::make_shared<detail::GatewayContext>();
   ctx->bus = std::move(bus);
@@ -45,7 +41,7 @@ result<std::shared_ptr<ProtocolHost>> ProtocolHost::create(std::shared_ptr<Booki
   options.dev_insecure = false;
   ctx->options = std::move(options);
   ctx->metrics = &p->metrics;
-  ctx->keys->set(std::move(keys));
+  ctx->keys->set(std::move(*keys));
   p->ctx = std::move(ctx);
   return std::shared_ptr<ProtocolHost>(new ProtocolHost(std::move(p)));
 }
@@ -67,7 +63,7 @@ std::size_t ProtocolHost::sessions() const {
       0, impl_->metrics.websocket_connections.load() + impl_->metrics.sse_connections.load()));
 }
 
-struct ProtocolSession::impl : detail::ConnectionSink, std::enable_shared_from_this<ProtocolSession::impl> {
+struct ProtocolSession::impl : detail::ConnectionSink {
   // `events`: an SSE stream (the disconnect policy always: EventSource resumes from its
   // Last-Event-ID, so dropping with a gap would lose what a reconnect gets back).
   impl(std::shared_ptr<ProtocolHost::impl> h, std::string u, std::function<void()> w, bool ev)

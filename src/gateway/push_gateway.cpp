@@ -213,15 +213,9 @@ struct PushGateway::impl {
              boost::asio::io_context* host) {
     if (!bus) throw Exception(Error(errc::bad_request, "PushGateway needs an event bus"));
     if (!engine) throw Exception(Error(errc::bad_request, "PushGateway needs a booking engine"));
-    if (!options.secret.empty() && options.keys)
-      throw Exception(
-          Error(errc::bad_request, "give GatewayOptions::secret or GatewayOptions::keys, not both"));
-    auto keys = options.keys ? std::move(options.keys)
-                : options.secret.empty()
-                    ? nullptr
-                    : std::make_shared<const KeySet>(KeySet::from_secret(options.secret));
-    if (keys && keys->empty())
-      throw Exception(Error(errc::bad_request, "GatewayOptions::keys is an empty key set"));
+    auto parsed_keys = detail::keys_from_options(options);
+    if (!parsed_keys) throw Exception(parsed_keys.error());
+    auto keys = std::move(*parsed_keys);
     if (!keys && !options.dev_insecure)
       throw Exception(Error(errc::bad_request,
                             "PushGateway needs a token secret (GatewayOptions::secret) or keys "
