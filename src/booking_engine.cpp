@@ -1648,6 +1648,10 @@ EngineStats BookingEngine::stats() const {
   s.recovered = m.recovered.load();
   s.in_flight = m.in_flight.load();
   s.queue_depth = m.queued.load();
+  {
+    std::lock_guard lock(impl_->queue_mutex);
+    s.parked_workers = impl_->parked_workers;
+  }
   s.quota_exceeded = m.quota_refused.load();
   s.publish_failures = m.publish_failures.load();
   s.publish_retries = m.publish_retries.load();

@@ -169,6 +169,10 @@ TEST_CASE(
     o.store = store;
     BookingEngine engine(bus, o);
     REQUIRE(engine.add_resource("room-1", 1));
+    // Workers spin a little after start before they park; one still spinning may take a queued
+    // booking before its submitting thread does. Parked, they are woken only for work the
+    // submitting thread leaves.
+    REQUIRE(eventually([&] { return engine.stats().parked_workers == o.workers; }));
     auto first = engine.submit(one("alice", "room-1")).value();
     auto second = engine.submit(one("bob", "room-1")).value();
     const bool here = c.on_caller && !c.async_store;

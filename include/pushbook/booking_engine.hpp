@@ -145,6 +145,8 @@ struct EngineStats {
   std::uint64_t in_flight = 0;
   /// Accepted and waiting for a worker.
   std::uint64_t queue_depth = 0;
+  /// Workers parked now (waiting for work, not spinning).
+  std::uint64_t parked_workers = 0;
   /// Requests refused by a per-user quota (EngineOptions::max_in_flight_per_user,
   /// max_held_units_per_user).
   std::uint64_t quota_exceeded = 0;
