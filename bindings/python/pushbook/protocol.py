@@ -161,15 +161,14 @@ def _running_loop():
 _default_hosts = {}
 
 
-def _host_for(engine, bus, loop, limits):
-    """The shared host of (engine, bus, loop) with the default limits (sessions made without a host)."""
-    if limits:
-        raise TypeError("limits go to ProtocolHost(...); pass host= to ProtocolSession")
+def _host_for(engine, bus, loop):
+    """The shared host of (engine, bus, loop) with the default limits (sessions made without a host;
+    other limits: make a ProtocolHost and pass it)."""
     for stale in [k for k, h in _default_hosts.items() if h._loop.is_closed()]:
         del _default_hosts[stale]  # a finished asyncio.run(): its host (and engine) can go
     key = (id(engine), id(bus), id(loop))
     host = _default_hosts.get(key)
-    if host is None or host._loop is not loop or loop.is_closed():
+    if host is None:
         host = ProtocolHost(engine, bus, loop=loop)
         _default_hosts[key] = host
     return host
@@ -190,17 +189,17 @@ class ProtocolSession:
     """
 
     def __init__(self, engine_or_host, bus=None, *, user, send, close=None, token_expires=None, loop=None,
-                 _events=None, **limits):
+                 _events=None):
         if isinstance(engine_or_host, ProtocolHost):
-            if bus is not None or limits:
-                raise TypeError("with a ProtocolHost, pass no bus or limits")
+            if bus is not None:
+                raise TypeError("with a ProtocolHost, pass no bus")
             host = engine_or_host
             loop = host._attach(loop or _running_loop())
         else:
             loop = loop or _running_loop()
             if loop is None:
                 raise RuntimeError("ProtocolSession needs a running event loop, or loop=")
-            host = _host_for(engine_or_host, bus, loop, limits)
+            host = _host_for(engine_or_host, bus, loop)
             host._attach(loop)
         if not callable(send):
             raise TypeError("send must be a callable taking the frame (str)")
