@@ -108,6 +108,10 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
 
   /// The io_context for the next connection (round robin over the gateway's threads).
   net::io_context& next_context();
+  /// The executor of the next connection: the next of the gateway's own io_contexts, each run by
+  /// one thread (so a connection's handlers never run concurrently without a strand), or a strand
+  /// of the host's io_context (which the host may run on several threads).
+  net::any_io_executor connection_executor();
   void log(LogLevel level, std::string_view message) const;
   /// Starts serving an accepted TCP connection (TLS detection and handshake when TLS is on; HTTP
   /// first; upgrades and SSE from there).

@@ -1,5 +1,6 @@
 #include "gateway/http_session.hpp"
 
+#include "gateway/raw_websocket_session.hpp"
 #include "gateway/sse_session.hpp"
 #include "gateway/websocket_session.hpp"
 
@@ -272,6 +273,26 @@ void HttpSession<Stream>::handle(Request&& req) {
     if (core_->stopping.load())
       return send(error_response(req, http::status::service_unavailable, "overloaded", "shutting down"),
                   "/v1/ws");
+    if constexpr (!is_tls_stream<Stream>) {
+      // Plain TCP without permessage-deflate: the gateway's own RFC 6455 layer (a fraction of
+      // Beast's stream's memory and CPU per connection); TLS and compression stay with Beast.
+      if (!ctx.options.permessage_deflate) {
+        if (auto refused = check_upgrade(req)) {
+          auto res = error_response(req, static_cast<http::status>(refused->status), "bad_request",
+                                    refused->message);
+          if (refused->status == 426) res.set(http::field::sec_websocket_version, "13");
+          return send(std::move(res), "/v1/ws");
+        }
+        core_->metrics.count_request("/v1/ws", 101);
+        handed_over_ = true;
+        const auto pending = buffer_.data();
+        const std::string already_read(static_cast<const char*>(pending.data()), pending.size());
+        auto ws = std::make_shared<RawWebSocketSession>(core_, stream_.release_socket());
+        ws->run(req, std::move(who->user), who->expires, already_read);
+        core_->registry.remove(this);
+        return;
+      }
+    }
     core_->metrics.count_request("/v1/ws", 101);
     handed_over_ = true;
     auto ws = std::make_shared<WebSocketSession<Stream>>(core_, std::move(stream_));

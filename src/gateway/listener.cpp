@@ -35,9 +35,9 @@ void Listener::stop() {
 }
 
 void Listener::do_accept() {
-  // Each connection gets its own strand on the next io_context: spread over threads, and its
-  // handlers never run concurrently.
-  acceptor_.async_accept(net::make_strand(core_->next_context()),
+  // Each connection goes to the next io_context (spread over threads; its handlers never run
+  // concurrently: see connection_executor).
+  acceptor_.async_accept(core_->connection_executor(),
                          [self = shared_from_this()](boost::system::error_code ec, tcp::socket socket) {
                            self->on_accept(ec, std::move(socket));
                          });

@@ -74,6 +74,11 @@ net::io_context& GatewayCore::next_context() {
   return *own_contexts[next.fetch_add(1, std::memory_order_relaxed) % own_contexts.size()];
 }
 
+net::any_io_executor GatewayCore::connection_executor() {
+  if (host_context) return net::make_strand(*host_context);
+  return next_context().get_executor();
+}
+
 bool GatewayCore::take_demo_user(std::chrono::steady_clock::time_point now) {
   std::lock_guard lock(demo_mutex);
   return demo_bucket.take(now, demo_users_per_second, demo_users_burst);
@@ -325,7 +330,7 @@ void PushGateway::accept_socket(int native_handle) {
     ::close(native_handle);
     return;
   }
-  detail::tcp::socket socket(boost::asio::make_strand(core->next_context()));
+  detail::tcp::socket socket(core->connection_executor());
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
   ::getsockname(native_handle, reinterpret_cast<sockaddr*>(&addr), &len);
@@ -449,7 +454,7 @@ void serve_request(PushGateway& gateway, boost::beast::tcp_stream stream,
     core->log(LogLevel::warning, fmt::format("serve_request: cannot take the connection: {}", ec.message()));
     return;
   }
-  detail::tcp::socket own(boost::asio::make_strand(core->next_context()));
+  detail::tcp::socket own(core->connection_executor());
   own.assign(protocol, fd, ec);
   if (ec) {
     ::close(fd);
