@@ -1518,3 +1518,162 @@ TEST_CASE("/healthz: 503 'degraded' while the bus is unreachable; node_name name
   o.node_name = std::string(65, 'n');
   CHECK_THROWS_AS(PushGateway(bus, engine, o), Exception);
 }
+
+// --- RFC 6455 on the wire --------------------------------------------------------------------
+// Plain-TCP WebSockets are served by the gateway's own frame layer (src/gateway/ws_frame.hpp);
+// with permessage_deflate on, by Beast's websocket::stream. Each case runs against both: the
+// client cannot tell them apart.
+
+namespace {
+
+struct ServerFrame {
+  std::uint8_t opcode = 0;
+  bool fin = false;
+  std::string payload;
+};
+
+/// Splits what a server sent into frames (unmasked, as servers send them); stops at an incomplete one.
+std::vector<ServerFrame> server_frames(std::string_view bytes) {
+  std::vector<ServerFrame> out;
+  while (bytes.size() >= 2) {
+    const auto b0 = static_cast<unsigned char>(bytes[0]);
+    const auto b1 = static_cast<unsigned char>(bytes[1]);
+    REQUIRE((b1 & 0x80) == 0);  // a server never masks
+    std::size_t len = b1 & 0x7f, header = 2;
+    if (len == 126) {
+      if (bytes.size() < 4) break;
+      len = (static_cast<unsigned char>(bytes[2]) << 8) | static_cast<unsigned char>(bytes[3]);
+      header = 4;
+    } else if (len == 127) {
+      if (bytes.size() < 10) break;
+      len = 0;
+      for (int i = 2; i < 10; ++i) len = (len << 8) | static_cast<unsigned char>(bytes[i]);
+      header = 10;
+    }
+    if (bytes.size() < header + len) break;
+    out.push_back({static_cast<std::uint8_t>(b0 & 0x0f), (b0 & 0x80) != 0, std::string(bytes.substr(header, len))});
+    bytes.remove_prefix(header + len);
+  }
+  return out;
+}
+
+/// Reads until the server's close frame (and returns its code) or `timeout`; 0 when none came.
+std::uint16_t close_code_from(RawSocket& raw, std::string already, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::string all = std::move(already);
+  while (true) {
+    for (const auto& f : server_frames(all))
+      if (f.opcode == 0x8)
+        return f.payload.size() >= 2 ? static_cast<std::uint16_t>((static_cast<unsigned char>(f.payload[0]) << 8) |
+                                                                   static_cast<unsigned char>(f.payload[1]))
+                                     : 1005;
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0 || raw.closed()) return 0;
+    all += raw.receive(left);
+  }
+}
+
+/// Upgrades `raw`; returns what came after the 101's head.
+std::string upgrade(RawSocket& raw, std::string request) {
+  REQUIRE(raw.send(request));
+  auto head = raw.receive_until("\r\n\r\n", 5s);
+  REQUIRE(head.starts_with("HTTP/1.1 101"));
+  return head.substr(head.find("\r\n\r\n") + 4);
+}
+
+}  // namespace
+
+TEST_CASE("RFC 6455 on the wire: accept key, pings answered with their payload, a client's close echoed, then FIN") {
+  for (const bool beast : {false, true}) {
+    CAPTURE(beast);
+    GatewayOptions o;
+    o.permessage_deflate = beast;
+    Server s(o);
+    RawSocket raw(s.port);
+    REQUIRE(raw.send(test::ws_upgrade_request(Server::token("alice"))));
+    const auto head = raw.receive_until("\r\n\r\n", 5s);
+    REQUIRE(head.starts_with("HTTP/1.1 101"));
+    CHECK(head.find("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n") != std::string::npos);
+    REQUIRE(raw.send(test::ws_frame("are you there", 0x9)));
+    auto got = raw.receive_until("are you there", 5s);
+    auto frames = server_frames(got);
+    REQUIRE(frames.size() == 1);
+    CHECK(frames[0].opcode == 0xA);
+    CHECK(frames[0].payload == "are you there");
+    // A request and a close right behind it: the reply may come, then the echoed close and FIN.
+    REQUIRE(raw.send(test::ws_frame(R"({"id":7,"op":"ping"})") + test::ws_frame("\x0f\xa0", 0x8)));  // 4000
+    CHECK(close_code_from(raw, "", 5s) == 4000);
+    CHECK(raw.wait_closed(5s));
+  }
+}
+
+TEST_CASE("RFC 6455 violations close the connection with the code the RFC names; other clients carry on") {
+  for (const bool beast : {false, true}) {
+    CAPTURE(beast);
+    GatewayOptions o;
+    o.permessage_deflate = beast;
+    o.max_message_bytes = 4096;
+    Server s(o);
+    auto bystander = s.ws("bob");
+    auto violation = [&](const std::string& frame) {
+      RawSocket raw(s.port);
+      auto after = upgrade(raw, test::ws_upgrade_request(Server::token("alice")));
+      REQUIRE(raw.send(frame));
+      const auto code = close_code_from(raw, after, 5s);
+      CHECK(raw.wait_closed(5s));
+      return code;
+    };
+    CHECK(violation("\x81\x02hi") == 1002);                          // not masked
+    CHECK(violation(test::ws_frame("x", 0x3)) == 1002);              // reserved opcode
+    CHECK(violation(test::ws_frame("x", 0x0)) == 1002);              // continuation of nothing
+    CHECK(violation(test::ws_frame(std::string(126, 'p'), 0x9)) == 1002);  // control frame too big
+    CHECK(violation(test::ws_frame("{\"op\":\"\xc3\x28\"}")) == 1007);     // not UTF-8
+    CHECK(violation(test::ws_frame(std::string(5000, ' '))) == 1009);     // over max_message_bytes
+    CHECK(violation(test::ws_frame(std::string(3000, ' '), 0x1, false) + test::ws_frame(std::string(3000, ' '), 0x0)) ==
+          1009);  // over it in fragments
+    CHECK(bystander->request({{"op", "ping"}}).value().at("ok") == true);
+  }
+}
+
+TEST_CASE("an upgrade RFC 6455 does not allow is refused with 400, another version with 426") {
+  for (const bool beast : {false, true}) {
+    CAPTURE(beast);
+    GatewayOptions o;
+    o.permessage_deflate = beast;
+    Server s(o);
+    auto status_of = [&](const std::string& request) {
+      RawSocket raw(s.port);
+      REQUIRE(raw.send(request));
+      auto head = raw.receive_until("\r\n\r\n", 5s);
+      return head;
+    };
+    auto request = test::ws_upgrade_request(Server::token("alice"));
+    auto replace = [&](std::string_view from, std::string_view to) {
+      auto r = request;
+      r.replace(r.find(from), from.size(), to);
+      return r;
+    };
+    const auto v8 = status_of(replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"));
+    CHECK(v8.starts_with("HTTP/1.1 426"));
+    CHECK(v8.find("Sec-WebSocket-Version: 13") != std::string::npos);
+    CHECK(status_of(replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "")).starts_with("HTTP/1.1 400"));
+    // A key that is not base64 of 16 bytes (Beast's stream only bounds the key's length).
+    if (!beast) CHECK(status_of(replace("dGhlIHNhbXBsZSBub25jZQ==", "short")).starts_with("HTTP/1.1 400"));
+    // The connection is still good for a proper upgrade afterwards.
+    CHECK(s.ws("carol")->request({{"op", "ping"}}).value().at("ok") == true);
+  }
+}
+
+TEST_CASE("stop() sends 1001 and cuts a client that never answers the close after handshake_timeout") {
+  GatewayOptions o;
+  o.handshake_timeout = 500ms;  // bounds the wait for the client's close frame
+  Server s(o);
+  RawSocket raw(s.port);
+  auto after = upgrade(raw, test::ws_upgrade_request(Server::token("alice")));
+  REQUIRE(raw.send(test::ws_frame(R"({"id":1,"op":"subscribe","topic":"user/alice"})")));
+  after += raw.receive_until(R"("id":1)", 5s);
+  s.gateway->stop();  // 1001 to every WebSocket; this client never answers it: cut after 500 ms
+  CHECK(close_code_from(raw, after, 5s) == 1001);
+  CHECK(raw.wait_closed(5s));
+}
