@@ -287,8 +287,8 @@ void HttpSession<Stream>::handle(Request&& req) {
         handed_over_ = true;
         const auto pending = buffer_.data();
         const std::string already_read(static_cast<const char*>(pending.data()), pending.size());
-        auto ws = std::make_shared<RawWebSocketSession>(core_, stream_.release_socket());
-        ws->run(req, std::move(who->user), who->expires, already_read);
+        start_raw_websocket(core_, stream_.release_socket(), req, std::move(who->user), who->expires,
+                            already_read);
         core_->registry.remove(this);
         return;
       }

@@ -14,7 +14,8 @@ void OutboundQueue::count_queued(std::int64_t delta) {
 }
 
 void OutboundQueue::count_drop(const EventPtr& event) {
-  dropped_topics_.insert(event->topic());
+  if (!dropped_topics_) dropped_topics_ = std::make_unique<std::set<std::string>>();
+  dropped_topics_->insert(event->topic());
   ++dropped_;
   if (metrics_) metrics_->dropped_messages.fetch_add(1, std::memory_order_relaxed);
 }
@@ -63,12 +64,12 @@ std::size_t OutboundQueue::take(std::string& frame, std::size_t max_frame) {
   std::lock_guard lock(mutex_);
   if (dropped_ > 0) {
     boost::json::array topics;
-    for (const auto& t : dropped_topics_) topics.emplace_back(t);
+    for (const auto& t : *dropped_topics_) topics.emplace_back(t);
     frame = boost::json::serialize(
         boost::json::object{{"type", "gap"}, {"dropped", dropped_}, {"topics", std::move(topics)}});
     ++messages;
     dropped_ = 0;
-    dropped_topics_.clear();
+    dropped_topics_.reset();
   }
   std::size_t taken = 0;  // queued bytes taken
   while (head_ < items_.size() &&
@@ -111,7 +112,7 @@ void OutboundQueue::close(bool discard) {
   count_queued(-static_cast<std::int64_t>(bytes_));
   bytes_ = 0;
   dropped_ = 0;
-  dropped_topics_.clear();
+  dropped_topics_.reset();
 }
 
 bool OutboundQueue::closed() const {

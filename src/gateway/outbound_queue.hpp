@@ -70,8 +70,8 @@ class OutboundQueue {
   std::size_t head_ = 0;
   std::size_t bytes_ = 0;
   std::uint64_t dropped_ = 0;
-  std::set<std::string> dropped_topics_;
-  bool writer_busy_ = false;  // woken and not yet idle
+  std::unique_ptr<std::set<std::string>> dropped_topics_;  // only while events were dropped
+  bool writer_busy_ = false;                               // woken and not yet idle
   bool closed_ = false;
 };
 

@@ -9,6 +9,8 @@
 
 #include <array>
 
+#include <unistd.h>
+
 namespace pushbook::detail {
 
 namespace {
@@ -67,7 +69,8 @@ std::optional<UpgradeRefusal> check_upgrade(const Request& req) {
   return std::nullopt;
 }
 
-RawWebSocketSession::RawWebSocketSession(std::shared_ptr<GatewayCore> core, tcp::socket socket)
+template <class Executor>
+RawWebSocketSession<Executor>::RawWebSocketSession(std::shared_ptr<GatewayCore> core, Socket socket)
     : core_(std::move(core)),
       socket_(std::move(socket)),
       deadlines_(&Deadlines::of(
@@ -78,18 +81,19 @@ RawWebSocketSession::RawWebSocketSession(std::shared_ptr<GatewayCore> core, tcp:
   core_->metrics.websocket_connections.fetch_add(1);
 }
 
-RawWebSocketSession::~RawWebSocketSession() {
+template <class Executor>
+RawWebSocketSession<Executor>::~RawWebSocketSession() {
   deadlines_->remove(slot_);  // first: the heap may look at this object until then
   core_->metrics.websocket_connections.fetch_sub(1);
   core_->open_connections.fetch_sub(1);
   core_->registry.remove(this);
 }
 
-void RawWebSocketSession::run(const Request& req, std::string user,
-                              std::optional<std::chrono::system_clock::time_point> token_expires,
-                              std::string_view already_read) {
-  core_->registry.add(shared_from_this());
-  user_ = std::move(user);
+template <class Executor>
+void RawWebSocketSession<Executor>::run(const Request& req, std::string user,
+                                        std::optional<std::chrono::system_clock::time_point> token_expires,
+                                        std::string_view already_read) {
+  core_->registry.add(this->shared_from_this());
   const auto& o = core_->ctx->options;
   boost::system::error_code ec;
   socket_.non_blocking(true, ec);
@@ -114,10 +118,12 @@ void RawWebSocketSession::run(const Request& req, std::string user,
   if (o.access_log) {
     access_ = std::make_unique<AccessLog>();
     access_->started = last_read_;
-    access_->peer = peer_address(socket_);
+    boost::system::error_code peer_ec;
+    const auto peer = socket_.remote_endpoint(peer_ec);
+    access_->peer = peer_ec ? "-" : fmt::format("{}:{}", peer.address().to_string(), peer.port());
   }
-  logic_ = std::make_unique<ConnectionLogic>(
-      core_->ctx, std::static_pointer_cast<ConnectionSink>(shared_from_this()), user_, token_expires);
+  logic_.emplace(core_->ctx, std::static_pointer_cast<ConnectionSink>(this->shared_from_this()),
+                 std::move(user), token_expires);
   if (core_->stopping.load()) start_close(ws::close_going_away, "going away");
   if (!already_read.empty()) {
     std::string copy(already_read);
@@ -129,16 +135,19 @@ void RawWebSocketSession::run(const Request& req, std::string user,
 
 // --- reading ---------------------------------------------------------------------------------
 
-void RawWebSocketSession::wait_readable() {
+template <class Executor>
+void RawWebSocketSession<Executor>::wait_readable() {
   // A reactor read of one byte, not async_wait: Asio's epoll reactor is edge-triggered, and only
   // a read (which it tries at once when the socket became readable meanwhile) never misses data
   // that arrived after this handler's last read. The rest is read without waiting.
-  socket_.async_read_some(
-      net::buffer(&first_byte_, 1),
-      [self = shared_from_this()](boost::system::error_code ec, std::size_t n) { self->on_readable(ec, n); });
+  socket_.async_read_some(net::buffer(&first_byte_, 1),
+                          [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                            self->on_readable(ec, n);
+                          });
 }
 
-void RawWebSocketSession::on_readable(boost::system::error_code ec, std::size_t n) {
+template <class Executor>
+void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, std::size_t n) {
   if (state_ == State::finished) return;
   if (ec) return finish(ec == net::error::eof ? "closed by the client without a close frame" : ec.message());
   char* buffer = read_buffer();
@@ -170,20 +179,22 @@ void RawWebSocketSession::on_readable(boost::system::error_code ec, std::size_t 
   if (state_ != State::finished) wait_readable();
 }
 
-bool RawWebSocketSession::consume(char* data, std::size_t size) {
+template <class Executor>
+bool RawWebSocketSession<Executor>::consume(char* data, std::size_t size) {
   last_read_ = steady::now();
   ping_sent_ = false;
   if (state_ == State::draining) return true;  // waiting for the client's FIN: input is discarded
   const auto failure = reader_.feed(data, size, *this);
   if (failure.code != 0) {
     core_->log(LogLevel::debug,
-               fmt::format("websocket {}: {} (close {})", user_, failure.reason, failure.code));
+               fmt::format("websocket {}: {} (close {})", user(), failure.reason, failure.code));
     close_and_end(failure.code, failure.reason);
   }
   return state_ != State::finished;
 }
 
-bool RawWebSocketSession::on_message(bool text, std::string_view payload) {
+template <class Executor>
+bool RawWebSocketSession<Executor>::on_message(bool text, std::string_view payload) {
   if (state_ != State::open) return true;  // closing: the client's close is what matters now
   if (access_) {
     ++access_->messages_in;
@@ -197,16 +208,21 @@ bool RawWebSocketSession::on_message(bool text, std::string_view payload) {
   return state_ != State::finished;
 }
 
-bool RawWebSocketSession::on_ping(std::string_view payload) {
+template <class Executor>
+bool RawWebSocketSession<Executor>::on_ping(std::string_view payload) {
   if (state_ != State::open) return true;
   const auto frame = ws::make_frame(ws::Opcode::pong, payload);
   const net::const_buffer b(frame.data(), frame.size());
   return send_bytes(&b, 1);
 }
 
-bool RawWebSocketSession::on_pong(std::string_view) { return true; }  // last_read_ moved already
+template <class Executor>
+bool RawWebSocketSession<Executor>::on_pong(std::string_view) {
+  return true;
+}  // last_read_ moved already
 
-bool RawWebSocketSession::on_close(std::uint16_t code, std::string_view) {
+template <class Executor>
+bool RawWebSocketSession<Executor>::on_close(std::uint16_t code, std::string_view) {
   peer_close_code_ = code != 0 ? code : 1005;
   if (state_ == State::closing) {
     // The answer to our close: the server ends the TCP connection first (RFC 6455 7.1.1).
@@ -226,26 +242,31 @@ bool RawWebSocketSession::on_close(std::uint16_t code, std::string_view) {
 
 // --- writing ---------------------------------------------------------------------------------
 
-void RawWebSocketSession::send_text(std::shared_ptr<const std::string> message) {
+template <class Executor>
+void RawWebSocketSession<Executor>::send_text(std::shared_ptr<const std::string> message) {
   enqueue(std::move(message), nullptr);
 }
 
-void RawWebSocketSession::send_event(const EventPtr& event, bool snapshot) {
+template <class Executor>
+void RawWebSocketSession<Executor>::send_event(const EventPtr& event, bool snapshot) {
   enqueue(event->wire(snapshot), event);
 }
 
-void RawWebSocketSession::enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
+template <class Executor>
+void RawWebSocketSession<Executor>::enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
   auto pushed = out_.push(std::move(bytes), event);
   if (pushed.too_slow) {
-    net::post(socket_.get_executor(), [self = shared_from_this(), reason = std::move(*pushed.too_slow)] {
-      self->start_close(1013, reason);
-    });
+    net::post(socket_.get_executor(),
+              [self = this->shared_from_this(), reason = std::move(*pushed.too_slow)] {
+                self->start_close(1013, reason);
+              });
     return;
   }
-  if (pushed.wake) net::post(socket_.get_executor(), [self = shared_from_this()] { self->do_write(); });
+  if (pushed.wake) net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
-void RawWebSocketSession::do_write() {
+template <class Executor>
+void RawWebSocketSession<Executor>::do_write() {
   if (state_ != State::open || writing_async_) return;  // the async write's end comes back here
   std::string& payload = frame_payload();
   for (int frames = 0; frames < max_frames_per_wake; ++frames) {
@@ -254,8 +275,8 @@ void RawWebSocketSession::do_write() {
     if (messages == 0) {
       if (payload.capacity() > max_frame_bytes) std::string().swap(payload);  // one huge message
       if (close_pending_) {
-        auto [code, reason] = std::move(*close_pending_);
-        close_pending_.reset();
+        auto pending = std::move(close_pending_);
+        auto& [code, reason] = *pending;
         start_close(code, reason);
       }
       return;
@@ -267,16 +288,17 @@ void RawWebSocketSession::do_write() {
     if (!send_bytes(buffers.data(), buffers.size())) return;
     if (writing_async_) {
       // Counted once the kernel took it all (on_async_written).
-      unsent_messages_ += messages;
-      unsent_payload_ += payload.size();
+      unsent_->messages += messages;
+      unsent_->payload += payload.size();
       return;
     }
     count_written(messages, payload.size());
   }
-  net::post(socket_.get_executor(), [self = shared_from_this()] { self->do_write(); });
+  net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
-void RawWebSocketSession::count_written(std::size_t messages, std::size_t bytes) {
+template <class Executor>
+void RawWebSocketSession<Executor>::count_written(std::size_t messages, std::size_t bytes) {
   core_->metrics.frames_written.fetch_add(1, std::memory_order_relaxed);
   core_->metrics.messages_pushed.fetch_add(messages, std::memory_order_relaxed);
   core_->metrics.bytes_pushed.fetch_add(bytes, std::memory_order_relaxed);
@@ -286,14 +308,15 @@ void RawWebSocketSession::count_written(std::size_t messages, std::size_t bytes)
   }
 }
 
-bool RawWebSocketSession::send_bytes(const net::const_buffer* buffers, std::size_t count) {
+template <class Executor>
+bool RawWebSocketSession<Executor>::send_bytes(const net::const_buffer* buffers, std::size_t count) {
   if (state_ == State::finished) return false;
   std::size_t total = 0;
   for (std::size_t i = 0; i < count; ++i) total += buffers[i].size();
   if (writing_async_) {
     // Behind the write in flight: in order, after it.
     for (std::size_t i = 0; i < count; ++i)
-      backlog_.append(static_cast<const char*>(buffers[i].data()), buffers[i].size());
+      unsent_->backlog.append(static_cast<const char*>(buffers[i].data()), buffers[i].size());
     return true;
   }
   boost::system::error_code ec;
@@ -313,6 +336,7 @@ bool RawWebSocketSession::send_bytes(const net::const_buffer* buffers, std::size
   if (written == total) return true;
   // The kernel's buffer is full: the rest waits here and goes out with an async write (which
   // watches for writability without missing it).
+  if (!unsent_) unsent_ = std::make_unique<Unsent>();
   std::size_t skip = written;
   for (std::size_t i = 0; i < count; ++i) {
     const auto* p = static_cast<const char*>(buffers[i].data());
@@ -321,62 +345,72 @@ bool RawWebSocketSession::send_bytes(const net::const_buffer* buffers, std::size
       skip -= size;
       continue;
     }
-    unsent_.append(p + skip, size - skip);
+    unsent_->bytes.append(p + skip, size - skip);
     skip = 0;
   }
   start_async_write();
   return true;
 }
 
-void RawWebSocketSession::start_async_write() {
+template <class Executor>
+void RawWebSocketSession<Executor>::start_async_write() {
   writing_async_ = true;
-  net::async_write(
-      socket_, net::buffer(unsent_),
-      [self = shared_from_this()](boost::system::error_code ec, std::size_t) { self->on_async_written(ec); });
+  net::async_write(socket_, net::buffer(unsent_->bytes),
+                   [self = this->shared_from_this()](boost::system::error_code ec, std::size_t) {
+                     self->on_async_written(ec);
+                   });
 }
 
-void RawWebSocketSession::on_async_written(boost::system::error_code ec) {
+template <class Executor>
+void RawWebSocketSession<Executor>::on_async_written(boost::system::error_code ec) {
   writing_async_ = false;
   if (state_ == State::finished) return;
   if (ec) return finish(fmt::format("write failed: {}", ec.message()));
-  if (unsent_messages_ > 0) {
-    count_written(unsent_messages_, unsent_payload_);
-    unsent_messages_ = unsent_payload_ = 0;
-  }
-  std::string().swap(unsent_);  // an idle connection keeps no write buffer
-  if (!backlog_.empty()) {
-    unsent_.swap(backlog_);
+  if (unsent_->messages > 0) count_written(unsent_->messages, unsent_->payload);
+  if (!unsent_->backlog.empty()) {
+    // What was made meanwhile goes next (its frames are counted as they were made: none are data).
+    unsent_->bytes.swap(unsent_->backlog);
+    unsent_->backlog.clear();
+    unsent_->messages = unsent_->payload = 0;
     return start_async_write();
   }
+  unsent_.reset();  // an idle connection keeps no write buffer
   if (end_after_write_) return teardown();
   do_write();
 }
 
 // --- closing ---------------------------------------------------------------------------------
 
-void RawWebSocketSession::close(std::uint16_t code, std::string reason) {
-  net::post(socket_.get_executor(), [self = shared_from_this(), code, reason = std::move(reason)] {
+template <class Executor>
+void RawWebSocketSession<Executor>::close(std::uint16_t code, std::string reason) {
+  net::post(socket_.get_executor(), [self = this->shared_from_this(), code, reason = std::move(reason)] {
     self->start_close(code, reason);
   });
 }
 
-void RawWebSocketSession::shutdown() { close(ws::close_going_away, "going away"); }
-
-void RawWebSocketSession::abort() {
-  net::post(socket_.get_executor(), [self = shared_from_this()] { self->finish("aborted"); });
+template <class Executor>
+void RawWebSocketSession<Executor>::shutdown() {
+  close(ws::close_going_away, "going away");
 }
 
-void RawWebSocketSession::post(std::function<void()> fn) {
-  net::post(socket_.get_executor(), [self = shared_from_this(), fn = std::move(fn)] {
+template <class Executor>
+void RawWebSocketSession<Executor>::abort() {
+  net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->finish("aborted"); });
+}
+
+template <class Executor>
+void RawWebSocketSession<Executor>::post(std::function<void()> fn) {
+  net::post(socket_.get_executor(), [self = this->shared_from_this(), fn = std::move(fn)] {
     if (self->state_ != State::finished) fn();
   });
 }
 
-void RawWebSocketSession::start_close(std::uint16_t code, std::string_view reason) {
+template <class Executor>
+void RawWebSocketSession<Executor>::start_close(std::uint16_t code, std::string_view reason) {
   if (state_ != State::open) return;
   if (writing_async_ || !out_.empty()) {
     // What is queued (a decision being pushed while the server drains) goes first.
-    close_pending_.emplace(code, std::string(reason));
+    close_pending_ = std::make_unique<std::pair<std::uint16_t, std::string>>(code, std::string(reason));
     if (!writing_async_) do_write();
     return;
   }
@@ -391,7 +425,8 @@ void RawWebSocketSession::start_close(std::uint16_t code, std::string_view reaso
   schedule_deadline();
 }
 
-void RawWebSocketSession::close_and_end(std::uint16_t code, std::string_view reason) {
+template <class Executor>
+void RawWebSocketSession<Executor>::close_and_end(std::uint16_t code, std::string_view reason) {
   if (state_ == State::finished || state_ == State::draining) return;
   const bool sent_close = state_ == State::closing;
   state_ = State::closing;
@@ -407,7 +442,8 @@ void RawWebSocketSession::close_and_end(std::uint16_t code, std::string_view rea
   teardown();
 }
 
-void RawWebSocketSession::teardown() {
+template <class Executor>
+void RawWebSocketSession<Executor>::teardown() {
   if (state_ == State::finished || state_ == State::draining) return;
   // FIN after the last frame; what the client still sends is read and discarded until its FIN
   // (closing with unread input would reset the connection, and the close frame with it).
@@ -421,16 +457,19 @@ void RawWebSocketSession::teardown() {
 
 // --- deadlines -------------------------------------------------------------------------------
 
-std::shared_ptr<DeadlineTarget> RawWebSocketSession::lock_target() {
-  auto self = weak_from_this().lock();
+template <class Executor>
+std::shared_ptr<DeadlineTarget> RawWebSocketSession<Executor>::lock_target() {
+  auto self = this->weak_from_this().lock();
   return self ? std::static_pointer_cast<DeadlineTarget>(self) : nullptr;
 }
 
-void RawWebSocketSession::deadline_passed() {
-  net::dispatch(socket_.get_executor(), [self = shared_from_this()] { self->on_deadline(); });
+template <class Executor>
+void RawWebSocketSession<Executor>::deadline_passed() {
+  net::dispatch(socket_.get_executor(), [self = this->shared_from_this()] { self->on_deadline(); });
 }
 
-void RawWebSocketSession::schedule_deadline() {
+template <class Executor>
+void RawWebSocketSession<Executor>::schedule_deadline() {
   if (state_ == State::finished) return;
   auto next = steady::time_point::max();
   if (state_ == State::open) {
@@ -447,7 +486,8 @@ void RawWebSocketSession::schedule_deadline() {
   }
 }
 
-void RawWebSocketSession::on_deadline() {
+template <class Executor>
+void RawWebSocketSession<Executor>::on_deadline() {
   if (state_ == State::finished) return;
   scheduled_ = steady::time_point::max();  // the entry that fired is gone
   const auto now = steady::now();
@@ -471,27 +511,61 @@ void RawWebSocketSession::on_deadline() {
   schedule_deadline();
 }
 
-void RawWebSocketSession::finish(std::string_view why) {
+template <class Executor>
+void RawWebSocketSession<Executor>::finish(std::string_view why) {
   if (state_ == State::finished) return;
-  const bool opened = logic_ != nullptr;
+  const bool opened = logic_.has_value();
   state_ = State::finished;
   out_.close(true);
   if (logic_) logic_->unsubscribe_all();  // no more events, and no callback keeps us alive
-  core_->log(LogLevel::debug, fmt::format("websocket {}: ended: {}", user_, why));
+  core_->log(LogLevel::debug, fmt::format("websocket {}: ended: {}", user(), why));
   if (opened && access_) {
     // Who closed: the code this side sent, else the client's, else none (1006: cut).
     const auto code = close_code_ != 0 ? close_code_ : peer_close_code_;
     const auto ms = std::chrono::duration<double, std::milli>(steady::now() - access_->started).count();
     core_->access(fmt::format(
         "ws user={} peer={} route=/v1/ws close={} by={} in={} in_bytes={} out={} out_bytes={} ms={:.3f}",
-        user_, access_->peer, code != 0 ? code : 1006,
+        user(), access_->peer, code != 0 ? code : 1006,
         close_code_ != 0 ? "server" : (code != 0 ? "client" : "-"), access_->messages_in, access_->bytes_in,
         access_->messages_out, access_->bytes_out, ms));
   }
   boost::system::error_code ec;
   socket_.close(ec);  // the pending read ends with operation_aborted
-  std::string().swap(unsent_);
-  std::string().swap(backlog_);
+  unsent_.reset();
+}
+
+template class RawWebSocketSession<net::io_context::executor_type>;
+template class RawWebSocketSession<net::strand<net::io_context::executor_type>>;
+
+void start_raw_websocket(std::shared_ptr<GatewayCore> core, tcp::socket socket, const Request& req,
+                         std::string user, std::optional<std::chrono::system_clock::time_point> token_expires,
+                         std::string_view already_read) {
+  // The connection leaves its type-erased executor for the io_context's own (or a strand of the
+  // host's io_context): the session's socket and its pending read are smaller by ~100 bytes.
+  auto& ioc = static_cast<net::io_context&>(net::query(socket.get_executor(), net::execution::context));
+  boost::system::error_code ec;
+  const auto protocol = socket.local_endpoint(ec).protocol();
+  const auto fd = ec ? -1 : socket.release(ec);
+  if (ec || fd < 0) {
+    core->log(LogLevel::debug, fmt::format("websocket: cannot take the connection: {}", ec.message()));
+    core->open_connections.fetch_sub(1);
+    return;
+  }
+  auto start = [&](auto executor) {
+    using Ws = RawWebSocketSession<decltype(executor)>;
+    typename Ws::Socket own(executor);
+    own.assign(protocol, fd, ec);
+    if (ec) {
+      ::close(fd);
+      core->open_connections.fetch_sub(1);
+      return;
+    }
+    std::make_shared<Ws>(core, std::move(own))->run(req, std::move(user), token_expires, already_read);
+  };
+  if (core->host_context)
+    start(net::make_strand(ioc));
+  else
+    start(ioc.get_executor());
 }
 
 }  // namespace pushbook::detail

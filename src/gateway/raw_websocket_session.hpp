@@ -14,6 +14,8 @@
 #include "gateway/outbound_queue.hpp"
 #include "gateway/ws_frame.hpp"
 
+#include <boost/asio/strand.hpp>
+
 #include <optional>
 #include <string>
 
@@ -28,13 +30,25 @@ struct UpgradeRefusal {
 };
 std::optional<UpgradeRefusal> check_upgrade(const Request& req);
 
+/// Serves a checked upgrade `req` on `socket` (taken from its HTTP session) for `user`:
+/// answers 101 and hands the connection to a RawWebSocketSession on the same io_context.
+/// `already_read`: bytes read after the request (frames a client sent before the 101 came).
+void start_raw_websocket(std::shared_ptr<GatewayCore> core, tcp::socket socket, const Request& req,
+                         std::string user, std::optional<std::chrono::system_clock::time_point> token_expires,
+                         std::string_view already_read);
+
+/// Over the io_context's own executor (the gateway's io_contexts, one thread each) or a strand of
+/// it (a host's io_context); instantiated for both.
+template <class Executor>
 class RawWebSocketSession : public Session,
                             public ConnectionSink,
                             public DeadlineTarget,
-                            public std::enable_shared_from_this<RawWebSocketSession> {
+                            public std::enable_shared_from_this<RawWebSocketSession<Executor>> {
  public:
+  using Socket = boost::asio::basic_stream_socket<tcp, Executor>;
+
   /// `socket`: the connection the upgrade request came on (its HTTP session is done with it).
-  RawWebSocketSession(std::shared_ptr<GatewayCore> core, tcp::socket socket);
+  RawWebSocketSession(std::shared_ptr<GatewayCore> core, Socket socket);
   ~RawWebSocketSession() override;
   /// Answers the checked upgrade `req` with 101 and serves the connection for `user`;
   /// `already_read`: bytes read after the request (frames a client sent before the 101 came).
@@ -86,22 +100,25 @@ class RawWebSocketSession : public Session,
   void schedule_deadline();
   void on_deadline();
   void finish(std::string_view why);
+  std::string_view user() const noexcept { return logic_ ? std::string_view(logic_->user()) : "-"; }
 
   std::shared_ptr<GatewayCore> core_;
-  tcp::socket socket_;
+  Socket socket_;
   Deadlines* deadlines_;
   Deadlines::Slot slot_{};
   ws::FrameReader reader_;
-  std::unique_ptr<ConnectionLogic> logic_;  // strand only
-  std::string user_;
+  std::optional<ConnectionLogic> logic_;  // strand only; made once the 101 is sent
   OutboundQueue out_;
-  // Strand only.
-  char first_byte_ = 0;              // the reactor's one-byte read (see wait_readable)
-  std::string unsent_;               // what an async write is writing (empty and released when idle)
-  std::string backlog_;              // frames made while it does
-  std::size_t unsent_messages_ = 0;  // messages in unsent_ not counted as pushed yet
-  std::size_t unsent_payload_ = 0;
-  std::optional<std::pair<std::uint16_t, std::string>> close_pending_;
+  // Strand only. What is rarely there is behind a pointer: an idle connection is a few words.
+  char first_byte_ = 0;  // the reactor's one-byte read (see wait_readable)
+  struct Unsent {
+    std::string bytes;         // what the async write in flight writes
+    std::string backlog;       // frames made while it does
+    std::size_t messages = 0;  // messages in `bytes` not counted as pushed yet
+    std::size_t payload = 0;
+  };
+  std::unique_ptr<Unsent> unsent_;  // only while an async write is in flight
+  std::unique_ptr<std::pair<std::uint16_t, std::string>> close_pending_;
   State state_ = State::open;
   bool writing_async_ = false;
   bool end_after_write_ = false;       // the last frame (a close) is being written

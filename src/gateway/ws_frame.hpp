@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -67,7 +68,7 @@ class FrameReader {
   Failure feed(char* data, std::size_t size, Handler& handler);
 
   /// Bytes held for an incomplete frame or message (0 when idle).
-  std::size_t buffered() const noexcept { return pending_.size() + message_.size(); }
+  std::size_t buffered() const noexcept { return held_ ? held_->pending.size() + held_->message.size() : 0; }
 
  private:
   enum class Step { frame, incomplete, stop, failed };
@@ -77,16 +78,19 @@ class FrameReader {
     failure_ = {code, reason};
     return Step::failed;
   }
-  static void release(std::string& s) {
-    if (s.capacity() > std::string().capacity())
-      std::string().swap(s);
-    else
-      s.clear();
+  // Made only while a frame or a fragmented message is incomplete, so an idle reader is a few
+  // words.
+  struct Held {
+    std::string pending;  // an incomplete frame's bytes
+    std::string message;  // a fragmented message's payload so far
+  };
+  Held& held() {
+    if (!held_) held_ = std::make_unique<Held>();
+    return *held_;
   }
 
   std::size_t max_message_;
-  std::string pending_;  // an incomplete frame's bytes
-  std::string message_;  // a fragmented message's payload so far
+  std::unique_ptr<Held> held_;
   bool in_message_ = false;
   bool message_text_ = false;
   Failure failure_;
@@ -102,12 +106,11 @@ FrameReader::Failure FrameReader::feed(char* data, std::size_t size, Handler& ha
   failure_ = {};
   char* p = data;
   std::size_t n = size;
-  bool from_pending = false;
-  if (!pending_.empty()) {
-    pending_.append(data, size);
-    p = pending_.data();
-    n = pending_.size();
-    from_pending = true;
+  const bool from_pending = held_ && !held_->pending.empty();
+  if (from_pending) {
+    held_->pending.append(data, size);
+    p = held_->pending.data();
+    n = held_->pending.size();
   }
   std::size_t at = 0;
   for (;;) {
@@ -118,19 +121,17 @@ FrameReader::Failure FrameReader::feed(char* data, std::size_t size, Handler& ha
       continue;
     }
     if (s == Step::failed || s == Step::stop) {
-      release(pending_);
-      release(message_);
+      held_.reset();
       in_message_ = false;
       return failure_;
     }
     break;  // incomplete
   }
-  if (from_pending) {
-    pending_.erase(0, at);
-    if (pending_.empty()) release(pending_);
-  } else if (at < n) {
-    pending_.assign(p + at, n - at);
-  }
+  if (from_pending)
+    held_->pending.erase(0, at);
+  else if (at < n)
+    held().pending.assign(p + at, n - at);
+  if (held_ && held_->pending.empty() && held_->message.empty()) held_.reset();
   return failure_;
 }
 
@@ -167,7 +168,7 @@ FrameReader::Step FrameReader::one(char* p, std::size_t size, std::size_t& used,
     if (op > 2) return fail(close_protocol_error, "unknown opcode");
     if (op == 0 && !in_message_) return fail(close_protocol_error, "continuation without a message");
     if (op != 0 && in_message_) return fail(close_protocol_error, "new message inside a fragmented one");
-    const std::uint64_t so_far = op == 0 ? message_.size() : 0;
+    const std::uint64_t so_far = op == 0 && held_ ? held_->message.size() : 0;
     if (len > max_message_ || so_far + len > max_message_) return fail(close_too_big, "message too big");
   }
   const std::size_t need = header + 4 + static_cast<std::size_t>(len);
@@ -204,13 +205,14 @@ FrameReader::Step FrameReader::one(char* p, std::size_t size, std::size_t& used,
     in_message_ = true;
     message_text_ = op == 1;
   }
-  message_.append(body);
+  auto& message = held().message;
+  message.append(body);
   if (!fin) return Step::frame;
   in_message_ = false;
-  if (message_text_ && !valid_utf8(message_)) return fail(close_bad_payload, "text message is not UTF-8");
+  if (message_text_ && !valid_utf8(message)) return fail(close_bad_payload, "text message is not UTF-8");
   // The handler may feed nothing back into this reader: it sees the message, then it is released.
-  const bool go_on = handler.on_message(message_text_, message_);
-  release(message_);
+  const bool go_on = handler.on_message(message_text_, message);
+  std::string().swap(message);
   return go_on ? Step::frame : Step::stop;
 }
 
