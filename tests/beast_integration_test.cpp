@@ -12,6 +12,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <atomic>
 #include <thread>
 
 using namespace pushbook;
@@ -48,6 +49,23 @@ TEST_CASE("the gateway runs on the host's io_context and threads") {
     auto ws = client::WsClient::connect(c).value();
     auto reply = ws->request({{"op", "book"}, {"resource", "r"}}).value();
     CHECK(reply.at("ok") == true);
+    // Several clients at once on the host's two threads (each connection on a strand of the
+    // host's io_context): every request answered, every decision pushed.
+    std::vector<std::thread> clients;
+    std::atomic<int> answered{0}, decided{0};
+    for (int i = 0; i < 6; ++i)
+      clients.emplace_back([&, i] {
+        client::ConnectOptions ci = c;
+        ci.token = token("user" + std::to_string(i));
+        auto w = client::WsClient::connect(ci).value();
+        for (int n = 0; n < 50; ++n)
+          if (w->request({{"op", "ping"}}).value().at("ok") == true) answered.fetch_add(1);
+        auto booked = w->request({{"op", "book"}, {"resource", "r"}}).value();
+        if (booked.at("ok") == true && w->next(5s)) decided.fetch_add(1);
+      });
+    for (auto& t : clients) t.join();
+    CHECK(answered.load() == 300);
+    CHECK(decided.load() == 6);
     ws.reset();
     gw.stop();  // from a thread that does not run the io_context
   }

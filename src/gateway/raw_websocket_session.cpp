@@ -8,6 +8,7 @@
 #include <boost/beast/http/field.hpp>
 
 #include <array>
+#include <type_traits>
 
 #include <unistd.h>
 
@@ -137,13 +138,23 @@ void RawWebSocketSession<Executor>::run(const Request& req, std::string user,
 
 template <class Executor>
 void RawWebSocketSession<Executor>::wait_readable() {
-  // A reactor read of one byte, not async_wait: Asio's epoll reactor is edge-triggered, and only
-  // a read (which it tries at once when the socket became readable meanwhile) never misses data
-  // that arrived after this handler's last read. The rest is read without waiting.
-  socket_.async_read_some(net::buffer(&first_byte_, 1),
-                          [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
-                            self->on_readable(ec, n);
-                          });
+  if constexpr (std::is_same_v<Executor, net::io_context::executor_type>) {
+    // The gateway's own io_context, run by this thread alone: epoll is waited on only between
+    // handlers, so data that arrived after this handler's last read is reported to the wait
+    // registered here. One system call per message: the read when the socket is readable.
+    socket_.async_wait(
+        net::socket_base::wait_read,
+        [self = this->shared_from_this()](boost::system::error_code ec) { self->on_readable(ec, 0); });
+  } else {
+    // A host's io_context may run epoll on another thread meanwhile, and Asio's reactor is
+    // edge-triggered: an edge it sees before this wait is registered would be lost to an
+    // async_wait. A reactor read is tried at once when the socket became readable meanwhile, so
+    // a read of one byte never misses data; the rest is read without waiting.
+    socket_.async_read_some(net::buffer(&first_byte_, 1),
+                            [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                              self->on_readable(ec, n);
+                            });
+  }
 }
 
 template <class Executor>
@@ -170,8 +181,10 @@ void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, st
     if (!consume(buffer, size)) return;
     size = 0;
     if (reads + 1 == max_reads_per_wake) {
-      // Other connections' turn; what is left is read later (the 1-byte read finds it at once).
-      return wait_readable();
+      // Other connections' turn; what is left is read after them (no edge would announce it).
+      return net::post(socket_.get_executor(), [self = this->shared_from_this()] {
+        self->on_readable(boost::system::error_code(), 0);
+      });
     }
   }
   if (size > 0 && !consume(buffer, size)) return;
