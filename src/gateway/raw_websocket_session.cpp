@@ -422,8 +422,12 @@ template <class Executor>
 void RawWebSocketSession<Executor>::start_close(std::uint16_t code, std::string_view reason) {
   if (state_ != State::open) return;
   if (writing_async_ || !out_.empty()) {
-    // What is queued (a decision being pushed while the server drains) goes first.
+    // What is queued (a decision being pushed while the server drains) goes first, within
+    // handshake_timeout: a client that stopped reading (1013) is not waited for longer.
+    if (close_pending_) return;
     close_pending_ = std::make_unique<std::pair<std::uint16_t, std::string>>(code, std::string(reason));
+    close_deadline_ = steady::now() + core_->ctx->options.handshake_timeout;
+    schedule_deadline();
     if (!writing_async_) do_write();
     return;
   }
@@ -490,6 +494,7 @@ void RawWebSocketSession<Executor>::schedule_deadline() {
     if (idle.count() > 0) next = ping_sent_ ? last_read_ + idle : last_read_ + idle / 2;
     if (logic_)
       if (auto when = logic_->next_deadline()) next = std::min(next, *when);
+    if (close_pending_) next = std::min(next, close_deadline_);
   } else {
     next = close_deadline_;
   }
@@ -508,6 +513,7 @@ void RawWebSocketSession<Executor>::on_deadline() {
     if (now >= close_deadline_)
       return finish(state_ == State::closing ? "close handshake timed out" : "closed");
   } else {
+    if (close_pending_ && now >= close_deadline_) return finish("queued output not taken before the close");
     const auto idle = core_->ctx->options.idle_timeout;
     if (idle.count() > 0) {
       if (ping_sent_ && now >= last_read_ + idle) return finish("idle timeout");
