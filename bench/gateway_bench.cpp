@@ -243,10 +243,8 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
     hist.record(steady::now() - c.sent_at);
     c.waiting = false;
     ++decided;
-    // Unsubscribe so the connection holds one subscription at a time.
-    const auto t = line.find("\"topic\":\"");
-    const auto topic = line.substr(t + 9, line.find('"', t + 9) - t - 9);
-    c.send(fmt::format(R"({{"id":2,"op":"unsubscribe","topic":"{}"}})", topic));
+    // "follow":"decision": the server ends the booking's subscription after the decision, so the
+    // connection holds none between bookings and sends no unsubscribe.
   });
   // Steady aggregate rate: every tick, the bookings scheduled since the last tick go out, each
   // stamped with its scheduled time.
@@ -265,7 +263,8 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
       if (c.waiting) continue;  // still waiting for its last one: skip (rare at these rates)
       c.waiting = true;
       c.sent_at = at;
-      net::dispatch(c.ws.get_executor(), [&c] { c.send(R"({"id":1,"op":"book","resource":"hall"})"); });
+      net::dispatch(c.ws.get_executor(),
+                    [&c] { c.send(R"({"id":1,"op":"book","resource":"hall","follow":"decision"})"); });
     }
     if (now < end) {
       tick.expires_after(std::chrono::microseconds(200));

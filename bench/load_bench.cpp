@@ -761,13 +761,11 @@ awaitable<void> push_user(Run& run, Plan plan) {
   beast::flat_buffer buffer;
   const auto token = run.token(plan.user);
   std::int64_t next_id = 0;
-  std::deque<std::string> watched;  // booking topics this connection is subscribed to
   auto close_ws = [&] {
     if (!ws) return;
     run.retire(beast::get_lowest_layer(*ws).socket());
     ws.reset();
     buffer.clear();
-    watched.clear();
   };
   steady::time_point last_used;
   for (;;) {
@@ -800,7 +798,8 @@ awaitable<void> push_user(Run& run, Plan plan) {
       co_await sleep_until(*intended);
       const auto book_id = ++next_id;
       co_await ws->async_write(
-          net::buffer(fmt::format(R"({{"id":{},"op":"book","resource":"{}"}})", book_id, run.o.resource)),
+          net::buffer(fmt::format(R"({{"id":{},"op":"book","resource":"{}","follow":"decision"}})", book_id,
+                                  run.o.resource)),
           use_awaitable);
       ++run.ws_messages;
       Watchdog watchdog(ex, deadline, beast::get_lowest_layer(*ws).socket());
@@ -837,18 +836,9 @@ awaitable<void> push_user(Run& run, Plan plan) {
           }
         }
       }
+      // "follow":"decision": the gateway ended the booking's subscription after the decision (as a
+      // polling client stops polling then), so nothing is left to unsubscribe.
       last_used = steady::now();
-      // `book` subscribed this connection to booking/<id>; a real client keeps watching its recent
-      // bookings, so subscriptions are only trimmed (oldest first) well below the gateway's limit.
-      if (!booking_id.empty()) watched.push_back(std::move(booking_id));
-      if (watched.size() > 100) {
-        co_await ws->async_write(
-            net::buffer(fmt::format(R"({{"id":{},"op":"unsubscribe","topic":"booking/{}"}})", ++next_id,
-                                    watched.front())),
-            use_awaitable);
-        ++run.ws_messages;
-        watched.pop_front();
-      }
     } catch (const std::exception& e) {
       if (steady::now() >= deadline)
         ++run.timeouts;

@@ -137,6 +137,62 @@ TEST_CASE("the gateway turns Nagle's algorithm off on every connection (no 40 ms
   CHECK(test::eventually([&] { return gateway_side_no_delay(c.fd()) == true; }));
 }
 
+TEST_CASE("book with \"follow\":\"decision\": the decision is pushed, then the subscription ends by itself") {
+  for (const bool slow : {false, true}) {
+    CAPTURE(slow);
+    Collector<Completion> pending;
+    EngineOptions eo;
+    if (slow) eo.handler = [&pending](const Booking&, Completion done) { pending.push(std::move(done)); };
+    Server s({}, std::move(eo));
+    auto ws = s.ws("alice");
+    auto request = book("room-10");
+    request["follow"] = "decision";
+    auto reply = ws->request(request).value();
+    REQUIRE(reply.at("ok") == true);
+    const std::string id(reply.at("result").at("booking_id").as_string());
+    if (slow) {
+      auto handed = pending.wait_for(1);
+      REQUIRE(handed.size() == 1);
+      CHECK(handed[0](Decision::approved()));
+    }
+    auto ev = ws->next(5s);
+    REQUIRE(ev);
+    CHECK(ev->at("topic").as_string() == "booking/" + id);
+    CHECK(status_of(*ev) == "confirmed");
+    // Nothing to unsubscribe: the connection follows nothing once the decision is out.
+    CHECK(test::eventually([&] { return s.gateway->stats().subscriptions == 0; }));
+    CHECK(ws->request({{"op", "unsubscribe"}, {"topic", "booking/" + id}}).value().at("error").at("code") ==
+          "not_found");
+    // A later change of the booking (a cancel) is not pushed to this follower any more.
+    CHECK(ws->request({{"op", "cancel"}, {"booking_id", id}}).value().at("ok") == true);
+    CHECK(ws->request({{"op", "ping"}}).value().at("ok") == true);
+    CHECK(!ws->next(200ms));
+    // Without it ("all", the default) the subscription stays and the cancel is pushed.
+    auto follow_all = book("room-10");
+    follow_all["follow"] = "all";
+    auto second = ws->request(follow_all).value();
+    REQUIRE(second.at("ok") == true);
+    const std::string id2(second.at("result").at("booking_id").as_string());
+    if (slow) {
+      auto handed = pending.wait_for(2);
+      REQUIRE(handed.size() == 2);
+      CHECK(handed[1](Decision::approved()));
+    }
+    REQUIRE(ws->next(5s));
+    CHECK(ws->request({{"op", "cancel"}, {"booking_id", id2}}).value().at("ok") == true);
+    auto cancelled = ws->next(5s);
+    REQUIRE(cancelled);
+    CHECK(status_of(*cancelled) == "cancelled");
+    CHECK(s.gateway->stats().subscriptions == 1);
+    // Anything else is refused before a booking is made.
+    auto bad = book("room-10");
+    bad["follow"] = "forever";
+    auto refused = ws->request(bad).value();
+    CHECK(refused.at("error").at("code") == "bad_request");
+    CHECK(refused.at("error").at("message") == R"("follow" is "all" (the default) or "decision")");
+  }
+}
+
 TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") {
   // Decided at once (maybe before the gateway follows the booking's topic), or by a handler the
   // test answers once the client has the ACK (after: the gateway subscribes on the connection's
@@ -1551,7 +1607,8 @@ std::vector<ServerFrame> server_frames(std::string_view bytes) {
       header = 10;
     }
     if (bytes.size() < header + len) break;
-    out.push_back({static_cast<std::uint8_t>(b0 & 0x0f), (b0 & 0x80) != 0, std::string(bytes.substr(header, len))});
+    out.push_back(
+        {static_cast<std::uint8_t>(b0 & 0x0f), (b0 & 0x80) != 0, std::string(bytes.substr(header, len))});
     bytes.remove_prefix(header + len);
   }
   return out;
@@ -1564,9 +1621,10 @@ std::uint16_t close_code_from(RawSocket& raw, std::string already, std::chrono::
   while (true) {
     for (const auto& f : server_frames(all))
       if (f.opcode == 0x8)
-        return f.payload.size() >= 2 ? static_cast<std::uint16_t>((static_cast<unsigned char>(f.payload[0]) << 8) |
-                                                                   static_cast<unsigned char>(f.payload[1]))
-                                     : 1005;
+        return f.payload.size() >= 2
+                   ? static_cast<std::uint16_t>((static_cast<unsigned char>(f.payload[0]) << 8) |
+                                                static_cast<unsigned char>(f.payload[1]))
+                   : 1005;
     const auto left =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0 || raw.closed()) return 0;
@@ -1584,7 +1642,9 @@ std::string upgrade(RawSocket& raw, std::string request) {
 
 }  // namespace
 
-TEST_CASE("RFC 6455 on the wire: accept key, pings answered with their payload, a client's close echoed, then FIN") {
+TEST_CASE(
+    "RFC 6455 on the wire: accept key, pings answered with their payload, a client's close echoed, then "
+    "FIN") {
   for (const bool beast : {false, true}) {
     CAPTURE(beast);
     GatewayOptions o;
@@ -1624,14 +1684,14 @@ TEST_CASE("RFC 6455 violations close the connection with the code the RFC names;
       CHECK(raw.wait_closed(5s));
       return code;
     };
-    CHECK(violation("\x81\x02hi") == 1002);                          // not masked
-    CHECK(violation(test::ws_frame("x", 0x3)) == 1002);              // reserved opcode
-    CHECK(violation(test::ws_frame("x", 0x0)) == 1002);              // continuation of nothing
+    CHECK(violation("\x81\x02hi") == 1002);                                // not masked
+    CHECK(violation(test::ws_frame("x", 0x3)) == 1002);                    // reserved opcode
+    CHECK(violation(test::ws_frame("x", 0x0)) == 1002);                    // continuation of nothing
     CHECK(violation(test::ws_frame(std::string(126, 'p'), 0x9)) == 1002);  // control frame too big
     CHECK(violation(test::ws_frame("{\"op\":\"\xc3\x28\"}")) == 1007);     // not UTF-8
-    CHECK(violation(test::ws_frame(std::string(5000, ' '))) == 1009);     // over max_message_bytes
-    CHECK(violation(test::ws_frame(std::string(3000, ' '), 0x1, false) + test::ws_frame(std::string(3000, ' '), 0x0)) ==
-          1009);  // over it in fragments
+    CHECK(violation(test::ws_frame(std::string(5000, ' '))) == 1009);      // over max_message_bytes
+    CHECK(violation(test::ws_frame(std::string(3000, ' '), 0x1, false) +
+                    test::ws_frame(std::string(3000, ' '), 0x0)) == 1009);  // over it in fragments
     CHECK(bystander->request({{"op", "ping"}}).value().at("ok") == true);
   }
 }
@@ -1657,7 +1717,8 @@ TEST_CASE("an upgrade RFC 6455 does not allow is refused with 400, another versi
     const auto v8 = status_of(replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"));
     CHECK(v8.starts_with("HTTP/1.1 426"));
     CHECK(v8.find("Sec-WebSocket-Version: 13") != std::string::npos);
-    CHECK(status_of(replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "")).starts_with("HTTP/1.1 400"));
+    CHECK(status_of(replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""))
+              .starts_with("HTTP/1.1 400"));
     // A key that is not base64 of 16 bytes (Beast's stream only bounds the key's length).
     if (!beast) CHECK(status_of(replace("dGhlIHNhbXBsZSBub25jZQ==", "short")).starts_with("HTTP/1.1 400"));
     // The connection is still good for a proper upgrade afterwards.

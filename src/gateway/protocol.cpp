@@ -256,6 +256,13 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
     return fail(id, "too_large",
                 fmt::format("at most {} subscriptions per connection; unsubscribe first",
                             ctx_->options.max_subscriptions));
+  bool until_decision = false;
+  if (auto f = msg.if_contains("follow"); f && !f->is_null()) {
+    if (f->is_string() && f->get_string() == "decision")
+      until_decision = true;
+    else if (!f->is_string() || f->get_string() != "all")
+      return fail(id, "bad_request", "\"follow\" is \"all\" (the default) or \"decision\"");
+  }
   std::weak_ptr<ConnectionSink> weak = sink_;
   submit_on_strand(
       *ctx_, std::move(*req),
@@ -264,10 +271,10 @@ void ConnectionLogic::op_book(const boost::json::object& msg, const boost::json:
       },
       // Runs on the strand while the connection (which owns this logic) is alive: the sink's post
       // runs nothing once it has finished.
-      [this, id](result<Ack> ack) { on_booked(id, std::move(ack)); });
+      [this, id, until_decision](result<Ack> ack) { on_booked(id, std::move(ack), until_decision); });
 }
 
-void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
+void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack, bool until_decision) {
   if (!ack) return fail(id, ack.error());
   // Several books may have been in flight: the subscription cap holds for them too. The booking
   // is made; the client follows it with a subscribe once it has room.
@@ -307,7 +314,7 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack) {
   // state it reports comes first, whole, as an event (or a snapshot where the bus's rules give
   // one), then what follows; the client takes the state from there, once.
   const auto known = ack->replayed ? ack->version - 1 : ack->version;
-  subscribe(topic, known, std::nullopt, known);
+  subscribe(topic, known, std::nullopt, known, until_decision);
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -525,8 +532,20 @@ result<Subscription> follow_for_events(const GatewayContext& ctx, const std::str
       so);
 }
 
+namespace {
+// A booking state past processing (confirmed, rejected, cancelled, expired...): what a "follow":
+// "decision" subscription ends after.
+bool is_decided(const Event& event) {
+  const auto* o = event.data().if_object();
+  if (!o) return false;
+  const auto* status = o->if_contains("status");
+  return status && status->is_string() && status->get_string() != "processing";
+}
+}  // namespace
+
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                                std::optional<std::uint32_t> epoch, std::uint64_t known_version) {
+                                std::optional<std::uint32_t> epoch, std::uint64_t known_version,
+                                bool until_decision) {
   auto it = subscriptions_.find(topic);
   if (it != subscriptions_.end()) {
     subscriptions_.erase(it);  // replaced below: e.g. a resubscribe with `since` after a gap
@@ -541,17 +560,30 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
   std::weak_ptr<ConnectionSink> weak = sink_;
   const BookingVersionFilter filter(topic, since, known_version);
   auto stale = [filter](const Delivery& d) { return filter.stale(d); };
+  const auto generation = ++generations_;
+  // Deliveries of one follower never run concurrently, so `ended` needs no lock.
   auto sub = ctx_->follow(
       topic,
-      [weak, topic, stale](const Delivery& d) {
+      [this, weak, topic, stale, until_decision, generation, ended = false](const Delivery& d) mutable {
+        if (ended) return;
         auto sink = weak.lock();
         if (!sink) return;
         switch (d.kind) {
           case Delivery::Kind::event:
-            if (!stale(d)) sink->send_event(d.event, false);
-            break;
           case Delivery::Kind::snapshot:
-            if (!stale(d)) sink->send_event(d.event, true);
+            if (stale(d)) break;
+            sink->send_event(d.event, d.kind == Delivery::Kind::snapshot);
+            if (until_decision && is_decided(*d.event)) {
+              // The decision was the last message of this topic for the client: the subscription
+              // ends on the connection's strand (where this logic lives while the sink runs posts).
+              ended = true;
+              sink->post([this, topic, generation] {
+                auto found = subscriptions_.find(topic);
+                if (found == subscriptions_.end() || found->second.generation != generation) return;
+                subscriptions_.erase(found);
+                ctx_->metrics->subscriptions.fetch_sub(1);
+              });
+            }
             break;
           case Delivery::Kind::gap:
             sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
@@ -576,7 +608,7 @@ void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uin
                                                      {"message", sub.error().message}})));
     return;
   }
-  subscriptions_.emplace(topic, std::move(*sub));
+  subscriptions_.emplace(topic, Followed{std::move(*sub), generation});
   ctx_->metrics->subscriptions.fetch_add(1);
 }
 

@@ -253,7 +253,8 @@ class ConnectionLogic {
   bool admit(steady::time_point now);
   void handle(const boost::json::object& msg, const boost::json::value& id, std::string_view op);
   void op_book(const boost::json::object& msg, const boost::json::value& id);
-  void on_booked(const boost::json::value& id, result<Ack> ack);
+  /// `until_decision`: the book asked "follow":"decision" (the subscription ends after the decision).
+  void on_booked(const boost::json::value& id, result<Ack> ack, bool until_decision);
   void op_subscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_unsubscribe(const boost::json::object& msg, const boost::json::value& id);
   void op_cancel(const boost::json::object& msg, const boost::json::value& id);
@@ -261,15 +262,22 @@ class ConnectionLogic {
   /// Subscribes the sink to `topic` (replacing an existing subscription to it). With a
   /// `known_version` (booking topics: the version a book ACK reported), a booking state whose
   /// data's "version" is at most the highest the client has (that one, then each sent) is not
-  /// sent: the client has it, or a newer one.
+  /// sent: the client has it, or a newer one. With `until_decision` (a booking topic), the
+  /// subscription ends by itself once a decided state (any status but processing) was sent.
   void subscribe(const std::string& topic, std::optional<std::uint64_t> since,
-                 std::optional<std::uint32_t> epoch = std::nullopt, std::uint64_t known_version = 0);
+                 std::optional<std::uint32_t> epoch = std::nullopt, std::uint64_t known_version = 0,
+                 bool until_decision = false);
   void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
 
   std::shared_ptr<const GatewayContext> ctx_;
   std::weak_ptr<ConnectionSink> sink_;
   std::string user_;
-  std::map<std::string, Subscription, std::less<>> subscriptions_;
+  struct Followed {
+    Subscription subscription;
+    std::uint64_t generation = 0;  // which subscribe() made it (an ending one checks it is still the same)
+  };
+  std::map<std::string, Followed, std::less<>> subscriptions_;
+  std::uint64_t generations_ = 0;
   // Token bucket.
   double tokens_;
   steady::time_point refilled_;
