@@ -62,7 +62,8 @@ Outcome run(std::string_view input, std::size_t cut) {
     if (record.closed || out.failure != 0) break;
     const auto f = reader.feed(part->data(), part->size(), record);
     if (f.code != 0) {
-      FUZZ_CHECK(f.code == ws::close_protocol_error || f.code == ws::close_bad_payload || f.code == ws::close_too_big);
+      FUZZ_CHECK(f.code == ws::close_protocol_error || f.code == ws::close_bad_payload ||
+                 f.code == ws::close_too_big);
       out.failure = f.code;
     }
     // An incomplete frame: at most its header, mask and payload (the payload within the limit).

@@ -75,6 +75,13 @@ struct Server {
   client::HttpClient http() { return client::HttpClient("127.0.0.1", port); }
 };
 
+// Approves the `n`th booking (counting from 1) a test's handler was handed, once it has come.
+void approve(Collector<Completion>& pending, std::size_t n) {
+  auto handed = pending.wait_for(n);
+  REQUIRE(handed.size() == n);
+  CHECK(handed[n - 1](Decision::approved()));
+}
+
 boost::json::object book(const std::string& resource, int quantity = 1) {
   return {{"op", "book"}, {"resource", resource}, {"quantity", quantity}};
 }
@@ -150,11 +157,7 @@ TEST_CASE("book with \"follow\":\"decision\": the decision is pushed, then the s
     auto reply = ws->request(request).value();
     REQUIRE(reply.at("ok") == true);
     const std::string id(reply.at("result").at("booking_id").as_string());
-    if (slow) {
-      auto handed = pending.wait_for(1);
-      REQUIRE(handed.size() == 1);
-      CHECK(handed[0](Decision::approved()));
-    }
+    if (slow) approve(pending, 1);
     auto ev = ws->next(5s);
     REQUIRE(ev);
     CHECK(ev->at("topic").as_string() == "booking/" + id);
@@ -173,11 +176,7 @@ TEST_CASE("book with \"follow\":\"decision\": the decision is pushed, then the s
     auto second = ws->request(follow_all).value();
     REQUIRE(second.at("ok") == true);
     const std::string id2(second.at("result").at("booking_id").as_string());
-    if (slow) {
-      auto handed = pending.wait_for(2);
-      REQUIRE(handed.size() == 2);
-      CHECK(handed[1](Decision::approved()));
-    }
+    if (slow) approve(pending, 2);
     REQUIRE(ws->next(5s));
     CHECK(ws->request({{"op", "cancel"}, {"booking_id", id2}}).value().at("ok") == true);
     auto cancelled = ws->next(5s);
@@ -211,11 +210,7 @@ TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") 
     const std::string id(reply.at("result").at("booking_id").as_string());
     CHECK(reply.at("result").at("status") == "processing");
     CHECK(reply.at("result").at("seq") == 1);
-    if (slow) {
-      auto handed = pending.wait_for(1);
-      REQUIRE(handed.size() == 1);
-      CHECK(handed[0](Decision::approved()));
-    }
+    if (slow) approve(pending, 1);
     auto ev = ws->next(5s);
     REQUIRE(ev);
     CHECK(ev->at("type") == "event");

@@ -66,27 +66,28 @@ TEST_CASE("accept key, client key and close codes as RFC 6455 gives them") {
   CHECK(ws::accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
   CHECK(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZQ=="));
   CHECK_FALSE(ws::valid_client_key(""));
-  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZQ="));    // 23 characters
-  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZQ=x"));   // no padding
-  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25j*Q=="));   // not base64
-  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZR=="));   // unused bits set: not 16 bytes
+  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZQ="));   // 23 characters
+  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZQ=x"));  // no padding
+  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25j*Q=="));  // not base64
+  CHECK_FALSE(ws::valid_client_key("dGhlIHNhbXBsZSBub25jZR=="));  // unused bits set: not 16 bytes
   for (std::uint16_t c : {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 3000, 4001, 4999})
     CHECK(ws::valid_close_code(c));
   for (std::uint16_t c : {0, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000})
     CHECK_FALSE(ws::valid_close_code(c));
 }
 
-TEST_CASE("UTF-8 validation refuses overlong forms, surrogates, code points past U+10FFFF and cut sequences") {
+TEST_CASE(
+    "UTF-8 validation refuses overlong forms, surrogates, code points past U+10FFFF and cut sequences") {
   CHECK(ws::valid_utf8(""));
   CHECK(ws::valid_utf8("plain ascii that is longer than eight bytes"));
   CHECK(ws::valid_utf8("h\xc3\xa9llo \xe2\x82\xac \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf"));  // é € 😀 U+10FFFF
-  CHECK_FALSE(ws::valid_utf8("\xc0\xaf"));          // overlong '/'
-  CHECK_FALSE(ws::valid_utf8("\xe0\x80\xaf"));      // overlong
-  CHECK_FALSE(ws::valid_utf8("\xf0\x80\x80\xaf"));  // overlong
+  CHECK_FALSE(ws::valid_utf8("\xc0\xaf"));                                               // overlong '/'
+  CHECK_FALSE(ws::valid_utf8("\xe0\x80\xaf"));                                           // overlong
+  CHECK_FALSE(ws::valid_utf8("\xf0\x80\x80\xaf"));                                       // overlong
   CHECK_FALSE(ws::valid_utf8("\xed\xa0\x80"));      // U+D800, a surrogate
   CHECK_FALSE(ws::valid_utf8("\xf4\x90\x80\x80"));  // U+110000
   CHECK_FALSE(ws::valid_utf8("\xf5\x80\x80\x80"));
-  CHECK_FALSE(ws::valid_utf8("ab\xe2\x82"));        // cut at the end
+  CHECK_FALSE(ws::valid_utf8("ab\xe2\x82"));  // cut at the end
   CHECK_FALSE(ws::valid_utf8("ab\xe2\x28\xa1 and more text"));
   CHECK_FALSE(ws::valid_utf8("\x80"));
   CHECK_FALSE(ws::valid_utf8("\xff"));
@@ -116,9 +117,13 @@ TEST_CASE("server frame headers use the shortest length encoding") {
 
 TEST_CASE("a FrameReader gives whole messages however the bytes are cut, and holds nothing when idle") {
   const std::string stream = ws_frame(R"({"op":"ping","id":1})") + ws_frame("", 0x9) +
-                             ws_frame("frag-", 0x1, false) + ws_frame("pong-me", 0xA) + ws_frame("ment", 0x0, true) +
-                             ws_frame(std::string(300, 'y')) + ws_frame(std::string(70000, 'z'), 0x2) +
-                             ws_frame("\x03\xe8" "bye", 0x8);
+                             ws_frame("frag-", 0x1, false) + ws_frame("pong-me", 0xA) +
+                             ws_frame("ment", 0x0, true) + ws_frame(std::string(300, 'y')) +
+                             ws_frame(std::string(70000, 'z'), 0x2) +
+                             ws_frame(
+                                 "\x03\xe8"
+                                 "bye",
+                                 0x8);
   // Every cut in two, then random cuts into many pieces.
   auto run = [&](const std::vector<std::size_t>& cuts) {
     ws::FrameReader r(100 * 1024);
@@ -174,23 +179,23 @@ TEST_CASE("a FrameReader refuses what RFC 6455 forbids with the close code it na
   CHECK(failure_of(unmasked) == 1002);
   auto rsv = ws_frame("x");
   rsv[0] = static_cast<char>(rsv[0] | 0x40);
-  CHECK(failure_of(rsv) == 1002);                                 // reserved bit, no extension
-  CHECK(failure_of(ws_frame("x", 0x3)) == 1002);                  // reserved data opcode
-  CHECK(failure_of(ws_frame("x", 0xB)) == 1002);                  // reserved control opcode
-  CHECK(failure_of(ws_frame("x", 0x9, false)) == 1002);           // fragmented ping
+  CHECK(failure_of(rsv) == 1002);                                   // reserved bit, no extension
+  CHECK(failure_of(ws_frame("x", 0x3)) == 1002);                    // reserved data opcode
+  CHECK(failure_of(ws_frame("x", 0xB)) == 1002);                    // reserved control opcode
+  CHECK(failure_of(ws_frame("x", 0x9, false)) == 1002);             // fragmented ping
   CHECK(failure_of(ws_frame(std::string(126, 'p'), 0x9)) == 1002);  // control frame > 125 bytes
-  CHECK(failure_of(ws_frame("x", 0x0)) == 1002);                  // continuation with nothing to continue
+  CHECK(failure_of(ws_frame("x", 0x0)) == 1002);                    // continuation with nothing to continue
   CHECK(failure_of(ws_frame("a", 0x1, false) + ws_frame("b", 0x1)) == 1002);  // a new message inside one
   CHECK(failure_of(ws_frame(std::string(1025, 'x'))) == 1009);                // bigger than the limit
   CHECK(failure_of(ws_frame(std::string(600, 'x'), 0x1, false) + ws_frame(std::string(600, 'x'), 0x0)) ==
-        1009);  // the fragments together
-  CHECK(failure_of(ws_frame("\xc3\x28")) == 1007);  // text that is not UTF-8
+        1009);                                                                       // the fragments together
+  CHECK(failure_of(ws_frame("\xc3\x28")) == 1007);                                   // text that is not UTF-8
   CHECK(failure_of(ws_frame("\xe2\x82", 0x1, false) + ws_frame("\xac", 0x0)) == 0);  // split € is fine
   CHECK(failure_of(ws_frame("\xe2\x82", 0x1, false) + ws_frame("(", 0x0)) == 1007);
-  CHECK(failure_of(ws_frame("\xff", 0x2)) == 0);  // binary is not UTF-8 checked
-  CHECK(failure_of(ws_frame("\x03", 0x8)) == 1002);               // close with a 1-byte payload
-  CHECK(failure_of(ws_frame("\x03\xed", 0x8)) == 1002);           // close code 1005 may not be sent
-  CHECK(failure_of(ws_frame("\x03\xe8\xc3\x28", 0x8)) == 1007);   // close reason not UTF-8
+  CHECK(failure_of(ws_frame("\xff", 0x2)) == 0);                 // binary is not UTF-8 checked
+  CHECK(failure_of(ws_frame("\x03", 0x8)) == 1002);              // close with a 1-byte payload
+  CHECK(failure_of(ws_frame("\x03\xed", 0x8)) == 1002);          // close code 1005 may not be sent
+  CHECK(failure_of(ws_frame("\x03\xe8\xc3\x28", 0x8)) == 1007);  // close reason not UTF-8
   // A 16-bit length below 126, a 64-bit one below 65536 or with the top bit: not minimal, refused.
   std::string f16 = "\x81\xfe";
   f16 += std::string("\x00\x05", 2) + std::string("\0\0\0\0", 4) + "hello";
