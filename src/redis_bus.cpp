@@ -138,11 +138,14 @@ local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-elseif ARGV[7] ~= '' then
-  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if current >= tonumber(ARGV[7]) then return {tonumber(epoch), current, ''} end
+  redis.call('SET', KEYS[1], epoch, 'PX', ARGV[4])
+else
+  if ARGV[7] ~= '' then
+    local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if current >= tonumber(ARGV[7]) then return {tonumber(epoch), current, ''} end
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- (a SET of the same value costs twice as much)
 end
-redis.call('SET', KEYS[1], epoch, 'PX', ARGV[4])
 local seq
 if ARGV[7] ~= '' then
   seq = ARGV[7]  -- kept as text: Lua would print a large number as 1e+15 in the entries below
@@ -154,7 +157,7 @@ end
 local t = redis.call('TIME')
 local us = t[1] .. string.format('%06d', tonumber(t[2]))
 local entry = seq .. ':' .. us .. ':' .. ARGV[1]
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], seq .. '-0', 't', us, 'd', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', us, 'd', ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], entry, 'PX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], epoch .. ':' .. entry)
@@ -162,9 +165,13 @@ return {tonumber(epoch), tonumber(seq), us}
 )lua";
 
 // KEYS: epoch, seq, history stream, last. ARGV: since_seq, history_max_age_us, create ('1' to
-// create the epoch when absent, as subscribe does), candidate epoch, topic_idle_ttl_ms.
+// create the epoch when absent, as subscribe does), candidate epoch, topic_idle_ttl_ms,
+// history_limit.
 // Returns {epoch or '', seq, last entry or '', first seq kept in history or '', entries with
-// seq > since as 'seq:us:data'}. Entries older than the age limit count as gone.
+// seq > since as 'seq:us:data'}. Entries older than the age limit count as gone, and so do all
+// but the newest history_limit: the publish script trims the stream approximately (MAXLEN ~,
+// whole stream nodes at a time, which costs Redis less per publish), so it may hold a node's
+// worth more than the limit, and the limit is applied here.
 constexpr std::string_view read_script = R"lua(
 local epoch = redis.call('GET', KEYS[1])
 if not epoch and ARGV[3] == '1' then
@@ -180,7 +187,9 @@ local oldest = tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[2])
 local since = tonumber(ARGV[1])
 local first = ''
 local out = {}
-for _, e in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[6])
+for k = #newest, 1, -1 do
+  local e = newest[k]
   local s = tonumber(string.match(e[1], '^(%d+)'))
   local f = e[2]
   local us, data
@@ -904,7 +913,8 @@ std::vector<std::string> RedisBus::impl::read_command(std::string_view topic, st
           std::to_string(max_age_us),
           create_epoch ? "1" : "0",
           candidate_epoch(),
-          std::to_string(options.topic_idle_ttl.count())};
+          std::to_string(options.topic_idle_ttl.count()),
+          std::to_string(options.history_limit)};
 }
 
 result<RedisBus::impl::read_result> RedisBus::impl::read(std::string_view topic, std::uint64_t since_seq,

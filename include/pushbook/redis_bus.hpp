@@ -56,7 +56,9 @@ struct RedisBusOptions {
   /// Prepended to every key and channel this bus uses, so that several pushbook deployments (or
   /// tests) can share one Redis. Buses that should see each other's events use the same prefix.
   std::string key_prefix = "pushbook:";
-  /// History kept per topic in Redis: at most this many events...
+  /// History kept per topic in Redis: at most this many events are replayed or returned by
+  /// history() (Redis trims the stream approximately, a stream node at a time, so it may store
+  /// up to ~100 more; reads apply the exact limit)...
   std::size_t history_limit = 256;
   /// ...and none older than this (entries are filtered by age when read; the whole history
   /// stream expires this long after the topic's last publish).
