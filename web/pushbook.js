@@ -99,6 +99,11 @@ export class SeqTracker {
 
 const DELIVER = Symbol('deliver');
 const END = Symbol('end');
+const UNTIL_DECISION = Symbol('untilDecision');  // a book({follow: 'decision'}) subscription
+// A booking event with its decision: any status but 'processing' (the server's rule for
+// follow: 'decision'), not the event the client made from a book reply.
+const isDecision = (event) =>
+  !event.ack && typeof event.data?.status === 'string' && event.data.status !== 'processing';
 const reportLater = (error) => queueMicrotask(() => { throw error; });  // as an uncaught error
 
 /**
@@ -341,13 +346,21 @@ export class PushbookClient {
    *   request, `lines`, `metadata`, `hold_ms`; the events that follow carry the whole booking
    * @param {(error: PushbookError) => void} [request.onError] the server stopped following the
    *   booking for this client (e.g. `forbidden` after a new token made it another user)
+   * @param {'all'|'decision'} [request.follow='all'] 'decision': the subscription ends by itself
+   *   once the decision (any status but 'processing') has been delivered (the iterator is then
+   *   done, no error), and the server stops following the booking for this client without an
+   *   `unsubscribe` round trip. Later changes (a cancel) are not delivered. Other subscriptions
+   *   of the same topic go on. 'all': followed until `unsubscribe()`.
    * @returns {Promise<{booking_id: string, status: string, seq?: number, replayed?: boolean,
    *   subscription: Subscription}>} `subscription` follows `booking/<id>`; unsubscribe when done
    */
   async book(request = {}) {
-    const { resource, quantity = 1, lines, metadata, holdMs, onEvent, onError } = request;
+    const { resource, quantity = 1, lines, metadata, holdMs, onEvent, onError, follow = 'all' } = request;
     const { idempotencyKey = randomKey() } = request;
+    if (follow !== 'all' && follow !== 'decision')
+      throw new TypeError(`book's follow is 'all' or 'decision', not ${JSON.stringify(follow)}`);
     const msg = { op: 'book', idempotency_key: idempotencyKey };
+    if (follow === 'decision') msg.follow = follow;
     if (lines) msg.lines = lines;
     else Object.assign(msg, { resource, quantity });
     if (metadata !== undefined) msg.metadata = metadata;
@@ -358,7 +371,7 @@ export class PushbookClient {
     const onReply = (result) => {
       const topic = `booking/${result.booking_id}`;
       const websocket = this.#mode === 'websocket';
-      subscription = this.#follow(topic, { onEvent, onError }, websocket);
+      subscription = this.#follow(topic, { onEvent, onError, untilDecision: follow === 'decision' }, websocket);
       // Over WebSocket the server follows a new booking's topic from the version its reply
       // reports (`seq`): the reply is the topic's first event, and its seq the resume point (a
       // reconnect before the decision resubscribes with since = seq and still gets it). After a
@@ -403,8 +416,11 @@ export class PushbookClient {
 
   // --- topics ----------------------------------------------------------------------------
 
-  #follow(topic, { since, epoch, onEvent, onError }, serverSubscribed) {
+  // `serverSubscribed`: a book over WebSocket made the server follow the topic already (with
+  // `untilDecision`, until the decision).
+  #follow(topic, { since, epoch, onEvent, onError, untilDecision = false }, serverSubscribed) {
     const sub = new Subscription(topic, { onEvent, onError }, (s) => this.#release(s));
+    sub[UNTIL_DECISION] = untilDecision;
     if (this.#state === 'closed') {
       sub[END](new PushbookError('closed', 'the client is closed'));
       return sub;
@@ -415,7 +431,10 @@ export class PushbookClient {
       if (t.latest) sub[DELIVER](t.latest);
       return sub;
     }
-    t = { subs: new Set([sub]), latest: null, stream: null, streamOpen: false };
+    // serverEnds: the server ends its subscription at the decision (book with follow: 'decision'
+    // over WebSocket; a resubscribe follows everything again).
+    t = { subs: new Set([sub]), latest: null, stream: null, streamOpen: false,
+      serverEnds: serverSubscribed && untilDecision };
     this.#topics.set(topic, t);
     this.#seqs.seed(topic, since, epoch);
     if (this.#mode === 'sse') {
@@ -443,6 +462,8 @@ export class PushbookClient {
   }
 
   #sendSubscribe(topic) {
+    const followed = this.#topics.get(topic);
+    if (followed) followed.serverEnds = false;  // a subscribe follows the topic until unsubscribe
     const since = this.#seqs.last(topic);
     const epoch = this.#seqs.epoch(topic);
     const msg = since === undefined ? { op: 'subscribe', topic } : { op: 'subscribe', topic, since };
@@ -481,6 +502,29 @@ export class PushbookClient {
     t.latest = event;
     this.#emit('event', event);
     for (const sub of [...t.subs]) sub[DELIVER](event);
+    if (isDecision(event) && this.#topics.get(event.topic) === t) this.#decided(event.topic, t);
+  }
+
+  // The decision of a booking topic was delivered: subscriptions that wanted only it end; the
+  // topic stays followed (from the decision on) while others want more.
+  #decided(topic, t) {
+    for (const sub of [...t.subs]) {
+      if (!sub[UNTIL_DECISION]) continue;
+      t.subs.delete(sub);
+      sub[END]();
+    }
+    if (t.subs.size) {
+      // The server ends its side at the decision: the others need a subscription of their own.
+      if (t.serverEnds && this.#state === 'open') this.#sendSubscribe(topic);
+      return;
+    }
+    this.#forget(topic);
+    if (this.#mode === 'sse') {
+      t.stream?.close();
+      this.#checkStreamsOpen();
+    } else if (!t.serverEnds && this.#state === 'open') {
+      this.#request({ op: 'unsubscribe', topic }).catch(() => {});
+    }
   }
 
   // One server message (a line of a WebSocket frame, or an SSE message of `streamTopic`).
@@ -563,7 +607,7 @@ export class PushbookClient {
   async #rest(msg) {
     let method = 'POST', path = '/v1/bookings', body, headers = {};
     if (msg.op === 'book') {
-      const { op, ...rest } = msg;
+      const { op, follow, ...rest } = msg;  // follow: the client's own business over SSE
       body = JSON.stringify(rest);
       headers = { 'content-type': 'application/json', 'idempotency-key': msg.idempotency_key };
     } else if (msg.op === 'cancel') {

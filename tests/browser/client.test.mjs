@@ -241,6 +241,69 @@ test('book over WebSocket: the reply is the first event; a reconnect before the 
     client.close();
   });
 
+test("book with follow: 'decision': the subscription ends at the decision, without an unsubscribe",
+  async () => {
+    const { client, socket } = makeClient();
+    const connected = client.connect();
+    await until(() => socket(0), 'a socket');
+    socket(0).open();
+    await connected;
+
+    await assert.rejects(client.book({ resource: 'room-101', follow: 'first' }), TypeError);
+    assert.equal(socket(0).requests('book').length, 0);
+
+    // Alone: the server ends its side after the decision, so the client sends nothing.
+    const seen = [];
+    const booking = client.book({ resource: 'room-101', follow: 'decision', onEvent: (ev) => seen.push(ev) });
+    const [request] = socket(0).requests('book');
+    assert.equal(request.follow, 'decision');
+    socket(0).reply(request, { booking_id: 'B5', status: 'processing', seq: 1 });
+    const { subscription } = await booking;
+    socket(0).push(event('booking/B5', 2, { status: 'confirmed' }), event('booking/B5', 3, { status: 'cancelled' }));
+    assert.deepEqual(seen.map((ev) => [ev.seq, ev.data.status]), [[1, 'processing'], [2, 'confirmed']]);
+    assert.deepEqual(await subscription.next(), { value: undefined, done: true });
+    assert.equal(socket(0).requests('unsubscribe').length, 0);
+
+    // With another subscription of the topic: it goes on, with a subscribe of its own from the
+    // decision (the server's book subscription ends there).
+    const again = client.book({ resource: 'room-101', follow: 'decision' });
+    const [, second] = socket(0).requests('book');
+    socket(0).reply(second, { booking_id: 'B6', status: 'processing', seq: 1 });
+    const mine = (await again).subscription;
+    const watcher = [];
+    client.subscribe('booking/B6', { onEvent: (ev) => watcher.push(ev.data.status) });
+    assert.equal(socket(0).requests('subscribe').length, 0);  // joined the followed topic
+    socket(0).push(event('booking/B6', 2, { status: 'confirmed' }));
+    assert.equal((await mine.next()).value.data.status, 'processing');  // made from the reply
+    assert.deepEqual(await mine.next(), { value: event('booking/B6', 2, { status: 'confirmed' }), done: false });
+    assert.deepEqual(await mine.next(), { value: undefined, done: true });
+    const [resume] = socket(0).requests('subscribe');
+    assert.deepEqual(resume, { id: resume.id, op: 'subscribe', topic: 'booking/B6', since: 2 });
+    socket(0).reply(resume, { topic: 'booking/B6' });
+    socket(0).push(event('booking/B6', 3, { status: 'cancelled' }));
+    assert.deepEqual(watcher, ['processing', 'confirmed', 'cancelled']);
+
+    // Cut before the decision: the resubscribe follows everything, so after the decision the
+    // client unsubscribes itself.
+    const third = client.book({ resource: 'room-101', follow: 'decision' });
+    const [, , request3] = socket(0).requests('book');
+    socket(0).reply(request3, { booking_id: 'B7', status: 'processing', seq: 1 });
+    const cut = (await third).subscription;
+    socket(0).drop();
+    await until(() => socket(1), 'a second socket');
+    socket(1).open();
+    await until(() => socket(1).requests('subscribe').some((m) => m.topic === 'booking/B7'), 'the resubscribe');
+    const again7 = socket(1).requests('subscribe').find((m) => m.topic === 'booking/B7');
+    assert.equal(again7.since, 1);
+    socket(1).reply(again7, { topic: 'booking/B7' });
+    socket(1).push(event('booking/B7', 2, { status: 'rejected' }));
+    assert.equal((await cut.next()).value.data.status, 'processing');
+    assert.deepEqual(await cut.next(), { value: event('booking/B7', 2, { status: 'rejected' }), done: false });
+    assert.deepEqual(await cut.next(), { value: undefined, done: true });
+    assert.deepEqual(socket(1).requests('unsubscribe').map((m) => m.topic), ['booking/B7']);
+    client.close();
+  });
+
 test('gap markers and skipped seqs make the client resubscribe from the last seq', async () => {
   const { client, socket } = makeClient();
   const sub = client.subscribe('resource/a', { since: 10 });

@@ -103,6 +103,34 @@ test('from Node: the connection cut after the ACK, before the decision: the deci
     }
   });
 
+test("from Node: book with follow: 'decision': the loop ends by itself after the decision, no unsubscribe",
+  { skip: !nodeHasWebSocket && 'this Node has no WebSocket (Node 20.10+ or 22 needed)' }, async () => {
+    const desk = await startServer(['--secret', SECRET, '--decision-delay-ms', '50', '--resource', 'desk:5']);
+    try {
+      const lines = await runClient(`
+        const sockets = [];
+        class Recording extends WebSocket {
+          constructor(...args) { super(...args); this.sent = []; sockets.push(this); }
+          send(text) { this.sent.push(JSON.parse(text)); super.send(text); }
+        }
+        const client = new PushbookClient({ url: env.url, token: async () => env.token, WebSocket: Recording });
+        await client.connect();
+        for (let i = 0; i < 2; i++) {
+          const { subscription } = await client.book({ resource: 'desk', follow: 'decision' });
+          for await (const ev of subscription) print({ i, seq: ev.seq, status: ev.data.status });
+        }
+        print({ sent: sockets[0].sent.map((m) => m.op + (m.follow ? ':' + m.follow : '')) });
+        client.close();`, 'quinn', desk.url);
+      assert.deepEqual(lines, [
+        { i: 0, seq: 1, status: 'processing' }, { i: 0, seq: 2, status: 'confirmed' },
+        { i: 1, seq: 1, status: 'processing' }, { i: 1, seq: 2, status: 'confirmed' },
+        { sent: ['book:decision', 'book:decision'] },
+      ]);
+    } finally {
+      await desk.stop();
+    }
+  });
+
 test('from Node: a resource subscription starts with a snapshot; a forbidden topic is refused',
   { skip: !nodeHasWebSocket && 'this Node has no WebSocket (Node 20.10+ or 22 needed)' }, async () => {
     const lines = await runClient(`
