@@ -121,8 +121,17 @@ struct GatewayCore : std::enable_shared_from_this<GatewayCore> {
 /// Turns Nagle's algorithm off on an accepted connection (every gateway socket).
 void set_no_delay(tcp::socket& socket);
 
-/// "ADDRESS:PORT" of the socket's peer, or "-" when it has none (closed).
-std::string peer_address(const tcp::socket& socket);
+/// "ADDRESS:PORT".
+std::string endpoint_text(const tcp::endpoint& peer);
+
+/// "ADDRESS:PORT" of the socket's peer, or "-" when it has none (closed). Any TCP socket type
+/// (the HTTP sessions' type-erased one, the own WebSocket layer's io_context-typed one).
+template <typename Socket>
+std::string peer_address(const Socket& socket) {
+  boost::system::error_code ec;
+  const auto peer = socket.remote_endpoint(ec);
+  return ec ? std::string("-") : endpoint_text(peer);
+}
 
 /// Removes `access_token=...` values from a request target before it is logged.
 std::string redact_target(std::string_view target);

@@ -146,10 +146,7 @@ void set_no_delay(tcp::socket& socket) {
   socket.set_option(tcp::no_delay(true), ignored);
 }
 
-std::string peer_address(const tcp::socket& socket) {
-  boost::system::error_code ec;
-  const auto peer = socket.remote_endpoint(ec);
-  if (ec) return "-";
+std::string endpoint_text(const tcp::endpoint& peer) {
   return fmt::format("{}:{}", peer.address().to_string(), peer.port());
 }
 

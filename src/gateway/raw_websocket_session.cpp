@@ -119,9 +119,7 @@ void RawWebSocketSession<Executor>::run(const Request& req, std::string user,
   if (o.access_log) {
     access_ = std::make_unique<AccessLog>();
     access_->started = last_read_;
-    boost::system::error_code peer_ec;
-    const auto peer = socket_.remote_endpoint(peer_ec);
-    access_->peer = peer_ec ? "-" : fmt::format("{}:{}", peer.address().to_string(), peer.port());
+    access_->peer = peer_address(socket_);
   }
   logic_.emplace(core_->ctx, std::static_pointer_cast<ConnectionSink>(this->shared_from_this()),
                  std::move(user), token_expires);
