@@ -3,6 +3,9 @@
 //   latency  N WebSocket clients (default 10,000) connected to a pushbook-server process; they
 //            book at a steady aggregate rate with no business delay; book-to-confirmation time
 //            is measured from each booking's *scheduled* send time (no coordinated omission).
+//   exchange the latency mode's clients and rate with {"op":"ping"} instead of a booking: the
+//            server CPU of one WebSocket request and response alone (no engine, no bus), the
+//            floor under the latency mode's CPU per booking.
 //   fanout   one topic, 1,000 subscribers, ~110-byte events: deliveries per second and per
 //            server CPU-second. The server is this program in a child process (--serve-fanout:
 //            a gateway on 1 thread that publishes when told on stdin), so the clients' CPU is
@@ -17,7 +20,8 @@
 // the in-process gateway (fanout). --bus both measures each mode over both buses in every run,
 // one after the other, and prints the ratios.
 //
-//   pushbook-gateway-bench [--only latency|fanout|handshakes|memory] [--bus local|redis|both] [--clients N]
+//   pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory] [--bus local|redis|both]
+//   [--clients N]
 //                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
 //                          [--server-arg ARG]...  (given to every pushbook-server it starts)
 #include <pushbook/auth.hpp>
@@ -227,7 +231,10 @@ struct LatencyResult {
   double server_cpu_per_booking_us = 0;
 };
 
-LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
+// `ping`: the exchange mode: the same clients at the same rate send {"op":"ping"} and wait for
+// its reply instead of booking. Its server CPU per exchange is what one WebSocket request and
+// response cost the gateway without the engine or the bus: the floor under a pushed booking.
+LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = false) {
   ServerProcess server(bus);
   net::io_context ioc(1);
   auto guard = net::make_work_guard(ioc);
@@ -235,11 +242,16 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
   LatencyHistogram hist;
   std::atomic<std::uint64_t> decided{0};
   auto conns = connect_all(ioc, server.port, o.clients, [&](Conn& c, std::string_view line) {
-    // Only the decision matters here: the first booking event whose status is final.
-    if (!c.waiting || line.find("\"type\":\"event\"") == std::string_view::npos) return;
-    if (line.find("\"status\":\"confirmed\"") == std::string_view::npos &&
-        line.find("\"status\":\"rejected\"") == std::string_view::npos)
-      return;
+    if (!c.waiting) return;
+    if (ping) {
+      if (line.find("\"pong\":true") == std::string_view::npos) return;
+    } else {
+      // Only the decision matters here: the first booking event whose status is final.
+      if (line.find("\"type\":\"event\"") == std::string_view::npos) return;
+      if (line.find("\"status\":\"confirmed\"") == std::string_view::npos &&
+          line.find("\"status\":\"rejected\"") == std::string_view::npos)
+        return;
+    }
     hist.record(steady::now() - c.sent_at);
     c.waiting = false;
     ++decided;
@@ -263,8 +275,10 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus) {
       if (c.waiting) continue;  // still waiting for its last one: skip (rare at these rates)
       c.waiting = true;
       c.sent_at = at;
-      net::dispatch(c.ws.get_executor(),
-                    [&c] { c.send(R"({"id":1,"op":"book","resource":"hall","follow":"decision"})"); });
+      net::dispatch(c.ws.get_executor(), [&c, ping] {
+        c.send(ping ? R"({"id":1,"op":"ping"})"
+                    : R"({"id":1,"op":"book","resource":"hall","follow":"decision"})");
+      });
     }
     if (now < end) {
       tick.expires_after(std::chrono::microseconds(200));
@@ -324,11 +338,12 @@ int serve_fanout(const BusChoice& choice) {
   while (std::getline(std::cin, line)) {
     const int count = std::stoi(line);
     for (int k = 0; k < count; ++k)
-      bus->publish_async("resource/fan",
-                         std::make_shared<const boost::json::value>(boost::json::object{{"n", ++n}, {"pad", pad}}),
-                         [failed](result<EventPtr> r) {
-                           if (!r) failed->fetch_add(1, std::memory_order_relaxed);
-                         });
+      bus->publish_async(
+          "resource/fan",
+          std::make_shared<const boost::json::value>(boost::json::object{{"n", ++n}, {"pad", pad}}),
+          [failed](result<EventPtr> r) {
+            if (!r) failed->fetch_add(1, std::memory_order_relaxed);
+          });
   }
   if (failed->load() != 0) fmt::print(stderr, "{} publishes failed\n", failed->load());
   gw.stop();
@@ -488,7 +503,7 @@ int main(int argc, char** argv) {
       extra_server_args.push_back(value());
     else {
       fmt::print(stderr,
-                 "usage: pushbook-gateway-bench [--only latency|fanout|handshakes|memory]\n"
+                 "usage: pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory]\n"
                  "                              [--bus local|redis|both]\n"
                  "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
                  "                              [--events N] [--runs N] [--json]\n"
@@ -498,9 +513,9 @@ int main(int argc, char** argv) {
   }
   if (o.serve_fanout)  // the fanout mode's child: --bus is "local" or the Redis address
     return serve_fanout(o.bus == "local" ? BusChoice{"local", ""} : BusChoice{"redis", o.bus});
-  if (!o.only.empty() && o.only != "latency" && o.only != "fanout" && o.only != "handshakes" &&
-      o.only != "memory") {
-    fmt::print(stderr, "--only is latency, fanout, handshakes or memory, not '{}'\n", o.only);
+  if (!o.only.empty() && o.only != "latency" && o.only != "exchange" && o.only != "fanout" &&
+      o.only != "handshakes" && o.only != "memory") {
+    fmt::print(stderr, "--only is latency, exchange, fanout, handshakes or memory, not '{}'\n", o.only);
     return 2;
   }
   if (o.bus != "local" && o.bus != "redis" && o.bus != "both") {
@@ -517,7 +532,7 @@ int main(int argc, char** argv) {
     redis = std::make_unique<pushbook::test::RedisServer>();
     buses.push_back({"redis", redis->address()});
   }
-  std::map<std::string, std::vector<LatencyResult>> lat;
+  std::map<std::string, std::vector<LatencyResult>> lat, exchange;
   std::map<std::string, std::vector<FanoutResult>> fan;
   std::map<std::string, std::vector<HandshakeResult>> shakes;
   std::map<std::string, std::vector<double>> mem;
@@ -531,6 +546,10 @@ int main(int argc, char** argv) {
       if (want("latency")) {
         flush();
         lat[bus.kind].push_back(bench_latency(o, bus));
+      }
+      if (want("exchange")) {
+        flush();
+        exchange[bus.kind].push_back(bench_latency(o, bus, /*ping=*/true));
       }
       if (want("fanout")) {
         flush();
@@ -566,6 +585,23 @@ int main(int argc, char** argv) {
       for (const auto& x : runs)
         each += fmt::format("{}{:.3f}", each.empty() ? "" : ", ", x.latency.p99_ns / 1e6);
       fmt::print("  p99 of each run, sorted: {} ms\n", each);
+    }
+    if (auto& runs = exchange[kind]; !runs.empty()) {
+      std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) {
+        return a.server_cpu_per_booking_us < b.server_cpu_per_booking_us;
+      });
+      const auto& m = runs[runs.size() / 2];
+      std::string each;
+      for (const auto& x : runs)
+        each += fmt::format("{}{:.1f}", each.empty() ? "" : ", ", x.server_cpu_per_booking_us);
+      fmt::print(
+          "ping -> pong (the floor of one request and response), {} WebSocket clients, {} exchanges/s for {} "
+          "s "
+          "(median of {} runs){}:\n  exchanges {}  p50 {:.3f} ms  p99 {:.3f} ms  server CPU {:.1f} "
+          "us/exchange "
+          "(each run, sorted: {})\n",
+          o.clients, o.rate, o.seconds, runs.size(), over, m.bookings, m.latency.p50_ns / 1e6,
+          m.latency.p99_ns / 1e6, m.server_cpu_per_booking_us, each);
     }
     if (const auto& runs = fan[kind]; !runs.empty()) {
       std::vector<double> wall, cpu;
