@@ -2,59 +2,40 @@
 
 #include <boost/json/serialize.hpp>
 
-#include <atomic>
-#include <mutex>
+#include <fmt/format.h>
 
 namespace pushbook {
 
-// Each wire form is built once, by the first caller. Not std::call_once: glibc's pthread_once
-// makes a futex system call after every initialisation, and an event is made per state change.
-struct Event::cache {
-  std::mutex mutex;  // taken only until a form is built
-  std::atomic<bool> plain_ready{false}, snapshot_ready{false};
-  std::shared_ptr<const std::string> plain, snapshot;
-};
-
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
              std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
-    : topic_(std::move(topic)),
-      seq_(seq),
-      epoch_(epoch),
-      time_(time),
-      data_(std::move(data)),
-      cache_(std::make_unique<cache>()) {}
+    : topic_(std::move(topic)), seq_(seq), epoch_(epoch), time_(time), data_(std::move(data)) {}
 
 Event::~Event() = default;
 
+std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
+  const auto ts = std::chrono::duration_cast<std::chrono::milliseconds>(time_.time_since_epoch()).count();
+  // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
+  const std::string head =
+      fmt::format(R"({{"type":"event","topic":"{}","seq":{},"epoch":"{}","ts":{}{},"data":)", topic_, seq_,
+                  format_epoch(epoch_), ts, snapshot ? R"(,"snapshot":true)" : "");
+  const std::string body = boost::json::serialize(*data_);
+  // Sized exactly: the form may be kept as long as the event is in history.
+  std::string out;
+  out.reserve(head.size() + body.size() + 1);
+  out += head;
+  out += body;
+  out += '}';
+  return std::make_shared<const std::string>(std::move(out));
+}
+
 std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
-  auto build = [&](bool snap) {
-    const auto ts = std::chrono::duration_cast<std::chrono::milliseconds>(time_.time_since_epoch()).count();
-    // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
-    std::string out;
-    out.reserve(96 + topic_.size());
-    out += R"({"type":"event","topic":")";
-    out += topic_;
-    out += R"(","seq":)";
-    out += std::to_string(seq_);
-    out += R"(,"epoch":")";
-    out += format_epoch(epoch_);
-    out += R"(","ts":)";
-    out += std::to_string(ts);
-    if (snap) out += R"(,"snapshot":true)";
-    out += R"(,"data":)";
-    out += boost::json::serialize(*data_);
-    out += '}';
-    return std::make_shared<const std::string>(std::move(out));
-  };
-  auto& ready = snapshot ? cache_->snapshot_ready : cache_->plain_ready;
-  auto& form = snapshot ? cache_->snapshot : cache_->plain;
-  if (ready.load(std::memory_order_acquire)) return form;
-  std::lock_guard lock(cache_->mutex);
-  if (!form) {
-    form = build(snapshot);
-    ready.store(true, std::memory_order_release);
-  }
-  return form;
+  auto& form = snapshot ? snapshot_ : plain_;
+  if (auto built = form.load(std::memory_order_acquire)) return built;
+  auto built = build_wire(snapshot);
+  std::shared_ptr<const std::string> expected;
+  if (form.compare_exchange_strong(expected, built, std::memory_order_acq_rel, std::memory_order_acquire))
+    return built;
+  return expected;  // another thread built it first: everyone shares that one
 }
 
 std::string format_epoch(std::uint32_t epoch) {

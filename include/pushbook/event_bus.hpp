@@ -11,6 +11,7 @@
 
 #include <boost/json/value.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -48,16 +49,19 @@ class PUSHBOOK_EXPORT Event {
   /// The event in pushbook's wire form, serialized once on first use and then shared:
   /// {"type":"event","topic":"...","seq":N,"epoch":"<8 hex digits>","ts":<unix ms>,"data":{...}}
   /// With `snapshot`, the same object with "snapshot":true (it carries current state).
+  /// Thread-safe (threads racing for the first use may each serialize; all get the one kept).
   std::shared_ptr<const std::string> wire(bool snapshot = false) const;
 
  private:
-  struct cache;
+  std::shared_ptr<const std::string> build_wire(bool snapshot) const;
+
   std::string topic_;
   std::uint64_t seq_;
   std::uint32_t epoch_;
   std::chrono::system_clock::time_point time_;
   std::shared_ptr<const boost::json::value> data_;
-  std::unique_ptr<cache> cache_;
+  // The wire forms once built (inside the event: no allocation of its own, no lock).
+  mutable std::atomic<std::shared_ptr<const std::string>> plain_, snapshot_;
 };
 
 using EventPtr = std::shared_ptr<const Event>;
