@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <deque>
 #include <mutex>
 #include <random>
 #include <shared_mutex>
@@ -41,6 +40,47 @@ bool is_valid_pattern(std::string_view pattern) {
 
 }  // namespace
 
+// A FIFO in a vector whose front moves: a topic's history (oldest first) and a subscription's
+// queue. Empty, it holds no memory (std::deque allocates ~600 bytes even then, and a
+// subscription is made per booking). Most hold a handful of items; a busy topic at its limit
+// drops one event per publish, which costs nothing here until half of the vector is dropped,
+// then one move of what is left.
+template <typename T>
+class front_queue {
+ public:
+  std::size_t size() const noexcept { return items_.size() - start_; }
+  bool empty() const noexcept { return size() == 0; }
+  T& front() noexcept { return items_[start_]; }
+  const T& front() const noexcept { return items_[start_]; }
+  const T& operator[](std::size_t i) const noexcept { return items_[start_ + i]; }
+  auto begin() const noexcept { return items_.begin() + static_cast<std::ptrdiff_t>(start_); }
+  auto end() const noexcept { return items_.end(); }
+  void push_back(T item) { items_.push_back(std::move(item)); }
+  void pop_front() { drop_front(1); }
+  // Drops the `n` oldest (n <= size()).
+  void drop_front(std::size_t n) {
+    for (std::size_t i = start_; i < start_ + n; ++i) items_[i] = T{};  // released now
+    start_ += n;
+    if (start_ == items_.size()) {
+      clear();
+    } else if (start_ >= 32 && start_ * 2 >= items_.size()) {
+      items_.erase(items_.begin(), items_.begin() + static_cast<std::ptrdiff_t>(start_));
+      start_ = 0;
+    }
+  }
+  void clear() noexcept {
+    if (items_.capacity() > 64)
+      std::vector<T>().swap(items_);  // a burst's room is not kept for good
+    else
+      items_.clear();
+    start_ = 0;
+  }
+
+ private:
+  std::vector<T> items_;
+  std::size_t start_ = 0;  // items_[0, start_) are dropped (empty)
+};
+
 struct LocalBus::impl {
   struct subscription;
   using sub_ptr = std::shared_ptr<subscription>;
@@ -49,7 +89,7 @@ struct LocalBus::impl {
   struct topic {
     std::uint64_t seq = 0;
     std::uint32_t epoch = 0;
-    std::vector<EventPtr> history;  // oldest first; a vector: most topics hold a handful of events
+    front_queue<EventPtr> history;
     EventPtr last;
     std::vector<sub_ptr> subs;
     steady::time_point last_activity;
@@ -130,7 +170,7 @@ struct LocalBus::impl {
         t.history.size() > options.history_limit ? t.history.size() - options.history_limit : 0;
     const auto oldest_allowed = now - options.history_max_age;
     while (drop < t.history.size() && t.history[drop]->time() < oldest_allowed) ++drop;
-    if (drop > 0) t.history.erase(t.history.begin(), t.history.begin() + static_cast<std::ptrdiff_t>(drop));
+    if (drop > 0) t.history.drop_front(drop);
   }
 
   void evict_idle(shard& s, steady::time_point now);
@@ -156,7 +196,7 @@ struct LocalBus::impl::subscription final : detail::SubscriptionState,
 
   mutable std::mutex mutex;
   std::condition_variable idle;
-  std::deque<item> queue;
+  front_queue<item> queue;
   std::size_t replay_pending = 0;  // leading queue items that came from replay
   std::uint64_t dropped_pending = 0;
   bool scheduled = false;  // a drain is posted or running
