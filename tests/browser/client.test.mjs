@@ -60,6 +60,16 @@ function makeClient(options = {}) {
   return { client, log, socket: (i) => FakeSocket.all[i] };
 }
 
+// makeClient(), connected over its first socket.
+async function connectedClient(options = {}) {
+  const made = makeClient(options);
+  const connected = made.client.connect();
+  await until(() => made.socket(0), 'a socket');
+  made.socket(0).open();
+  await connected;
+  return made;
+}
+
 test('backoffDelay: full jitter between 0 and min(max, initial * 2^attempt)', () => {
   const backoff = { initialMs: 100, maxMs: 1000 };
   assert.equal(backoffDelay(0, backoff, () => 0), 0);
@@ -140,11 +150,7 @@ test('resume after a drop: resubscribe with since, no event lost or doubled', as
 });
 
 test('a book in flight is sent again with its idempotency key; cancel is rejected', async () => {
-  const { client, socket } = makeClient();
-  const connected = client.connect();
-  await until(() => socket(0), 'a socket');
-  socket(0).open();
-  await connected;
+  const { client, socket } = await connectedClient();
 
   const seen = [];
   const onEvent = (ev) => seen.push(ev.data.status);
@@ -192,11 +198,7 @@ test('a book in flight is sent again with its idempotency key; cancel is rejecte
 
 test('book over WebSocket: the reply is the first event; a reconnect before the decision resumes from its seq',
   async () => {
-    const { client, socket } = makeClient();
-    const connected = client.connect();
-    await until(() => socket(0), 'a socket');
-    socket(0).open();
-    await connected;
+    const { client, socket } = await connectedClient();
 
     const seen = [];
     const logged = [];
@@ -243,11 +245,7 @@ test('book over WebSocket: the reply is the first event; a reconnect before the 
 
 test("book with follow: 'decision': the subscription ends at the decision, without an unsubscribe",
   async () => {
-    const { client, socket } = makeClient();
-    const connected = client.connect();
-    await until(() => socket(0), 'a socket');
-    socket(0).open();
-    await connected;
+    const { client, socket } = await connectedClient();
 
     await assert.rejects(client.book({ resource: 'room-101', follow: 'first' }), TypeError);
     assert.equal(socket(0).requests('book').length, 0);

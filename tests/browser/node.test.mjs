@@ -41,6 +41,15 @@ function runClient(script, user, url = server.url) {
   });
 }
 
+// For a runClient script: Node's WebSocket recording what the client sends (sockets[i].sent), and
+// each one kept (sockets[i].close() cuts the connection).
+const recordingSocket = `
+  const sockets = [];
+  class Recording extends WebSocket {
+    constructor(...args) { super(...args); this.sent = []; sockets.push(this); }
+    send(text) { this.sent.push(JSON.parse(text)); super.send(text); }
+  }`;
+
 test('from Node: book, then the decision over the same WebSocket; a second booking is sold out',
   { skip: !nodeHasWebSocket && 'this Node has no WebSocket (Node 20.10+ or 22 needed)' }, async () => {
     const lines = await runClient(`
@@ -70,13 +79,8 @@ test('from Node: the connection cut after the ACK, before the decision: the deci
     const slow = await startServer(['--secret', SECRET, '--decision-delay-ms', '1500', '--resource', 'hall:10']);
     try {
       const lines = await runClient(`
-        // Node's WebSocket, recording what the client sends, with a way to cut the connection.
-        const sockets = [];
-        class Cuttable extends WebSocket {
-          constructor(...args) { super(...args); this.sent = []; sockets.push(this); }
-          send(text) { this.sent.push(JSON.parse(text)); super.send(text); }
-        }
-        const client = new PushbookClient({ url: env.url, token: async () => env.token, WebSocket: Cuttable,
+        ${recordingSocket}
+        const client = new PushbookClient({ url: env.url, token: async () => env.token, WebSocket: Recording,
                                             random: () => 0 });
         const opened = [];
         client.on('open', () => opened.push(Date.now()));
@@ -108,11 +112,7 @@ test("from Node: book with follow: 'decision': the loop ends by itself after the
     const desk = await startServer(['--secret', SECRET, '--decision-delay-ms', '50', '--resource', 'desk:5']);
     try {
       const lines = await runClient(`
-        const sockets = [];
-        class Recording extends WebSocket {
-          constructor(...args) { super(...args); this.sent = []; sockets.push(this); }
-          send(text) { this.sent.push(JSON.parse(text)); super.send(text); }
-        }
+        ${recordingSocket}
         const client = new PushbookClient({ url: env.url, token: async () => env.token, WebSocket: Recording });
         await client.connect();
         for (let i = 0; i < 2; i++) {
