@@ -167,7 +167,8 @@ $fn$;
 // any node left for longer than the lease, in first-stored order, for the engine to relay (not
 // what live processes are publishing right now); a row older
 // than the lease (its process died between commit and publish) is relayed by a live process
-// (`stale_outbox`, which stamps the row again so that one node relays it per lease).
+// (`stale_outbox`, which stamps the row again so that one node relays it per lease; recover()
+// stamps the rows it returns the same way, `stamp_outbox`).
 constexpr const char* schema_v3 = R"sql(
 CREATE TABLE pushbook_outbox (
   booking_id text PRIMARY KEY,
@@ -378,6 +379,10 @@ constexpr prepared_statement prepared_statements[] = {
      "WHERE booking_id = ANY($3::text[]) AND node = $1 RETURNING 1) "
      "SELECT pg_notify('pushbook_handover', $1), (SELECT count(*) FROM released), (SELECT count(*) FROM "
      "stale)"},
+    // The outbox rows of versions a recovery hands to its engine to relay ($1, text[]): stamped
+    // now, so that stale_outbox (any live process's, this one's too) leaves them for a lease.
+    {"stamp_outbox",
+     "UPDATE pushbook_outbox SET stored_at = clock_timestamp() WHERE booking_id = ANY($1::text[])"},
     // What node $1 left unpublished, and what any node left for longer than $2 ms.
     {"unpublished",
      "SELECT b.id, b.booking, b.idem_key FROM pushbook_outbox o JOIN pushbook_bookings b "
@@ -947,6 +952,19 @@ struct PostgresStore::impl {
       return r.error();
     auto outcome = recover_in_transaction(conn, keys_since);
     rollback(conn);
+    if (outcome && !outcome->unpublished.empty()) {
+      // The engine relays these now: without the stamp, rows that another store handed over at
+      // its close (stale on purpose) would also be relayed by this store's first takeover pass
+      // while the engine is still publishing them, a second relay of each (dropped by the bus as
+      // a duplicate, but work). A failed stamp costs only that, so it does not fail recovery.
+      std::string ids = "{";
+      for (const auto& b : outcome->unpublished) {
+        if (ids.size() > 1) ids += ',';
+        append_array_text(ids, b.id);
+      }
+      ids += '}';
+      (void)run_prepared(conn, "stamping the outbox being relayed", "stamp_outbox", {ids.c_str()});
+    }
     return outcome;
   }
 

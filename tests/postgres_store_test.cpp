@@ -802,7 +802,12 @@ TEST_CASE(
     CHECK(engine.stats().publish_failures > 0);
   }
   CHECK(pg.query("SELECT count(*) FROM pushbook_outbox") == "4");
+  CHECK(pg.query("SELECT count(*) FROM pushbook_outbox WHERE stored_at < now() - interval '1 year'") ==
+        "4");                                                             // handed over at close
   CHECK(open_ok(pg)->recover(at_ms(0)).value().unpublished.size() == 4);  // handed over at close
+  // A recovery stamps the versions it hands to its engine: no takeover pass (of any store, the
+  // next engine's own first one included) relays them again while they are being published.
+  CHECK(pg.query("SELECT count(*) FROM pushbook_outbox WHERE stored_at > now() - interval '1 hour'") == "4");
   // The slot's next process, with a working bus: the latest version of each booking is published
   // once, with seq = version, before anything new is taken.
   auto bus = std::make_shared<LocalBus>();
