@@ -29,13 +29,24 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
 }
 
 std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
+  constexpr std::uint8_t none = 0, building = 1, built = 2;
   auto& form = snapshot ? snapshot_ : plain_;
-  if (auto built = form.load(std::memory_order_acquire)) return built;
-  auto built = build_wire(snapshot);
-  std::shared_ptr<const std::string> expected;
-  if (form.compare_exchange_strong(expected, built, std::memory_order_acq_rel, std::memory_order_acquire))
-    return built;
-  return expected;  // another thread built it first: everyone shares that one
+  auto& state = snapshot ? snapshot_state_ : plain_state_;
+  // The common case, every delivery after the first: one load, as cheap as a plain read.
+  if (state.load(std::memory_order_acquire) == built) return form;
+  std::uint8_t expected = none;
+  if (!state.compare_exchange_strong(expected, building, std::memory_order_acquire,
+                                     std::memory_order_acquire))
+    // Built meanwhile: shared. Being built by another thread: an equal copy, not kept (no waiting).
+    return expected == built ? form : build_wire(snapshot);
+  try {
+    form = build_wire(snapshot);
+  } catch (...) {
+    state.store(none, std::memory_order_release);  // out of memory: the next caller tries again
+    throw;
+  }
+  state.store(built, std::memory_order_release);
+  return form;
 }
 
 std::string format_epoch(std::uint32_t epoch) {

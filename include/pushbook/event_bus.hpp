@@ -49,7 +49,7 @@ class PUSHBOOK_EXPORT Event {
   /// The event in pushbook's wire form, serialized once on first use and then shared:
   /// {"type":"event","topic":"...","seq":N,"epoch":"<8 hex digits>","ts":<unix ms>,"data":{...}}
   /// With `snapshot`, the same object with "snapshot":true (it carries current state).
-  /// Thread-safe (threads racing for the first use may each serialize; all get the one kept).
+  /// Thread-safe (a thread that asks while another is serializing gets an equal copy of its own).
   std::shared_ptr<const std::string> wire(bool snapshot = false) const;
 
  private:
@@ -60,8 +60,11 @@ class PUSHBOOK_EXPORT Event {
   std::uint32_t epoch_;
   std::chrono::system_clock::time_point time_;
   std::shared_ptr<const boost::json::value> data_;
-  // The wire forms once built (inside the event: no allocation of its own, no lock).
-  mutable std::atomic<std::shared_ptr<const std::string>> plain_, snapshot_;
+  // The wire forms once built (inside the event: no allocation of its own, no lock). A form is
+  // written once, by the thread that moved its state from 0 (none) to 1 (being built), and read
+  // once the state is 2 (built).
+  mutable std::shared_ptr<const std::string> plain_, snapshot_;
+  mutable std::atomic<std::uint8_t> plain_state_{0}, snapshot_state_{0};
 };
 
 using EventPtr = std::shared_ptr<const Event>;
