@@ -497,6 +497,17 @@ void append_array_text(std::string& literal, std::string_view text) {
   literal += '"';
 }
 
+// A text[] literal of what `element` gives for each of `items` (a string or a string_view).
+template <typename Range, typename Element>
+std::string text_array(const Range& items, Element element) {
+  std::string literal = "{";
+  for (const auto& item : items) {
+    if (literal.size() > 1) literal += ',';
+    append_array_text(literal, element(item));
+  }
+  return literal + '}';
+}
+
 // Published marks (BookingStore::published) waiting for the writer's next transaction.
 struct published_marks {
   std::vector<std::pair<std::string, std::uint64_t>> marks;
@@ -957,12 +968,8 @@ struct PostgresStore::impl {
       // its close (stale on purpose) would also be relayed by this store's first takeover pass
       // while the engine is still publishing them, a second relay of each (dropped by the bus as
       // a duplicate, but work). A failed stamp costs only that, so it does not fail recovery.
-      std::string ids = "{";
-      for (const auto& b : outcome->unpublished) {
-        if (ids.size() > 1) ids += ',';
-        append_array_text(ids, b.id);
-      }
-      ids += '}';
+      const auto ids =
+          text_array(outcome->unpublished, [](const Booking& b) -> const std::string& { return b.id; });
       (void)run_prepared(conn, "stamping the outbox being relayed", "stamp_outbox", {ids.c_str()});
     }
     return outcome;
@@ -1517,13 +1524,8 @@ struct PostgresStore::impl {
   // The bookings whose latest version this store stored and was not told is published (for
   // hand_off), as a text[] literal.
   std::string unpublished_versions() const {
-    std::string ids = "{";
     std::lock_guard lock(claims_mutex);
-    for (const auto& [id, version] : unmarked) {
-      if (ids.size() > 1) ids += ',';
-      append_array_text(ids, id);
-    }
-    return ids + '}';
+    return text_array(unmarked, [](const auto& entry) -> const std::string& { return entry.first; });
   }
   void mark_published(std::string_view id, std::uint64_t version) const {
     std::lock_guard lock(claims_mutex);
@@ -1532,13 +1534,8 @@ struct PostgresStore::impl {
   }
 
   std::string held_claims() const {
-    std::string ids = "{";
     std::lock_guard lock(claims_mutex);
-    for (const auto& id : holding) {
-      if (ids.size() > 1) ids += ',';
-      append_array_text(ids, id);
-    }
-    return ids + '}';
+    return text_array(holding, [](const std::string& id) -> const std::string& { return id; });
   }
 
   // After a group committed: its processing versions are this node's to decide, its other
