@@ -82,6 +82,14 @@ void approve(Collector<Completion>& pending, std::size_t n) {
   CHECK(handed[n - 1](Decision::approved()));
 }
 
+// Engine options for a test that decides bookings itself (`slow`: the handler hands each one to
+// `pending`, see approve()) or lets them be decided at once (no handler).
+EngineOptions decided_by_test(Collector<Completion>& pending, bool slow) {
+  EngineOptions eo;
+  if (slow) eo.handler = [&pending](const Booking&, Completion done) { pending.push(std::move(done)); };
+  return eo;
+}
+
 boost::json::object book(const std::string& resource, int quantity = 1) {
   return {{"op", "book"}, {"resource", resource}, {"quantity", quantity}};
 }
@@ -148,9 +156,7 @@ TEST_CASE("book with \"follow\":\"decision\": the decision is pushed, then the s
   for (const bool slow : {false, true}) {
     CAPTURE(slow);
     Collector<Completion> pending;
-    EngineOptions eo;
-    if (slow) eo.handler = [&pending](const Booking&, Completion done) { pending.push(std::move(done)); };
-    Server s({}, std::move(eo));
+    Server s({}, decided_by_test(pending, slow));
     auto ws = s.ws("alice");
     auto request = book("room-10");
     request["follow"] = "decision";
@@ -200,9 +206,7 @@ TEST_CASE("book over WebSocket: the ACK, then the decision on the same socket") 
   for (const bool slow : {false, true}) {
     CAPTURE(slow);
     Collector<Completion> pending;
-    EngineOptions eo;
-    if (slow) eo.handler = [&pending](const Booking&, Completion done) { pending.push(std::move(done)); };
-    Server s({}, std::move(eo));
+    Server s({}, decided_by_test(pending, slow));
     auto ws = s.ws("alice");
     auto reply = ws->request(book("room-10")).value();
     CHECK(reply.at("type") == "reply");
