@@ -44,6 +44,8 @@
 #include "detail/adaptive_spin.hpp"
 #include "detail/booking_id.hpp"
 #include "detail/forced_unwind.hpp"
+#include "detail/front_queue.hpp"
+#include "detail/string_hash.hpp"
 #include "detail/timer_queue.hpp"
 
 #include <fmt/format.h>
@@ -65,10 +67,7 @@ namespace {
 
 using steady = std::chrono::steady_clock;
 
-struct string_hash {
-  using is_transparent = void;
-  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-};
+using detail::string_hash;
 
 // The request as the idempotency check compares it: equal strings mean the same request. Stored
 // with the key, so a restarted engine compares retries the same way.
@@ -209,7 +208,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   using chain_ptr = std::shared_ptr<chain>;
   struct lane {
     chain_ptr head;                 // the chain whose event is at the bus or to be retried
-    std::deque<chain_ptr> waiting;  // behind it
+    front_queue<chain_ptr> waiting;  // behind it
     bool failing = false;           // the head's event was refused at least once
   };
   struct lane_shard {
@@ -493,7 +492,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       }
     } count_answered{this};
     const auto outcome = classify(r);
-    const std::string topic = c->events[c->next].topic;
+    // The lane to pass on is this event's topic's: `keep` holds the chain, and so the topic's
+    // name, while c moves on (no copy of the name per event).
+    const chain_ptr keep = c;
+    const std::string& topic = keep->events[keep->next].topic;
     if (outcome == publish_outcome::failed) {
       retry_later(std::move(c));
     } else {

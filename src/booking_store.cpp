@@ -1,6 +1,7 @@
 #include <pushbook/booking_store.hpp>
 
 #include "detail/recovery.hpp"
+#include "detail/string_hash.hpp"
 
 #include <algorithm>
 #include <array>
@@ -26,10 +27,7 @@ result<std::optional<StoredKey>> BookingStore::find_key(std::string_view, std::s
 }
 
 namespace {
-struct string_hash {
-  using is_transparent = void;
-  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-};
+using detail::string_hash;
 }  // namespace
 
 // Sharded so that concurrent commits of different bookings rarely contend.

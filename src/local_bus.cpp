@@ -11,6 +11,8 @@
 #include <pushbook/event_bus.hpp>
 
 #include "detail/forced_unwind.hpp"
+#include "detail/front_queue.hpp"
+#include "detail/string_hash.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -26,10 +28,8 @@ namespace {
 
 using steady = std::chrono::steady_clock;
 
-struct string_hash {
-  using is_transparent = void;
-  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-};
+using detail::front_queue;
+using detail::string_hash;
 
 bool is_valid_pattern(std::string_view pattern) {
   if (pattern == "*") return true;
@@ -39,47 +39,6 @@ bool is_valid_pattern(std::string_view pattern) {
 }
 
 }  // namespace
-
-// A FIFO in a vector whose front moves: a topic's history (oldest first) and a subscription's
-// queue. Empty, it holds no memory (std::deque allocates ~600 bytes even then, and a
-// subscription is made per booking). Most hold a handful of items; a busy topic at its limit
-// drops one event per publish, which costs nothing here until half of the vector is dropped,
-// then one move of what is left.
-template <typename T>
-class front_queue {
- public:
-  std::size_t size() const noexcept { return items_.size() - start_; }
-  bool empty() const noexcept { return size() == 0; }
-  T& front() noexcept { return items_[start_]; }
-  const T& front() const noexcept { return items_[start_]; }
-  const T& operator[](std::size_t i) const noexcept { return items_[start_ + i]; }
-  auto begin() const noexcept { return items_.begin() + static_cast<std::ptrdiff_t>(start_); }
-  auto end() const noexcept { return items_.end(); }
-  void push_back(T item) { items_.push_back(std::move(item)); }
-  void pop_front() { drop_front(1); }
-  // Drops the `n` oldest (n <= size()).
-  void drop_front(std::size_t n) {
-    for (std::size_t i = start_; i < start_ + n; ++i) items_[i] = T{};  // released now
-    start_ += n;
-    if (start_ == items_.size()) {
-      clear();
-    } else if (start_ >= 32 && start_ * 2 >= items_.size()) {
-      items_.erase(items_.begin(), items_.begin() + static_cast<std::ptrdiff_t>(start_));
-      start_ = 0;
-    }
-  }
-  void clear() noexcept {
-    if (items_.capacity() > 64)
-      std::vector<T>().swap(items_);  // a burst's room is not kept for good
-    else
-      items_.clear();
-    start_ = 0;
-  }
-
- private:
-  std::vector<T> items_;
-  std::size_t start_ = 0;  // items_[0, start_) are dropped (empty)
-};
 
 struct LocalBus::impl {
   struct subscription;

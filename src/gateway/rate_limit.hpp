@@ -10,6 +10,8 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "detail/string_hash.hpp"
+
 namespace pushbook::detail {
 
 /// A token bucket: `rate` tokens a second up to `burst`; a request takes one.
@@ -37,16 +39,12 @@ class UserRateLimiter {
   std::size_t tracked_users() const;
 
  private:
-  struct string_hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-  };
   void sweep(TokenBucket::clock::time_point now);  // mutex_ held
 
   const double rate_;
   const double burst_;
   mutable std::mutex mutex_;
-  std::unordered_map<std::string, TokenBucket, string_hash, std::equal_to<>> buckets_;
+  std::unordered_map<std::string, TokenBucket, detail::string_hash, std::equal_to<>> buckets_;
   std::size_t sweep_at_ = 1024;  // sweep when the map grows past this
 };
 
