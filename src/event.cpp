@@ -78,6 +78,10 @@ EventBus::~EventBus() = default;
 
 bool EventBus::available() const noexcept { return true; }
 
+std::optional<std::vector<EventPtr>> EventBus::history_if_local(std::string_view, std::uint64_t) const {
+  return std::nullopt;
+}
+
 void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                              const PublishOptions& options, PublishCallback done) {
   auto r = publish(topic, std::move(data), options);

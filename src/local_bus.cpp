@@ -487,6 +487,11 @@ std::vector<EventPtr> LocalBus::history(std::string_view topic_name, std::uint64
   return out;
 }
 
+std::optional<std::vector<EventPtr>> LocalBus::history_if_local(std::string_view topic_name,
+                                                                std::uint64_t since_seq) const {
+  return history(topic_name, since_seq);
+}
+
 LocalBusStats LocalBus::stats() const {
   LocalBusStats st;
   st.published = impl_->published.load();

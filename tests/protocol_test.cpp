@@ -69,12 +69,21 @@ class GateBus final : public EventBus {
   }
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override {
+    subscribes.fetch_add(1);
     if (before_subscribe) before_subscribe(pattern);
     return inner()->subscribe(pattern, std::move(callback), std::move(options));
   }
   EventPtr last(std::string_view topic) const override { return inner()->last(topic); }
   std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override {
     return inner()->history(topic, since_seq);
+  }
+  // Off by default (as RedisBus): the gateway then always follows a booking through a subscription.
+  std::atomic<bool> local_history{false};
+  std::atomic<int> subscribes{0};  // subscribe calls, for tests that show there was none
+  std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic,
+                                                        std::uint64_t since_seq = 0) const override {
+    if (!local_history.load()) return std::nullopt;
+    return inner()->history_if_local(topic, since_seq);
   }
 
  private:
@@ -235,6 +244,62 @@ TEST_CASE("book: a booking decided before the gateway subscribes to its topic: t
   CHECK(sent[1].at("seq") == 2);
   CHECK(!sent[1].contains("snapshot"));  // from the topic's history, after the ACK's seq
   CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(nothing_more(*c, *f.sink));
+}
+
+TEST_CASE("book with follow:decision, decided before its ACK: the decision from the bus's memory, no subscription") {
+  // The engine decides on the submitting thread (no handler): when the ACK comes back the decision
+  // is in LocalBus's history, and the gateway sends it from there.
+  Fixture f;
+  f.bus->local_history = true;
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[0].at("result").at("status") == "processing");
+  CHECK(sent[0].at("result").at("seq") == 1);
+  const auto topic = topic_of(sent[0]);
+  CHECK(sent[1].at("topic").as_string() == topic);
+  CHECK(sent[1].at("seq") == 2);
+  CHECK(!sent[1].contains("snapshot"));
+  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(f.bus->subscribes.load() == 0);
+  CHECK(c->subscriptions() == 0);
+  CHECK(f.metrics.subscriptions.load() == 0);
+  CHECK(nothing_more(*c, *f.sink));
+  // A later change of the booking is not pushed: the client asked for the decision only.
+  REQUIRE(f.ctx->engine->cancel(std::string(sent[0].at("result").at("booking_id").as_string())));
+  CHECK(f.published(topic, 3));
+  CHECK(nothing_more(*c, *f.sink));
+
+  // "all" (the default) follows on: a subscription, even though the decision is in memory.
+  c->on_message(R"({"id":2,"op":"book","resource":"r"})");
+  sent = take_at_least(*f.sink, 2);
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[1].at("data").at("status") == "confirmed");
+  CHECK(f.bus->subscribes.load() == 1);
+  CHECK(c->subscriptions() == 1);
+}
+
+TEST_CASE("book with follow:decision, not decided at its ACK: the subscription follows it, then ends") {
+  Held held;
+  Fixture f({}, held.options());
+  f.bus->local_history = true;
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
+  auto sent = f.sink->take();
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("result").at("status") == "processing");
+  CHECK(f.bus->subscribes.load() == 1);  // the history holds only the processing state
+  CHECK(c->subscriptions() == 1);
+  held.approve(0);
+  sent = take_at_least(*f.sink, 1);
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].at("seq") == 2);
+  CHECK(sent[0].at("data").at("status") == "confirmed");
+  // Ended on the connection's strand (the sink's post) right after the decision was sent.
+  CHECK(test::eventually([&] { return f.metrics.subscriptions.load() == 0; }));
+  CHECK(c->subscriptions() == 0);
   CHECK(nothing_more(*c, *f.sink));
 }
 

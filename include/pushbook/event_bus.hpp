@@ -260,6 +260,12 @@ class PUSHBOOK_EXPORT EventBus {
   /// The events of `topic` with seq > since_seq still in history, oldest first.
   virtual std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const = 0;
 
+  /// history() where this bus answers it from this process's memory without waiting (LocalBus);
+  /// nullopt where it would have to ask elsewhere (RedisBus: a round trip to Redis). For threads
+  /// that must not wait, such as the gateway's I/O threads. The default is nullopt.
+  virtual std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic,
+                                                                std::uint64_t since_seq = 0) const;
+
   /// Whether the bus can publish and subscribe now, as far as it knows (RedisBus: both its
   /// connections to Redis are up). For health checks: the gateway's /healthz says 503 while it is
   /// false. The default (LocalBus) is true.
@@ -320,6 +326,9 @@ class PUSHBOOK_EXPORT LocalBus final : public EventBus {
                                  SubscribeOptions options = {}) override;
   EventPtr last(std::string_view topic) const override;
   std::vector<EventPtr> history(std::string_view topic, std::uint64_t since_seq = 0) const override;
+  /// history(): LocalBus always answers from memory.
+  std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic,
+                                                        std::uint64_t since_seq = 0) const override;
 
   LocalBusStats stats() const;
 

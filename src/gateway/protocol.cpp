@@ -99,6 +99,12 @@ result<Subscription> GatewayContext::follow(const std::string& topic, DeliveryCa
   return bus->subscribe(topic, std::move(callback), std::move(so));
 }
 
+std::optional<std::vector<EventPtr>> GatewayContext::history_if_local(std::string_view topic,
+                                                                      std::uint64_t since_seq) const {
+  if (backend || !bus) return std::nullopt;
+  return bus->history_if_local(topic, since_seq);
+}
+
 bool GatewayContext::may_subscribe(std::string_view user, std::string_view topic) const {
   if (options.authorize) return options.authorize(user, topic);
   std::optional<std::string> owner;
@@ -314,7 +320,41 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack, b
   // state it reports comes first, whole, as an event (or a snapshot where the bus's rules give
   // one), then what follows; the client takes the state from there, once.
   const auto known = ack->replayed ? ack->version - 1 : ack->version;
+  if (until_decision && send_decided(topic, known)) return;
   subscribe(topic, known, std::nullopt, known, until_decision);
+}
+
+namespace {
+// A booking state past processing (confirmed, rejected, cancelled, expired...): what a "follow":
+// "decision" subscription ends after.
+bool is_decided(const Event& event) {
+  const auto* o = event.data().if_object();
+  if (!o) return false;
+  const auto* status = o->if_contains("status");
+  return status && status->is_string() && status->get_string() != "processing";
+}
+}  // namespace
+
+bool ConnectionLogic::send_decided(const std::string& topic, std::uint64_t known) {
+  // A booking decided before its ACK came back (the engine decides on the submitting thread when
+  // no business step is configured): with a bus that holds its history in memory, the events
+  // after the ACK's version are there already. When they run from known + 1 without a gap up to
+  // a decision, they are sent from there, as the subscription would have replayed them, and no
+  // subscription is made (none to make, feed and end per booking). Otherwise nothing is sent and
+  // the caller subscribes.
+  auto events = ctx_->history_if_local(topic, known);
+  if (!events) return false;
+  std::size_t upto = 0;
+  for (std::uint64_t expected = known + 1; upto < events->size(); ++upto, ++expected) {
+    const auto& ev = (*events)[upto];
+    if (ev->seq() != expected) return false;
+    if (is_decided(*ev)) break;
+  }
+  if (upto == events->size()) return false;  // not decided yet: the subscription follows it
+  auto sink = sink_.lock();
+  if (!sink) return true;
+  for (std::size_t i = 0; i <= upto; ++i) sink->send_event((*events)[i], false);
+  return true;
 }
 
 void submit_on_strand(const GatewayContext& ctx, BookingRequest request,
@@ -531,17 +571,6 @@ result<Subscription> follow_for_events(const GatewayContext& ctx, const std::str
       },
       so);
 }
-
-namespace {
-// A booking state past processing (confirmed, rejected, cancelled, expired...): what a "follow":
-// "decision" subscription ends after.
-bool is_decided(const Event& event) {
-  const auto* o = event.data().if_object();
-  if (!o) return false;
-  const auto* status = o->if_contains("status");
-  return status && status->is_string() && status->get_string() != "processing";
-}
-}  // namespace
 
 void ConnectionLogic::subscribe(const std::string& topic, std::optional<std::uint64_t> since,
                                 std::optional<std::uint32_t> epoch, std::uint64_t known_version,

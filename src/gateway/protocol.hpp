@@ -142,6 +142,10 @@ struct GatewayContext {
   /// topic's snapshot comes from the store (snapshot_source). Or the backend's follow.
   result<Subscription> follow(const std::string& topic, DeliveryCallback callback,
                               SubscribeOptions options) const;
+  /// The bus's history of `topic` after `since_seq` where the bus holds it in memory
+  /// (EventBus::history_if_local: LocalBus), without waiting; nullopt otherwise (RedisBus, a
+  /// backend).
+  std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic, std::uint64_t since_seq) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
   bool may_subscribe(std::string_view user, std::string_view topic) const;
 };
@@ -267,6 +271,10 @@ class ConnectionLogic {
   void subscribe(const std::string& topic, std::optional<std::uint64_t> since,
                  std::optional<std::uint32_t> epoch = std::nullopt, std::uint64_t known_version = 0,
                  bool until_decision = false);
+  /// For a "follow":"decision" book: when the bus holds the booking's events after `known` in
+  /// memory, without a gap and up to a decision, sends them and returns true (no subscription is
+  /// needed); else sends nothing and returns false.
+  bool send_decided(const std::string& topic, std::uint64_t known);
   void set_expiry(std::optional<std::chrono::system_clock::time_point> expires, steady::time_point now);
 
   std::shared_ptr<const GatewayContext> ctx_;
