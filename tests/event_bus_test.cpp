@@ -149,6 +149,17 @@ CONTRACT_CASE("a publisher-given seq: delivered once, may jump, never goes back"
   std::vector<std::uint64_t> kept;
   for (const auto& e : bus.history("booking/a")) kept.push_back(e->seq());
   CHECK(kept == std::vector<std::uint64_t>{1, 4, 5});
+  // history_if_local: LocalBus answers from memory, the same events; RedisBus would have to ask
+  // Redis, so it does not answer.
+  if (auto local = bus.history_if_local("booking/a", 1)) {
+    CHECK(dynamic_cast<LocalBus*>(&bus) != nullptr);
+    REQUIRE(local->size() == 2);
+    CHECK((*local)[0]->seq() == 4);
+    CHECK((*local)[1] == bus.history("booking/a", 1)[1]);
+    CHECK(bus.history_if_local("booking/none", 0) == std::vector<EventPtr>{});
+  } else {
+    CHECK(dynamic_cast<RedisBus*>(&bus) != nullptr);
+  }
   // A topic's first event may have any number (a relay after the bus forgot the topic).
   auto fresh = bus.publish("booking/b", num(7), {.seq = 7});
   REQUIRE(fresh);
