@@ -198,6 +198,15 @@ bool nothing_more(ConnectionLogic& c, FakeSink& sink) {
   return sent.size() == 1 && sent[0].at("id") == 999;
 }
 
+// A connection of alice's that books with "follow":"decision" over a bus that holds its history
+// in memory (as LocalBus), and what it was sent at once.
+std::pair<std::unique_ptr<ConnectionLogic>, std::vector<boost::json::object>> book_until_decision(Fixture& f) {
+  f.bus->local_history = true;
+  auto c = f.connect("alice");
+  c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
+  return {std::move(c), f.sink->take()};
+}
+
 }  // namespace
 
 TEST_CASE("book: the ACK with the booking's seq, then exactly the decision (no second processing)") {
@@ -251,10 +260,7 @@ TEST_CASE("book with follow:decision, decided before its ACK: the decision from 
   // The engine decides on the submitting thread (no handler): when the ACK comes back the decision
   // is in LocalBus's history, and the gateway sends it from there.
   Fixture f;
-  f.bus->local_history = true;
-  auto c = f.connect("alice");
-  c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
-  auto sent = f.sink->take();
+  auto [c, sent] = book_until_decision(f);
   REQUIRE(sent.size() == 2);
   CHECK(sent[0].at("result").at("status") == "processing");
   CHECK(sent[0].at("result").at("seq") == 1);
@@ -284,10 +290,7 @@ TEST_CASE("book with follow:decision, decided before its ACK: the decision from 
 TEST_CASE("book with follow:decision, not decided at its ACK: the subscription follows it, then ends") {
   Held held;
   Fixture f({}, held.options());
-  f.bus->local_history = true;
-  auto c = f.connect("alice");
-  c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
-  auto sent = f.sink->take();
+  auto [c, sent] = book_until_decision(f);
   REQUIRE(sent.size() == 1);
   CHECK(sent[0].at("result").at("status") == "processing");
   CHECK(f.bus->subscribes.load() == 1);  // the history holds only the processing state
