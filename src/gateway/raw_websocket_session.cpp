@@ -9,7 +9,6 @@
 
 #include <array>
 #include <type_traits>
-#include <utility>
 
 #include <unistd.h>
 
@@ -160,22 +159,6 @@ template <class Executor>
 void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, std::size_t n) {
   if (state_ == State::finished) return;
   if (ec) return finish(ec == net::error::eof ? "closed by the client without a close frame" : ec.message());
-  // What handling the input queued for the client goes out once it is handled, whichever way
-  // read_input returned.
-  reading_ = true;
-  try {
-    read_input(n);
-  } catch (...) {
-    reading_ = flush_after_read_ = false;
-    throw;
-  }
-  reading_ = false;
-  if (std::exchange(flush_after_read_, false)) do_write();
-}
-
-template <class Executor>
-void RawWebSocketSession<Executor>::read_input(std::size_t n) {
-  boost::system::error_code ec;
   char* buffer = read_buffer();
   std::size_t size = 0;
   if (n == 1) buffer[size++] = first_byte_;
@@ -290,15 +273,7 @@ void RawWebSocketSession<Executor>::enqueue(std::shared_ptr<const std::string> b
               });
     return;
   }
-  if (!pushed.wake) return;
-  // Output made while this connection's input is handled (a request's reply, and the decision
-  // that came with it) is written when that input is done, in one frame, without a trip through
-  // the io_context's queue. In this order: reading_ is the connection's thread's to read.
-  if (socket_.get_executor().running_in_this_thread() && reading_) {
-    flush_after_read_ = true;
-    return;
-  }
-  net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
+  if (pushed.wake) net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
 template <class Executor>
