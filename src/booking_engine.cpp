@@ -207,9 +207,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   };
   using chain_ptr = std::shared_ptr<chain>;
   struct lane {
-    chain_ptr head;                 // the chain whose event is at the bus or to be retried
+    chain_ptr head;                  // the chain whose event is at the bus or to be retried
     front_queue<chain_ptr> waiting;  // behind it
-    bool failing = false;           // the head's event was refused at least once
+    bool failing = false;            // the head's event was refused at least once
   };
   struct lane_shard {
     std::mutex mutex;

@@ -200,7 +200,8 @@ bool nothing_more(ConnectionLogic& c, FakeSink& sink) {
 
 // A connection of alice's that books with "follow":"decision" over a bus that holds its history
 // in memory (as LocalBus), and what it was sent at once.
-std::pair<std::unique_ptr<ConnectionLogic>, std::vector<boost::json::object>> book_until_decision(Fixture& f) {
+std::pair<std::unique_ptr<ConnectionLogic>, std::vector<boost::json::object>> book_until_decision(
+    Fixture& f) {
   f.bus->local_history = true;
   auto c = f.connect("alice");
   c->on_message(R"({"id":1,"op":"book","resource":"r","follow":"decision"})");
@@ -256,7 +257,9 @@ TEST_CASE("book: a booking decided before the gateway subscribes to its topic: t
   CHECK(nothing_more(*c, *f.sink));
 }
 
-TEST_CASE("book with follow:decision, decided before its ACK: the decision from the bus's memory, no subscription") {
+TEST_CASE(
+    "book with follow:decision, decided before its ACK: the decision from the bus's memory, no "
+    "subscription") {
   // The engine decides on the submitting thread (no handler): when the ACK comes back the decision
   // is in LocalBus's history, and the gateway sends it from there.
   Fixture f;

@@ -145,7 +145,8 @@ struct GatewayContext {
   /// The bus's history of `topic` after `since_seq` where the bus holds it in memory
   /// (EventBus::history_if_local: LocalBus), without waiting; nullopt otherwise (RedisBus, a
   /// backend).
-  std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic, std::uint64_t since_seq) const;
+  std::optional<std::vector<EventPtr>> history_if_local(std::string_view topic,
+                                                        std::uint64_t since_seq) const;
   /// Whether `user` may subscribe to `topic` (custom hook or default_topic_rule).
   bool may_subscribe(std::string_view user, std::string_view topic) const;
 };
