@@ -1,6 +1,7 @@
 #include "gateway/raw_websocket_session.hpp"
 
 #include <fmt/format.h>
+#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
@@ -9,6 +10,7 @@
 
 #include <array>
 #include <type_traits>
+#include <utility>
 
 #include <unistd.h>
 
@@ -31,6 +33,24 @@ std::string& frame_payload() {
   thread_local std::string payload;
   return payload;
 }
+
+// The allocator of the wait an idle connection keeps pending: its operation gets a block of its
+// own size from the heap. Asio's default gives a handler a block its thread cached from an earlier
+// operation when one is large enough, however much larger (a handshake's or a request's), and
+// this wait is held for as long as the connection is idle: ~250 bytes per connection more.
+template <class T>
+struct exact_allocator {
+  using value_type = T;
+  exact_allocator() noexcept = default;
+  template <class U>
+  exact_allocator(const exact_allocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p); }
+  template <class U>
+  bool operator==(const exact_allocator<U>&) const noexcept {
+    return true;
+  }
+};
 
 bool has_token(std::string_view list, std::string_view token) {
   // A comma-separated header value containing `token` (case-insensitive), e.g. "keep-alive, Upgrade".
@@ -140,18 +160,22 @@ void RawWebSocketSession<Executor>::wait_readable() {
     // The gateway's own io_context, run by this thread alone: epoll is waited on only between
     // handlers, so data that arrived after this handler's last read is reported to the wait
     // registered here. One system call per message: the read when the socket is readable.
-    socket_.async_wait(
-        net::socket_base::wait_read,
-        [self = this->shared_from_this()](boost::system::error_code ec) { self->on_readable(ec, 0); });
+    socket_.async_wait(net::socket_base::wait_read,
+                       net::bind_allocator(exact_allocator<void>(),
+                                           [self = this->shared_from_this()](boost::system::error_code ec) {
+                                             self->on_readable(ec, 0);
+                                           }));
   } else {
     // A host's io_context may run epoll on another thread meanwhile, and Asio's reactor is
     // edge-triggered: an edge it sees before this wait is registered would be lost to an
     // async_wait. A reactor read is tried at once when the socket became readable meanwhile, so
     // a read of one byte never misses data; the rest is read without waiting.
-    socket_.async_read_some(net::buffer(&first_byte_, 1),
+    socket_.async_read_some(
+        net::buffer(&first_byte_, 1),
+        net::bind_allocator(exact_allocator<void>(),
                             [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
                               self->on_readable(ec, n);
-                            });
+                            }));
   }
 }
 
@@ -159,6 +183,22 @@ template <class Executor>
 void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, std::size_t n) {
   if (state_ == State::finished) return;
   if (ec) return finish(ec == net::error::eof ? "closed by the client without a close frame" : ec.message());
+  // What handling the input queued for the client goes out once it is handled, whichever way
+  // read_input returned.
+  reading_ = true;
+  try {
+    read_input(n);
+  } catch (...) {
+    reading_ = flush_after_read_ = false;
+    throw;
+  }
+  reading_ = false;
+  if (std::exchange(flush_after_read_, false)) do_write();
+}
+
+template <class Executor>
+void RawWebSocketSession<Executor>::read_input(std::size_t n) {
+  boost::system::error_code ec;
   char* buffer = read_buffer();
   std::size_t size = 0;
   if (n == 1) buffer[size++] = first_byte_;
@@ -273,7 +313,15 @@ void RawWebSocketSession<Executor>::enqueue(std::shared_ptr<const std::string> b
               });
     return;
   }
-  if (pushed.wake) net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
+  if (!pushed.wake) return;
+  // Output made while this connection's input is handled (a request's reply, and the decision
+  // that came with it) is written when that input is done, in one frame, without a trip through
+  // the io_context's queue. In this order: reading_ is the connection's thread's to read.
+  if (socket_.get_executor().running_in_this_thread() && reading_) {
+    flush_after_read_ = true;
+    return;
+  }
+  net::post(socket_.get_executor(), [self = this->shared_from_this()] { self->do_write(); });
 }
 
 template <class Executor>

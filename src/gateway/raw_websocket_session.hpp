@@ -80,6 +80,8 @@ class RawWebSocketSession : public Session,
 
   void wait_readable();
   void on_readable(boost::system::error_code ec, std::size_t n);
+  /// on_readable's reading (`n`: the reactor's one byte was read) and handling of the input.
+  void read_input(std::size_t n);
   /// Feeds bytes read to the frame reader; false when the connection ends.
   bool consume(char* data, std::size_t size);
   void enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event);
@@ -123,6 +125,8 @@ class RawWebSocketSession : public Session,
   bool writing_async_ = false;
   bool end_after_write_ = false;       // the last frame (a close) is being written
   bool ping_sent_ = false;             // a keep-alive ping is unanswered since last_read_
+  bool reading_ = false;               // on_readable is handling this connection's input
+  bool flush_after_read_ = false;      // output came meanwhile: on_readable writes it at its end
   std::uint16_t close_code_ = 0;       // the code this side sent
   std::uint16_t peer_close_code_ = 0;  // the client's
   steady::time_point last_read_{};
