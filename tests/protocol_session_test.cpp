@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace pushbook;
@@ -274,4 +275,44 @@ TEST_CASE("ProtocolSession::events: a client that does not read is ended with 10
   REQUIRE(closed);
   CHECK(closed->code == 1013);
   CHECK(stream->closed());
+}
+
+TEST_CASE("ProtocolSession: a message fed while another is handled on the same thread (nested feed)") {
+  // A host whose wake feeds another session on the same thread handles a second request inside
+  // the first (requests are parsed into a per-thread block while they are handled; the nested one
+  // gets the heap instead): both are answered, and each booking is its own request's.
+  Host h;
+  Client inner(h, "bob");
+  bool fed = false;
+  ProtocolSession outer(h.host, "alice", std::nullopt, [&] {
+    if (std::exchange(fed, true)) return;
+    inner.session.feed(
+        R"({"id":2,"op":"book","lines":[{"resource":"hall","quantity":1}],"metadata":{"note":"inner, nested"}})");
+  });
+  outer.feed(
+      R"({"id":1,"op":"book","lines":[{"resource":"hall","quantity":1}],"metadata":{"note":"outer, fed first"}})");
+  REQUIRE(fed);
+  std::vector<boost::json::object> got;
+  for (auto out = outer.poll(); !out.empty(); out = outer.poll())
+    for (std::string_view text = out.text; !text.empty();) {
+      const auto nl = text.find('\n');
+      got.push_back(boost::json::parse(text.substr(0, nl)).as_object());
+      text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
+    }
+  REQUIRE(!got.empty());
+  CHECK(got.front().at("type") == "reply");
+  CHECK(got.front().at("id") == 1);
+  CHECK(got.front().at("ok") == true);
+  REQUIRE(inner.until([](const boost::json::object& m) { return m.at("type") == "reply"; }));
+  CHECK(inner.got.front().at("id") == 2);
+  CHECK(inner.got.front().at("ok") == true);
+  // Each booking kept its own request's metadata.
+  const auto outer_id = std::string(got.front().at("result").at("booking_id").as_string());
+  const auto inner_id = std::string(inner.got.front().at("result").at("booking_id").as_string());
+  auto outer_booking = h.engine->get(outer_id).value();
+  auto inner_booking = h.engine->get(inner_id).value();
+  CHECK(outer_booking.user == "alice");
+  CHECK(outer_booking.metadata.at("note") == "outer, fed first");
+  CHECK(inner_booking.user == "bob");
+  CHECK(inner_booking.metadata.at("note") == "inner, nested");
 }

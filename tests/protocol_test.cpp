@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
 
 #include <atomic>
 #include <map>
@@ -640,6 +641,30 @@ TEST_CASE("wire error mapping") {
   CHECK(http_error_body("not_found", "no booking 'x'") ==
         R"({"error":{"code":"not_found","message":"no booking 'x'"}})");
   CHECK(reply_ok(1, {{"a", 1}}) == R"({"type":"reply","id":1,"ok":true,"result":{"a":1}})");
+}
+
+TEST_CASE("replies written out are what serializing the same object gives") {
+  // reply_ok and the book ACK write their JSON out instead of serializing an object made for it.
+  const boost::json::object result{{"booking_id", "b-1"}, {"status", "processing"}, {"seq", 1}};
+  for (const boost::json::value& id :
+       {boost::json::value(7), boost::json::value(-3), boost::json::value(std::uint64_t{1} << 63)}) {
+    const auto expected = boost::json::serialize(
+        boost::json::object{{"type", "reply"}, {"id", id}, {"ok", true}, {"result", result}});
+    CHECK(reply_ok(id, result) == expected);
+    CHECK(reply_ok_raw(id, boost::json::serialize(result)) == expected);
+  }
+  // Strings are escaped as boost::json::serialize escapes them, byte for byte.
+  for (const std::string_view s : {std::string_view("plain"), std::string_view("q\"u\\o\nte\t\x01\x1f"),
+                                   std::string_view("caf\xc3\xa9 / \xe2\x82\xac"), std::string_view()}) {
+    std::string out;
+    append_json_string(out, s);
+    CHECK(out == boost::json::serialize(boost::json::string(s)));
+  }
+  std::string ascii;
+  for (int c = 1; c < 128; ++c) ascii += static_cast<char>(c);
+  std::string out;
+  append_json_string(out, ascii);
+  CHECK(out == boost::json::serialize(boost::json::string(ascii)));
 }
 
 // --- ConnectionLogic without an engine or a bus: a fake backend (ProtocolBackend) ----------------

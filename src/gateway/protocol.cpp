@@ -2,10 +2,13 @@
 
 #include <fmt/format.h>
 #include <atomic>
+#include <boost/json/monotonic_resource.hpp>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 #include <charconv>
+#include <cstddef>
 #include <mutex>
+#include <optional>
 
 namespace pushbook::detail {
 
@@ -43,9 +46,64 @@ std::string http_error_body(std::string_view code, std::string_view message) {
   return boost::json::serialize(boost::json::object{{"error", {{"code", code}, {"message", message}}}});
 }
 
-std::string reply_ok(const boost::json::value& id, boost::json::object result) {
-  return boost::json::serialize(
-      boost::json::object{{"type", "reply"}, {"id", id}, {"ok", true}, {"result", std::move(result)}});
+namespace {
+// {"type":"reply","id":ID,"ok":true,"result": with room for `more` bytes after it.
+std::string reply_head(const boost::json::value& id, std::size_t more) {
+  constexpr std::string_view head = R"({"type":"reply","id":)", ok = R"(,"ok":true,"result":)";
+  std::string out;
+  out.reserve(head.size() + 20 + ok.size() + more + 1);
+  out += head;
+  if (id.is_int64())
+    fmt::format_to(std::back_inserter(out), "{}", id.get_int64());
+  else if (id.is_uint64())
+    fmt::format_to(std::back_inserter(out), "{}", id.get_uint64());
+  else
+    out += boost::json::serialize(id);
+  out += ok;
+  return out;
+}
+}  // namespace
+
+// Written out rather than serialized from an object made for it: a reply per request, and the
+// object would cost an allocation per key.
+std::string reply_ok(const boost::json::value& id, const boost::json::object& result) {
+  auto out = reply_head(id, 64);
+  out += boost::json::serialize(result);
+  out += '}';
+  return out;
+}
+
+std::string reply_ok_raw(const boost::json::value& id, std::string_view result) {
+  auto out = reply_head(id, result.size());
+  out += result;
+  out += '}';
+  return out;
+}
+
+void append_json_string(std::string& out, std::string_view s) {
+  static constexpr char hex[] = "0123456789abcdef";
+  out += '"';
+  for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (u < 0x20) {
+          out += "\\u00";
+          out += hex[u >> 4];
+          out += hex[u & 0xF];
+        } else {
+          out += c;
+        }
+    }
+  }
+  out += '"';
 }
 
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message) {
@@ -167,9 +225,13 @@ void ConnectionLogic::on_deadline(steady::time_point now) {
   sink->close(4001, "token expired");
 }
 
-void ConnectionLogic::reply(const boost::json::value& id, boost::json::object result) {
+void ConnectionLogic::reply(const boost::json::value& id, const boost::json::object& result) {
+  if (auto sink = sink_.lock()) sink->send_text(std::make_shared<const std::string>(reply_ok(id, result)));
+}
+
+void ConnectionLogic::reply_raw(const boost::json::value& id, std::string_view result) {
   if (auto sink = sink_.lock())
-    sink->send_text(std::make_shared<const std::string>(reply_ok(id, std::move(result))));
+    sink->send_text(std::make_shared<const std::string>(reply_ok_raw(id, result)));
 }
 
 void ConnectionLogic::fail(const boost::json::value& id, std::string_view code, std::string_view message) {
@@ -217,10 +279,35 @@ void ConnectionLogic::on_binary(steady::time_point now) {
   fail(nullptr, "bad_request", "binary frames are not supported; send JSON text");
 }
 
+namespace {
+// A request's JSON is parsed into a block of its thread's and lives only while the request is
+// handled (handlers copy what they keep, by assignment: a copy-constructed JSON value would use
+// the block too): no allocation per JSON element. A request handled while another is on the same
+// thread (a host's send callback feeding a ProtocolSession) is parsed onto the heap.
+struct RequestBlock {
+  alignas(std::max_align_t) unsigned char bytes[4096];
+  bool in_use = false;
+};
+}  // namespace
+
 void ConnectionLogic::on_message(std::string_view text, steady::time_point now) {
   if (!admit(now)) return;
+  thread_local RequestBlock block;
+  std::optional<boost::json::monotonic_resource> arena;  // before v: outlives it
+  boost::json::storage_ptr storage;
+  if (!block.in_use) {
+    arena.emplace(block.bytes, sizeof block.bytes);
+    storage = boost::json::storage_ptr(&*arena);
+  }
+  struct Release {
+    RequestBlock* b;
+    ~Release() {
+      if (b) b->in_use = false;
+    }
+  } release{arena ? &block : nullptr};
+  if (arena) block.in_use = true;
   boost::system::error_code ec;
-  auto v = boost::json::parse(text, ec);
+  auto v = boost::json::parse(text, ec, storage);
   if (ec) return fail(nullptr, "bad_request", fmt::format("not valid JSON: {}", ec.message()));
   if (!v.is_object()) return fail(nullptr, "bad_request", "a client message must be a JSON object");
   const auto& msg = v.as_object();
@@ -289,10 +376,12 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack, b
   // "seq": the version the ACK reports, which is also that version's seq on booking/<id> (the
   // engine numbers the topic with the booking's versions, in every epoch): where the client
   // stands on the topic, to resume from with `since` after a reconnect.
-  boost::json::object result{
-      {"booking_id", ack->booking_id}, {"status", to_string(ack->status)}, {"seq", ack->version}};
-  if (ack->replayed) result["replayed"] = true;
-  reply(id, std::move(result));
+  // {"booking_id":...,"status":...,"seq":N[,"replayed":true]}, written out (a reply per booking).
+  std::string result = R"({"booking_id":)";
+  append_json_string(result, ack->booking_id);
+  fmt::format_to(std::back_inserter(result), R"(,"status":"{}","seq":{}{}}})", to_string(ack->status),
+                 ack->version, ack->replayed ? R"(,"replayed":true)" : "");
+  reply_raw(id, result);
   if (!room) {
     if (auto sink = sink_.lock())
       sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{

@@ -39,7 +39,11 @@ WireError wire_error(const std::error_code& ec);
 /// {"error":{"code":...,"message":...}} for HTTP bodies.
 std::string http_error_body(std::string_view code, std::string_view message);
 /// {"type":"reply","id":ID,"ok":true,"result":{...}}
-std::string reply_ok(const boost::json::value& id, boost::json::object result);
+std::string reply_ok(const boost::json::value& id, const boost::json::object& result);
+/// The same with `result` already serialized (a JSON object's text).
+std::string reply_ok_raw(const boost::json::value& id, std::string_view result);
+/// Appends `s` as a JSON string (quoted and escaped as boost::json::serialize does).
+void append_json_string(std::string& out, std::string_view s);
 /// {"type":"reply","id":ID,"ok":false,"error":{"code":...,"message":...}}
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message);
 
@@ -250,7 +254,9 @@ class ConnectionLogic {
   std::size_t subscriptions() const noexcept { return subscriptions_.size(); }
 
  private:
-  void reply(const boost::json::value& id, boost::json::object result);
+  void reply(const boost::json::value& id, const boost::json::object& result);
+  /// reply() with the result already serialized.
+  void reply_raw(const boost::json::value& id, std::string_view result);
   void fail(const boost::json::value& id, std::string_view code, std::string_view message);
   void fail(const boost::json::value& id, const Error& e);
   bool take_token(steady::time_point now);
