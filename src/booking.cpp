@@ -1,5 +1,7 @@
 #include <pushbook/booking.hpp>
 
+#include "detail/packed_json.hpp"
+
 #include <boost/json/array.hpp>
 #include <boost/json/string.hpp>
 
@@ -157,8 +159,10 @@ result<BookingRequest> booking_request_from_json(const boost::json::value& v,
   return req;
 }
 
-boost::json::object to_json(const Booking& b) {
-  boost::json::object o;
+boost::json::object to_json(const Booking& b) { return detail::to_json(b, {}); }
+
+boost::json::object detail::to_json(const Booking& b, boost::json::storage_ptr sp) {
+  boost::json::object o(sp);
   // Exactly the fields it will hold: a booking's object is kept by the bus for as long as its
   // events are (twice per booking), and each slot of room costs 32 bytes.
   o.reserve(7 + (b.reason != RejectReason::none) + !b.reason_message.empty() + !b.metadata.empty() +
@@ -168,10 +172,11 @@ boost::json::object to_json(const Booking& b) {
   if (b.reason != RejectReason::none) o["reason"] = to_string(b.reason);
   if (!b.reason_message.empty()) o["reason_message"] = b.reason_message;
   o["user"] = b.user;
-  boost::json::array lines;
+  boost::json::array lines(sp);
   lines.reserve(b.lines.size());
   for (const auto& l : b.lines)
-    lines.push_back(boost::json::object{{"resource", l.resource}, {"quantity", std::int64_t{l.quantity}}});
+    lines.push_back(
+        boost::json::object({{"resource", l.resource}, {"quantity", std::int64_t{l.quantity}}}, sp));
   o["lines"] = std::move(lines);
   if (!b.metadata.empty()) o["metadata"] = b.metadata;
   if (b.hold_for) o["hold_ms"] = b.hold_for->count();
@@ -297,13 +302,16 @@ result<Booking> booking_from_json(const boost::json::value& v) {
   return b;
 }
 
-boost::json::object to_json(const ResourceState& r) {
+boost::json::object to_json(const ResourceState& r) { return detail::to_json(r, {}); }
+
+boost::json::object detail::to_json(const ResourceState& r, boost::json::storage_ptr sp) {
   // Counts as signed integers: what JSON consumers (JavaScript, Python) expect of a number.
-  return boost::json::object{{"resource", r.id},
-                             {"capacity", std::int64_t{r.capacity}},
-                             {"available", std::int64_t{r.available()}},
-                             {"reserved", std::int64_t{r.reserved}},
-                             {"confirmed", std::int64_t{r.confirmed}}};
+  return boost::json::object({{"resource", r.id},
+                              {"capacity", std::int64_t{r.capacity}},
+                              {"available", std::int64_t{r.available()}},
+                              {"reserved", std::int64_t{r.reserved}},
+                              {"confirmed", std::int64_t{r.confirmed}}},
+                             std::move(sp));
 }
 
 }  // namespace pushbook

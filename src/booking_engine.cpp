@@ -45,6 +45,7 @@
 #include "detail/booking_id.hpp"
 #include "detail/forced_unwind.hpp"
 #include "detail/front_queue.hpp"
+#include "detail/packed_json.hpp"
 #include "detail/string_hash.hpp"
 #include "detail/timer_queue.hpp"
 
@@ -251,8 +252,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   void publish_resource_event(const ResourceState& r) {
     auto c = std::make_shared<chain>();
-    c->events.push_back(
-        {"resource/" + r.id, std::make_shared<const boost::json::value>(to_json(r)), r.version});
+    c->events.push_back({"resource/" + r.id, detail::packed_json(r), r.version});
     // Never dropped for the bound: a resource's lane holds at most two events (one at the bus, the
     // latest state behind it), and a dropped state would leave the topic's last value stale for
     // good (resources are not relayed).
@@ -271,7 +271,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
   // value shared by both. In this order: see the top of this file.
   static std::vector<OutboxEvent> events_for(const Booking& b) {
-    auto data = std::make_shared<const boost::json::value>(to_json(b));
+    auto data = detail::packed_json(b);
     std::vector<OutboxEvent> events;
     events.reserve(2);
     events.push_back({"user/" + b.user, data, 0});

@@ -1,12 +1,16 @@
 #include <pushbook/booking.hpp>
 
 #include "detail/booking_id.hpp"
+#include "detail/packed_json.hpp"
 
 #include <doctest/doctest.h>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
+#include <optional>
 #include <set>
+#include <thread>
+#include <vector>
 
 using namespace pushbook;
 
@@ -240,4 +244,72 @@ TEST_CASE("booking ids: 26 Crockford base32 characters carrying time, node and c
   std::set<std::string> many;
   for (int i = 0; i < 10000; ++i) many.insert(gen.next());
   CHECK(many.size() == 10000);
+}
+
+namespace {
+Booking sample_booking(std::size_t metadata_bytes = 0) {
+  Booking b;
+  b.id = "0000000000000001-abcdefgh1234";
+  b.user = "alice";
+  b.lines = {{"hall", 2}, {"room-101", 1}};
+  b.status = BookingStatus::rejected;
+  b.reason = RejectReason::sold_out;
+  b.reason_message = "no \"room\" left";
+  b.metadata = {{"note", "window seat"}, {"big", std::string(metadata_bytes, 'x')}};
+  b.version = 2;
+  b.created_at = b.updated_at = wall_clock::time_point(std::chrono::milliseconds(1'700'000'000'000));
+  return b;
+}
+}  // namespace
+
+TEST_CASE("an event payload in one block (packed_json) is the booking's JSON, whatever its size") {
+  // Kept by the bus for every booking: made in the thread's scratch arena, copied into one block.
+  for (const std::size_t metadata : {std::size_t{0}, std::size_t{100}, std::size_t{20'000}}) {
+    CAPTURE(metadata);  // 20,000: beyond the thread's 8 KB scratch block
+    const auto b = sample_booking(metadata);
+    const auto packed = detail::packed_json(b);
+    REQUIRE(packed);
+    CHECK(*packed == boost::json::value(to_json(b)));
+    CHECK(boost::json::serialize(*packed) == boost::json::serialize(to_json(b)));
+  }
+  ResourceState r;
+  r.id = "hall";
+  r.capacity = 10;
+  r.reserved = 3;
+  r.confirmed = 2;
+  CHECK(*detail::packed_json(r) == boost::json::value(to_json(r)));
+}
+
+TEST_CASE("a packed payload's parts copied by readers on several threads outlive the payload") {
+  // Readers copy parts of an event's data (a copy uses the same storage): they keep the block
+  // alive, take what is left of it or the heap, and free nothing of it.
+  auto packed = detail::packed_json(sample_booking(64));
+  const auto expected = boost::json::serialize(*packed);
+  std::vector<std::optional<boost::json::value>> copies(4);
+  std::vector<std::thread> readers;
+  for (std::size_t i = 0; i < copies.size(); ++i)
+    readers.emplace_back([&, i] {
+      for (int k = 0; k < 200; ++k) {
+        boost::json::value whole = *packed;                         // same storage
+        boost::json::value part = packed->as_object().at("lines");  // same storage
+        part.as_array().emplace_back("more");                       // grows: allocates from it
+        if (k == 199) copies[i].emplace(std::move(whole));          // a move keeps the storage
+      }
+    });
+  for (auto& t : readers) t.join();
+  packed.reset();  // the payload goes; the copies keep its block
+  for (const auto& c : copies) {
+    REQUIRE(c);
+    CHECK(c->storage() != boost::json::storage_ptr());  // still the payload's storage
+    CHECK(boost::json::serialize(*c) == expected);
+  }
+}
+
+TEST_CASE("JSON made while the thread's scratch arena is in use (nested) gets the heap") {
+  detail::ScratchJson outer;
+  boost::json::value a(detail::to_json(sample_booking(), outer.storage()));
+  const auto inner = detail::packed_json(sample_booking(10));  // its own ScratchJson, nested
+  CHECK(*inner == boost::json::value(to_json(sample_booking(10))));
+  CHECK(a == boost::json::value(to_json(sample_booking())));
+  CHECK(outer.needed() > 0);
 }
