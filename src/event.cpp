@@ -49,6 +49,13 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
   return form;
 }
 
+std::shared_ptr<const std::string> Event::wire_once(bool snapshot) const {
+  const auto& form = snapshot ? snapshot_ : plain_;
+  const auto& state = snapshot ? snapshot_state_ : plain_state_;
+  if (state.load(std::memory_order_acquire) == 2) return form;  // built
+  return build_wire(snapshot);
+}
+
 std::string format_epoch(std::uint32_t epoch) {
   static constexpr char digits[] = "0123456789abcdef";
   std::string out(8, '0');

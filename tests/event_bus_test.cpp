@@ -358,6 +358,24 @@ CONTRACT_CASE("the wire form is serialized once and shared") {
   CHECK(snapshot.at("snapshot") == true);
 }
 
+CONTRACT_CASE("wire_once: the kept form when there is one, else a form of its own that is not kept") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  auto e = bus.publish("booking/b1", boost::json::object{{"status", "confirmed"}}).value();
+  auto once1 = e->wire_once();
+  auto once2 = e->wire_once();
+  CHECK(once1 != once2);  // made for each caller: nothing kept
+  CHECK(*once1 == *once2);
+  auto kept = e->wire();
+  CHECK(kept != once1);  // wire() made and kept its own
+  CHECK(*kept == *once1);
+  CHECK(e->wire_once() == kept);  // now the kept one, shared
+  auto snapshot_once = e->wire_once(true);
+  CHECK(*snapshot_once == *e->wire(true));
+  CHECK(e->wire_once(true) == e->wire(true));
+}
+
 TEST_CASE("epochs: on the wire as 8 hex digits, parsed back, and bad text refused") {
   CHECK(format_epoch(0) == "00000000");
   CHECK(format_epoch(0xdeadbeef) == "deadbeef");

@@ -168,6 +168,13 @@ TEST_CASE("book with \"follow\":\"decision\": the decision is pushed, then the s
     REQUIRE(ev);
     CHECK(ev->at("topic").as_string() == "booking/" + id);
     CHECK(status_of(*ev) == "confirmed");
+    if (!slow) {
+      // Decided before its ACK: sent from the bus's memory to this connection alone, its wire form
+      // made for it and not kept with the event (Event::wire_once).
+      const auto last = s.bus->last("booking/" + id);
+      REQUIRE(last);
+      CHECK(last->wire_once() != last->wire_once());
+    }
     // Nothing to unsubscribe: the connection follows nothing once the decision is out.
     CHECK(test::eventually([&] { return s.gateway->stats().subscriptions == 0; }));
     CHECK(ws->request({{"op", "unsubscribe"}, {"topic", "booking/" + id}}).value().at("error").at("code") ==

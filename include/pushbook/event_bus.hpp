@@ -51,6 +51,11 @@ class PUSHBOOK_EXPORT Event {
   /// With `snapshot`, the same object with "snapshot":true (it carries current state).
   /// Thread-safe (a thread that asks while another is serializing gets an equal copy of its own).
   std::shared_ptr<const std::string> wire(bool snapshot = false) const;
+  /// wire() for a caller that sends the event once, to one client: the form kept with the event
+  /// when it was made already, else one made for this caller and not kept (an event that only
+  /// one connection is sent, such as a booking's decision sent to the client that booked it,
+  /// then holds no serialized copy of itself for as long as the bus keeps it).
+  std::shared_ptr<const std::string> wire_once(bool snapshot = false) const;
 
  private:
   std::shared_ptr<const std::string> build_wire(bool snapshot) const;

@@ -442,7 +442,7 @@ bool ConnectionLogic::send_decided(const std::string& topic, std::uint64_t known
   if (upto == events->size()) return false;  // not decided yet: the subscription follows it
   auto sink = sink_.lock();
   if (!sink) return true;
-  for (std::size_t i = 0; i <= upto; ++i) sink->send_event((*events)[i], false);
+  for (std::size_t i = 0; i <= upto; ++i) sink->send_event_once((*events)[i]);
   return true;
 }
 

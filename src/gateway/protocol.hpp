@@ -164,6 +164,10 @@ class ConnectionSink {
   virtual void send_text(std::shared_ptr<const std::string> message) = 0;
   /// An event (shared serialized bytes): the slow-consumer policy may drop it.
   virtual void send_event(const EventPtr& event, bool snapshot) = 0;
+  /// send_event() of an event this connection alone is sent (a booking's decision sent from
+  /// history to the connection that booked it): its wire form is not kept with the event
+  /// (Event::wire_once).
+  virtual void send_event_once(const EventPtr& event) { send_event(event, false); }
   /// Closes the connection with a WebSocket close code and reason.
   virtual void close(std::uint16_t code, std::string reason) = 0;
   /// Runs `fn` on the connection's strand, later; not at all once the connection has finished.

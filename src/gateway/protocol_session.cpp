@@ -105,6 +105,10 @@ struct ProtocolSession::impl : detail::ConnectionSink {
     if (events) return push(std::make_shared<const std::string>(detail::sse_event(*event, snapshot)), event);
     push(event->wire(snapshot), event);
   }
+  void send_event_once(const EventPtr& event) override {
+    if (events) return send_event(event, false);
+    push(event->wire_once(false), event);
+  }
   void close(std::uint16_t code, std::string reason) override {
     {
       std::lock_guard lock(state_mutex);

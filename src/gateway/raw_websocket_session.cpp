@@ -304,6 +304,11 @@ void RawWebSocketSession<Executor>::send_event(const EventPtr& event, bool snaps
 }
 
 template <class Executor>
+void RawWebSocketSession<Executor>::send_event_once(const EventPtr& event) {
+  enqueue(event->wire_once(false), event);
+}
+
+template <class Executor>
 void RawWebSocketSession<Executor>::enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
   auto pushed = out_.push(std::move(bytes), event);
   if (pushed.too_slow) {

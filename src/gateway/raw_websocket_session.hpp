@@ -61,6 +61,7 @@ class RawWebSocketSession : public Session,
   // ConnectionSink
   void send_text(std::shared_ptr<const std::string> message) override;
   void send_event(const EventPtr& event, bool snapshot) override;
+  void send_event_once(const EventPtr& event) override;
   void close(std::uint16_t code, std::string reason) override;
   void post(std::function<void()> fn) override;
   // DeadlineTarget

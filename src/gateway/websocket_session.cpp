@@ -166,6 +166,11 @@ void WebSocketSession<Stream>::send_event(const EventPtr& event, bool snapshot) 
 }
 
 template <class Stream>
+void WebSocketSession<Stream>::send_event_once(const EventPtr& event) {
+  enqueue(event->wire_once(false), event);
+}
+
+template <class Stream>
 void WebSocketSession<Stream>::enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event) {
   auto pushed = out_.push(std::move(bytes), event);
   if (pushed.too_slow) {

@@ -32,6 +32,7 @@ class WebSocketSession : public Session,
   void abort() override;
   void send_text(std::shared_ptr<const std::string> message) override;
   void send_event(const EventPtr& event, bool snapshot) override;
+  void send_event_once(const EventPtr& event) override;
   void close(std::uint16_t code, std::string reason) override;
   void post(std::function<void()> fn) override;
 
