@@ -33,10 +33,10 @@ class packed_resource final : public boost::json::memory_resource {
     }
     return ::operator new(n, std::align_val_t(align));
   }
-  void do_deallocate(void* p, std::size_t n, std::size_t align) override {
+  void do_deallocate(void* p, std::size_t, std::size_t align) override {
     const auto* c = static_cast<const unsigned char*>(p);
     if (c >= block_ && c < block_ + capacity_) return;
-    ::operator delete(p, n, std::align_val_t(align));
+    ::operator delete(p, std::align_val_t(align));
   }
   bool do_is_equal(const boost::json::memory_resource& other) const noexcept override {
     return this == &other;
