@@ -28,31 +28,35 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   return std::make_shared<const std::string>(std::move(out));
 }
 
+namespace {
+// The states of an event's wire form (plain_state_, snapshot_state_).
+constexpr std::uint8_t form_none = 0, form_building = 1, form_built = 2;
+}  // namespace
+
 std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
-  constexpr std::uint8_t none = 0, building = 1, built = 2;
   auto& form = snapshot ? snapshot_ : plain_;
   auto& state = snapshot ? snapshot_state_ : plain_state_;
   // The common case, every delivery after the first: one load, as cheap as a plain read.
-  if (state.load(std::memory_order_acquire) == built) return form;
-  std::uint8_t expected = none;
-  if (!state.compare_exchange_strong(expected, building, std::memory_order_acquire,
+  if (state.load(std::memory_order_acquire) == form_built) return form;
+  std::uint8_t expected = form_none;
+  if (!state.compare_exchange_strong(expected, form_building, std::memory_order_acquire,
                                      std::memory_order_acquire))
     // Built meanwhile: shared. Being built by another thread: an equal copy, not kept (no waiting).
-    return expected == built ? form : build_wire(snapshot);
+    return expected == form_built ? form : build_wire(snapshot);
   try {
     form = build_wire(snapshot);
   } catch (...) {
-    state.store(none, std::memory_order_release);  // out of memory: the next caller tries again
+    state.store(form_none, std::memory_order_release);  // out of memory: the next caller tries again
     throw;
   }
-  state.store(built, std::memory_order_release);
+  state.store(form_built, std::memory_order_release);
   return form;
 }
 
 std::shared_ptr<const std::string> Event::wire_once(bool snapshot) const {
   const auto& form = snapshot ? snapshot_ : plain_;
   const auto& state = snapshot ? snapshot_state_ : plain_state_;
-  if (state.load(std::memory_order_acquire) == 2) return form;  // built
+  if (state.load(std::memory_order_acquire) == form_built) return form;
   return build_wire(snapshot);
 }
 

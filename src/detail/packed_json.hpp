@@ -2,10 +2,10 @@
 // sized for it, instead of an allocation per element.
 //
 // A booking's JSON is ~25 elements: with the default memory resource every key, string, array and
-// object table is an allocation of its own, rounded up by malloc and with its header, ~1.3 KB in
-// ~12 allocations, kept twice per booking for as long as the bus keeps the booking's events. Built
-// here, it is made in the thread's scratch arena (no allocation), then copied into one block of
-// the bytes it takes.
+// object table is an allocation of its own, rounded up by malloc and with its header (864 bytes
+// for a one-line booking, measured), kept twice per booking for as long as the bus keeps the
+// booking's events. Built here, it is made in the thread's scratch arena (no allocation), then
+// copied into one block of the bytes it takes (690 bytes for the same booking).
 #pragma once
 
 #include <pushbook/booking.hpp>
