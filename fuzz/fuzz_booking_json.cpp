@@ -7,6 +7,10 @@
 
 #include <pushbook/booking.hpp>
 
+#include "detail/json_text.hpp"
+
+#include <boost/json/serialize.hpp>
+
 #include <boost/json/parse.hpp>
 
 #include <chrono>
@@ -36,6 +40,8 @@ void check_accepted(const BookingRequest& req, std::string_view user_override) {
   FUZZ_CHECK(back->metadata == b.metadata);
   FUZZ_CHECK(back->hold_for == b.hold_for);
   FUZZ_CHECK(back->created_at == b.created_at);
+  // The text the engine publishes for it (written directly, metadata and all) is to_json's.
+  FUZZ_CHECK(*detail::json_text(b) == boost::json::serialize(to_json(b)));
 }
 
 }  // namespace
@@ -58,6 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     auto again = booking_from_json(to_json(*b));
     FUZZ_CHECK(again.has_value());
     FUZZ_CHECK(to_json(*again) == to_json(*b));
+    FUZZ_CHECK(*detail::json_text(*b) == boost::json::serialize(to_json(*b)));
   }
   return 0;
 }

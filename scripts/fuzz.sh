@@ -12,10 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-targets_all=(fuzz_ws_message fuzz_ws_frames fuzz_http_request fuzz_token fuzz_booking_json fuzz_resume)
+targets_all=(fuzz_ws_message fuzz_ws_frames fuzz_http_request fuzz_token fuzz_booking_json fuzz_resume fuzz_json_text)
 # Short mode: runs per target, a few seconds each on a 2-core VM (docs/fuzzing.md has the numbers).
 declare -A short_runs=([fuzz_ws_message]=3000 [fuzz_ws_frames]=50000 [fuzz_http_request]=20000 [fuzz_token]=20000
-  [fuzz_booking_json]=20000 [fuzz_resume]=20000)
+  [fuzz_booking_json]=20000 [fuzz_resume]=20000 [fuzz_json_text]=30000)
 runs=""
 long_seconds=""
 targets=()

@@ -1,6 +1,6 @@
 #include <pushbook/booking.hpp>
 
-#include "detail/packed_json.hpp"
+#include "detail/json_text.hpp"
 
 #include <boost/json/array.hpp>
 #include <boost/json/string.hpp>
@@ -159,12 +159,11 @@ result<BookingRequest> booking_request_from_json(const boost::json::value& v,
   return req;
 }
 
-boost::json::object to_json(const Booking& b) { return detail::to_json(b, {}); }
-
-boost::json::object detail::to_json(const Booking& b, boost::json::storage_ptr sp) {
+boost::json::object to_json(const Booking& b) {
+  // detail::append_json writes the same text directly (the engine's event payloads): a member
+  // added here is added there, in the same place (booking_test compares the two).
+  const boost::json::storage_ptr sp;
   boost::json::object o(sp);
-  // Exactly the fields it will hold: a booking's object is kept by the bus for as long as its
-  // events are (twice per booking), and each slot of room costs 32 bytes.
   o.reserve(7 + (b.reason != RejectReason::none) + !b.reason_message.empty() + !b.metadata.empty() +
             b.hold_for.has_value() + b.expires_at.has_value());
   o["booking_id"] = b.id;
@@ -302,16 +301,16 @@ result<Booking> booking_from_json(const boost::json::value& v) {
   return b;
 }
 
-boost::json::object to_json(const ResourceState& r) { return detail::to_json(r, {}); }
-
-boost::json::object detail::to_json(const ResourceState& r, boost::json::storage_ptr sp) {
+boost::json::object to_json(const ResourceState& r) {
   // Counts as signed integers: what JSON consumers (JavaScript, Python) expect of a number.
+  // detail::append_json writes the same text directly.
+  const boost::json::storage_ptr sp;
   return boost::json::object({{"resource", r.id},
                               {"capacity", std::int64_t{r.capacity}},
                               {"available", std::int64_t{r.available()}},
                               {"reserved", std::int64_t{r.reserved}},
                               {"confirmed", std::int64_t{r.confirmed}}},
-                             std::move(sp));
+                             sp);
 }
 
 }  // namespace pushbook

@@ -45,7 +45,7 @@
 #include "detail/booking_id.hpp"
 #include "detail/forced_unwind.hpp"
 #include "detail/front_queue.hpp"
-#include "detail/packed_json.hpp"
+#include "detail/json_text.hpp"
 #include "detail/string_hash.hpp"
 #include "detail/timer_queue.hpp"
 
@@ -252,7 +252,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
 
   void publish_resource_event(const ResourceState& r) {
     auto c = std::make_shared<chain>();
-    c->events.push_back({"resource/" + r.id, detail::packed_json(r), r.version});
+    c->events.push_back({"resource/" + r.id, detail::json_text(r), r.version});
     // Never dropped for the bound: a resource's lane holds at most two events (one at the bus, the
     // latest state behind it), and a dropped state would leave the topic's last value stale for
     // good (resources are not relayed).
@@ -269,9 +269,9 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
   bool store_counts = false;  // set before recover(): the store reports resource counts
 
   // The events announcing `b`: user/<user>, then booking/<id> numbered by the version, one JSON
-  // value shared by both. In this order: see the top of this file.
+  // text shared by both. In this order: see the top of this file.
   static std::vector<OutboxEvent> events_for(const Booking& b) {
-    auto data = detail::packed_json(b);
+    auto data = detail::json_text(b);
     std::vector<OutboxEvent> events;
     events.reserve(2);
     events.push_back({"user/" + b.user, data, 0});
@@ -396,7 +396,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
         auto& ln = it->second;
         if (is_resource_topic(ev.topic) && !ln.waiting.empty()) {
           // A resource event carries the whole state: the waiting one takes the newer state.
-          ln.waiting.back()->events[0].data = ev.data;
+          ln.waiting.back()->events[0].json = ev.json;
           ln.waiting.back()->events[0].seq = ev.seq;
           pending_events.fetch_sub(1, std::memory_order_acq_rel);
           return;
@@ -460,7 +460,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     if (ev.seq > 0) po.seq = ev.seq;
     auto answered = std::make_shared<std::atomic<bool>>(false);
     try {
-      bus->publish_async(ev.topic, ev.data, po, [this, c, answered](result<EventPtr> r) {
+      bus->publish_json_async(ev.topic, ev.json, po, [this, c, answered](result<EventPtr> r) {
         if (!answered->exchange(true)) published(c, r);
       });
     } catch (const std::exception& e) {
@@ -549,7 +549,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       for (auto& w : ln.waiting) w->retried = true;
       if (is_resource_topic(topic) && !ln.waiting.empty()) {
         // The retry carries the resource's latest state; the waiting one goes.
-        c->events[0].data = ln.waiting.back()->events[0].data;
+        c->events[0].json = ln.waiting.back()->events[0].json;
         c->events[0].seq = ln.waiting.back()->events[0].seq;  // the state's number goes with it
         pending_events.fetch_sub(ln.waiting.size(), std::memory_order_acq_rel);
         ln.waiting.clear();

@@ -1,8 +1,11 @@
 #include <pushbook/event_bus.hpp>
 
+#include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
 #include <fmt/format.h>
+
+#include <iterator>
 
 namespace pushbook {
 
@@ -10,19 +13,29 @@ Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::ti
              std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
     : topic_(std::move(topic)), seq_(seq), epoch_(epoch), time_(time), data_(std::move(data)) {}
 
+Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+             std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
+    : topic_(std::move(topic)), seq_(seq), epoch_(epoch), time_(time), text_(std::move(json_text)) {}
+
 Event::~Event() = default;
+
+void Event::parse_text() const {
+  std::call_once(parsed_, [this] { data_ = std::make_shared<const boost::json::value>(boost::json::parse(*text_)); });
+}
 
 std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   const auto ts = std::chrono::duration_cast<std::chrono::milliseconds>(time_.time_since_epoch()).count();
   // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
-  const std::string head =
-      fmt::format(R"({{"type":"event","topic":"{}","seq":{},"epoch":"{}","ts":{}{},"data":)", topic_, seq_,
-                  format_epoch(epoch_), ts, snapshot ? R"(,"snapshot":true)" : "");
-  const std::string body = boost::json::serialize(*data_);
+  fmt::memory_buffer head;
+  fmt::format_to(std::back_inserter(head), R"({{"type":"event","topic":"{}","seq":{},"epoch":"{:08x}","ts":{}{},"data":)",
+                 topic_, seq_, epoch_, ts, snapshot ? R"(,"snapshot":true)" : "");
+  std::string serialized;
+  if (!text_) serialized = boost::json::serialize(*data_);
+  const std::string_view body = text_ ? std::string_view(*text_) : std::string_view(serialized);
   // Sized exactly: the form may be kept as long as the event is in history.
   std::string out;
   out.reserve(head.size() + body.size() + 1);
-  out += head;
+  out.append(head.data(), head.size());
   out += body;
   out += '}';
   return std::make_shared<const std::string>(std::move(out));
@@ -98,6 +111,33 @@ void EventBus::publish_async(std::string_view topic, std::shared_ptr<const boost
   auto r = publish(topic, std::move(data), options);
   if (done) done(std::move(r));
 }
+namespace {
+Error not_json(const std::optional<std::string>& why) {
+  return Error(errc::bad_request, "publish_json needs one JSON value: " + why.value_or("no text"));
+}
+}  // namespace
+
+result<EventPtr> EventBus::publish_json(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                        const PublishOptions& options) {
+  if (!json_text) return not_json(std::nullopt);
+  boost::system::error_code ec;
+  auto v = boost::json::parse(*json_text, ec);
+  if (ec) return not_json(ec.message());
+  return publish(topic, std::make_shared<const boost::json::value>(std::move(v)), options);
+}
+
+void EventBus::publish_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                  const PublishOptions& options, PublishCallback done) {
+  boost::system::error_code ec;
+  boost::json::value v;
+  if (json_text) v = boost::json::parse(*json_text, ec);
+  if (!json_text || ec) {
+    if (done) done(not_json(json_text ? std::optional<std::string>(ec.message()) : std::nullopt));
+    return;
+  }
+  publish_async(topic, std::make_shared<const boost::json::value>(std::move(v)), options, std::move(done));
+}
+
 void EventBus::subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
                                SubscribeCallback done) {
   auto r = subscribe(pattern, std::move(callback), std::move(options));

@@ -12,6 +12,7 @@
 
 #include "detail/forced_unwind.hpp"
 #include "detail/front_queue.hpp"
+#include "detail/json_text.hpp"
 #include "detail/string_hash.hpp"
 
 #include <algorithm>
@@ -350,6 +351,25 @@ result<EventPtr> LocalBus::publish(std::string_view topic_name,
                                    std::shared_ptr<const boost::json::value> data,
                                    const PublishOptions& options) {
   if (!data) return Error(errc::bad_request, "publish needs data (a JSON value, null is fine)");
+  return publish_event(topic_name, std::move(data), options);
+}
+
+result<EventPtr> LocalBus::publish_json(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                        const PublishOptions& options) {
+  if (!json_text) return Error(errc::bad_request, "publish_json needs one JSON value: no text");
+  if (auto why = detail::json_text_error(*json_text))
+    return Error(errc::bad_request, "publish_json needs one JSON value: " + *why);
+  return publish_event(topic_name, std::move(json_text), options);
+}
+
+void LocalBus::publish_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                  const PublishOptions& options, PublishCallback done) {
+  auto r = publish_json(topic_name, std::move(json_text), options);
+  if (done) done(std::move(r));
+}
+
+template <class Payload>
+result<EventPtr> LocalBus::publish_event(std::string_view topic_name, Payload data, const PublishOptions& options) {
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
   if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))

@@ -21,6 +21,7 @@
 #include <pushbook/redis_bus.hpp>
 
 #include "detail/forced_unwind.hpp"
+#include "detail/json_text.hpp"
 
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
@@ -579,11 +580,16 @@ struct RedisBus::impl : std::enable_shared_from_this<RedisBus::impl> {
   void teardown();
 
   // The publish script's command for `data` on `topic_name`, and the event its reply means.
-  std::vector<std::string> publish_command(std::string_view topic_name, const boost::json::value& data,
+  // `json` is the payload's text; `data` what the event holds (the value, or that text).
+  std::vector<std::string> publish_command(std::string_view topic_name, std::string json,
                                            const PublishOptions& publish_options);
-  result<EventPtr> published_event(std::string_view topic_name,
-                                   std::shared_ptr<const boost::json::value> data,
+  template <class Payload>
+  result<EventPtr> published_event(std::string_view topic_name, Payload data,
                                    std::optional<std::uint64_t> asked_seq, result<reply_ptr> r);
+  // publish_async of either kind of payload, once checked.
+  template <class Payload>
+  static void publish_async(const std::shared_ptr<impl>& self, std::string_view topic_name, Payload data,
+                            std::string json, const PublishOptions& options, PublishCallback done);
 
   // On the I/O thread: while commands are pending on either connection, a timer checks every
   // command_timeout that Redis still answers; one that does not is treated as gone
@@ -1312,8 +1318,7 @@ Error check_publish(std::string_view topic_name, const std::shared_ptr<const boo
 }
 }  // namespace
 
-std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_name,
-                                                         const boost::json::value& data,
+std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_name, std::string json,
                                                          const PublishOptions& publish_options) {
   return {"EVALSHA",
           publish_sha,
@@ -1322,7 +1327,7 @@ std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_
           key(topic_name, "seq"),
           key(topic_name, "h"),
           key(topic_name, "last"),
-          boost::json::serialize(data),
+          std::move(json),
           std::to_string(options.history_limit),
           std::to_string(options.history_max_age.count()),
           std::to_string(options.topic_idle_ttl.count()),
@@ -1331,8 +1336,8 @@ std::vector<std::string> RedisBus::impl::publish_command(std::string_view topic_
           publish_options.seq ? std::to_string(*publish_options.seq) : std::string()};
 }
 
-result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name,
-                                                 std::shared_ptr<const boost::json::value> data,
+template <class Payload>
+result<EventPtr> RedisBus::impl::published_event(std::string_view topic_name, Payload data,
                                                  std::optional<std::uint64_t> asked_seq,
                                                  result<reply_ptr> r) {
   if (r && (*r)->type == REDIS_REPLY_ERROR)
@@ -1368,7 +1373,29 @@ result<EventPtr> RedisBus::publish(std::string_view topic_name,
     return e;
   auto& b = *impl_;
   return b.published_event(topic_name, data, options.seq,
-                           b.call(b.publish_command(topic_name, *data, options)));
+                           b.call(b.publish_command(topic_name, boost::json::serialize(*data), options)));
+}
+
+namespace {
+// The checks of publish_json: the text's first, then publish's.
+Error check_publish_json(std::string_view topic_name, const std::shared_ptr<const std::string>& json_text,
+                         const PublishOptions& options, bool closed) {
+  if (!json_text) return Error(errc::bad_request, "publish_json needs one JSON value: no text");
+  if (auto why = detail::json_text_error(*json_text))
+    return Error(errc::bad_request, "publish_json needs one JSON value: " + *why);
+  static const auto null = std::make_shared<const boost::json::value>();
+  return check_publish(topic_name, null, options, closed);
+}
+}  // namespace
+
+result<EventPtr> RedisBus::publish_json(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                        const PublishOptions& options) {
+  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code)
+    return e;
+  auto& b = *impl_;
+  auto args = b.publish_command(topic_name, *json_text, options);
+  return b.published_event(topic_name, std::move(json_text), options.seq, b.call(std::move(args)));
 }
 
 void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const boost::json::value> data,
@@ -1378,8 +1405,26 @@ void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const 
     if (done) done(std::move(e));
     return;
   }
+  auto json = boost::json::serialize(*data);
+  impl::publish_async(impl_, topic_name, std::move(data), std::move(json), options, std::move(done));
+}
+
+void RedisBus::publish_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                  const PublishOptions& options, PublishCallback done) {
+  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code) {
+    if (done) done(std::move(e));
+    return;
+  }
+  std::string json = *json_text;
+  impl::publish_async(impl_, topic_name, std::move(json_text), std::move(json), options, std::move(done));
+}
+
+template <class Payload>
+void RedisBus::impl::publish_async(const std::shared_ptr<impl>& impl_, std::string_view topic_name, Payload data,
+                                   std::string json, const PublishOptions& options, PublishCallback done) {
   auto& b = *impl_;
-  auto args = b.publish_command(topic_name, *data, options);
+  auto args = b.publish_command(topic_name, std::move(json), options);
   // Posted, not sent here: the I/O thread owns the connection. Posts from one thread run in
   // order, so the commands go out, and Redis runs them, in the order of the calls.
   // The handlers hold the bus weakly: they live in its io_context and its connection.

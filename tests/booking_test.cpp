@@ -1,7 +1,9 @@
 #include <pushbook/booking.hpp>
 
 #include "detail/booking_id.hpp"
-#include "detail/packed_json.hpp"
+#include "detail/json_text.hpp"
+
+#include <pushbook/event_bus.hpp>
 
 #include <doctest/doctest.h>
 #include <boost/json/parse.hpp>
@@ -262,54 +264,98 @@ Booking sample_booking(std::size_t metadata_bytes = 0) {
 }
 }  // namespace
 
-TEST_CASE("an event payload in one block (packed_json) is the booking's JSON, whatever its size") {
-  // Kept by the bus for every booking: made in the thread's scratch arena, copied into one block.
-  for (const std::size_t metadata : {std::size_t{0}, std::size_t{100}, std::size_t{20'000}}) {
-    CAPTURE(metadata);  // 20,000: beyond the thread's 8 KB scratch block
-    const auto b = sample_booking(metadata);
-    const auto packed = detail::packed_json(b);
-    REQUIRE(packed);
-    CHECK(*packed == boost::json::value(to_json(b)));
-    CHECK(boost::json::serialize(*packed) == boost::json::serialize(to_json(b)));
+TEST_CASE("a booking's event text (json_text) is boost::json::serialize(to_json(b)) byte for byte") {
+  // The engine publishes this text and the bus keeps it: it must be the JSON to_json describes.
+  std::vector<Booking> cases;
+  for (const std::size_t metadata : {std::size_t{0}, std::size_t{100}, std::size_t{20'000}})
+    cases.push_back(sample_booking(metadata));
+  Booking plain;  // no reason, no metadata, no hold, no line
+  plain.id = "b-1";
+  plain.user = "bob";
+  plain.status = BookingStatus::processing;
+  plain.version = 1;
+  cases.push_back(plain);
+  Booking odd = sample_booking();
+  odd.user = std::string("tab\there \"quoted\" back\\slash \x01\x1f ctrl, caf\xc3\xa9 \xe2\x82\xac");
+  odd.reason = RejectReason::rejected_by_handler;
+  odd.reason_message = "line\nbreak\r\f\b";
+  odd.metadata = boost::json::parse(R"({"n":-1,"u":18446744073709551615,"d":1.5e300,"f":0.1,"t":true,)"
+                                    R"("z":null,"a":[1,"two",{"three":[]}],"o":{},"s":"\u00e9\"\n"})")
+                     .as_object();
+  odd.hold_for = std::chrono::milliseconds(90'000);
+  odd.expires_at = odd.created_at + std::chrono::minutes(2);
+  odd.status = BookingStatus::held;
+  odd.version = 9'007'199'254'740'993;
+  cases.push_back(odd);
+  for (auto status : {BookingStatus::confirmed, BookingStatus::cancelled, BookingStatus::expired}) {
+    Booking b = sample_booking();
+    b.status = status;
+    b.reason = RejectReason::none;
+    b.reason_message.clear();
+    cases.push_back(b);
+  }
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    CAPTURE(i);
+    const auto text = detail::json_text(cases[i]);
+    REQUIRE(text);
+    CHECK(*text == boost::json::serialize(to_json(cases[i])));
+    CHECK(text->capacity() == text->size());  // kept by the bus: no room beyond the text
+    std::string appended = "prefix";
+    detail::append_json(appended, cases[i]);
+    CHECK(appended == "prefix" + *text);
   }
   ResourceState r;
-  r.id = "hall";
+  r.id = "hall \"A\"";
   r.capacity = 10;
   r.reserved = 3;
   r.confirmed = 2;
-  CHECK(*detail::packed_json(r) == boost::json::value(to_json(r)));
+  CHECK(*detail::json_text(r) == boost::json::serialize(to_json(r)));
 }
 
-TEST_CASE("a packed payload's parts copied by readers on several threads outlive the payload") {
-  // Readers copy parts of an event's data (a copy uses the same storage): they keep the block
-  // alive, take what is left of it or the heap, and free nothing of it.
-  auto packed = detail::packed_json(sample_booking(64));
-  const auto expected = boost::json::serialize(*packed);
-  std::vector<std::optional<boost::json::value>> copies(4);
-  std::vector<std::thread> readers;
-  for (std::size_t i = 0; i < copies.size(); ++i)
-    readers.emplace_back([&, i] {
-      for (int k = 0; k < 200; ++k) {
-        boost::json::value whole = *packed;                         // same storage
-        boost::json::value part = packed->as_object().at("lines");  // same storage
-        part.as_array().emplace_back("more");                       // grows: allocates from it
-        if (k == 199) copies[i].emplace(std::move(whole));          // a move keeps the storage
-      }
-    });
-  for (auto& t : readers) t.join();
-  packed.reset();  // the payload goes; the copies keep its block
-  for (const auto& c : copies) {
-    REQUIRE(c);
-    CHECK(c->storage() != boost::json::storage_ptr());  // still the payload's storage
-    CHECK(boost::json::serialize(*c) == expected);
+TEST_CASE("json_text_error accepts exactly one JSON value") {
+  for (const char* ok : {"{}", "[]", "0", "-1.5e3", "\"s\"", "true", "null", " {\"a\":[1,{\"b\":null}]} \n",
+                         R"({"a":"\u00e9\ud83d\ude00"})"})
+    CHECK_MESSAGE(!detail::json_text_error(ok), ok);
+  for (const char* bad : {"", " ", "{", "{\"a\":}", "{} {}", "{}x", "[1,]", "{'a':1}", "\"\\x\"", "01", "nul",
+                          "\"\xff\"", "// c\n{}", "{\"a\":1,}"}) {
+    const auto why = detail::json_text_error(bad);
+    CHECK_MESSAGE(why.has_value(), bad);
+    if (why) CHECK(!why->empty());
   }
 }
 
-TEST_CASE("JSON made while the thread's scratch arena is in use (nested) gets the heap") {
-  detail::ScratchJson outer;
-  boost::json::value a(detail::to_json(sample_booking(), outer.storage()));
-  const auto inner = detail::packed_json(sample_booking(10));  // its own ScratchJson, nested
-  CHECK(*inner == boost::json::value(to_json(sample_booking(10))));
-  CHECK(a == boost::json::value(to_json(sample_booking())));
-  CHECK(outer.needed() > 0);
+TEST_CASE("payload_member reads a top-level member of a payload kept as text or as a value") {
+  const auto t0 = std::chrono::system_clock::time_point{};
+  auto check = [&](std::string json, std::string_view key, const boost::json::value& expected) {
+    CAPTURE(json);
+    CAPTURE(key);
+    const Event as_text("t", 1, t0, std::make_shared<const std::string>(json));
+    const Event as_value("t", 1, t0, std::make_shared<const boost::json::value>(boost::json::parse(json)));
+    CHECK(detail::payload_member(as_text, key) == expected);
+    CHECK(detail::payload_member(as_value, key) == expected);
+  };
+  const std::string long_status(40, 's');
+  const std::string json = R"({"nested":{"status":"inner","version":7},"list":[{"status":"x"}],)"
+                           R"("status":"confirmed","version":12,"big":18446744073709551615,"neg":-3,)"
+                           R"("d":2.5,"yes":true,"none":null,"esc":"a\"b\u00e9","long":")" +
+                           long_status + R"(","obj":{},"arr":[1]})";
+  check(json, "status", "confirmed");
+  check(json, "version", 12);
+  check(json, "big", 18446744073709551615ull);
+  check(json, "neg", -3);
+  check(json, "d", 2.5);
+  check(json, "yes", true);
+  check(json, "none", nullptr);
+  check(json, "esc", "a\"b\u00e9");
+  check(json, "long", boost::json::string_view(long_status));
+  check(json, "obj", nullptr);
+  check(json, "arr", nullptr);
+  check(json, "missing", nullptr);
+  check(R"(["status","confirmed"])", "status", nullptr);
+  check(R"("status")", "status", nullptr);
+  check(R"({"a":{"b":{"status":1}},"status":2})", "status", 2);
+  // The text is read once per call, the event's data() is not made: a text event keeps no value.
+  const Event e("t", 1, t0, std::make_shared<const std::string>(R"({"status":"processing"})"));
+  CHECK(detail::payload_member(e, "status") == "processing");
+  CHECK(e.data_text());
 }

@@ -376,6 +376,112 @@ CONTRACT_CASE("wire_once: the kept form when there is one, else a form of its ow
   CHECK(e->wire_once(true) == e->wire(true));
 }
 
+CONTRACT_CASE("publish_json: the payload's text is kept, sent as it is and parsed only when asked for") {
+  F f;
+  auto owner = f.make();
+  auto& bus = *owner;
+  Collector<std::string> got;
+  auto sub = bus.subscribe("booking/j", [&](const Delivery& d) {
+                  if (d.event) got.push(boost::json::serialize(d.event->data()));
+                }).value();
+  const auto text = std::make_shared<const std::string>(R"({"status":"confirmed","n":[1,2.5,"\u00e9"]})");
+  auto e = bus.publish_json("booking/j", text, {}).value();
+  CHECK(e->seq() == 1);
+  CHECK(e->data_text() == text);  // kept, not copied
+  CHECK(e->wire()->ends_with(R"(,"data":)" + *text + "}"));
+  CHECK(e->data() == boost::json::parse(*text));
+  CHECK(e->shared_data() == e->shared_data());  // parsed once
+  CHECK(got.wait_for(1).at(0) == boost::json::serialize(boost::json::parse(*text)));
+  CHECK(bus.last("booking/j")->data() == boost::json::parse(*text));
+
+  // Numbered like publish, and in the order of the calls with publish_async.
+  PublishOptions numbered;
+  numbered.seq = 5;
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered).value()->seq() == 5);
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered).error().is(errc::already_exists));
+  Collector<std::uint64_t> order;
+  auto note = [&](result<EventPtr> r) { order.push(r ? (*r)->seq() : 0); };
+  bus.publish_async("booking/j", std::make_shared<const boost::json::value>(6), {}, note);
+  bus.publish_json_async("booking/j", std::make_shared<const std::string>("7"), {}, note);
+  bus.publish_async("booking/j", std::make_shared<const boost::json::value>(8), {}, note);
+  CHECK(order.wait_for(3) == std::vector<std::uint64_t>{6, 7, 8});
+  const auto h = bus.history("booking/j", 5);
+  REQUIRE(h.size() == 3);
+  for (std::size_t i = 0; i < h.size(); ++i) CHECK(h[i]->data() == boost::json::value(6 + static_cast<int>(i)));
+
+  // Anything but one JSON value is refused, and nothing is published.
+  for (const char* bad : {"", "{", "{} {}", "{}x", "[1,]", "\"\xff\""}) {
+    CAPTURE(bad);
+    auto r = bus.publish_json("booking/j", std::make_shared<const std::string>(bad), {});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().is(errc::bad_request));
+    Collector<std::error_code> async_error;
+    bus.publish_json_async("booking/j", std::make_shared<const std::string>(bad), {},
+                           [&](result<EventPtr> a) { async_error.push(a ? std::error_code{} : a.error().code); });
+    CHECK(async_error.wait_for(1).at(0) == make_error_code(errc::bad_request));
+  }
+  CHECK(bus.publish_json("booking/j", nullptr, {}).error().is(errc::bad_request));
+  CHECK(bus.publish_json("bad topic", std::make_shared<const std::string>("1"), {}).error().is(errc::invalid_topic));
+  PublishOptions zero;
+  zero.seq = 0;
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("1"), zero).error().is(errc::bad_request));
+  CHECK(bus.last("booking/j")->seq() == 8);
+  CHECK(got.wait_for(5).size() == 5);
+}
+
+namespace {
+// A bus that implements only what EventBus requires: publish_json is EventBus's default.
+struct MinimalBus final : EventBus {
+  LocalBus inner;
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner.publish(topic, std::move(data), options);
+  }
+  result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
+                                 SubscribeOptions options) override {
+    return inner.subscribe(pattern, std::move(callback), std::move(options));
+  }
+  EventPtr last(std::string_view topic) const override { return inner.last(topic); }
+  std::vector<EventPtr> history(std::string_view topic, std::uint64_t since) const override {
+    return inner.history(topic, since);
+  }
+};
+}  // namespace
+
+TEST_CASE("EventBus's default publish_json parses the text and publishes the value") {
+  MinimalBus bus;
+  auto e = bus.publish_json("t", std::make_shared<const std::string>(R"( {"a":1} )"), {}).value();
+  CHECK_FALSE(e->data_text());  // a value, as publish() made it
+  CHECK(e->data() == boost::json::parse(R"({"a":1})"));
+  CHECK(bus.publish_json("t", std::make_shared<const std::string>("{"), {}).error().is(errc::bad_request));
+  CHECK(bus.publish_json("t", nullptr, {}).error().is(errc::bad_request));
+  Collector<std::uint64_t> seqs;
+  bus.publish_json_async("t", std::make_shared<const std::string>("2"), {},
+                         [&](result<EventPtr> r) { seqs.push(r ? (*r)->seq() : 0); });
+  bus.publish_json_async("t", std::make_shared<const std::string>("[2"), {},
+                         [&](result<EventPtr> r) { seqs.push(r ? (*r)->seq() : 0); });
+  CHECK(seqs.wait_for(2) == std::vector<std::uint64_t>{2, 0});
+}
+
+TEST_CASE("an event kept as text is parsed once, whichever of several threads asks first") {
+  // Labelled concurrency: ThreadSanitizer runs it.
+  for (int round = 0; round < 50; ++round) {
+    const Event e("t", 1, std::chrono::system_clock::now(),
+                  std::make_shared<const std::string>(R"({"k":[1,2,3],"s":"text"})"));
+    std::vector<const boost::json::value*> seen(4);
+    std::vector<std::thread> readers;
+    for (std::size_t i = 0; i < seen.size(); ++i)
+      readers.emplace_back([&, i] {
+        seen[i] = &e.data();
+        (void)e.wire();
+      });
+    for (auto& t : readers) t.join();
+    for (const auto* v : seen) CHECK(v == seen[0]);
+    CHECK(e.data().at("s") == "text");
+  }
+}
+
 TEST_CASE("epochs: on the wire as 8 hex digits, parsed back, and bad text refused") {
   CHECK(format_epoch(0) == "00000000");
   CHECK(format_epoch(0xdeadbeef) == "deadbeef");

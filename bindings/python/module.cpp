@@ -672,6 +672,20 @@ PYBIND11_MODULE(_core, m) {
           "numbers the event: one whose seq the topic already has (or passed) is dropped and raises "
           "with code already_exists.")
       .def(
+          "publish_json",
+          [](EventBus& bus, const std::string& topic, std::string json, std::optional<std::uint64_t> seq) {
+            auto text = std::make_shared<const std::string>(std::move(json));
+            result<EventPtr> r = [&] {
+              py::gil_scoped_release release;
+              return bus.publish_json(topic, text, PublishOptions{seq});
+            }();
+            return take(std::move(r))->seq();
+          },
+          "topic"_a, "json"_a, "seq"_a = py::none(),
+          "publish() of a payload given as JSON text (str), kept and sent as it is: for a service that "
+          "has the JSON already (no conversion to Python objects and back). Raises with code "
+          "bad_request when the text is not exactly one JSON value; returns the event's seq.")
+      .def(
           "subscribe",
           [](EventBus& bus, const std::string& topic, py::function callback,
              std::optional<std::uint64_t> since, std::size_t max_queue, const std::string& overflow,

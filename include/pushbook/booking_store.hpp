@@ -21,7 +21,8 @@ namespace pushbook {
 /// An event the engine publishes once a change is stored.
 struct OutboxEvent {
   std::string topic;
-  std::shared_ptr<const boost::json::value> data;
+  /// The payload's JSON text (published with EventBus::publish_json).
+  std::shared_ptr<const std::string> json;
   /// The seq it is published with (PublishOptions::seq): the booking's version on
   /// "booking/<id>", so that the bus drops a version relayed twice; 0 for the bus's next seq.
   std::uint64_t seq = 0;

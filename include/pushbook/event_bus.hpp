@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -28,6 +29,11 @@ class PUSHBOOK_EXPORT Event {
  public:
   Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
         std::shared_ptr<const boost::json::value> data, std::uint32_t epoch = 0);
+  /// An event whose payload is kept as JSON text (EventBus::publish_json): `json_text` must hold
+  /// exactly one valid JSON value (publish_json checks; this constructor does not). data() parses
+  /// it on first use; the wire form takes the text as it is.
+  Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+        std::shared_ptr<const std::string> json_text, std::uint32_t epoch = 0);
   ~Event();
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
@@ -42,9 +48,17 @@ class PUSHBOOK_EXPORT Event {
   std::uint32_t epoch() const noexcept { return epoch_; }
   /// When it was published.
   std::chrono::system_clock::time_point time() const noexcept { return time_; }
-  const boost::json::value& data() const noexcept { return *data_; }
+  /// The payload. An event published as text (data_text()) parses it on the first call, once
+  /// (thread-safe; std::bad_alloc is the one error), and keeps the value as long as it lives.
+  const boost::json::value& data() const { return *shared_data(); }
   /// The payload, shareable: events published with the same pointer share one JSON value.
-  const std::shared_ptr<const boost::json::value>& shared_data() const noexcept { return data_; }
+  const std::shared_ptr<const boost::json::value>& shared_data() const {
+    if (text_) parse_text();
+    return data_;
+  }
+  /// The payload's JSON text when the event was published as text (EventBus::publish_json),
+  /// else null. Events published with the same text share it.
+  const std::shared_ptr<const std::string>& data_text() const noexcept { return text_; }
 
   /// The event in pushbook's wire form, serialized once on first use and then shared:
   /// {"type":"event","topic":"...","seq":N,"epoch":"<8 hex digits>","ts":<unix ms>,"data":{...}}
@@ -59,12 +73,17 @@ class PUSHBOOK_EXPORT Event {
 
  private:
   std::shared_ptr<const std::string> build_wire(bool snapshot) const;
+  void parse_text() const;
 
   std::string topic_;
   std::uint64_t seq_;
   std::uint32_t epoch_;
   std::chrono::system_clock::time_point time_;
-  std::shared_ptr<const boost::json::value> data_;
+  // The payload: text_ when published as text, and data_ once parsed from it (parsed_ guards
+  // that); data_ alone otherwise.
+  mutable std::shared_ptr<const boost::json::value> data_;
+  std::shared_ptr<const std::string> text_;
+  mutable std::once_flag parsed_;
   // The wire forms once built (inside the event: no allocation of its own, no lock). A form is
   // written once, by the thread that moved its state from 0 (none) to 1 (being built), and read
   // once the state is 2 (built).
@@ -230,6 +249,22 @@ class PUSHBOOK_EXPORT EventBus {
     publish_async(topic, std::move(data), PublishOptions{}, std::move(done));
   }
 
+  /// Publishes a payload given as its JSON text, which the event keeps and sends as it is: no
+  /// boost::json::value is made for it unless a subscriber asks for Event::data(). For publishers
+  /// that have the text already (a service relaying JSON, BookingEngine writing its events'
+  /// payloads): the text takes about a third of the memory of the parsed value for as long as
+  /// the bus keeps the event, and serializing it for each wire form is saved.
+  /// Errors: those of publish(), and errc::bad_request when `json_text` is null or not exactly
+  /// one JSON value (whitespace around it is kept as it is). The default parses the text and calls
+  /// publish() with the value; LocalBus and RedisBus keep the text.
+  virtual result<EventPtr> publish_json(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                        const PublishOptions& options);
+  /// publish_json() without waiting for the outcome, as publish_async() (events one thread
+  /// publishes with either reach the bus in the order of the calls). The default checks the text
+  /// and calls publish_async() with the parsed value.
+  virtual void publish_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                  const PublishOptions& options, PublishCallback done);
+
   /// Subscribes `callback` to an exact topic or a trailing wildcard ("booking/*" matches every
   /// topic below "booking/"; "*" matches all). See SubscribeOptions for replay and bounds.
   /// Errors: errc::invalid_topic, errc::bad_request (since_seq with a wildcard).
@@ -327,6 +362,11 @@ class PUSHBOOK_EXPORT LocalBus final : public EventBus {
   /// publishes with the same seq exactly one is delivered.
   result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                            const PublishOptions& options) override;
+  /// The event keeps the text (checked first: errc::bad_request when it is not one JSON value).
+  result<EventPtr> publish_json(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                const PublishOptions& options) override;
+  void publish_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                          const PublishOptions& options, PublishCallback done) override;
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override;
   EventPtr last(std::string_view topic) const override;
@@ -338,6 +378,9 @@ class PUSHBOOK_EXPORT LocalBus final : public EventBus {
   LocalBusStats stats() const;
 
  private:
+  template <class Payload>
+  result<EventPtr> publish_event(std::string_view topic, Payload data, const PublishOptions& options);
+
   struct impl;
   std::shared_ptr<impl> impl_;
 };

@@ -126,6 +126,12 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
   /// command_timeout). `done` must not block nor call the bus's blocking functions.
   void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                      const PublishOptions& options, PublishCallback done) override;
+  /// publish() and publish_async() with the payload's text (EventBus::publish_json): sent to
+  /// Redis as it is, and kept as it is by the event returned.
+  result<EventPtr> publish_json(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                const PublishOptions& options) override;
+  void publish_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                          const PublishOptions& options, PublishCallback done) override;
   /// Errors: those of EventBus::subscribe, and errc::bus_unavailable while Redis is unreachable.
   /// Blocks for two round trips (the SUBSCRIBE confirmation, then the history read), each up to
   /// command_timeout; refused (bad_request) on the bus's I/O thread. subscribe_async does not block.

@@ -502,9 +502,8 @@ void HttpSession<Stream>::start_long_poll(const Request& req, const Booking& boo
       "booking/" + booking.id,
       [weak, known = booking.version](const Delivery& d) {
         if (d.event) {
-          const auto* v =
-              d.event->data().is_object() ? d.event->data().as_object().if_contains("version") : nullptr;
-          if (v && v->is_int64() && static_cast<std::uint64_t>(v->as_int64()) <= known) return;
+          const auto v = detail::payload_member(*d.event, "version");
+          if (v.is_int64() && static_cast<std::uint64_t>(v.as_int64()) <= known) return;
         }
         if (auto self = weak.lock())
           net::post(self->stream_.get_executor(), [self] { self->finish_long_poll(false); });

@@ -80,32 +80,6 @@ std::string reply_ok_raw(const boost::json::value& id, std::string_view result) 
   return out;
 }
 
-void append_json_string(std::string& out, std::string_view s) {
-  static constexpr char hex[] = "0123456789abcdef";
-  out += '"';
-  for (const char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (u < 0x20) {
-          out += "\\u00";
-          out += hex[u >> 4];
-          out += hex[u & 0xF];
-        } else {
-          out += c;
-        }
-    }
-  }
-  out += '"';
-}
-
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message) {
   return boost::json::serialize(boost::json::object{
       {"type", "reply"}, {"id", id}, {"ok", false}, {"error", {{"code", code}, {"message", message}}}});
@@ -417,10 +391,9 @@ namespace {
 // A booking state past processing (confirmed, rejected, cancelled, expired...): what a "follow":
 // "decision" subscription ends after.
 bool is_decided(const Event& event) {
-  const auto* o = event.data().if_object();
-  if (!o) return false;
-  const auto* status = o->if_contains("status");
-  return status && status->is_string() && status->get_string() != "processing";
+  // Read from the payload's text when it is kept as text: no value made and kept for it.
+  const auto status = payload_member(event, "status");
+  return status.is_string() && status.get_string() != "processing";
 }
 }  // namespace
 
@@ -566,10 +539,10 @@ std::function<std::shared_ptr<const boost::json::value>()> snapshot_source(const
 
 namespace {
 // A booking event's "version" (0 when it has none).
-std::uint64_t version_of(const boost::json::value& data) {
-  const auto* v = data.is_object() ? data.as_object().if_contains("version") : nullptr;
-  if (v && v->is_uint64()) return v->as_uint64();  // a host's own events may carry it unsigned
-  return v && v->is_int64() && v->as_int64() > 0 ? static_cast<std::uint64_t>(v->as_int64()) : 0;
+std::uint64_t version_of(const Event& event) {
+  const auto v = payload_member(event, "version");
+  if (v.is_uint64()) return v.as_uint64();  // a host's own events may carry it unsigned
+  return v.is_int64() && v.as_int64() > 0 ? static_cast<std::uint64_t>(v.as_int64()) : 0;
 }
 }  // namespace
 
@@ -590,7 +563,7 @@ BookingVersionFilter::BookingVersionFilter(std::string_view topic, std::optional
 
 bool BookingVersionFilter::stale(const Delivery& d) const {
   if (!highest_ || !d.event) return false;
-  const auto version = version_of(d.event->data());
+  const auto version = version_of(*d.event);
   if (version == 0) return false;  // not a booking state: not ours to judge
   if (version <= highest_->load(std::memory_order_relaxed)) return true;
   highest_->store(version, std::memory_order_relaxed);

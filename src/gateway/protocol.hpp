@@ -11,6 +11,7 @@
 
 #include "gateway/metrics.hpp"
 #include "gateway/topic_hub.hpp"
+#include "detail/json_text.hpp"
 
 #include <boost/json/object.hpp>
 
@@ -42,8 +43,6 @@ std::string http_error_body(std::string_view code, std::string_view message);
 std::string reply_ok(const boost::json::value& id, const boost::json::object& result);
 /// The same with `result` already serialized (a JSON object's text).
 std::string reply_ok_raw(const boost::json::value& id, std::string_view result);
-/// Appends `s` as a JSON string (quoted and escaped as boost::json::serialize does).
-void append_json_string(std::string& out, std::string_view s);
 /// {"type":"reply","id":ID,"ok":false,"error":{"code":...,"message":...}}
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message);
 

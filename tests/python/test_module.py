@@ -205,6 +205,25 @@ def test_publish_last_history_and_metadata(bus):
     assert bus.stats["published"] == 2
 
 
+def test_publish_json_keeps_the_text_and_refuses_what_is_not_one_value(bus):
+    got = Collector()
+    sub = bus.subscribe("t/j", got)
+    text = '{"a": [1, 2.5, null, true, "\\u00e9"]}'
+    assert bus.publish_json("t/j", text) == 1
+    assert bus.last("t/j").data == {"a": [1, 2.5, None, True, "\u00e9"]}
+    assert bus.publish_json("t/j", "7", seq=5) == 5
+    with pytest.raises(pushbook.AlreadyExists):
+        bus.publish_json("t/j", "7", seq=5)
+    for bad in ["", "{", "{} {}", "[1,]", "{'a': 1}"]:
+        with pytest.raises(pushbook.ValidationError):
+            bus.publish_json("t/j", bad)
+    with pytest.raises(pushbook.ValidationError):
+        bus.publish_json("bad topic", "{}")
+    assert [e.seq for e in bus.history("t/j")] == [1, 5]
+    assert [e.data for e in got.wait(lambda items: len(items) == 2)] == [{"a": [1, 2.5, None, True, "\u00e9"]}, 7]
+    sub.cancel()
+
+
 def test_publish_with_seq_drops_what_the_topic_already_has(bus):
     assert bus.publish("t/n", {"v": 1}, seq=1) == 1
     with pytest.raises(pushbook.AlreadyExists):
