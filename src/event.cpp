@@ -11,11 +11,21 @@ namespace pushbook {
 
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
              std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
-    : topic_(std::move(topic)), seq_(seq), epoch_(epoch), time_(time), data_(std::move(data)) {}
+    : Event(std::make_shared<const std::string>(std::move(topic)), seq, time, std::move(data), epoch) {}
 
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
              std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
-    : topic_(std::move(topic)), seq_(seq), epoch_(epoch), time_(time), text_(std::move(json_text)) {}
+    : Event(std::make_shared<const std::string>(std::move(topic)), seq, time, std::move(json_text), epoch) {}
+
+Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+             std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
+    : topic_(std::move(topic)), seq_(seq), time_(time), data_(std::move(data)), epoch_(epoch) {}
+
+Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+             std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
+    : topic_(std::move(topic)), seq_(seq), time_(time), text_(std::move(json_text)), epoch_(epoch) {}
+
+static_assert(sizeof(void*) != 8 || sizeof(Event) == 112, "Event's members are laid out without padding");
 
 Event::~Event() = default;
 
@@ -28,7 +38,7 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
   fmt::memory_buffer head;
   fmt::format_to(std::back_inserter(head), R"({{"type":"event","topic":"{}","seq":{},"epoch":"{:08x}","ts":{}{},"data":)",
-                 topic_, seq_, epoch_, ts, snapshot ? R"(,"snapshot":true)" : "");
+                 *topic_, seq_, epoch_, ts, snapshot ? R"(,"snapshot":true)" : "");
   std::string serialized;
   if (!text_) serialized = boost::json::serialize(*data_);
   const std::string_view body = text_ ? std::string_view(*text_) : std::string_view(serialized);

@@ -55,7 +55,7 @@ struct LocalBus::impl {
     steady::time_point last_activity;
     topic* lru_prev = nullptr;  // intrusive LRU list of the shard: no allocation per topic
     topic* lru_next = nullptr;
-    std::string name;
+    std::shared_ptr<const std::string> name;  // shared with its events (Event::topic)
   };
 
   struct shard {
@@ -104,7 +104,7 @@ struct LocalBus::impl {
     auto it = s.topics.find(name);
     if (it != s.topics.end()) return *it->second;
     auto t = std::make_unique<topic>();
-    t->name = std::string(name);
+    t->name = std::make_shared<const std::string>(name);
     // Each incarnation of a topic numbers from 1 in an epoch of its own: random per bus, then
     // one more per topic created, so a topic forgotten and made again differs from before.
     t->epoch =
@@ -112,7 +112,7 @@ struct LocalBus::impl {
     t->last_activity = now;
     s.lru_push_back(t.get());
     auto& ref = *t;
-    s.topics.emplace(std::string_view(ref.name), std::move(t));
+    s.topics.emplace(std::string_view(*ref.name), std::move(t));
     topic_count.fetch_add(1, std::memory_order_relaxed);
     return ref;
   }
@@ -309,7 +309,7 @@ void LocalBus::impl::evict_idle(shard& s, steady::time_point now) {
       continue;
     }
     s.lru_unlink(t);
-    s.topics.erase(s.topics.find(std::string_view(t->name)));  // destroys t
+    s.topics.erase(s.topics.find(std::string_view(*t->name)));  // destroys t
     topic_count.fetch_sub(1, std::memory_order_relaxed);
   }
 }
@@ -387,7 +387,7 @@ result<EventPtr> LocalBus::publish_event(std::string_view topic_name, Payload da
     // Compared and set under the topic's lock: of two publishes of one numbered event, exactly
     // one is delivered. A duplicate changes nothing (not even the topic's activity).
     if (options.seq && t.seq >= *options.seq)
-      return Error(errc::already_exists, "topic '" + t.name + "' already has seq " + std::to_string(t.seq) +
+      return Error(errc::already_exists, "topic '" + *t.name + "' already has seq " + std::to_string(t.seq) +
                                              " (epoch " + format_epoch(t.epoch) + "); seq " +
                                              std::to_string(*options.seq) + " is not delivered again");
     t.seq = options.seq ? *options.seq : t.seq + 1;

@@ -34,11 +34,17 @@ class PUSHBOOK_EXPORT Event {
   /// it on first use; the wire form takes the text as it is.
   Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
         std::shared_ptr<const std::string> json_text, std::uint32_t epoch = 0);
+  /// The same with the topic's name shared (non-null): a bus gives every event of a topic the one
+  /// copy it keeps (LocalBus), instead of a string each.
+  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+        std::shared_ptr<const boost::json::value> data, std::uint32_t epoch = 0);
+  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
+        std::shared_ptr<const std::string> json_text, std::uint32_t epoch = 0);
   ~Event();
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
 
-  const std::string& topic() const noexcept { return topic_; }
+  const std::string& topic() const noexcept { return *topic_; }
   /// Position in its topic: 1 for the first event ever published to the topic, then +1 (or the
   /// number its publisher gave it, PublishOptions::seq: always above the previous one).
   std::uint64_t seq() const noexcept { return seq_; }
@@ -75,19 +81,20 @@ class PUSHBOOK_EXPORT Event {
   std::shared_ptr<const std::string> build_wire(bool snapshot) const;
   void parse_text() const;
 
-  std::string topic_;
+  // In this order: 112 bytes, no padding between members (four are kept per booking).
+  std::shared_ptr<const std::string> topic_;
   std::uint64_t seq_;
-  std::uint32_t epoch_;
   std::chrono::system_clock::time_point time_;
   // The payload: text_ when published as text, and data_ once parsed from it (parsed_ guards
   // that); data_ alone otherwise.
   mutable std::shared_ptr<const boost::json::value> data_;
   std::shared_ptr<const std::string> text_;
-  mutable std::once_flag parsed_;
   // The wire forms once built (inside the event: no allocation of its own, no lock). A form is
   // written once, by the thread that moved its state from 0 (none) to 1 (being built), and read
   // once the state is 2 (built).
   mutable std::shared_ptr<const std::string> plain_, snapshot_;
+  std::uint32_t epoch_;
+  mutable std::once_flag parsed_;
   mutable std::atomic<std::uint8_t> plain_state_{0}, snapshot_state_{0};
 };
 
