@@ -27,10 +27,15 @@ async def serve_aiohttp(engine, bus, args):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     print(f"listening on http://127.0.0.1:{port} ({args.kind})", flush=True)
     await stop.wait()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second SIGTERM changes nothing
+    # Stopping already: a second SIGTERM changes nothing. The loop's handler is removed first: a
+    # loop that closes with it still registered puts SIGTERM back to its default (the process
+    # would die of a second SIGTERM while the engine shuts down, exit status -15).
+    loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     await runner.cleanup()
 
 
