@@ -148,6 +148,11 @@ void EventBus::publish_json_async(std::string_view topic, std::shared_ptr<const 
   publish_async(topic, std::make_shared<const boost::json::value>(std::move(v)), options, std::move(done));
 }
 
+void EventBus::publish_trusted_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                          const PublishOptions& options, PublishCallback done) {
+  publish_json_async(topic, std::move(json_text), options, std::move(done));
+}
+
 void EventBus::subscribe_async(std::string_view pattern, DeliveryCallback callback, SubscribeOptions options,
                                SubscribeCallback done) {
   auto r = subscribe(pattern, std::move(callback), std::move(options));

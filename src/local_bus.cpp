@@ -368,6 +368,13 @@ void LocalBus::publish_json_async(std::string_view topic_name, std::shared_ptr<c
   if (done) done(std::move(r));
 }
 
+void LocalBus::publish_trusted_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                          const PublishOptions& options, PublishCallback done) {
+  auto r = json_text ? publish_event(topic_name, std::move(json_text), options)
+                     : result<EventPtr>(Error(errc::bad_request, "publish_json needs one JSON value: no text"));
+  if (done) done(std::move(r));
+}
+
 template <class Payload>
 result<EventPtr> LocalBus::publish_event(std::string_view topic_name, Payload data, const PublishOptions& options) {
   if (!is_valid_topic(topic_name))

@@ -1379,9 +1379,9 @@ result<EventPtr> RedisBus::publish(std::string_view topic_name,
 namespace {
 // The checks of publish_json: the text's first, then publish's.
 Error check_publish_json(std::string_view topic_name, const std::shared_ptr<const std::string>& json_text,
-                         const PublishOptions& options, bool closed) {
+                         const PublishOptions& options, bool closed, bool check_text = true) {
   if (!json_text) return Error(errc::bad_request, "publish_json needs one JSON value: no text");
-  if (auto why = detail::json_text_error(*json_text))
+  if (auto why = check_text ? detail::json_text_error(*json_text) : std::nullopt)
     return Error(errc::bad_request, "publish_json needs one JSON value: " + *why);
   static const auto null = std::make_shared<const boost::json::value>();
   return check_publish(topic_name, null, options, closed);
@@ -1412,6 +1412,18 @@ void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const 
 void RedisBus::publish_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
                                   const PublishOptions& options, PublishCallback done) {
   if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
+      e.code) {
+    if (done) done(std::move(e));
+    return;
+  }
+  std::string json = *json_text;
+  impl::publish_async(impl_, topic_name, std::move(json_text), std::move(json), options, std::move(done));
+}
+
+void RedisBus::publish_trusted_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+                                          const PublishOptions& options, PublishCallback done) {
+  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed),
+                                  false);
       e.code) {
     if (done) done(std::move(e));
     return;

@@ -3,6 +3,7 @@
 #include <pushbook/event_bus.hpp>
 #include <pushbook/redis_bus.hpp>
 
+#include "detail/json_text.hpp"
 #include "redis_server.hpp"
 #include "wait.hpp"
 
@@ -462,6 +463,27 @@ TEST_CASE("EventBus's default publish_json parses the text and publishes the val
   bus.publish_json_async("t", std::make_shared<const std::string>("[2"), {},
                          [&](result<EventPtr> r) { seqs.push(r ? (*r)->seq() : 0); });
   CHECK(seqs.wait_for(2) == std::vector<std::uint64_t>{2, 0});
+}
+
+TEST_CASE("text the library wrote itself: kept unchecked by LocalBus, checked by a host's bus") {
+  // BookingEngine publishes its payloads through detail::TrustedJson (valid by construction).
+  const auto text = std::make_shared<const std::string>(R"({"status":"confirmed"})");
+  Collector<EventPtr> got;
+  auto keep = [&](result<EventPtr> r) { got.push(r ? *r : nullptr); };
+  LocalBus local;
+  pushbook::detail::TrustedJson::publish_async(local, "booking/t", text, {}, keep);
+  auto e = got.wait_for(1).at(0);
+  REQUIRE(e);
+  CHECK(e->data_text() == text);
+  CHECK(e->data().at("status") == "confirmed");
+  MinimalBus host;  // EventBus's defaults: the text is checked and parsed as for publish_json
+  pushbook::detail::TrustedJson::publish_async(host, "booking/t", text, {}, keep);
+  pushbook::detail::TrustedJson::publish_async(host, "booking/t", std::make_shared<const std::string>("{"), {}, keep);
+  const auto both = got.wait_for(3);
+  REQUIRE(both.at(1));
+  CHECK_FALSE(both.at(1)->data_text());
+  CHECK(both.at(1)->data().at("status") == "confirmed");
+  CHECK_FALSE(both.at(2));
 }
 
 TEST_CASE("an event kept as text is parsed once, whichever of several threads asks first") {

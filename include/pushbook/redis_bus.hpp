@@ -162,6 +162,8 @@ class PUSHBOOK_EXPORT RedisBus final : public EventBus {
   RedisBusStats stats() const;
 
  private:
+  void publish_trusted_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+                                  const PublishOptions& options, PublishCallback done) override;
   struct impl;
   std::shared_ptr<impl> impl_;
 };

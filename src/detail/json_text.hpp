@@ -4,6 +4,7 @@
 #pragma once
 
 #include <pushbook/booking.hpp>
+#include <pushbook/event_bus.hpp>
 
 #include <boost/json/value.hpp>
 
@@ -12,9 +13,6 @@
 #include <string>
 #include <string_view>
 
-namespace pushbook {
-class Event;
-}
 
 namespace pushbook::detail {
 
@@ -28,6 +26,15 @@ void append_json(std::string& out, const ResourceState& r);
 /// The JSON text of a booking's or a resource's events (append_json), in a string of its size.
 std::shared_ptr<const std::string> json_text(const Booking& b);
 std::shared_ptr<const std::string> json_text(const ResourceState& r);
+
+/// Publishes text this library wrote (json_text()) without checking it again
+/// (EventBus::publish_trusted_json_async).
+struct TrustedJson {
+  static void publish_async(EventBus& bus, std::string_view topic, std::shared_ptr<const std::string> json_text,
+                            const PublishOptions& options, EventBus::PublishCallback done) {
+    bus.publish_trusted_json_async(topic, std::move(json_text), options, std::move(done));
+  }
+};
 
 /// Why `text` is not exactly one JSON value (RFC 8259, nothing but whitespace around it), or
 /// nullopt when it is. Allocates nothing for valid text.
