@@ -3,9 +3,7 @@
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
-#include <fmt/format.h>
-
-#include <iterator>
+#include <charconv>
 
 namespace pushbook {
 
@@ -36,16 +34,35 @@ void Event::parse_text() const {
 std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   const auto ts = std::chrono::duration_cast<std::chrono::milliseconds>(time_.time_since_epoch()).count();
   // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
-  fmt::memory_buffer head;
-  fmt::format_to(std::back_inserter(head), R"({{"type":"event","topic":"{}","seq":{},"epoch":"{:08x}","ts":{}{},"data":)",
-                 *topic_, seq_, epoch_, ts, snapshot ? R"(,"snapshot":true)" : "");
+  // Written out (no format string to interpret: this runs for every event sent).
   std::string serialized;
   if (!text_) serialized = boost::json::serialize(*data_);
   const std::string_view body = text_ ? std::string_view(*text_) : std::string_view(serialized);
+  char numbers[64];
+  auto* p = std::to_chars(numbers, numbers + 24, seq_).ptr;
+  const std::size_t seq_len = static_cast<std::size_t>(p - numbers);
+  auto* q = std::to_chars(p, p + 24, ts).ptr;
+  const std::string_view seq_text(numbers, seq_len), ts_text(p, static_cast<std::size_t>(q - p));
+  char epoch_text[8];
+  static constexpr char hex[] = "0123456789abcdef";
+  std::uint32_t epoch = epoch_;
+  for (int i = 7; i >= 0; --i, epoch >>= 4) epoch_text[i] = hex[epoch & 0xF];  // as format_epoch
+  static constexpr std::string_view a = R"({"type":"event","topic":")", b = R"(","seq":)", c = R"(,"epoch":")",
+                                    d = R"(","ts":)", snap = R"(,"snapshot":true)", e = R"(,"data":)";
   // Sized exactly: the form may be kept as long as the event is in history.
   std::string out;
-  out.reserve(head.size() + body.size() + 1);
-  out.append(head.data(), head.size());
+  out.reserve(a.size() + topic_->size() + b.size() + seq_text.size() + c.size() + 8 + d.size() + ts_text.size() +
+              (snapshot ? snap.size() : 0) + e.size() + body.size() + 1);
+  out += a;
+  out += *topic_;  // topics need no JSON escaping (is_valid_topic)
+  out += b;
+  out += seq_text;
+  out += c;
+  out.append(epoch_text, 8);
+  out += d;
+  out += ts_text;
+  if (snapshot) out += snap;
+  out += e;
   out += body;
   out += '}';
   return std::make_shared<const std::string>(std::move(out));

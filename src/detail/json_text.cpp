@@ -46,12 +46,17 @@ void append_int(std::string& out, std::int64_t n) {
   out.append(buf, r.ptr);
 }
 
-// ,"key": (the key needs no escaping: every key written here is a literal of this file)
-void append_key(std::string& out, std::string_view key, bool first = false) {
-  if (!first) out += ',';
-  out += '"';
-  out += key;
-  out += "\":";
+// ,"key": (or "key": first), written as one literal: every key here is a literal of this file
+// and needs no escaping.
+template <std::size_t N>
+void append_key(std::string& out, const char (&key)[N], bool first = false) {
+  char lit[N + 3];
+  lit[0] = ',';
+  lit[1] = '"';
+  for (std::size_t i = 0; i + 1 < N; ++i) lit[i + 2] = key[i];
+  lit[N + 1] = '"';
+  lit[N + 2] = ':';
+  out.append(first ? lit + 1 : lit, first ? N + 2 : N + 3);
 }
 
 std::int64_t unix_ms(std::chrono::system_clock::time_point t) {
@@ -113,6 +118,7 @@ std::shared_ptr<const std::string> text_of(const T& t) {
   // it for as long as it keeps the events.
   thread_local std::string buffer;
   buffer.clear();
+  buffer.reserve(512);
   append_json(buffer, t);
   return std::make_shared<const std::string>(buffer);
 }
