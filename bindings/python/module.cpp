@@ -661,11 +661,7 @@ PYBIND11_MODULE(_core, m) {
           "publish",
           [](EventBus& bus, const std::string& topic, py::handle data, std::optional<std::uint64_t> seq) {
             auto value = std::make_shared<const json::value>(from_py(data));
-            result<EventPtr> r = [&] {
-              py::gil_scoped_release release;
-              return bus.publish(topic, value, PublishOptions{seq});
-            }();
-            return take(std::move(r))->seq();
+            return take(nogil([&] { return bus.publish(topic, value, PublishOptions{seq}); }))->seq();
           },
           "topic"_a, "data"_a, "seq"_a = py::none(),
           "Publishes data (JSON-like Python values); returns the event's seq. With seq, the publisher "
@@ -675,11 +671,7 @@ PYBIND11_MODULE(_core, m) {
           "publish_json",
           [](EventBus& bus, const std::string& topic, std::string json, std::optional<std::uint64_t> seq) {
             auto text = std::make_shared<const std::string>(std::move(json));
-            result<EventPtr> r = [&] {
-              py::gil_scoped_release release;
-              return bus.publish_json(topic, text, PublishOptions{seq});
-            }();
-            return take(std::move(r))->seq();
+            return take(nogil([&] { return bus.publish_json(topic, text, PublishOptions{seq}); }))->seq();
           },
           "topic"_a, "json"_a, "seq"_a = py::none(),
           "publish() of a payload given as JSON text (str), kept and sent as it is: for a service that "
