@@ -461,9 +461,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     auto answered = std::make_shared<std::atomic<bool>>(false);
     try {
       // The text is the engine's own (detail::json_text): the bus does not check it again.
-      detail::TrustedJson::publish_async(*bus, ev.topic, ev.json, po, [this, c, answered](result<EventPtr> r) {
-        if (!answered->exchange(true)) published(c, r);
-      });
+      detail::TrustedJson::publish_async(*bus, ev.topic, ev.json, po,
+                                         [this, c, answered](result<EventPtr> r) {
+                                           if (!answered->exchange(true)) published(c, r);
+                                         });
     } catch (const std::exception& e) {
       if (!answered->exchange(true)) published(std::move(c), Error(errc::internal, e.what()));
     }

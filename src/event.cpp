@@ -15,12 +15,14 @@ Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::ti
              std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
     : Event(std::make_shared<const std::string>(std::move(topic)), seq, time, std::move(json_text), epoch) {}
 
-Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-             std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
+Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
+             std::chrono::system_clock::time_point time, std::shared_ptr<const boost::json::value> data,
+             std::uint32_t epoch)
     : topic_(std::move(topic)), seq_(seq), time_(time), data_(std::move(data)), epoch_(epoch) {}
 
-Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-             std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
+Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
+             std::chrono::system_clock::time_point time, std::shared_ptr<const std::string> json_text,
+             std::uint32_t epoch)
     : topic_(std::move(topic)), seq_(seq), time_(time), text_(std::move(json_text)), epoch_(epoch) {}
 
 static_assert(sizeof(void*) != 8 || sizeof(Event) == 112, "Event's members are laid out without padding");
@@ -28,7 +30,8 @@ static_assert(sizeof(void*) != 8 || sizeof(Event) == 112, "Event's members are l
 Event::~Event() = default;
 
 void Event::parse_text() const {
-  std::call_once(parsed_, [this] { data_ = std::make_shared<const boost::json::value>(boost::json::parse(*text_)); });
+  std::call_once(parsed_,
+                 [this] { data_ = std::make_shared<const boost::json::value>(boost::json::parse(*text_)); });
 }
 
 std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
@@ -47,12 +50,13 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   static constexpr char hex[] = "0123456789abcdef";
   std::uint32_t epoch = epoch_;
   for (int i = 7; i >= 0; --i, epoch >>= 4) epoch_text[i] = hex[epoch & 0xF];  // as format_epoch
-  static constexpr std::string_view a = R"({"type":"event","topic":")", b = R"(","seq":)", c = R"(,"epoch":")",
-                                    d = R"(","ts":)", snap = R"(,"snapshot":true)", e = R"(,"data":)";
+  static constexpr std::string_view a = R"({"type":"event","topic":")", b = R"(","seq":)",
+                                    c = R"(,"epoch":")", d = R"(","ts":)", snap = R"(,"snapshot":true)",
+                                    e = R"(,"data":)";
   // Sized exactly: the form may be kept as long as the event is in history.
   std::string out;
-  out.reserve(a.size() + topic_->size() + b.size() + seq_text.size() + c.size() + 8 + d.size() + ts_text.size() +
-              (snapshot ? snap.size() : 0) + e.size() + body.size() + 1);
+  out.reserve(a.size() + topic_->size() + b.size() + seq_text.size() + c.size() + 8 + d.size() +
+              ts_text.size() + (snapshot ? snap.size() : 0) + e.size() + body.size() + 1);
   out += a;
   out += *topic_;  // topics need no JSON escaping (is_valid_topic)
   out += b;
@@ -165,7 +169,8 @@ void EventBus::publish_json_async(std::string_view topic, std::shared_ptr<const 
   publish_async(topic, std::make_shared<const boost::json::value>(std::move(v)), options, std::move(done));
 }
 
-void EventBus::publish_trusted_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+void EventBus::publish_trusted_json_async(std::string_view topic,
+                                          std::shared_ptr<const std::string> json_text,
                                           const PublishOptions& options, PublishCallback done) {
   publish_json_async(topic, std::move(json_text), options, std::move(done));
 }

@@ -354,7 +354,8 @@ result<EventPtr> LocalBus::publish(std::string_view topic_name,
   return publish_event(topic_name, std::move(data), options);
 }
 
-result<EventPtr> LocalBus::publish_json(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+result<EventPtr> LocalBus::publish_json(std::string_view topic_name,
+                                        std::shared_ptr<const std::string> json_text,
                                         const PublishOptions& options) {
   if (!json_text) return Error(errc::bad_request, "publish_json needs one JSON value: no text");
   if (auto why = detail::json_text_error(*json_text))
@@ -368,15 +369,18 @@ void LocalBus::publish_json_async(std::string_view topic_name, std::shared_ptr<c
   if (done) done(std::move(r));
 }
 
-void LocalBus::publish_trusted_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+void LocalBus::publish_trusted_json_async(std::string_view topic_name,
+                                          std::shared_ptr<const std::string> json_text,
                                           const PublishOptions& options, PublishCallback done) {
-  auto r = json_text ? publish_event(topic_name, std::move(json_text), options)
-                     : result<EventPtr>(Error(errc::bad_request, "publish_json needs one JSON value: no text"));
+  auto r = json_text
+               ? publish_event(topic_name, std::move(json_text), options)
+               : result<EventPtr>(Error(errc::bad_request, "publish_json needs one JSON value: no text"));
   if (done) done(std::move(r));
 }
 
 template <class Payload>
-result<EventPtr> LocalBus::publish_event(std::string_view topic_name, Payload data, const PublishOptions& options) {
+result<EventPtr> LocalBus::publish_event(std::string_view topic_name, Payload data,
+                                         const PublishOptions& options) {
   if (!is_valid_topic(topic_name))
     return Error(errc::invalid_topic, "invalid topic '" + std::string(topic_name.substr(0, 300)) + "'");
   if (options.seq && (*options.seq == 0 || *options.seq > max_publish_seq))

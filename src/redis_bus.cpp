@@ -1388,9 +1388,11 @@ Error check_publish_json(std::string_view topic_name, const std::shared_ptr<cons
 }
 }  // namespace
 
-result<EventPtr> RedisBus::publish_json(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+result<EventPtr> RedisBus::publish_json(std::string_view topic_name,
+                                        std::shared_ptr<const std::string> json_text,
                                         const PublishOptions& options) {
-  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
+  if (auto e =
+          check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
       e.code)
     return e;
   auto& b = *impl_;
@@ -1411,7 +1413,8 @@ void RedisBus::publish_async(std::string_view topic_name, std::shared_ptr<const 
 
 void RedisBus::publish_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
                                   const PublishOptions& options, PublishCallback done) {
-  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
+  if (auto e =
+          check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed));
       e.code) {
     if (done) done(std::move(e));
     return;
@@ -1420,10 +1423,11 @@ void RedisBus::publish_json_async(std::string_view topic_name, std::shared_ptr<c
   impl::publish_async(impl_, topic_name, std::move(json_text), std::move(json), options, std::move(done));
 }
 
-void RedisBus::publish_trusted_json_async(std::string_view topic_name, std::shared_ptr<const std::string> json_text,
+void RedisBus::publish_trusted_json_async(std::string_view topic_name,
+                                          std::shared_ptr<const std::string> json_text,
                                           const PublishOptions& options, PublishCallback done) {
-  if (auto e = check_publish_json(topic_name, json_text, options, impl_->closed.load(std::memory_order_relaxed),
-                                  false);
+  if (auto e = check_publish_json(topic_name, json_text, options,
+                                  impl_->closed.load(std::memory_order_relaxed), false);
       e.code) {
     if (done) done(std::move(e));
     return;
@@ -1433,8 +1437,9 @@ void RedisBus::publish_trusted_json_async(std::string_view topic_name, std::shar
 }
 
 template <class Payload>
-void RedisBus::impl::publish_async(const std::shared_ptr<impl>& impl_, std::string_view topic_name, Payload data,
-                                   std::string json, const PublishOptions& options, PublishCallback done) {
+void RedisBus::impl::publish_async(const std::shared_ptr<impl>& impl_, std::string_view topic_name,
+                                   Payload data, std::string json, const PublishOptions& options,
+                                   PublishCallback done) {
   auto& b = *impl_;
   auto args = b.publish_command(topic_name, std::move(json), options);
   // Posted, not sent here: the I/O thread owns the connection. Posts from one thread run in

@@ -382,9 +382,11 @@ CONTRACT_CASE("publish_json: the payload's text is kept, sent as it is and parse
   auto owner = f.make();
   auto& bus = *owner;
   Collector<std::string> got;
-  auto sub = bus.subscribe("booking/j", [&](const Delivery& d) {
-                  if (d.event) got.push(boost::json::serialize(d.event->data()));
-                }).value();
+  auto sub = bus.subscribe("booking/j",
+                           [&](const Delivery& d) {
+                             if (d.event) got.push(boost::json::serialize(d.event->data()));
+                           })
+                 .value();
   const auto text = std::make_shared<const std::string>(R"({"status":"confirmed","n":[1,2.5,"\u00e9"]})");
   auto e = bus.publish_json("booking/j", text, {}).value();
   CHECK(e->seq() == 1);
@@ -398,8 +400,11 @@ CONTRACT_CASE("publish_json: the payload's text is kept, sent as it is and parse
   // Numbered like publish, and in the order of the calls with publish_async.
   PublishOptions numbered;
   numbered.seq = 5;
-  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered).value()->seq() == 5);
-  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered).error().is(errc::already_exists));
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered).value()->seq() ==
+        5);
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("5"), numbered)
+            .error()
+            .is(errc::already_exists));
   Collector<std::uint64_t> order;
   auto note = [&](result<EventPtr> r) { order.push(r ? (*r)->seq() : 0); };
   bus.publish_async("booking/j", std::make_shared<const boost::json::value>(6), {}, note);
@@ -408,7 +413,8 @@ CONTRACT_CASE("publish_json: the payload's text is kept, sent as it is and parse
   CHECK(order.wait_for(3) == std::vector<std::uint64_t>{6, 7, 8});
   const auto h = bus.history("booking/j", 5);
   REQUIRE(h.size() == 3);
-  for (std::size_t i = 0; i < h.size(); ++i) CHECK(h[i]->data() == boost::json::value(6 + static_cast<int>(i)));
+  for (std::size_t i = 0; i < h.size(); ++i)
+    CHECK(h[i]->data() == boost::json::value(6 + static_cast<int>(i)));
 
   // Anything but one JSON value is refused, and nothing is published.
   for (const char* bad : {"", "{", "{} {}", "{}x", "[1,]", "\"\xff\""}) {
@@ -417,15 +423,20 @@ CONTRACT_CASE("publish_json: the payload's text is kept, sent as it is and parse
     REQUIRE_FALSE(r);
     CHECK(r.error().is(errc::bad_request));
     Collector<std::error_code> async_error;
-    bus.publish_json_async("booking/j", std::make_shared<const std::string>(bad), {},
-                           [&](result<EventPtr> a) { async_error.push(a ? std::error_code{} : a.error().code); });
+    bus.publish_json_async(
+        "booking/j", std::make_shared<const std::string>(bad), {},
+        [&](result<EventPtr> a) { async_error.push(a ? std::error_code{} : a.error().code); });
     CHECK(async_error.wait_for(1).at(0) == make_error_code(errc::bad_request));
   }
   CHECK(bus.publish_json("booking/j", nullptr, {}).error().is(errc::bad_request));
-  CHECK(bus.publish_json("bad topic", std::make_shared<const std::string>("1"), {}).error().is(errc::invalid_topic));
+  CHECK(bus.publish_json("bad topic", std::make_shared<const std::string>("1"), {})
+            .error()
+            .is(errc::invalid_topic));
   PublishOptions zero;
   zero.seq = 0;
-  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("1"), zero).error().is(errc::bad_request));
+  CHECK(bus.publish_json("booking/j", std::make_shared<const std::string>("1"), zero)
+            .error()
+            .is(errc::bad_request));
   CHECK(bus.last("booking/j")->seq() == 8);
   CHECK(got.wait_for(5).size() == 5);
 }
@@ -478,7 +489,8 @@ TEST_CASE("text the library wrote itself: kept unchecked by LocalBus, checked by
   CHECK(e->data().at("status") == "confirmed");
   MinimalBus host;  // EventBus's defaults: the text is checked and parsed as for publish_json
   pushbook::detail::TrustedJson::publish_async(host, "booking/t", text, {}, keep);
-  pushbook::detail::TrustedJson::publish_async(host, "booking/t", std::make_shared<const std::string>("{"), {}, keep);
+  pushbook::detail::TrustedJson::publish_async(host, "booking/t", std::make_shared<const std::string>("{"),
+                                               {}, keep);
   const auto both = got.wait_for(3);
   REQUIRE(both.at(1));
   CHECK_FALSE(both.at(1)->data_text());

@@ -36,10 +36,12 @@ class PUSHBOOK_EXPORT Event {
         std::shared_ptr<const std::string> json_text, std::uint32_t epoch = 0);
   /// The same with the topic's name shared (non-null): a bus gives every event of a topic the one
   /// copy it keeps (LocalBus), instead of a string each.
-  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-        std::shared_ptr<const boost::json::value> data, std::uint32_t epoch = 0);
-  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
-        std::shared_ptr<const std::string> json_text, std::uint32_t epoch = 0);
+  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
+        std::chrono::system_clock::time_point time, std::shared_ptr<const boost::json::value> data,
+        std::uint32_t epoch = 0);
+  Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
+        std::chrono::system_clock::time_point time, std::shared_ptr<const std::string> json_text,
+        std::uint32_t epoch = 0);
   ~Event();
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
@@ -324,7 +326,8 @@ class PUSHBOOK_EXPORT EventBus {
   // construction: fuzz_booking_json compares it with boost::json::serialize's): LocalBus and
   // RedisBus do not check it again. Reached only through detail::TrustedJson. The default calls
   // publish_json_async, so a bus of the host's checks as for anyone.
-  virtual void publish_trusted_json_async(std::string_view topic, std::shared_ptr<const std::string> json_text,
+  virtual void publish_trusted_json_async(std::string_view topic,
+                                          std::shared_ptr<const std::string> json_text,
                                           const PublishOptions& options, PublishCallback done);
   friend struct detail::TrustedJson;
 };

@@ -13,7 +13,6 @@
 #include <string>
 #include <string_view>
 
-
 namespace pushbook::detail {
 
 /// Appends `s` as a JSON string (quoted and escaped as boost::json::serialize does).
@@ -30,8 +29,9 @@ std::shared_ptr<const std::string> json_text(const ResourceState& r);
 /// Publishes text this library wrote (json_text()) without checking it again
 /// (EventBus::publish_trusted_json_async).
 struct TrustedJson {
-  static void publish_async(EventBus& bus, std::string_view topic, std::shared_ptr<const std::string> json_text,
-                            const PublishOptions& options, EventBus::PublishCallback done) {
+  static void publish_async(EventBus& bus, std::string_view topic,
+                            std::shared_ptr<const std::string> json_text, const PublishOptions& options,
+                            EventBus::PublishCallback done) {
     bus.publish_trusted_json_async(topic, std::move(json_text), options, std::move(done));
   }
 };

@@ -9,9 +9,9 @@
 #include <pushbook/event_bus.hpp>
 #include <pushbook/push_gateway.hpp>
 
+#include "detail/json_text.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/topic_hub.hpp"
-#include "detail/json_text.hpp"
 
 #include <boost/json/object.hpp>
 
