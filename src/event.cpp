@@ -7,6 +7,14 @@
 
 namespace pushbook {
 
+namespace {
+// An epoch's 8 lower-case hex digits (format_epoch), written into `out`.
+void write_epoch(std::uint32_t epoch, char* out) {
+  static constexpr char digits[] = "0123456789abcdef";
+  for (int i = 7; i >= 0; --i, epoch >>= 4) out[i] = digits[epoch & 0xF];
+}
+}  // namespace
+
 Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::time_point time,
              std::shared_ptr<const boost::json::value> data, std::uint32_t epoch)
     : Event(std::make_shared<const std::string>(std::move(topic)), seq, time, std::move(data), epoch) {}
@@ -47,9 +55,7 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   auto* q = std::to_chars(p, p + 24, ts).ptr;
   const std::string_view seq_text(numbers, seq_len), ts_text(p, static_cast<std::size_t>(q - p));
   char epoch_text[8];
-  static constexpr char hex[] = "0123456789abcdef";
-  std::uint32_t epoch = epoch_;
-  for (int i = 7; i >= 0; --i, epoch >>= 4) epoch_text[i] = hex[epoch & 0xF];  // as format_epoch
+  write_epoch(epoch_, epoch_text);
   static constexpr std::string_view a = R"({"type":"event","topic":")", b = R"(","seq":)",
                                     c = R"(,"epoch":")", d = R"(","ts":)", snap = R"(,"snapshot":true)",
                                     e = R"(,"data":)";
@@ -105,9 +111,8 @@ std::shared_ptr<const std::string> Event::wire_once(bool snapshot) const {
 }
 
 std::string format_epoch(std::uint32_t epoch) {
-  static constexpr char digits[] = "0123456789abcdef";
   std::string out(8, '0');
-  for (int i = 7; i >= 0; --i, epoch >>= 4) out[static_cast<std::size_t>(i)] = digits[epoch & 0xF];
+  write_epoch(epoch, out.data());
   return out;
 }
 
