@@ -204,6 +204,14 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     std::uint64_t version = 0;
     bool retried = false;   // waited behind a refusal (EngineStats::publish_retries)
     unsigned failures = 0;  // refusals of the current event in a row, for the backoff
+    // Hand-offs to the bus (send()) and answers taken: at most one is outstanding, so the answer
+    // to send number N moves `answers` from N - 1 to N, once (a bus that answers twice, or answers
+    // and then throws, is heard once).
+    std::atomic<std::uint64_t> sends{0}, answers{0};
+    bool take_answer(std::uint64_t send) {
+      auto expected = send - 1;
+      return answers.compare_exchange_strong(expected, send, std::memory_order_acq_rel);
+    }
     std::size_t remaining() const { return events.size() - next; }
   };
   using chain_ptr = std::shared_ptr<chain>;
@@ -435,7 +443,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       }
       return;
     }
-    std::vector<std::pair<engine_core*, chain_ptr>> work;
+    // The thread's own list, reused (no allocation per issue): in use only between here and the
+    // end of the loop below, where a nested issue() appends to it through `deferred`.
+    thread_local std::vector<std::pair<engine_core*, chain_ptr>> work;
+    work.clear();
     try {
       work.emplace_back(this, c);
     } catch (...) {
@@ -444,7 +455,10 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     }
     deferred = &work;
     struct reset {
-      ~reset() { deferred = nullptr; }
+      ~reset() {
+        deferred = nullptr;
+        work.clear();  // what was moved out of it: nothing held
+      }
     } reset_deferred;
     for (std::size_t i = 0; i < work.size(); ++i) {
       auto [engine, next] = std::move(work[i]);
@@ -458,15 +472,14 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
     const auto& ev = c->events[c->next];
     PublishOptions po;
     if (ev.seq > 0) po.seq = ev.seq;
-    auto answered = std::make_shared<std::atomic<bool>>(false);
+    const auto send = c->sends.fetch_add(1, std::memory_order_relaxed) + 1;
     try {
       // The text is the engine's own (detail::json_text): the bus does not check it again.
-      detail::TrustedJson::publish_async(*bus, ev.topic, ev.json, po,
-                                         [this, c, answered](result<EventPtr> r) {
-                                           if (!answered->exchange(true)) published(c, r);
-                                         });
+      detail::TrustedJson::publish_async(*bus, ev.topic, ev.json, po, [this, c, send](result<EventPtr> r) {
+        if (c->take_answer(send)) published(c, r);
+      });
     } catch (const std::exception& e) {
-      if (!answered->exchange(true)) published(std::move(c), Error(errc::internal, e.what()));
+      if (c->take_answer(send)) published(std::move(c), Error(errc::internal, e.what()));
     }
   }
 

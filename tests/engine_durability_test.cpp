@@ -693,6 +693,56 @@ struct Recorder {
 
 }  // namespace
 
+namespace {
+
+// A bus that answers each publish_async twice (the second time with a refusal), or answers and
+// then throws.
+class TwiceAnsweringBus final : public WrappingBus {
+ public:
+  TwiceAnsweringBus(EventBusPtr inner, bool then_throw)
+      : WrappingBus(std::move(inner)), then_throw_(then_throw) {}
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner_->publish(topic, std::move(data), options);
+  }
+  using EventBus::publish_async;
+  void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                     const PublishOptions& options, PublishCallback done) override {
+    done(inner_->publish(topic, std::move(data), options));
+    if (then_throw_) throw std::runtime_error("failed after answering (test)");
+    done(Error(errc::bus_unavailable, "a second answer (test)"));
+  }
+
+ private:
+  bool then_throw_;
+};
+
+}  // namespace
+
+TEST_CASE("a bus that answers a publish twice, or answers and then throws, is heard once") {
+  for (const bool then_throw : {false, true}) {
+    CAPTURE(then_throw);
+    auto inner = std::make_shared<LocalBus>();
+    Recorder seen(*inner);
+    BookingEngine engine(std::make_shared<TwiceAnsweringBus>(inner, then_throw));
+    REQUIRE(engine.add_resource("r", 100));
+    std::vector<std::string> ids;
+    for (int i = 0; i < 10; ++i) ids.push_back(engine.submit(one("u", "r")).value().booking_id);
+    for (const auto& id : ids) REQUIRE(reaches(engine, id, BookingStatus::confirmed));
+    // Each version once, in order; no answer taken for a retry or a second advance.
+    CHECK(seen.events.wait_for(4 * ids.size()).size() == 4 * ids.size());
+    for (const auto& id : ids)
+      CHECK(seen.on("booking/" + id) ==
+            std::vector<Delivered>{{"booking/" + id, 1, "processing"}, {"booking/" + id, 2, "confirmed"}});
+    CHECK(seen.on("user/u").size() == 2 * ids.size());
+    CHECK(eventually([&] { return engine.stats().publish_backlog == 0; }));
+    const auto stats = engine.stats();
+    CHECK(stats.publish_failures == 0);
+    CHECK(stats.publish_retries == 0);
+  }
+}
+
 TEST_CASE("a crash between commit and publish: the next start relays each stored version once") {
   const test::TempDir temp("pushbook-relay");
   const std::string path = temp.file("bookings.db");
