@@ -337,6 +337,48 @@ CONTRACT_CASE("invalid topics and patterns are refused with invalid_topic") {
   CHECK_FALSE(is_valid_topic(std::string(257, 'a')));
 }
 
+TEST_CASE("is_valid_topic: segments of [A-Za-z0-9-_.:@+=~] joined by single slashes, 1-256 bytes") {
+  // The rule written plainly, against every string of up to 4 bytes over an alphabet with each
+  // kind of byte (allowed, separator, space, quote, NUL, high bytes, neighbours of the ranges).
+  const auto reference = [](std::string_view t) {
+    if (t.empty() || t.size() > 256) return false;
+    for (const auto& segment : [&] {
+           std::vector<std::string_view> parts;
+           std::size_t from = 0;
+           for (std::size_t i = 0; i <= t.size(); ++i)
+             if (i == t.size() || t[i] == '/') parts.push_back(t.substr(from, i - from)), from = i + 1;
+           return parts;
+         }()) {
+      if (segment.empty()) return false;
+      for (char c : segment)
+        if (!std::isalnum(static_cast<unsigned char>(c)) &&
+            std::string_view("-_.:@+=~").find(c) == std::string_view::npos)
+          return false;
+    }
+    return true;
+  };
+  using namespace std::string_literals;
+  const std::string alphabet = "aZ09-_.:@+=~/ \"*\x7f\x80\xff`{[\0"s;  // with the NUL
+  std::size_t checked = 0;
+  std::string t;
+  const auto all = [&](auto& self, std::size_t left) -> void {
+    if (is_valid_topic(t) != reference(t))
+      FAIL_CHECK("topic bytes: ", boost::json::serialize(boost::json::value(t)));
+    ++checked;
+    if (left == 0) return;
+    for (char c : alphabet) {
+      t.push_back(c);
+      self(self, left - 1);
+      t.pop_back();
+    }
+  };
+  all(all, 4);
+  CHECK(checked > 100'000);
+  CHECK(is_valid_topic(std::string(256, 'a')));
+  CHECK(is_valid_topic("a/" + std::string(254, 'b')));
+  CHECK_FALSE(is_valid_topic("a/" + std::string(255, 'b')));
+}
+
 CONTRACT_CASE("the wire form is serialized once and shared") {
   F f;
   auto owner = f.make();
