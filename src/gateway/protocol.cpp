@@ -53,10 +53,11 @@ std::string reply_head(const boost::json::value& id, std::size_t more) {
   std::string out;
   out.reserve(head.size() + 20 + ok.size() + more + 1);
   out += head;
+  char digits[24];
   if (id.is_int64())
-    fmt::format_to(std::back_inserter(out), "{}", id.get_int64());
+    out.append(digits, std::to_chars(digits, digits + sizeof digits, id.get_int64()).ptr);
   else if (id.is_uint64())
-    fmt::format_to(std::back_inserter(out), "{}", id.get_uint64());
+    out.append(digits, std::to_chars(digits, digits + sizeof digits, id.get_uint64()).ptr);
   else
     out += boost::json::serialize(id);
   out += ok;
@@ -350,12 +351,22 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack, b
   // "seq": the version the ACK reports, which is also that version's seq on booking/<id> (the
   // engine numbers the topic with the booking's versions, in every epoch): where the client
   // stands on the topic, to resume from with `since` after a reconnect.
-  // {"booking_id":...,"status":...,"seq":N[,"replayed":true]}, written out (a reply per booking).
-  std::string result = R"({"booking_id":)";
-  append_json_string(result, ack->booking_id);
-  fmt::format_to(std::back_inserter(result), R"(,"status":"{}","seq":{}{}}})", to_string(ack->status),
-                 ack->version, ack->replayed ? R"(,"replayed":true)" : "");
-  reply_raw(id, result);
+  // {"booking_id":...,"status":...,"seq":N[,"replayed":true]}, written out into the reply (one
+  // per booking).
+  {
+    const std::string_view status = to_string(ack->status);
+    auto reply = reply_head(id, 80 + ack->booking_id.size() + status.size());
+    reply += R"({"booking_id":)";
+    append_json_string(reply, ack->booking_id);
+    reply += R"(,"status":")";
+    reply += status;
+    reply += R"(","seq":)";
+    char digits[24];
+    reply.append(digits, std::to_chars(digits, digits + sizeof digits, ack->version).ptr);
+    if (ack->replayed) reply += R"(,"replayed":true)";
+    reply += "}}";
+    if (auto sink = sink_.lock()) sink->send_text(std::make_shared<const std::string>(std::move(reply)));
+  }
   if (!room) {
     if (auto sink = sink_.lock())
       sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{
