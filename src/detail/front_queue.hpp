@@ -25,7 +25,12 @@ class front_queue {
   auto end() noexcept { return items_.end(); }
   auto begin() const noexcept { return items_.begin() + static_cast<std::ptrdiff_t>(start_); }
   auto end() const noexcept { return items_.end(); }
-  void push_back(T item) { items_.push_back(std::move(item)); }
+  void push_back(T item) {
+    // Room for two at first (a booking/<id> topic gets its two events in one block), then the
+    // vector's doubling.
+    if (items_.capacity() == 0) items_.reserve(2);
+    items_.push_back(std::move(item));
+  }
   void pop_front() { drop_front(1); }
   // Drops the `n` oldest (n <= size()).
   void drop_front(std::size_t n) {
