@@ -888,7 +888,7 @@ struct detail::engine_core : std::enable_shared_from_this<engine_core> {
       // The quota comes back before anyone can see the decision: a client that submits again on
       // seeing it is never refused for the booking it just saw decided.
       give_back_quota(d.user, 1, hold_units(original, BookingStatus::processing) - hold_units(d, d.status));
-      publish(events, d);
+      publish(std::move(events), d);  // this completion runs once: its copy goes to the chain
       switch (d.status) {
         case BookingStatus::held: {
           held.fetch_add(1, std::memory_order_relaxed);
@@ -1572,7 +1572,7 @@ void BookingEngine::submit_async(BookingRequest request, SubmitCallback done) {
         return done(std::move(e));
       }
       if (!slot.empty()) m.mark_key_stored(slot, b->id);
-      m.publish(events, *b);
+      m.publish(std::move(events), *b);  // this completion runs once: its copy goes to the chain
       m.accepted.fetch_add(1, std::memory_order_relaxed);
       Ack ack{b->id, BookingStatus::processing, false, b->version};
       bool wake = false;
