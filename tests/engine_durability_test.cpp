@@ -481,12 +481,15 @@ TEST_CASE("an engine over SQLite: what one engine stored, the next one recovers"
 
 namespace {
 
-// A bus that refuses publishes on demand (errc::bus_unavailable, as RedisBus while Redis is
-// away) and otherwise hands them to `inner`; records what it accepted.
-// A test bus over another one: subscriptions and reads go to the inner bus.
+// A test bus over another one: blocking publishes, subscriptions and reads go to the inner bus.
 class WrappingBus : public EventBus {
  public:
   explicit WrappingBus(EventBusPtr inner) : inner_(std::move(inner)) {}
+  using EventBus::publish;
+  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
+                           const PublishOptions& options) override {
+    return inner_->publish(topic, std::move(data), options);
+  }
   result<Subscription> subscribe(std::string_view pattern, DeliveryCallback callback,
                                  SubscribeOptions options = {}) override {
     return inner_->subscribe(pattern, std::move(callback), std::move(options));
@@ -500,6 +503,8 @@ class WrappingBus : public EventBus {
   EventBusPtr inner_;
 };
 
+// A bus that refuses publishes on demand (errc::bus_unavailable, as RedisBus while Redis is
+// away) and otherwise hands them to `inner`; records what it accepted.
 class FlakyBus final : public WrappingBus {
  public:
   explicit FlakyBus(EventBusPtr inner) : WrappingBus(std::move(inner)) {}
@@ -565,11 +570,6 @@ class DelayedBus final : public WrappingBus {
   };
   explicit DelayedBus(EventBusPtr inner) : WrappingBus(std::move(inner)) {}
 
-  using EventBus::publish;
-  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
-                           const PublishOptions& options) override {
-    return inner_->publish(topic, std::move(data), options);
-  }
   using EventBus::publish_async;
   void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                      const PublishOptions& options, PublishCallback done) override {
@@ -701,11 +701,6 @@ class TwiceAnsweringBus final : public WrappingBus {
  public:
   TwiceAnsweringBus(EventBusPtr inner, bool then_throw)
       : WrappingBus(std::move(inner)), then_throw_(then_throw) {}
-  using EventBus::publish;
-  result<EventPtr> publish(std::string_view topic, std::shared_ptr<const boost::json::value> data,
-                           const PublishOptions& options) override {
-    return inner_->publish(topic, std::move(data), options);
-  }
   using EventBus::publish_async;
   void publish_async(std::string_view topic, std::shared_ptr<const boost::json::value> data,
                      const PublishOptions& options, PublishCallback done) override {
