@@ -9,6 +9,7 @@
 #include <boost/json/serialize.hpp>
 
 #include <atomic>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -645,13 +646,24 @@ TEST_CASE("wire error mapping") {
 
 TEST_CASE("replies written out are what serializing the same object gives") {
   // reply_ok and the book ACK write their JSON out instead of serializing an object made for it.
-  const boost::json::object result{{"booking_id", "b-1"}, {"status", "processing"}, {"seq", 1}};
-  for (const boost::json::value& id :
-       {boost::json::value(7), boost::json::value(-3), boost::json::value(std::uint64_t{1} << 63)}) {
-    const auto expected = boost::json::serialize(
+  const auto reply = [](const boost::json::value& id, const boost::json::object& result) {
+    return boost::json::serialize(
         boost::json::object{{"type", "reply"}, {"id", id}, {"ok", true}, {"result", result}});
-    CHECK(reply_ok(id, result) == expected);
-    CHECK(reply_ok_raw(id, boost::json::serialize(result)) == expected);
+  };
+  for (const boost::json::value& id :
+       {boost::json::value(7), boost::json::value(-3), boost::json::value(std::uint64_t{1} << 63),
+        boost::json::value("text id"), boost::json::value(nullptr)}) {
+    CAPTURE(boost::json::serialize(id));
+    const boost::json::object result{{"booking_id", "b-1"}, {"status", "processing"}, {"seq", 1}};
+    CHECK(reply_ok(id, result) == reply(id, result));
+    for (const auto& ack :
+         {Ack{"b-1", BookingStatus::processing, false, 1}, Ack{"q\"u\\o", BookingStatus::confirmed, true, 2},
+          Ack{"01HZX", BookingStatus::rejected, true, std::numeric_limits<std::uint64_t>::max()}}) {
+      boost::json::object expected{
+          {"booking_id", ack.booking_id}, {"status", to_string(ack.status)}, {"seq", ack.version}};
+      if (ack.replayed) expected["replayed"] = true;
+      CHECK(reply_booked(id, ack) == reply(id, expected));
+    }
   }
   // Strings are escaped as boost::json::serialize escapes them, byte for byte.
   for (const std::string_view s : {std::string_view("plain"), std::string_view("q\"u\\o\nte\t\x01\x1f"),

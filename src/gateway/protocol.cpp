@@ -74,10 +74,20 @@ std::string reply_ok(const boost::json::value& id, const boost::json::object& re
   return out;
 }
 
-std::string reply_ok_raw(const boost::json::value& id, std::string_view result) {
-  auto out = reply_head(id, result.size());
-  out += result;
-  out += '}';
+std::string reply_booked(const boost::json::value& id, const Ack& ack) {
+  // {"booking_id":...,"status":...,"seq":N[,"replayed":true]} as the result, written out (a reply
+  // per booking).
+  const std::string_view status = to_string(ack.status);
+  auto out = reply_head(id, 80 + ack.booking_id.size() + status.size());
+  out += R"({"booking_id":)";
+  append_json_string(out, ack.booking_id);
+  out += R"(,"status":")";
+  out += status;  // a name of the enum: nothing to escape
+  out += R"(","seq":)";
+  char digits[24];
+  out.append(digits, std::to_chars(digits, digits + sizeof digits, ack.version).ptr);
+  if (ack.replayed) out += R"(,"replayed":true)";
+  out += "}}";
   return out;
 }
 
@@ -202,11 +212,6 @@ void ConnectionLogic::on_deadline(steady::time_point now) {
 
 void ConnectionLogic::reply(const boost::json::value& id, const boost::json::object& result) {
   if (auto sink = sink_.lock()) sink->send_text(std::make_shared<const std::string>(reply_ok(id, result)));
-}
-
-void ConnectionLogic::reply_raw(const boost::json::value& id, std::string_view result) {
-  if (auto sink = sink_.lock())
-    sink->send_text(std::make_shared<const std::string>(reply_ok_raw(id, result)));
 }
 
 void ConnectionLogic::fail(const boost::json::value& id, std::string_view code, std::string_view message) {
@@ -351,22 +356,7 @@ void ConnectionLogic::on_booked(const boost::json::value& id, result<Ack> ack, b
   // "seq": the version the ACK reports, which is also that version's seq on booking/<id> (the
   // engine numbers the topic with the booking's versions, in every epoch): where the client
   // stands on the topic, to resume from with `since` after a reconnect.
-  // {"booking_id":...,"status":...,"seq":N[,"replayed":true]}, written out into the reply (one
-  // per booking).
-  {
-    const std::string_view status = to_string(ack->status);
-    auto reply = reply_head(id, 80 + ack->booking_id.size() + status.size());
-    reply += R"({"booking_id":)";
-    append_json_string(reply, ack->booking_id);
-    reply += R"(,"status":")";
-    reply += status;
-    reply += R"(","seq":)";
-    char digits[24];
-    reply.append(digits, std::to_chars(digits, digits + sizeof digits, ack->version).ptr);
-    if (ack->replayed) reply += R"(,"replayed":true)";
-    reply += "}}";
-    if (auto sink = sink_.lock()) sink->send_text(std::make_shared<const std::string>(std::move(reply)));
-  }
+  if (auto sink = sink_.lock()) sink->send_text(std::make_shared<const std::string>(reply_booked(id, *ack)));
   if (!room) {
     if (auto sink = sink_.lock())
       sink->send_text(std::make_shared<const std::string>(boost::json::serialize(boost::json::object{

@@ -41,8 +41,9 @@ WireError wire_error(const std::error_code& ec);
 std::string http_error_body(std::string_view code, std::string_view message);
 /// {"type":"reply","id":ID,"ok":true,"result":{...}}
 std::string reply_ok(const boost::json::value& id, const boost::json::object& result);
-/// The same with `result` already serialized (a JSON object's text).
-std::string reply_ok_raw(const boost::json::value& id, std::string_view result);
+/// reply_ok with the book ACK as the result: {"booking_id":...,"status":...,"seq":version
+/// [,"replayed":true]}, written out.
+std::string reply_booked(const boost::json::value& id, const Ack& ack);
 /// {"type":"reply","id":ID,"ok":false,"error":{"code":...,"message":...}}
 std::string reply_error(const boost::json::value& id, std::string_view code, std::string_view message);
 
@@ -258,8 +259,6 @@ class ConnectionLogic {
 
  private:
   void reply(const boost::json::value& id, const boost::json::object& result);
-  /// reply() with the result already serialized.
-  void reply_raw(const boost::json::value& id, std::string_view result);
   void fail(const boost::json::value& id, std::string_view code, std::string_view message);
   void fail(const boost::json::value& id, const Error& e);
   bool take_token(steady::time_point now);
