@@ -38,13 +38,17 @@ void append_json_string(std::string& out, std::string_view s) {
   out += '"';
 }
 
-namespace {
-
 void append_int(std::string& out, std::int64_t n) {
   char buf[24];
-  const auto r = std::to_chars(buf, buf + sizeof buf, n);
-  out.append(buf, r.ptr);
+  out.append(buf, std::to_chars(buf, buf + sizeof buf, n).ptr);
 }
+
+void append_int(std::string& out, std::uint64_t n) {
+  char buf[24];
+  out.append(buf, std::to_chars(buf, buf + sizeof buf, n).ptr);
+}
+
+namespace {
 
 // ,"key": (or "key": first), written as one literal: every key here is a literal of this file
 // and needs no escaping.

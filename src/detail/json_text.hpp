@@ -8,6 +8,7 @@
 
 #include <boost/json/value.hpp>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +18,9 @@ namespace pushbook::detail {
 
 /// Appends `s` as a JSON string (quoted and escaped as boost::json::serialize does).
 void append_json_string(std::string& out, std::string_view s);
+/// Appends n in decimal (as a JSON number).
+void append_int(std::string& out, std::int64_t n);
+void append_int(std::string& out, std::uint64_t n);
 
 /// boost::json::serialize(to_json(b)), written directly: the same text byte for byte.
 void append_json(std::string& out, const Booking& b);

@@ -53,11 +53,10 @@ std::string reply_head(const boost::json::value& id, std::size_t more) {
   std::string out;
   out.reserve(head.size() + 20 + ok.size() + more + 1);
   out += head;
-  char digits[24];
   if (id.is_int64())
-    out.append(digits, std::to_chars(digits, digits + sizeof digits, id.get_int64()).ptr);
+    append_int(out, id.get_int64());
   else if (id.is_uint64())
-    out.append(digits, std::to_chars(digits, digits + sizeof digits, id.get_uint64()).ptr);
+    append_int(out, id.get_uint64());
   else
     out += boost::json::serialize(id);
   out += ok;
@@ -84,8 +83,7 @@ std::string reply_booked(const boost::json::value& id, const Ack& ack) {
   out += R"(,"status":")";
   out += status;  // a name of the enum: nothing to escape
   out += R"(","seq":)";
-  char digits[24];
-  out.append(digits, std::to_chars(digits, digits + sizeof digits, ack.version).ptr);
+  append_int(out, ack.version);
   if (ack.replayed) out += R"(,"replayed":true)";
   out += "}}";
   return out;
