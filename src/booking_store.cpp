@@ -10,7 +10,8 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <unordered_map>
+
+#include <boost/unordered/unordered_flat_map.hpp>
 
 namespace pushbook {
 
@@ -39,7 +40,10 @@ struct MemoryStore::impl {
   };
   struct shard {
     mutable std::mutex mutex;
-    std::unordered_map<std::string, stored, string_hash, std::equal_to<>> bookings;
+    // Keyed by a view of the stored booking's own id (one copy of the id per booking, not two),
+    // open addressing (a lookup reads one group of slots, not a chain of scattered nodes).
+    boost::unordered_flat_map<std::string_view, std::unique_ptr<stored>, string_hash, std::equal_to<>>
+        bookings;
   };
   explicit impl(MemoryStoreOptions o) : options(o) {
     // At most a century: beyond, steady_clock arithmetic could overflow.
@@ -72,10 +76,17 @@ result<void> MemoryStore::commit(const StateChange& change) {
     std::lock_guard lock(s.mutex);
     auto it = s.bookings.find(change.booking.id);
     if (it == s.bookings.end()) {
-      s.bookings.emplace(change.booking.id, impl::stored{change.booking, impl_->next_order.fetch_add(1),
-                                                         std::string(change.fingerprint)});
+      auto st = std::make_unique<impl::stored>(
+          impl::stored{change.booking, impl_->next_order.fetch_add(1), std::string(change.fingerprint)});
+      const std::string_view key = st->booking.id;
+      s.bookings.emplace(key, std::move(st));
     } else {
-      it->second.booking = change.booking;
+      // The key views booking.id: the stored id string keeps its characters where they are (the
+      // new version's id is the same id).
+      auto& booking = it->second->booking;
+      std::string id = std::move(booking.id);
+      booking = change.booking;
+      booking.id = std::move(id);
     }
   }
   // Retention: the finished booking joins the back of the line; what is past its time, or
@@ -112,7 +123,7 @@ result<std::optional<Booking>> MemoryStore::load(std::string_view booking_id) co
   std::lock_guard lock(s.mutex);
   auto it = s.bookings.find(booking_id);
   if (it == s.bookings.end()) return std::optional<Booking>{};
-  return std::optional<Booking>{it->second.booking};
+  return std::optional<Booking>{it->second->booking};
 }
 
 result<void> MemoryStore::put_resource(std::string_view resource_id, std::uint32_t capacity) {
@@ -131,12 +142,12 @@ result<RecoveredState> MemoryStore::recover(wall_clock::time_point keys_since) {
   for (const auto& s : impl_->shards) {
     std::lock_guard lock(s.mutex);
     for (const auto& [id, st] : s.bookings) {
-      const auto& b = st.booking;
+      const auto& b = st->booking;
       builder.booking_lines(b.status, b.lines);
-      if (b.status == BookingStatus::processing) processing.emplace_back(st.order, b);
+      if (b.status == BookingStatus::processing) processing.emplace_back(st->order, b);
       if (b.status == BookingStatus::held) builder.state.held.push_back(b);
       if (!b.idempotency_key.empty() && b.created_at >= keys_since)
-        builder.state.keys.push_back({b.user, b.idempotency_key, st.fingerprint, b.id, b.created_at});
+        builder.state.keys.push_back({b.user, b.idempotency_key, st->fingerprint, b.id, b.created_at});
     }
   }
   std::sort(processing.begin(), processing.end(),
