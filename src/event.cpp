@@ -25,23 +25,50 @@ Event::Event(std::string topic, std::uint64_t seq, std::chrono::system_clock::ti
              std::shared_ptr<const std::string> json_text, std::uint32_t epoch)
     : Event(std::make_shared<const std::string>(std::move(topic)), seq, time, std::move(json_text), epoch) {}
 
+struct Event::Extras {
+  // The payload as a value: given (publish) or parsed from text_ on first use (parsed guards that).
+  std::shared_ptr<const boost::json::value> data;
+  std::once_flag parsed;
+  // The wire forms once built. A form is written once, by the thread that moved its state from 0
+  // (none) to 1 (being built), and read once the state is 2 (built).
+  std::shared_ptr<const std::string> plain, snapshot;
+  std::atomic<std::uint8_t> plain_state{0}, snapshot_state{0};
+};
+
 Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
              std::chrono::system_clock::time_point time, std::shared_ptr<const boost::json::value> data,
              std::uint32_t epoch)
-    : topic_(std::move(topic)), seq_(seq), time_(time), data_(std::move(data)), epoch_(epoch) {}
+    : topic_(std::move(topic)), seq_(seq), time_(time), epoch_(epoch) {
+  auto extras = std::make_unique<Extras>();
+  extras->data = std::move(data);
+  extras_.store(extras.release(), std::memory_order_relaxed);
+}
 
 Event::Event(std::shared_ptr<const std::string> topic, std::uint64_t seq,
              std::chrono::system_clock::time_point time, std::shared_ptr<const std::string> json_text,
              std::uint32_t epoch)
     : topic_(std::move(topic)), seq_(seq), time_(time), text_(std::move(json_text)), epoch_(epoch) {}
 
-static_assert(sizeof(void*) != 8 || sizeof(Event) == 112, "Event's members are laid out without padding");
+static_assert(sizeof(void*) != 8 || sizeof(Event) == 64, "Event's members are laid out without padding");
 
-Event::~Event() = default;
+Event::~Event() { delete extras_.load(std::memory_order_acquire); }
 
-void Event::parse_text() const {
-  std::call_once(parsed_,
-                 [this] { data_ = std::make_shared<const boost::json::value>(boost::json::parse(*text_)); });
+Event::Extras& Event::extras() const {
+  Extras* current = extras_.load(std::memory_order_acquire);
+  if (current) return *current;
+  auto fresh = std::make_unique<Extras>();
+  if (extras_.compare_exchange_strong(current, fresh.get(), std::memory_order_acq_rel,
+                                      std::memory_order_acquire))
+    return *fresh.release();
+  return *current;  // another thread's, made meanwhile
+}
+
+const std::shared_ptr<const boost::json::value>& Event::shared_data() const {
+  auto& x = extras();
+  if (text_)
+    std::call_once(x.parsed,
+                   [&] { x.data = std::make_shared<const boost::json::value>(boost::json::parse(*text_)); });
+  return x.data;
 }
 
 std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
@@ -49,7 +76,7 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
   // Topics are restricted to characters that need no JSON escaping (is_valid_topic).
   // Written out (no format string to interpret: this runs for every event sent).
   std::string serialized;
-  if (!text_) serialized = boost::json::serialize(*data_);
+  if (!text_) serialized = boost::json::serialize(*extras().data);
   const std::string_view body = text_ ? std::string_view(*text_) : std::string_view(serialized);
   char numbers[64];
   auto* p = std::to_chars(numbers, numbers + 24, seq_).ptr;
@@ -81,14 +108,15 @@ std::shared_ptr<const std::string> Event::build_wire(bool snapshot) const {
 }
 
 namespace {
-// The states of an event's wire form (plain_state_, snapshot_state_).
+// The states of an event's wire form (Extras::plain_state, snapshot_state).
 constexpr std::uint8_t form_none = 0, form_building = 1, form_built = 2;
 }  // namespace
 
 std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
-  auto& form = snapshot ? snapshot_ : plain_;
-  auto& state = snapshot ? snapshot_state_ : plain_state_;
-  // The common case, every delivery after the first: one load, as cheap as a plain read.
+  auto& x = extras();
+  auto& form = snapshot ? x.snapshot : x.plain;
+  auto& state = snapshot ? x.snapshot_state : x.plain_state;
+  // The common case, every delivery after the first: two loads, as cheap as plain reads.
   if (state.load(std::memory_order_acquire) == form_built) return form;
   std::uint8_t expected = form_none;
   if (!state.compare_exchange_strong(expected, form_building, std::memory_order_acquire,
@@ -106,9 +134,12 @@ std::shared_ptr<const std::string> Event::wire(bool snapshot) const {
 }
 
 std::shared_ptr<const std::string> Event::wire_once(bool snapshot) const {
-  const auto& form = snapshot ? snapshot_ : plain_;
-  const auto& state = snapshot ? snapshot_state_ : plain_state_;
-  if (state.load(std::memory_order_acquire) == form_built) return form;
+  // No Extras made for this: an event sent once keeps nothing of it.
+  if (const Extras* x = extras_.load(std::memory_order_acquire)) {
+    const auto& form = snapshot ? x->snapshot : x->plain;
+    const auto& state = snapshot ? x->snapshot_state : x->plain_state;
+    if (state.load(std::memory_order_acquire) == form_built) return form;
+  }
   return build_wire(snapshot);
 }
 
