@@ -558,6 +558,35 @@ TEST_CASE("an event kept as text is parsed once, whichever of several threads as
   }
 }
 
+TEST_CASE("several threads asking a fresh event for its wire form get equal forms, and one is kept") {
+  // Labelled concurrency: ThreadSanitizer runs it. The event makes the block that keeps its wire
+  // forms on first use: the threads race to make it, and each must end up with the same block.
+  for (int round = 0; round < 50; ++round) {
+    const bool as_text = round % 2 == 0;
+    const auto text = std::make_shared<const std::string>(R"({"n":1})");
+    const auto value = std::make_shared<const boost::json::value>(boost::json::parse(*text));
+    const auto e = as_text ? std::make_shared<const Event>("t", 1, std::chrono::system_clock::now(), text)
+                           : std::make_shared<const Event>("t", 1, std::chrono::system_clock::now(), value);
+    std::vector<std::shared_ptr<const std::string>> forms(4), snapshots(4);
+    std::vector<std::thread> askers;
+    for (std::size_t i = 0; i < forms.size(); ++i)
+      askers.emplace_back([&, i] {
+        forms[i] = e->wire();
+        snapshots[i] = e->wire(true);
+      });
+    for (auto& t : askers) t.join();
+    const auto kept = e->wire();
+    CHECK(e->wire() == kept);
+    CHECK(e->wire_once() == kept);
+    for (std::size_t i = 0; i < forms.size(); ++i) {
+      CHECK(*forms[i] == *kept);
+      CHECK(*snapshots[i] == *e->wire(true));
+    }
+    CHECK(kept->find(R"("data":{"n":1})") != std::string::npos);
+    CHECK(e->data().at("n") == 1);
+  }
+}
+
 TEST_CASE("epochs: on the wire as 8 hex digits, parsed back, and bad text refused") {
   CHECK(format_epoch(0) == "00000000");
   CHECK(format_epoch(0xdeadbeef) == "deadbeef");
