@@ -4,6 +4,7 @@
 #include <pushbook/redis_bus.hpp>
 
 #include "detail/json_text.hpp"
+#include "detail/string_hash.hpp"
 #include "redis_server.hpp"
 #include "wait.hpp"
 
@@ -11,9 +12,11 @@
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <latch>
 #include <optional>
+#include <set>
 #include <thread>
 
 using namespace pushbook;
@@ -335,6 +338,42 @@ CONTRACT_CASE("invalid topics and patterns are refused with invalid_topic") {
   CHECK(s.error().is(errc::invalid_topic));
   CHECK(is_valid_topic("user/alice@example.com"));
   CHECK_FALSE(is_valid_topic(std::string(257, 'a')));
+}
+
+TEST_CASE("string_hash: every byte and the length count, and keys spread over shards and buckets") {
+  using pushbook::detail::hash_bytes;
+  // Every length up to 80 (each of hash_bytes's paths: 0, 1-3, 4-7, 8-16, blocks of 16 and a
+  // tail): changing any one byte changes the hash.
+  std::string base;
+  for (std::size_t length = 0; length <= 80; ++length) {
+    const auto h = hash_bytes(base);
+    for (std::size_t i = 0; i < length; ++i)
+      for (unsigned char delta : {1, 2, 0x80, 0xff}) {
+        std::string changed = base;
+        changed[i] = static_cast<char>(static_cast<unsigned char>(changed[i]) ^ delta);
+        CHECK_MESSAGE(hash_bytes(changed) != h, "length " << length << ", byte " << i);
+      }
+    base += static_cast<char>('a' + (length * 7) % 26);
+  }
+  // Strings of zero bytes differ by length alone.
+  std::set<std::uint64_t> zeros;
+  for (std::size_t length = 0; length <= 64; ++length) zeros.insert(hash_bytes(std::string(length, '\0')));
+  CHECK(zeros.size() == 65);
+  // Keys like the bus's (booking/<id>, user/<name>) spread evenly over LocalBus's 32 shards
+  // (hash % 32) and over 1,024 buckets from the high bits (as an open-addressing map uses them):
+  // no shard or bucket gets more than 1.5 times its share.
+  std::vector<int> shards(32), buckets(1024);
+  const int keys = 102'400;
+  for (int i = 0; i < keys; ++i) {
+    const std::string key =
+        i % 2 ? "booking/01M90A4WT1JBHX8TR0" + std::to_string(1000000 + i) : "user/u" + std::to_string(i);
+    const auto h = hash_bytes(key);
+    ++shards[h % 32];
+    ++buckets[h >> 54];
+  }
+  CHECK(*std::max_element(shards.begin(), shards.end()) < keys / 32 * 3 / 2);
+  CHECK(*std::max_element(buckets.begin(), buckets.end()) < keys / 1024 * 3 / 2);
+  CHECK(*std::min_element(shards.begin(), shards.end()) > keys / 32 / 2);
 }
 
 TEST_CASE("is_valid_topic: segments of [A-Za-z0-9-_.:@+=~] joined by single slashes, 1-256 bytes") {
