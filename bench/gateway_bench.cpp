@@ -121,6 +121,9 @@ struct ServerProcess : pushbook::bench::ServerProcess {
   explicit ServerProcess(const BusChoice& bus) : pushbook::bench::ServerProcess(server_args(bus)) {}
   long rss_kib() const { return pushbook::bench::process_rss_kib(pid); }
   double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
+  pushbook::bench::CpuSplit cpu_split() const {
+    return pushbook::bench::process_cpu_split(pid).value_or(pushbook::bench::CpuSplit{});
+  }
 };
 
 // One WebSocket client connection, asynchronous. `on_line` sees every message line.
@@ -229,6 +232,7 @@ struct LatencyResult {
   LatencySummary latency;
   std::uint64_t bookings = 0;
   double server_cpu_per_booking_us = 0;
+  double server_user_us = 0, server_system_us = 0;  // its split: user space, kernel
 };
 
 // `ping`: the exchange mode: the same clients at the same rate send {"op":"ping"} and wait for
@@ -263,7 +267,7 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   const auto interval = std::chrono::nanoseconds(1'000'000'000LL / o.rate);
   const auto start = steady::now();
   const auto end = start + std::chrono::seconds(o.seconds);
-  const double cpu_before = server.cpu_seconds();
+  const auto cpu_before = server.cpu_split();
   std::uint64_t scheduled = 0;
   net::steady_timer tick(ioc);
   std::function<void()> on_tick = [&] {
@@ -291,8 +295,11 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   LatencyResult r;
   r.latency = hist.summary();
   r.bookings = decided.load();
-  r.server_cpu_per_booking_us =
-      (server.cpu_seconds() - cpu_before) * 1e6 / static_cast<double>(std::max<std::uint64_t>(1, r.bookings));
+  const auto cpu_after = server.cpu_split();
+  const auto per_booking = 1e6 / static_cast<double>(std::max<std::uint64_t>(1, r.bookings));
+  r.server_user_us = (cpu_after.user - cpu_before.user) * per_booking;
+  r.server_system_us = (cpu_after.system - cpu_before.system) * per_booking;
+  r.server_cpu_per_booking_us = r.server_user_us + r.server_system_us;
   for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
   guard.reset();
   ioc.stop();
@@ -578,9 +585,9 @@ int main(int argc, char** argv) {
           o.clients, o.rate, o.seconds, runs.size(), over);
       fmt::print(
           "  bookings {}  p50 {:.3f} ms  p90 {:.3f} ms  p99 {:.3f} ms  max {:.3f} ms  server CPU {:.1f} "
-          "us/booking\n",
+          "us/booking (user {:.1f}, system {:.1f})\n",
           m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
-          m.latency.max_ns / 1e6, m.server_cpu_per_booking_us);
+          m.latency.max_ns / 1e6, m.server_cpu_per_booking_us, m.server_user_us, m.server_system_us);
       std::string each;
       for (const auto& x : runs)
         each += fmt::format("{}{:.3f}", each.empty() ? "" : ", ", x.latency.p99_ns / 1e6);

@@ -147,7 +147,13 @@ struct ServerProcess {
 };
 
 // CPU seconds (user + system) a process has used; nullopt when it cannot be read.
-inline std::optional<double> process_cpu_seconds(long pid) {
+// CPU seconds of process `pid` so far, in user space and in the kernel (/proc/PID/stat's utime
+// and stime); nullopt when it cannot be read.
+struct CpuSplit {
+  double user = 0;
+  double system = 0;
+};
+inline std::optional<CpuSplit> process_cpu_split(long pid) {
   std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
   std::string s((std::istreambuf_iterator<char>(f)), {});
   const auto close_paren = s.rfind(')');
@@ -159,7 +165,14 @@ inline std::optional<double> process_cpu_seconds(long pid) {
     if (i == 14) utime = std::stol(field);
     if (i == 15) stime = std::stol(field);
   }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  const auto tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  return CpuSplit{static_cast<double>(utime) / tick, static_cast<double>(stime) / tick};
+}
+
+inline std::optional<double> process_cpu_seconds(long pid) {
+  const auto split = process_cpu_split(pid);
+  if (!split) return std::nullopt;
+  return split->user + split->system;
 }
 
 // CPU seconds (user + system) of the processes `roots` and all their descendants, including
