@@ -6,6 +6,7 @@
 //   throughput bookings per second through the engine, 2 submitting threads, until all decided
 //   bus        publish() to subscriber callback latency, one subscriber, paced publishes
 //   fanout     deliveries per second, one topic, 10,000 subscribers
+//   kept       heap bytes the engine, its MemoryStore and the LocalBus keep per decided booking
 // Each measurement runs --runs times (default 5); the table shows the median run.
 //
 //   pushbook-core-bench [--runs N] [--bookings N] [--subscribers N] [--json]
@@ -14,6 +15,8 @@
 #include <pushbook/metrics.hpp>
 
 #include <fmt/format.h>
+
+#include <malloc.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,7 +36,7 @@ struct Options {
   int bookings = 200'000;
   int subscribers = 10'000;
   bool json = false;
-  std::string only;  // run one measurement: ack, decision, throughput, bus, fanout
+  std::string only;  // run one measurement: ack, decision, throughput, bus, fanout, kept
 };
 
 std::int64_t now_ns() {
@@ -89,6 +92,31 @@ LatencySummary bench_ack(int n) {
   }
   while (engine.stats().in_flight > 0) std::this_thread::yield();
   return h.summary();
+}
+
+// Heap bytes kept per decided booking (malloc'd in all arenas, mallinfo2) by the engine, its
+// MemoryStore and the LocalBus, over `n` bookings from 10,000 users who each booked once before:
+// the booking's record, its booking/<id> topic with its events, its events in the user's history.
+// What a server's heap grows by per booking until the bus forgets topics (LocalBusOptions) and the
+// store's retention applies; on a VM each new page costs a fault of several microseconds.
+double bench_kept(int n) {
+  auto bus = std::make_shared<LocalBus>();
+  BookingEngine engine(bus, engine_options());
+  (void)engine.add_resource("r", 1u << 30);
+  constexpr int users = 10'000;
+  auto settle = [&] {
+    for (auto st = engine.stats(); st.in_flight > 0 || st.publish_backlog > 0; st = engine.stats())
+      std::this_thread::yield();
+  };
+  for (int i = 0; i < users; ++i)
+    if (!engine.submit(request("u" + std::to_string(i)))) std::abort();
+  settle();
+  const auto before = mallinfo2().uordblks;
+  for (int i = 0; i < n; ++i)
+    if (!engine.submit(request("u" + std::to_string(i % users)))) std::abort();
+  settle();
+  const auto after = mallinfo2().uordblks;
+  return (static_cast<double>(after) - static_cast<double>(before)) / n;
 }
 
 // Submit to the decision event reaching a subscriber on the bus's delivery thread.
@@ -225,7 +253,7 @@ int main(int argc, char** argv) {
   }
 
   std::vector<LatencySummary> ack, decision, bus;
-  std::vector<double> throughput, fanout;
+  std::vector<double> throughput, fanout, kept;
   for (int r = 0; r < opt.runs; ++r) {
     auto want = [&](std::string_view what) { return opt.only.empty() || opt.only == what; };
     ack.push_back(want("ack") ? bench_ack(opt.bookings) : LatencySummary{});
@@ -233,10 +261,11 @@ int main(int argc, char** argv) {
     throughput.push_back(want("throughput") ? bench_throughput(opt.bookings) : 0.0);
     bus.push_back(want("bus") ? bench_bus(opt.bookings / 2) : LatencySummary{});
     fanout.push_back(want("fanout") ? bench_fanout(opt.subscribers, 200) : 0.0);
+    kept.push_back(want("kept") ? bench_kept(opt.bookings / 10) : 0.0);
     if (!opt.json) fmt::print(stderr, "run {}/{} done\n", r + 1, opt.runs);
   }
   const auto a = median_summary(ack), d = median_summary(decision), b = median_summary(bus);
-  const double tp = median(throughput), fo = median(fanout);
+  const double tp = median(throughput), fo = median(fanout), kb = median(kept);
   const unsigned cores = std::thread::hardware_concurrency();
 
   if (opt.json) {
@@ -245,9 +274,10 @@ int main(int argc, char** argv) {
                          us(s.p50_ns), us(s.p99_ns), us(s.p999_ns), us(s.max_ns), s.count);
     };
     fmt::print(R"({{"runs":{},"cores":{},"ack":{},"decision":{},"bus_publish_to_delivery":{},)"
-               R"("bookings_per_s":{:.0f},"fanout_subscribers":{},"fanout_deliveries_per_s":{:.0f}}})"
+               R"("bookings_per_s":{:.0f},"fanout_subscribers":{},"fanout_deliveries_per_s":{:.0f},)"
+               R"("kept_bytes_per_booking":{:.0f}}})"
                "\n",
-               opt.runs, cores, lat(a), lat(d), lat(b), tp, opt.subscribers, fo);
+               opt.runs, cores, lat(a), lat(d), lat(b), tp, opt.subscribers, fo, kb);
     return 0;
   }
   fmt::print("pushbook core benchmark: {} runs, medians shown, {} cores\n\n", opt.runs, cores);
@@ -260,5 +290,6 @@ int main(int argc, char** argv) {
              us(b.p99_ns), us(b.p999_ns));
   fmt::print("\n{:<44} {:>10.0f}\n", "bookings/s through the engine (2 threads)", tp);
   fmt::print("{:<44} {:>10.0f}\n", fmt::format("fan-out deliveries/s ({} subscribers)", opt.subscribers), fo);
+  fmt::print("{:<44} {:>10.0f}\n", "heap bytes kept per decided booking", kb);
   return 0;
 }
