@@ -81,12 +81,12 @@ result<void> MemoryStore::commit(const StateChange& change) {
       const std::string_view key = st->booking.id;
       s.bookings.emplace(key, std::move(st));
     } else {
-      // The key views booking.id: the stored id string keeps its characters where they are (the
-      // new version's id is the same id).
+      // The key views booking.id, so the stored id string stays (the new version's id is the same
+      // id). The copy first: if it throws, the stored booking is as it was; the moves cannot throw.
       auto& booking = it->second->booking;
-      std::string id = std::move(booking.id);
-      booking = change.booking;
-      booking.id = std::move(id);
+      Booking updated = change.booking;
+      updated.id = std::move(booking.id);
+      booking = std::move(updated);
     }
   }
   // Retention: the finished booking joins the back of the line; what is past its time, or
