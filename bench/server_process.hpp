@@ -146,7 +146,6 @@ struct ServerProcess {
   }
 };
 
-// CPU seconds (user + system) a process has used; nullopt when it cannot be read.
 // CPU seconds of process `pid` so far, in user space and in the kernel (/proc/PID/stat's utime
 // and stime); nullopt when it cannot be read.
 struct CpuSplit {
@@ -169,6 +168,7 @@ inline std::optional<CpuSplit> process_cpu_split(long pid) {
   return CpuSplit{static_cast<double>(utime) / tick, static_cast<double>(stime) / tick};
 }
 
+// CPU seconds (user + system) a process has used; nullopt when it cannot be read.
 inline std::optional<double> process_cpu_seconds(long pid) {
   const auto split = process_cpu_split(pid);
   if (!split) return std::nullopt;
