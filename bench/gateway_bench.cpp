@@ -24,6 +24,8 @@
 //   [--clients N]
 //                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
 //                          [--server-arg ARG]...  (given to every pushbook-server it starts)
+//                          [--server-env NAME=VALUE]...  (set in every server's environment, e.g.
+//                          GLIBC_TUNABLES: the bench's own process keeps its environment)
 #include <pushbook/auth.hpp>
 #include <pushbook/metrics.hpp>
 #include <pushbook/push_gateway.hpp>
@@ -123,6 +125,9 @@ struct ServerProcess : pushbook::bench::ServerProcess {
   double cpu_seconds() const { return pushbook::bench::process_cpu_seconds(pid).value_or(0); }
   pushbook::bench::CpuSplit cpu_split() const {
     return pushbook::bench::process_cpu_split(pid).value_or(pushbook::bench::CpuSplit{});
+  }
+  pushbook::bench::ContextSwitches context_switches() const {
+    return pushbook::bench::process_context_switches(pid).value_or(pushbook::bench::ContextSwitches{});
   }
 };
 
@@ -233,6 +238,8 @@ struct LatencyResult {
   std::uint64_t bookings = 0;
   double server_cpu_per_booking_us = 0;
   double server_user_us = 0, server_system_us = 0;  // its split: user space, kernel
+  // The server's context switches per booking: waits (voluntary) and preemptions (involuntary).
+  double voluntary_switches = 0, involuntary_switches = 0;
 };
 
 // `ping`: the exchange mode: the same clients at the same rate send {"op":"ping"} and wait for
@@ -268,6 +275,7 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   const auto start = steady::now();
   const auto end = start + std::chrono::seconds(o.seconds);
   const auto cpu_before = server.cpu_split();
+  const auto switches_before = server.context_switches();
   std::uint64_t scheduled = 0;
   net::steady_timer tick(ioc);
   std::function<void()> on_tick = [&] {
@@ -300,6 +308,11 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   r.server_user_us = (cpu_after.user - cpu_before.user) * per_booking;
   r.server_system_us = (cpu_after.system - cpu_before.system) * per_booking;
   r.server_cpu_per_booking_us = r.server_user_us + r.server_system_us;
+  const auto switches_after = server.context_switches();
+  r.voluntary_switches =
+      static_cast<double>(switches_after.voluntary - switches_before.voluntary) * per_booking / 1e6;
+  r.involuntary_switches =
+      static_cast<double>(switches_after.involuntary - switches_before.involuntary) * per_booking / 1e6;
   for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
   guard.reset();
   ioc.stop();
@@ -508,13 +521,21 @@ int main(int argc, char** argv) {
       o.serve_fanout = true;
     else if (a == "--server-arg")
       extra_server_args.push_back(value());
-    else {
+    else if (a == "--server-env") {
+      auto entry = value();
+      if (entry.find('=') == std::string::npos || entry.front() == '=') {
+        fmt::print(stderr, "--server-env is NAME=VALUE, not '{}'\n", entry);
+        return 2;
+      }
+      pushbook::bench::server_env().push_back(std::move(entry));
+    } else {
       fmt::print(stderr,
                  "usage: pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory]\n"
                  "                              [--bus local|redis|both]\n"
                  "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
                  "                              [--events N] [--runs N] [--json]\n"
-                 "                              [--server-arg ARG]...   (to pushbook-server)\n");
+                 "                              [--server-arg ARG]...   (to pushbook-server)\n"
+                 "                              [--server-env NAME=VALUE]...   (its environment)\n");
       return a == "--help" ? 0 : 2;
     }
   }
@@ -588,10 +609,18 @@ int main(int argc, char** argv) {
           "us/booking (user {:.1f}, system {:.1f})\n",
           m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
           m.latency.max_ns / 1e6, m.server_cpu_per_booking_us, m.server_user_us, m.server_system_us);
+      fmt::print("  server context switches per booking: {:.2f} voluntary, {:.2f} involuntary\n",
+                 m.voluntary_switches, m.involuntary_switches);
       std::string each;
       for (const auto& x : runs)
         each += fmt::format("{}{:.3f}", each.empty() ? "" : ", ", x.latency.p99_ns / 1e6);
       fmt::print("  p99 of each run, sorted: {} ms\n", each);
+      std::vector<double> cpu;
+      for (const auto& x : runs) cpu.push_back(x.server_cpu_per_booking_us);
+      std::sort(cpu.begin(), cpu.end());
+      each.clear();
+      for (const auto x : cpu) each += fmt::format("{}{:.1f}", each.empty() ? "" : ", ", x);
+      fmt::print("  server CPU per booking of each run, sorted: {} us (median {:.1f})\n", each, median(cpu));
     }
     if (auto& runs = exchange[kind]; !runs.empty()) {
       std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) {

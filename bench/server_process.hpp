@@ -36,6 +36,27 @@ inline std::string self_dir() {
   return p.substr(0, p.rfind('/'));
 }
 
+// More environment for every server child (NAME=VALUE; a NAME already set is replaced), such as
+// GLIBC_TUNABLES for the server alone: the benchmark that starts it keeps its own environment.
+inline std::vector<std::string>& server_env() {
+  static std::vector<std::string> env;
+  return env;
+}
+
+// `environ` with server_env() over it, for posix_spawn.
+inline std::vector<std::string> child_environment() {
+  std::vector<std::string> env;
+  auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
+  for (char** e = environ; *e; ++e) {
+    const std::string_view entry(*e);
+    bool replaced = false;
+    for (const auto& extra : server_env()) replaced = replaced || name_of(extra) == name_of(entry);
+    if (!replaced) env.emplace_back(entry);
+  }
+  env.insert(env.end(), server_env().begin(), server_env().end());
+  return env;
+}
+
 // pushbook-server (or `args[0]`) as a child: `args` must make it listen on a port it prints in its
 // "listening on http://127.0.0.1:PORT" line. Its stdout comes through a pipe (drained by a thread
 // after that line); its log (stderr) goes to a temporary file that is shown if it does not start.
@@ -59,6 +80,10 @@ struct ServerProcess {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
+    auto env = child_environment();
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
@@ -68,7 +93,7 @@ struct ServerProcess {
       posix_spawn_file_actions_adddup2(&fa, in[0], 0);
       posix_spawn_file_actions_addclose(&fa, in[1]);
     }
-    const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+    const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data());
     posix_spawn_file_actions_destroy(&fa);
     close(out[1]);
     if (with_input) {
@@ -166,6 +191,30 @@ inline std::optional<CpuSplit> process_cpu_split(long pid) {
   }
   const auto tick = static_cast<double>(sysconf(_SC_CLK_TCK));
   return CpuSplit{static_cast<double>(utime) / tick, static_cast<double>(stime) / tick};
+}
+
+// Context switches of process `pid` so far, summed over its threads (/proc/PID/task/*/status):
+// voluntary (it waited: epoll_wait with nothing to do, a lock) and involuntary (preempted, e.g. by
+// a thread it woke on its own core). nullopt when none can be read.
+struct ContextSwitches {
+  std::uint64_t voluntary = 0;
+  std::uint64_t involuntary = 0;
+};
+inline std::optional<ContextSwitches> process_context_switches(long pid) {
+  ContextSwitches total;
+  bool any = false;
+  std::error_code ec;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+    std::ifstream f(task.path() / "status");
+    for (std::string line; std::getline(f, line);) {
+      if (line.starts_with("voluntary_ctxt_switches:"))
+        total.voluntary += std::stoull(line.substr(line.find(':') + 1)), any = true;
+      else if (line.starts_with("nonvoluntary_ctxt_switches:"))
+        total.involuntary += std::stoull(line.substr(line.find(':') + 1));
+    }
+  }
+  if (!any) return std::nullopt;
+  return total;
 }
 
 // CPU seconds (user + system) a process has used; nullopt when it cannot be read.
