@@ -309,10 +309,13 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   r.server_system_us = (cpu_after.system - cpu_before.system) * per_booking;
   r.server_cpu_per_booking_us = r.server_user_us + r.server_system_us;
   const auto switches_after = server.context_switches();
+  // As doubles: a server thread that exits during the run takes its counts with it.
   r.voluntary_switches =
-      static_cast<double>(switches_after.voluntary - switches_before.voluntary) * per_booking / 1e6;
+      (static_cast<double>(switches_after.voluntary) - static_cast<double>(switches_before.voluntary)) *
+      per_booking / 1e6;
   r.involuntary_switches =
-      static_cast<double>(switches_after.involuntary - switches_before.involuntary) * per_booking / 1e6;
+      (static_cast<double>(switches_after.involuntary) - static_cast<double>(switches_before.involuntary)) *
+      per_booking / 1e6;
   for (auto& c : conns) net::post(c->ws.get_executor(), [c] { beast::get_lowest_layer(c->ws).close(); });
   guard.reset();
   ioc.stop();
@@ -527,7 +530,7 @@ int main(int argc, char** argv) {
         fmt::print(stderr, "--server-env is NAME=VALUE, not '{}'\n", entry);
         return 2;
       }
-      pushbook::bench::server_env().push_back(std::move(entry));
+      pushbook::bench::set_server_env(std::move(entry));
     } else {
       fmt::print(stderr,
                  "usage: pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory]\n"
@@ -609,7 +612,7 @@ int main(int argc, char** argv) {
           "us/booking (user {:.1f}, system {:.1f})\n",
           m.bookings, m.latency.p50_ns / 1e6, m.latency.p90_ns / 1e6, m.latency.p99_ns / 1e6,
           m.latency.max_ns / 1e6, m.server_cpu_per_booking_us, m.server_user_us, m.server_system_us);
-      fmt::print("  server context switches per booking: {:.2f} voluntary, {:.2f} involuntary\n",
+      fmt::print("  server context switches per booking (that run): {:.2f} voluntary, {:.2f} involuntary\n",
                  m.voluntary_switches, m.involuntary_switches);
       std::string each;
       for (const auto& x : runs)

@@ -9,8 +9,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -21,6 +23,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -41,6 +44,14 @@ inline std::string self_dir() {
 inline std::vector<std::string>& server_env() {
   static std::vector<std::string> env;
   return env;
+}
+
+// Adds NAME=VALUE to server_env(), in place of an earlier entry of the same NAME.
+inline void set_server_env(std::string entry) {
+  const auto name = entry.substr(0, entry.find('=') + 1);
+  auto& env = server_env();
+  std::erase_if(env, [&](const std::string& e) { return e.starts_with(name); });
+  env.push_back(std::move(entry));
 }
 
 // `environ` with server_env() over it, for posix_spawn.
@@ -69,6 +80,10 @@ struct ServerProcess {
   int input = -1;
 
   explicit ServerProcess(std::vector<std::string> args, bool with_input = false) {
+    auto env = child_environment();
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
     int out[2];
     if (pipe(out) != 0) throw std::runtime_error("pipe failed");
     int in[2] = {-1, -1};
@@ -80,10 +95,6 @@ struct ServerProcess {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    auto env = child_environment();
-    std::vector<char*> envp;
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
@@ -193,9 +204,10 @@ inline std::optional<CpuSplit> process_cpu_split(long pid) {
   return CpuSplit{static_cast<double>(utime) / tick, static_cast<double>(stime) / tick};
 }
 
-// Context switches of process `pid` so far, summed over its threads (/proc/PID/task/*/status):
-// voluntary (it waited: epoll_wait with nothing to do, a lock) and involuntary (preempted, e.g. by
-// a thread it woke on its own core). nullopt when none can be read.
+// Context switches of process `pid` so far, summed over its live threads
+// (/proc/PID/task/*/status; a thread that exited no longer counts): voluntary (it waited:
+// epoll_wait with nothing to do, a lock) and involuntary (preempted, e.g. by a thread it woke on
+// its own core). nullopt when none can be read.
 struct ContextSwitches {
   std::uint64_t voluntary = 0;
   std::uint64_t involuntary = 0;
@@ -207,10 +219,19 @@ inline std::optional<ContextSwitches> process_context_switches(long pid) {
   for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
     std::ifstream f(task.path() / "status");
     for (std::string line; std::getline(f, line);) {
-      if (line.starts_with("voluntary_ctxt_switches:"))
-        total.voluntary += std::stoull(line.substr(line.find(':') + 1)), any = true;
-      else if (line.starts_with("nonvoluntary_ctxt_switches:"))
-        total.involuntary += std::stoull(line.substr(line.find(':') + 1));
+      const bool voluntary = line.starts_with("voluntary_ctxt_switches:");
+      if (!voluntary && !line.starts_with("nonvoluntary_ctxt_switches:")) continue;
+      const auto digits = line.find_first_of("0123456789");
+      std::uint64_t n = 0;
+      if (digits == std::string::npos ||
+          std::from_chars(line.data() + digits, line.data() + line.size(), n).ec != std::errc{})
+        continue;
+      if (voluntary) {
+        total.voluntary += n;
+        any = true;
+      } else {
+        total.involuntary += n;
+      }
     }
   }
   if (!any) return std::nullopt;
