@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -90,7 +89,8 @@ class PUSHBOOK_EXPORT Event {
   std::chrono::system_clock::time_point time_;
   // The payload's text when published as text; the value (Extras::data) otherwise.
   std::shared_ptr<const std::string> text_;
-  // Set once, by the thread whose compare-exchange from null won; deleted with the event.
+  // Made by the constructor of a value event; for a text event, set once, by the thread whose
+  // compare-exchange from null won. Deleted with the event.
   mutable std::atomic<Extras*> extras_{nullptr};
   std::uint32_t epoch_;
 };
