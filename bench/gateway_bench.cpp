@@ -6,6 +6,9 @@
 //   exchange the latency mode's clients and rate with {"op":"ping"} instead of a booking: the
 //            server CPU of one WebSocket request and response alone (no engine, no bus), the
 //            floor under the latency mode's CPU per booking.
+//            Both measure --seconds of load; --warmup S first runs the same load S seconds
+//            unmeasured (a server past its first ~120,000 bookings: its bus's topic table full and
+//            recycling, its heap grown), which a fresh server's first seconds are not.
 //   fanout   one topic, 1,000 subscribers, ~110-byte events: deliveries per second and per
 //            server CPU-second. The server is this program in a child process (--serve-fanout:
 //            a gateway on 1 thread that publishes when told on stdin), so the clients' CPU is
@@ -22,7 +25,8 @@
 //
 //   pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory] [--bus local|redis|both]
 //   [--clients N]
-//                          [--rate R] [--seconds S] [--subscribers N] [--events N] [--runs N] [--json]
+//                          [--rate R] [--seconds S] [--warmup S] [--subscribers N] [--events N] [--runs N]
+//                          [--json]
 //                          [--server-arg ARG]...  (given to every pushbook-server it starts)
 //                          [--server-env NAME=VALUE]...  (set in every server's environment, e.g.
 //                          GLIBC_TUNABLES: the bench's own process keeps its environment)
@@ -70,6 +74,9 @@ struct Options {
   int clients = 10'000;
   int rate = 2'000;
   int seconds = 10;
+  // latency and exchange: seconds of the same load before the measured ones, measured in nothing
+  // (a long-running server's state: its topic table full and recycling, its heap grown).
+  int warmup = 0;
   int subscribers = 1'000;
   int events = 20'000;
   bool serve_fanout = false;  // the child role of the fanout mode
@@ -240,6 +247,9 @@ struct LatencyResult {
   double server_user_us = 0, server_system_us = 0;  // its split: user space, kernel
   // The server's context switches per booking: waits (voluntary) and preemptions (involuntary).
   double voluntary_switches = 0, involuntary_switches = 0;
+  // With a warm-up of at least --seconds: the same server's CPU per booking over its first
+  // --seconds (fresh, as a run without warm-up measures it), in the same run. 0 otherwise.
+  double first_cpu_per_booking_us = 0;
 };
 
 // `ping`: the exchange mode: the same clients at the same rate send {"op":"ping"} and wait for
@@ -251,7 +261,9 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   auto guard = net::make_work_guard(ioc);
   std::thread io([&] { ioc.run(); });
   LatencyHistogram hist;
-  std::atomic<std::uint64_t> decided{0};
+  std::atomic<std::uint64_t> decided{0}, decided_first{0};
+  // Set below, before the first booking goes out.
+  steady::time_point measured_from{}, first_until{};
   auto conns = connect_all(ioc, server.port, o.clients, [&](Conn& c, std::string_view line) {
     if (!c.waiting) return;
     if (ping) {
@@ -263,19 +275,24 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
           line.find("\"status\":\"rejected\"") == std::string_view::npos)
         return;
     }
-    hist.record(steady::now() - c.sent_at);
     c.waiting = false;
+    if (c.sent_at < first_until) ++decided_first;
+    if (c.sent_at < measured_from) return;  // a warm-up booking
+    hist.record(steady::now() - c.sent_at);
     ++decided;
     // "follow":"decision": the server ends the booking's subscription after the decision, so the
     // connection holds none between bookings and sends no unsubscribe.
   });
   // Steady aggregate rate: every tick, the bookings scheduled since the last tick go out, each
-  // stamped with its scheduled time.
+  // stamped with its scheduled time. The warm-up's bookings go out the same way and are counted in
+  // nothing: the measured ones are those scheduled from `measured_from` on.
   const auto interval = std::chrono::nanoseconds(1'000'000'000LL / o.rate);
   const auto start = steady::now();
-  const auto end = start + std::chrono::seconds(o.seconds);
-  const auto cpu_before = server.cpu_split();
-  const auto switches_before = server.context_switches();
+  measured_from = start + std::chrono::seconds(o.warmup);
+  const auto end = measured_from + std::chrono::seconds(o.seconds);
+  const bool first_window = o.warmup >= o.seconds;
+  if (first_window) first_until = start + std::chrono::seconds(o.seconds);
+  const auto cpu_at_start = server.cpu_split();
   std::uint64_t scheduled = 0;
   net::steady_timer tick(ioc);
   std::function<void()> on_tick = [&] {
@@ -297,10 +314,24 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
       tick.async_wait([&](beast::error_code) { on_tick(); });
     }
   };
+  double r_first_cpu_us = 0;
   net::post(ioc, on_tick);
+  // The server's counts are read on this thread, at the end of the first window and at the first
+  // measured booking's scheduled time (the clients' thread keeps its schedule meanwhile).
+  if (first_window) {
+    std::this_thread::sleep_until(first_until);
+    const auto cpu = server.cpu_split();
+    // Bookings of the window decided after its end are few (p99 ~1 ms at 2,000/s).
+    r_first_cpu_us = (cpu.user + cpu.system - cpu_at_start.user - cpu_at_start.system) * 1e6 /
+                     static_cast<double>(std::max<std::uint64_t>(1, decided_first.load()));
+  }
+  std::this_thread::sleep_until(measured_from);
+  const auto cpu_before = server.cpu_split();
+  const auto switches_before = server.context_switches();
   while (steady::now() < end + std::chrono::seconds(2))
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   LatencyResult r;
+  r.first_cpu_per_booking_us = r_first_cpu_us;
   r.latency = hist.summary();
   r.bookings = decided.load();
   const auto cpu_after = server.cpu_split();
@@ -510,6 +541,8 @@ int main(int argc, char** argv) {
       o.rate = std::stoi(value());
     else if (a == "--seconds")
       o.seconds = std::stoi(value());
+    else if (a == "--warmup")
+      o.warmup = std::stoi(value());
     else if (a == "--subscribers")
       o.subscribers = std::stoi(value());
     else if (a == "--events")
@@ -535,7 +568,8 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "usage: pushbook-gateway-bench [--only latency|exchange|fanout|handshakes|memory]\n"
                  "                              [--bus local|redis|both]\n"
-                 "                              [--clients N] [--rate R] [--seconds S] [--subscribers N]\n"
+                 "                              [--clients N] [--rate R] [--seconds S] [--warmup S]\n"
+                 "                              [--subscribers N]\n"
                  "                              [--events N] [--runs N] [--json]\n"
                  "                              [--server-arg ARG]...   (to pushbook-server)\n"
                  "                              [--server-env NAME=VALUE]...   (its environment)\n");
@@ -547,6 +581,10 @@ int main(int argc, char** argv) {
   if (!o.only.empty() && o.only != "latency" && o.only != "exchange" && o.only != "fanout" &&
       o.only != "handshakes" && o.only != "memory") {
     fmt::print(stderr, "--only is latency, exchange, fanout, handshakes or memory, not '{}'\n", o.only);
+    return 2;
+  }
+  if (o.warmup < 0) {
+    fmt::print(stderr, "--warmup is a number of seconds, 0 or more, not {}\n", o.warmup);
     return 2;
   }
   if (o.bus != "local" && o.bus != "redis" && o.bus != "both") {
@@ -597,6 +635,7 @@ int main(int argc, char** argv) {
     }
     if (!o.json) fmt::print(stderr, "run {}/{} done\n", r + 1, o.runs);
   }
+  const std::string warmed = o.warmup > 0 ? fmt::format(" after {} s of warm-up", o.warmup) : "";
   for (const auto& bus : buses) {
     const auto& kind = bus.kind;
     const std::string over = buses.size() > 1 || kind != "local" ? fmt::format(" [bus {}]", kind) : "";
@@ -605,8 +644,8 @@ int main(int argc, char** argv) {
                 [](const auto& a, const auto& b) { return a.latency.p99_ns < b.latency.p99_ns; });
       const auto& m = runs[runs.size() / 2];
       fmt::print(
-          "book -> confirmation, {} WebSocket clients, {} bookings/s for {} s (median of {} runs){}:\n",
-          o.clients, o.rate, o.seconds, runs.size(), over);
+          "book -> confirmation, {} WebSocket clients, {} bookings/s for {} s{} (median of {} runs){}:\n",
+          o.clients, o.rate, o.seconds, warmed, runs.size(), over);
       fmt::print(
           "  bookings {}  p50 {:.3f} ms  p90 {:.3f} ms  p99 {:.3f} ms  max {:.3f} ms  server CPU {:.1f} "
           "us/booking (user {:.1f}, system {:.1f})\n",
@@ -624,6 +663,20 @@ int main(int argc, char** argv) {
       each.clear();
       for (const auto x : cpu) each += fmt::format("{}{:.1f}", each.empty() ? "" : ", ", x);
       fmt::print("  server CPU per booking of each run, sorted: {} us (median {:.1f})\n", each, median(cpu));
+      if (o.warmup >= o.seconds) {
+        // Each run's pair: the same server's first seconds against its measured ones.
+        std::vector<double> first;
+        each.clear();
+        for (const auto& x : runs) {
+          first.push_back(x.first_cpu_per_booking_us);
+          each += fmt::format("{}{:.1f} -> {:.1f}", each.empty() ? "" : ", ", x.first_cpu_per_booking_us,
+                              x.server_cpu_per_booking_us);
+        }
+        fmt::print(
+            "  the same servers' first {} s (fresh) -> measured {} s, CPU per booking: {} us (median of "
+            "the first {:.1f})\n",
+            o.seconds, o.seconds, each, median(first));
+      }
     }
     if (auto& runs = exchange[kind]; !runs.empty()) {
       std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) {
@@ -635,11 +688,11 @@ int main(int argc, char** argv) {
         each += fmt::format("{}{:.1f}", each.empty() ? "" : ", ", x.server_cpu_per_booking_us);
       fmt::print(
           "ping -> pong (the floor of one request and response), {} WebSocket clients, {} exchanges/s for {} "
-          "s "
+          "s{} "
           "(median of {} runs){}:\n  exchanges {}  p50 {:.3f} ms  p99 {:.3f} ms  server CPU {:.1f} "
           "us/exchange "
           "(each run, sorted: {})\n",
-          o.clients, o.rate, o.seconds, runs.size(), over, m.bookings, m.latency.p50_ns / 1e6,
+          o.clients, o.rate, o.seconds, warmed, runs.size(), over, m.bookings, m.latency.p50_ns / 1e6,
           m.latency.p99_ns / 1e6, m.server_cpu_per_booking_us, each);
     }
     if (const auto& runs = fan[kind]; !runs.empty()) {
