@@ -290,7 +290,7 @@ LatencyResult bench_latency(const Options& o, const BusChoice& bus, bool ping = 
   const auto start = steady::now();
   measured_from = start + std::chrono::seconds(o.warmup);
   const auto end = measured_from + std::chrono::seconds(o.seconds);
-  const bool first_window = o.warmup >= o.seconds;
+  const bool first_window = o.warmup > 0 && o.warmup >= o.seconds;
   if (first_window) first_until = start + std::chrono::seconds(o.seconds);
   const auto cpu_at_start = server.cpu_split();
   std::uint64_t scheduled = 0;
@@ -663,7 +663,7 @@ int main(int argc, char** argv) {
       each.clear();
       for (const auto x : cpu) each += fmt::format("{}{:.1f}", each.empty() ? "" : ", ", x);
       fmt::print("  server CPU per booking of each run, sorted: {} us (median {:.1f})\n", each, median(cpu));
-      if (o.warmup >= o.seconds) {
+      if (o.warmup > 0 && o.warmup >= o.seconds) {
         // Each run's pair: the same server's first seconds against its measured ones.
         std::vector<double> first;
         each.clear();
