@@ -1744,3 +1744,51 @@ TEST_CASE("stop() sends 1001 and cuts a client that never answers the close afte
   CHECK(close_code_from(raw, after, 5s) == 1001);
   CHECK(raw.wait_closed(5s));
 }
+
+TEST_CASE(
+    "requests are read whole however TCP cuts them: over the first read, exactly it, many at once, a byte at "
+    "a time") {
+  for (const bool beast : {false, true}) {
+    CAPTURE(beast);
+    GatewayOptions o;
+    o.permessage_deflate = beast;
+    Server s(o);
+    RawSocket raw(s.port);
+    std::string got = upgrade(raw, test::ws_upgrade_request(Server::token("alice")));
+    // Reads on until the pong for request `id` came, and says whether it did.
+    auto replied = [&](int id) {
+      const auto needle = fmt::format(R"("id":{},"ok":true,"result":{{"pong":true)", id);
+      if (got.find(needle) == std::string::npos) got += raw.receive_until(needle, 5s);
+      return got.find(needle) != std::string::npos;
+    };
+    // A ping padded with a field the gateway ignores.
+    auto ping = [](int id, std::size_t pad = 0) {
+      return test::ws_frame(fmt::format(R"({{"id":{},"op":"ping","pad":"{}"}})", id, std::string(pad, 'x')));
+    };
+    // Larger than what the raw layer reads first (128 bytes): the rest is read behind it.
+    REQUIRE(ping(1, 300).size() > 300);
+    REQUIRE(raw.send(ping(1, 300)));
+    CHECK(replied(1));
+    // A frame of exactly 128 bytes (6 bytes of header and mask, a 122-byte payload), then another
+    // request once it is answered.
+    REQUIRE(ping(2, 93).size() == 128);
+    REQUIRE(raw.send(ping(2, 93)));
+    CHECK(replied(2));
+    REQUIRE(raw.send(ping(3)));
+    CHECK(replied(3));
+    // Twenty requests in one write, answered in order.
+    std::string batch;
+    for (int id = 100; id < 120; ++id) batch += ping(id);
+    REQUIRE(raw.send(batch));
+    REQUIRE(replied(119));
+    std::size_t at = 0;
+    for (int id = 100; id < 120; ++id) {
+      const auto next = got.find(fmt::format(R"("id":{},)", id), at);
+      REQUIRE(next != std::string::npos);
+      at = next;
+    }
+    // One byte per write.
+    for (const char c : ping(4, 200)) REQUIRE(raw.send(std::string(1, c)));
+    CHECK(replied(4));
+  }
+}

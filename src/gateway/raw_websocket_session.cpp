@@ -9,7 +9,7 @@
 #include <boost/beast/http/field.hpp>
 
 #include <array>
-#include <type_traits>
+#include <cstring>
 #include <utility>
 
 #include <unistd.h>
@@ -34,10 +34,10 @@ std::string& frame_payload() {
   return payload;
 }
 
-// The allocator of the wait an idle connection keeps pending: its operation gets a block of its
+// The allocator of the read an idle connection keeps pending: its operation gets a block of its
 // own size from the heap. Asio's default gives a handler a block its thread cached from an earlier
 // operation when one is large enough, however much larger (a handshake's or a request's), and
-// this wait is held for as long as the connection is idle: ~250 bytes per connection more.
+// this read is held for as long as the connection is idle: ~250 bytes per connection more.
 template <class T>
 struct exact_allocator {
   using value_type = T;
@@ -156,33 +156,29 @@ void RawWebSocketSession<Executor>::run(const Request& req, std::string user,
 
 template <class Executor>
 void RawWebSocketSession<Executor>::wait_readable() {
-  if constexpr (std::is_same_v<Executor, net::io_context::executor_type>) {
-    // The gateway's own io_context, run by this thread alone: epoll is waited on only between
-    // handlers, so data that arrived after this handler's last read is reported to the wait
-    // registered here. One system call per message: the read when the socket is readable.
-    socket_.async_wait(net::socket_base::wait_read,
-                       net::bind_allocator(exact_allocator<void>(),
-                                           [self = this->shared_from_this()](boost::system::error_code ec) {
-                                             self->on_readable(ec, 0);
-                                           }));
-  } else {
-    // A host's io_context may run epoll on another thread meanwhile, and Asio's reactor is
-    // edge-triggered: an edge it sees before this wait is registered would be lost to an
-    // async_wait. A reactor read is tried at once when the socket became readable meanwhile, so
-    // a read of one byte never misses data; the rest is read without waiting.
-    socket_.async_read_some(
-        net::buffer(&first_byte_, 1),
-        net::bind_allocator(exact_allocator<void>(),
-                            [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
-                              self->on_readable(ec, n);
-                            }));
-  }
+  // A reactor read, not a wait: Asio re-registers the socket with epoll (one epoll_ctl) for every
+  // async_wait, while a read it found the socket drained for (a short read) is queued with no
+  // system call, and the next readable edge reads the client's request into early_read_ in the
+  // same step that reports it: one recv per request, nothing else. The read is also tried at once
+  // when the socket became readable since it was last drained (a host's io_context may run epoll
+  // on another thread, and its reactor is edge-triggered: an edge seen before the read is queued
+  // would be lost to a wait), so no input is ever left unannounced. The buffer is the
+  // connection's own: the thread's buffer cannot be, as a read queued on one connection may
+  // complete after another connection's handler used it.
+  socket_.async_read_some(
+      net::buffer(early_read_),
+      net::bind_allocator(exact_allocator<void>(),
+                          [self = this->shared_from_this()](boost::system::error_code ec, std::size_t n) {
+                            self->on_readable(ec, n);
+                          }));
 }
 
 template <class Executor>
 void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, std::size_t n) {
   if (state_ == State::finished) return;
-  if (ec) return finish(ec == net::error::eof ? "closed by the client without a close frame" : ec.message());
+  if (ec == net::error::eof)
+    return finish(state_ == State::draining ? "closed" : "closed by the client without a close frame");
+  if (ec) return finish(ec.message());
   // What handling the input queued for the client goes out once it is handled, whichever way
   // read_input returned.
   reading_ = true;
@@ -198,10 +194,19 @@ void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, st
 
 template <class Executor>
 void RawWebSocketSession<Executor>::read_input(std::size_t n) {
+  if (n > 0 && n < early_read_.size()) {
+    // A short read: the reactor drained the socket, this is all there is for now.
+    if (!consume(early_read_.data(), n)) return;
+    if (state_ != State::finished) wait_readable();
+    return;
+  }
   boost::system::error_code ec;
   char* buffer = read_buffer();
   std::size_t size = 0;
-  if (n == 1) buffer[size++] = first_byte_;
+  if (n > 0) {  // early_read_ is full: the rest follows it in the thread's buffer
+    std::memcpy(buffer, early_read_.data(), n);
+    size = n;
+  }
   bool eof = false;
   for (int reads = 0;; ++reads) {
     const std::size_t got = socket_.read_some(net::buffer(buffer + size, read_chunk - size), ec);

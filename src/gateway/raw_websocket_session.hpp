@@ -16,6 +16,7 @@
 
 #include <boost/asio/strand.hpp>
 
+#include <array>
 #include <optional>
 #include <string>
 
@@ -81,7 +82,8 @@ class RawWebSocketSession : public Session,
 
   void wait_readable();
   void on_readable(boost::system::error_code ec, std::size_t n);
-  /// on_readable's reading (`n`: the reactor's one byte was read) and handling of the input.
+  /// on_readable's reading (`n`: bytes the reactor read into early_read_) and handling of the
+  /// input.
   void read_input(std::size_t n);
   /// Feeds bytes read to the frame reader; false when the connection ends.
   bool consume(char* data, std::size_t size);
@@ -113,7 +115,10 @@ class RawWebSocketSession : public Session,
   std::optional<ConnectionLogic> logic_;  // strand only; made once the 101 is sent
   OutboundQueue out_;
   // Strand only. What is rarely there is behind a pointer: an idle connection is a few words.
-  char first_byte_ = 0;  // the reactor's one-byte read (see wait_readable)
+  // What the reactor reads when the socket becomes readable (see wait_readable): a client's
+  // request fits in it, so an idle connection's wait is this connection's own buffer, not the
+  // thread's.
+  std::array<char, 128> early_read_;
   struct Unsent {
     std::string bytes;         // what the async write in flight writes
     std::string backlog;       // frames made while it does
