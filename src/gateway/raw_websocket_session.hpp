@@ -1,7 +1,7 @@
 // A WebSocket client over plain TCP, served by the gateway's own RFC 6455 layer (ws_frame.hpp)
 // instead of Beast's websocket::stream (kept for TLS and permessage-deflate: websocket_session.hpp).
 // What an idle connection holds is the socket, this object, its protocol state and one pending
-// wait for readability: bytes are read into a per-thread buffer when the socket is readable, and
+// read into a 128-byte buffer of its own: a longer input is read on into a per-thread buffer, and
 // frames are written from a per-thread buffer straight to the socket; only what the kernel does not
 // take at once (or an incomplete client frame) is kept per connection, until it is gone. Deadlines
 // (keep-alive pings, idle and close-handshake timeouts, token expiry) live in the io_context's one
@@ -114,11 +114,11 @@ class RawWebSocketSession : public Session,
   ws::FrameReader reader_;
   std::optional<ConnectionLogic> logic_;  // strand only; made once the 101 is sent
   OutboundQueue out_;
-  // Strand only. What is rarely there is behind a pointer: an idle connection is a few words.
-  // What the reactor reads when the socket becomes readable (see wait_readable): a client's
-  // request fits in it, so an idle connection's wait is this connection's own buffer, not the
-  // thread's.
+  // What the pending reactor read reads into (see wait_readable), written by the reactor while
+  // that read is pending, read on the strand once it completed: a usual request fits, a longer
+  // one is read on into the thread's buffer.
   std::array<char, 128> early_read_;
+  // Strand only. What is rarely there is behind a pointer: an idle connection is a few words.
   struct Unsent {
     std::string bytes;         // what the async write in flight writes
     std::string backlog;       // frames made while it does
