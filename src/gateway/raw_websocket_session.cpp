@@ -158,14 +158,14 @@ void RawWebSocketSession<Executor>::run(const Request& req, std::string user,
 template <class Executor>
 void RawWebSocketSession<Executor>::wait_readable() {
   // A reactor read, not a wait: Asio re-registers the socket with epoll (one epoll_ctl) for every
-  // async_wait, while a read it found the socket drained for (a short read) is queued with no
-  // system call, and the next readable edge reads the client's request into early_read_ in the
-  // same step that reports it: one recv per request, nothing else. The read is also tried at once
-  // when the socket became readable since it was last drained (a host's io_context may run epoll
-  // on another thread, and its reactor is edge-triggered: an edge seen before the read is queued
-  // would be lost to a wait), so no input is ever left unannounced. The buffer is the
-  // connection's own: the thread's buffer cannot be, as a read queued on one connection may
-  // complete after another connection's handler used it.
+  // async_wait. A read is tried at once (Asio gives up on that only after an end of stream): it
+  // finds the socket empty (one recv, EAGAIN, cheaper than the epoll_ctl) or reads what came since
+  // the last read, so no input is ever left unannounced, also on a host's io_context whose epoll
+  // runs on another thread (its reactor is edge-triggered: an edge seen before a wait is
+  // registered would be lost to the wait). Queued, it reads the client's next request into
+  // early_read_ in the same step that reports it. The buffer is the connection's own: the
+  // thread's buffer cannot be, as a read queued on one connection may complete after another
+  // connection's handler used it.
   socket_.async_read_some(
       net::buffer(early_read_),
       net::bind_allocator(exact_allocator<void>(),
@@ -177,8 +177,7 @@ void RawWebSocketSession<Executor>::wait_readable() {
 template <class Executor>
 void RawWebSocketSession<Executor>::on_readable(boost::system::error_code ec, std::size_t n) {
   if (state_ == State::finished) return;
-  if (ec == net::error::eof)
-    return finish(state_ == State::draining ? "closed" : "closed by the client without a close frame");
+  if (ec == net::error::eof) return end_of_input();
   if (ec) return finish(ec.message());
   // What handling the input queued for the client goes out once it is handled, whichever way
   // read_input returned.
@@ -233,8 +232,13 @@ void RawWebSocketSession<Executor>::read_input(std::size_t n) {
     }
   }
   if (size > 0 && !consume(buffer, size)) return;
-  if (eof) return finish(state_ == State::draining ? "closed" : "closed by the client without a close frame");
+  if (eof) return end_of_input();
   if (state_ != State::finished) wait_readable();
+}
+
+template <class Executor>
+void RawWebSocketSession<Executor>::end_of_input() {
+  finish(state_ == State::draining ? "closed" : "closed by the client without a close frame");
 }
 
 template <class Executor>

@@ -85,6 +85,8 @@ class RawWebSocketSession : public Session,
   /// on_readable's reading (`n`: bytes the reactor read into early_read_) and handling of the
   /// input.
   void read_input(std::size_t n);
+  /// The client ended its input: the session ends ("closed" when it answered our close).
+  void end_of_input();
   /// Feeds bytes read to the frame reader; false when the connection ends.
   bool consume(char* data, std::size_t size);
   void enqueue(std::shared_ptr<const std::string> bytes, const EventPtr& event);
